@@ -1,0 +1,1 @@
+//! Istio security API: parse, validate, evaluate, compile.

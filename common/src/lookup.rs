@@ -1,0 +1,109 @@
+//! The policy lookup, shared verbatim by the eBPF programs and userspace.
+//!
+//! The kernel calls [`decide`] with an adapter over the BPF policy map; the policy compiler's
+//! differential test calls it with an adapter over the compiled entries. Both therefore run the
+//! same algorithm, and a compiler bug cannot hide behind a model that differs from the datapath.
+//!
+//! # Lookup order (most specific first; the first hit decides)
+//! 1. `(remote identity, proto, port)`
+//! 2. `(remote identity, any proto, any port)`
+//! 3. `(any identity, proto, port)`
+//! 4. `(any identity, any proto, any port)`: the endpoint's default for the direction. The compiler
+//!    writes it for every endpoint and direction; its absence means no state, and denies.
+//!
+//! # What the compiler must guarantee ("closure")
+//! For every query, the first key that exists must hold the true decision. When both a
+//! `(R, *)` and a `(*, P)` entry exist, the compiler therefore also writes `(R, P)` with the
+//! decision for that combination (for example a DENY on port P for everyone beats an ALLOW
+//! for R on every port). Otherwise entry 2 would wrongly shadow entry 3.
+
+use crate::{
+    maps::{Direction, IDENTITY_ANY, PROTO_ANY, PolicyKey, PolicyValue},
+    reason::DropReason,
+};
+
+/// Read access to a policy map (the BPF map in the kernel, a hash map in userspace).
+pub trait PolicyLookup {
+    fn policy(&self, key: &PolicyKey) -> Option<PolicyValue>;
+}
+
+/// One connection attempt or packet, from the local endpoint's point of view.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Query {
+    pub slot: u8,
+    pub endpoint_id: u32,
+    pub direction: Direction,
+    pub remote_identity: u32,
+    pub proto: u8,
+    pub dport: u16,
+}
+
+/// Decide a query. Never fails open: a missing default entry yields a deny with
+/// [`DropReason::NoState`].
+#[inline(always)]
+pub fn decide<M: PolicyLookup>(maps: &M, q: &Query) -> PolicyValue {
+    let key = |identity: u32, proto: u8, dport: u16| {
+        PolicyKey::new(q.slot, q.endpoint_id, q.direction, identity, proto, dport)
+    };
+    if let Some(v) = maps.policy(&key(q.remote_identity, q.proto, q.dport)) {
+        return v;
+    }
+    if let Some(v) = maps.policy(&key(q.remote_identity, PROTO_ANY, 0)) {
+        return v;
+    }
+    if let Some(v) = maps.policy(&key(IDENTITY_ANY, q.proto, q.dport)) {
+        return v;
+    }
+    if let Some(v) = maps.policy(&key(IDENTITY_ANY, PROTO_ANY, 0)) {
+        return v;
+    }
+    PolicyValue::deny(0, DropReason::NoState)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::maps::PROTO_TCP;
+
+    struct Entries<'a>(&'a [(PolicyKey, PolicyValue)]);
+    impl PolicyLookup for Entries<'_> {
+        fn policy(&self, key: &PolicyKey) -> Option<PolicyValue> {
+            self.0.iter().find(|(k, _)| k == key).map(|(_, v)| *v)
+        }
+    }
+
+    fn q(identity: u32, port: u16) -> Query {
+        Query { slot: 0, endpoint_id: 1, direction: Direction::Ingress, remote_identity: identity, proto: PROTO_TCP, dport: port }
+    }
+
+    #[test]
+    fn most_specific_entry_wins_and_default_applies() {
+        let k = |id, proto, port| PolicyKey::new(0, 1, Direction::Ingress, id, proto, port);
+        let entries = [
+            (k(7, PROTO_TCP, 8443), PolicyValue::allow(10)),
+            (k(7, PROTO_ANY, 0), PolicyValue::deny(11, DropReason::PolicyDeny)),
+            (k(IDENTITY_ANY, PROTO_TCP, 22), PolicyValue::deny(12, DropReason::PolicyDeny)),
+            (k(IDENTITY_ANY, PROTO_ANY, 0), PolicyValue::deny(0, DropReason::PolicyDefaultDeny)),
+        ];
+        let m = Entries(&entries);
+        assert_eq!(decide(&m, &q(7, 8443)), PolicyValue::allow(10));
+        assert_eq!(decide(&m, &q(7, 80)).policy_id, 11);
+        assert_eq!(decide(&m, &q(8, 22)).policy_id, 12);
+        assert_eq!(decide(&m, &q(8, 80)), PolicyValue::deny(0, DropReason::PolicyDefaultDeny));
+    }
+
+    #[test]
+    fn no_default_entry_fails_closed() {
+        let m = Entries(&[]);
+        let v = decide(&m, &q(1, 1));
+        assert!(!v.is_allow());
+        assert_eq!(v.reason, DropReason::NoState as u8);
+    }
+
+    #[test]
+    fn other_slot_is_invisible() {
+        let entries = [(PolicyKey::new(1, 1, Direction::Ingress, IDENTITY_ANY, PROTO_ANY, 0), PolicyValue::allow(0))];
+        let v = decide(&Entries(&entries), &q(1, 1));
+        assert_eq!(v.reason, DropReason::NoState as u8);
+    }
+}

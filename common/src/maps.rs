@@ -1,0 +1,342 @@
+//! Map keys, values and names. Field order is chosen so no struct has implicit padding; the
+//! explicit `_pad` fields must be zero (hash keys compare all bytes).
+
+/// Directory under bpffs where every warden map, program link and state file is pinned.
+pub const PIN_DIR: &str = "/sys/fs/bpf/warden";
+
+/// Pinned map names. A layout change bumps the version suffix so an old pin is never misread.
+pub mod names {
+    /// Array[1] of [`super::Config`]: the committed generation (low bit = active slot).
+    pub const CONFIG: &str = "warden_config_v1";
+    /// LPM trie: ([`super::IpcacheKey`]) -> [`super::RemoteInfo`]. The identity cache.
+    pub const IPCACHE: &str = "warden_ipcache_v1";
+    /// Hash: [`super::EndpointKey`] -> [`super::EndpointInfo`]. Local workloads by host veth.
+    pub const ENDPOINTS: &str = "warden_endpoints_v1";
+    /// Hash: cgroup id (u64) -> host veth ifindex (u32). Resolves a cgroup hook to its endpoint.
+    pub const CGROUPS: &str = "warden_cgroups_v1";
+    /// Hash: [`super::PolicyKey`] -> [`super::PolicyValue`]. The identity policy.
+    pub const POLICY: &str = "warden_policy_v1";
+    /// LRU hash: [`super::FlowKey`] -> [`super::FlowValue`]. Decided flows and their replies.
+    pub const FLOWS: &str = "warden_flows_v1";
+    /// Per-CPU hash: [`super::CounterKey`] -> [`super::Counter`]. Packets/bytes per decision.
+    pub const COUNTERS: &str = "warden_counters_v1";
+
+    pub const ALL: [&str; 7] = [CONFIG, IPCACHE, ENDPOINTS, CGROUPS, POLICY, FLOWS, COUNTERS];
+}
+
+/// Map capacities. The policy map holds two slots, so its capacity is twice the entries one
+/// state may hold.
+pub mod capacity {
+    pub const IPCACHE: u32 = 2 * 262_144;
+    pub const ENDPOINTS: u32 = 2 * 4_096;
+    pub const CGROUPS: u32 = 4_096;
+    pub const POLICY: u32 = 2 * 262_144;
+    pub const FLOWS: u32 = 262_144;
+    pub const COUNTERS: u32 = 65_536;
+}
+
+/// Numeric identity of the outside world: an address no workload or policy CIDR covers.
+pub const IDENTITY_WORLD: u32 = 0;
+/// Wildcard identity in a [`PolicyKey`]: any remote identity.
+pub const IDENTITY_ANY: u32 = u32::MAX;
+
+/// Wildcard protocol in a [`PolicyKey`] (with port 0): any protocol, any port.
+pub const PROTO_ANY: u8 = 0;
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// Policy id 0: no policy decided (the default verdict).
+pub const POLICY_ID_NONE: u32 = 0;
+
+/// Traffic direction, relative to the local workload.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Direction {
+    /// Into the workload: the remote is the source, the port is the workload's.
+    Ingress = 0,
+    /// Out of the workload: the remote is the destination, the port is the remote's.
+    Egress = 1,
+}
+
+impl Direction {
+    pub const fn from_u8(v: u8) -> Option<Direction> {
+        match v {
+            0 => Some(Direction::Ingress),
+            1 => Some(Direction::Egress),
+            _ => None,
+        }
+    }
+    pub const fn name(self) -> &'static str {
+        match self {
+            Direction::Ingress => "ingress",
+            Direction::Egress => "egress",
+        }
+    }
+}
+
+/// Verdict stored in a [`PolicyValue`]. 0 is not a verdict: a zeroed value fails closed.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Verdict {
+    Allow = 1,
+    Deny = 2,
+}
+
+impl Verdict {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Verdict::Allow => "ALLOW",
+            Verdict::Deny => "DENY",
+        }
+    }
+}
+
+/// The single entry of the config array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// Incremented on every committed state; `generation & 1` is the active slot. 0 means no
+    /// state was ever committed, and every packet is dropped with [`crate::DropReason::NoState`].
+    pub generation: u32,
+    /// Reserved; zero.
+    pub flags: u32,
+}
+
+impl Config {
+    pub const fn active_slot(&self) -> u8 {
+        (self.generation & 1) as u8
+    }
+}
+
+/// The data part of an identity-cache LPM key: the slot byte, then the IPv4 address in network
+/// order. The LPM prefix length counts the slot's 8 bits first, so a /24 is stored as 32.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct IpcacheAddr {
+    pub slot: u8,
+    pub addr: [u8; 4],
+}
+
+/// Bits of the slot byte in an identity-cache prefix length.
+pub const IPCACHE_SLOT_BITS: u32 = 8;
+
+/// What the identity cache knows about a remote address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RemoteInfo {
+    /// Numeric identity (see [`IDENTITY_WORLD`]).
+    pub identity: u32,
+    /// Host-veth ifindex when the address is a workload on this node, else 0.
+    pub local_ifindex: u32,
+}
+
+/// Key of the endpoint map: a local workload's host-side veth, per slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct EndpointKey {
+    pub ifindex: u32,
+    pub slot: u32,
+}
+
+/// A local workload. `endpoint_id` is stable for the workload's life (counters are keyed by it);
+/// `identity` is the numeric identity of its own address, which is how peers see it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct EndpointInfo {
+    pub endpoint_id: u32,
+    pub identity: u32,
+    /// The workload's IPv4 address, network order.
+    pub ip: [u8; 4],
+    /// Reserved for per-endpoint switches; zero.
+    pub flags: u32,
+}
+
+/// "May `remote_identity` reach local workload `endpoint_id` on `dport`/`proto` in `direction`?"
+///
+/// Wildcards: `remote_identity == IDENTITY_ANY` matches any identity; `proto == PROTO_ANY` with
+/// `dport == 0` matches any protocol and port. [`crate::lookup::decide`] tries the most specific
+/// key first; the compiler materialises intersections so the first hit is the right answer.
+/// Field order: the two u32s, then u16, then the two u8s: 12 bytes, no padding.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyKey {
+    pub endpoint_id: u32,
+    pub remote_identity: u32,
+    /// Destination port, host order (the workload's port for ingress, the remote's for egress).
+    pub dport: u16,
+    pub proto: u8,
+    /// `Direction` as u8, plus the slot in bit 7 (see [`PolicyKey::new`]).
+    pub dir_slot: u8,
+}
+
+impl PolicyKey {
+    pub const SLOT_BIT: u8 = 0x80;
+
+    pub const fn new(slot: u8, endpoint_id: u32, direction: Direction, remote_identity: u32, proto: u8, dport: u16) -> Self {
+        PolicyKey {
+            endpoint_id,
+            remote_identity,
+            dport,
+            proto,
+            dir_slot: (direction as u8) | if slot & 1 == 1 { Self::SLOT_BIT } else { 0 },
+        }
+    }
+    pub const fn slot(&self) -> u8 {
+        (self.dir_slot & Self::SLOT_BIT != 0) as u8
+    }
+    pub const fn direction(&self) -> Option<Direction> {
+        Direction::from_u8(self.dir_slot & !Self::SLOT_BIT)
+    }
+    /// The same key in the other slot.
+    pub const fn with_slot(mut self, slot: u8) -> Self {
+        self.dir_slot = (self.dir_slot & !Self::SLOT_BIT) | if slot & 1 == 1 { Self::SLOT_BIT } else { 0 };
+        self
+    }
+}
+
+/// A policy decision: verdict, why, and which policy decided it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PolicyValue {
+    /// The deciding policy, [`POLICY_ID_NONE`] for a default verdict.
+    pub policy_id: u32,
+    /// [`Verdict`] as u8; anything else is treated as a deny.
+    pub verdict: u8,
+    /// [`crate::DropReason`] as u8 for a deny, 0 for an allow.
+    pub reason: u8,
+    pub _pad: [u8; 2],
+}
+
+impl PolicyValue {
+    pub const fn allow(policy_id: u32) -> Self {
+        PolicyValue { policy_id, verdict: Verdict::Allow as u8, reason: 0, _pad: [0; 2] }
+    }
+    pub const fn deny(policy_id: u32, reason: crate::DropReason) -> Self {
+        PolicyValue { policy_id, verdict: Verdict::Deny as u8, reason: reason as u8, _pad: [0; 2] }
+    }
+    /// Fail closed: only an explicit allow allows.
+    pub const fn is_allow(&self) -> bool {
+        self.verdict == Verdict::Allow as u8
+    }
+}
+
+/// A flow as seen on one endpoint's veth (addresses network order, ports host order).
+/// 20 bytes, no implicit padding.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub ifindex: u32,
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+impl FlowKey {
+    /// The key a reply to this flow carries on the same veth.
+    pub const fn reversed(&self) -> FlowKey {
+        FlowKey {
+            ifindex: self.ifindex,
+            saddr: self.daddr,
+            daddr: self.saddr,
+            sport: self.dport,
+            dport: self.sport,
+            proto: self.proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// Flow-cache flag: this entry was created for replies of a flow decided in the other direction.
+pub const FLOW_REPLY: u8 = 1;
+
+/// A cached decision. Valid only while `generation` equals the committed generation.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowValue {
+    pub generation: u32,
+    pub endpoint_id: u32,
+    pub policy_id: u32,
+    pub verdict: u8,
+    pub reason: u8,
+    /// `Direction` of the flow's first packet, relative to the endpoint.
+    pub direction: u8,
+    /// [`FLOW_REPLY`] or 0.
+    pub flags: u8,
+}
+
+/// Counter key: packets and bytes per (workload, policy, verdict, reason, direction).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CounterKey {
+    pub endpoint_id: u32,
+    pub policy_id: u32,
+    pub verdict: u8,
+    pub reason: u8,
+    pub direction: u8,
+    /// Which hook counted it: [`HOOK_TC`] or [`HOOK_CONNECT`].
+    pub hook: u8,
+}
+
+pub const HOOK_TC: u8 = 0;
+pub const HOOK_CONNECT: u8 = 1;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+#[cfg(feature = "user")]
+#[allow(unsafe_code)]
+mod pod {
+    // SAFETY: each type is #[repr(C)], Copy, has no implicit padding and is valid for any bit
+    // pattern (integers and byte arrays only).
+    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::IpcacheAddr {}
+    unsafe impl aya::Pod for super::RemoteInfo {}
+    unsafe impl aya::Pod for super::EndpointKey {}
+    unsafe impl aya::Pod for super::EndpointInfo {}
+    unsafe impl aya::Pod for super::PolicyKey {}
+    unsafe impl aya::Pod for super::PolicyValue {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowValue {}
+    unsafe impl aya::Pod for super::CounterKey {}
+    unsafe impl aya::Pod for super::Counter {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn sizes_have_no_hidden_padding() {
+        assert_eq!(size_of::<Config>(), 8);
+        assert_eq!(size_of::<IpcacheAddr>(), 5);
+        assert_eq!(size_of::<RemoteInfo>(), 8);
+        assert_eq!(size_of::<EndpointKey>(), 8);
+        assert_eq!(size_of::<EndpointInfo>(), 16);
+        assert_eq!(size_of::<PolicyKey>(), 12);
+        assert_eq!(size_of::<PolicyValue>(), 8);
+        assert_eq!(size_of::<FlowKey>(), 20);
+        assert_eq!(size_of::<FlowValue>(), 16);
+        assert_eq!(size_of::<CounterKey>(), 12);
+        assert_eq!(size_of::<Counter>(), 16);
+    }
+
+    #[test]
+    fn policy_key_slot_bit_round_trips() {
+        let k = PolicyKey::new(1, 7, Direction::Egress, 42, PROTO_TCP, 443);
+        assert_eq!(k.slot(), 1);
+        assert_eq!(k.direction(), Some(Direction::Egress));
+        let k0 = k.with_slot(0);
+        assert_eq!(k0.slot(), 0);
+        assert_eq!(k0.direction(), Some(Direction::Egress));
+        assert_eq!(k0.with_slot(1), k);
+    }
+}

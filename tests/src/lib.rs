@@ -1,0 +1,1 @@
+//! Helpers for warden root integration tests.
