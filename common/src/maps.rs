@@ -111,11 +111,14 @@ impl Config {
 
 /// The data part of an identity-cache LPM key: the slot byte, then the IPv4 address in network
 /// order. The LPM prefix length counts the slot's 8 bits first, so a /24 is stored as 32.
+/// The trailing padding (never covered by a prefix) keeps the key a multiple of the value's
+/// alignment, which the kernel requires.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct IpcacheAddr {
     pub slot: u8,
     pub addr: [u8; 4],
+    pub _pad: [u8; 3],
 }
 
 /// Bits of the slot byte in an identity-cache prefix length.
@@ -317,7 +320,7 @@ mod tests {
     #[test]
     fn sizes_have_no_hidden_padding() {
         assert_eq!(size_of::<Config>(), 8);
-        assert_eq!(size_of::<IpcacheAddr>(), 5);
+        assert_eq!(size_of::<IpcacheAddr>(), 8);
         assert_eq!(size_of::<RemoteInfo>(), 8);
         assert_eq!(size_of::<EndpointKey>(), 8);
         assert_eq!(size_of::<EndpointInfo>(), 16);

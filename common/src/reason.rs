@@ -25,11 +25,14 @@ pub enum DropReason {
     NoState = 7,
     /// Plaintext to a workload whose PeerAuthentication is STRICT (the mTLS data plane).
     PlaintextStrict = 8,
+    /// A packet leaving a workload with a source address that is not the workload's own: a
+    /// forged source would otherwise borrow another workload's identity.
+    SourceSpoof = 9,
 }
 
 impl DropReason {
     /// Every reason, in number order.
-    pub const ALL: [DropReason; 9] = [
+    pub const ALL: [DropReason; 10] = [
         DropReason::None,
         DropReason::PolicyDeny,
         DropReason::PolicyDefaultDeny,
@@ -39,6 +42,7 @@ impl DropReason {
         DropReason::Fragment,
         DropReason::NoState,
         DropReason::PlaintextStrict,
+        DropReason::SourceSpoof,
     ];
 
     pub const fn from_u8(v: u8) -> Option<DropReason> {
@@ -57,6 +61,7 @@ impl DropReason {
             DropReason::Fragment => "fragment",
             DropReason::NoState => "no_state",
             DropReason::PlaintextStrict => "plaintext_strict",
+            DropReason::SourceSpoof => "source_spoof",
         }
     }
 }

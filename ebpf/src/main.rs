@@ -1,0 +1,185 @@
+//! warden's eBPF programs. Entry points are thin: each reads its context, calls the shared
+//! decision path in [`enforce`], counts, and maps the outcome to the hook's return code. Every
+//! error becomes a drop (fail closed).
+//!
+//! | program          | hook                              | sees                                    |
+//! |------------------|-----------------------------------|-----------------------------------------|
+//! | `warden_from_wl` | TCX ingress of the host-side veth | packets leaving the workload (egress)   |
+//! | `warden_to_wl`   | TCX egress of the host-side veth  | packets entering the workload (ingress) |
+//! | `warden_connect4`| cgroup/connect4 on the workload   | `connect()`: EPERM at once when denied  |
+//! | `warden_sock_out`| cgroup_skb/egress on the workload | sends on a denied flow fail with EPERM  |
+#![no_std]
+#![no_main]
+
+mod enforce;
+mod maps;
+mod packet;
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    helpers::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_skb_ancestor_cgroup_id,
+        bpf_skb_cgroup_id,
+    },
+    macros::{cgroup_skb, cgroup_sock_addr, classifier},
+    programs::{SkBuffContext, SockAddrContext, TcContext},
+};
+use warden_common::{Direction, DropReason, EndpointInfo, HOOK_CONNECT, HOOK_TC};
+
+use crate::{
+    enforce::{Outcome, config, count, decide_packet, endpoint, policy, remote},
+    maps::CGROUPS,
+    packet::{Direct, L3, Loaded, parse_ethernet, parse_ipv4},
+};
+
+/// TCX ingress on the host-side veth: packets the workload sends.
+#[classifier]
+pub fn warden_from_wl(ctx: TcContext) -> i32 {
+    tc_verdict(&ctx, Direction::Egress)
+}
+
+/// TCX egress on the host-side veth: packets delivered to the workload.
+#[classifier]
+pub fn warden_to_wl(ctx: TcContext) -> i32 {
+    tc_verdict(&ctx, Direction::Ingress)
+}
+
+/// cgroup/connect4 on the workload's cgroup: 1 lets `connect()` proceed, 0 fails it with EPERM.
+#[cgroup_sock_addr(connect4)]
+pub fn warden_connect4(ctx: SockAddrContext) -> i32 {
+    let o = connect4(&ctx);
+    count(&o, HOOK_CONNECT, 0);
+    o.value.is_allow() as i32
+}
+
+/// cgroup_skb/egress on the workload's cgroup: 1 sends, 0 drops and fails the send with EPERM.
+#[cgroup_skb(egress)]
+pub fn warden_sock_out(ctx: SkBuffContext) -> i32 {
+    // Counted by the TC hook that sees the same packet next; counting here would double it.
+    sock_out(&ctx).value.is_allow() as i32
+}
+
+#[inline(always)]
+fn tc_verdict(ctx: &TcContext, dir: Direction) -> i32 {
+    // SAFETY: the context's skb pointer is valid for the program's run.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let o = match tc(ctx, ifindex, dir) {
+        Ok(Some(o)) => o,
+        Ok(None) => return TC_ACT_OK,
+        Err((endpoint_id, reason)) => Outcome::drop(endpoint_id, dir, reason),
+    };
+    count(&o, HOOK_TC, ctx.len() as u64);
+    if o.value.is_allow() { TC_ACT_OK } else { TC_ACT_SHOT }
+}
+
+/// `Ok(None)`: not subject to policy (ARP). `Err`: drop with the endpoint id known so far.
+#[inline(always)]
+fn tc(ctx: &TcContext, ifindex: u32, dir: Direction) -> Result<Option<Outcome>, (u32, DropReason)> {
+    let cfg = config().map_err(|r| (0, r))?;
+    let ep = endpoint(cfg.active_slot(), ifindex).map_err(|r| (0, r))?;
+    let t = match parse_ethernet(&Direct { data: ctx.data(), data_end: ctx.data_end() }).map_err(|r| (ep.endpoint_id, r))? {
+        L3::Arp => return Ok(None),
+        L3::Ipv4(t) => t,
+    };
+    if dir == Direction::Egress && t.saddr != ep.ip {
+        return Err((ep.endpoint_id, DropReason::SourceSpoof));
+    }
+    Ok(Some(decide_packet(&cfg, ifindex, &ep, dir, &t)))
+}
+
+/// Deepest cgroup level searched for a workload's cgroup (a pod's containers sit below it).
+const MAX_CGROUP_DEPTH: i32 = 12;
+
+/// The endpoint (and its ifindex) owning the cgroup `id`, or the nearest ancestor of it that a
+/// workload owns. `ancestor(level)` returns the id at `level` (0 past the cgroup's own depth).
+#[inline(always)]
+fn endpoint_of_cgroup(slot: u8, id: u64, ancestor: impl Fn(i32) -> u64) -> Result<(u32, EndpointInfo), DropReason> {
+    // SAFETY: copied out at once.
+    if let Some(ifindex) = unsafe { CGROUPS.get(id) }.copied() {
+        return Ok((ifindex, endpoint(slot, ifindex)?));
+    }
+    for level in 1..MAX_CGROUP_DEPTH {
+        let id = ancestor(level);
+        if id == 0 {
+            break;
+        }
+        // SAFETY: copied out at once.
+        if let Some(ifindex) = unsafe { CGROUPS.get(id) }.copied() {
+            return Ok((ifindex, endpoint(slot, ifindex)?));
+        }
+    }
+    Err(DropReason::UnknownEndpoint)
+}
+
+/// A connect() is allowed when the workload may send to the destination and, if the destination
+/// is a workload on this node, that workload may receive from it.
+#[inline(always)]
+fn connect4(ctx: &SockAddrContext) -> Outcome {
+    // SAFETY: the context pointer is valid for the program's run.
+    let (user_ip4, user_port, proto) = unsafe {
+        let sa = &*ctx.sock_addr;
+        (sa.user_ip4, sa.user_port, sa.protocol as u8)
+    };
+    let cfg = match config() {
+        Ok(c) => c,
+        Err(r) => return Outcome::drop(0, Direction::Egress, r),
+    };
+    let slot = cfg.active_slot();
+    // SAFETY (both helpers): no pointer arguments.
+    let id = unsafe { bpf_get_current_cgroup_id() };
+    let (_, ep) = match endpoint_of_cgroup(slot, id, |l| unsafe { bpf_get_current_ancestor_cgroup_id(l) }) {
+        Ok(e) => e,
+        Err(r) => return Outcome::drop(0, Direction::Egress, r),
+    };
+    let daddr = user_ip4.to_ne_bytes();
+    let dport = u16::from_be(user_port as u16);
+    let dst = remote(slot, daddr);
+    let out = policy(slot, ep.endpoint_id, Direction::Egress, dst.identity, proto, dport);
+    if !out.is_allow() || dst.local_ifindex == 0 {
+        return Outcome { endpoint_id: ep.endpoint_id, direction: Direction::Egress, value: out };
+    }
+    let peer = match endpoint(slot, dst.local_ifindex) {
+        Ok(p) => p,
+        Err(r) => return Outcome::drop(ep.endpoint_id, Direction::Egress, r),
+    };
+    let value = policy(slot, peer.endpoint_id, Direction::Ingress, ep.identity, proto, dport);
+    if value.is_allow() {
+        Outcome { endpoint_id: ep.endpoint_id, direction: Direction::Egress, value: out }
+    } else {
+        // Counted against the workload whose policy refused it.
+        Outcome { endpoint_id: peer.endpoint_id, direction: Direction::Ingress, value }
+    }
+}
+
+#[inline(always)]
+fn sock_out(ctx: &SkBuffContext) -> Outcome {
+    let cfg = match config() {
+        Ok(c) => c,
+        Err(r) => return Outcome::drop(0, Direction::Egress, r),
+    };
+    // The socket's cgroup, not the current task's: retransmits run in softirq context.
+    // SAFETY (both helpers): the context's skb pointer is valid for the program's run.
+    let id = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
+    let anc = |l| unsafe { bpf_skb_ancestor_cgroup_id(ctx.skb.skb, l) };
+    let (ifindex, ep) = match endpoint_of_cgroup(cfg.active_slot(), id, anc) {
+        Ok(e) => e,
+        Err(r) => return Outcome::drop(0, Direction::Egress, r),
+    };
+    // cgroup_skb sees the packet from its IPv4 header on.
+    let t = match parse_ipv4(&Loaded(ctx), 0) {
+        Ok(t) => t,
+        Err(r) => return Outcome::drop(ep.endpoint_id, Direction::Egress, r),
+    };
+    decide_packet(&cfg, ifindex, &ep, Direction::Egress, &t)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // A reachable panic loops forever, which the verifier rejects: it can never ship.
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

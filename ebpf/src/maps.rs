@@ -1,0 +1,47 @@
+//! Every map the programs use, declared once. Types and names come from `warden-common`; each
+//! map is BTF-typed (`#[btf_map]`) so `bpftool map dump` prints field names, and is pinned by
+//! the agent under `/sys/fs/bpf/warden/<name>`.
+
+use aya_ebpf::{
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuHashMap, lpm_trie::Key},
+    macros::btf_map,
+};
+use warden_common::{
+    Config, Counter, CounterKey, EndpointInfo, EndpointKey, FlowKey, FlowValue, IpcacheAddr, PolicyKey,
+    PolicyValue, RemoteInfo,
+    capacity::{CGROUPS as CGROUPS_CAP, COUNTERS as COUNTERS_CAP, ENDPOINTS as ENDPOINTS_CAP, FLOWS as FLOWS_CAP,
+               IPCACHE as IPCACHE_CAP, POLICY as POLICY_CAP},
+};
+
+/// The committed generation; its low bit selects the active slot.
+#[btf_map(name = "warden_config_v1")]
+pub static CONFIG: Array<Config, 1> = Array::new();
+
+/// Identity cache: (slot, IPv4 prefix) -> identity of the remote.
+#[btf_map(name = "warden_ipcache_v1")]
+pub static IPCACHE: LpmTrie<IpcacheAddr, RemoteInfo, { IPCACHE_CAP as usize }> = LpmTrie::new();
+
+/// Local workloads by (host veth ifindex, slot).
+#[btf_map(name = "warden_endpoints_v1")]
+pub static ENDPOINTS: HashMap<EndpointKey, EndpointInfo, { ENDPOINTS_CAP as usize }> = HashMap::new();
+
+/// Workload cgroup id -> host veth ifindex, for the cgroup hooks.
+#[btf_map(name = "warden_cgroups_v1")]
+pub static CGROUPS: HashMap<u64, u32, { CGROUPS_CAP as usize }> = HashMap::new();
+
+/// Identity policy: (slot, endpoint, direction, remote identity, proto, port) -> decision.
+#[btf_map(name = "warden_policy_v1")]
+pub static POLICY: HashMap<PolicyKey, PolicyValue, { POLICY_CAP as usize }> = HashMap::new();
+
+/// Flow cache: decisions of flows (and their replies) per endpoint, valid for one generation.
+#[btf_map(name = "warden_flows_v1")]
+pub static FLOWS: LruHashMap<FlowKey, FlowValue, { FLOWS_CAP as usize }> = LruHashMap::new();
+
+/// Packets and bytes per (endpoint, policy, verdict, reason, direction, hook), per CPU.
+#[btf_map(name = "warden_counters_v1")]
+pub static COUNTERS: PerCpuHashMap<CounterKey, Counter, { COUNTERS_CAP as usize }> = PerCpuHashMap::new();
+
+#[inline(always)]
+pub fn ipcache_key(slot: u8, addr: [u8; 4]) -> Key<IpcacheAddr> {
+    Key::new(warden_common::IPCACHE_SLOT_BITS + 32, IpcacheAddr { slot, addr, _pad: [0; 3] })
+}
