@@ -13,6 +13,7 @@
 pub mod ca;
 pub mod clock;
 pub mod identity;
+pub mod tls;
 pub mod workload;
 
 /// Generated protobuf/gRPC types of Istio's CA API (`istio.v1.auth`).
