@@ -1,0 +1,368 @@
+//! A loaded, indexed set of policies: which policies apply to a workload, candidate rules for a
+//! peer (indexed by exact principal / namespace so one decision does not scan every rule), and
+//! PeerAuthentication resolution.
+
+use crate::error::{LoadError, LoadErrors};
+use crate::matcher::StrMatch;
+use crate::model::*;
+use std::collections::{BTreeMap, HashMap};
+use std::net::Ipv4Addr;
+
+/// Loading options.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Options {
+    /// Policies in this namespace apply mesh-wide. Default `istio-system`.
+    pub root_namespace: String,
+    /// Offset from UTC, in minutes, for `custom.time_of_day` / `custom.day_of_week`. Default 0.
+    pub utc_offset_minutes: i32,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { root_namespace: "istio-system".to_string(), utc_offset_minutes: 0 }
+    }
+}
+
+/// A workload as the policy engine sees it (a destination, or a remote peer).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Workload {
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+    pub labels: BTreeMap<String, String>,
+    pub ip: Ipv4Addr,
+    /// Names of the Services (in the workload's namespace) that select it, for policies bound
+    /// with `targetRefs` (kind Service / ServiceEntry). Empty when unknown.
+    pub services: Vec<String>,
+}
+
+/// What a policy needs to know about the workload it may apply to.
+#[derive(Clone, Copy, Debug)]
+pub struct Target<'a> {
+    pub namespace: &'a str,
+    pub labels: &'a BTreeMap<String, String>,
+    pub services: &'a [String],
+}
+
+impl<'a> From<&'a Workload> for Target<'a> {
+    fn from(w: &'a Workload) -> Self {
+        Target { namespace: &w.namespace, labels: &w.labels, services: &w.services }
+    }
+}
+
+/// Label of the pods of a Gateway API gateway.
+pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
+
+pub(crate) fn selection_applies(sel: &Selection, t: &Target) -> bool {
+    match sel {
+        Selection::All => true,
+        Selection::Labels(l) => l.iter().all(|(k, v)| t.labels.get(k) == Some(v)),
+        Selection::TargetRefs(refs) => refs.iter().any(|r| match r.kind.as_str() {
+            "Gateway" => t.labels.get(GATEWAY_NAME_LABEL) == Some(&r.name),
+            _ => t.services.iter().any(|s| *s == r.name),
+        }),
+    }
+}
+
+/// A rule, by position.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) struct RuleRef {
+    /// Evaluation rank: CUSTOM 0, DENY 1, ALLOW 2 (AUDIT and dry-run rules are not indexed).
+    pub rank: u8,
+    pub policy: u32,
+    pub rule: u32,
+}
+
+/// Per namespace: candidate rules by the exact principals / namespaces / service accounts their
+/// sources require. A rule is indexed only when *every* source of it requires one of those
+/// (otherwise it is in `unindexed`); it is then listed under each key any source names.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct NsIndex {
+    pub by_principal: HashMap<String, Vec<RuleRef>>,
+    pub by_namespace: HashMap<String, Vec<RuleRef>>,
+    /// Key `namespace/serviceAccount`.
+    pub by_service_account: HashMap<String, Vec<RuleRef>>,
+    pub unindexed: Vec<RuleRef>,
+    /// Enforced ALLOW policies of the namespace (to answer "does an ALLOW policy apply?").
+    pub allow_policies: Vec<u32>,
+    /// An enforced ALLOW policy selects every workload of the namespace.
+    pub allow_all: bool,
+    /// Dry-run and AUDIT policies (reported, never enforced).
+    pub shadow_policies: Vec<u32>,
+}
+
+/// The loaded policies, sorted by (namespace, name), with their indexes.
+#[derive(Clone, Debug)]
+pub struct PolicySet {
+    pub(crate) options: Options,
+    pub(crate) authz: Vec<AuthzPolicy>,
+    pub(crate) peer: Vec<PeerAuth>,
+    pub(crate) request_auth: Vec<RequestAuth>,
+    pub(crate) warnings: Vec<String>,
+    pub(crate) index: HashMap<String, NsIndex>,
+}
+
+fn rank(a: Action) -> Option<u8> {
+    match a {
+        Action::Custom => Some(0),
+        Action::Deny => Some(1),
+        Action::Allow => Some(2),
+        Action::Audit => None,
+    }
+}
+
+impl PolicySet {
+    /// Builds a set from validated resources. Fails when two resources of one kind share a
+    /// namespace/name.
+    pub fn from_resources(resources: Vec<Resource>, options: &Options) -> Result<PolicySet, LoadErrors> {
+        let mut authz = Vec::new();
+        let mut peer = Vec::new();
+        let mut request_auth = Vec::new();
+        for r in resources {
+            match r {
+                Resource::AuthorizationPolicy(p) => authz.push(p),
+                Resource::PeerAuthentication(p) => peer.push(p),
+                Resource::RequestAuthentication(p) => request_auth.push(p),
+            }
+        }
+        let mut errors = Vec::new();
+        let mut dup = |kind: &str, key: String, first: &str, second: &str| {
+            let (origin, doc) = second.rsplit_once(": document ").map(|(o, d)| (o.to_string(), d.parse().ok())).unwrap_or((second.to_string(), None));
+            errors.push(LoadError {
+                origin,
+                document: doc,
+                resource: Some(key.clone()),
+                field: "metadata.name".into(),
+                reason: format!("duplicate {kind} {key} (first defined in {first})"),
+            });
+        };
+        authz.sort_by(|a: &AuthzPolicy, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        for w in authz.windows(2) {
+            if w[0].namespace == w[1].namespace && w[0].name == w[1].name {
+                dup("AuthorizationPolicy", w[1].key(), &w[0].origin, &w[1].origin);
+            }
+        }
+        peer.sort_by(|a: &PeerAuth, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        for w in peer.windows(2) {
+            if w[0].namespace == w[1].namespace && w[0].name == w[1].name {
+                dup("PeerAuthentication", w[1].key(), &w[0].origin, &w[1].origin);
+            }
+        }
+        request_auth.sort_by(|a: &RequestAuth, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        if !errors.is_empty() {
+            return Err(LoadErrors(errors));
+        }
+        let mut set = PolicySet { options: options.clone(), authz, peer, request_auth, warnings: Vec::new(), index: HashMap::new() };
+        set.build_index();
+        set.check_peer_conflicts();
+        Ok(set)
+    }
+
+    fn build_index(&mut self) {
+        let mut index: HashMap<String, NsIndex> = HashMap::new();
+        for (pi, p) in self.authz.iter().enumerate() {
+            let ns = index.entry(p.namespace.clone()).or_default();
+            let enforced_rank = if p.dry_run { None } else { rank(p.action) };
+            let Some(rk) = enforced_rank else {
+                ns.shadow_policies.push(pi as u32);
+                continue;
+            };
+            if p.action == Action::Allow {
+                ns.allow_policies.push(pi as u32);
+                if p.selection == Selection::All {
+                    ns.allow_all = true;
+                }
+            }
+            for (ri, r) in p.rules.iter().enumerate() {
+                let rr = RuleRef { rank: rk, policy: pi as u32, rule: ri as u32 };
+                let indexable = !r.from.is_empty()
+                    && r.from.iter().all(|s| {
+                        let exact_p = !s.principals.is_empty() && s.principals.iter().all(|m| m.exact().is_some());
+                        let exact_n = !s.namespaces.is_empty() && s.namespaces.iter().all(|m| m.exact().is_some());
+                        let sa = !s.service_accounts.is_empty();
+                        exact_p || exact_n || sa
+                    });
+                if !indexable {
+                    ns.unindexed.push(rr);
+                    continue;
+                }
+                for s in &r.from {
+                    // Prefer the narrowest key each source offers.
+                    if !s.principals.is_empty() && s.principals.iter().all(|m| m.exact().is_some()) {
+                        for m in &s.principals {
+                            ns.by_principal.entry(m.exact().unwrap_or_default().to_string()).or_default().push(rr);
+                        }
+                    } else if !s.service_accounts.is_empty() {
+                        for (n, a) in &s.service_accounts {
+                            ns.by_service_account.entry(format!("{n}/{a}")).or_default().push(rr);
+                        }
+                    } else {
+                        for m in &s.namespaces {
+                            if let StrMatch::Exact(n) = m {
+                                ns.by_namespace.entry(n.clone()).or_default().push(rr);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        self.index = index;
+    }
+
+    fn check_peer_conflicts(&mut self) {
+        let mut ns_level: HashMap<&str, Vec<&PeerAuth>> = HashMap::new();
+        for p in &self.peer {
+            if p.selector.is_none() {
+                ns_level.entry(&p.namespace).or_default().push(p);
+            }
+        }
+        let mut w = Vec::new();
+        for (ns, list) in ns_level {
+            if list.len() > 1 {
+                w.push(format!(
+                    "warning: namespace {ns} has {} PeerAuthentications without selector ({}); the first by name, {}, is used",
+                    list.len(),
+                    list.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", "),
+                    list[0].key()
+                ));
+            }
+        }
+        w.sort();
+        self.warnings.extend(w);
+    }
+
+    pub(crate) fn add_warnings(&mut self, w: Vec<String>) {
+        let mut w = w;
+        w.append(&mut self.warnings);
+        self.warnings = w;
+    }
+
+    pub fn options(&self) -> &Options {
+        &self.options
+    }
+    pub fn root_namespace(&self) -> &str {
+        &self.options.root_namespace
+    }
+    /// Validation warnings (non-portable extensions, L7 attributes at L4, ...).
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+    pub fn authorization_policies(&self) -> &[AuthzPolicy] {
+        &self.authz
+    }
+    pub fn peer_authentications(&self) -> &[PeerAuth] {
+        &self.peer
+    }
+    pub fn request_authentications(&self) -> &[RequestAuth] {
+        &self.request_auth
+    }
+    pub fn len(&self) -> usize {
+        self.authz.len() + self.peer.len() + self.request_auth.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Does policy `pi` apply to the workload `t`?
+    pub(crate) fn applies(&self, pi: u32, t: &Target) -> bool {
+        let p = &self.authz[pi as usize];
+        if p.namespace == self.options.root_namespace {
+            // A root-namespace policy with a selector applies to matching workloads of every namespace.
+            selection_applies(&p.selection, t)
+        } else {
+            p.namespace == t.namespace && selection_applies(&p.selection, t)
+        }
+    }
+
+    /// The namespaces whose policies can apply to a workload of `ns`.
+    pub(crate) fn scopes<'a>(&'a self, ns: &'a str) -> impl Iterator<Item = &'a NsIndex> + 'a {
+        let root = self.index.get(self.options.root_namespace.as_str());
+        let own = if ns == self.options.root_namespace { None } else { self.index.get(ns) };
+        root.into_iter().chain(own)
+    }
+
+    /// Does an enforced ALLOW policy apply to `t`?
+    pub(crate) fn allow_applies(&self, t: &Target) -> bool {
+        self.scopes(t.namespace).any(|ix| {
+            (ix.allow_all && (true)) || ix.allow_policies.iter().any(|&pi| self.applies(pi, t))
+        })
+    }
+
+    /// Candidate enforced rules for a peer, sorted by (rank, policy, rule), deduplicated. Rules
+    /// of policies that do not apply to `t` are left out.
+    pub(crate) fn candidates(&self, t: &Target, principal: Option<&str>, peer_ns: Option<&str>, peer_sa: Option<(&str, &str)>, out: &mut Vec<RuleRef>) {
+        out.clear();
+        for ix in self.scopes(t.namespace) {
+            out.extend(ix.unindexed.iter().copied());
+            if let Some(p) = principal
+                && let Some(v) = ix.by_principal.get(p)
+            {
+                out.extend(v.iter().copied());
+            }
+            if let Some(n) = peer_ns
+                && let Some(v) = ix.by_namespace.get(n)
+            {
+                out.extend(v.iter().copied());
+            }
+            if let Some((n, a)) = peer_sa
+                && !ix.by_service_account.is_empty()
+            {
+                if let Some(v) = ix.by_service_account.get(&format!("{n}/{a}")) {
+                    out.extend(v.iter().copied());
+                }
+            }
+        }
+        out.sort_unstable();
+        out.dedup();
+        out.retain(|r| self.applies(r.policy, t));
+    }
+
+    pub(crate) fn policy(&self, pi: u32) -> &AuthzPolicy {
+        &self.authz[pi as usize]
+    }
+
+    /// Effective mTLS mode for a workload and port, with the PeerAuthentication that set it.
+    /// Precedence: workload (selector) > namespace > root namespace; UNSET inherits; the
+    /// mesh default is PERMISSIVE. `portLevelMtls` of the workload-level policy overrides per port.
+    pub fn mtls_mode(&self, t: &Target, port: Option<u16>) -> (MtlsMode, Option<&PeerAuth>) {
+        let root = &self.options.root_namespace;
+        let workload = self.peer.iter().find(|p| {
+            p.namespace == t.namespace && p.selector.as_ref().is_some_and(|s| s.iter().all(|(k, v)| t.labels.get(k) == Some(v)))
+        });
+        let namespace = self.peer.iter().find(|p| p.namespace == t.namespace && p.selector.is_none());
+        let mesh = self.peer.iter().find(|p| &p.namespace == root && p.selector.is_none());
+        let mut mode = MtlsMode::Permissive;
+        let mut by = None;
+        for p in [mesh, namespace, workload].into_iter().flatten() {
+            if p.mode != MtlsMode::Unset {
+                mode = p.mode;
+                by = Some(p);
+            }
+        }
+        if let (Some(w), Some(port)) = (workload, port)
+            && let Some(m) = w.port_level.get(&port)
+            && *m != MtlsMode::Unset
+        {
+            mode = *m;
+            by = Some(w);
+        }
+        (mode, by)
+    }
+
+    /// The PeerAuthentication decisions for a workload: the base mode (with its policy) and the
+    /// per-port overrides that differ from it.
+    pub(crate) fn mtls_ports(&self, t: &Target) -> (MtlsMode, Option<&PeerAuth>, Vec<(u16, MtlsMode, Option<&PeerAuth>)>) {
+        let (base, by) = self.mtls_mode(t, None);
+        let workload = self.peer.iter().find(|p| {
+            p.namespace == t.namespace && p.selector.as_ref().is_some_and(|s| s.iter().all(|(k, v)| t.labels.get(k) == Some(v)))
+        });
+        let mut ports = Vec::new();
+        if let Some(w) = workload {
+            for &port in w.port_level.keys() {
+                let (m, b) = self.mtls_mode(t, Some(port));
+                ports.push((port, m, b));
+            }
+        }
+        (base, by, ports)
+    }
+}
