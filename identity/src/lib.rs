@@ -13,6 +13,7 @@
 pub mod ca;
 pub mod clock;
 pub mod identity;
+pub mod metrics;
 pub mod tls;
 pub mod workload;
 
