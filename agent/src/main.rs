@@ -1,1 +1,97 @@
-fn main() {}
+//! The `warden` command: the node agent and the operator's CLI.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use warden_agent::{agent, datapath, defaults, inspect};
+
+#[derive(Parser)]
+#[command(name = "warden", version, about = "eBPF zero-trust enforcer speaking Istio's security API")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the node agent: load and attach the programs, compile policy into the maps, follow changes.
+    Agent {
+        /// Workload file (YAML): the workloads of this node and where to enforce them.
+        #[arg(long)]
+        workloads: PathBuf,
+        /// Directory (or file) of Istio security resources.
+        #[arg(long)]
+        policies: PathBuf,
+        #[arg(long, default_value = defaults::PIN_DIR)]
+        pin_dir: PathBuf,
+        #[arg(long, default_value = defaults::STATE_DIR)]
+        state_dir: PathBuf,
+        #[arg(long, default_value = defaults::TRUST_DOMAIN)]
+        trust_domain: String,
+        #[arg(long, default_value = defaults::ROOT_NAMESPACE)]
+        root_namespace: String,
+        /// Log format.
+        #[arg(long, value_enum, default_value = "text")]
+        log_format: Output,
+    },
+    /// Print the live maps: per workload, its policy entries and counters; the identity cache.
+    Maps {
+        #[arg(long, default_value = defaults::PIN_DIR)]
+        pin_dir: PathBuf,
+        #[arg(long, default_value = defaults::STATE_DIR)]
+        state_dir: PathBuf,
+        #[arg(long, short, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Detach every program and remove every pin under the pin directory (the node stops enforcing).
+    Cleanup {
+        #[arg(long, default_value = defaults::PIN_DIR)]
+        pin_dir: PathBuf,
+    },
+}
+
+fn init_logging(format: Output) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        Output::Json => builder.json().init(),
+        Output::Text => builder.init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Agent { workloads, policies, pin_dir, state_dir, trust_domain, root_namespace, log_format } => {
+            init_logging(log_format);
+            let cfg = agent::AgentConfig { workloads, policies, pin_dir, state_dir, trust_domain, root_namespace };
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| rt.block_on(agent::run(cfg)))
+        }
+        Command::Maps { pin_dir, state_dir, output } => inspect::read(&pin_dir, &state_dir).map(|v| match output {
+            Output::Text => print!("{}", inspect::render(&v)),
+            Output::Json => println!("{}", serde_json::to_string_pretty(&v).expect("view serializes")),
+        }),
+        Command::Cleanup { pin_dir } => {
+            datapath::remove_pins(&pin_dir);
+            Ok(())
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("warden: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,1 +1,516 @@
-//! Helpers for warden root integration tests.
+//! The network-namespace lab: one node with workloads, as a Kubernetes node with pods.
+//!
+//! ```text
+//!                      node netns "<tag>-node" (the agent runs here)
+//!   ┌──────────────┐   veth <tag>w0  ┌───────────────────────────────┐
+//!   │ <tag>-0      │◀───────────────▶│ 169.254.1.1 on every host veth│
+//!   │ eth0 10.x/32 │                 │ route 10.x/32 dev <tag>wN     │
+//!   └──────────────┘     ...         │ TCX + cgroup programs         │
+//! ```
+//! Each workload gets a network namespace, a veth pair (host side in the node namespace), a
+//! cgroup (`<cgroup root>/warden-<tag>/<name>`) that holds its processes, and a
+//! `warden-probe serve` process on its ports. Everything is named after the lab's tag, so
+//! [`Lab::down_by_tag`] removes a lab even when the process that made it is gone.
+//!
+//! Shared by `cargo xtask lab` and the root integration tests (each test uses its own tag, pin
+//! directory and state directory, so tests run in parallel).
+
+use std::{
+    fs,
+    io::Write as _,
+    net::Ipv4Addr,
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use serde::Deserialize;
+
+/// Gateway address every workload routes through (present on every host-side veth).
+pub const GATEWAY: &str = "169.254.1.1";
+
+/// The repository root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+}
+
+fn target_bin(name: &str, env: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(env) {
+        return PathBuf::from(p);
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"));
+    for profile in ["debug", "release"] {
+        let p = target.join(profile).join(name);
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!("{name} is not built: run `cargo build --workspace` (or `cargo xtask test`), or set {env}");
+}
+
+/// The `warden` binary under test.
+pub fn warden_bin() -> PathBuf {
+    target_bin("warden", "WARDEN_BIN")
+}
+
+/// The lab's traffic tool.
+pub fn probe_bin() -> PathBuf {
+    target_bin("warden-probe", "WARDEN_PROBE_BIN")
+}
+
+/// The cgroup v2 hierarchy: `WARDEN_CGROUP_ROOT`, else the unified mount of a hybrid setup, else
+/// `/sys/fs/cgroup` when it is pure v2.
+pub fn cgroup_root() -> PathBuf {
+    if let Some(p) = std::env::var_os("WARDEN_CGROUP_ROOT") {
+        return p.into();
+    }
+    let unified = Path::new("/sys/fs/cgroup/unified");
+    if unified.join("cgroup.procs").is_file() {
+        return unified.into();
+    }
+    "/sys/fs/cgroup".into()
+}
+
+/// Whether root tests can run. When they cannot, says so loudly on stderr (never a silent pass).
+pub fn require_root(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let bpf = Path::new("/sys/kernel/btf/vmlinux").exists();
+    if !root || !bpf {
+        eprintln!("\n!!!!!!!! SKIPPING {test}: needs root and a BPF-capable kernel (root={root}, btf={bpf}) !!!!!!!!\n");
+        return false;
+    }
+    true
+}
+
+/// Run a command; fail with its stderr.
+pub fn run(args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(args[0]).args(&args[1..]).output().with_context(|| format!("running {}", args[0]))?;
+    if !out.status.success() {
+        bail!("`{}` failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A workload to create.
+#[derive(Clone, Debug)]
+pub struct Spec {
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+    pub labels: Vec<(String, String)>,
+    pub ip: Ipv4Addr,
+    /// Ports its server listens on.
+    pub ports: Vec<u16>,
+}
+
+impl Spec {
+    pub fn new(namespace: &str, name: &str, ip: Ipv4Addr, ports: &[u16]) -> Spec {
+        Spec {
+            name: name.into(),
+            namespace: namespace.into(),
+            service_account: name.into(),
+            labels: vec![("app".into(), name.into())],
+            ip,
+            ports: ports.to_vec(),
+        }
+    }
+}
+
+/// A created workload.
+#[derive(Debug)]
+pub struct Member {
+    pub spec: Spec,
+    pub netns: String,
+    pub veth: String,
+    pub cgroup: PathBuf,
+}
+
+/// The outcome of one `warden-probe connect`.
+#[derive(Debug, Deserialize, Clone, PartialEq)]
+pub struct Probe {
+    pub result: String,
+    pub ms: u64,
+    #[serde(default)]
+    pub detail: String,
+    #[serde(default)]
+    pub round_trips: Option<u64>,
+}
+
+pub struct Lab {
+    pub tag: String,
+    pub node: String,
+    pub members: Vec<Member>,
+    /// Files of this lab: workloads.yaml, the agent log, the state directory.
+    pub dir: PathBuf,
+    pub pin_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub cgroup_dir: PathBuf,
+    servers: Vec<Child>,
+    agent: Option<Child>,
+}
+
+impl Lab {
+    /// Where a lab with `tag` keeps its files.
+    pub fn dir_for(tag: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("warden-lab-{tag}"))
+    }
+
+    /// Pin directory of a lab: the production one for the main lab, a private one per test.
+    pub fn pin_dir_for(tag: &str) -> PathBuf {
+        if tag == "lab" { warden_common_pin_dir().into() } else { format!("/sys/fs/bpf/warden-{tag}").into() }
+    }
+
+    /// Create the node and its workloads, and start each workload's server.
+    pub fn up(tag: &str, specs: &[Spec]) -> anyhow::Result<Lab> {
+        assert!(tag.len() <= 8 && tag.bytes().all(|b| b.is_ascii_alphanumeric()), "tag must be 1-8 alphanumerics");
+        Lab::down_by_tag(tag);
+        let dir = Lab::dir_for(tag);
+        fs::create_dir_all(&dir)?;
+        let cgroup_dir = cgroup_root().join(format!("warden-{tag}"));
+        let node = format!("{tag}-node");
+        let mut lab = Lab {
+            tag: tag.into(),
+            node: node.clone(),
+            members: Vec::new(),
+            pin_dir: Lab::pin_dir_for(tag),
+            state_dir: dir.join("state"),
+            dir,
+            cgroup_dir: cgroup_dir.clone(),
+            servers: Vec::new(),
+            agent: None,
+        };
+        run(&["ip", "netns", "add", &node])?;
+        lab.in_node(&["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1", "net.ipv4.ip_forward=1"])?;
+        lab.in_node(&["ip", "link", "set", "lo", "up"])?;
+        fs::create_dir_all(&cgroup_dir).with_context(|| format!("creating cgroup {}", cgroup_dir.display()))?;
+        for (i, s) in specs.iter().enumerate() {
+            let netns = format!("{tag}-{i}");
+            let veth = format!("{tag}w{i}");
+            run(&["ip", "netns", "add", &netns])?;
+            run(&["ip", "netns", "exec", &netns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"])?;
+            run(&["ip", "link", "add", &veth, "netns", &node, "type", "veth", "peer", "name", "eth0", "netns", &netns])?;
+            let ip = s.ip.to_string();
+            let w = |args: &[&str]| {
+                let mut v = vec!["ip", "netns", "exec", &netns];
+                v.extend_from_slice(args);
+                run(&v)
+            };
+            w(&["ip", "link", "set", "lo", "up"])?;
+            w(&["ip", "addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
+            w(&["ip", "link", "set", "eth0", "up"])?;
+            w(&["ip", "route", "add", GATEWAY, "dev", "eth0", "scope", "link"])?;
+            w(&["ip", "route", "add", "default", "via", GATEWAY, "dev", "eth0"])?;
+            lab.in_node(&["ip", "addr", "add", &format!("{GATEWAY}/32"), "dev", &veth])?;
+            lab.in_node(&["ip", "link", "set", &veth, "up"])?;
+            lab.in_node(&["ip", "route", "add", &format!("{ip}/32"), "dev", &veth])?;
+            let cgroup = cgroup_dir.join(&s.name);
+            fs::create_dir_all(&cgroup)?;
+            lab.members.push(Member { spec: s.clone(), netns, veth, cgroup });
+        }
+        for m in &lab.members {
+            if m.spec.ports.is_empty() {
+                continue;
+            }
+            let mut args = vec!["serve".to_string()];
+            args.extend(m.spec.ports.iter().map(u16::to_string));
+            let child = lab
+                .command_in(&m.spec.name, &probe_bin(), &args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("starting a workload server")?;
+            lab.servers.push(child);
+        }
+        // Servers listen before anyone probes them.
+        for m in &lab.members {
+            for port in &m.spec.ports {
+                let deadline = Instant::now() + Duration::from_secs(5);
+                let needle = format!(":{port:04X} ");
+                loop {
+                    let tcp = run(&["ip", "netns", "exec", &m.netns, "cat", "/proc/net/tcp"]).unwrap_or_default();
+                    if tcp.lines().any(|l| l.contains(&needle) && l.contains(" 0A ")) {
+                        break;
+                    }
+                    if Instant::now() > deadline {
+                        bail!("{} did not start listening on {port}", m.spec.name);
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+        Ok(lab)
+    }
+
+    fn in_node(&self, args: &[&str]) -> anyhow::Result<String> {
+        let mut v = vec!["ip", "netns", "exec", &self.node];
+        v.extend_from_slice(args);
+        run(&v)
+    }
+
+    pub fn member(&self, name: &str) -> &Member {
+        self.members.iter().find(|m| m.spec.name == name).unwrap_or_else(|| panic!("no workload {name} in the lab"))
+    }
+
+    /// A command that runs inside workload `name`'s network namespace and cgroup.
+    pub fn command_in(&self, name: &str, program: &Path, args: &[String]) -> Command {
+        let m = self.member(name);
+        let procs = m.cgroup.join("cgroup.procs");
+        // nsenter switches only the network namespace: `ip netns exec` would also remount /sys,
+        // hiding the cgroup2 and bpffs mounts.
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{}", m.netns)).arg("--").arg(program).args(args);
+        // SAFETY: the closure only opens and writes a file (async-signal-safe syscalls).
+        unsafe {
+            c.pre_exec(move || fs::OpenOptions::new().write(true).open(&procs)?.write_all(b"0"));
+        }
+        c
+    }
+
+    /// The workload file describing this lab.
+    pub fn workload_file(&self) -> String {
+        let mut s = String::from("workloads:\n");
+        for m in &self.members {
+            let labels: Vec<String> = m.spec.labels.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+            s += &format!(
+                "  - name: {}\n    namespace: {}\n    serviceAccount: {}\n    labels: {{{}}}\n    ip: {}\n    veth: {}\n    cgroup: {}\n",
+                m.spec.name,
+                m.spec.namespace,
+                m.spec.service_account,
+                labels.join(", "),
+                m.spec.ip,
+                m.veth,
+                m.cgroup.display()
+            );
+        }
+        s
+    }
+
+    pub fn workloads_path(&self) -> PathBuf {
+        self.dir.join("workloads.yaml")
+    }
+
+    pub fn agent_log(&self) -> PathBuf {
+        self.dir.join("agent.log")
+    }
+
+    /// The generation the agent last recorded (0 before any).
+    pub fn generation(&self) -> u32 {
+        fs::read_to_string(self.state_dir.join("state.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v["generation"].as_u64())
+            .unwrap_or(0) as u32
+    }
+
+    /// Wait until the agent records a generation other than `before`.
+    pub fn wait_generation_change(&mut self, before: u32, timeout: Duration) -> anyhow::Result<u32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let g = self.generation();
+            if g != before && g != 0 {
+                return Ok(g);
+            }
+            if let Some(a) = self.agent.as_mut() {
+                if let Some(status) = a.try_wait()? {
+                    bail!("the agent exited ({status}):\n{}", fs::read_to_string(self.agent_log()).unwrap_or_default());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("the agent committed nothing within {timeout:?}:\n{}", fs::read_to_string(self.agent_log()).unwrap_or_default());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Start `warden agent` in the node namespace on this lab's workload file and `policies`,
+    /// and wait until it has committed.
+    pub fn start_agent(&mut self, policies: &Path) -> anyhow::Result<u32> {
+        let mut child = self.spawn_agent(policies)?;
+        let before = self.generation();
+        self.agent = Some(child.take_child());
+        self.wait_generation_change(before, Duration::from_secs(20))
+    }
+
+    /// Spawn the agent without waiting (for tests of refused starts).
+    pub fn spawn_agent(&self, policies: &Path) -> anyhow::Result<AgentProcess> {
+        if !self.workloads_path().exists() {
+            fs::write(self.workloads_path(), self.workload_file())?;
+        }
+        let log = fs::OpenOptions::new().create(true).append(true).open(self.agent_log())?;
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.node))
+            .arg("--")
+            .arg(warden_bin())
+            .arg("agent")
+            .arg("--workloads")
+            .arg(self.workloads_path())
+            .arg("--policies")
+            .arg(policies)
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting the agent")?;
+        Ok(AgentProcess(Some(child)))
+    }
+
+    /// Kill the agent with `signal` (9: as a crash) and wait for it to exit.
+    pub fn kill_agent(&mut self, signal: i32) {
+        if let Some(mut a) = self.agent.take() {
+            // SAFETY: sending a signal to our own child.
+            unsafe { libc::kill(a.id() as i32, signal) };
+            let _ = a.wait();
+        }
+    }
+
+    pub fn agent_running(&mut self) -> bool {
+        self.agent.as_mut().is_some_and(|a| a.try_wait().ok().flatten().is_none())
+    }
+
+    /// One connection attempt from workload `from` to `to`:`port`.
+    pub fn probe(&self, from: &str, to: &str, port: u16) -> Probe {
+        let ip = self.member(to).spec.ip;
+        self.probe_addr(from, ip, port)
+    }
+
+    pub fn probe_addr(&self, from: &str, ip: Ipv4Addr, port: u16) -> Probe {
+        let out = self
+            .command_in(from, &probe_bin(), &["connect".into(), format!("{ip}:{port}"), "--timeout-ms".into(), "700".into()])
+            .output()
+            .expect("running warden-probe");
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("probe output {:?} ({e}); stderr {}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    }
+
+    /// `warden` CLI against this lab's pins and state.
+    pub fn warden(&self, args: &[&str]) -> anyhow::Result<String> {
+        let pin = self.pin_dir.display().to_string();
+        let state = self.state_dir.display().to_string();
+        let bin = warden_bin();
+        let mut v: Vec<&str> = vec![bin.to_str().unwrap()];
+        v.extend_from_slice(args);
+        v.extend_from_slice(&["--pin-dir", &pin, "--state-dir", &state]);
+        run(&v)
+    }
+
+    /// Remove everything a lab with `tag` made: processes, namespaces, cgroups, pins, files.
+    pub fn down_by_tag(tag: &str) {
+        let cgroup_dir = cgroup_root().join(format!("warden-{tag}"));
+        // Processes first: every lab process lives in one of the lab's cgroups or namespaces.
+        if let Ok(rd) = fs::read_dir(&cgroup_dir) {
+            for e in rd.flatten() {
+                if e.path().is_dir() {
+                    let _ = fs::write(e.path().join("cgroup.kill"), "1");
+                }
+            }
+        }
+        if let Ok(names) = run(&["ip", "netns", "list"]) {
+            let prefix = format!("{tag}-");
+            for name in names.lines().filter_map(|l| l.split_whitespace().next()).filter(|n| n.starts_with(&prefix)) {
+                if let Ok(pids) = run(&["ip", "netns", "pids", name]) {
+                    for pid in pids.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+                        // SAFETY: signalling a process of the lab's own namespace.
+                        unsafe { libc::kill(pid, libc::SIGKILL) };
+                    }
+                }
+                let _ = run(&["ip", "netns", "del", name]);
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        if let Ok(rd) = fs::read_dir(&cgroup_dir) {
+            for e in rd.flatten().filter(|e| e.path().is_dir()) {
+                while fs::remove_dir(e.path()).is_err() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+        let _ = fs::remove_dir(&cgroup_dir);
+        let pin_dir = Lab::pin_dir_for(tag);
+        if pin_dir.exists() {
+            let _ = Command::new(warden_bin_or_none().unwrap_or_else(|| "true".into()))
+                .args(["cleanup", "--pin-dir"])
+                .arg(&pin_dir)
+                .output();
+            if pin_dir.exists() {
+                let _ = run(&["rm", "-rf", pin_dir.to_str().unwrap()]);
+            }
+        }
+        let _ = fs::remove_dir_all(Lab::dir_for(tag));
+    }
+
+    pub fn down(&mut self) {
+        self.kill_agent(libc::SIGKILL);
+        for s in &mut self.servers {
+            let _ = s.kill();
+            let _ = s.wait();
+        }
+        self.servers.clear();
+        Lab::down_by_tag(&self.tag);
+    }
+}
+
+fn warden_bin_or_none() -> Option<PathBuf> {
+    std::panic::catch_unwind(warden_bin).ok()
+}
+
+fn warden_common_pin_dir() -> &'static str {
+    "/sys/fs/bpf/warden"
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if std::env::var_os("WARDEN_KEEP_LAB").is_none() {
+            self.down();
+        }
+    }
+}
+
+/// A spawned agent not yet owned by a lab.
+pub struct AgentProcess(Option<Child>);
+
+impl AgentProcess {
+    fn take_child(&mut self) -> Child {
+        self.0.take().expect("child present")
+    }
+
+    /// Wait for the process to exit within `timeout`; its exit status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        let c = self.0.as_mut()?;
+        loop {
+            if let Ok(Some(s)) = c.try_wait() {
+                return Some(s);
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Convenience: write a policy directory from (file name, YAML) pairs.
+pub fn write_policies(dir: &Path, files: &[(&str, &str)]) -> anyhow::Result<()> {
+    let _ = fs::remove_dir_all(dir);
+    fs::create_dir_all(dir)?;
+    for (name, yaml) in files {
+        fs::write(dir.join(name), yaml)?;
+    }
+    Ok(())
+}

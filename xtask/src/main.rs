@@ -1,1 +1,108 @@
-fn main() {}
+//! `cargo xtask <task>`: everything beyond a plain cargo build.
+//!
+//! | task          | what it does                                                              |
+//! |---------------|---------------------------------------------------------------------------|
+//! | `setup`       | install what is missing (apt packages, eBPF nightly, bpf-linker, bpffs)   |
+//! | `build-ebpf`  | setup, then build the eBPF object alone                                   |
+//! | `lab`         | setup, build, bring up the payments-mesh lab, drive traffic, print matrix |
+//! | `lab down`    | remove every namespace, link, cgroup and pin the lab made                 |
+//! | `test`        | setup, build, run every test (root/netns tests included)                  |
+//! | `bench l4`    | the L4 datapath benchmark (see `bench.rs`)                                |
+
+mod bench;
+mod lab;
+mod setup;
+
+use std::process::{Command, ExitCode};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what is missing: apt packages, the pinned eBPF nightly, bpf-linker; mount bpffs.
+    Setup,
+    /// Build the eBPF object alone (target/bpfel-unknown-none/release/warden).
+    BuildEbpf,
+    /// The lab: one node with the payments mesh; `lab down` tears it down.
+    Lab {
+        #[arg(value_parser = ["up", "down"], default_value = "up")]
+        action: String,
+    },
+    /// Run every test, root and network-namespace tests included.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Benchmarks: `l4` (datapath throughput, connection rate, per-packet program cost).
+    Bench {
+        #[arg(value_parser = ["l4"])]
+        which: String,
+    },
+}
+
+/// Build the workspace (host code, the embedded eBPF object, the lab's probe).
+pub fn cargo_build(release: bool) -> anyhow::Result<()> {
+    let mut c = Command::new("cargo");
+    c.args(["build", "--bins"]); // default-members: the eBPF crate is built by agent/build.rs
+    if release {
+        c.arg("--release");
+    }
+    if !c.status().context("cargo build")?.success() {
+        bail!("cargo build failed");
+    }
+    Ok(())
+}
+
+fn build_ebpf() -> anyhow::Result<()> {
+    let root = warden_tests::workspace_root();
+    let path = format!("{}:{}", setup::LLVM_BIN, std::env::var("PATH").unwrap_or_default());
+    let status = Command::new("rustup")
+        .args(["run", setup::EBPF_TOOLCHAIN, "cargo", "build", "--package", "warden-ebpf", "--bin", "warden", "--target", "bpfel-unknown-none", "-Z", "build-std=core", "--release"])
+        .env("PATH", path)
+        .env("CARGO_ENCODED_RUSTFLAGS", "-Cdebuginfo=2\x1f-Clink-arg=--btf")
+        .current_dir(root.join("ebpf"))
+        .status()
+        .context("building the eBPF object")?;
+    if !status.success() {
+        bail!("eBPF build failed");
+    }
+    eprintln!("eBPF object: {}", root.join("target/bpfel-unknown-none/release/warden").display());
+    Ok(())
+}
+
+fn test(args: &[String]) -> anyhow::Result<()> {
+    cargo_build(false)?;
+    let status = Command::new("cargo").args(["test"]).args(args).status().context("cargo test")?;
+    if !status.success() {
+        bail!("tests failed");
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let r = setup::setup().and_then(|()| match cli.task {
+        Task::Setup => Ok(()),
+        Task::BuildEbpf => build_ebpf(),
+        Task::Lab { action } if action == "down" => lab::down(),
+        Task::Lab { .. } => cargo_build(false).and_then(|()| lab::up()),
+        Task::Test { args } => test(&args),
+        Task::Bench { .. } => cargo_build(true).and_then(|()| bench::l4()),
+    });
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

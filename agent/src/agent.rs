@@ -1,0 +1,272 @@
+//! The node agent: turns the workload file and the policies into a node state, commits it to the
+//! datapath, attaches the programs to local workloads, and follows changes live.
+//!
+//! Inputs are validated completely before anything is applied. An invalid change is logged with
+//! every error and ignored: the last good state keeps running. A restart adopts the pinned maps
+//! and links (see `datapath::attach`) and reconciles them with the inputs without a gap.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime},
+};
+
+use ipnet::Ipv4Net;
+use warden_common::{EndpointInfo, IDENTITY_WORLD, RemoteInfo};
+
+use crate::{
+    datapath::{Datapath, NodeState, attach},
+    record::{EndpointRecord, NodeRecord},
+    workloads::{self, HostLinks, Workload},
+};
+
+/// How often the inputs are checked for changes.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
+
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub workloads: PathBuf,
+    pub policies: PathBuf,
+    pub pin_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub trust_domain: String,
+    pub root_namespace: String,
+}
+
+/// Why a set of inputs could not become a node state. Nothing was applied.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("{0}")]
+    Workloads(#[from] workloads::WorkloadErrors),
+    #[error("{0}")]
+    Policies(#[from] warden_authz::LoadErrors),
+    #[error("compiling policies: {0}")]
+    Compile(#[from] warden_authz::CompileError),
+}
+
+/// A validated, compiled set of inputs, ready to apply.
+pub struct Desired {
+    pub workloads: Vec<Workload>,
+    pub state: NodeState,
+    pub identity_names: BTreeMap<u32, String>,
+    pub policy_names: BTreeMap<u32, String>,
+    pub valid_until: Option<SystemTime>,
+    pub warnings: Vec<String>,
+}
+
+/// Read, validate and compile the inputs. Pure with respect to the kernel: touches no map.
+pub fn build(cfg: &AgentConfig, record: &mut NodeRecord, links: &dyn workloads::Links) -> Result<Desired, BuildError> {
+    let workloads = workloads::load(&cfg.workloads, links)?;
+    let options = warden_authz::Options { root_namespace: cfg.root_namespace.clone(), ..Default::default() };
+    let policies = warden_authz::load_paths_with(&[&cfg.policies], &options)?;
+
+    let authz_workloads: Vec<warden_authz::Workload> = workloads
+        .iter()
+        .map(|w| warden_authz::Workload {
+            name: w.name.clone(),
+            namespace: w.namespace.clone(),
+            service_account: w.service_account.clone(),
+            labels: w.labels.clone(),
+            ip: w.ip,
+            services: Vec::new(),
+        })
+        .collect();
+    let local: Vec<(usize, u32)> = workloads
+        .iter()
+        .enumerate()
+        .filter(|(_, w)| w.local.is_some())
+        .map(|(i, w)| (i, record.endpoint_id(&w.key())))
+        .collect();
+    let input = warden_authz::CompileInput {
+        policies: &policies,
+        workloads: &authz_workloads,
+        local: &local,
+        trust_domain: &cfg.trust_domain,
+        now: SystemTime::now(),
+    };
+    let compiled = warden_authz::compile(&input, record)?;
+
+    // The identity of an address, as the kernel's longest-prefix match will find it.
+    let identity_of = |ip: Ipv4Addr| {
+        compiled
+            .ipcache
+            .iter()
+            .filter(|(net, _)| net.contains(&ip))
+            .max_by_key(|(net, _)| net.prefix_len())
+            .map_or(IDENTITY_WORLD, |(_, id)| *id)
+    };
+    let mut ipcache: BTreeMap<Ipv4Net, RemoteInfo> = compiled
+        .ipcache
+        .iter()
+        .map(|(net, id)| (*net, RemoteInfo { identity: *id, local_ifindex: 0 }))
+        .collect();
+    let mut endpoints = Vec::new();
+    for (i, endpoint_id) in &local {
+        let w = &workloads[*i];
+        let l = w.local.as_ref().expect("local workloads have a veth");
+        let identity = identity_of(w.ip);
+        // Every local workload has its own /32 so the cgroup hook can find it as a destination.
+        ipcache.insert(Ipv4Net::from(w.ip), RemoteInfo { identity, local_ifindex: l.ifindex });
+        endpoints.push((l.ifindex, EndpointInfo { endpoint_id: *endpoint_id, identity, ip: w.ip.octets(), flags: 0 }));
+    }
+    Ok(Desired {
+        state: NodeState { ipcache: ipcache.into_iter().collect(), endpoints, policy: compiled.policy },
+        identity_names: compiled.identities,
+        policy_names: compiled.policy_names,
+        valid_until: compiled.valid_until,
+        warnings: compiled.warnings,
+        workloads,
+    })
+}
+
+/// Errors while applying a validated state to the kernel.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error(transparent)]
+    Commit(#[from] crate::datapath::CommitError),
+    #[error(transparent)]
+    Attach(#[from] attach::AttachError),
+    #[error("{workload}: registering cgroup {path}: {source}")]
+    Cgroup { workload: String, path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Record(#[from] crate::record::RecordError),
+}
+
+/// Apply a desired state: release departed workloads, commit the new state, attach new or moved
+/// workloads, and save the record. `adopt` re-attaches every workload (after a restart), which
+/// swaps the programs inside the pinned links without a gap.
+pub fn apply(dp: &mut Datapath, record: &mut NodeRecord, state_dir: &Path, d: &Desired, adopt: bool) -> Result<u32, ApplyError> {
+    let wanted: BTreeMap<String, &Workload> =
+        d.workloads.iter().filter(|w| w.local.is_some()).map(|w| (w.key(), w)).collect();
+
+    // 1. Workloads that left (or whose pins outlived them): detach before their state goes.
+    let mut gone: BTreeSet<String> = record.endpoints.keys().filter(|k| !wanted.contains_key(*k)).cloned().collect();
+    gone.extend(attach::pinned_workloads(&dp.pin_dir).into_iter().filter(|k| !wanted.contains_key(k)));
+    for key in &gone {
+        dp.detach(key);
+        if let Some(cg) = record.endpoints.get(key).and_then(|e| e.cgroup_id) {
+            dp.clear_cgroup(cg);
+        }
+        record.endpoints.remove(key);
+        tracing::info!(workload = %key, "detached");
+    }
+
+    // 2. The new state, atomically.
+    let generation = dp.commit(&d.state)?;
+
+    // 3. Attach what is new, moved, or (after a restart) adopted.
+    for (key, w) in &wanted {
+        let l = w.local.as_ref().expect("filtered on local");
+        let identity = d.state.endpoints.iter().find(|(i, _)| *i == l.ifindex).map_or(0, |(_, e)| e.identity);
+        let previous = record.endpoints.get(key).cloned();
+        let unchanged = previous
+            .as_ref()
+            .is_some_and(|p| p.ifindex == l.ifindex && p.veth == l.veth && p.cgroup == l.cgroup);
+        let cgroup_id = match &l.cgroup {
+            Some(path) => Some(dp.set_cgroup(path, l.ifindex).map_err(|source| ApplyError::Cgroup {
+                workload: key.clone(),
+                path: path.clone(),
+                source,
+            })?),
+            None => None,
+        };
+        if let Some(old) = previous.as_ref().and_then(|p| p.cgroup_id).filter(|old| Some(*old) != cgroup_id) {
+            dp.clear_cgroup(old);
+        }
+        if !unchanged || adopt {
+            dp.attach(key, l)?;
+            tracing::info!(workload = %key, veth = %l.veth, ifindex = l.ifindex, "attached");
+        }
+        record.endpoints.insert(
+            key.clone(),
+            EndpointRecord {
+                id: record.endpoint_ids.get(key).copied().unwrap_or(0),
+                veth: l.veth.clone(),
+                ifindex: l.ifindex,
+                ip: w.ip.to_string(),
+                identity,
+                cgroup: l.cgroup.clone(),
+                cgroup_id,
+            },
+        );
+    }
+
+    record.generation = generation;
+    record.identity_names = d.identity_names.clone();
+    record.policy_names = d.policy_names.clone();
+    record.save(state_dir)?;
+    Ok(generation)
+}
+
+/// A fingerprint of the inputs: paths, sizes and modification times of the workload file and of
+/// every file under the policy directory.
+fn fingerprint(cfg: &AgentConfig) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
+    fn walk(p: &Path, out: &mut Vec<(PathBuf, u64, Option<SystemTime>)>) {
+        match std::fs::metadata(p) {
+            Ok(m) if m.is_dir() => {
+                let mut entries: Vec<_> = std::fs::read_dir(p).into_iter().flatten().flatten().map(|e| e.path()).collect();
+                entries.sort();
+                for e in entries {
+                    walk(&e, out);
+                }
+            }
+            Ok(m) => out.push((p.to_path_buf(), m.len(), m.modified().ok())),
+            Err(_) => out.push((p.to_path_buf(), u64::MAX, None)),
+        }
+    }
+    let mut out = Vec::new();
+    walk(&cfg.workloads, &mut out);
+    walk(&cfg.policies, &mut out);
+    out
+}
+
+fn log_desired(d: &Desired) {
+    for w in &d.warnings {
+        tracing::warn!("{w}");
+    }
+}
+
+/// Run the agent until SIGTERM/SIGINT. The first build must succeed (the agent does not start on
+/// bad input); later bad input is reported and ignored.
+pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+    let mut record = NodeRecord::load(&cfg.state_dir)?;
+    let desired = build(&cfg, &mut record, &HostLinks).map_err(|e| anyhow::anyhow!("refusing to start on invalid input:\n{e}"))?;
+    let mut dp = Datapath::load(&cfg.pin_dir)?;
+    log_desired(&desired);
+    let generation = apply(&mut dp, &mut record, &cfg.state_dir, &desired, true)?;
+    tracing::info!(generation, workloads = desired.workloads.len(), entries = desired.state.policy.len(), "committed; enforcing");
+    let mut valid_until = desired.valid_until;
+    let mut seen = fingerprint(&cfg);
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut tick = tokio::time::interval(POLL_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+            _ = tick.tick() => {}
+        }
+        let now = fingerprint(&cfg);
+        let expired = valid_until.is_some_and(|t| SystemTime::now() >= t);
+        if now == seen && !expired {
+            continue;
+        }
+        seen = now;
+        match build(&cfg, &mut record, &HostLinks) {
+            Ok(d) => {
+                log_desired(&d);
+                match apply(&mut dp, &mut record, &cfg.state_dir, &d, false) {
+                    Ok(generation) => {
+                        valid_until = d.valid_until;
+                        tracing::info!(generation, workloads = d.workloads.len(), entries = d.state.policy.len(), "committed");
+                    }
+                    Err(e) => tracing::error!("applying the new state failed; the last committed state keeps running: {e}"),
+                }
+            }
+            Err(e) => tracing::error!("ignoring invalid input; the last good state keeps running:\n{e}"),
+        }
+    }
+    tracing::info!("stopping; pinned programs and maps keep enforcing");
+    Ok(())
+}

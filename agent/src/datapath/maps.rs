@@ -1,0 +1,60 @@
+//! Typed handles on the pinned maps. The agent writes through them; `warden maps`, the tests and
+//! the benchmarks read through them, so every reader sees the maps exactly as the kernel does.
+
+use std::path::Path;
+
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuHashMap};
+use warden_common::{
+    Config, Counter, CounterKey, EndpointInfo, EndpointKey, FlowKey, FlowValue, IpcacheAddr, PolicyKey, PolicyValue,
+    RemoteInfo, names,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MapsError {
+    #[error("cannot open pinned map {path}: {source} (is the agent running, or did it ever run on this node?)")]
+    Open { path: String, source: aya::maps::MapError },
+    #[error("pinned map {name} has an unexpected type or layout: {source}")]
+    Layout { name: &'static str, source: aya::maps::MapError },
+}
+
+pub struct Maps {
+    pub config: Array<MapData, Config>,
+    pub ipcache: LpmTrie<MapData, IpcacheAddr, RemoteInfo>,
+    pub endpoints: HashMap<MapData, EndpointKey, EndpointInfo>,
+    pub cgroups: HashMap<MapData, u64, u32>,
+    pub policy: HashMap<MapData, PolicyKey, PolicyValue>,
+    pub flows: HashMap<MapData, FlowKey, FlowValue>,
+    pub counters: PerCpuHashMap<MapData, CounterKey, Counter>,
+}
+
+fn open(pin_dir: &Path, name: &'static str) -> Result<Map, MapsError> {
+    let path = pin_dir.join(name);
+    let data = MapData::from_pin(&path).map_err(|source| MapsError::Open { path: path.display().to_string(), source })?;
+    Map::from_map_data(data).map_err(|source| MapsError::Layout { name, source })
+}
+
+macro_rules! typed {
+    ($pin_dir:expr, $name:expr) => {
+        open($pin_dir, $name)?.try_into().map_err(|source| MapsError::Layout { name: $name, source })?
+    };
+}
+
+impl Maps {
+    /// Open every warden map pinned under `pin_dir`.
+    pub fn open(pin_dir: &Path) -> Result<Maps, MapsError> {
+        Ok(Maps {
+            config: typed!(pin_dir, names::CONFIG),
+            ipcache: typed!(pin_dir, names::IPCACHE),
+            endpoints: typed!(pin_dir, names::ENDPOINTS),
+            cgroups: typed!(pin_dir, names::CGROUPS),
+            policy: typed!(pin_dir, names::POLICY),
+            flows: typed!(pin_dir, names::FLOWS),
+            counters: typed!(pin_dir, names::COUNTERS),
+        })
+    }
+
+    /// The committed configuration (generation 0: nothing committed yet).
+    pub fn config(&self) -> Config {
+        self.config.get(&0, 0).unwrap_or_default()
+    }
+}

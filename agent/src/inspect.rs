@@ -1,0 +1,209 @@
+//! `warden maps`: the live maps in human terms (workload, remote identity by name, port,
+//! verdict, policy name, packets, bytes), read from the pins and named through the node record.
+//! Works while the agent is down: the pins are the truth.
+
+use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr, path::Path};
+
+use serde::Serialize;
+use warden_common::{
+    Direction, DropReason, HOOK_CONNECT, IDENTITY_ANY, IPCACHE_SLOT_BITS, POLICY_ID_NONE, PROTO_ANY, PROTO_ICMP,
+    PROTO_TCP, PROTO_UDP, Verdict,
+};
+
+use crate::{datapath::Maps, record::NodeRecord};
+
+#[derive(Debug, Serialize)]
+pub struct MapsView {
+    pub generation: u32,
+    pub active_slot: u8,
+    pub endpoints: Vec<EndpointView>,
+    pub ipcache: Vec<IpcacheView>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct EndpointView {
+    pub workload: String,
+    pub endpoint_id: u32,
+    pub identity: u32,
+    pub identity_name: String,
+    pub ifindex: u32,
+    pub ip: String,
+    pub policy: Vec<EntryView>,
+    pub counters: Vec<CounterView>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct EntryView {
+    pub direction: &'static str,
+    pub remote_identity: Option<u32>,
+    pub remote: String,
+    pub port: String,
+    pub verdict: &'static str,
+    pub reason: &'static str,
+    pub policy: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CounterView {
+    pub direction: &'static str,
+    pub hook: &'static str,
+    pub verdict: &'static str,
+    pub reason: &'static str,
+    pub policy: String,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct IpcacheView {
+    pub cidr: String,
+    pub identity: u32,
+    pub name: String,
+    pub local_ifindex: u32,
+}
+
+fn verdict_name(v: u8) -> &'static str {
+    match v {
+        x if x == Verdict::Allow as u8 => Verdict::Allow.name(),
+        x if x == Verdict::Deny as u8 => Verdict::Deny.name(),
+        _ => "INVALID(deny)",
+    }
+}
+
+fn reason_name(r: u8) -> &'static str {
+    DropReason::from_u8(r).map_or("unknown", DropReason::name)
+}
+
+fn port_name(proto: u8, port: u16) -> String {
+    match (proto, port) {
+        (PROTO_ANY, _) => "*".into(),
+        (PROTO_TCP, p) => format!("{p}/tcp"),
+        (PROTO_UDP, p) => format!("{p}/udp"),
+        (PROTO_ICMP, _) => "icmp".into(),
+        (p, port) => format!("{port}/proto{p}"),
+    }
+}
+
+/// Read the live maps under `pin_dir`, named through the record in `state_dir`.
+pub fn read(pin_dir: &Path, state_dir: &Path) -> anyhow::Result<MapsView> {
+    let maps = Maps::open(pin_dir)?;
+    let record = NodeRecord::load(state_dir)?;
+    let config = maps.config();
+    let slot = config.active_slot();
+    let identity = |id: u32| -> String {
+        if id == IDENTITY_ANY {
+            return "*".into();
+        }
+        record.identity_names.get(&id).cloned().unwrap_or_else(|| if id == 0 { "world".into() } else { format!("identity {id}") })
+    };
+    let policy = |id: u32, reason: u8| -> String {
+        if id == POLICY_ID_NONE {
+            return match DropReason::from_u8(reason) {
+                Some(DropReason::PolicyDefaultDeny) => "(default: no ALLOW policy matched)".into(),
+                Some(DropReason::None) => "(default: no ALLOW policy selects the workload)".into(),
+                Some(r) => format!("({})", r.name()),
+                None => "(default)".into(),
+            };
+        }
+        record.policy_names.get(&id).cloned().unwrap_or_else(|| format!("policy {id}"))
+    };
+    let workload_of: BTreeMap<u32, String> = record.endpoints.iter().map(|(k, e)| (e.id, k.clone())).collect();
+
+    let mut entries: BTreeMap<u32, Vec<EntryView>> = BTreeMap::new();
+    let mut policy_keys: Vec<_> = maps.policy.iter().filter_map(Result::ok).filter(|(k, _)| k.slot() == slot).collect();
+    policy_keys.sort_by_key(|(k, _)| (k.endpoint_id, k.dir_slot, k.remote_identity == IDENTITY_ANY, k.remote_identity, k.proto == PROTO_ANY, k.dport));
+    for (k, v) in policy_keys {
+        entries.entry(k.endpoint_id).or_default().push(EntryView {
+            direction: k.direction().map_or("?", Direction::name),
+            remote_identity: (k.remote_identity != IDENTITY_ANY).then_some(k.remote_identity),
+            remote: identity(k.remote_identity),
+            port: port_name(k.proto, k.dport),
+            verdict: verdict_name(v.verdict),
+            reason: reason_name(v.reason),
+            policy: policy(v.policy_id, v.reason),
+        });
+    }
+
+    let mut counters: BTreeMap<u32, Vec<CounterView>> = BTreeMap::new();
+    let mut all: Vec<_> = maps.counters.iter().filter_map(Result::ok).collect();
+    all.sort_by_key(|(k, _)| *k);
+    for (k, per_cpu) in all {
+        let (packets, bytes) = per_cpu.iter().fold((0, 0), |(p, b), c| (p + c.packets, b + c.bytes));
+        counters.entry(k.endpoint_id).or_default().push(CounterView {
+            direction: Direction::from_u8(k.direction).map_or("?", Direction::name),
+            hook: if k.hook == HOOK_CONNECT { "connect" } else { "tc" },
+            verdict: verdict_name(k.verdict),
+            reason: reason_name(k.reason),
+            policy: policy(k.policy_id, k.reason),
+            packets,
+            bytes,
+        });
+    }
+
+    let mut endpoints: Vec<EndpointView> = maps
+        .endpoints
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(k, _)| k.slot == slot as u32)
+        .map(|(k, e)| EndpointView {
+            workload: workload_of.get(&e.endpoint_id).cloned().unwrap_or_else(|| format!("endpoint {}", e.endpoint_id)),
+            endpoint_id: e.endpoint_id,
+            identity: e.identity,
+            identity_name: identity(e.identity),
+            ifindex: k.ifindex,
+            ip: Ipv4Addr::from(e.ip).to_string(),
+            policy: entries.remove(&e.endpoint_id).unwrap_or_default(),
+            counters: counters.remove(&e.endpoint_id).unwrap_or_default(),
+        })
+        .collect();
+    endpoints.sort_by(|a, b| a.workload.cmp(&b.workload));
+    // Counters of endpoints that are gone (or of drops before any endpoint was known).
+    for (id, c) in counters {
+        let workload = if id == 0 { "(no endpoint)".to_string() } else { workload_of.get(&id).cloned().unwrap_or(format!("endpoint {id} (removed)")) };
+        endpoints.push(EndpointView { workload, endpoint_id: id, identity: 0, identity_name: String::new(), ifindex: 0, ip: String::new(), policy: vec![], counters: c });
+    }
+
+    let mut ipcache: Vec<IpcacheView> = maps
+        .ipcache
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(k, _)| k.data().slot == slot)
+        .map(|(k, v)| {
+            let len = k.prefix_len().saturating_sub(IPCACHE_SLOT_BITS);
+            IpcacheView {
+                cidr: format!("{}/{}", Ipv4Addr::from(k.data().addr), len),
+                identity: v.identity,
+                name: identity(v.identity),
+                local_ifindex: v.local_ifindex,
+            }
+        })
+        .collect();
+    ipcache.sort_by(|a, b| a.cidr.cmp(&b.cidr));
+    Ok(MapsView { generation: config.generation, active_slot: slot, endpoints, ipcache })
+}
+
+/// Render as text tables.
+pub fn render(v: &MapsView) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "generation {} (active slot {})", v.generation, v.active_slot);
+    for e in &v.endpoints {
+        let _ = writeln!(s, "\n{}  endpoint {}  identity {} ({})  ip {}  ifindex {}", e.workload, e.endpoint_id, e.identity, e.identity_name, e.ip, e.ifindex);
+        if !e.policy.is_empty() {
+            let _ = writeln!(s, "  {:<9} {:<40} {:<10} {:<7} {}", "DIRECTION", "REMOTE", "PORT", "VERDICT", "POLICY");
+            for p in &e.policy {
+                let _ = writeln!(s, "  {:<9} {:<40} {:<10} {:<7} {}", p.direction, p.remote, p.port, p.verdict, p.policy);
+            }
+        }
+        if !e.counters.is_empty() {
+            let _ = writeln!(s, "  {:<9} {:<8} {:<7} {:<20} {:>10} {:>12}  {}", "DIRECTION", "HOOK", "VERDICT", "REASON", "PACKETS", "BYTES", "POLICY");
+            for c in &e.counters {
+                let _ = writeln!(s, "  {:<9} {:<8} {:<7} {:<20} {:>10} {:>12}  {}", c.direction, c.hook, c.verdict, c.reason, c.packets, c.bytes, c.policy);
+            }
+        }
+    }
+    let _ = writeln!(s, "\nIDENTITY CACHE\n  {:<20} {:>9}  {:<8} {}", "CIDR", "IDENTITY", "IFINDEX", "NAME");
+    for i in &v.ipcache {
+        let _ = writeln!(s, "  {:<20} {:>9}  {:<8} {}", i.cidr, i.identity, if i.local_ifindex == 0 { "-".to_string() } else { i.local_ifindex.to_string() }, i.name);
+    }
+    s
+}

@@ -1,0 +1,23 @@
+//! warden's node agent: the `warden` binary's library.
+//!
+//! | module       | concern                                                                 |
+//! |--------------|-------------------------------------------------------------------------|
+//! | `workloads`  | the workload file: parsing and validation                               |
+//! | `datapath`   | loading the eBPF object, pinned maps, the atomic commit, attachments    |
+//! | `record`     | the node record: stable ids and names, persisted                        |
+//! | `agent`      | build (validate + compile) and apply; the live reconcile loop           |
+//! | `inspect`    | `warden maps`: the live maps in human terms                             |
+
+pub mod agent;
+pub mod datapath;
+pub mod inspect;
+pub mod record;
+pub mod workloads;
+
+/// Default directories, overridable on every command.
+pub mod defaults {
+    pub const PIN_DIR: &str = warden_common::PIN_DIR;
+    pub const STATE_DIR: &str = "/run/warden";
+    pub const TRUST_DOMAIN: &str = "cluster.local";
+    pub const ROOT_NAMESPACE: &str = "istio-system";
+}

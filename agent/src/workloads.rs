@@ -1,0 +1,284 @@
+//! The workload file: which workloads this node knows, and for local ones where to enforce.
+//!
+//! ```yaml
+//! workloads:
+//!   - name: payment-processor
+//!     namespace: fintech-core
+//!     serviceAccount: payment-processor
+//!     labels: {app: payment-processor}
+//!     ip: 10.0.1.5
+//!     veth: wd-payment        # host-side veth; omit for a workload on another node
+//!     cgroup: /sys/fs/cgroup/unified/warden-lab/payment-processor   # optional
+//! ```
+//! Loading checks everything it can before anything is applied: YAML shape, unknown fields,
+//! duplicate names and addresses, that each veth exists on this node and each cgroup is a cgroup
+//! directory. Every error names the file, the entry and the field.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    workloads: Vec<Entry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Entry {
+    name: Option<String>,
+    namespace: Option<String>,
+    service_account: Option<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    ip: Option<String>,
+    veth: Option<String>,
+    cgroup: Option<PathBuf>,
+}
+
+/// A workload as the agent uses it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Workload {
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+    pub labels: BTreeMap<String, String>,
+    pub ip: Ipv4Addr,
+    /// Present for workloads enforced on this node.
+    pub local: Option<Local>,
+}
+
+impl Workload {
+    /// `namespace/name`, the workload's key everywhere in the agent.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Local {
+    pub veth: String,
+    pub ifindex: u32,
+    pub cgroup: Option<PathBuf>,
+}
+
+/// One problem in a workload file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub file: PathBuf,
+    /// `workloads[3]` (or empty for file-level errors).
+    pub entry: String,
+    /// Field path inside the entry, e.g. `ip`.
+    pub field: String,
+    pub reason: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if !self.entry.is_empty() {
+            write!(f, ": {}", self.entry)?;
+        }
+        if !self.field.is_empty() {
+            write!(f, ".{}", self.field)?;
+        }
+        write!(f, ": {}", self.reason)
+    }
+}
+
+/// Every problem found in a workload file; nothing was applied.
+#[derive(Debug, thiserror::Error)]
+pub struct WorkloadErrors(pub Vec<FieldError>);
+
+impl fmt::Display for WorkloadErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Resolves a veth name to its ifindex on this node. A seam so tests need no interfaces.
+pub trait Links {
+    fn ifindex(&self, name: &str) -> Option<u32>;
+}
+
+/// The host's interfaces (in the agent's network namespace).
+pub struct HostLinks;
+
+impl Links for HostLinks {
+    fn ifindex(&self, name: &str) -> Option<u32> {
+        let c = std::ffi::CString::new(name).ok()?;
+        // SAFETY: `c` is a valid NUL-terminated string for the duration of the call.
+        let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
+        (idx != 0).then_some(idx)
+    }
+}
+
+/// Read and validate a workload file. All-or-nothing: any error returns every error found.
+pub fn load(path: &Path, links: &dyn Links) -> Result<Vec<Workload>, WorkloadErrors> {
+    let err = |entry: String, field: &str, reason: String| FieldError {
+        file: path.to_path_buf(),
+        entry,
+        field: field.to_string(),
+        reason,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| WorkloadErrors(vec![err(String::new(), "", format!("cannot read: {e}"))]))?;
+    let file: File = serde_yaml::from_str(&text).map_err(|e| {
+        let at = e.location().map(|l| format!(" (line {}, column {})", l.line(), l.column())).unwrap_or_default();
+        WorkloadErrors(vec![err(String::new(), "", format!("invalid workload file{at}: {e}"))])
+    })?;
+
+    let mut errors = Vec::new();
+    let mut out = Vec::new();
+    let mut names: HashMap<String, usize> = HashMap::new();
+    let mut ips: HashMap<Ipv4Addr, usize> = HashMap::new();
+    let mut veths: HashMap<String, usize> = HashMap::new();
+    for (i, e) in file.workloads.into_iter().enumerate() {
+        let entry = format!("workloads[{i}]");
+        let mut required = |v: Option<String>, field: &str| match v {
+            Some(s) if is_dns_label(&s) => Some(s),
+            Some(s) => {
+                errors.push(err(entry.clone(), field, format!("{s:?} is not a DNS-1123 label (lower-case alphanumerics and '-', at most 63)")));
+                None
+            }
+            None => {
+                errors.push(err(entry.clone(), field, "is required".into()));
+                None
+            }
+        };
+        let name = required(e.name, "name");
+        let namespace = required(e.namespace, "namespace");
+        let service_account = required(e.service_account, "serviceAccount");
+        let ip = match e.ip.as_deref().map(str::parse::<Ipv4Addr>) {
+            Some(Ok(ip)) => Some(ip),
+            Some(Err(_)) => {
+                errors.push(err(entry.clone(), "ip", format!("{:?} is not an IPv4 address", e.ip.unwrap_or_default())));
+                None
+            }
+            None => {
+                errors.push(err(entry.clone(), "ip", "is required".into()));
+                None
+            }
+        };
+        let local = match e.veth {
+            None => {
+                if e.cgroup.is_some() {
+                    errors.push(err(entry.clone(), "cgroup", "needs a veth: only local workloads are enforced".into()));
+                }
+                None
+            }
+            Some(veth) => {
+                if let Some(prev) = veths.insert(veth.clone(), i) {
+                    errors.push(err(entry.clone(), "veth", format!("{veth:?} is already used by workloads[{prev}]")));
+                }
+                let ifindex = links.ifindex(&veth);
+                if ifindex.is_none() {
+                    errors.push(err(entry.clone(), "veth", format!("no interface {veth:?} on this node")));
+                }
+                if let Some(cg) = &e.cgroup {
+                    if !cg.join("cgroup.procs").is_file() {
+                        errors.push(err(entry.clone(), "cgroup", format!("{} is not a cgroup v2 directory", cg.display())));
+                    }
+                }
+                ifindex.map(|ifindex| Local { veth, ifindex, cgroup: e.cgroup })
+            }
+        };
+        if let (Some(name), Some(namespace), Some(service_account), Some(ip)) = (name, namespace, service_account, ip) {
+            let key = format!("{namespace}/{name}");
+            if let Some(prev) = names.insert(key.clone(), i) {
+                errors.push(err(entry.clone(), "name", format!("{key} is already defined by workloads[{prev}]")));
+            }
+            if let Some(prev) = ips.insert(ip, i) {
+                errors.push(err(entry.clone(), "ip", format!("{ip} is already used by workloads[{prev}]")));
+            }
+            out.push(Workload { name, namespace, service_account, labels: e.labels, ip, local });
+        }
+    }
+    if errors.is_empty() { Ok(out) } else { Err(WorkloadErrors(errors)) }
+}
+
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct FakeLinks;
+    impl Links for FakeLinks {
+        fn ifindex(&self, name: &str) -> Option<u32> {
+            match name {
+                "wd-a" => Some(10),
+                "wd-b" => Some(11),
+                _ => None,
+            }
+        }
+    }
+
+    fn load_str(yaml: &str) -> Result<Vec<Workload>, WorkloadErrors> {
+        let dir = std::env::temp_dir().join(format!("warden-wl-{}-{}", std::process::id(), yaml.len()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("workloads.yaml");
+        std::fs::write(&p, yaml).unwrap();
+        load(&p, &FakeLinks)
+    }
+
+    #[test]
+    fn loads_local_and_remote_workloads() {
+        let w = load_str(
+            "workloads:\n- {name: a, namespace: ns, serviceAccount: sa, ip: 10.0.0.1, veth: wd-a, labels: {app: a}}\n- {name: r, namespace: ns, serviceAccount: sa, ip: 10.0.9.1}\n",
+        )
+        .unwrap();
+        assert_eq!(w.len(), 2);
+        assert_eq!(w[0].local.as_ref().unwrap().ifindex, 10);
+        assert_eq!(w[0].labels["app"], "a");
+        assert!(w[1].local.is_none());
+        assert_eq!(w[0].key(), "ns/a");
+    }
+
+    #[test]
+    fn every_error_names_entry_and_field() {
+        let e = load_str(
+            "workloads:\n- {name: a, namespace: ns, serviceAccount: sa, ip: 10.0.0.300, veth: wd-a}\n- {name: b, namespace: ns, serviceAccount: sa, ip: 10.0.0.2, veth: wd-missing}\n- {name: B, namespace: ns, ip: 10.0.0.3}\n",
+        )
+        .unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains("workloads[0].ip: \"10.0.0.300\" is not an IPv4 address"), "{text}");
+        assert!(text.contains("workloads[1].veth: no interface \"wd-missing\" on this node"), "{text}");
+        assert!(text.contains("workloads[2].name: \"B\" is not a DNS-1123 label"), "{text}");
+        assert!(text.contains("workloads[2].serviceAccount: is required"), "{text}");
+        assert!(text.contains("workloads.yaml"), "{text}");
+    }
+
+    #[test]
+    fn duplicates_and_unknown_fields_are_refused() {
+        let e = load_str(
+            "workloads:\n- {name: a, namespace: ns, serviceAccount: sa, ip: 10.0.0.1, veth: wd-a}\n- {name: a, namespace: ns, serviceAccount: sa, ip: 10.0.0.1, veth: wd-a}\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("workloads[1].name: ns/a is already defined by workloads[0]"), "{e}");
+        assert!(e.contains("workloads[1].ip: 10.0.0.1 is already used by workloads[0]"), "{e}");
+        assert!(e.contains("workloads[1].veth: \"wd-a\" is already used by workloads[0]"), "{e}");
+        let e = load_str("workloads:\n- {name: a, namespace: ns, serviceAccount: sa, ip: 10.0.0.1, vet: x}\n").unwrap_err().to_string();
+        assert!(e.contains("unknown field `vet`"), "{e}");
+        let e = load_str("workloads: [\n").unwrap_err().to_string();
+        assert!(e.contains("invalid workload file (line"), "{e}");
+    }
+}

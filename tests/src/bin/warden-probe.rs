@@ -1,0 +1,159 @@
+//! `warden-probe`: the lab's traffic tool, run inside workload network namespaces and cgroups.
+//!
+//! - `serve PORT...`: accept on every port; each connection gets `hello <port>\n`, then every
+//!   line it sends is echoed back.
+//! - `connect IP:PORT [--timeout-ms N]`: one connection attempt; prints one JSON line
+//!   `{"result": "allowed"|"eperm"|"timeout"|"refused"|"error", "ms": .., "detail": ..}` and exits 0.
+//!   `allowed` means the server's greeting arrived, so both directions passed.
+//! - `hold IP:PORT --seconds S [--interval-ms N]`: keeps one connection and sends a line every
+//!   interval; prints `{"result": .., "round_trips": n, "failed_after_ms": ..}`.
+//! - `rate IP:PORT --seconds S [--threads T]`: opens, greets and closes connections back to back
+//!   (closing with RST so no TIME_WAIT piles up); prints `{"result": "allowed", "connections": n,
+//!   "per_second": r, "errors": e}`.
+
+use std::{
+    io::{BufRead, BufReader, ErrorKind, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    time::{Duration, Instant},
+};
+
+fn serve(ports: &[u16]) -> ! {
+    for &port in ports {
+        let l = TcpListener::bind(("0.0.0.0", port)).unwrap_or_else(|e| panic!("bind {port}: {e}"));
+        std::thread::spawn(move || {
+            for conn in l.incoming().flatten() {
+                std::thread::spawn(move || {
+                    let mut w = conn.try_clone().expect("clone");
+                    if w.write_all(format!("hello {port}\n").as_bytes()).is_err() {
+                        return;
+                    }
+                    for line in BufReader::new(conn).lines() {
+                        let Ok(line) = line else { return };
+                        if w.write_all(format!("{line}\n").as_bytes()).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+    }
+    loop {
+        std::thread::park();
+    }
+}
+
+fn classify(e: &std::io::Error) -> &'static str {
+    match e.raw_os_error() {
+        Some(libc::EPERM) | Some(libc::EACCES) => "eperm",
+        Some(libc::ECONNREFUSED) => "refused",
+        Some(libc::ETIMEDOUT) | Some(libc::EAGAIN) => "timeout",
+        _ if e.kind() == ErrorKind::TimedOut || e.kind() == ErrorKind::WouldBlock => "timeout",
+        _ => "error",
+    }
+}
+
+fn report(result: &str, start: Instant, detail: &str, extra: serde_json::Value) {
+    let mut v = serde_json::json!({"result": result, "ms": start.elapsed().as_millis() as u64, "detail": detail});
+    if let (Some(o), Some(x)) = (v.as_object_mut(), extra.as_object()) {
+        o.extend(x.clone());
+    }
+    println!("{v}");
+}
+
+fn connect(addr: SocketAddr, timeout: Duration) -> Result<BufReader<TcpStream>, std::io::Error> {
+    let s = TcpStream::connect_timeout(&addr, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    let mut r = BufReader::new(s);
+    let mut hello = String::new();
+    r.read_line(&mut hello)?;
+    if !hello.starts_with("hello ") {
+        return Err(std::io::Error::new(ErrorKind::InvalidData, format!("unexpected greeting {hello:?}")));
+    }
+    Ok(r)
+}
+
+/// SO_LINGER {on, 0}: the close sends RST and leaves no TIME_WAIT.
+fn set_linger_zero(s: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let l = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: valid socket fd and a correctly sized option value.
+    unsafe {
+        libc::setsockopt(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_LINGER, (&l as *const libc::linger).cast(), size_of::<libc::linger>() as u32);
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let flag = |name: &str, default: u64| -> u64 {
+        args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).map_or(default, |v| v.parse().expect("number"))
+    };
+    match args.first().map(String::as_str) {
+        Some("serve") => serve(&args[1..].iter().map(|p| p.parse().expect("port")).collect::<Vec<u16>>()),
+        Some("connect") => {
+            let addr: SocketAddr = args[1].parse().expect("IP:PORT");
+            let start = Instant::now();
+            match connect(addr, Duration::from_millis(flag("--timeout-ms", 1500))) {
+                Ok(_) => report("allowed", start, "", serde_json::json!({})),
+                Err(e) => report(classify(&e), start, &e.to_string(), serde_json::json!({})),
+            }
+        }
+        Some("hold") => {
+            let addr: SocketAddr = args[1].parse().expect("IP:PORT");
+            let seconds = flag("--seconds", 3);
+            let interval = Duration::from_millis(flag("--interval-ms", 100));
+            let start = Instant::now();
+            let mut r = match connect(addr, Duration::from_millis(1500)) {
+                Ok(r) => r,
+                Err(e) => return report(classify(&e), start, &e.to_string(), serde_json::json!({"round_trips": 0})),
+            };
+            // Tell the caller the connection is up, so it can change policy while we hold it.
+            eprintln!("established");
+            let mut n = 0u64;
+            while start.elapsed() < Duration::from_secs(seconds) {
+                let line = format!("ping {n}\n");
+                let mut back = String::new();
+                let ok = r.get_mut().write_all(line.as_bytes()).and_then(|_| r.read_line(&mut back));
+                match ok {
+                    Ok(_) if back == line => n += 1,
+                    Ok(_) => return report("error", start, &format!("echo mismatch {back:?}"), serde_json::json!({"round_trips": n, "failed_after_ms": start.elapsed().as_millis() as u64})),
+                    Err(e) => return report(classify(&e), start, &e.to_string(), serde_json::json!({"round_trips": n, "failed_after_ms": start.elapsed().as_millis() as u64})),
+                }
+                std::thread::sleep(interval);
+            }
+            report("allowed", start, "", serde_json::json!({"round_trips": n}));
+        }
+        Some("rate") => {
+            let addr: SocketAddr = args[1].parse().expect("IP:PORT");
+            let seconds = flag("--seconds", 3);
+            let threads = flag("--threads", 2);
+            let start = Instant::now();
+            let until = start + Duration::from_secs(seconds);
+            let workers: Vec<_> = (0..threads)
+                .map(|_| {
+                    std::thread::spawn(move || {
+                        let (mut ok, mut errors) = (0u64, 0u64);
+                        while Instant::now() < until {
+                            match connect(addr, Duration::from_millis(1000)) {
+                                Ok(r) => {
+                                    // SO_LINGER 0: close with RST, leaving no TIME_WAIT behind.
+                                    set_linger_zero(r.get_ref());
+                                    ok += 1;
+                                }
+                                Err(_) => errors += 1,
+                            }
+                        }
+                        (ok, errors)
+                    })
+                })
+                .collect();
+            let (ok, errors) = workers.into_iter().map(|w| w.join().expect("worker")).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+            let secs = start.elapsed().as_secs_f64();
+            report("allowed", start, "", serde_json::json!({"connections": ok, "errors": errors, "per_second": ok as f64 / secs}));
+        }
+        _ => {
+            eprintln!("usage: warden-probe serve PORT... | connect IP:PORT [--timeout-ms N] | hold IP:PORT --seconds S [--interval-ms N]");
+            std::process::exit(2);
+        }
+    }
+}

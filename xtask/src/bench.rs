@@ -1,0 +1,219 @@
+//! `cargo xtask bench l4`: what the datapath costs, side by side in one invocation.
+//!
+//! Two lab workloads (client and server) on one node; for each configuration:
+//! - TCP throughput: `iperf3`, one stream, client -> server;
+//! - new-connection rate: `warden-probe rate` (connect, read the greeting, close), which is where
+//!   per-packet cost shows: GSO hides it from bulk throughput.
+//!
+//! Configurations: (a) no programs; (b) warden with 1, 1k and 100k policy entries (through the
+//! real agent and policy compiler: the server's ALLOW policy names many remote identities and
+//! ports, and the client's entry is one of them); (c) iptables chains of 1, 1k and 10k rules
+//! (conntrack ESTABLISHED first, the client's rule last) and an nftables verdict map of 100k
+//! elements. Each is printed as a ratio to (a). With `kernel.bpf_stats_enabled=1`, the warden
+//! runs also report each program's in-kernel cost per packet (run_time_ns / run_cnt).
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    fs,
+    net::Ipv4Addr,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use warden_tests::{Lab, Spec, probe_bin, run};
+
+const TAG: &str = "bench";
+const PORT: u16 = 8080;
+const IPERF_PORT: u16 = 5201;
+const SECONDS: u64 = 4;
+const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 2);
+const SERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 3);
+/// Ports named by the generated policy; the client uses the first.
+const POLICY_PORTS: u16 = 10;
+
+struct Figures {
+    gbps: f64,
+    conn_per_s: f64,
+}
+
+fn measure(lab: &Lab) -> anyhow::Result<Figures> {
+    let out = lab
+        .command_in("client", "iperf3".as_ref(), &["-c".into(), SERVER_IP.to_string(), "-p".into(), IPERF_PORT.to_string(), "-t".into(), SECONDS.to_string(), "-J".into()])
+        .output()
+        .context("iperf3")?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("iperf3 JSON")?;
+    if let Some(e) = v["error"].as_str() {
+        bail!("iperf3: {e}");
+    }
+    let gbps = v["end"]["sum_received"]["bits_per_second"].as_f64().context("iperf3 result")? / 1e9;
+    let out = lab
+        .command_in("client", &probe_bin(), &["rate".into(), format!("{SERVER_IP}:{PORT}"), "--seconds".into(), SECONDS.to_string(), "--threads".into(), "2".into()])
+        .output()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("probe rate JSON")?;
+    if v["errors"].as_u64().unwrap_or(0) > 0 && v["connections"].as_u64().unwrap_or(0) == 0 {
+        bail!("connections failed: {v}");
+    }
+    Ok(Figures { gbps, conn_per_s: v["per_second"].as_f64().unwrap_or(0.0) })
+}
+
+/// (run_time_ns, run_cnt) per warden program, from bpftool.
+fn prog_stats() -> BTreeMap<String, (u64, u64)> {
+    let mut out = BTreeMap::new();
+    let Ok(json) = run(&["bpftool", "prog", "show", "--json"]) else { return out };
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(&json) else { return out };
+    for p in v.as_array().into_iter().flatten() {
+        let name = p["name"].as_str().unwrap_or_default();
+        if name.starts_with("warden_") {
+            let e = out.entry(name.to_string()).or_insert((0, 0));
+            e.0 += p["run_time_ns"].as_u64().unwrap_or(0);
+            e.1 += p["run_cnt"].as_u64().unwrap_or(0);
+        }
+    }
+    out
+}
+
+/// Workloads and policy for a warden run with about `entries` policy entries: `k` remote
+/// identities (plus the client) times `POLICY_PORTS` ports.
+fn warden_inputs(lab: &Lab, entries: usize) -> anyhow::Result<std::path::PathBuf> {
+    let (k, ports) = if entries <= 1 { (0, 1) } else { (entries / POLICY_PORTS as usize - 1, POLICY_PORTS) };
+    let mut wl = lab.workload_file();
+    let mut principals = vec!["cluster.local/ns/bench/sa/client".to_string()];
+    for i in 0..k {
+        let ip = Ipv4Addr::new(10, 90 + (i / 65536) as u8, ((i / 256) % 256) as u8, (i % 256) as u8);
+        let _ = write!(wl, "  - {{name: peer-{i}, namespace: peers, serviceAccount: peer-{i}, ip: {ip}}}\n");
+        principals.push(format!("cluster.local/ns/peers/sa/peer-{i}"));
+    }
+    fs::write(lab.workloads_path(), wl)?;
+    let port_list: Vec<String> = (0..ports).map(|p| format!("\"{}\"", PORT + p)).collect();
+    let mut policy = String::from(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: server-access, namespace: bench}\nspec:\n  selector: {matchLabels: {app: server}}\n  action: ALLOW\n  rules:\n  - from:\n    - source:\n        principals:\n",
+    );
+    for p in &principals {
+        let _ = writeln!(policy, "        - {p}");
+    }
+    let _ = writeln!(policy, "    to:\n    - operation:\n        ports: [{}, \"{IPERF_PORT}\"]", port_list.join(", "));
+    let dir = lab.dir.join(format!("policies-{entries}"));
+    warden_tests::write_policies(&dir, &[("server.yaml", &policy)])?;
+    Ok(dir)
+}
+
+fn in_node(lab: &Lab, args: &[&str]) -> anyhow::Result<String> {
+    let mut v = vec!["ip", "netns", "exec", &lab.node];
+    v.extend_from_slice(args);
+    run(&v)
+}
+
+fn iptables_chain(lab: &Lab, rules: usize) -> anyhow::Result<()> {
+    let mut script = String::from("*filter\n:FORWARD DROP [0:0]\n-A FORWARD -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT\n");
+    for i in 1..rules {
+        let ip = Ipv4Addr::new(10, 90 + (i / 65536) as u8, ((i / 256) % 256) as u8, (i % 256) as u8);
+        let _ = writeln!(script, "-A FORWARD -s {ip}/32 -d {SERVER_IP}/32 -p tcp -m tcp --dport {PORT} -j ACCEPT");
+    }
+    let _ = writeln!(script, "-A FORWARD -s {CLIENT_IP}/32 -d {SERVER_IP}/32 -p tcp -m multiport --dports {PORT},{IPERF_PORT} -j ACCEPT");
+    // Return traffic of the reverse direction is ESTABLISHED; nothing else passes.
+    script += "COMMIT\n";
+    let mut c = Command::new("ip").args(["netns", "exec", &lab.node, "iptables-restore"]).stdin(Stdio::piped()).spawn()?;
+    std::io::Write::write_all(c.stdin.as_mut().unwrap(), script.as_bytes())?;
+    if !c.wait()?.success() {
+        bail!("iptables-restore failed");
+    }
+    Ok(())
+}
+
+fn iptables_flush(lab: &Lab) {
+    let _ = in_node(lab, &["iptables", "-P", "FORWARD", "ACCEPT"]);
+    let _ = in_node(lab, &["iptables", "-F", "FORWARD"]);
+}
+
+fn nft_vmap(lab: &Lab, elements: usize) -> anyhow::Result<()> {
+    let mut script = String::from(
+        "table inet wardenbench {\n  map allow { type ipv4_addr . inet_service : verdict; flags interval; }\n  chain forward { type filter hook forward priority 0; policy drop;\n    ct state established,related accept\n    ip saddr . tcp dport vmap @allow\n  }\n}\n",
+    );
+    script += "add element inet wardenbench allow {\n";
+    for i in 1..elements {
+        let ip = Ipv4Addr::new(10, 90 + (i / 65536) as u8, ((i / 256) % 256) as u8, (i % 256) as u8);
+        let _ = writeln!(script, "  {ip} . {PORT} : accept,");
+    }
+    let _ = writeln!(script, "  {CLIENT_IP} . {PORT} : accept,\n  {CLIENT_IP} . {IPERF_PORT} : accept\n}}");
+    let file = lab.dir.join("bench.nft");
+    fs::write(&file, script)?;
+    in_node(lab, &["nft", "-f", file.to_str().unwrap()])?;
+    Ok(())
+}
+
+pub fn l4() -> anyhow::Result<()> {
+    let _ = run(&["sysctl", "-qw", "kernel.bpf_stats_enabled=1"]);
+    let specs = [
+        Spec::new("bench", "client", CLIENT_IP, &[]),
+        Spec { ports: vec![PORT, PORT + 1], ..Spec::new("bench", "server", SERVER_IP, &[]) },
+    ];
+    let mut lab = Lab::up(TAG, &specs)?;
+    let client = lab.member("client").netns.clone();
+    run(&["ip", "netns", "exec", &client, "sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65535"])?;
+    let mut iperf = lab
+        .command_in("server", "iperf3".as_ref(), &["-s".into(), "-p".into(), IPERF_PORT.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(300));
+
+    let mut rows: Vec<(String, Figures, String)> = Vec::new();
+    eprintln!("bench: (a) no programs");
+    rows.push(("(a) no programs".into(), measure(&lab)?, String::new()));
+
+    for entries in [1usize, 1_000, 100_000] {
+        eprintln!("bench: (b) warden, {entries} policy entries");
+        let policies = warden_inputs(&lab, entries)?;
+        lab.start_agent(&policies)?;
+        let maps = lab.warden(&["maps", "--output", "json"])?;
+        let v: serde_json::Value = serde_json::from_str(&maps)?;
+        let actual: usize = v["endpoints"].as_array().into_iter().flatten().map(|e| e["policy"].as_array().map_or(0, Vec::len)).sum();
+        let before = prog_stats();
+        let f = measure(&lab)?;
+        let after = prog_stats();
+        let mut cost = String::new();
+        for (name, (t, c)) in &after {
+            let (t0, c0) = before.get(name).copied().unwrap_or((0, 0));
+            if c > &c0 {
+                let _ = write!(cost, "{}={:.0}ns ", name.trim_start_matches("warden_"), (t - t0) as f64 / (c - c0) as f64);
+            }
+        }
+        rows.push((format!("(b) warden, {actual} entries"), f, cost));
+        lab.kill_agent(libc::SIGKILL);
+        let _ = Command::new(warden_tests::warden_bin()).args(["cleanup", "--pin-dir"]).arg(&lab.pin_dir).status();
+        let _ = fs::remove_dir_all(&lab.state_dir);
+        let _ = fs::write(lab.workloads_path(), lab.workload_file());
+    }
+
+    for rules in [1usize, 1_000, 10_000] {
+        eprintln!("bench: (c) iptables, {rules} rules");
+        iptables_chain(&lab, rules)?;
+        rows.push((format!("(c) iptables, {rules} rules"), measure(&lab)?, String::new()));
+        iptables_flush(&lab);
+    }
+    eprintln!("bench: (c) nftables verdict map, 100000 elements");
+    nft_vmap(&lab, 100_000)?;
+    rows.push(("(c) nftables vmap, 100000".into(), measure(&lab)?, String::new()));
+    let _ = in_node(&lab, &["nft", "delete", "table", "inet", "wardenbench"]);
+
+    let _ = iperf.kill();
+    let _ = iperf.wait();
+    let base = (rows[0].1.gbps, rows[0].1.conn_per_s);
+    println!("\nL4 datapath benchmark ({SECONDS}s per figure; ratios to (a))");
+    println!("{:<30} {:>10} {:>7} {:>12} {:>7}  {}", "configuration", "Gbit/s", "ratio", "conn/s", "ratio", "BPF ns/packet (run_time_ns/run_cnt)");
+    for (name, f, cost) in &rows {
+        println!(
+            "{:<30} {:>10.2} {:>7.2} {:>12.0} {:>7.2}  {}",
+            name,
+            f.gbps,
+            f.gbps / base.0,
+            f.conn_per_s,
+            f.conn_per_s / base.1,
+            cost
+        );
+    }
+    drop(lab);
+    Ok(())
+}

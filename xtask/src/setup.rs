@@ -1,0 +1,96 @@
+//! Provisioning: everything a fresh Debian 12 machine needs, installed idempotently. Each step
+//! checks first and costs nothing when already done.
+
+use std::{path::Path, process::Command};
+
+use anyhow::{Context as _, bail};
+
+/// The eBPF toolchain: its LLVM major (22) must equal bpf-linker's. Keep in step with agent/build.rs.
+pub const EBPF_TOOLCHAIN: &str = "nightly-2026-06-15";
+pub const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// Debian packages: LLVM 22 for bpf-linker, bpftool, iproute2 for the lab, iptables/nftables and
+/// iperf3 for the L4 benchmark's comparisons.
+const APT_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev", "bpftool", "iproute2", "iptables", "nftables", "iperf3"];
+
+fn ok(cmd: &mut Command) -> bool {
+    cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).status().is_ok_and(|s| s.success())
+}
+
+fn sh(cmd: &mut Command, what: &str) -> anyhow::Result<()> {
+    eprintln!("setup: {what}");
+    let status = cmd.status().with_context(|| what.to_string())?;
+    if !status.success() {
+        bail!("setup: {what} failed ({status})");
+    }
+    Ok(())
+}
+
+fn apt_missing() -> Vec<&'static str> {
+    APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            let out = Command::new("dpkg-query").args(["-W", "-f=${Status}", p]).output();
+            !out.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        })
+        .collect()
+}
+
+fn bpf_linker_ok() -> bool {
+    Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION))
+}
+
+/// Install what is missing. `root_only`: steps that need root (apt, bpffs) are skipped with a
+/// message when not root.
+pub fn setup() -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let missing = apt_missing();
+    if !missing.is_empty() {
+        if !root {
+            bail!("setup: needs root to install {missing:?} (run as root, or install them)");
+        }
+        sh(Command::new("apt-get").args(["update", "-q"]), "apt-get update")?;
+        sh(
+            Command::new("apt-get").args(["install", "-y", "-q", "--no-install-recommends"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"),
+            &format!("apt-get install {}", missing.join(" ")),
+        )?;
+    }
+
+    let toolchains = Command::new("rustup").args(["toolchain", "list"]).output().context("rustup")?;
+    let has_nightly = String::from_utf8_lossy(&toolchains.stdout).lines().any(|l| l.starts_with(EBPF_TOOLCHAIN));
+    let has_src = has_nightly
+        && Command::new("rustup")
+            .args(["component", "list", "--installed", "--toolchain", EBPF_TOOLCHAIN])
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.starts_with("rust-src")));
+    if !has_src {
+        sh(
+            Command::new("rustup").args(["toolchain", "install", EBPF_TOOLCHAIN, "--profile", "minimal", "-c", "rust-src"]),
+            &format!("rustup toolchain install {EBPF_TOOLCHAIN} (+rust-src)"),
+        )?;
+    }
+
+    if !bpf_linker_ok() {
+        let path = format!("{LLVM_BIN}:{}", std::env::var("PATH").unwrap_or_default());
+        sh(
+            Command::new("cargo")
+                .args(["install", "bpf-linker", "--locked", "--version", BPF_LINKER_VERSION, "--no-default-features", "--features", "llvm-22"])
+                .env("PATH", path),
+            &format!("cargo install bpf-linker {BPF_LINKER_VERSION} (llvm-22)"),
+        )?;
+    }
+
+    if root && !ok(Command::new("mountpoint").args(["-q", "/sys/fs/bpf"])) {
+        sh(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]), "mount bpffs at /sys/fs/bpf")?;
+    }
+    if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+        eprintln!("setup: WARNING: no /sys/kernel/btf/vmlinux; the kernel lacks BTF and the datapath will not load");
+    }
+    Ok(())
+}
