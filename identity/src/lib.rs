@@ -14,6 +14,7 @@ pub mod ca;
 pub mod clock;
 pub mod identity;
 pub mod metrics;
+pub mod server;
 pub mod tls;
 pub mod workload;
 

@@ -447,6 +447,7 @@ pub struct SpiffeVerifier {
     clock: Arc<dyn Clock>,
     algs: WebPkiSupportedAlgorithms,
     expected: Option<Vec<Identity>>,
+    client_auth_optional: bool,
 }
 
 impl fmt::Debug for SpiffeVerifier {
@@ -459,13 +460,21 @@ impl SpiffeVerifier {
     /// Accepts any identity of the bundle's trust domains.
     pub fn new(bundle: Arc<TrustBundle>, clock: Arc<dyn Clock>) -> Self {
         let algs = aws_lc_rs::default_provider().signature_verification_algorithms;
-        Self { bundle, clock, algs, expected: None }
+        Self { bundle, clock, algs, expected: None, client_auth_optional: false }
     }
 
     /// Additionally requires the peer to be one of `expected` (e.g. the destination workload's
     /// identity on an outbound connection).
     pub fn expecting(mut self, expected: Vec<Identity>) -> Self {
         self.expected = Some(expected);
+        self
+    }
+
+    /// As a client-certificate verifier: let clients without a certificate complete the handshake
+    /// (a certificate that is sent is still fully verified). Used by the CA port, where nodes may
+    /// authenticate with a token instead.
+    pub fn allow_anonymous_clients(mut self) -> Self {
+        self.client_auth_optional = true;
         self
     }
 
@@ -568,6 +577,10 @@ impl ClientCertVerifier for SpiffeVerifier {
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
         // No hints: workloads hold exactly one certificate and always send it.
         &[]
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        !self.client_auth_optional
     }
 
     fn verify_client_cert(

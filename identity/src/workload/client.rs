@@ -8,11 +8,15 @@ use std::time::Duration;
 
 use crate::ca::{CaError, CertificateAuthority};
 use crate::identity::Identity;
+use crate::tls::SpiffeVerifier;
 use crate::proto::IstioCertificateRequest;
 use crate::proto::istio_certificate_service_client::IstioCertificateServiceClient;
 
 /// A boxed, sendable future (the trait must stay object-safe).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// SNI sent to the CA; the CA is verified by SPIFFE identity, not by this name.
+pub const CA_TLS_SERVER_NAME: &str = "warden-ca";
 
 /// Metadata key naming the workload a node agent requests a certificate for (as ztunnel sends it).
 pub const IMPERSONATED_IDENTITY_KEY: &str = "ImpersonatedIdentity";
@@ -89,6 +93,21 @@ impl GrpcCaClient {
     pub fn new(endpoint: &str, token: Option<String>) -> Result<Self, CaClientError> {
         let channel = tonic::transport::Endpoint::from_shared(endpoint.to_owned())
             .map_err(|e| CaClientError::Unavailable { reason: format!("bad CA endpoint {endpoint:?}: {e}") })?
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(30))
+            .connect_lazy();
+        Ok(Self { client: IstioCertificateServiceClient::new(channel), token })
+    }
+
+    /// A client speaking TLS to the CA; the CA's certificate is checked by `verifier` (build it
+    /// with [`SpiffeVerifier::expecting`] and the CA's serving identity,
+    /// [`crate::server::ca_server_identity`]).
+    pub fn new_tls(endpoint: &str, token: Option<String>, verifier: Arc<SpiffeVerifier>) -> Result<Self, CaClientError> {
+        let bad = |e: tonic::transport::Error| CaClientError::Unavailable { reason: format!("bad CA endpoint {endpoint:?}: {e}") };
+        let channel = tonic::transport::Endpoint::from_shared(endpoint.to_owned())
+            .map_err(bad)?
+            .tls_config_with_verifier(tonic::transport::ClientTlsConfig::new().domain_name(CA_TLS_SERVER_NAME), verifier)
+            .map_err(bad)?
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(30))
             .connect_lazy();
