@@ -6,12 +6,14 @@
 //! - [`compile()`]: the L4 part -> the datapath's identity cache and policy map entries.
 #![forbid(unsafe_code)]
 
+pub mod cli;
 pub mod compile;
 pub mod error;
 pub mod eval;
 pub mod load;
 pub mod matcher;
 pub mod model;
+pub mod request;
 pub mod resource;
 pub mod set;
 pub mod validate;
@@ -21,4 +23,5 @@ pub use error::{CompileError, LoadError, LoadErrors};
 pub use eval::{Decision, Destination, Http, Jwt, Layer, Peer, Request, Verdict};
 pub use load::{Parsed, load_paths, load_paths_with, parse_str, parse_str_with_warnings};
 pub use model::Resource;
+pub use request::parse_request;
 pub use set::{Options, PolicySet, Workload};

@@ -278,9 +278,20 @@ fn strs(ctx: &mut Ctx, field: &str, values: &[String]) -> Vec<StrMatch> {
             if v.is_empty() {
                 ctx.err(format!("{field}[{i}]"), "empty value not allowed");
             }
+            warn_contains(ctx, &format!("{field}[{i}]"), v);
             StrMatch::parse(v)
         })
         .collect()
+}
+
+/// `*abc*` is not a "contains" match in Istio: it is a suffix match on `abc*` (literal `*`).
+fn warn_contains(ctx: &mut Ctx, field: &str, v: &str) {
+    if v.len() > 1 && v.starts_with('*') && v.ends_with('*') {
+        ctx.warn(
+            field,
+            format!("{v:?} is not a \"contains\" match: Istio matches it as the suffix {:?} with a literal `*`, so it almost never matches", &v[1..]),
+        );
+    }
 }
 
 /// Principals compare without `spiffe://`.
@@ -361,6 +372,7 @@ fn paths(ctx: &mut Ctx, field: &str, values: &[String]) -> Vec<PathMatch> {
             ctx.err(format!("{field}[{i}]"), "empty value not allowed");
             continue;
         }
+        warn_contains(ctx, &format!("{field}[{i}]"), v);
         match PathMatch::parse(v) {
             Ok(p) => {
                 if let PathMatch::Str(StrMatch::Exact(e) | StrMatch::Prefix(e) | StrMatch::Suffix(e)) = &p
@@ -471,6 +483,7 @@ fn cond_values(ctx: &mut Ctx, f: &str, key: &Key, vals: &[Scalar], neg: bool) ->
         Key::RequestHeader(_) => {
             let mut out = Vec::new();
             for (i, s) in strings.iter().enumerate() {
+                warn_contains(ctx, &format!("{f}[{i}]"), s);
                 let (m, ext) = ValueMatch::parse_header(s);
                 if ext {
                     ctx.warn(
