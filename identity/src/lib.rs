@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 pub mod ca;
+pub mod cli;
 pub mod clock;
 pub mod identity;
 pub mod metrics;

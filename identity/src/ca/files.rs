@@ -214,7 +214,7 @@ fn warn_if_key_readable(path: &PathBuf) {
 }
 
 /// PEM encoding of a certificate.
-pub(crate) fn pem_cert(der: &CertificateDer<'_>) -> String {
+pub fn pem_cert(der: &CertificateDer<'_>) -> String {
     pem_block("CERTIFICATE", der.as_ref())
 }
 

@@ -23,7 +23,7 @@ use crate::clock::{Clock, to_offset};
 use crate::identity::{DEFAULT_TRUST_DOMAIN, Identity, IdentityError};
 
 pub use crl::RevocationOutcome;
-pub use files::{CA_CERT_FILE, CA_KEY_FILE, CERT_CHAIN_FILE, CRL_FILE, KEY_FILE_MODE, ROOT_CERT_FILE};
+pub use files::{pem_cert, CA_CERT_FILE, CA_KEY_FILE, CERT_CHAIN_FILE, CRL_FILE, KEY_FILE_MODE, ROOT_CERT_FILE};
 
 /// Default lifetime of a workload certificate (Istio's `DEFAULT_WORKLOAD_CERT_TTL`).
 pub const DEFAULT_WORKLOAD_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
