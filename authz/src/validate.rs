@@ -345,6 +345,14 @@ fn source(ctx: &mut Ctx, f: &str, s: raw::Source, policy_ns: &str) -> Source {
     if sa_set && pn_set {
         ctx.err(f, "cannot set serviceAccounts with namespaces or principals");
     }
+    let raw_empty = !pn_set
+        && !sa_set
+        && s.request_principals.is_empty()
+        && s.not_request_principals.is_empty()
+        && s.ip_blocks.is_empty()
+        && s.not_ip_blocks.is_empty()
+        && s.remote_ip_blocks.is_empty()
+        && s.not_remote_ip_blocks.is_empty();
     let out = Source {
         principals: principals(ctx, &format!("{f}.principals"), &s.principals),
         not_principals: principals(ctx, &format!("{f}.notPrincipals"), &s.not_principals),
@@ -359,7 +367,7 @@ fn source(ctx: &mut Ctx, f: &str, s: raw::Source, policy_ns: &str) -> Source {
         remote_ip_blocks: cidrs(ctx, &format!("{f}.remoteIpBlocks"), &s.remote_ip_blocks),
         not_remote_ip_blocks: cidrs(ctx, &format!("{f}.notRemoteIpBlocks"), &s.not_remote_ip_blocks),
     };
-    if !out.has_l4() && !out.has_l7() {
+    if raw_empty {
         ctx.err(f, "`from.source` must not be empty");
     }
     out
@@ -399,7 +407,15 @@ fn operation(ctx: &mut Ctx, f: &str, o: raw::Operation) -> Operation {
         paths: paths(ctx, &format!("{f}.paths"), &o.paths),
         not_paths: paths(ctx, &format!("{f}.notPaths"), &o.not_paths),
     };
-    if o.ports.is_empty() && o.not_ports.is_empty() && !out.has_l7() {
+    let raw_empty = o.hosts.is_empty()
+        && o.not_hosts.is_empty()
+        && o.ports.is_empty()
+        && o.not_ports.is_empty()
+        && o.methods.is_empty()
+        && o.not_methods.is_empty()
+        && o.paths.is_empty()
+        && o.not_paths.is_empty();
+    if raw_empty {
         ctx.err(f, "`to.operation` must not be empty");
     }
     out
