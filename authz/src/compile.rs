@@ -302,7 +302,8 @@ pub fn compile(input: &CompileInput, ids: &mut dyn IdAllocator) -> Result<Compil
         let t = targets[k];
         let key = |dir: Direction, id: u32, proto: u8, port: u16| PolicyKey::new(0, ep, dir, id, proto, port);
         entries.push((key(Direction::Egress, IDENTITY_ANY, PROTO_ANY, 0), PolicyValue::allow(POLICY_ID_NONE)));
-        let allow_applies = set.allow_applies(&t);
+        let scopes = set.scopes(t.namespace);
+        let allow_applies = set.allow_applies(&t, &scopes);
         let default = if allow_applies { PolicyValue::deny(POLICY_ID_NONE, DropReason::PolicyDefaultDeny) } else { PolicyValue::allow(POLICY_ID_NONE) };
 
         // PeerAuthentication: ports where plaintext peers are refused.
@@ -361,7 +362,7 @@ pub fn compile(input: &CompileInput, ids: &mut dyn IdAllocator) -> Result<Compil
         let mut decide_class = |c: &Class, extra_ports: &BTreeSet<u16>, time_dependent: &mut bool| -> (PolicyValue, BTreeMap<u16, PolicyValue>, BTreeSet<u16>) {
             let sa = c.principal.as_deref().and_then(principal_parts);
             let peer = PeerView { principal: c.principal.as_deref(), namespace: sa.map(|(n, _)| n), sa, addr: c.addr };
-            set.candidates(&t, peer.principal, peer.namespace, peer.sa, &mut cands);
+            set.candidates(&t, &scopes, peer.principal, peer.namespace, peer.sa, &mut cands);
             let env = Env { peer, dest_ip: Some(w.ip), proto: PROTO_TCP, port: 0, clock: now_clock, l7: None };
             let mut matching: Vec<(PortSet, PolicyValue)> = Vec::new();
             for rr in cands.iter() {

@@ -397,15 +397,23 @@ impl PolicySet {
                 );
             }
         }
-        let mut cands: Vec<RuleRef> = Vec::new();
-        self.candidates(target, env.peer.principal, env.peer.namespace, env.peer.sa, &mut cands);
-        for rr in &cands {
+        let scopes = self.scopes(target.namespace);
+        thread_local! {
+            static CANDIDATES: std::cell::RefCell<Vec<RuleRef>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        let found = CANDIDATES.with(|c| {
+            let mut cands = c.borrow_mut();
+            self.candidates(target, &scopes, env.peer.principal, env.peer.namespace, env.peer.sa, &mut cands);
+            cands.iter().copied().find(|rr| {
+                let p = self.policy(rr.policy);
+                let r = &p.rules[rr.rule as usize];
+                !(layer == Layer::L4 && p.action == Action::Allow && r.has_l7) && rule_matches(r, env)
+            })
+        });
+        if let Some(rr) = found {
             let p = self.policy(rr.policy);
             let r = &p.rules[rr.rule as usize];
-            if layer == Layer::L4 && p.action == Action::Allow && r.has_l7 {
-                continue;
-            }
-            if rule_matches(r, env) {
+            {
                 let what = match p.action {
                     Action::Custom => format!(
                         "CUSTOM policy {} (provider {}) matched rule {}; warden cannot consult the external authorizer, so it denies (fail safe)",
@@ -422,13 +430,10 @@ impl PolicySet {
                     _ => format!("ALLOW policy {} rule {} matched", p.key(), rr.rule),
                 };
                 let v = if p.action == Action::Allow { Verdict::Allow } else { Verdict::Deny };
-                if p.action == Action::Allow && !self.allow_applies(target) {
-                    continue; // unreachable: a candidate ALLOW rule implies an applying ALLOW policy
-                }
                 return mk(v, Some(p.key()), Some(p.action.name()), Some(rr.rule as usize), what);
             }
         }
-        if !self.allow_applies(target) {
+        if !self.allow_applies(target, &scopes) {
             return mk(Verdict::Allow, None, None, None, "no ALLOW policy applies to the workload: allowed by default".into());
         }
         let note = if layer == Layer::L4 { " (ALLOW rules with L7 attributes never match at L4)" } else { "" };
@@ -437,7 +442,7 @@ impl PolicySet {
 
     fn shadow_matches(&self, target: &Target, env: &Env, layer: Layer) -> Vec<String> {
         let mut out = Vec::new();
-        for ix in self.scopes(target.namespace) {
+        for ix in self.scopes(target.namespace).iter() {
             for &pi in &ix.shadow_policies {
                 if !self.applies(pi, target) {
                     continue;

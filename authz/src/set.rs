@@ -6,6 +6,10 @@ use crate::error::{LoadError, LoadErrors};
 use crate::matcher::StrMatch;
 use crate::model::*;
 use std::collections::{BTreeMap, HashMap};
+
+/// Index maps hash short strings on every decision: a fast non-cryptographic hasher (the keys
+/// come from trusted configuration, not from the network).
+pub(crate) type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 use std::net::Ipv4Addr;
 
 /// Loading options.
@@ -78,10 +82,10 @@ pub(crate) struct RuleRef {
 /// (otherwise it is in `unindexed`); it is then listed under each key any source names.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct NsIndex {
-    pub by_principal: HashMap<String, Vec<RuleRef>>,
-    pub by_namespace: HashMap<String, Vec<RuleRef>>,
+    pub by_principal: FastMap<String, Vec<RuleRef>>,
+    pub by_namespace: FastMap<String, Vec<RuleRef>>,
     /// Key `namespace/serviceAccount`.
-    pub by_service_account: HashMap<String, Vec<RuleRef>>,
+    pub by_service_account: FastMap<String, Vec<RuleRef>>,
     pub unindexed: Vec<RuleRef>,
     /// Enforced ALLOW policies of the namespace (to answer "does an ALLOW policy apply?").
     pub allow_policies: Vec<u32>,
@@ -89,6 +93,16 @@ pub(crate) struct NsIndex {
     pub allow_all: bool,
     /// Dry-run and AUDIT policies (reported, never enforced).
     pub shadow_policies: Vec<u32>,
+}
+
+/// The (root, own) namespace indexes of one evaluation.
+#[derive(Clone, Copy)]
+pub(crate) struct Scopes<'a>([Option<&'a NsIndex>; 2]);
+
+impl<'a> Scopes<'a> {
+    pub fn iter(&self) -> impl Iterator<Item = &'a NsIndex> + '_ {
+        self.0.iter().flatten().copied()
+    }
 }
 
 /// The loaded policies, sorted by (namespace, name), with their indexes.
@@ -99,7 +113,7 @@ pub struct PolicySet {
     pub(crate) peer: Vec<PeerAuth>,
     pub(crate) request_auth: Vec<RequestAuth>,
     pub(crate) warnings: Vec<String>,
-    pub(crate) index: HashMap<String, NsIndex>,
+    pub(crate) index: FastMap<String, NsIndex>,
 }
 
 fn rank(a: Action) -> Option<u8> {
@@ -152,14 +166,14 @@ impl PolicySet {
         if !errors.is_empty() {
             return Err(LoadErrors(errors));
         }
-        let mut set = PolicySet { options: options.clone(), authz, peer, request_auth, warnings: Vec::new(), index: HashMap::new() };
+        let mut set = PolicySet { options: options.clone(), authz, peer, request_auth, warnings: Vec::new(), index: FastMap::default() };
         set.build_index();
         set.check_peer_conflicts();
         Ok(set)
     }
 
     fn build_index(&mut self) {
-        let mut index: HashMap<String, NsIndex> = HashMap::new();
+        let mut index: FastMap<String, NsIndex> = FastMap::default();
         for (pi, p) in self.authz.iter().enumerate() {
             let ns = index.entry(p.namespace.clone()).or_default();
             let enforced_rank = if p.dry_run { None } else { rank(p.action) };
@@ -274,25 +288,24 @@ impl PolicySet {
         }
     }
 
-    /// The namespaces whose policies can apply to a workload of `ns`.
-    pub(crate) fn scopes<'a>(&'a self, ns: &'a str) -> impl Iterator<Item = &'a NsIndex> + 'a {
+    /// The indexes of the namespaces whose policies can apply to a workload of `ns`: the root
+    /// namespace and `ns`.
+    pub(crate) fn scopes<'a>(&'a self, ns: &str) -> Scopes<'a> {
         let root = self.index.get(self.options.root_namespace.as_str());
         let own = if ns == self.options.root_namespace { None } else { self.index.get(ns) };
-        root.into_iter().chain(own)
+        Scopes([root, own])
     }
 
     /// Does an enforced ALLOW policy apply to `t`?
-    pub(crate) fn allow_applies(&self, t: &Target) -> bool {
-        self.scopes(t.namespace).any(|ix| {
-            (ix.allow_all && (true)) || ix.allow_policies.iter().any(|&pi| self.applies(pi, t))
-        })
+    pub(crate) fn allow_applies(&self, t: &Target, scopes: &Scopes) -> bool {
+        scopes.iter().any(|ix| ix.allow_all || ix.allow_policies.iter().any(|&pi| self.applies(pi, t)))
     }
 
     /// Candidate enforced rules for a peer, sorted by (rank, policy, rule), deduplicated. Rules
     /// of policies that do not apply to `t` are left out.
-    pub(crate) fn candidates(&self, t: &Target, principal: Option<&str>, peer_ns: Option<&str>, peer_sa: Option<(&str, &str)>, out: &mut Vec<RuleRef>) {
+    pub(crate) fn candidates(&self, t: &Target, scopes: &Scopes, principal: Option<&str>, peer_ns: Option<&str>, peer_sa: Option<(&str, &str)>, out: &mut Vec<RuleRef>) {
         out.clear();
-        for ix in self.scopes(t.namespace) {
+        for ix in scopes.iter() {
             out.extend(ix.unindexed.iter().copied());
             if let Some(p) = principal
                 && let Some(v) = ix.by_principal.get(p)
