@@ -139,9 +139,13 @@ pub fn run_ca(cmd: CaCommand) -> ExitCode {
             .build()
             .map_err(CliError::Runtime)
             .and_then(|rt| {
-                rt.block_on(serve_ca(cmd, |addr| println!("warden CA listening on {addr}"), async {
-                    let _ = tokio::signal::ctrl_c().await;
-                }))
+                rt.block_on(serve_ca(
+                    cmd,
+                    |addr| println!("warden CA listening on {addr}"),
+                    async {
+                        let _ = tokio::signal::ctrl_c().await;
+                    },
+                ))
             }),
         other => run_ca_offline(other, &SystemClock).map(|out| print!("{out}")),
     };
@@ -164,21 +168,50 @@ pub fn run_ca_offline(cmd: CaCommand, clock: &dyn Clock) -> Result<String, CliEr
     match cmd {
         CaCommand::Init { dir, trust_domain } => {
             CertificateAuthority::init_self_signed(&dir, &trust_domain, clock)?;
-            let ca = CertificateAuthority::load(&dir, CaConfig { trust_domain: trust_domain.clone(), ..CaConfig::default() }, clock_arc())?;
+            let ca = CertificateAuthority::load(
+                &dir,
+                CaConfig {
+                    trust_domain: trust_domain.clone(),
+                    ..CaConfig::default()
+                },
+                clock_arc(),
+            )?;
             Ok(format!(
                 "created root CA for trust domain {trust_domain} in {}\nroot expires {}\n",
                 dir.display(),
                 rfc3339(ca.ca_not_after())
             ))
         }
-        CaCommand::Issue { dir, spiffe, out, ttl_hours } => {
-            let config = CaConfig { trust_domain: spiffe.trust_domain().to_owned(), ..CaConfig::default() };
+        CaCommand::Issue {
+            dir,
+            spiffe,
+            out,
+            ttl_hours,
+        } => {
+            let config = CaConfig {
+                trust_domain: spiffe.trust_domain().to_owned(),
+                ..CaConfig::default()
+            };
             let ca = CertificateAuthority::load(&dir, config, clock_arc())?;
             let (key, csr) = generate_key_and_csr(&spiffe)?;
-            let issued = ca.sign_csr(&csr, Some(Duration::from_secs(ttl_hours.saturating_mul(3600))))?;
-            std::fs::create_dir_all(&out).map_err(|source| CliError::Write { path: out.clone(), source })?;
-            write(&out.join(ISSUED_KEY_FILE), key.serialize_pem().as_bytes(), ca::KEY_FILE_MODE)?;
-            write(&out.join(ISSUED_CERT_CHAIN_FILE), issued.chain_pem.concat().as_bytes(), 0o644)?;
+            let issued = ca.sign_csr(
+                &csr,
+                Some(Duration::from_secs(ttl_hours.saturating_mul(3600))),
+            )?;
+            std::fs::create_dir_all(&out).map_err(|source| CliError::Write {
+                path: out.clone(),
+                source,
+            })?;
+            write(
+                &out.join(ISSUED_KEY_FILE),
+                key.serialize_pem().as_bytes(),
+                ca::KEY_FILE_MODE,
+            )?;
+            write(
+                &out.join(ISSUED_CERT_CHAIN_FILE),
+                issued.chain_pem.concat().as_bytes(),
+                0o644,
+            )?;
             let roots: String = ca.roots().iter().map(crate::ca::pem_cert).collect();
             write(&out.join(ISSUED_ROOT_FILE), roots.as_bytes(), 0o644)?;
             Ok(format!(
@@ -194,23 +227,40 @@ pub fn run_ca_offline(cmd: CaCommand, clock: &dyn Clock) -> Result<String, CliEr
             let o = ca.revoke(&serial)?;
             Ok(format!(
                 "{} serial {}; CRL #{} lists {} certificate(s): {}\n",
-                if o.already_revoked { "already revoked:" } else { "revoked" },
+                if o.already_revoked {
+                    "already revoked:"
+                } else {
+                    "revoked"
+                },
                 o.serial,
                 o.crl_number,
                 o.revoked_count,
                 o.path.display()
             ))
         }
-        CaCommand::Serve { .. } => Err(CliError::Admin { url: String::new(), reason: "serve is not an offline command".into() }),
+        CaCommand::Serve { .. } => Err(CliError::Admin {
+            url: String::new(),
+            reason: "serve is not an offline command".into(),
+        }),
     }
 }
 
 fn write(path: &Path, contents: &[u8], mode: u32) -> Result<(), CliError> {
     use std::io::Write;
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let err = |source| CliError::Write { path: path.to_owned(), source };
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(path).map_err(err)?;
-    f.set_permissions(std::fs::Permissions::from_mode(mode)).map_err(err)?;
+    let err = |source| CliError::Write {
+        path: path.to_owned(),
+        source,
+    };
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(path)
+        .map_err(err)?;
+    f.set_permissions(std::fs::Permissions::from_mode(mode))
+        .map_err(err)?;
     f.write_all(contents).map_err(err)
 }
 
@@ -220,8 +270,20 @@ pub async fn serve_ca(
     on_listen: impl FnOnce(SocketAddr),
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), CliError> {
-    let CaCommand::Serve { dir, trust_domain, listen, token_file, node_workloads, max_ttl_hours, plaintext } = cmd else {
-        return Err(CliError::Admin { url: String::new(), reason: "not a serve command".into() });
+    let CaCommand::Serve {
+        dir,
+        trust_domain,
+        listen,
+        token_file,
+        node_workloads,
+        max_ttl_hours,
+        plaintext,
+    } = cmd
+    else {
+        return Err(CliError::Admin {
+            url: String::new(),
+            reason: "not a serve command".into(),
+        });
     };
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let config = CaConfig {
@@ -230,7 +292,11 @@ pub async fn serve_ca(
         ..CaConfig::default()
     };
     // Validate every input before binding: never serve with a broken CA.
-    let ca = Arc::new(CertificateAuthority::load_or_init(&dir, config, clock.clone())?);
+    let ca = Arc::new(CertificateAuthority::load_or_init(
+        &dir,
+        config,
+        clock.clone(),
+    )?);
     let auth = Arc::new(TokenFileAuthenticator::from_file(&token_file)?);
     let workloads = Arc::new(StaticNodeWorkloads::from_file(&node_workloads)?);
     let mut registry = prometheus_client::registry::Registry::default();
@@ -240,14 +306,27 @@ pub async fn serve_ca(
         tracing::warn!("serving the CA in plaintext: bearer tokens are not protected");
         None
     } else {
-        let (cfg, mgr) = server::ca_serving_tls(&ca, clock.clone(), CompliancePolicy::from_env().map_err(server::ServerError::from)?).await?;
+        let (cfg, mgr) = server::ca_serving_tls(
+            &ca,
+            clock.clone(),
+            CompliancePolicy::from_env().map_err(server::ServerError::from)?,
+        )
+        .await?;
         mgr.spawn_rotation();
         Some(cfg)
     };
     let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .map_err(|source| server::ServerError::Bind { addr: listen, source })?;
-    let addr = listener.local_addr().map_err(|source| server::ServerError::Bind { addr: listen, source })?;
+        .map_err(|source| server::ServerError::Bind {
+            addr: listen,
+            source,
+        })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| server::ServerError::Bind {
+            addr: listen,
+            source,
+        })?;
     tracing::info!(%addr, dir = %dir.display(), tls = !plaintext, "serving istio.v1.auth.IstioCertificateService");
     on_listen(addr);
     server::serve(listener, service, tls, shutdown).await?;
@@ -294,40 +373,70 @@ pub async fn run_certs(args: &CertsArgs) -> ExitCode {
 
 /// GETs `url` (plain HTTP/1.1, as the admin port on loopback speaks) and parses the JSON.
 pub async fn fetch_certs(url: &str) -> Result<Value, CliError> {
-    let err = |reason: String| CliError::Admin { url: url.to_owned(), reason };
+    let err = |reason: String| CliError::Admin {
+        url: url.to_owned(),
+        reason,
+    };
     let uri: hyper::Uri = url.parse().map_err(|e| err(format!("bad URL: {e}")))?;
     if uri.scheme_str() != Some("http") {
         return Err(err("only http:// admin URLs are supported".into()));
     }
-    let host = uri.host().ok_or_else(|| err("URL has no host".into()))?.to_owned();
+    let host = uri
+        .host()
+        .ok_or_else(|| err("URL has no host".into()))?
+        .to_owned();
     let port = uri.port_u16().unwrap_or(80);
-    let authority = uri.authority().map(ToString::to_string).unwrap_or_else(|| host.clone());
-    let path = uri.path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "/".into());
+    let authority = uri
+        .authority()
+        .map(ToString::to_string)
+        .unwrap_or_else(|| host.clone());
+    let path = uri
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "/".into());
     let fut = async {
         let host = host.trim_start_matches('[').trim_end_matches(']');
-        let stream = tokio::net::TcpStream::connect((host, port)).await.map_err(|e| err(e.to_string()))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+        let stream = tokio::net::TcpStream::connect((host, port))
             .await
             .map_err(|e| err(e.to_string()))?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|e| err(e.to_string()))?;
         tokio::spawn(conn);
         let req = hyper::Request::get(path)
             .header(hyper::header::HOST, authority)
             .header(hyper::header::ACCEPT, "application/json")
             .body(http_body_util::Empty::<bytes::Bytes>::new())
             .map_err(|e| err(e.to_string()))?;
-        let resp = sender.send_request(req).await.map_err(|e| err(e.to_string()))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| err(e.to_string()))?;
         let status = resp.status();
-        let body = http_body_util::BodyExt::collect(resp.into_body()).await.map_err(|e| err(e.to_string()))?.to_bytes();
+        let body = http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .map_err(|e| err(e.to_string()))?
+            .to_bytes();
         if !status.is_success() {
-            return Err(err(format!("HTTP {status}: {}", String::from_utf8_lossy(&body).trim())));
+            return Err(err(format!(
+                "HTTP {status}: {}",
+                String::from_utf8_lossy(&body).trim()
+            )));
         }
         serde_json::from_slice(&body).map_err(|e| err(format!("response is not JSON: {e}")))
     };
-    tokio::time::timeout(ADMIN_REQUEST_TIMEOUT, fut).await.map_err(|_| err("timed out".into()))?
+    tokio::time::timeout(ADMIN_REQUEST_TIMEOUT, fut)
+        .await
+        .map_err(|_| err("timed out".into()))?
 }
 
 fn cert_summary(pem: &str) -> Value {
-    let Ok(der) = <rustls_pki_types::CertificateDer<'_> as rustls_pki_types::pem::PemObject>::from_pem_slice(pem.as_bytes()) else {
+    let Ok(der) =
+        <rustls_pki_types::CertificateDer<'_> as rustls_pki_types::pem::PemObject>::from_pem_slice(
+            pem.as_bytes(),
+        )
+    else {
         return json!({ "error": "unparseable PEM" });
     };
     match X509Certificate::from_der(der.as_ref()) {
@@ -347,7 +456,11 @@ fn cert_summary(pem: &str) -> Value {
 pub fn certs_snapshot(manager: &SecretManager) -> Value {
     let now = manager.clock().now();
     let bundle = manager.trust_bundle();
-    let roots: Vec<Value> = bundle.roots().iter().map(|r| cert_summary(&ca::pem_cert(r))).collect();
+    let roots: Vec<Value> = bundle
+        .roots()
+        .iter()
+        .map(|r| cert_summary(&ca::pem_cert(r)))
+        .collect();
     let certificates: Vec<Value> = manager
         .snapshot()
         .into_iter()
@@ -366,7 +479,11 @@ pub fn certs_snapshot(manager: &SecretManager) -> Value {
             };
             v["state"] = json!(state);
             if let Some(c) = &s.cert {
-                let until = c.refresh_at.duration_since(now).map(|d| d.as_secs()).unwrap_or(0);
+                let until = c
+                    .refresh_at
+                    .duration_since(now)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
                 v["serial"] = json!(c.serial);
                 v["issuer"] = json!(c.issuer);
                 v["not_before"] = json!(rfc3339(c.not_before));
@@ -392,7 +509,12 @@ pub fn certs_snapshot(manager: &SecretManager) -> Value {
 }
 
 fn human(secs: u64) -> String {
-    let (d, h, m, s) = (secs / 86400, secs % 86400 / 3600, secs % 3600 / 60, secs % 60);
+    let (d, h, m, s) = (
+        secs / 86400,
+        secs % 86400 / 3600,
+        secs % 3600 / 60,
+        secs % 60,
+    );
     match (d, h, m) {
         (0, 0, 0) => format!("{s}s"),
         (0, 0, _) => format!("{m}m{s}s"),
@@ -424,7 +546,10 @@ pub fn render_certs(v: &Value, output: CertsOutput, verbose: bool) -> String {
             s(&c["issuer"]),
             s(&c["not_before"]),
             s(&c["not_after"]),
-            c["seconds_until_rotation"].as_u64().map(human).unwrap_or_else(|| "-".into()),
+            c["seconds_until_rotation"]
+                .as_u64()
+                .map(human)
+                .unwrap_or_else(|| "-".into()),
         ]);
     }
     for r in v["trust_bundle"].as_array().into_iter().flatten() {
@@ -438,28 +563,50 @@ pub fn render_certs(v: &Value, output: CertsOutput, verbose: bool) -> String {
             "-".into(),
         ]);
     }
-    let widths: Vec<usize> = (0..7).map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0)).collect();
+    let widths: Vec<usize> = (0..7)
+        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
+        .collect();
     let mut out = String::new();
     for r in &rows {
-        let line: Vec<String> = r.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
         let _ = writeln!(out, "{}", line.join("   ").trim_end());
     }
     if let Some(crl) = v["crl"].as_object() {
         let _ = writeln!(
             out,
             "\nCRL: this update {}, {} revoked serial(s)",
-            crl.get("this_update").and_then(Value::as_str).unwrap_or("-"),
-            crl.get("revoked_serials").and_then(Value::as_u64).unwrap_or(0)
+            crl.get("this_update")
+                .and_then(Value::as_str)
+                .unwrap_or("-"),
+            crl.get("revoked_serials")
+                .and_then(Value::as_u64)
+                .unwrap_or(0)
         );
     }
     for c in v["certificates"].as_array().into_iter().flatten() {
         if let Some(e) = c["last_error"].as_str() {
-            let _ = writeln!(out, "\n{}: last CA error ({} failure(s)): {e}", s(&c["identity"]), c["failures"]);
+            let _ = writeln!(
+                out,
+                "\n{}: last CA error ({} failure(s)): {e}",
+                s(&c["identity"]),
+                c["failures"]
+            );
         }
         if verbose {
             let _ = writeln!(out, "\n{} chain:", s(&c["identity"]));
             for (i, link) in c["chain"].as_array().into_iter().flatten().enumerate() {
-                let _ = writeln!(out, "  [{i}] subject={} issuer={} serial={} not_after={}", s(&link["subject"]), s(&link["issuer"]), s(&link["serial"]), s(&link["not_after"]));
+                let _ = writeln!(
+                    out,
+                    "  [{i}] subject={} issuer={} serial={} not_after={}",
+                    s(&link["subject"]),
+                    s(&link["issuer"]),
+                    s(&link["serial"]),
+                    s(&link["not_after"])
+                );
                 let _ = write!(out, "{}", s(&link["pem"]));
             }
         }

@@ -20,7 +20,10 @@ struct Pki {
 impl Pki {
     fn new(clock: &Arc<ManualClock>, trust_domain: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let config = CaConfig { trust_domain: trust_domain.to_owned(), ..CaConfig::default() };
+        let config = CaConfig {
+            trust_domain: trust_domain.to_owned(),
+            ..CaConfig::default()
+        };
         let ca = CertificateAuthority::load_or_init(dir.path(), config, clock.clone()).unwrap();
         Pki { _dir: dir, ca }
     }
@@ -29,7 +32,10 @@ impl Pki {
         let id = Identity::spiffe(self.ca.config().trust_domain.clone(), ns, sa).unwrap();
         let (key, csr) = generate_key_and_csr(&id).unwrap();
         let issued = self.ca.sign_csr(&csr, Some(ttl)).unwrap();
-        (Arc::new(certified_key(&issued.chain_pem, key.serialize_der()).unwrap()), issued.serial)
+        (
+            Arc::new(certified_key(&issued.chain_pem, key.serialize_der()).unwrap()),
+            issued.serial,
+        )
     }
 
     fn bundle(&self) -> Arc<TrustBundle> {
@@ -48,7 +54,12 @@ struct Side {
     cert: Arc<CertSlot>,
 }
 
-fn configs(clock: &Arc<ManualClock>, policy: CompliancePolicy, client: &Side, server: &Side) -> (Arc<ClientConfig>, Arc<ServerConfig>) {
+fn configs(
+    clock: &Arc<ManualClock>,
+    policy: CompliancePolicy,
+    client: &Side,
+    server: &Side,
+) -> (Arc<ClientConfig>, Arc<ServerConfig>) {
     let cv = Arc::new(SpiffeVerifier::new(client.bundle.clone(), clock.clone()));
     let sv = Arc::new(SpiffeVerifier::new(server.bundle.clone(), clock.clone()));
     (
@@ -58,7 +69,10 @@ fn configs(clock: &Arc<ManualClock>, policy: CompliancePolicy, client: &Side, se
 }
 
 /// Runs a handshake in memory; returns the connections or (client error, server error).
-fn handshake(c: Arc<ClientConfig>, s: Arc<ServerConfig>) -> Result<(ClientConnection, ServerConnection), String> {
+fn handshake(
+    c: Arc<ClientConfig>,
+    s: Arc<ServerConfig>,
+) -> Result<(ClientConnection, ServerConnection), String> {
     let mut client = ClientConnection::new(c, ServerName::try_from("workload").unwrap()).unwrap();
     let mut server = ServerConnection::new(s).unwrap();
     for _ in 0..20 {
@@ -103,8 +117,14 @@ fn setup(clock: &Arc<ManualClock>) -> (Pki, Side, Side) {
     let pki = Pki::new(clock, TD);
     let (ck, _) = pki.issue("default", "client", Duration::from_secs(86400));
     let (sk, _) = pki.issue("default", "server", Duration::from_secs(86400));
-    let client = Side { bundle: pki.bundle(), cert: slot(clock, ck) };
-    let server = Side { bundle: pki.bundle(), cert: slot(clock, sk) };
+    let client = Side {
+        bundle: pki.bundle(),
+        cert: slot(clock, ck),
+    };
+    let server = Side {
+        bundle: pki.bundle(),
+        cert: slot(clock, sk),
+    };
     (pki, client, server)
 }
 
@@ -114,11 +134,21 @@ fn mtls_handshake_verifies_both_identities() {
     let (_pki, client, server) = setup(&clock);
     let (c, s) = configs(&clock, CompliancePolicy::Default, &client, &server);
     let (c, s) = handshake(c, s).unwrap();
-    assert_eq!(peer_identity(&c).unwrap().to_string(), "spiffe://cluster.local/ns/default/sa/server");
-    assert_eq!(peer_identity(&s).unwrap().to_string(), "spiffe://cluster.local/ns/default/sa/client");
+    assert_eq!(
+        peer_identity(&c).unwrap().to_string(),
+        "spiffe://cluster.local/ns/default/sa/server"
+    );
+    assert_eq!(
+        peer_identity(&s).unwrap().to_string(),
+        "spiffe://cluster.local/ns/default/sa/client"
+    );
     assert_eq!(c.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_3));
     let suite = c.negotiated_cipher_suite().unwrap().suite();
-    assert!(matches!(suite, rustls::CipherSuite::TLS13_AES_256_GCM_SHA384 | rustls::CipherSuite::TLS13_AES_128_GCM_SHA256));
+    assert!(matches!(
+        suite,
+        rustls::CipherSuite::TLS13_AES_256_GCM_SHA384
+            | rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
+    ));
 }
 
 #[test]
@@ -130,13 +160,21 @@ fn expired_certificate_is_refused() {
     let leaf = &ck.cert[0];
     assert!(verifier.verify(leaf, &[], KeyUsage::client_auth()).is_ok());
     clock.advance(Duration::from_secs(2 * 3600));
-    let err = verifier.verify(leaf, &[], KeyUsage::client_auth()).unwrap_err();
+    let err = verifier
+        .verify(leaf, &[], KeyUsage::client_auth())
+        .unwrap_err();
     assert!(matches!(err, VerifyError::Expired { .. }), "{err}");
 
     // Over a handshake: a client holding the expired certificate (forced into the slot) is refused.
     let (sk, _) = pki.issue("default", "server", Duration::from_secs(86400));
-    let client = Side { bundle: pki.bundle(), cert: slot(&clock, ck) };
-    let server = Side { bundle: pki.bundle(), cert: slot(&clock, sk) };
+    let client = Side {
+        bundle: pki.bundle(),
+        cert: slot(&clock, ck),
+    };
+    let server = Side {
+        bundle: pki.bundle(),
+        cert: slot(&clock, sk),
+    };
     let (c, s) = configs(&clock, CompliancePolicy::Default, &client, &server);
     let err = handshake(c, s).unwrap_err();
     assert!(err.contains("expired"), "{err}");
@@ -148,7 +186,10 @@ fn certificate_from_another_ca_is_refused() {
     let (_pki, client, server) = setup(&clock);
     let other = Pki::new(&clock, TD);
     let (foreign, _) = other.issue("default", "client", Duration::from_secs(86400));
-    let client = Side { bundle: client.bundle, cert: slot(&clock, foreign) };
+    let client = Side {
+        bundle: client.bundle,
+        cert: slot(&clock, foreign),
+    };
     let (c, s) = configs(&clock, CompliancePolicy::Default, &client, &server);
     let err = handshake(c, s).unwrap_err();
     assert!(err.contains("does not chain to the trust bundle"), "{err}");
@@ -164,7 +205,10 @@ fn certificate_from_another_trust_domain_is_refused() {
     let mut roots = server.bundle.roots();
     roots.extend(other.ca.roots().iter().cloned());
     server.bundle.set_roots(roots).unwrap();
-    let client = Side { bundle: client.bundle, cert: slot(&clock, foreign) };
+    let client = Side {
+        bundle: client.bundle,
+        cert: slot(&clock, foreign),
+    };
     let (c, s) = configs(&clock, CompliancePolicy::Default, &client, &server);
     let err = handshake(c, s).unwrap_err();
     assert!(err.contains("outside the accepted trust domains"), "{err}");
@@ -176,8 +220,14 @@ fn revoked_certificate_is_refused_after_the_crl_update_naming_the_serial() {
     let pki = Pki::new(&clock, TD);
     let (ck, serial) = pki.issue("default", "client", Duration::from_secs(86400));
     let (sk, _) = pki.issue("default", "server", Duration::from_secs(86400));
-    let client = Side { bundle: pki.bundle(), cert: slot(&clock, ck) };
-    let server = Side { bundle: pki.bundle(), cert: slot(&clock, sk) };
+    let client = Side {
+        bundle: pki.bundle(),
+        cert: slot(&clock, ck),
+    };
+    let server = Side {
+        bundle: pki.bundle(),
+        cert: slot(&clock, sk),
+    };
     let (c, s) = configs(&clock, CompliancePolicy::Default, &client, &server);
     handshake(c.clone(), s.clone()).expect("valid before revocation");
 
@@ -187,7 +237,10 @@ fn revoked_certificate_is_refused_after_the_crl_update_naming_the_serial() {
     server.bundle.set_crls(vec![pki.ca.crl().unwrap()]).unwrap();
     // The same configs (no restart) now refuse it.
     let err = handshake(c, s).unwrap_err();
-    assert!(err.contains(&format!("serial {serial} is revoked")), "{err}");
+    assert!(
+        err.contains(&format!("serial {serial} is revoked")),
+        "{err}"
+    );
 }
 
 #[test]
@@ -200,17 +253,33 @@ fn crl_file_reload_applies_without_restart() {
     let root_path = pki.ca.dir().join(crate::ca::ROOT_CERT_FILE);
     let crl_path = pki.ca.dir().join(crate::ca::CRL_FILE);
     bundle.reload_files(&root_path, Some(&crl_path)).unwrap();
-    assert!(verifier.verify(&ck.cert[0], &[], KeyUsage::client_auth()).is_ok());
+    assert!(
+        verifier
+            .verify(&ck.cert[0], &[], KeyUsage::client_auth())
+            .is_ok()
+    );
     pki.ca.revoke(&serial).unwrap();
     bundle.reload_files(&root_path, Some(&crl_path)).unwrap();
     assert_eq!(bundle.revoked_count(), 1);
-    let err = verifier.verify(&ck.cert[0], &[], KeyUsage::client_auth()).unwrap_err();
-    assert!(matches!(&err, VerifyError::Revoked { serial: s } if *s == serial), "{err}");
+    let err = verifier
+        .verify(&ck.cert[0], &[], KeyUsage::client_auth())
+        .unwrap_err();
+    assert!(
+        matches!(&err, VerifyError::Revoked { serial: s } if *s == serial),
+        "{err}"
+    );
 }
 
-fn leaf_with_sans(clock: &ManualClock, sans: Vec<SanType>) -> (CertificateDer<'static>, CertificateDer<'static>) {
+fn leaf_with_sans(
+    clock: &ManualClock,
+    sans: Vec<SanType>,
+) -> (CertificateDer<'static>, CertificateDer<'static>) {
     let root_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
-    let root_params = crate::ca::root_params(TD, clock.now() - Duration::from_secs(60), Duration::from_secs(86400));
+    let root_params = crate::ca::root_params(
+        TD,
+        clock.now() - Duration::from_secs(60),
+        Duration::from_secs(86400),
+    );
     let root = root_params.self_signed(&root_key).unwrap();
     let issuer = rcgen::Issuer::new(root_params, root_key);
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
@@ -224,16 +293,29 @@ fn leaf_with_sans(clock: &ManualClock, sans: Vec<SanType>) -> (CertificateDer<'s
 }
 
 #[test]
+#[allow(clippy::type_complexity)] // a table of (input, expected-error predicate)
 fn malformed_spiffe_ids_in_certificates_are_refused() {
     let clock = Arc::new(ManualClock::starting_now());
     let uri = |s: &str| SanType::URI(s.try_into().unwrap());
     let cases: Vec<(Vec<SanType>, fn(&VerifyError) -> bool)> = vec![
-        (vec![uri("spiffe://cluster.local/ns/a")], |e| matches!(e, VerifyError::MalformedSpiffeId(_))),
-        (vec![uri("spiffe://cluster.local/ns/a/sa/b/c")], |e| matches!(e, VerifyError::MalformedSpiffeId(_))),
-        (vec![uri("https://cluster.local/ns/a/sa/b")], |e| matches!(e, VerifyError::MalformedSpiffeId(_))),
-        (vec![SanType::DnsName("a.example".try_into().unwrap())], |e| matches!(e, VerifyError::SpiffeIdCount { found: 0 })),
+        (vec![uri("spiffe://cluster.local/ns/a")], |e| {
+            matches!(e, VerifyError::MalformedSpiffeId(_))
+        }),
+        (vec![uri("spiffe://cluster.local/ns/a/sa/b/c")], |e| {
+            matches!(e, VerifyError::MalformedSpiffeId(_))
+        }),
+        (vec![uri("https://cluster.local/ns/a/sa/b")], |e| {
+            matches!(e, VerifyError::MalformedSpiffeId(_))
+        }),
         (
-            vec![uri("spiffe://cluster.local/ns/a/sa/b"), uri("spiffe://cluster.local/ns/a/sa/c")],
+            vec![SanType::DnsName("a.example".try_into().unwrap())],
+            |e| matches!(e, VerifyError::SpiffeIdCount { found: 0 }),
+        ),
+        (
+            vec![
+                uri("spiffe://cluster.local/ns/a/sa/b"),
+                uri("spiffe://cluster.local/ns/a/sa/c"),
+            ],
             |e| matches!(e, VerifyError::SpiffeIdCount { found: 2 }),
         ),
     ];
@@ -241,13 +323,17 @@ fn malformed_spiffe_ids_in_certificates_are_refused() {
         let desc = format!("{sans:?}");
         let (leaf, root) = leaf_with_sans(&clock, sans);
         let bundle = Arc::new(TrustBundle::new(vec![root], vec![TD.to_owned()]).unwrap());
-        let err = SpiffeVerifier::new(bundle, clock.clone()).verify(&leaf, &[], KeyUsage::client_auth()).unwrap_err();
+        let err = SpiffeVerifier::new(bundle, clock.clone())
+            .verify(&leaf, &[], KeyUsage::client_auth())
+            .unwrap_err();
         assert!(want(&err), "{desc}: {err}");
     }
     // Control: the same construction with a well-formed ID passes.
     let (leaf, root) = leaf_with_sans(&clock, vec![uri("spiffe://cluster.local/ns/a/sa/b")]);
     let bundle = Arc::new(TrustBundle::new(vec![root], vec![TD.to_owned()]).unwrap());
-    SpiffeVerifier::new(bundle, clock.clone()).verify(&leaf, &[], KeyUsage::client_auth()).unwrap();
+    SpiffeVerifier::new(bundle, clock.clone())
+        .verify(&leaf, &[], KeyUsage::client_auth())
+        .unwrap();
 }
 
 #[test]
@@ -255,7 +341,8 @@ fn unexpected_server_identity_is_refused() {
     let clock = Arc::new(ManualClock::starting_now());
     let (_pki, client, server) = setup(&clock);
     let want = Identity::spiffe(TD, "default", "somebody-else").unwrap();
-    let cv = Arc::new(SpiffeVerifier::new(client.bundle.clone(), clock.clone()).expecting(vec![want]));
+    let cv =
+        Arc::new(SpiffeVerifier::new(client.bundle.clone(), clock.clone()).expecting(vec![want]));
     let sv = Arc::new(SpiffeVerifier::new(server.bundle.clone(), clock.clone()));
     let c = Arc::new(client_config(CompliancePolicy::Default, cv, client.cert.clone()).unwrap());
     let s = Arc::new(server_config(CompliancePolicy::Default, sv, server.cert.clone()).unwrap());
@@ -275,16 +362,30 @@ fn root_rotation_trusts_old_and_new_roots_during_overlap() {
     let check = |k: &Arc<CertifiedKey>| v.verify(&k.cert[0], &k.cert[1..], KeyUsage::client_auth());
     assert!(check(&old_leaf).is_ok());
     assert!(check(&new_leaf).is_err());
-    bundle.set_roots([old.ca.roots(), new.ca.roots()].concat()).unwrap();
-    assert!(check(&old_leaf).is_ok() && check(&new_leaf).is_ok(), "overlap trusts both");
+    bundle
+        .set_roots([old.ca.roots(), new.ca.roots()].concat())
+        .unwrap();
+    assert!(
+        check(&old_leaf).is_ok() && check(&new_leaf).is_ok(),
+        "overlap trusts both"
+    );
     bundle.set_roots(new.ca.roots().to_vec()).unwrap();
-    assert!(check(&old_leaf).is_err() && check(&new_leaf).is_ok(), "after rotation only the new root");
+    assert!(
+        check(&old_leaf).is_err() && check(&new_leaf).is_ok(),
+        "after rotation only the new root"
+    );
 }
 
 #[test]
 fn compliance_policy_parses() {
-    assert_eq!("pqc".parse::<CompliancePolicy>().unwrap(), CompliancePolicy::Pqc);
-    assert_eq!("".parse::<CompliancePolicy>().unwrap(), CompliancePolicy::Default);
+    assert_eq!(
+        "pqc".parse::<CompliancePolicy>().unwrap(),
+        CompliancePolicy::Pqc
+    );
+    assert_eq!(
+        "".parse::<CompliancePolicy>().unwrap(),
+        CompliancePolicy::Default
+    );
     assert!("fips".parse::<CompliancePolicy>().is_err());
     let pqc = crypto_provider(CompliancePolicy::Pqc);
     assert_eq!(pqc.kx_groups.len(), 1);
@@ -296,13 +397,24 @@ fn compliance_policy_parses() {
 async fn tcp_pair(
     c: Arc<ClientConfig>,
     s: Arc<ServerConfig>,
-) -> (Result<rustls::NamedGroup, String>, Result<rustls::NamedGroup, String>) {
+) -> (
+    Result<rustls::NamedGroup, String>,
+    Result<rustls::NamedGroup, String>,
+) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(async move {
         let (tcp, _) = listener.accept().await.unwrap();
-        let mut tls = tokio_rustls::TlsAcceptor::from(s).accept(tcp).await.map_err(|e| e.to_string())?;
-        let group = tls.get_ref().1.negotiated_key_exchange_group().unwrap().name();
+        let mut tls = tokio_rustls::TlsAcceptor::from(s)
+            .accept(tcp)
+            .await
+            .map_err(|e| e.to_string())?;
+        let group = tls
+            .get_ref()
+            .1
+            .negotiated_key_exchange_group()
+            .unwrap()
+            .name();
         let mut buf = [0u8; 4];
         tls.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
         tls.write_all(&buf).await.map_err(|e| e.to_string())?;
@@ -315,7 +427,12 @@ async fn tcp_pair(
             .connect(ServerName::try_from("workload").unwrap(), tcp)
             .await
             .map_err(|e| e.to_string())?;
-        let group = tls.get_ref().1.negotiated_key_exchange_group().unwrap().name();
+        let group = tls
+            .get_ref()
+            .1
+            .negotiated_key_exchange_group()
+            .unwrap()
+            .name();
         tls.write_all(b"ping").await.map_err(|e| e.to_string())?;
         let mut buf = [0u8; 4];
         tls.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
@@ -323,7 +440,10 @@ async fn tcp_pair(
         Ok::<_, String>(group)
     }
     .await;
-    let server = tokio::time::timeout(Duration::from_secs(10), server).await.unwrap().unwrap();
+    let server = tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .unwrap()
+        .unwrap();
     (client, server)
 }
 
@@ -363,6 +483,11 @@ async fn pqc_mode_refuses_a_classical_only_peer() {
     let (_c, s_pqc) = configs(&clock, CompliancePolicy::Pqc, &client, &server);
     let (cg, sg) = tcp_pair(classical_only_client(&clock, &client), s_pqc).await;
     let (ce, se) = (cg.unwrap_err(), sg.unwrap_err());
-    assert!(se.contains("NoKxGroupsInCommon") || se.contains("no key exchange groups in common") || se.to_lowercase().contains("kx"), "server: {se}");
+    assert!(
+        se.contains("NoKxGroupsInCommon")
+            || se.contains("no key exchange groups in common")
+            || se.to_lowercase().contains("kx"),
+        "server: {se}"
+    );
     assert!(ce.to_lowercase().contains("handshake"), "client: {ce}");
 }
