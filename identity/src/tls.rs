@@ -386,6 +386,22 @@ impl TrustBundle {
         self.state.load().revoked.len()
     }
 
+    /// A bundle loaded from a PEM roots file (e.g. `root-cert.pem`, holding old and new roots
+    /// during a rotation) and an optional CRL file (e.g. `ca-crl.pem`; absent is fine).
+    pub fn from_files(
+        roots_path: &Path,
+        crl_path: Option<&Path>,
+        trust_domains: Vec<String>,
+    ) -> Result<Self, TlsError> {
+        let roots = read_roots(roots_path)?;
+        let bundle = Self::new(roots, trust_domains).map_err(|e| TlsError::File {
+            path: roots_path.to_owned(),
+            reason: e.to_string(),
+        })?;
+        bundle.reload_files(roots_path, crl_path)?;
+        Ok(bundle)
+    }
+
     /// Loads roots from a PEM file and, if given and present, a CRL file (PEM or DER).
     pub fn reload_files(&self, roots_path: &Path, crl_path: Option<&Path>) -> Result<(), TlsError> {
         let file_err = |path: &Path, reason: String| TlsError::File {
@@ -424,8 +440,9 @@ impl TrustBundle {
             let m = std::fs::metadata(p).ok()?;
             Some((m.modified().ok()?, m.len()))
         }
+        // Taken now, not inside the task: a change made before the task first runs must count.
+        let mut last = (stamp(&roots_path), crl_path.as_deref().and_then(stamp));
         tokio::spawn(async move {
-            let mut last = (stamp(&roots_path), crl_path.as_deref().and_then(stamp));
             loop {
                 tokio::time::sleep(interval).await;
                 let now = (stamp(&roots_path), crl_path.as_deref().and_then(stamp));
@@ -438,6 +455,15 @@ impl TrustBundle {
             }
         })
     }
+}
+
+fn read_roots(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    CertificateDer::pem_file_iter(path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| TlsError::File {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })
 }
 
 impl TrustState {

@@ -491,3 +491,78 @@ async fn pqc_mode_refuses_a_classical_only_peer() {
     );
     assert!(ce.to_lowercase().contains("handshake"), "client: {ce}");
 }
+
+#[tokio::test]
+async fn file_watcher_applies_root_rotation_and_crl_without_restart() {
+    let clock = Arc::new(ManualClock::starting_now());
+    let old = Pki::new(&clock, TD);
+    let new = Pki::new(&clock, TD);
+    let (new_leaf, _) = new.issue("a", "b", Duration::from_secs(86400));
+    let (old_leaf, old_serial) = old.issue("a", "c", Duration::from_secs(86400));
+    let dir = tempfile::tempdir().unwrap();
+    let roots = dir.path().join("root-cert.pem");
+    let crl = dir.path().join("ca-crl.pem");
+    std::fs::write(&roots, crate::ca::pem_cert(&old.ca.roots()[0])).unwrap();
+    let bundle = Arc::new(TrustBundle::from_files(&roots, Some(&crl), vec![TD.into()]).unwrap());
+    let v = SpiffeVerifier::new(bundle.clone(), clock.clone());
+    assert!(
+        v.verify(&new_leaf.cert[0], &[], KeyUsage::client_auth())
+            .is_err()
+    );
+    let watcher = bundle.clone().spawn_file_watcher(
+        roots.clone(),
+        Some(crl.clone()),
+        Duration::from_millis(20),
+    );
+
+    // Overlap: old and new roots in one file.
+    let both = format!(
+        "{}{}",
+        crate::ca::pem_cert(&old.ca.roots()[0]),
+        crate::ca::pem_cert(&new.ca.roots()[0])
+    );
+    std::fs::write(&roots, both).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while v
+        .verify(&new_leaf.cert[0], &[], KeyUsage::client_auth())
+        .is_err()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "new root never picked up"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        v.verify(&old_leaf.cert[0], &[], KeyUsage::client_auth())
+            .is_ok(),
+        "old root still trusted"
+    );
+
+    // A broken file is ignored and the previous bundle kept.
+    std::fs::write(&roots, "garbage").unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(bundle.roots().len(), 2);
+
+    // The CRL of the old CA appears: the old leaf is refused.
+    let both = format!(
+        "{}{}",
+        crate::ca::pem_cert(&old.ca.roots()[0]),
+        crate::ca::pem_cert(&new.ca.roots()[0])
+    );
+    std::fs::write(&roots, both).unwrap();
+    old.ca.revoke(&old_serial).unwrap();
+    std::fs::copy(old.ca.dir().join(crate::ca::CRL_FILE), &crl).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match v.verify(&old_leaf.cert[0], &[], KeyUsage::client_auth()) {
+            Err(VerifyError::Revoked { serial }) => {
+                assert_eq!(serial, old_serial);
+                break;
+            }
+            _ => assert!(std::time::Instant::now() < deadline, "CRL never picked up"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    watcher.abort();
+}

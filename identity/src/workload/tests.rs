@@ -334,6 +334,43 @@ async fn rotation_never_drops_established_connections() {
 
 use rustls_pki_types::pem::PemObject;
 
+#[tokio::test]
+async fn background_rotation_loop_rotates_due_certificates() {
+    let h = harness(no_jitter());
+    let first = h.mgr.fetch(&web()).await.unwrap();
+    let task = h.mgr.spawn_rotation();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        h.mgr.fetch(&web()).await.unwrap().serial,
+        first.serial,
+        "not due yet"
+    );
+    h.clock.set(first.refresh_at);
+    // Registering an identity wakes the loop (it would otherwise wake within 30 s).
+    let other = Identity::spiffe("cluster.local", "default", "other").unwrap();
+    h.mgr.cert_slot(&other);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let status = h.mgr.snapshot();
+        let serial_web = status
+            .iter()
+            .find(|s| s.identity == web())
+            .and_then(|s| s.cert.as_ref().map(|c| c.serial.clone()));
+        let other_ok = status
+            .iter()
+            .any(|s| s.identity == other && s.cert.is_some());
+        if serial_web.is_some_and(|s| s != first.serial) && other_ok {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "rotation loop did not act: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    task.abort();
+}
+
 async fn echo(tls: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>, b: u8) -> u8 {
     tls.write_all(&[b]).await.unwrap();
     let mut buf = [0u8; 1];
