@@ -18,7 +18,8 @@ use warden_common::{EndpointInfo, IDENTITY_WORLD, RemoteInfo};
 use crate::{
     datapath::{Datapath, NodeState, attach},
     record::{EndpointRecord, NodeRecord},
-    workloads::{self, HostLinks, Workload},
+    source::{Inputs, Source, SourceError},
+    workloads::Workload,
 };
 
 /// How often the inputs are checked for changes.
@@ -26,21 +27,16 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
 
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
-    pub workloads: PathBuf,
-    pub policies: PathBuf,
     pub pin_dir: PathBuf,
     pub state_dir: PathBuf,
     pub trust_domain: String,
-    pub root_namespace: String,
 }
 
 /// Why a set of inputs could not become a node state. Nothing was applied.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
-    #[error("{0}")]
-    Workloads(#[from] workloads::WorkloadErrors),
-    #[error("{0}")]
-    Policies(#[from] warden_authz::LoadErrors),
+    #[error(transparent)]
+    Source(#[from] SourceError),
     #[error("compiling policies: {0}")]
     Compile(#[from] warden_authz::CompileError),
 }
@@ -55,11 +51,9 @@ pub struct Desired {
     pub warnings: Vec<String>,
 }
 
-/// Read, validate and compile the inputs. Pure with respect to the kernel: touches no map.
-pub fn build(cfg: &AgentConfig, record: &mut NodeRecord, links: &dyn workloads::Links) -> Result<Desired, BuildError> {
-    let workloads = workloads::load(&cfg.workloads, links)?;
-    let options = warden_authz::Options { root_namespace: cfg.root_namespace.clone(), ..Default::default() };
-    let policies = warden_authz::load_paths_with(&[&cfg.policies], &options)?;
+/// Compile a snapshot of the inputs into a node state. Pure with respect to the kernel.
+pub fn build(inputs: Inputs, trust_domain: &str, record: &mut NodeRecord) -> Result<Desired, BuildError> {
+    let Inputs { workloads, policies } = inputs;
 
     let authz_workloads: Vec<warden_authz::Workload> = workloads
         .iter()
@@ -69,7 +63,7 @@ pub fn build(cfg: &AgentConfig, record: &mut NodeRecord, links: &dyn workloads::
             service_account: w.service_account.clone(),
             labels: w.labels.clone(),
             ip: w.ip,
-            services: Vec::new(),
+            services: w.services.clone(),
         })
         .collect();
     let local: Vec<(usize, u32)> = workloads
@@ -82,7 +76,7 @@ pub fn build(cfg: &AgentConfig, record: &mut NodeRecord, links: &dyn workloads::
         policies: &policies,
         workloads: &authz_workloads,
         local: &local,
-        trust_domain: &cfg.trust_domain,
+        trust_domain,
         now: SystemTime::now(),
     };
     let compiled = warden_authz::compile(&input, record)?;
@@ -199,45 +193,29 @@ pub fn apply(dp: &mut Datapath, record: &mut NodeRecord, state_dir: &Path, d: &D
     Ok(generation)
 }
 
-/// A fingerprint of the inputs: paths, sizes and modification times of the workload file and of
-/// every file under the policy directory.
-fn fingerprint(cfg: &AgentConfig) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
-    fn walk(p: &Path, out: &mut Vec<(PathBuf, u64, Option<SystemTime>)>) {
-        match std::fs::metadata(p) {
-            Ok(m) if m.is_dir() => {
-                let mut entries: Vec<_> = std::fs::read_dir(p).into_iter().flatten().flatten().map(|e| e.path()).collect();
-                entries.sort();
-                for e in entries {
-                    walk(&e, out);
-                }
-            }
-            Ok(m) => out.push((p.to_path_buf(), m.len(), m.modified().ok())),
-            Err(_) => out.push((p.to_path_buf(), u64::MAX, None)),
-        }
-    }
-    let mut out = Vec::new();
-    walk(&cfg.workloads, &mut out);
-    walk(&cfg.policies, &mut out);
-    out
-}
-
 fn log_desired(d: &Desired) {
     for w in &d.warnings {
         tracing::warn!("{w}");
     }
 }
 
-/// Run the agent until SIGTERM/SIGINT. The first build must succeed (the agent does not start on
-/// bad input); later bad input is reported and ignored.
-pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+/// Read and compile the source's current inputs.
+fn snapshot(source: &mut dyn Source, trust_domain: &str, record: &mut NodeRecord) -> Result<Desired, BuildError> {
+    let inputs = source.read()?;
+    build(inputs, trust_domain, record)
+}
+
+/// Run the agent until SIGTERM/SIGINT. The first snapshot must succeed (the agent does not start
+/// on bad input); later bad input is reported and ignored.
+pub async fn run(cfg: AgentConfig, mut source: Box<dyn Source>) -> anyhow::Result<()> {
     let mut record = NodeRecord::load(&cfg.state_dir)?;
-    let desired = build(&cfg, &mut record, &HostLinks).map_err(|e| anyhow::anyhow!("refusing to start on invalid input:\n{e}"))?;
+    let desired = snapshot(source.as_mut(), &cfg.trust_domain, &mut record)
+        .map_err(|e| anyhow::anyhow!("refusing to start on invalid input:\n{e}"))?;
     let mut dp = Datapath::load(&cfg.pin_dir)?;
     log_desired(&desired);
     let generation = apply(&mut dp, &mut record, &cfg.state_dir, &desired, true)?;
-    tracing::info!(generation, workloads = desired.workloads.len(), entries = desired.state.policy.len(), "committed; enforcing");
+    tracing::info!(generation, source = %source.describe(), workloads = desired.workloads.len(), entries = desired.state.policy.len(), "committed; enforcing");
     let mut valid_until = desired.valid_until;
-    let mut seen = fingerprint(&cfg);
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut tick = tokio::time::interval(POLL_INTERVAL);
@@ -247,13 +225,11 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => break,
             _ = tick.tick() => {}
         }
-        let now = fingerprint(&cfg);
         let expired = valid_until.is_some_and(|t| SystemTime::now() >= t);
-        if now == seen && !expired {
+        if !source.changed() && !expired {
             continue;
         }
-        seen = now;
-        match build(&cfg, &mut record, &HostLinks) {
+        match snapshot(source.as_mut(), &cfg.trust_domain, &mut record) {
             Ok(d) => {
                 log_desired(&d);
                 match apply(&mut dp, &mut record, &cfg.state_dir, &d, false) {

@@ -45,13 +45,23 @@ pub struct EntryView {
 
 #[derive(Debug, Serialize)]
 pub struct CounterView {
+    /// Direction of the flows (who initiated them).
     pub direction: &'static str,
     pub hook: &'static str,
+    pub remote_identity: u32,
+    pub remote: String,
     pub verdict: &'static str,
     pub reason: &'static str,
     pub policy: String,
+    /// Totals, both ways.
     pub packets: u64,
     pub bytes: u64,
+    pub packets_in: u64,
+    pub bytes_in: u64,
+    pub packets_out: u64,
+    pub bytes_out: u64,
+    pub opened: u64,
+    pub closed: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -128,15 +138,26 @@ pub fn read(pin_dir: &Path, state_dir: &Path) -> anyhow::Result<MapsView> {
     let mut all: Vec<_> = maps.counters.iter().filter_map(Result::ok).collect();
     all.sort_by_key(|(k, _)| *k);
     for (k, per_cpu) in all {
-        let (packets, bytes) = per_cpu.iter().fold((0, 0), |(p, b), c| (p + c.packets, b + c.bytes));
+        let mut c = warden_common::Counter::default();
+        for cpu in per_cpu.iter() {
+            c.add(cpu);
+        }
         counters.entry(k.endpoint_id).or_default().push(CounterView {
             direction: Direction::from_u8(k.direction).map_or("?", Direction::name),
             hook: if k.hook == HOOK_CONNECT { "connect" } else { "tc" },
+            remote_identity: k.remote_identity,
+            remote: identity(k.remote_identity),
             verdict: verdict_name(k.verdict),
             reason: reason_name(k.reason),
             policy: policy(k.policy_id, k.reason),
-            packets,
-            bytes,
+            packets: c.packets_in + c.packets_out,
+            bytes: c.bytes_in + c.bytes_out,
+            packets_in: c.packets_in,
+            bytes_in: c.bytes_in,
+            packets_out: c.packets_out,
+            bytes_out: c.bytes_out,
+            opened: c.opened,
+            closed: c.closed,
         });
     }
 
@@ -195,9 +216,17 @@ pub fn render(v: &MapsView) -> String {
             }
         }
         if !e.counters.is_empty() {
-            let _ = writeln!(s, "  {:<9} {:<8} {:<7} {:<20} {:>10} {:>12}  {}", "DIRECTION", "HOOK", "VERDICT", "REASON", "PACKETS", "BYTES", "POLICY");
+            let _ = writeln!(
+                s,
+                "  {:<9} {:<7} {:<32} {:<7} {:<19} {:>8} {:>8} {:>10} {:>10} {:>6} {:>6}  {}",
+                "FLOWS", "HOOK", "REMOTE", "VERDICT", "REASON", "PKTS-IN", "PKTS-OUT", "BYTES-IN", "BYTES-OUT", "OPENED", "CLOSED", "POLICY"
+            );
             for c in &e.counters {
-                let _ = writeln!(s, "  {:<9} {:<8} {:<7} {:<20} {:>10} {:>12}  {}", c.direction, c.hook, c.verdict, c.reason, c.packets, c.bytes, c.policy);
+                let _ = writeln!(
+                    s,
+                    "  {:<9} {:<7} {:<32} {:<7} {:<19} {:>8} {:>8} {:>10} {:>10} {:>6} {:>6}  {}",
+                    c.direction, c.hook, c.remote, c.verdict, c.reason, c.packets_in, c.packets_out, c.bytes_in, c.bytes_out, c.opened, c.closed, c.policy
+                );
             }
         }
     }

@@ -5,6 +5,7 @@
 //! | `workloads`  | the workload file: parsing and validation                               |
 //! | `datapath`   | loading the eBPF object, pinned maps, the atomic commit, attachments    |
 //! | `record`     | the node record: stable ids and names, persisted                        |
+//! | `source`     | where inputs come from: the directory source (default), a cluster       |
 //! | `agent`      | build (validate + compile) and apply; the live reconcile loop           |
 //! | `inspect`    | `warden maps`: the live maps in human terms                             |
 
@@ -12,6 +13,7 @@ pub mod agent;
 pub mod datapath;
 pub mod inspect;
 pub mod record;
+pub mod source;
 pub mod workloads;
 
 /// Default directories, overridable on every command.

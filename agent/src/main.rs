@@ -49,11 +49,27 @@ enum Command {
         #[arg(long, short, value_enum, default_value = "text")]
         output: Output,
     },
+    /// Istio security resources: `warden policy validate PATH...`.
+    Policy {
+        #[command(subcommand)]
+        command: warden_authz::cli::PolicyCommand,
+    },
+    /// Authorization: `warden authz check` evaluates one connection or request and explains it.
+    Authz {
+        #[command(subcommand)]
+        command: AuthzCommand,
+    },
     /// Detach every program and remove every pin under the pin directory (the node stops enforcing).
     Cleanup {
         #[arg(long, default_value = defaults::PIN_DIR)]
         pin_dir: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum AuthzCommand {
+    /// Evaluate a request file against a policy directory (exit 0 ALLOW, 1 DENY, 2 invalid input).
+    Check(warden_authz::cli::AuthzCheckArgs),
 }
 
 fn init_logging(format: Output) {
@@ -68,15 +84,19 @@ fn init_logging(format: Output) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Policy { command } => return warden_authz::cli::run_policy(command),
+        Command::Authz { command: AuthzCommand::Check(args) } => return warden_authz::cli::run_authz_check(args),
         Command::Agent { workloads, policies, pin_dir, state_dir, trust_domain, root_namespace, log_format } => {
             init_logging(log_format);
-            let cfg = agent::AgentConfig { workloads, policies, pin_dir, state_dir, trust_domain, root_namespace };
+            let options = warden_authz::Options { root_namespace, ..Default::default() };
+            let source = Box::new(warden_agent::source::files::FileSource::new(workloads, policies, options));
+            let cfg = agent::AgentConfig { pin_dir, state_dir, trust_domain };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
                 .build()
                 .map_err(anyhow::Error::from)
-                .and_then(|rt| rt.block_on(agent::run(cfg)))
+                .and_then(|rt| rt.block_on(agent::run(cfg, source)))
         }
         Command::Maps { pin_dir, state_dir, output } => inspect::read(&pin_dir, &state_dir).map(|v| match output {
             Output::Text => print!("{}", inspect::render(&v)),

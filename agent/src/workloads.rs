@@ -40,6 +40,8 @@ struct Entry {
     ip: Option<String>,
     veth: Option<String>,
     cgroup: Option<PathBuf>,
+    #[serde(default)]
+    services: Vec<String>,
 }
 
 /// A workload as the agent uses it.
@@ -50,6 +52,8 @@ pub struct Workload {
     pub service_account: String,
     pub labels: BTreeMap<String, String>,
     pub ip: Ipv4Addr,
+    /// Services (in the workload's namespace) selecting it, for policies bound by `targetRefs`.
+    pub services: Vec<String>,
     /// Present for workloads enforced on this node.
     pub local: Option<Local>,
 }
@@ -202,7 +206,7 @@ pub fn load(path: &Path, links: &dyn Links) -> Result<Vec<Workload>, WorkloadErr
             if let Some(prev) = ips.insert(ip, i) {
                 errors.push(err(entry.clone(), "ip", format!("{ip} is already used by workloads[{prev}]")));
             }
-            out.push(Workload { name, namespace, service_account, labels: e.labels, ip, local });
+            out.push(Workload { name, namespace, service_account, labels: e.labels, ip, services: e.services, local });
         }
     }
     if errors.is_empty() { Ok(out) } else { Err(WorkloadErrors(errors)) }

@@ -17,9 +17,9 @@ pub mod names {
     /// Hash: [`super::PolicyKey`] -> [`super::PolicyValue`]. The identity policy.
     pub const POLICY: &str = "warden_policy_v1";
     /// LRU hash: [`super::FlowKey`] -> [`super::FlowValue`]. Decided flows and their replies.
-    pub const FLOWS: &str = "warden_flows_v1";
+    pub const FLOWS: &str = "warden_flows_v2";
     /// Per-CPU hash: [`super::CounterKey`] -> [`super::Counter`]. Packets/bytes per decision.
-    pub const COUNTERS: &str = "warden_counters_v1";
+    pub const COUNTERS: &str = "warden_counters_v2";
 
     pub const ALL: [&str; 7] = [CONFIG, IPCACHE, ENDPOINTS, CGROUPS, POLICY, FLOWS, COUNTERS];
 }
@@ -255,6 +255,8 @@ impl FlowKey {
 
 /// Flow-cache flag: this entry was created for replies of a flow decided in the other direction.
 pub const FLOW_REPLY: u8 = 1;
+/// Flow-cache flag (forward entries): a FIN or RST was seen; the close is counted once.
+pub const FLOW_CLOSED: u8 = 2;
 
 /// A cached decision. Valid only while `generation` equals the committed generation.
 #[repr(C)]
@@ -262,23 +264,28 @@ pub const FLOW_REPLY: u8 = 1;
 pub struct FlowValue {
     pub generation: u32,
     pub endpoint_id: u32,
+    /// The remote's identity when the flow was decided (for counters and metrics).
+    pub remote_identity: u32,
     pub policy_id: u32,
     pub verdict: u8,
     pub reason: u8,
     /// `Direction` of the flow's first packet, relative to the endpoint.
     pub direction: u8,
-    /// [`FLOW_REPLY`] or 0.
+    /// [`FLOW_REPLY`], [`FLOW_CLOSED`].
     pub flags: u8,
 }
 
-/// Counter key: packets and bytes per (workload, policy, verdict, reason, direction).
+/// Counter key: traffic per (workload, remote identity, deciding policy, verdict, reason, flow
+/// direction, hook). The remote identity makes Istio's per-peer TCP metrics derivable.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CounterKey {
     pub endpoint_id: u32,
+    pub remote_identity: u32,
     pub policy_id: u32,
     pub verdict: u8,
     pub reason: u8,
+    /// `Direction` of the flow (who initiated it), not of the packet.
     pub direction: u8,
     /// Which hook counted it: [`HOOK_TC`] or [`HOOK_CONNECT`].
     pub hook: u8,
@@ -287,11 +294,30 @@ pub struct CounterKey {
 pub const HOOK_TC: u8 = 0;
 pub const HOOK_CONNECT: u8 = 1;
 
+/// Per-CPU traffic counters. For [`HOOK_CONNECT`], `packets_out` counts `connect()` calls.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counter {
-    pub packets: u64,
-    pub bytes: u64,
+    /// Packets and bytes delivered into the workload.
+    pub packets_in: u64,
+    pub bytes_in: u64,
+    /// Packets and bytes the workload sent.
+    pub packets_out: u64,
+    pub bytes_out: u64,
+    /// TCP connections opened (SYN seen) and closed (first FIN or RST seen).
+    pub opened: u64,
+    pub closed: u64,
+}
+
+impl Counter {
+    pub fn add(&mut self, o: &Counter) {
+        self.packets_in += o.packets_in;
+        self.bytes_in += o.bytes_in;
+        self.packets_out += o.packets_out;
+        self.bytes_out += o.bytes_out;
+        self.opened += o.opened;
+        self.closed += o.closed;
+    }
 }
 
 #[cfg(feature = "user")]
@@ -327,9 +353,9 @@ mod tests {
         assert_eq!(size_of::<PolicyKey>(), 12);
         assert_eq!(size_of::<PolicyValue>(), 8);
         assert_eq!(size_of::<FlowKey>(), 20);
-        assert_eq!(size_of::<FlowValue>(), 16);
-        assert_eq!(size_of::<CounterKey>(), 12);
-        assert_eq!(size_of::<Counter>(), 16);
+        assert_eq!(size_of::<FlowValue>(), 20);
+        assert_eq!(size_of::<CounterKey>(), 16);
+        assert_eq!(size_of::<Counter>(), 48);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use aya_ebpf::bindings::BPF_NOEXIST;
 use warden_common::{
-    Config, Counter, CounterKey, Direction, DropReason, EndpointInfo, EndpointKey, FLOW_REPLY, FlowKey,
+    Config, Counter, CounterKey, Direction, DropReason, EndpointInfo, EndpointKey, FLOW_CLOSED, FLOW_REPLY, FlowKey,
     FlowValue, IDENTITY_WORLD, PolicyKey, PolicyValue, RemoteInfo, Verdict,
     lookup::{PolicyLookup, Query, decide},
 };
@@ -16,14 +16,18 @@ use crate::{
 /// The outcome of one hook invocation, for counting.
 pub struct Outcome {
     pub endpoint_id: u32,
+    pub remote_identity: u32,
+    /// Direction of the flow (who initiated it), relative to the endpoint.
     pub direction: Direction,
+    /// The packet answers a flow initiated by the other side.
+    pub reply: bool,
     pub value: PolicyValue,
 }
 
 impl Outcome {
     #[inline(always)]
     pub fn drop(endpoint_id: u32, direction: Direction, reason: DropReason) -> Self {
-        Outcome { endpoint_id, direction, value: PolicyValue::deny(0, reason) }
+        Outcome { endpoint_id, remote_identity: IDENTITY_WORLD, direction, reply: false, value: PolicyValue::deny(0, reason) }
     }
 }
 
@@ -66,38 +70,51 @@ pub fn policy(slot: u8, endpoint_id: u32, direction: Direction, remote_identity:
     decide(&PolicyMap, &Query { slot, endpoint_id, direction, remote_identity, proto, dport })
 }
 
-/// Decide a packet of `t` seen on endpoint `ep`'s veth, travelling in `dir` relative to the
-/// endpoint. Uses and maintains the flow cache: a flow decided under the committed generation is
-/// not looked up again; a reply follows the decision of the flow it answers.
+/// The flow-cache key of a packet seen on the veth (or cgroup) of `ifindex`.
 #[inline(always)]
-pub fn decide_packet(cfg: &Config, ifindex: u32, ep: &EndpointInfo, dir: Direction, t: &Tuple) -> Outcome {
-    let key = FlowKey {
-        ifindex,
-        saddr: t.saddr,
-        daddr: t.daddr,
-        sport: t.sport,
-        dport: t.dport,
-        proto: t.proto,
-        _pad: [0; 3],
-    };
-    let cached = FLOWS.get_ptr_mut(key);
-    let mut is_reply = false;
-    if let Some(f) = cached {
-        // SAFETY: a valid pointer into the LRU map; only this flow's packets write it, and a
-        // racing writer can only store another equally valid decision.
-        let f = unsafe { &mut *f };
-        if f.generation == cfg.generation {
-            let direction = Direction::from_u8(f.direction).unwrap_or(dir);
-            let value = PolicyValue { policy_id: f.policy_id, verdict: f.verdict, reason: f.reason, _pad: [0; 2] };
-            return Outcome { endpoint_id: ep.endpoint_id, direction, value };
-        }
-        is_reply = f.flags & FLOW_REPLY != 0;
-    }
+pub fn flow_key(ifindex: u32, t: &Tuple) -> FlowKey {
+    FlowKey { ifindex, saddr: t.saddr, daddr: t.daddr, sport: t.sport, dport: t.dport, proto: t.proto, _pad: [0; 3] }
+}
 
+/// What the flow cache knows about a packet.
+pub enum Cached {
+    /// Decided under the committed generation: no further lookup is needed.
+    Hit(Outcome),
+    /// Not decided under this generation; `is_reply` when the entry answers a flow decided in
+    /// the other direction.
+    Miss { is_reply: bool },
+}
+
+/// The fast path: one flow-cache lookup. The key holds the source address, so a forged source
+/// never hits an entry made for the genuine one.
+#[inline(always)]
+pub fn cached(cfg: &Config, key: &FlowKey) -> Cached {
+    match FLOWS.get_ptr(key) {
+        Some(f) => {
+            // SAFETY: a valid pointer into the LRU map, read at once.
+            let f = unsafe { *f };
+            if f.generation == cfg.generation {
+                let direction = if f.direction == Direction::Egress as u8 { Direction::Egress } else { Direction::Ingress };
+                let value = PolicyValue { policy_id: f.policy_id, verdict: f.verdict, reason: f.reason, _pad: [0; 2] };
+                let reply = f.flags & FLOW_REPLY != 0;
+                Cached::Hit(Outcome { endpoint_id: f.endpoint_id, remote_identity: f.remote_identity, direction, reply, value })
+            } else {
+                Cached::Miss { is_reply: f.flags & FLOW_REPLY != 0 }
+            }
+        }
+        None => Cached::Miss { is_reply: false },
+    }
+}
+
+/// The slow path: decide a packet travelling in `dir` relative to endpoint `ep` from the
+/// identity cache and the policy map, and cache the decision (and, for an allowed new flow, its
+/// replies). A reply is decided as the flow it answers.
+#[inline(always)]
+pub fn decide_new(cfg: &Config, key: &FlowKey, ep: &EndpointInfo, dir: Direction, is_reply: bool) -> Outcome {
     // The remote is the other end whichever way the packet goes.
     let remote_addr = match dir {
-        Direction::Ingress => t.saddr,
-        Direction::Egress => t.daddr,
+        Direction::Ingress => key.saddr,
+        Direction::Egress => key.daddr,
     };
     let slot = cfg.active_slot();
     let remote_identity = remote(slot, remote_addr).identity;
@@ -106,15 +123,16 @@ pub fn decide_packet(cfg: &Config, ifindex: u32, ep: &EndpointInfo, dir: Directi
         (match dir {
             Direction::Ingress => Direction::Egress,
             Direction::Egress => Direction::Ingress,
-        }, t.sport)
+        }, key.sport)
     } else {
-        (dir, t.dport)
+        (dir, key.dport)
     };
-    let value = policy(slot, ep.endpoint_id, qdir, remote_identity, t.proto, qport);
+    let value = policy(slot, ep.endpoint_id, qdir, remote_identity, key.proto, qport);
 
     let entry = FlowValue {
         generation: cfg.generation,
         endpoint_id: ep.endpoint_id,
+        remote_identity,
         policy_id: value.policy_id,
         verdict: value.verdict,
         reason: value.reason,
@@ -127,29 +145,70 @@ pub fn decide_packet(cfg: &Config, ifindex: u32, ep: &EndpointInfo, dir: Directi
         let reply = FlowValue { flags: FLOW_REPLY, ..entry };
         let _ = FLOWS.insert(key.reversed(), reply, 0);
     }
-    Outcome { endpoint_id: ep.endpoint_id, direction: qdir, value }
+    Outcome { endpoint_id: ep.endpoint_id, remote_identity, direction: qdir, reply: is_reply, value }
 }
 
-/// Add one packet of `bytes` to the counter of `o` (per CPU, so no atomics are needed).
+/// Mark the flow of `key` (a packet's key; `reply` as in its outcome) closed. True the first
+/// time, so a connection's close is counted once whichever side ends it.
 #[inline(always)]
-pub fn count(o: &Outcome, hook: u8, bytes: u64) {
+pub fn mark_closed(key: &FlowKey, reply: bool) -> bool {
+    let forward = if reply { key.reversed() } else { *key };
+    match FLOWS.get_ptr_mut(forward) {
+        Some(f) => {
+            // SAFETY: a valid pointer into the LRU map; a racing close can at worst count twice.
+            let f = unsafe { &mut *f };
+            let first = f.flags & FLOW_CLOSED == 0;
+            f.flags |= FLOW_CLOSED;
+            first
+        }
+        None => false,
+    }
+}
+
+/// Traffic of one hook invocation.
+pub struct Traffic {
+    /// The packet enters the workload (else it leaves it).
+    pub inbound: bool,
+    pub bytes: u64,
+    pub opened: bool,
+    pub closed: bool,
+}
+
+/// Add `t` to the counter of `o` (per CPU, so no atomics are needed).
+#[inline(always)]
+pub fn count(o: &Outcome, hook: u8, t: &Traffic) {
     let key = CounterKey {
         endpoint_id: o.endpoint_id,
+        remote_identity: o.remote_identity,
         policy_id: o.value.policy_id,
         verdict: o.value.verdict,
         reason: o.value.reason,
         direction: o.direction as u8,
         hook,
     };
+    let mut add = Counter::default();
+    if t.inbound {
+        add.packets_in = 1;
+        add.bytes_in = t.bytes;
+    } else {
+        add.packets_out = 1;
+        add.bytes_out = t.bytes;
+    }
+    add.opened = t.opened as u64;
+    add.closed = t.closed as u64;
     match COUNTERS.get_ptr_mut(key) {
         Some(c) => {
             // SAFETY: per-CPU value of this CPU; BPF programs do not migrate while running.
             let c = unsafe { &mut *c };
-            c.packets += 1;
-            c.bytes += bytes;
+            c.packets_in += add.packets_in;
+            c.bytes_in += add.bytes_in;
+            c.packets_out += add.packets_out;
+            c.bytes_out += add.bytes_out;
+            c.opened += add.opened;
+            c.closed += add.closed;
         }
         None => {
-            let _ = COUNTERS.insert(key, Counter { packets: 1, bytes }, BPF_NOEXIST as u64);
+            let _ = COUNTERS.insert(key, add, BPF_NOEXIST as u64);
         }
     }
 }

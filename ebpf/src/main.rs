@@ -24,10 +24,10 @@ use aya_ebpf::{
     macros::{cgroup_skb, cgroup_sock_addr, classifier},
     programs::{SkBuffContext, SockAddrContext, TcContext},
 };
-use warden_common::{Direction, DropReason, EndpointInfo, HOOK_CONNECT, HOOK_TC};
+use warden_common::{Direction, DropReason, HOOK_CONNECT, HOOK_TC};
 
 use crate::{
-    enforce::{Outcome, config, count, decide_packet, endpoint, policy, remote},
+    enforce::{Cached, Outcome, Traffic, cached, config, count, decide_new, endpoint, flow_key, mark_closed, policy, remote},
     maps::CGROUPS,
     packet::{Direct, L3, Loaded, parse_ethernet, parse_ipv4},
 };
@@ -48,7 +48,7 @@ pub fn warden_to_wl(ctx: TcContext) -> i32 {
 #[cgroup_sock_addr(connect4)]
 pub fn warden_connect4(ctx: SockAddrContext) -> i32 {
     let o = connect4(&ctx);
-    count(&o, HOOK_CONNECT, 0);
+    count(&o, HOOK_CONNECT, &Traffic { inbound: false, bytes: 0, opened: false, closed: false });
     o.value.is_allow() as i32
 }
 
@@ -63,40 +63,58 @@ pub fn warden_sock_out(ctx: SkBuffContext) -> i32 {
 fn tc_verdict(ctx: &TcContext, dir: Direction) -> i32 {
     // SAFETY: the context's skb pointer is valid for the program's run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let o = match tc(ctx, ifindex, dir) {
-        Ok(Some(o)) => o,
+    let (o, traffic) = match tc(ctx, ifindex, dir) {
+        Ok(Some(v)) => v,
         Ok(None) => return TC_ACT_OK,
-        Err((endpoint_id, reason)) => Outcome::drop(endpoint_id, dir, reason),
+        Err((endpoint_id, reason)) => {
+            let t = Traffic { inbound: dir == Direction::Ingress, bytes: ctx.len() as u64, opened: false, closed: false };
+            (Outcome::drop(endpoint_id, dir, reason), t)
+        }
     };
-    count(&o, HOOK_TC, ctx.len() as u64);
+    count(&o, HOOK_TC, &traffic);
     if o.value.is_allow() { TC_ACT_OK } else { TC_ACT_SHOT }
 }
 
 /// `Ok(None)`: not subject to policy (ARP). `Err`: drop with the endpoint id known so far.
 #[inline(always)]
-fn tc(ctx: &TcContext, ifindex: u32, dir: Direction) -> Result<Option<Outcome>, (u32, DropReason)> {
+fn tc(ctx: &TcContext, ifindex: u32, dir: Direction) -> Result<Option<(Outcome, Traffic)>, (u32, DropReason)> {
     let cfg = config().map_err(|r| (0, r))?;
-    let ep = endpoint(cfg.active_slot(), ifindex).map_err(|r| (0, r))?;
-    let t = match parse_ethernet(&Direct { data: ctx.data(), data_end: ctx.data_end() }).map_err(|r| (ep.endpoint_id, r))? {
-        L3::Arp => return Ok(None),
-        L3::Ipv4(t) => t,
+    let t = match parse_ethernet(&Direct { data: ctx.data(), data_end: ctx.data_end() }) {
+        Ok(L3::Arp) => return Ok(None),
+        Ok(L3::Ipv4(t)) => t,
+        // Attribute the drop to the endpoint when there is one.
+        Err(r) => return Err((endpoint(cfg.active_slot(), ifindex).map_or(0, |e| e.endpoint_id), r)),
     };
+    let key = flow_key(ifindex, &t);
+    let syn = t.is_syn();
+    let mut traffic = Traffic { inbound: dir == Direction::Ingress, bytes: ctx.len() as u64, opened: syn, closed: false };
+    // A SYN opens a new connection: always decided afresh (a reused 5-tuple starts clean).
+    let is_reply = match if syn { Cached::Miss { is_reply: false } } else { cached(&cfg, &key) } {
+        Cached::Hit(o) => {
+            traffic.closed = t.is_fin_or_rst() && mark_closed(&key, o.reply);
+            return Ok(Some((o, traffic)));
+        }
+        Cached::Miss { is_reply } => is_reply,
+    };
+    let ep = endpoint(cfg.active_slot(), ifindex).map_err(|r| (0, r))?;
     if dir == Direction::Egress && t.saddr != ep.ip {
         return Err((ep.endpoint_id, DropReason::SourceSpoof));
     }
-    Ok(Some(decide_packet(&cfg, ifindex, &ep, dir, &t)))
+    let o = decide_new(&cfg, &key, &ep, dir, is_reply);
+    traffic.closed = t.is_fin_or_rst() && mark_closed(&key, o.reply);
+    Ok(Some((o, traffic)))
 }
 
 /// Deepest cgroup level searched for a workload's cgroup (a pod's containers sit below it).
 const MAX_CGROUP_DEPTH: i32 = 12;
 
-/// The endpoint (and its ifindex) owning the cgroup `id`, or the nearest ancestor of it that a
-/// workload owns. `ancestor(level)` returns the id at `level` (0 past the cgroup's own depth).
+/// The host-veth ifindex of the workload owning cgroup `id`, or the nearest ancestor of it that
+/// a workload owns. `ancestor(level)` returns the id at `level` (0 past the cgroup's own depth).
 #[inline(always)]
-fn endpoint_of_cgroup(slot: u8, id: u64, ancestor: impl Fn(i32) -> u64) -> Result<(u32, EndpointInfo), DropReason> {
+fn ifindex_of_cgroup(id: u64, ancestor: impl Fn(i32) -> u64) -> Result<u32, DropReason> {
     // SAFETY: copied out at once.
     if let Some(ifindex) = unsafe { CGROUPS.get(id) }.copied() {
-        return Ok((ifindex, endpoint(slot, ifindex)?));
+        return Ok(ifindex);
     }
     for level in 1..MAX_CGROUP_DEPTH {
         let id = ancestor(level);
@@ -105,7 +123,7 @@ fn endpoint_of_cgroup(slot: u8, id: u64, ancestor: impl Fn(i32) -> u64) -> Resul
         }
         // SAFETY: copied out at once.
         if let Some(ifindex) = unsafe { CGROUPS.get(id) }.copied() {
-            return Ok((ifindex, endpoint(slot, ifindex)?));
+            return Ok(ifindex);
         }
     }
     Err(DropReason::UnknownEndpoint)
@@ -127,7 +145,7 @@ fn connect4(ctx: &SockAddrContext) -> Outcome {
     let slot = cfg.active_slot();
     // SAFETY (both helpers): no pointer arguments.
     let id = unsafe { bpf_get_current_cgroup_id() };
-    let (_, ep) = match endpoint_of_cgroup(slot, id, |l| unsafe { bpf_get_current_ancestor_cgroup_id(l) }) {
+    let ep = match ifindex_of_cgroup(id, |l| unsafe { bpf_get_current_ancestor_cgroup_id(l) }).and_then(|i| endpoint(slot, i)) {
         Ok(e) => e,
         Err(r) => return Outcome::drop(0, Direction::Egress, r),
     };
@@ -135,8 +153,9 @@ fn connect4(ctx: &SockAddrContext) -> Outcome {
     let dport = u16::from_be(user_port as u16);
     let dst = remote(slot, daddr);
     let out = policy(slot, ep.endpoint_id, Direction::Egress, dst.identity, proto, dport);
+    let egress = Outcome { endpoint_id: ep.endpoint_id, remote_identity: dst.identity, direction: Direction::Egress, reply: false, value: out };
     if !out.is_allow() || dst.local_ifindex == 0 {
-        return Outcome { endpoint_id: ep.endpoint_id, direction: Direction::Egress, value: out };
+        return egress;
     }
     let peer = match endpoint(slot, dst.local_ifindex) {
         Ok(p) => p,
@@ -144,10 +163,10 @@ fn connect4(ctx: &SockAddrContext) -> Outcome {
     };
     let value = policy(slot, peer.endpoint_id, Direction::Ingress, ep.identity, proto, dport);
     if value.is_allow() {
-        Outcome { endpoint_id: ep.endpoint_id, direction: Direction::Egress, value: out }
+        egress
     } else {
         // Counted against the workload whose policy refused it.
-        Outcome { endpoint_id: peer.endpoint_id, direction: Direction::Ingress, value }
+        Outcome { endpoint_id: peer.endpoint_id, remote_identity: ep.identity, direction: Direction::Ingress, reply: false, value }
     }
 }
 
@@ -161,16 +180,24 @@ fn sock_out(ctx: &SkBuffContext) -> Outcome {
     // SAFETY (both helpers): the context's skb pointer is valid for the program's run.
     let id = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
     let anc = |l| unsafe { bpf_skb_ancestor_cgroup_id(ctx.skb.skb, l) };
-    let (ifindex, ep) = match endpoint_of_cgroup(cfg.active_slot(), id, anc) {
-        Ok(e) => e,
+    let ifindex = match ifindex_of_cgroup(id, anc) {
+        Ok(i) => i,
         Err(r) => return Outcome::drop(0, Direction::Egress, r),
     };
     // cgroup_skb sees the packet from its IPv4 header on.
     let t = match parse_ipv4(&Loaded(ctx), 0) {
         Ok(t) => t,
-        Err(r) => return Outcome::drop(ep.endpoint_id, Direction::Egress, r),
+        Err(r) => return Outcome::drop(0, Direction::Egress, r),
     };
-    decide_packet(&cfg, ifindex, &ep, Direction::Egress, &t)
+    let key = flow_key(ifindex, &t);
+    let is_reply = match cached(&cfg, &key) {
+        Cached::Hit(o) => return o,
+        Cached::Miss { is_reply } => is_reply,
+    };
+    match endpoint(cfg.active_slot(), ifindex) {
+        Ok(ep) => decide_new(&cfg, &key, &ep, Direction::Egress, is_reply),
+        Err(r) => Outcome::drop(0, Direction::Egress, r),
+    }
 }
 
 #[cfg(not(test))]

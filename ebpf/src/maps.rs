@@ -34,11 +34,11 @@ pub static CGROUPS: HashMap<u64, u32, { CGROUPS_CAP as usize }> = HashMap::new()
 pub static POLICY: HashMap<PolicyKey, PolicyValue, { POLICY_CAP as usize }> = HashMap::new();
 
 /// Flow cache: decisions of flows (and their replies) per endpoint, valid for one generation.
-#[btf_map(name = "warden_flows_v1")]
+#[btf_map(name = "warden_flows_v2")]
 pub static FLOWS: LruHashMap<FlowKey, FlowValue, { FLOWS_CAP as usize }> = LruHashMap::new();
 
 /// Packets and bytes per (endpoint, policy, verdict, reason, direction, hook), per CPU.
-#[btf_map(name = "warden_counters_v1")]
+#[btf_map(name = "warden_counters_v2")]
 pub static COUNTERS: PerCpuHashMap<CounterKey, Counter, { COUNTERS_CAP as usize }> = PerCpuHashMap::new();
 
 #[inline(always)]

@@ -18,6 +18,26 @@ pub struct Tuple {
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
+    /// TCP flags (0 for other protocols).
+    pub tcp_flags: u8,
+}
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+impl Tuple {
+    /// The first packet of a TCP connection.
+    #[inline(always)]
+    pub fn is_syn(&self) -> bool {
+        self.proto == PROTO_TCP && self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+    }
+    /// A TCP packet that ends the connection.
+    #[inline(always)]
+    pub fn is_fin_or_rst(&self) -> bool {
+        self.proto == PROTO_TCP && self.tcp_flags & (TCP_FIN | TCP_RST) != 0
+    }
 }
 
 pub enum L3 {
@@ -89,11 +109,12 @@ pub fn parse_ipv4(p: &impl Packet, l3: usize) -> Result<Tuple, DropReason> {
     let proto = p.read::<u8>(l3 + 9)?;
     let saddr = p.read::<[u8; 4]>(l3 + 12)?;
     let daddr = p.read::<[u8; 4]>(l3 + 16)?;
+    let l4 = l3 + ihl;
     let (sport, dport) = if proto == PROTO_TCP || proto == PROTO_UDP {
-        let l4 = l3 + ihl;
         (u16::from_be(p.read::<u16>(l4)?), u16::from_be(p.read::<u16>(l4 + 2)?))
     } else {
         (0, 0)
     };
-    Ok(Tuple { saddr, daddr, sport, dport, proto })
+    let tcp_flags = if proto == PROTO_TCP { p.read::<u8>(l4 + 13)? } else { 0 };
+    Ok(Tuple { saddr, daddr, sport, dport, proto, tcp_flags })
 }

@@ -313,10 +313,10 @@ impl Lab {
             if g != before && g != 0 {
                 return Ok(g);
             }
-            if let Some(a) = self.agent.as_mut() {
-                if let Some(status) = a.try_wait()? {
-                    bail!("the agent exited ({status}):\n{}", fs::read_to_string(self.agent_log()).unwrap_or_default());
-                }
+            if let Some(a) = self.agent.as_mut()
+                && let Some(status) = a.try_wait()?
+            {
+                bail!("the agent exited ({status}):\n{}", fs::read_to_string(self.agent_log()).unwrap_or_default());
             }
             if Instant::now() > deadline {
                 bail!("the agent committed nothing within {timeout:?}:\n{}", fs::read_to_string(self.agent_log()).unwrap_or_default());

@@ -11,6 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use warden_common::names;
 use warden_tests::{Lab, Probe, Spec, probe_bin, require_root, run, write_policies};
 
 /// Workloads `a` and `c` (clients) and `b` (a server on 8080 and 9090), all in namespace `team`.
@@ -109,6 +110,14 @@ fn allowed_flow_passes_denied_flow_gets_eperm_and_tc_drop() {
     lab.start_agent(&dir).unwrap();
 
     assert_result(&lab.probe("a", "b", 8080), "allowed", "a -> b:8080 is allowed by b-access");
+    // Counted per remote identity: one connection opened and closed, bytes both ways, attributed
+    // to the deciding policy.
+    let v: serde_json::Value = serde_json::from_str(&lab.warden(&["maps", "--output", "json"]).unwrap()).unwrap();
+    let b = v["endpoints"].as_array().unwrap().iter().find(|e| e["workload"] == "team/b").unwrap();
+    let c = b["counters"].as_array().unwrap().iter().find(|c| c["hook"] == "tc" && c["remote"] == "team/a" && c["direction"] == "ingress").expect("a counter for a's flows into b");
+    assert_eq!((c["opened"].as_u64(), c["closed"].as_u64()), (Some(1), Some(1)), "{c}");
+    assert!(c["bytes_in"].as_u64().unwrap() > 0 && c["bytes_out"].as_u64().unwrap() > 0, "{c}");
+    assert_eq!(c["policy"], "team/b-access");
     // Denied at connect(): EPERM at once, not a timeout.
     let p = lab.probe("c", "b", 8080);
     assert_result(&p, "eperm", "c -> b:8080 (no ALLOW matches)");
@@ -260,15 +269,15 @@ fn bpftool_reads_pinned_maps_with_field_names() {
     lab.start_agent(&dir).unwrap();
     lab.probe("a", "b", 8080);
     let pin = |m: &str| lab.pin_dir.join(m).display().to_string();
-    let policy = run(&["bpftool", "map", "dump", "pinned", &pin("warden_policy_v1")]).unwrap();
+    let policy = run(&["bpftool", "map", "dump", "pinned", &pin(names::POLICY)]).unwrap();
     for field in ["\"endpoint_id\"", "\"remote_identity\"", "\"dport\"", "\"verdict\"", "\"policy_id\""] {
         assert!(policy.contains(field), "policy map dump lacks {field}:\n{policy}");
     }
-    let ipcache = run(&["bpftool", "map", "dump", "pinned", &pin("warden_ipcache_v1")]).unwrap();
+    let ipcache = run(&["bpftool", "map", "dump", "pinned", &pin(names::IPCACHE)]).unwrap();
     assert!(ipcache.contains("\"prefix_len\"") && ipcache.contains("\"identity\"") && ipcache.contains("\"local_ifindex\""), "{ipcache}");
-    let counters = run(&["bpftool", "map", "dump", "pinned", &pin("warden_counters_v1")]).unwrap();
-    assert!(counters.contains("\"packets\"") && counters.contains("\"bytes\"") && counters.contains("\"reason\""), "{counters}");
-    let flows = run(&["bpftool", "map", "dump", "pinned", &pin("warden_flows_v1")]).unwrap();
+    let counters = run(&["bpftool", "map", "dump", "pinned", &pin(names::COUNTERS)]).unwrap();
+    assert!(counters.contains("\"packets_in\"") && counters.contains("\"bytes_out\"") && counters.contains("\"opened\"") && counters.contains("\"remote_identity\""), "{counters}");
+    let flows = run(&["bpftool", "map", "dump", "pinned", &pin(names::FLOWS)]).unwrap();
     assert!(flows.contains("\"saddr\"") && flows.contains("\"generation\""), "{flows}");
     // The text view names what the numbers mean.
     let text = lab.warden(&["maps"]).unwrap();

@@ -3,6 +3,7 @@
 
 use std::{net::Ipv4Addr, path::PathBuf};
 
+use warden_common::names;
 use warden_tests::{Lab, Spec, probe_bin};
 
 pub const TAG: &str = "lab";
@@ -87,9 +88,9 @@ pub fn up() -> anyhow::Result<()> {
     println!("Inspect the running node:");
     println!("  {} maps --state-dir {state}", warden.display());
     println!("  {} maps --state-dir {state} --output json", warden.display());
-    println!("  bpftool map dump pinned {pin}/warden_policy_v1");
-    println!("  bpftool map dump pinned {pin}/warden_ipcache_v1");
-    println!("  bpftool map dump pinned {pin}/warden_counters_v1");
+    for map in [names::POLICY, names::IPCACHE, names::COUNTERS, names::FLOWS] {
+        println!("  bpftool map dump pinned {pin}/{map}");
+    }
     println!("  bpftool link show; bpftool prog show name warden_from_wl");
     println!("  agent log: {}", lab.agent_log().display());
     println!("  edit {} or {} : the agent applies changes live", policies.display(), lab.workloads_path().display());

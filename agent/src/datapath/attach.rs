@@ -59,7 +59,7 @@ impl Hook {
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {
     #[error("{workload}: attaching {hook} to {target}: {source}")]
-    Attach { workload: String, hook: &'static str, target: String, source: aya::programs::ProgramError },
+    Attach { workload: String, hook: &'static str, target: String, source: Box<aya::programs::ProgramError> },
     #[error("{workload}: pinning the {hook} link at {path}: {reason}")]
     Pin { workload: String, hook: &'static str, path: PathBuf, reason: String },
     #[error("{workload}: opening cgroup {path}: {source}")]
@@ -124,7 +124,7 @@ fn attach_tc(ebpf: &mut Ebpf, dir: &Path, key: &str, hook: Hook, at: TcAttachTyp
         .program_mut(hook.program())
         .and_then(|p| p.try_into().ok())
         .ok_or(AttachError::MissingProgram(hook.program()))?;
-    let attach_err = |source| AttachError::Attach { workload: key.into(), hook: hook.pin_name(), target: veth.into(), source };
+    let attach_err = |source| AttachError::Attach { workload: key.into(), hook: hook.pin_name(), target: veth.into(), source: Box::new(source) };
 
     // A pinned link from an earlier run: swap the program inside it, no gap. The kernel refuses
     // (ENOLINK) when the link's device went away; then a fresh link replaces the defunct one.
@@ -152,7 +152,7 @@ fn attach_tc(ebpf: &mut Ebpf, dir: &Path, key: &str, hook: Hook, at: TcAttachTyp
 
 fn attach_cgroup(ebpf: &mut Ebpf, dir: &Path, key: &str, hook: Hook, cgroup: &fs::File, cg_path: &Path) -> Result<(), AttachError> {
     let path = dir.join(hook.pin_name());
-    let attach_err = |source| AttachError::Attach { workload: key.into(), hook: hook.pin_name(), target: cg_path.display().to_string(), source };
+    let attach_err = |source| AttachError::Attach { workload: key.into(), hook: hook.pin_name(), target: cg_path.display().to_string(), source: Box::new(source) };
     let new: FdLink = match hook {
         Hook::Connect4 => {
             let prog: &mut CgroupSockAddr = ebpf

@@ -1,0 +1,34 @@
+//! Where the agent's inputs come from: the workloads of this node and the Istio security
+//! resources. The directory source (`files`) is the embedded default; a cluster source feeds the
+//! same two things from a Kubernetes API.
+
+pub mod files;
+
+use crate::workloads::Workload;
+
+/// A complete, validated snapshot of the inputs.
+pub struct Inputs {
+    pub workloads: Vec<Workload>,
+    pub policies: warden_authz::PolicySet,
+}
+
+/// Why a snapshot could not be taken. Nothing is applied; the last good state keeps running.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("{0}")]
+    Workloads(#[from] crate::workloads::WorkloadErrors),
+    #[error("{0}")]
+    Policies(#[from] warden_authz::LoadErrors),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// A source of inputs, polled by the agent.
+pub trait Source: Send {
+    /// True when the inputs may have changed since the last `read` (cheap; polled often).
+    fn changed(&mut self) -> bool;
+    /// Read a complete snapshot. All-or-nothing.
+    fn read(&mut self) -> Result<Inputs, SourceError>;
+    /// What this source reads, for logs.
+    fn describe(&self) -> String;
+}
