@@ -26,6 +26,8 @@ use crate::model::*;
 use crate::set::{PolicySet, RuleRef, Target, Workload};
 use ipnet::Ipv4Net;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::rc::Rc;
+use crate::set::FastMap;
 use std::time::{Duration, SystemTime};
 use warden_common::{
     Direction, DropReason, IDENTITY_ANY, IDENTITY_WORLD, POLICY_ID_NONE, PROTO_ANY, PROTO_TCP, PolicyKey, PolicyValue,
@@ -147,7 +149,7 @@ struct Class {
 }
 
 struct Prepared {
-    ports: PortSet,
+    ports: Rc<PortSet>,
     /// `when` conditions on the destination address and the clock hold (per endpoint).
     value: PolicyValue,
 }
@@ -292,7 +294,7 @@ pub fn compile(input: &CompileInput, ids: &mut dyn IdAllocator) -> Result<Compil
     }
 
     let now_clock = clock(input.now, set.options.utc_offset_minutes);
-    let mut port_cache: HashMap<(u32, u32), PortSet> = HashMap::new();
+    let mut port_cache: FastMap<(u32, u32), Rc<PortSet>> = FastMap::default();
     let mut time_dependent = false;
     let mut entries: Vec<(PolicyKey, PolicyValue)> = Vec::new();
     let mut cands: Vec<RuleRef> = Vec::new();
@@ -328,8 +330,8 @@ pub fn compile(input: &CompileInput, ids: &mut dyn IdAllocator) -> Result<Compil
         };
 
         // Per-endpoint rule preparation: constant conditions and port sets.
-        let mut prepared: HashMap<(u32, u32), Option<Prepared>> = HashMap::new();
-        let mut prepare = |rr: &RuleRef, time_dependent: &mut bool| -> Option<(PortSet, PolicyValue)> {
+        let mut prepared: FastMap<(u32, u32), Option<Prepared>> = FastMap::default();
+        let mut prepare = |rr: &RuleRef, time_dependent: &mut bool| -> Option<(Rc<PortSet>, PolicyValue)> {
             let e = prepared.entry((rr.policy, rr.rule)).or_insert_with(|| {
                 let p = &set.authz[rr.policy as usize];
                 let r = &p.rules[rr.rule as usize];
@@ -350,12 +352,12 @@ pub fn compile(input: &CompileInput, ids: &mut dyn IdAllocator) -> Result<Compil
                 if !r.when.iter().filter(|c| is_const_key(&c.key)).all(|c| condition_matches(c, &env)) {
                     return None;
                 }
-                let ports = port_cache.entry((rr.policy, rr.rule)).or_insert_with(|| rule_ports(r)).clone();
+                let ports = port_cache.entry((rr.policy, rr.rule)).or_insert_with(|| Rc::new(rule_ports(r))).clone();
                 let id = policy_ids[&rr.policy];
                 let value = if p.action == Action::Allow { PolicyValue::allow(id) } else { PolicyValue::deny(id, DropReason::PolicyDeny) };
                 Some(Prepared { ports, value })
             });
-            e.as_ref().map(|p| (p.ports.clone(), p.value))
+            e.as_ref().map(|p| (Rc::clone(&p.ports), p.value))
         };
 
         // Decisions of one class: (value for "other", values per listed port).
@@ -364,7 +366,7 @@ pub fn compile(input: &CompileInput, ids: &mut dyn IdAllocator) -> Result<Compil
             let peer = PeerView { principal: c.principal.as_deref(), namespace: sa.map(|(n, _)| n), sa, addr: c.addr };
             set.candidates(&t, &scopes, peer.principal, peer.namespace, peer.sa, &mut cands);
             let env = Env { peer, dest_ip: Some(w.ip), proto: PROTO_TCP, port: 0, clock: now_clock, l7: None };
-            let mut matching: Vec<(PortSet, PolicyValue)> = Vec::new();
+            let mut matching: Vec<(Rc<PortSet>, PolicyValue)> = Vec::new();
             for rr in cands.iter() {
                 let Some((ports, value)) = prepare(rr, time_dependent) else { continue };
                 let r = &set.authz[rr.policy as usize].rules[rr.rule as usize];
