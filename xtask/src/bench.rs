@@ -35,12 +35,40 @@ const SERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 3);
 /// Ports named by the generated policy; the client uses the first.
 const POLICY_PORTS: u16 = 10;
 
+/// Per program: (run_time_ns, run_cnt) accumulated over a phase.
+type Stats = BTreeMap<String, (u64, u64)>;
+
 struct Figures {
     gbps: f64,
     conn_per_s: f64,
+    /// BPF cost during the bulk transfer (established-flow packets) and the connection churn.
+    bulk: Stats,
+    churn: Stats,
+}
+
+fn delta(before: &Stats, after: &Stats, into: &mut Stats) {
+    for (name, (t, c)) in after {
+        let (t0, c0) = before.get(name).copied().unwrap_or((0, 0));
+        let e = into.entry(name.clone()).or_insert((0, 0));
+        e.0 += t - t0;
+        e.1 += c - c0;
+    }
+}
+
+/// `prog=Nns` for every program that ran.
+fn per_packet(s: &Stats) -> String {
+    let mut out = String::new();
+    for (name, (t, c)) in s {
+        if *c > 0 {
+            let _ = write!(out, "{}={:.0} ", name.trim_start_matches("warden_"), *t as f64 / *c as f64);
+        }
+    }
+    out
 }
 
 fn measure_once(lab: &Lab) -> anyhow::Result<Figures> {
+    let (mut bulk, mut churn) = (Stats::new(), Stats::new());
+    let s0 = prog_stats();
     let out = lab
         .command_in("client", "iperf3".as_ref(), &["-c".into(), SERVER_IP.to_string(), "-p".into(), IPERF_PORT.to_string(), "-t".into(), SECONDS.to_string(), "-J".into()])
         .output()
@@ -50,6 +78,8 @@ fn measure_once(lab: &Lab) -> anyhow::Result<Figures> {
         bail!("iperf3: {e}");
     }
     let gbps = v["end"]["sum_received"]["bits_per_second"].as_f64().context("iperf3 result")? / 1e9;
+    let s1 = prog_stats();
+    delta(&s0, &s1, &mut bulk);
     let out = lab
         .command_in("client", &probe_bin(), &["rate".into(), format!("{SERVER_IP}:{PORT}"), "--seconds".into(), SECONDS.to_string(), "--threads".into(), "2".into()])
         .output()?;
@@ -57,7 +87,8 @@ fn measure_once(lab: &Lab) -> anyhow::Result<Figures> {
     if v["errors"].as_u64().unwrap_or(0) > 0 && v["connections"].as_u64().unwrap_or(0) == 0 {
         bail!("connections failed: {v}");
     }
-    Ok(Figures { gbps, conn_per_s: v["per_second"].as_f64().unwrap_or(0.0) })
+    delta(&s1, &prog_stats(), &mut churn);
+    Ok(Figures { gbps, conn_per_s: v["per_second"].as_f64().unwrap_or(0.0), bulk, churn })
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -68,7 +99,17 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// The median of `REPEAT` measurements.
 fn measure(lab: &Lab) -> anyhow::Result<Figures> {
     let runs = (0..REPEAT).map(|_| measure_once(lab)).collect::<anyhow::Result<Vec<_>>>()?;
-    Ok(Figures { gbps: median(runs.iter().map(|f| f.gbps).collect()), conn_per_s: median(runs.iter().map(|f| f.conn_per_s).collect()) })
+    let (mut bulk, mut churn) = (Stats::new(), Stats::new());
+    for r in &runs {
+        delta(&Stats::new(), &r.bulk, &mut bulk);
+        delta(&Stats::new(), &r.churn, &mut churn);
+    }
+    Ok(Figures {
+        gbps: median(runs.iter().map(|f| f.gbps).collect()),
+        conn_per_s: median(runs.iter().map(|f| f.conn_per_s).collect()),
+        bulk,
+        churn,
+    })
 }
 
 /// (run_time_ns, run_cnt) per warden program, from bpftool.
@@ -157,6 +198,12 @@ fn nft_vmap(lab: &Lab, elements: usize) -> anyhow::Result<()> {
 }
 
 pub fn l4() -> anyhow::Result<()> {
+    let release = warden_tests::workspace_root().join("target/release");
+    // SAFETY: set before any thread is spawned; the lab helpers read these to find the binaries.
+    unsafe {
+        std::env::set_var("WARDEN_BIN", release.join("warden"));
+        std::env::set_var("WARDEN_PROBE_BIN", release.join("warden-probe"));
+    }
     let _ = run(&["sysctl", "-qw", "kernel.bpf_stats_enabled=1"]);
     let specs = [
         Spec::new("bench", "client", CLIENT_IP, &[]),
@@ -172,9 +219,9 @@ pub fn l4() -> anyhow::Result<()> {
         .spawn()?;
     std::thread::sleep(Duration::from_millis(300));
 
-    let mut rows: Vec<(String, Figures, String)> = Vec::new();
+    let mut rows: Vec<(String, Figures)> = Vec::new();
     eprintln!("bench: (a) no programs");
-    rows.push(("(a) no programs".into(), measure(&lab)?, String::new()));
+    rows.push(("(a) no programs".into(), measure(&lab)?));
 
     for entries in [1usize, 1_000, 100_000] {
         eprintln!("bench: (b) warden, {entries} policy entries");
@@ -183,17 +230,8 @@ pub fn l4() -> anyhow::Result<()> {
         let maps = lab.warden(&["maps", "--output", "json"])?;
         let v: serde_json::Value = serde_json::from_str(&maps)?;
         let actual: usize = v["endpoints"].as_array().into_iter().flatten().map(|e| e["policy"].as_array().map_or(0, Vec::len)).sum();
-        let before = prog_stats();
         let f = measure(&lab)?;
-        let after = prog_stats();
-        let mut cost = String::new();
-        for (name, (t, c)) in &after {
-            let (t0, c0) = before.get(name).copied().unwrap_or((0, 0));
-            if c > &c0 {
-                let _ = write!(cost, "{}={:.0}ns ", name.trim_start_matches("warden_"), (t - t0) as f64 / (c - c0) as f64);
-            }
-        }
-        rows.push((format!("(b) warden, {actual} entries"), f, cost));
+        rows.push((format!("(b) warden, {actual} entries"), f));
         lab.kill_agent(libc::SIGKILL);
         let _ = Command::new(warden_tests::warden_bin()).args(["cleanup", "--pin-dir"]).arg(&lab.pin_dir).status();
         let _ = fs::remove_dir_all(&lab.state_dir);
@@ -203,29 +241,26 @@ pub fn l4() -> anyhow::Result<()> {
     for rules in [1usize, 1_000, 10_000] {
         eprintln!("bench: (c) iptables, {rules} rules");
         iptables_chain(&lab, rules)?;
-        rows.push((format!("(c) iptables, {rules} rules"), measure(&lab)?, String::new()));
+        rows.push((format!("(c) iptables, {rules} rules"), measure(&lab)?));
         iptables_flush(&lab);
     }
     eprintln!("bench: (c) nftables verdict map, 100000 elements");
     nft_vmap(&lab, 100_000)?;
-    rows.push(("(c) nftables vmap, 100000".into(), measure(&lab)?, String::new()));
+    rows.push(("(c) nftables vmap, 100000".into(), measure(&lab)?));
     let _ = in_node(&lab, &["nft", "delete", "table", "inet", "wardenbench"]);
 
     let _ = iperf.kill();
     let _ = iperf.wait();
     let base = (rows[0].1.gbps, rows[0].1.conn_per_s);
     println!("\nL4 datapath benchmark (median of {REPEAT} x {SECONDS}s per figure; ratios to (a))");
-    println!("{:<30} {:>10} {:>7} {:>12} {:>7}  BPF ns/packet (run_time_ns/run_cnt)", "configuration", "Gbit/s", "ratio", "conn/s", "ratio");
-    for (name, f, cost) in &rows {
-        println!(
-            "{:<30} {:>10.2} {:>7.2} {:>12.0} {:>7.2}  {}",
-            name,
-            f.gbps,
-            f.gbps / base.0,
-            f.conn_per_s,
-            f.conn_per_s / base.1,
-            cost
-        );
+    println!("{:<30} {:>10} {:>7} {:>12} {:>7}", "configuration", "Gbit/s", "ratio", "conn/s", "ratio");
+    for (name, f, ..) in &rows {
+        println!("{:<30} {:>10.2} {:>7.2} {:>12.0} {:>7.2}", name, f.gbps, f.gbps / base.0, f.conn_per_s, f.conn_per_s / base.1);
+    }
+    println!("\nIn-kernel cost per run of each warden program, ns (bpf_stats run_time_ns / run_cnt):");
+    println!("{:<30} {:<58} {}", "configuration", "bulk transfer (established flows)", "connection churn (every packet of short connections)");
+    for (name, f) in rows.iter().filter(|(n, _)| n.starts_with("(b)")) {
+        println!("{:<30} {:<58} {}", name, per_packet(&f.bulk), per_packet(&f.churn));
     }
     drop(lab);
     Ok(())
