@@ -20,8 +20,11 @@ pub mod names {
     pub const FLOWS: &str = "warden_flows_v2";
     /// Per-CPU hash: [`super::CounterKey`] -> [`super::Counter`]. Packets/bytes per decision.
     pub const COUNTERS: &str = "warden_counters_v2";
+    /// Ring buffer of [`super::FlowEvent`]: decided new flows (allowed and denied) and closes, for
+    /// access logs. Written on the slow path only; a full buffer drops events, never packets.
+    pub const EVENTS: &str = "warden_events_v1";
 
-    pub const ALL: [&str; 7] = [CONFIG, IPCACHE, ENDPOINTS, CGROUPS, POLICY, FLOWS, COUNTERS];
+    pub const ALL: [&str; 8] = [CONFIG, IPCACHE, ENDPOINTS, CGROUPS, POLICY, FLOWS, COUNTERS, EVENTS];
 }
 
 /// Map capacities. The policy map holds two slots, so its capacity is twice the entries one
@@ -33,6 +36,8 @@ pub mod capacity {
     pub const POLICY: u32 = 2 * 262_144;
     pub const FLOWS: u32 = 262_144;
     pub const COUNTERS: u32 = 65_536;
+    /// Bytes of the event ring buffer (a power of two, a multiple of the page size).
+    pub const EVENTS_BYTES: u32 = 1 << 20;
 }
 
 /// Numeric identity of the outside world: an address no workload or policy CIDR covers.
@@ -294,6 +299,36 @@ pub struct CounterKey {
 pub const HOOK_TC: u8 = 0;
 pub const HOOK_CONNECT: u8 = 1;
 
+/// [`FlowEvent::kind`]: a new flow was decided (allowed or denied).
+pub const EVENT_DECIDED: u8 = 1;
+/// [`FlowEvent::kind`]: a TCP connection was closed (first FIN or RST).
+pub const EVENT_CLOSED: u8 = 2;
+
+/// One access-log event (addresses network order, ports host order). 40 bytes, no padding.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEvent {
+    /// Boot-time clock, nanoseconds.
+    pub ktime_ns: u64,
+    pub endpoint_id: u32,
+    pub remote_identity: u32,
+    pub policy_id: u32,
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    /// [`EVENT_DECIDED`] or [`EVENT_CLOSED`].
+    pub kind: u8,
+    pub verdict: u8,
+    pub reason: u8,
+    /// Flow direction relative to the endpoint.
+    pub direction: u8,
+    /// [`HOOK_TC`] or [`HOOK_CONNECT`].
+    pub hook: u8,
+    pub _pad: [u8; 2],
+}
+
 /// Per-CPU traffic counters. For [`HOOK_CONNECT`], `packets_out` counts `connect()` calls.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -336,6 +371,7 @@ mod pod {
     unsafe impl aya::Pod for super::FlowValue {}
     unsafe impl aya::Pod for super::CounterKey {}
     unsafe impl aya::Pod for super::Counter {}
+    unsafe impl aya::Pod for super::FlowEvent {}
 }
 
 #[cfg(test)]
@@ -356,6 +392,7 @@ mod tests {
         assert_eq!(size_of::<FlowValue>(), 20);
         assert_eq!(size_of::<CounterKey>(), 16);
         assert_eq!(size_of::<Counter>(), 48);
+        assert_eq!(size_of::<FlowEvent>(), 40);
     }
 
     #[test]

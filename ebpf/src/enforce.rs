@@ -3,13 +3,13 @@
 
 use aya_ebpf::bindings::BPF_NOEXIST;
 use warden_common::{
-    Config, Counter, CounterKey, Direction, DropReason, EndpointInfo, EndpointKey, FLOW_CLOSED, FLOW_REPLY, FlowKey,
-    FlowValue, IDENTITY_WORLD, PolicyKey, PolicyValue, RemoteInfo, Verdict,
+    Config, Counter, CounterKey, Direction, DropReason, EndpointInfo, EndpointKey,
+    FLOW_CLOSED, FLOW_REPLY, FlowEvent, FlowKey, FlowValue, IDENTITY_WORLD, PolicyKey, PolicyValue, RemoteInfo, Verdict,
     lookup::{PolicyLookup, Query, decide},
 };
 
 use crate::{
-    maps::{CONFIG, COUNTERS, ENDPOINTS, FLOWS, IPCACHE, POLICY, ipcache_key},
+    maps::{CONFIG, COUNTERS, ENDPOINTS, EVENTS, FLOWS, IPCACHE, POLICY, ipcache_key},
     packet::Tuple,
 };
 
@@ -163,6 +163,30 @@ pub fn mark_closed(key: &FlowKey, reply: bool) -> bool {
         }
         None => false,
     }
+}
+
+/// Emit an access-log event. A full ring buffer loses the event, never the packet.
+#[inline(always)]
+pub fn emit(kind: u8, hook: u8, key: &FlowKey, o: &Outcome) {
+    let e = FlowEvent {
+        // SAFETY: no arguments.
+        ktime_ns: unsafe { aya_ebpf::helpers::bpf_ktime_get_boot_ns() },
+        endpoint_id: o.endpoint_id,
+        remote_identity: o.remote_identity,
+        policy_id: o.value.policy_id,
+        saddr: key.saddr,
+        daddr: key.daddr,
+        sport: key.sport,
+        dport: key.dport,
+        proto: key.proto,
+        kind,
+        verdict: o.value.verdict,
+        reason: o.value.reason,
+        direction: o.direction as u8,
+        hook,
+        _pad: [0; 2],
+    };
+    let _ = EVENTS.output(&e, 0);
 }
 
 /// Traffic of one hook invocation.

@@ -24,10 +24,10 @@ use aya_ebpf::{
     macros::{cgroup_skb, cgroup_sock_addr, classifier},
     programs::{SkBuffContext, SockAddrContext, TcContext},
 };
-use warden_common::{Direction, DropReason, HOOK_CONNECT, HOOK_TC};
+use warden_common::{Direction, DropReason, EVENT_CLOSED, EVENT_DECIDED, FlowKey, HOOK_CONNECT, HOOK_TC};
 
 use crate::{
-    enforce::{Cached, Outcome, Traffic, cached, config, count, decide_new, endpoint, flow_key, mark_closed, policy, remote},
+    enforce::{Cached, Outcome, Traffic, cached, config, count, decide_new, emit, endpoint, flow_key, mark_closed, policy, remote},
     maps::CGROUPS,
     packet::{Direct, L3, Loaded, parse_ethernet, parse_ipv4},
 };
@@ -47,8 +47,11 @@ pub fn warden_to_wl(ctx: TcContext) -> i32 {
 /// cgroup/connect4 on the workload's cgroup: 1 lets `connect()` proceed, 0 fails it with EPERM.
 #[cgroup_sock_addr(connect4)]
 pub fn warden_connect4(ctx: SockAddrContext) -> i32 {
-    let o = connect4(&ctx);
+    let (o, key) = connect4(&ctx);
     count(&o, HOOK_CONNECT, &Traffic { inbound: false, bytes: 0, opened: false, closed: false });
+    if !o.value.is_allow() {
+        emit(EVENT_DECIDED, HOOK_CONNECT, &key, &o);
+    }
     o.value.is_allow() as i32
 }
 
@@ -92,6 +95,9 @@ fn tc(ctx: &TcContext, ifindex: u32, dir: Direction) -> Result<Option<(Outcome, 
     let is_reply = match if syn { Cached::Miss { is_reply: false } } else { cached(&cfg, &key) } {
         Cached::Hit(o) => {
             traffic.closed = t.is_fin_or_rst() && mark_closed(&key, o.reply);
+            if traffic.closed {
+                emit(EVENT_CLOSED, HOOK_TC, &key, &o);
+            }
             return Ok(Some((o, traffic)));
         }
         Cached::Miss { is_reply } => is_reply,
@@ -101,7 +107,13 @@ fn tc(ctx: &TcContext, ifindex: u32, dir: Direction) -> Result<Option<(Outcome, 
         return Err((ep.endpoint_id, DropReason::SourceSpoof));
     }
     let o = decide_new(&cfg, &key, &ep, dir, is_reply);
+    if !is_reply {
+        emit(EVENT_DECIDED, HOOK_TC, &key, &o);
+    }
     traffic.closed = t.is_fin_or_rst() && mark_closed(&key, o.reply);
+    if traffic.closed {
+        emit(EVENT_CLOSED, HOOK_TC, &key, &o);
+    }
     Ok(Some((o, traffic)))
 }
 
@@ -132,41 +144,42 @@ fn ifindex_of_cgroup(id: u64, ancestor: impl Fn(i32) -> u64) -> Result<u32, Drop
 /// A connect() is allowed when the workload may send to the destination and, if the destination
 /// is a workload on this node, that workload may receive from it.
 #[inline(always)]
-fn connect4(ctx: &SockAddrContext) -> Outcome {
+fn connect4(ctx: &SockAddrContext) -> (Outcome, FlowKey) {
     // SAFETY: the context pointer is valid for the program's run.
     let (user_ip4, user_port, proto) = unsafe {
         let sa = &*ctx.sock_addr;
         (sa.user_ip4, sa.user_port, sa.protocol as u8)
     };
+    // The source port is not chosen yet at connect().
+    let mut key = FlowKey { daddr: user_ip4.to_ne_bytes(), dport: u16::from_be(user_port as u16), proto, ..FlowKey::default() };
     let cfg = match config() {
         Ok(c) => c,
-        Err(r) => return Outcome::drop(0, Direction::Egress, r),
+        Err(r) => return (Outcome::drop(0, Direction::Egress, r), key),
     };
     let slot = cfg.active_slot();
     // SAFETY (both helpers): no pointer arguments.
     let id = unsafe { bpf_get_current_cgroup_id() };
     let ep = match ifindex_of_cgroup(id, |l| unsafe { bpf_get_current_ancestor_cgroup_id(l) }).and_then(|i| endpoint(slot, i)) {
         Ok(e) => e,
-        Err(r) => return Outcome::drop(0, Direction::Egress, r),
+        Err(r) => return (Outcome::drop(0, Direction::Egress, r), key),
     };
-    let daddr = user_ip4.to_ne_bytes();
-    let dport = u16::from_be(user_port as u16);
-    let dst = remote(slot, daddr);
-    let out = policy(slot, ep.endpoint_id, Direction::Egress, dst.identity, proto, dport);
+    key.saddr = ep.ip;
+    let dst = remote(slot, key.daddr);
+    let out = policy(slot, ep.endpoint_id, Direction::Egress, dst.identity, proto, key.dport);
     let egress = Outcome { endpoint_id: ep.endpoint_id, remote_identity: dst.identity, direction: Direction::Egress, reply: false, value: out };
     if !out.is_allow() || dst.local_ifindex == 0 {
-        return egress;
+        return (egress, key);
     }
     let peer = match endpoint(slot, dst.local_ifindex) {
         Ok(p) => p,
-        Err(r) => return Outcome::drop(ep.endpoint_id, Direction::Egress, r),
+        Err(r) => return (Outcome::drop(ep.endpoint_id, Direction::Egress, r), key),
     };
-    let value = policy(slot, peer.endpoint_id, Direction::Ingress, ep.identity, proto, dport);
+    let value = policy(slot, peer.endpoint_id, Direction::Ingress, ep.identity, proto, key.dport);
     if value.is_allow() {
-        egress
+        (egress, key)
     } else {
         // Counted against the workload whose policy refused it.
-        Outcome { endpoint_id: peer.endpoint_id, remote_identity: ep.identity, direction: Direction::Ingress, reply: false, value }
+        (Outcome { endpoint_id: peer.endpoint_id, remote_identity: ep.identity, direction: Direction::Ingress, reply: false, value }, key)
     }
 }
 

@@ -3,14 +3,14 @@
 //! the agent under `/sys/fs/bpf/warden/<name>`.
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuHashMap, lpm_trie::Key},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuHashMap, RingBuf, lpm_trie::Key},
     macros::btf_map,
 };
 use warden_common::{
-    Config, Counter, CounterKey, EndpointInfo, EndpointKey, FlowKey, FlowValue, IpcacheAddr, PolicyKey,
+    Config, Counter, CounterKey, EndpointInfo, FlowEvent, EndpointKey, FlowKey, FlowValue, IpcacheAddr, PolicyKey,
     PolicyValue, RemoteInfo,
     capacity::{CGROUPS as CGROUPS_CAP, COUNTERS as COUNTERS_CAP, ENDPOINTS as ENDPOINTS_CAP, FLOWS as FLOWS_CAP,
-               IPCACHE as IPCACHE_CAP, POLICY as POLICY_CAP},
+               EVENTS_BYTES, IPCACHE as IPCACHE_CAP, POLICY as POLICY_CAP},
 };
 
 /// The committed generation; its low bit selects the active slot.
@@ -40,6 +40,10 @@ pub static FLOWS: LruHashMap<FlowKey, FlowValue, { FLOWS_CAP as usize }> = LruHa
 /// Packets and bytes per (endpoint, policy, verdict, reason, direction, hook), per CPU.
 #[btf_map(name = "warden_counters_v2")]
 pub static COUNTERS: PerCpuHashMap<CounterKey, Counter, { COUNTERS_CAP as usize }> = PerCpuHashMap::new();
+
+/// Access-log events: decided new flows and closes (slow path only).
+#[btf_map(name = "warden_events_v1")]
+pub static EVENTS: RingBuf<FlowEvent, { EVENTS_BYTES as usize }> = RingBuf::new();
 
 #[inline(always)]
 pub fn ipcache_key(slot: u8, addr: [u8; 4]) -> Key<IpcacheAddr> {
