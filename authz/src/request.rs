@@ -116,10 +116,8 @@ pub fn parse_request(yaml: &str) -> Result<Request, String> {
         s.as_deref().map(|s| s.trim().parse::<Ipv4Addr>().map_err(|_| format!("{field}: {s:?} is not an IPv4 address"))).transpose()
     };
     let principal = raw.source.principal.as_deref().map(|p| p.strip_prefix("spiffe://").unwrap_or(p).to_string());
-    if let Some(p) = &principal {
-        if p.is_empty() {
-            return Err("source.principal: empty (omit it for a plaintext peer)".into());
-        }
+    if principal.as_deref() == Some("") {
+        return Err("source.principal: empty (omit it for a plaintext peer)".into());
     }
     let derived = principal.as_deref().and_then(principal_parts).map(|(n, _)| n.to_string());
     match (&principal, &raw.source.namespace, &derived) {

@@ -63,7 +63,7 @@ pub(crate) fn selection_applies(sel: &Selection, t: &Target) -> bool {
         Selection::Labels(l) => l.iter().all(|(k, v)| t.labels.get(k) == Some(v)),
         Selection::TargetRefs(refs) => refs.iter().any(|r| match r.kind.as_str() {
             "Gateway" => t.labels.get(GATEWAY_NAME_LABEL) == Some(&r.name),
-            _ => t.services.iter().any(|s| *s == r.name),
+            _ => t.services.contains(&r.name),
         }),
     }
 }
@@ -94,6 +94,9 @@ pub(crate) struct NsIndex {
     /// Dry-run and AUDIT policies (reported, never enforced).
     pub shadow_policies: Vec<u32>,
 }
+
+/// A workload's base mTLS mode (and the policy that set it), and its per-port modes.
+pub(crate) type MtlsPorts<'a> = (MtlsMode, Option<&'a PeerAuth>, Vec<(u16, MtlsMode, Option<&'a PeerAuth>)>);
 
 /// The (root, own) namespace indexes of one evaluation.
 #[derive(Clone, Copy)]
@@ -319,10 +322,9 @@ impl PolicySet {
             }
             if let Some((n, a)) = peer_sa
                 && !ix.by_service_account.is_empty()
+                && let Some(v) = ix.by_service_account.get(&format!("{n}/{a}"))
             {
-                if let Some(v) = ix.by_service_account.get(&format!("{n}/{a}")) {
-                    out.extend(v.iter().copied());
-                }
+                out.extend(v.iter().copied());
             }
         }
         out.sort_unstable();
@@ -364,7 +366,7 @@ impl PolicySet {
 
     /// The PeerAuthentication decisions for a workload: the base mode (with its policy) and the
     /// per-port overrides that differ from it.
-    pub(crate) fn mtls_ports(&self, t: &Target) -> (MtlsMode, Option<&PeerAuth>, Vec<(u16, MtlsMode, Option<&PeerAuth>)>) {
+    pub(crate) fn mtls_ports(&self, t: &Target) -> MtlsPorts<'_> {
         let (base, by) = self.mtls_mode(t, None);
         let workload = self.peer.iter().find(|p| {
             p.namespace == t.namespace && p.selector.as_ref().is_some_and(|s| s.iter().all(|(k, v)| t.labels.get(k) == Some(v)))

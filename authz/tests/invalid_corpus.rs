@@ -20,7 +20,7 @@ fn every_invalid_policy_fails_with_its_expected_messages() {
     let mut failures = Vec::new();
     for f in &files {
         let got = match load_paths(&[f]) {
-            Ok(_) => format!("<loaded without error>\n"),
+            Ok(_) => "<loaded without error>\n".to_string(),
             Err(e) => format!("{}\n", e.to_string().replace(f.to_str().unwrap(), "{file}")),
         };
         let exp_path = f.with_extension("expected");
