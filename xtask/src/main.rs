@@ -80,8 +80,9 @@ fn build_ebpf() -> anyhow::Result<()> {
 }
 
 fn test(args: &[String]) -> anyhow::Result<()> {
+    let apiserver = setup::kube_apiserver()?;
     cargo_build(false)?;
-    let status = Command::new("cargo").args(["test"]).args(args).status().context("cargo test")?;
+    let status = Command::new("cargo").args(["test"]).args(args).env("WARDEN_KUBE_APISERVER", apiserver).status().context("cargo test")?;
     if !status.success() {
         bail!("tests failed");
     }

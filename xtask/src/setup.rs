@@ -11,8 +11,9 @@ pub const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Debian packages: LLVM 22 for bpf-linker, bpftool, iproute2 for the lab, iptables/nftables and
-/// iperf3 for the L4 benchmark's comparisons.
-const APT_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev", "bpftool", "iproute2", "iptables", "nftables", "iperf3"];
+/// iperf3 for the L4 benchmark's comparisons, Prometheus for the observability tests.
+const APT_PACKAGES: &[&str] =
+    &["llvm-22-dev", "libpolly-22-dev", "bpftool", "iproute2", "iptables", "nftables", "iperf3", "prometheus"];
 
 fn ok(cmd: &mut Command) -> bool {
     cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).status().is_ok_and(|s| s.success())
@@ -89,8 +90,26 @@ pub fn setup() -> anyhow::Result<()> {
     if root && !ok(Command::new("mountpoint").args(["-q", "/sys/fs/bpf"])) {
         sh(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]), "mount bpffs at /sys/fs/bpf")?;
     }
+    // Prometheus' Debian package starts a system service; the tests run their own instance.
+    let _ = Command::new("systemctl").args(["disable", "--now", "prometheus"]).stderr(std::process::Stdio::null()).status();
     if !Path::new("/sys/kernel/btf/vmlinux").exists() {
         eprintln!("setup: WARNING: no /sys/kernel/btf/vmlinux; the kernel lacks BTF and the datapath will not load");
     }
     Ok(())
+}
+
+/// The real Kubernetes API server the integration tests run against: built from Debian's source
+/// package by `../shared/kube-apiserver/setup.sh` (about 4 minutes once, cached). Returns its path.
+pub fn kube_apiserver() -> anyhow::Result<std::path::PathBuf> {
+    let script = warden_tests::workspace_root().join("../shared/kube-apiserver/setup.sh");
+    if !script.exists() {
+        bail!("{} not found: the Kubernetes integration tests need ../shared beside the repository", script.display());
+    }
+    eprintln!("setup: kube-apiserver (cached after the first build)");
+    let out = Command::new("bash").arg(&script).stderr(std::process::Stdio::inherit()).output().context("kube-apiserver setup")?;
+    if !out.status.success() {
+        bail!("kube-apiserver setup failed");
+    }
+    let path = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or_default().trim().to_string();
+    Ok(path.into())
 }
