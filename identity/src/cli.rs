@@ -64,6 +64,9 @@ pub enum CliError {
         /// Why.
         reason: String,
     },
+    /// The command line is inconsistent.
+    #[error("{0}")]
+    Usage(String),
     /// The tokio runtime could not start.
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),
@@ -117,8 +120,11 @@ pub enum CaCommand {
         #[arg(long, default_value = server::DEFAULT_CA_LISTEN_ADDR)]
         listen: SocketAddr,
         /// Token file: one `<token> <node-name>` per line.
-        #[arg(long)]
-        token_file: PathBuf,
+        #[arg(long, required_unless_present = "node_certs")]
+        token_file: Option<PathBuf>,
+        /// Node certificate file: one `<spiffe-id> <node-name>` per line (needs TLS).
+        #[arg(long, conflicts_with = "plaintext")]
+        node_certs: Option<PathBuf>,
         /// Node workloads file: one `<node-name> <spiffe-id>` per line.
         #[arg(long)]
         node_workloads: PathBuf,
@@ -238,10 +244,7 @@ pub fn run_ca_offline(cmd: CaCommand, clock: &dyn Clock) -> Result<String, CliEr
                 o.path.display()
             ))
         }
-        CaCommand::Serve { .. } => Err(CliError::Admin {
-            url: String::new(),
-            reason: "serve is not an offline command".into(),
-        }),
+        CaCommand::Serve { .. } => Err(CliError::Usage("serve is not an offline command".into())),
     }
 }
 
@@ -275,16 +278,24 @@ pub async fn serve_ca(
         trust_domain,
         listen,
         token_file,
+        node_certs,
         node_workloads,
         max_ttl_hours,
         plaintext,
     } = cmd
     else {
-        return Err(CliError::Admin {
-            url: String::new(),
-            reason: "not a serve command".into(),
-        });
+        return Err(CliError::Usage("not a serve command".into()));
     };
+    if token_file.is_none() && node_certs.is_none() {
+        return Err(CliError::Usage(
+            "give --token-file and/or --node-certs".into(),
+        ));
+    }
+    if plaintext && node_certs.is_some() {
+        return Err(CliError::Usage(
+            "--node-certs needs TLS; drop --plaintext".into(),
+        ));
+    }
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let config = CaConfig {
         trust_domain,
@@ -297,7 +308,14 @@ pub async fn serve_ca(
         config,
         clock.clone(),
     )?);
-    let auth = Arc::new(TokenFileAuthenticator::from_file(&token_file)?);
+    let mut authenticators: Vec<Arc<dyn server::Authenticator>> = Vec::new();
+    if let Some(p) = &node_certs {
+        authenticators.push(Arc::new(server::NodeCertAuthenticator::from_file(p)?));
+    }
+    if let Some(p) = &token_file {
+        authenticators.push(Arc::new(TokenFileAuthenticator::from_file(p)?));
+    }
+    let auth = Arc::new(server::AnyAuthenticator(authenticators));
     let workloads = Arc::new(StaticNodeWorkloads::from_file(&node_workloads)?);
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = crate::metrics::Metrics::new(&mut registry);

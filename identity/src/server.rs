@@ -108,7 +108,7 @@ impl From<crate::workload::SecretError> for ServerError {
 #[non_exhaustive]
 pub enum AuthError {
     /// No credentials were sent.
-    #[error("no credentials: send `authorization: Bearer <token>`")]
+    #[error("no credentials: send `authorization: Bearer <token>` or a node certificate")]
     Missing,
     /// The credentials were not accepted.
     #[error("credentials not accepted")]
@@ -232,6 +232,84 @@ impl Authenticator for TokenFileAuthenticator {
             }
         }
         found.ok_or(AuthError::Invalid)
+    }
+}
+
+/// Node certificates: a client certificate (already verified by the CA port's TLS layer against
+/// the trust bundle, expiry and CRL) whose SPIFFE identity is listed in a file of
+/// `<spiffe-id> <node-name>` lines. Node certificates are ordinary SVIDs, e.g. issued with
+/// `warden ca issue --spiffe spiffe://cluster.local/ns/warden-system/sa/node-a`.
+#[derive(Debug, Clone, Default)]
+pub struct NodeCertAuthenticator {
+    nodes: HashMap<Identity, String>,
+}
+
+impl NodeCertAuthenticator {
+    /// An empty table.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Declares that a certificate for `identity` authenticates `node`.
+    pub fn insert(&mut self, identity: Identity, node: impl Into<String>) {
+        self.nodes.insert(identity, node.into());
+    }
+
+    /// Loads the `<spiffe-id> <node-name>` file.
+    pub fn from_file(path: &Path) -> Result<Self, ServerError> {
+        let mut me = Self::new();
+        for (line, f) in read_lines(path)? {
+            let syntax = |reason: String| ServerError::Syntax {
+                path: path.to_owned(),
+                line,
+                reason,
+            };
+            match f.as_slice() {
+                [id, node] => me.insert(
+                    id.parse().map_err(|e| syntax(format!("{e}")))?,
+                    node.clone(),
+                ),
+                _ => return Err(syntax("expected `<spiffe-id> <node-name>`".into())),
+            }
+        }
+        Ok(me)
+    }
+}
+
+impl Authenticator for NodeCertAuthenticator {
+    fn authenticate(
+        &self,
+        _metadata: &MetadataMap,
+        peer_certs: Option<&[CertificateDer<'static>]>,
+    ) -> Result<String, AuthError> {
+        let leaf = peer_certs
+            .and_then(|c| c.first())
+            .ok_or(AuthError::Missing)?;
+        let identity = crate::tls::spiffe_identity(leaf).map_err(|_| AuthError::Invalid)?;
+        self.nodes.get(&identity).cloned().ok_or(AuthError::Invalid)
+    }
+}
+
+/// Tries several authenticators in order; the first that accepts the caller wins.
+#[derive(Debug, Clone)]
+pub struct AnyAuthenticator(pub Vec<Arc<dyn Authenticator>>);
+
+impl Authenticator for AnyAuthenticator {
+    fn authenticate(
+        &self,
+        metadata: &MetadataMap,
+        peer_certs: Option<&[CertificateDer<'static>]>,
+    ) -> Result<String, AuthError> {
+        let mut err = AuthError::Missing;
+        for a in &self.0 {
+            match a.authenticate(metadata, peer_certs) {
+                Ok(node) => return Ok(node),
+                // Credentials that were sent but refused are the more useful report.
+                Err(AuthError::Invalid) => err = AuthError::Invalid,
+                Err(_) => {}
+            }
+        }
+        Err(err)
     }
 }
 

@@ -329,3 +329,95 @@ async fn node_agent_secret_manager_obtains_certificates_over_tls() {
         .unwrap_err();
     assert!(err.to_string().contains("CA unavailable"), "{err}");
 }
+
+#[tokio::test]
+async fn node_certificate_authenticates_the_requester() {
+    // A CA port accepting node certificates or tokens.
+    let dir = tempfile::tempdir().unwrap();
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let ca = Arc::new(
+        CertificateAuthority::load_or_init(
+            &dir.path().join("ca"),
+            CaConfig::default(),
+            clock.clone(),
+        )
+        .unwrap(),
+    );
+    let node_a_id = Identity::spiffe("cluster.local", "warden-system", "node-a").unwrap();
+    let stranger_id = Identity::spiffe("cluster.local", "warden-system", "stranger").unwrap();
+    let mut nodes = server::NodeCertAuthenticator::new();
+    nodes.insert(node_a_id.clone(), "node-a");
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, "token-b node-b\n").unwrap();
+    let auth = server::AnyAuthenticator(vec![
+        Arc::new(nodes),
+        Arc::new(TokenFileAuthenticator::from_file(&tokens).unwrap()),
+    ]);
+    let mut workloads = StaticNodeWorkloads::new();
+    workloads.insert("node-a", web());
+    workloads.insert("node-b", db());
+    let service = CaService::new(
+        ca.clone(),
+        Arc::new(auth),
+        Arc::new(workloads),
+        clock.clone(),
+        None,
+    );
+    let (cfg, mgr) = server::ca_serving_tls(&ca, clock.clone(), CompliancePolicy::Default)
+        .await
+        .unwrap();
+    mgr.spawn_rotation();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(server::serve(listener, service, Some(cfg), async {
+        let _ = rx.await;
+    }));
+
+    let bundle =
+        Arc::new(TrustBundle::new(ca.roots().to_vec(), vec!["cluster.local".into()]).unwrap());
+    let ca_id = server::ca_server_identity("cluster.local").unwrap();
+    let node_cert = |id: &Identity| {
+        let (key, csr) = workload::generate_key_and_csr(id).unwrap();
+        (
+            ca.sign_csr(&csr, None).unwrap().chain_pem.concat(),
+            key.serialize_pem(),
+        )
+    };
+    let manager_with = |cert: Option<(String, String)>, token: Option<String>| {
+        let verifier = Arc::new(
+            SpiffeVerifier::new(bundle.clone(), clock.clone()).expecting(vec![ca_id.clone()]),
+        );
+        let client =
+            GrpcCaClient::new_mtls(&format!("https://{addr}"), token, cert, verifier).unwrap();
+        SecretManager::new(
+            Arc::new(client),
+            bundle.clone(),
+            clock.clone(),
+            SecretManagerConfig::default(),
+            None,
+        )
+    };
+
+    // node-a by certificate, no token: may obtain web (on node-a), not db (on node-b).
+    let m = manager_with(Some(node_cert(&node_a_id)), None);
+    assert_eq!(m.fetch(&web()).await.unwrap().identity, web());
+    let err = m.fetch(&db()).await.unwrap_err();
+    assert!(
+        err.to_string().contains("node \"node-a\" may not obtain"),
+        "{err}"
+    );
+    // A valid mesh certificate that is not a registered node certificate authenticates nobody.
+    let m = manager_with(Some(node_cert(&stranger_id)), None);
+    let err = m.fetch(&web()).await.unwrap_err();
+    assert!(
+        err.to_string().contains("Unauthenticated") && err.to_string().contains("not accepted"),
+        "{err}"
+    );
+    // Tokens still work on the same port.
+    let m = manager_with(None, Some("token-b".into()));
+    assert_eq!(m.fetch(&db()).await.unwrap().identity, db());
+
+    stop.send(()).unwrap();
+    task.await.unwrap().unwrap();
+}

@@ -52,6 +52,30 @@ fn clap_definitions_parse_and_validate_spiffe_ids() {
     assert!(err.to_string().contains("does not have the shape"), "{err}");
     let w = Warden::try_parse_from(["ca", "revoke", "0a1b", "--dir", "/x"]).unwrap();
     assert!(matches!(w.ca, CaCommand::Revoke { ref serial, .. } if serial == "0a1b"));
+    let err = Warden::try_parse_from(["ca", "serve", "--node-workloads", "w"]).unwrap_err();
+    assert!(err.to_string().contains("--token-file"), "{err}");
+    let err = Warden::try_parse_from([
+        "ca",
+        "serve",
+        "--node-workloads",
+        "w",
+        "--node-certs",
+        "n",
+        "--plaintext",
+    ])
+    .unwrap_err();
+    assert!(err.to_string().contains("cannot be used with"), "{err}");
+    let w = Warden::try_parse_from(["ca", "serve", "--node-workloads", "w", "--node-certs", "n"])
+        .unwrap();
+    assert!(matches!(
+        w.ca,
+        CaCommand::Serve {
+            token_file: None,
+            node_certs: Some(_),
+            plaintext: false,
+            ..
+        }
+    ));
     let c = CertsCli::try_parse_from(["certs", "-o", "json"]).unwrap();
     assert_eq!(c.args.output, CertsOutput::Json);
     assert_eq!(c.args.admin_url, DEFAULT_ADMIN_CERTS_URL);
@@ -171,7 +195,8 @@ fn serve_cmd(tmp: &Path, dir: PathBuf) -> CaCommand {
         dir,
         trust_domain: "cluster.local".into(),
         listen: "127.0.0.1:0".parse().unwrap(),
-        token_file: tmp.join("tokens"),
+        token_file: Some(tmp.join("tokens")),
+        node_certs: None,
         node_workloads: tmp.join("workloads"),
         max_ttl_hours: 48,
         plaintext: true,

@@ -114,15 +114,27 @@ impl GrpcCaClient {
         token: Option<String>,
         verifier: Arc<SpiffeVerifier>,
     ) -> Result<Self, CaClientError> {
+        Self::new_mtls(endpoint, token, None, verifier)
+    }
+
+    /// Like [`new_tls`](Self::new_tls), presenting a node certificate (`(cert chain PEM,
+    /// private key PEM)`) for [`crate::server::NodeCertAuthenticator`].
+    pub fn new_mtls(
+        endpoint: &str,
+        token: Option<String>,
+        node_cert: Option<(String, String)>,
+        verifier: Arc<SpiffeVerifier>,
+    ) -> Result<Self, CaClientError> {
         let bad = |e: tonic::transport::Error| CaClientError::Unavailable {
             reason: format!("bad CA endpoint {endpoint:?}: {e}"),
         };
+        let mut tls = tonic::transport::ClientTlsConfig::new().domain_name(CA_TLS_SERVER_NAME);
+        if let Some((chain, key)) = node_cert {
+            tls = tls.identity(tonic::transport::Identity::from_pem(chain, key));
+        }
         let channel = tonic::transport::Endpoint::from_shared(endpoint.to_owned())
             .map_err(bad)?
-            .tls_config_with_verifier(
-                tonic::transport::ClientTlsConfig::new().domain_name(CA_TLS_SERVER_NAME),
-                verifier,
-            )
+            .tls_config_with_verifier(tls, verifier)
             .map_err(bad)?
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(30))
