@@ -90,6 +90,9 @@ pub enum CaCommand {
         /// CA directory.
         #[arg(long, env = "WARDEN_CA_DIR", default_value = DEFAULT_CA_DIR)]
         dir: PathBuf,
+        /// Trust domain of the CA; identities of other trust domains are refused.
+        #[arg(long, default_value = DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
         /// Identity, e.g. spiffe://cluster.local/ns/default/sa/web.
         #[arg(long)]
         spiffe: Identity,
@@ -190,12 +193,13 @@ pub fn run_ca_offline(cmd: CaCommand, clock: &dyn Clock) -> Result<String, CliEr
         }
         CaCommand::Issue {
             dir,
+            trust_domain,
             spiffe,
             out,
             ttl_hours,
         } => {
             let config = CaConfig {
-                trust_domain: spiffe.trust_domain().to_owned(),
+                trust_domain,
                 ..CaConfig::default()
             };
             let ca = CertificateAuthority::load(&dir, config, clock_arc())?;

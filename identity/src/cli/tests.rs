@@ -102,6 +102,7 @@ fn ca_init_issue_revoke_round_trip() {
     let out = run_ca_offline(
         CaCommand::Issue {
             dir: dir.clone(),
+            trust_domain: "cluster.local".into(),
             spiffe: spiffe.clone(),
             out: wdir.clone(),
             ttl_hours: 2,
@@ -110,6 +111,23 @@ fn ca_init_issue_revoke_round_trip() {
     )
     .unwrap();
     assert_eq!(mode(&wdir.join(ISSUED_KEY_FILE)), 0o600);
+    let foreign = run_ca_offline(
+        CaCommand::Issue {
+            dir: dir.clone(),
+            trust_domain: "cluster.local".into(),
+            spiffe: "spiffe://other.example/ns/default/sa/web".parse().unwrap(),
+            out: tmp.path().join("foreign"),
+            ttl_hours: 2,
+        },
+        &clock,
+    )
+    .unwrap_err();
+    assert!(
+        foreign
+            .to_string()
+            .contains("outside this CA's trust domain"),
+        "{foreign}"
+    );
     let chain = std::fs::read_to_string(wdir.join(ISSUED_CERT_CHAIN_FILE)).unwrap();
     let leaf =
         <rustls_pki_types::CertificateDer<'_> as rustls_pki_types::pem::PemObject>::from_pem_slice(
@@ -171,6 +189,7 @@ fn ca_commands_with_a_broken_ca_fail_naming_the_file() {
     let spiffe: Identity = "spiffe://cluster.local/ns/default/sa/web".parse().unwrap();
     let cmd = CaCommand::Issue {
         dir: dir.clone(),
+        trust_domain: "cluster.local".into(),
         spiffe,
         out: tmp.path().join("o"),
         ttl_hours: 1,

@@ -566,3 +566,69 @@ async fn file_watcher_applies_root_rotation_and_crl_without_restart() {
     }
     watcher.abort();
 }
+
+#[test]
+fn intermediate_ca_chain_verifies_to_the_enterprise_root_and_its_crl_applies() {
+    use crate::ca::{CA_CERT_FILE, CA_KEY_FILE, CERT_CHAIN_FILE, ROOT_CERT_FILE};
+    let clock = Arc::new(ManualClock::starting_now());
+    // Enterprise root and a cluster intermediate in the cacerts layout.
+    let root_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+    let root_params = crate::ca::root_params(
+        "enterprise",
+        clock.now() - Duration::from_secs(60),
+        Duration::from_secs(86400 * 365),
+    );
+    let root = root_params.self_signed(&root_key).unwrap();
+    let root_issuer = rcgen::Issuer::new(root_params, root_key);
+    let int_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut int_params = crate::ca::root_params(
+        "cluster",
+        clock.now() - Duration::from_secs(60),
+        Duration::from_secs(86400 * 30),
+    );
+    int_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+    let int = int_params.signed_by(&int_key, &root_issuer).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join(CA_CERT_FILE), int.pem()).unwrap();
+    std::fs::write(dir.path().join(CA_KEY_FILE), int_key.serialize_pem()).unwrap();
+    std::fs::write(dir.path().join(ROOT_CERT_FILE), root.pem()).unwrap();
+    std::fs::write(
+        dir.path().join(CERT_CHAIN_FILE),
+        format!("{}{}", int.pem(), root.pem()),
+    )
+    .unwrap();
+    let pki = Pki {
+        ca: CertificateAuthority::load(dir.path(), CaConfig::default(), clock.clone()).unwrap(),
+        _dir: dir,
+    };
+
+    let (ck, serial) = pki.issue("default", "client", Duration::from_secs(86400));
+    let (sk, _) = pki.issue("default", "server", Duration::from_secs(86400));
+    assert_eq!(
+        ck.cert.len(),
+        2,
+        "leaf and intermediate are sent, the root is not"
+    );
+    let client = Side {
+        bundle: pki.bundle(),
+        cert: slot(&clock, ck),
+    };
+    let server = Side {
+        bundle: pki.bundle(),
+        cert: slot(&clock, sk),
+    };
+    let (c, s) = configs(&clock, CompliancePolicy::Default, &client, &server);
+    let (conn, _) = handshake(c.clone(), s.clone()).unwrap();
+    assert_eq!(
+        peer_identity(&conn).unwrap().to_string(),
+        "spiffe://cluster.local/ns/default/sa/server"
+    );
+
+    pki.ca.revoke(&serial).unwrap();
+    server.bundle.set_crls(vec![pki.ca.crl().unwrap()]).unwrap();
+    let err = handshake(c, s).unwrap_err();
+    assert!(
+        err.contains(&format!("serial {serial} is revoked")),
+        "{err}"
+    );
+}
