@@ -293,6 +293,24 @@ pub fn compile(input: &CompileInput, ids: &mut dyn IdAllocator) -> Result<Compil
         out.policy_names.insert(id, p.key());
     }
 
+    for &pi in &applicable {
+        let p = &set.authz[pi as usize];
+        for (ri, r) in p.rules.iter().enumerate() {
+            match p.action {
+                Action::Allow if r.has_l7 => out.warnings.push(format!(
+                    "{} rule {ri}: ALLOW rule with L7 attributes never matches in the kernel (L4)",
+                    p.key()
+                )),
+                Action::Deny | Action::Custom if r.only_l7 => out.warnings.push(format!(
+                    "{} rule {ri}: {} rule with only L7 attributes denies every connection in the kernel (L4)",
+                    p.key(),
+                    p.action
+                )),
+                _ => {}
+            }
+        }
+    }
+
     let now_clock = clock(input.now, set.options.utc_offset_minutes);
     let mut port_cache: FastMap<(u32, u32), Rc<PortSet>> = FastMap::default();
     let mut time_dependent = false;

@@ -1,7 +1,8 @@
 //! Evaluation with Istio's semantics at L4 (a TCP connection) and L7 (an HTTP request), with an
 //! explanation of every decision.
 //!
-//! Order: PeerAuthentication STRICT refuses plaintext peers; then CUSTOM (warden cannot consult
+//! Order: PeerAuthentication STRICT refuses plaintext peers; at L7 a JWT that the workload's
+//! RequestAuthentications do not accept (issuer, audiences) is rejected; then CUSTOM (warden cannot consult
 //! an external authorizer: a matching CUSTOM rule denies, fail safe); then DENY; then, if no
 //! ALLOW policy applies to the workload, allow; then the first matching ALLOW; else deny.
 //! AUDIT and dry-run policies never decide; their matches are reported.
@@ -98,7 +99,8 @@ pub struct Decision {
     pub decision: Verdict,
     /// `namespace/name` of the deciding policy; `None` for a default allow or deny.
     pub policy: Option<String>,
-    /// `ALLOW`, `DENY`, `CUSTOM` or `PEER_AUTHENTICATION`; `None` for a default verdict.
+    /// `ALLOW`, `DENY`, `CUSTOM`, `PEER_AUTHENTICATION` or `REQUEST_AUTHENTICATION`; `None` for a
+    /// default verdict.
     pub action: Option<String>,
     /// Index of the matching rule.
     pub rule: Option<usize>,
@@ -397,6 +399,12 @@ impl PolicySet {
                 );
             }
         }
+        // RequestAuthentication: a token the workload's JWT rules do not accept is rejected (401).
+        if let Some(jwt) = env.l7.and_then(|l| l.http.jwt.as_ref())
+            && let Some(reason) = self.jwt_rejection(target, jwt)
+        {
+            return mk(Verdict::Deny, Some(reason.0), Some("REQUEST_AUTHENTICATION"), None, reason.1);
+        }
         let scopes = self.scopes(target.namespace);
         thread_local! {
             static CANDIDATES: std::cell::RefCell<Vec<RuleRef>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -438,6 +446,29 @@ impl PolicySet {
         }
         let note = if layer == Layer::L4 { " (ALLOW rules with L7 attributes never match at L4)" } else { "" };
         mk(Verdict::Deny, None, None, None, format!("ALLOW policies apply to the workload and none matched{note}: denied by default"))
+    }
+
+    /// When RequestAuthentications select the workload, the token's issuer must be one of their
+    /// `jwtRules` and, when the rule lists audiences, one of the token's audiences must be among
+    /// them. Returns (policy, reason) for a rejected token.
+    fn jwt_rejection(&self, target: &Target, jwt: &Jwt) -> Option<(String, String)> {
+        let root = self.options.root_namespace.as_str();
+        let ras: Vec<&RequestAuth> = self
+            .request_auth
+            .iter()
+            .filter(|r| (r.namespace == target.namespace || r.namespace == root) && crate::set::selection_applies(&r.selection, target))
+            .collect();
+        let first = ras.first()?;
+        let iss = jwt.iss.as_deref().unwrap_or("");
+        let Some((ra, rule)) = ras.iter().find_map(|ra| ra.jwt_rules.iter().find(|r| r.issuer == iss).map(|r| (*ra, r))) else {
+            let key = format!("{}/{}", first.namespace, first.name);
+            return Some((key.clone(), format!("JWT issuer {iss:?} is not accepted by RequestAuthentication {key}: the request is rejected (401)")));
+        };
+        if !rule.audiences.is_empty() && !jwt.aud.iter().any(|a| rule.audiences.contains(a)) {
+            let key = format!("{}/{}", ra.namespace, ra.name);
+            return Some((key.clone(), format!("JWT audiences {:?} are not among {:?} required by RequestAuthentication {key}: the request is rejected (401)", jwt.aud, rule.audiences)));
+        }
+        None
     }
 
     fn shadow_matches(&self, target: &Target, env: &Env, layer: Layer) -> Vec<String> {

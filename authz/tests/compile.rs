@@ -81,6 +81,41 @@ fn compiled_maps_follow_the_policies() {
         }
     }
     assert_eq!(c.valid_until, None);
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+}
+
+#[test]
+fn l7_rules_are_reported_as_compile_warnings() {
+    let yaml = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: http-only, namespace: shop}
+spec:
+  rules:
+  - to: [{operation: {methods: ["GET"]}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: bots, namespace: shop}
+spec:
+  action: DENY
+  rules:
+  - when: [{key: "request.headers[user-agent]", values: ["sqlmap*"]}]
+"#;
+    let s = set(yaml);
+    let w = workloads();
+    let mut ids = Ids::default();
+    let c = compile(&CompileInput { policies: &s, workloads: &w, local: &[(0, 1)], trust_domain: "cluster.local", now: t0() }, &mut ids).unwrap();
+    assert_eq!(
+        c.warnings,
+        vec![
+            "shop/bots rule 0: DENY rule with only L7 attributes denies every connection in the kernel (L4)".to_string(),
+            "shop/http-only rule 0: ALLOW rule with L7 attributes never matches in the kernel (L4)".to_string(),
+        ]
+    );
+    let m = Maps::new(&c);
+    let bots = ids.policies[&("shop".into(), "bots".into())];
+    assert_eq!(m.decide(1, "10.1.0.20".parse().unwrap(), PROTO_TCP, 8443), PolicyValue::deny(bots, DropReason::PolicyDeny));
 }
 
 #[test]

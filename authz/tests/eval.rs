@@ -478,3 +478,30 @@ authz_test!(peer_authentication_precedence_and_ports, PEER,
     conn().plaintext().dest_ns("v") => "DENY root/mesh",
     conn().dest_ns("v") => "ALLOW",
     conn().plaintext().label("tier", "db").port(5432).http("GET", "/") => "DENY t/db");
+
+// ------------------------------------------------------------------ RequestAuthentication
+
+const JWT: &str = "apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {name: jwt, namespace: t}
+spec:
+  selector: {matchLabels: {app: web}}
+  jwtRules:
+  - {issuer: https://issuer, jwksUri: https://issuer/jwks, audiences: [api]}
+  - {issuer: https://other, jwksUri: https://other/jwks}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: p, namespace: t}
+spec:
+  rules: [{from: [{source: {requestPrincipals: [\"*\"]}}]}]
+";
+
+authz_test!(request_authentication_issuer_and_audiences, JWT,
+    conn().jwt("https://issuer", "a", &["api"], None, serde_json::json!({})) => "ALLOW p#0",
+    conn().jwt("https://other", "a", &[], None, serde_json::json!({})) => "ALLOW p#0",
+    conn().jwt("https://issuer", "a", &["web"], None, serde_json::json!({})) => "DENY t/jwt",
+    conn().jwt("https://evil", "a", &["api"], None, serde_json::json!({})) => "DENY t/jwt",
+    conn().http("GET", "/") => "DENY",
+    // A workload no RequestAuthentication selects: the request file's claims are taken as validated.
+    conn().jwt("https://evil", "a", &[], None, serde_json::json!({})).label("app", "other") => "ALLOW p#0");
