@@ -32,8 +32,11 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{
     CertificateDer, CertificateRevocationListDer, ServerName, TrustAnchor, UnixTime,
 };
+/// Which extended key usage a verification demands (`KeyUsage::client_auth()` /
+/// `KeyUsage::server_auth()`), re-exported for [`SpiffeVerifier::verify`].
+pub use webpki::KeyUsage;
 use webpki::{
-    CertRevocationList, EndEntityCert, KeyUsage, OwnedCertRevocationList, RevocationOptionsBuilder,
+    CertRevocationList, EndEntityCert, OwnedCertRevocationList, RevocationOptionsBuilder,
 };
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 

@@ -150,8 +150,8 @@ async fn valid_request_is_served_with_a_chain_that_verifies() {
     );
 }
 
-fn webpki_client_auth() -> webpki::KeyUsage {
-    webpki::KeyUsage::client_auth()
+fn webpki_client_auth() -> tls::KeyUsage {
+    tls::KeyUsage::client_auth()
 }
 
 #[tokio::test]
