@@ -65,6 +65,38 @@ fn l4_decision(c: &mut Criterion) {
     g.finish();
 }
 
+/// 10,000 ALLOW policies in one namespace, each selecting one of 10,000 apps, with 10 rules
+/// that name no peer (ports and IP blocks only): indexed by selector, not by peer.
+fn allow_selector_policies() -> PolicySet {
+    let mut yaml = String::new();
+    for i in 0..10_000 {
+        yaml.push_str(&format!(
+            "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: allow-{i}, namespace: bench}}\nspec:\n  selector: {{matchLabels: {{app: app-{i}}}}}\n  rules:\n"
+        ));
+        for j in 0..10 {
+            yaml.push_str(&format!(
+                "  - from: [{{source: {{ipBlocks: [\"10.{j}.0.0/16\"]}}}}]\n    to: [{{operation: {{ports: [\"{}\"]}}}}]\n",
+                8000 + (i + j) % 100
+            ));
+        }
+    }
+    PolicySet::from_resources(parse_str(&yaml, "bench.yaml").unwrap(), &Options::default()).unwrap()
+}
+
+fn l4_decision_selectors(c: &mut Criterion) {
+    let set = allow_selector_policies();
+    let mut g = c.benchmark_group("l4_decision_10k_allow_policies_by_selector");
+    let mut req = request("cluster.local/ns/x/sa/y", 8000 + (4242 + 3) % 100);
+    req.destination.labels = BTreeMap::from([("app".into(), "app-4242".into()), ("version".into(), "v1".into())]);
+    req.source.ip = Some(Ipv4Addr::new(10, 3, 1, 1));
+    assert_eq!(set.evaluate(&req).decision, warden_authz::Verdict::Allow);
+    g.bench_function("allowed", |b| b.iter(|| black_box(set.evaluate(black_box(&req)))));
+    req.destination.port = 9999;
+    assert_eq!(set.evaluate(&req).decision, warden_authz::Verdict::Deny);
+    g.bench_function("default_deny", |b| b.iter(|| black_box(set.evaluate(black_box(&req)))));
+    g.finish();
+}
+
 #[derive(Default)]
 struct Ids {
     p: HashMap<(String, String), u32>,
@@ -135,5 +167,5 @@ fn compile_10k(c: &mut Criterion) {
     let _ = SystemTime::now();
 }
 
-criterion_group!(benches, l4_decision, compile_10k);
+criterion_group!(benches, l4_decision, l4_decision_selectors, compile_10k);
 criterion_main!(benches);

@@ -68,6 +68,21 @@ pub(crate) fn selection_applies(sel: &Selection, t: &Target) -> bool {
     }
 }
 
+/// label key -> label value -> items.
+pub(crate) type LabelIndex<T> = FastMap<String, FastMap<String, Vec<T>>>;
+
+fn label_get<'a, T>(ix: &'a LabelIndex<T>, labels: &BTreeMap<String, String>) -> impl Iterator<Item = &'a T> + 'a
+where
+    T: 'a,
+{
+    let found: Vec<&'a Vec<T>> = if ix.is_empty() {
+        Vec::new()
+    } else {
+        labels.iter().filter_map(|(k, v)| ix.get(k.as_str())?.get(v.as_str())).collect()
+    };
+    found.into_iter().flatten()
+}
+
 /// A rule, by position.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub(crate) struct RuleRef {
@@ -86,9 +101,14 @@ pub(crate) struct NsIndex {
     pub by_namespace: FastMap<String, Vec<RuleRef>>,
     /// Key `namespace/serviceAccount`.
     pub by_service_account: FastMap<String, Vec<RuleRef>>,
+    /// Rules of policies that select by label, by the policy's first (key, value) label.
+    pub unindexed_by_label: LabelIndex<RuleRef>,
+    /// Rules of policies that select every workload of the scope, or by targetRefs.
     pub unindexed: Vec<RuleRef>,
-    /// Enforced ALLOW policies of the namespace (to answer "does an ALLOW policy apply?").
-    pub allow_policies: Vec<u32>,
+    /// Enforced ALLOW policies with a label selector, by their first (key, value) label, and the
+    /// others (targetRefs): to answer "does an ALLOW policy apply?" without a scan.
+    pub allow_by_label: LabelIndex<u32>,
+    pub allow_other: Vec<u32>,
     /// An enforced ALLOW policy selects every workload of the namespace.
     pub allow_all: bool,
     /// Dry-run and AUDIT policies (reported, never enforced).
@@ -185,9 +205,13 @@ impl PolicySet {
                 continue;
             };
             if p.action == Action::Allow {
-                ns.allow_policies.push(pi as u32);
-                if p.selection == Selection::All {
-                    ns.allow_all = true;
+                match &p.selection {
+                    Selection::All => ns.allow_all = true,
+                    Selection::Labels(l) => {
+                        let (k, v) = l.iter().next().expect("a label selector is never empty");
+                        ns.allow_by_label.entry(k.clone()).or_default().entry(v.clone()).or_default().push(pi as u32);
+                    }
+                    Selection::TargetRefs(_) => ns.allow_other.push(pi as u32),
                 }
             }
             for (ri, r) in p.rules.iter().enumerate() {
@@ -200,7 +224,13 @@ impl PolicySet {
                         exact_p || exact_n || sa
                     });
                 if !indexable {
-                    ns.unindexed.push(rr);
+                    match &p.selection {
+                        Selection::Labels(l) => {
+                            let (k, v) = l.iter().next().expect("a label selector is never empty");
+                            ns.unindexed_by_label.entry(k.clone()).or_default().entry(v.clone()).or_default().push(rr);
+                        }
+                        _ => ns.unindexed.push(rr),
+                    }
                     continue;
                 }
                 for s in &r.from {
@@ -301,7 +331,11 @@ impl PolicySet {
 
     /// Does an enforced ALLOW policy apply to `t`?
     pub(crate) fn allow_applies(&self, t: &Target, scopes: &Scopes) -> bool {
-        scopes.iter().any(|ix| ix.allow_all || ix.allow_policies.iter().any(|&pi| self.applies(pi, t)))
+        scopes.iter().any(|ix| {
+            ix.allow_all
+                || ix.allow_other.iter().any(|&pi| self.applies(pi, t))
+                || label_get(&ix.allow_by_label, t.labels).any(|&pi| self.applies(pi, t))
+        })
     }
 
     /// Candidate enforced rules for a peer, sorted by (rank, policy, rule), deduplicated. Rules
@@ -310,6 +344,7 @@ impl PolicySet {
         out.clear();
         for ix in scopes.iter() {
             out.extend(ix.unindexed.iter().copied());
+            out.extend(label_get(&ix.unindexed_by_label, t.labels).copied());
             if let Some(p) = principal
                 && let Some(v) = ix.by_principal.get(p)
             {
