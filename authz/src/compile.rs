@@ -481,3 +481,44 @@ fn next_time_boundary(set: &PolicySet, applicable: &BTreeSet<u32>, now: SystemTi
         })
         .min()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every port set over listed ports {1, 2, 3} plus "other", checked against plain set logic.
+    #[test]
+    fn port_set_algebra_matches_set_semantics() {
+        let universe = [Some(1u16), Some(2), Some(3), None];
+        let subsets: Vec<BTreeSet<u16>> = (0..8u8).map(|m| (1..=3u16).filter(|p| m & (1 << (p - 1)) != 0).collect()).collect();
+        let mut sets = Vec::new();
+        for s in &subsets {
+            sets.push(PortSet::Only(s.clone()));
+            sets.push(PortSet::AllBut(s.clone()));
+        }
+        for a in &sets {
+            for b in &sets {
+                for &p in &universe {
+                    assert_eq!(a.clone().and(b.clone()).contains(p), a.contains(p) && b.contains(p), "{a:?} and {b:?} at {p:?}");
+                    assert_eq!(a.clone().or(b.clone()).contains(p), a.contains(p) || b.contains(p), "{a:?} or {b:?} at {p:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rule_ports_combine_operations_and_destination_port() {
+        let r = Rule {
+            from: vec![],
+            to: vec![
+                Operation { ports: vec![80, 81], ..Operation::default() },
+                Operation { not_ports: vec![80, 22], ..Operation::default() },
+            ],
+            when: vec![Condition { key: Key::DestinationPort, values: Values::Ports(vec![]), not_values: Values::Ports(vec![81]) }],
+            has_l7: false,
+            only_l7: false,
+        };
+        let ps = rule_ports(&r);
+        assert!(ps.contains(Some(80)) && !ps.contains(Some(81)) && !ps.contains(Some(22)) && ps.contains(Some(443)) && ps.contains(None));
+    }
+}

@@ -494,3 +494,37 @@ impl PolicySet {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn clock_gives_minute_and_weekday() {
+        // 2026-11-24T10:00:00Z, a Tuesday (1 when Monday is 0).
+        let t = UNIX_EPOCH + Duration::from_secs(1_795_514_400);
+        assert_eq!(clock(t, 0), (600, 1));
+        assert_eq!(clock(t, -11 * 60), (23 * 60, 0)); // Monday 23:00 at UTC-11
+        assert_eq!(clock(t, 14 * 60), (0, 2)); // Wednesday 00:00 at UTC+14
+        assert_eq!(clock(UNIX_EPOCH, 0), (0, 3)); // 1970-01-01 was a Thursday
+    }
+
+    #[test]
+    fn principal_parts_parses_spiffe_paths() {
+        assert_eq!(principal_parts("cluster.local/ns/a/sa/b"), Some(("a", "b")));
+        assert_eq!(principal_parts("cluster.local/ns/a/sa/b/c"), None);
+        assert_eq!(principal_parts("cluster.local/x/a/sa/b"), None);
+        assert_eq!(principal_parts("garbage"), None);
+    }
+
+    #[test]
+    fn regions_are_inside_the_cidrs_that_contain_them() {
+        let n = |s: &str| s.parse::<Ipv4Net>().unwrap();
+        let r = Addr::Region(Some(n("10.1.0.0/16")));
+        assert!(r.within(&n("10.0.0.0/8")) && r.within(&n("10.1.0.0/16")));
+        assert!(!r.within(&n("10.1.2.0/24")) && !r.within(&n("11.0.0.0/8")));
+        assert!(!Addr::Region(None).within(&n("0.0.0.0/0")) && !Addr::Unknown.within(&n("0.0.0.0/0")));
+        assert!(Addr::Ip("10.1.2.3".parse().unwrap()).within(&n("10.1.2.0/24")));
+    }
+}
