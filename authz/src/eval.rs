@@ -339,8 +339,9 @@ pub(crate) fn condition_matches(c: &Condition, env: &Env) -> bool {
 
 /// Does a rule match? The caller has already excluded ALLOW rules with L7 attributes at L4.
 pub(crate) fn rule_matches(r: &Rule, env: &Env) -> bool {
-    (r.from.is_empty() || r.from.iter().any(|s| source_matches(s, &env.peer, env.l7)))
-        && (r.to.is_empty() || r.to.iter().any(|o| op_matches(o, env.proto, env.port, env.l7)))
+    // All three are pure predicates; the cheapest (ports, usually) goes first.
+    (r.to.is_empty() || r.to.iter().any(|o| op_matches(o, env.proto, env.port, env.l7)))
+        && (r.from.is_empty() || r.from.iter().any(|s| source_matches(s, &env.peer, env.l7)))
         && r.when.iter().all(|c| condition_matches(c, env))
 }
 
