@@ -156,7 +156,7 @@ pub fn run_ca(cmd: CaCommand) -> ExitCode {
                     },
                 ))
             }),
-        other => run_ca_offline(other, &SystemClock).map(|out| print!("{out}")),
+        other => run_ca_offline(other, Arc::new(SystemClock)).map(|out| print!("{out}")),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -168,15 +168,11 @@ pub fn run_ca(cmd: CaCommand) -> ExitCode {
 }
 
 /// `init`, `issue` and `revoke`: returns what to print.
-pub fn run_ca_offline(cmd: CaCommand, clock: &dyn Clock) -> Result<String, CliError> {
-    let clock_arc = || -> Arc<dyn Clock> {
-        // The offline commands are short-lived; a system clock is what they need unless a test
-        // passes a frozen one, whose current time is then used as a fixed clock.
-        Arc::new(crate::clock::ManualClock::new(clock.now()))
-    };
+pub fn run_ca_offline(cmd: CaCommand, clock: Arc<dyn Clock>) -> Result<String, CliError> {
+    let clock_arc = || clock.clone();
     match cmd {
         CaCommand::Init { dir, trust_domain } => {
-            CertificateAuthority::init_self_signed(&dir, &trust_domain, clock)?;
+            CertificateAuthority::init_self_signed(&dir, &trust_domain, clock.as_ref())?;
             let ca = CertificateAuthority::load(
                 &dir,
                 CaConfig {

@@ -83,7 +83,7 @@ fn clap_definitions_parse_and_validate_spiffe_ids() {
 
 #[test]
 fn ca_init_issue_revoke_round_trip() {
-    let clock = ManualClock::starting_now();
+    let clock: Arc<dyn Clock> = Arc::new(ManualClock::starting_now());
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("ca");
     let out = run_ca_offline(
@@ -91,7 +91,7 @@ fn ca_init_issue_revoke_round_trip() {
             dir: dir.clone(),
             trust_domain: "cluster.local".into(),
         },
-        &clock,
+        clock.clone(),
     )
     .unwrap();
     assert!(out.contains("created root CA"), "{out}");
@@ -107,7 +107,7 @@ fn ca_init_issue_revoke_round_trip() {
             out: wdir.clone(),
             ttl_hours: 2,
         },
-        &clock,
+        clock.clone(),
     )
     .unwrap();
     assert_eq!(mode(&wdir.join(ISSUED_KEY_FILE)), 0o600);
@@ -119,7 +119,7 @@ fn ca_init_issue_revoke_round_trip() {
             out: tmp.path().join("foreign"),
             ttl_hours: 2,
         },
-        &clock,
+        clock.clone(),
     )
     .unwrap_err();
     assert!(
@@ -152,7 +152,7 @@ fn ca_init_issue_revoke_round_trip() {
             serial: serial.clone(),
             dir: dir.clone(),
         },
-        &clock,
+        clock.clone(),
     )
     .unwrap();
     assert!(
@@ -166,7 +166,7 @@ fn ca_init_issue_revoke_round_trip() {
             dir,
             trust_domain: "cluster.local".into(),
         },
-        &clock,
+        clock.clone(),
     )
     .unwrap_err();
     assert!(err.to_string().contains("refusing to overwrite"), "{err}");
@@ -174,7 +174,7 @@ fn ca_init_issue_revoke_round_trip() {
 
 #[test]
 fn ca_commands_with_a_broken_ca_fail_naming_the_file() {
-    let clock = ManualClock::starting_now();
+    let clock: Arc<dyn Clock> = Arc::new(ManualClock::starting_now());
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("ca");
     run_ca_offline(
@@ -182,7 +182,7 @@ fn ca_commands_with_a_broken_ca_fail_naming_the_file() {
             dir: dir.clone(),
             trust_domain: "cluster.local".into(),
         },
-        &clock,
+        clock.clone(),
     )
     .unwrap();
     std::fs::remove_file(dir.join(ca::CA_KEY_FILE)).unwrap();
@@ -194,7 +194,7 @@ fn ca_commands_with_a_broken_ca_fail_naming_the_file() {
         out: tmp.path().join("o"),
         ttl_hours: 1,
     };
-    let err = run_ca_offline(cmd.clone(), &clock).unwrap_err();
+    let err = run_ca_offline(cmd.clone(), clock.clone()).unwrap_err();
     assert!(err.to_string().contains(ca::CA_KEY_FILE), "{err}");
     assert_eq!(run_ca(cmd), ExitCode::FAILURE);
     assert!(
