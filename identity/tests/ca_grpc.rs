@@ -421,3 +421,41 @@ async fn node_certificate_authenticates_the_requester() {
     stop.send(()).unwrap();
     task.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn plaintext_client_and_an_unreachable_ca() {
+    let lab = lab(false, 100).await;
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let bundle =
+        Arc::new(TrustBundle::new(lab.ca.roots().to_vec(), vec!["cluster.local".into()]).unwrap());
+    let ca_client =
+        GrpcCaClient::new(&format!("http://{}", lab.addr), Some("token-a".into())).unwrap();
+    let mgr = SecretManager::new(
+        Arc::new(ca_client),
+        bundle.clone(),
+        clock.clone(),
+        SecretManagerConfig::default(),
+        None,
+    );
+    assert_eq!(mgr.fetch(&web()).await.unwrap().identity, web());
+
+    // Nothing listens on this port: the error is "unavailable" (retried with backoff), not a refusal.
+    let free = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let ca_client = GrpcCaClient::new(&format!("http://{free}"), Some("token-a".into())).unwrap();
+    let mgr = SecretManager::new(
+        Arc::new(ca_client),
+        bundle,
+        clock,
+        SecretManagerConfig::default(),
+        None,
+    );
+    let err = mgr.fetch(&web()).await.unwrap_err();
+    assert!(err.to_string().contains("CA unavailable"), "{err}");
+    let status = &mgr.snapshot()[0];
+    assert_eq!(status.failures, 1);
+    assert!(status.next_attempt.is_some());
+}
