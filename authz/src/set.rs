@@ -71,16 +71,9 @@ pub(crate) fn selection_applies(sel: &Selection, t: &Target) -> bool {
 /// label key -> label value -> items.
 pub(crate) type LabelIndex<T> = FastMap<String, FastMap<String, Vec<T>>>;
 
-fn label_get<'a, T>(ix: &'a LabelIndex<T>, labels: &BTreeMap<String, String>) -> impl Iterator<Item = &'a T> + 'a
-where
-    T: 'a,
-{
-    let found: Vec<&'a Vec<T>> = if ix.is_empty() {
-        Vec::new()
-    } else {
-        labels.iter().filter_map(|(k, v)| ix.get(k.as_str())?.get(v.as_str())).collect()
-    };
-    found.into_iter().flatten()
+fn label_get<'a, T>(ix: &'a LabelIndex<T>, labels: &'a BTreeMap<String, String>) -> impl Iterator<Item = &'a T> + 'a {
+    let labels = if ix.is_empty() { None } else { Some(labels) };
+    labels.into_iter().flatten().filter_map(|(k, v)| ix.get(k.as_str())?.get(v.as_str())).flatten()
 }
 
 /// A rule, by position.
