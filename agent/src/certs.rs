@@ -1,0 +1,174 @@
+//! Workload certificates on the node: the agent holds a SPIFFE certificate for every identity of
+//! its local workloads, obtained from the CA and rotated by `warden-identity`'s secret manager,
+//! and shows them on the admin endpoint (`GET /certs`, read by `warden certs`).
+//!
+//! The CA is either in-process (`--ca-dir`: a single-node lab; a broken CA directory stops the
+//! agent) or Istio's CA API over TLS (`--ca-addr` with `--ca-root-cert` and `--ca-token-file`).
+
+use std::{
+    collections::BTreeSet,
+    path::PathBuf,
+    sync::Arc,
+};
+
+use crate::telemetry::server::{Handler, Reply, serve};
+use warden_identity::{
+    Identity,
+    ca::{CRL_FILE, CaConfig, CertificateAuthority, ROOT_CERT_FILE},
+    clock::{Clock, SystemClock},
+    metrics::Metrics,
+    server::ca_server_identity,
+    tls::{DEFAULT_TRUST_RELOAD_INTERVAL, SpiffeVerifier, TrustBundle},
+    workload::{CaClient, GrpcCaClient, LocalCaClient, SecretManager, SecretManagerConfig},
+};
+
+/// `warden agent`'s certificate settings.
+#[derive(Clone, Debug)]
+pub struct CertsConfig {
+    pub source: CaSource,
+    /// The admin endpoint serving `GET /certs` (default `127.0.0.1:15000`: local only).
+    pub admin_addr: std::net::SocketAddr,
+}
+
+/// Where certificates come from.
+#[derive(Clone, Debug)]
+pub enum CaSource {
+    /// An in-process CA in this directory (Istio `cacerts` layout; a root is generated if empty).
+    Local { dir: PathBuf },
+    /// Istio's CA API at `url`, verified against `root_cert`, authenticated with the token file.
+    Remote { url: String, root_cert: PathBuf, token_file: Option<PathBuf> },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CertsError {
+    #[error("the CA in {dir}: {source}")]
+    Ca { dir: PathBuf, source: warden_identity::ca::CaError },
+    #[error("trust bundle {path}: {reason}")]
+    Trust { path: PathBuf, reason: String },
+    #[error("reading the CA token file {path}: {source}")]
+    Token { path: PathBuf, source: std::io::Error },
+    #[error("CA client for {url}: {reason}")]
+    Client { url: String, reason: String },
+    #[error("{0}")]
+    Identity(String),
+    #[error("admin endpoint {addr}: {reason}")]
+    Admin { addr: std::net::SocketAddr, reason: String },
+}
+
+/// The node's workload certificates.
+pub struct WorkloadCerts {
+    secrets: SecretManager,
+    trust_domain: String,
+    managed: std::sync::Mutex<BTreeSet<Identity>>,
+}
+
+impl WorkloadCerts {
+    /// Start the secret manager (and its rotation loop) on `source`.
+    pub fn start(source: &CaSource, trust_domain: &str, metrics: Option<Metrics>) -> Result<WorkloadCerts, CertsError> {
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let td = vec![trust_domain.to_string()];
+        let (ca, bundle): (Arc<dyn CaClient>, Arc<TrustBundle>) = match source {
+            CaSource::Local { dir } => {
+                let config = CaConfig { trust_domain: trust_domain.to_string(), ..CaConfig::default() };
+                let ca = CertificateAuthority::load_or_init(dir, config, clock.clone())
+                    .map_err(|source| CertsError::Ca { dir: dir.clone(), source })?;
+                // Peers are verified against the CA directory's files, watched, so a root
+                // rotation or a `warden ca revoke` applies without a restart.
+                let (root, crl) = (dir.join(ROOT_CERT_FILE), dir.join(CRL_FILE));
+                let bundle = Arc::new(
+                    TrustBundle::from_files(&root, crl.exists().then_some(crl.as_path()), td)
+                        .map_err(|e| CertsError::Trust { path: root.clone(), reason: e.to_string() })?,
+                );
+                bundle.clone().spawn_file_watcher(root, Some(crl), DEFAULT_TRUST_RELOAD_INTERVAL);
+                (Arc::new(LocalCaClient(Arc::new(ca))), bundle)
+            }
+            CaSource::Remote { url, root_cert, token_file } => {
+                let bundle = Arc::new(
+                    TrustBundle::from_files(root_cert, None, td)
+                        .map_err(|e| CertsError::Trust { path: root_cert.clone(), reason: e.to_string() })?,
+                );
+                bundle.clone().spawn_file_watcher(root_cert.clone(), None, DEFAULT_TRUST_RELOAD_INTERVAL);
+                let token = match token_file {
+                    Some(p) => Some(
+                        std::fs::read_to_string(p)
+                            .map_err(|source| CertsError::Token { path: p.clone(), source })?
+                            .trim()
+                            .to_string(),
+                    ),
+                    None => None,
+                };
+                let ca_id = ca_server_identity(trust_domain).map_err(|e| CertsError::Identity(e.to_string()))?;
+                let verifier = Arc::new(SpiffeVerifier::new(bundle.clone(), clock.clone()).expecting(vec![ca_id]));
+                let client = GrpcCaClient::new_tls(url, token, verifier)
+                    .map_err(|e| CertsError::Client { url: url.clone(), reason: e.to_string() })?;
+                (Arc::new(client), bundle)
+            }
+        };
+        let secrets = SecretManager::new(ca, bundle, clock, SecretManagerConfig::default(), metrics);
+        secrets.spawn_rotation();
+        Ok(WorkloadCerts { secrets, trust_domain: trust_domain.to_string(), managed: Default::default() })
+    }
+
+    /// Start the manager and serve `GET /certs` on the admin address.
+    pub fn serve(cfg: &CertsConfig, trust_domain: &str) -> Result<Arc<WorkloadCerts>, CertsError> {
+        let certs = Arc::new(WorkloadCerts::start(&cfg.source, trust_domain, None)?);
+        let listener = std::net::TcpListener::bind(cfg.admin_addr)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .and_then(tokio::net::TcpListener::from_std)
+            .map_err(|e| CertsError::Admin { addr: cfg.admin_addr, reason: e.to_string() })?;
+        let c = certs.clone();
+        let handler: Handler = Arc::new(move |path: &str| match path {
+            "/certs" => Reply { status: 200, content_type: "application/json", body: c.snapshot_json() },
+            other => Reply::not_found(other),
+        });
+        tokio::spawn(serve(listener, handler));
+        tracing::info!(addr = %cfg.admin_addr, "admin endpoint: GET /certs");
+        Ok(certs)
+    }
+
+    /// Manage the identities of the local workloads among `workloads`.
+    pub async fn sync_workloads(&self, workloads: &[crate::workloads::Workload]) {
+        self.sync(workloads.iter().filter(|w| w.local.is_some()).map(|w| (w.namespace.clone(), w.service_account.clone()))).await
+    }
+
+    /// Manage exactly the identities of `workloads` (namespace, service account): new ones are
+    /// issued a certificate, departed ones are forgotten.
+    pub async fn sync(&self, workloads: impl IntoIterator<Item = (String, String)>) {
+        let mut wanted = BTreeSet::new();
+        for (ns, sa) in workloads {
+            match Identity::spiffe(&self.trust_domain, &ns, &sa) {
+                Ok(id) => {
+                    wanted.insert(id);
+                }
+                Err(e) => tracing::error!(namespace = %ns, service_account = %sa, "no SPIFFE identity: {e}"),
+            }
+        }
+        let (added, removed): (Vec<Identity>, Vec<Identity>) = {
+            let mut managed = self.managed.lock().unwrap_or_else(|e| e.into_inner());
+            let added = wanted.difference(&managed).cloned().collect();
+            let removed = managed.difference(&wanted).cloned().collect();
+            *managed = wanted;
+            (added, removed)
+        };
+        for id in removed {
+            self.secrets.forget(&id);
+            tracing::info!(identity = %id, "certificate released");
+        }
+        for id in added {
+            // A CA failure is retried by the rotation loop with backoff; the identity stays managed.
+            match self.secrets.fetch(&id).await {
+                Ok(c) => tracing::info!(identity = %id, "certificate issued, valid until {:?}", c.not_after),
+                Err(e) => tracing::warn!(identity = %id, "certificate not issued yet (retrying): {e}"),
+            }
+        }
+    }
+
+    /// `GET /certs`: what `warden certs` shows.
+    pub fn snapshot_json(&self) -> String {
+        serde_json::to_string_pretty(&warden_identity::cli::certs_snapshot(&self.secrets)).expect("snapshot serializes")
+    }
+
+    pub fn secrets(&self) -> &SecretManager {
+        &self.secrets
+    }
+}
