@@ -30,6 +30,8 @@ pub struct AgentConfig {
     pub pin_dir: PathBuf,
     pub state_dir: PathBuf,
     pub trust_domain: String,
+    /// Metrics (`:15020/stats/prometheus`), readiness (`:15021/healthz/ready`), access logs.
+    pub telemetry: crate::telemetry::TelemetryConfig,
 }
 
 /// Why a set of inputs could not become a node state. Nothing was applied.
@@ -208,12 +210,15 @@ fn snapshot(source: &mut dyn Source, trust_domain: &str, record: &mut NodeRecord
 /// Run the agent until SIGTERM/SIGINT. The first snapshot must succeed (the agent does not start
 /// on bad input); later bad input is reported and ignored.
 pub async fn run(cfg: AgentConfig, mut source: Box<dyn Source>) -> anyhow::Result<()> {
+    // Serving before the first commit: readiness answers 503 until the node enforces.
+    let mut telemetry = crate::telemetry::Telemetry::new(cfg.telemetry.clone(), &cfg.pin_dir, &cfg.state_dir).serve().await?;
     let mut record = NodeRecord::load(&cfg.state_dir)?;
     let desired = snapshot(source.as_mut(), &cfg.trust_domain, &mut record)
         .map_err(|e| anyhow::anyhow!("refusing to start on invalid input:\n{e}"))?;
     let mut dp = Datapath::load(&cfg.pin_dir)?;
     log_desired(&desired);
     let generation = apply(&mut dp, &mut record, &cfg.state_dir, &desired, true)?;
+    telemetry.committed();
     tracing::info!(generation, source = %source.describe(), workloads = desired.workloads.len(), entries = desired.state.policy.len(), "committed; enforcing");
     let mut valid_until = desired.valid_until;
 

@@ -8,12 +8,14 @@
 //! | `source`     | where inputs come from: the directory source (default), a cluster       |
 //! | `agent`      | build (validate + compile) and apply; the live reconcile loop           |
 //! | `inspect`    | `warden maps`: the live maps in human terms                             |
+//! | `telemetry`  | Istio-compatible metrics, readiness, access logs (`docs/observability.md`) |
 
 pub mod agent;
 pub mod datapath;
 pub mod inspect;
 pub mod record;
 pub mod source;
+pub mod telemetry;
 pub mod workloads;
 
 /// Default directories, overridable on every command.

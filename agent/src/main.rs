@@ -3,7 +3,7 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand, ValueEnum};
-use warden_agent::{agent, datapath, defaults, inspect};
+use warden_agent::{agent, datapath, defaults, inspect, telemetry};
 
 #[derive(Parser)]
 #[command(name = "warden", version, about = "eBPF zero-trust enforcer speaking Istio's security API")]
@@ -39,6 +39,15 @@ enum Command {
         /// Log format.
         #[arg(long, value_enum, default_value = "text")]
         log_format: Output,
+        /// Where to serve Istio-compatible metrics (`/stats/prometheus`).
+        #[arg(long, default_value = telemetry::DEFAULT_METRICS_ADDR)]
+        metrics_addr: std::net::SocketAddr,
+        /// Where to serve readiness (`/healthz/ready`: 200 once the first state is committed).
+        #[arg(long, default_value = telemetry::DEFAULT_READY_ADDR)]
+        ready_addr: std::net::SocketAddr,
+        /// Access log of decided flows, denials and closes, one line per event on stdout.
+        #[arg(long, value_enum, default_value = "text")]
+        access_log: telemetry::AccessLogFormat,
     },
     /// Print the live maps: per workload, its policy entries and counters; the identity cache.
     Maps {
@@ -86,11 +95,12 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Policy { command } => return warden_authz::cli::run_policy(command),
         Command::Authz { command: AuthzCommand::Check(args) } => return warden_authz::cli::run_authz_check(args),
-        Command::Agent { workloads, policies, pin_dir, state_dir, trust_domain, root_namespace, log_format } => {
+        Command::Agent { workloads, policies, pin_dir, state_dir, trust_domain, root_namespace, log_format, metrics_addr, ready_addr, access_log } => {
             init_logging(log_format);
             let options = warden_authz::Options { root_namespace, ..Default::default() };
             let source = Box::new(warden_agent::source::files::FileSource::new(workloads, policies, options));
-            let cfg = agent::AgentConfig { pin_dir, state_dir, trust_domain };
+            let telemetry = telemetry::TelemetryConfig { metrics_addr, ready_addr, access_log, ..Default::default() };
+            let cfg = agent::AgentConfig { pin_dir, state_dir, trust_domain, telemetry };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()

@@ -1,0 +1,234 @@
+//! The node agent's observability, Istio-compatible so existing dashboards and alerts work.
+//!
+//! | file          | concern                                                                   |
+//! |---------------|---------------------------------------------------------------------------|
+//! | `names`       | kernel numbers -> workload, namespace, SPIFFE principal, policy name       |
+//! | `metrics`     | `istio_tcp_*` and `warden_*` traffic metrics from the per-CPU counters     |
+//! | `access_log`  | one line per ring-buffer event (text or JSON) on stdout                    |
+//! | `ready`       | `/healthz/ready`: 200 once the first state is committed                    |
+//! | `server`      | the small HTTP server both endpoints use                                   |
+//!
+//! Lifecycle: [`Telemetry::new`] builds the registry (other concerns may register their metrics
+//! through [`Telemetry::registry_mut`]); [`Telemetry::serve`] binds both ports before the first
+//! commit (readiness answers 503); [`Running::committed`] after the first commit opens the pinned
+//! counters and the event ring buffer and turns readiness to 200. See `docs/observability.md`.
+
+pub mod access_log;
+pub mod metrics;
+pub mod names;
+pub mod ready;
+pub mod server;
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
+
+use aya::maps::{MapData, PerCpuHashMap};
+use prometheus_client::registry::Registry;
+use warden_common::{Counter, CounterKey};
+
+pub use self::{access_log::AccessLogFormat, metrics::SecurityPolicy};
+use self::{
+    metrics::TrafficMetrics,
+    names::RecordNames,
+    ready::Readiness,
+    server::{Handler, Reply},
+};
+
+/// Istio's metrics path on the agent's stats port.
+pub const METRICS_PATH: &str = "/stats/prometheus";
+/// Istio's ports: stats (15020) and readiness (15021).
+pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:15020";
+pub const DEFAULT_READY_ADDR: &str = "0.0.0.0:15021";
+/// OpenMetrics text, which prometheus-client writes and Prometheus negotiates.
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// What the agent exposes and where.
+#[derive(Clone, Debug)]
+pub struct TelemetryConfig {
+    pub metrics_addr: SocketAddr,
+    pub ready_addr: SocketAddr,
+    pub access_log: AccessLogFormat,
+    /// `connection_security_policy` of the traffic the kernel counts.
+    pub security_policy: SecurityPolicy,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            metrics_addr: DEFAULT_METRICS_ADDR.parse().expect("valid default"),
+            ready_addr: DEFAULT_READY_ADDR.parse().expect("valid default"),
+            access_log: AccessLogFormat::default(),
+            security_policy: SecurityPolicy::default(),
+        }
+    }
+}
+
+type CounterMap = PerCpuHashMap<MapData, CounterKey, Counter>;
+
+/// Everything the scrape handler needs.
+struct Scrape {
+    registry: Registry,
+    traffic: TrafficMetrics,
+    names: Arc<RecordNames>,
+    /// The pinned counter map, once the datapath exists.
+    counters: Mutex<Option<CounterMap>>,
+}
+
+impl Scrape {
+    fn reply(&self, path: &str) -> Reply {
+        if path != METRICS_PATH {
+            return Reply::not_found(path);
+        }
+        if let Some(map) = self.counters.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            let snapshot = map.iter().filter_map(Result::ok).map(|(k, per_cpu)| {
+                let mut total = Counter::default();
+                for c in per_cpu.iter() {
+                    total.add(c);
+                }
+                (k, total)
+            });
+            self.traffic.update(snapshot, &self.names.get());
+        }
+        let mut body = String::new();
+        match prometheus_client::encoding::text::encode(&mut body, &self.registry) {
+            Ok(()) => Reply { status: 200, content_type: OPENMETRICS, body },
+            Err(e) => Reply::text(500, format!("encoding metrics: {e}\n")),
+        }
+    }
+}
+
+/// The agent's telemetry before it serves.
+pub struct Telemetry {
+    cfg: TelemetryConfig,
+    pin_dir: PathBuf,
+    registry: Registry,
+    traffic: TrafficMetrics,
+    names: Arc<RecordNames>,
+}
+
+impl Telemetry {
+    pub fn new(cfg: TelemetryConfig, pin_dir: &Path, state_dir: &Path) -> Telemetry {
+        let mut registry = Registry::default();
+        let traffic = TrafficMetrics::new(&mut registry, cfg.security_policy);
+        Telemetry { pin_dir: pin_dir.into(), registry, traffic, names: Arc::new(RecordNames::new(state_dir)), cfg }
+    }
+
+    /// The registry served on the metrics port, for other concerns' metrics (each registers
+    /// under its own prefix, e.g. `warden_identity::metrics::Metrics::new`).
+    pub fn registry_mut(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
+    /// Bind both ports and serve (readiness 503 until [`Running::committed`]).
+    pub async fn serve(self) -> Result<Running, server::BindError> {
+        let metrics_listener = server::bind("metrics", self.cfg.metrics_addr).await?;
+        let ready_listener = server::bind("readiness", self.cfg.ready_addr).await?;
+        let scrape = Arc::new(Scrape { registry: self.registry, traffic: self.traffic, names: self.names.clone(), counters: Mutex::new(None) });
+        let readiness = Readiness::default();
+        let s = scrape.clone();
+        let metrics_handler: Handler = Arc::new(move |path| s.reply(path));
+        let r = readiness.clone();
+        let ready_handler: Handler = Arc::new(move |path| r.reply(path));
+        tracing::info!(metrics = %self.cfg.metrics_addr, ready = %self.cfg.ready_addr, "serving {METRICS_PATH} and {}", ready::READY_PATH);
+        let tasks = vec![tokio::spawn(server::serve(metrics_listener, metrics_handler)), tokio::spawn(server::serve(ready_listener, ready_handler))];
+        Ok(Running { cfg: self.cfg, pin_dir: self.pin_dir, scrape, readiness, names: self.names, tasks })
+    }
+}
+
+/// Serving telemetry. Dropping it stops the servers and the access log.
+pub struct Running {
+    cfg: TelemetryConfig,
+    pin_dir: PathBuf,
+    scrape: Arc<Scrape>,
+    readiness: Readiness,
+    names: Arc<RecordNames>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Running {
+    /// The first state is committed: read the pinned counters, follow the event ring buffer,
+    /// report ready. Telemetry failures are logged; they never stop enforcement.
+    pub fn committed(&mut self) {
+        if self.readiness.is_ready() {
+            return;
+        }
+        match crate::datapath::Maps::open(&self.pin_dir) {
+            Ok(maps) => *self.scrape.counters.lock().unwrap_or_else(|e| e.into_inner()) = Some(maps.counters),
+            Err(e) => tracing::error!("traffic metrics unavailable: {e}"),
+        }
+        if self.cfg.access_log != AccessLogFormat::Off {
+            match access_log::open(&self.pin_dir) {
+                Ok(ring) => {
+                    let (names, format) = (self.names.clone(), self.cfg.access_log);
+                    self.tasks.push(tokio::spawn(async move {
+                        if let Err(e) = access_log::run(ring, names, format).await {
+                            tracing::error!("access log stopped: {e}");
+                        }
+                    }));
+                }
+                Err(e) => tracing::error!("access log unavailable: {e}"),
+            }
+        }
+        self.readiness.set_ready();
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// GET `path` from `addr` with a raw HTTP/1.0 request: (status, body).
+    async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
+        let mut buf = String::new();
+        s.read_to_string(&mut buf).await.unwrap();
+        let status = buf.split_whitespace().nth(1).unwrap().parse().unwrap();
+        (status, buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+    }
+
+    #[tokio::test]
+    async fn readiness_is_503_until_the_first_commit_and_metrics_are_served() {
+        let dir = std::env::temp_dir().join(format!("warden-telemetry-{}", std::process::id()));
+        let cfg = TelemetryConfig {
+            metrics_addr: "127.0.0.1:0".parse().unwrap(),
+            ready_addr: "127.0.0.1:0".parse().unwrap(),
+            access_log: AccessLogFormat::Off,
+            security_policy: SecurityPolicy::None,
+        };
+        // Bind ephemeral ports ourselves to learn them: serve() binds what the config says.
+        let m = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let r = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let (maddr, raddr) = (m.local_addr().unwrap(), r.local_addr().unwrap());
+        drop((m, r));
+        let cfg = TelemetryConfig { metrics_addr: maddr, ready_addr: raddr, ..cfg };
+        // No pins in this directory: committed() reports the missing maps and still turns ready.
+        let mut running = Telemetry::new(cfg, &dir.join("pins"), &dir).serve().await.unwrap();
+        assert_eq!(get(raddr, ready::READY_PATH).await.0, 503);
+        assert_eq!(get(raddr, "/other").await.0, 404);
+        let (status, body) = get(maddr, METRICS_PATH).await;
+        assert_eq!(status, 200);
+        // No counters yet (no datapath): a valid, empty exposition.
+        assert!(body.ends_with("# EOF\n") && !body.contains("_total{"), "{body:?}");
+        assert_eq!(get(maddr, "/metrics").await.0, 404);
+        running.committed();
+        let (status, body) = get(raddr, ready::READY_PATH).await;
+        assert_eq!((status, body.as_str()), (200, "ready\n"));
+        // A taken port fails the start.
+        let taken = TelemetryConfig { metrics_addr: maddr, ready_addr: "127.0.0.1:0".parse().unwrap(), ..TelemetryConfig::default() };
+        let e = Telemetry::new(taken, &dir, &dir).serve().await.err().expect("port in use");
+        assert!(e.to_string().contains(&format!("cannot listen on {maddr} for metrics")), "{e}");
+    }
+}
