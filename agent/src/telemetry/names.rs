@@ -42,9 +42,7 @@ impl Peer {
 fn principal_of(canonical: &str) -> Option<(String, String)> {
     let principal = canonical.split('|').next()?;
     let path = principal.strip_prefix("spiffe://")?;
-    let mut parts = path.splitn(2, '/');
-    let _trust_domain = parts.next()?;
-    let rest = parts.next()?;
+    let (_trust_domain, rest) = path.split_once('/')?;
     let mut segs = rest.split('/');
     match (segs.next(), segs.next(), segs.next(), segs.next(), segs.next()) {
         (Some("ns"), Some(ns), Some("sa"), Some(_sa), None) if !ns.is_empty() => Some((principal.to_string(), ns.to_string())),
@@ -121,11 +119,14 @@ impl Names {
     }
 }
 
+/// When and which file (mtime, inode) the cached names were read from.
+type Stamp = Option<(SystemTime, u64)>;
+
 /// [`Names`] of the record in a state directory, reloaded when the agent replaces the file.
 pub struct RecordNames {
     path: PathBuf,
     state_dir: PathBuf,
-    cached: Mutex<(Option<(SystemTime, u64)>, Arc<Names>)>,
+    cached: Mutex<(Stamp, Arc<Names>)>,
 }
 
 impl RecordNames {
