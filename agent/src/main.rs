@@ -40,13 +40,13 @@ enum Command {
         #[arg(long, value_enum, default_value = "text")]
         log_format: Output,
         /// Where to serve Istio-compatible metrics (`/stats/prometheus`).
-        #[arg(long, default_value = telemetry::DEFAULT_METRICS_ADDR)]
+        #[arg(long, env = "WARDEN_METRICS_ADDR", default_value = telemetry::DEFAULT_METRICS_ADDR)]
         metrics_addr: std::net::SocketAddr,
         /// Where to serve readiness (`/healthz/ready`: 200 once the first state is committed).
-        #[arg(long, default_value = telemetry::DEFAULT_READY_ADDR)]
+        #[arg(long, env = "WARDEN_READY_ADDR", default_value = telemetry::DEFAULT_READY_ADDR)]
         ready_addr: std::net::SocketAddr,
         /// Access log of decided flows, denials and closes, one line per event on stdout.
-        #[arg(long, value_enum, default_value = "text")]
+        #[arg(long, env = "WARDEN_ACCESS_LOG", value_enum, default_value = "text")]
         access_log: telemetry::AccessLogFormat,
     },
     /// Print the live maps: per workload, its policy entries and counters; the identity cache.

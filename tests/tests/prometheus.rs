@@ -8,6 +8,8 @@
 //! The agent does not run an identity manager yet, so the certificate panel and alert are
 //! evaluated against identity metrics from a real `SecretManager` that issues a real
 //! certificate in this process, served to the same Prometheus as a second scrape target.
+//!
+//! Finally the agent is killed and restarted: no series may reset.
 
 use std::{
     fs,
@@ -397,4 +399,27 @@ fn prometheus_sees_istio_metrics_and_every_dashboard_and_alert_expression_return
         assert!(deny.contains(f), "{f} missing in {deny}");
     }
     assert!(line(&["event=deny", "src_workload=c", "dst_workload=b", "policy=default-deny", "reason=policy_default_deny"]).is_some(), "no default-deny line:\n{log}");
+
+    // A restart (as a crash) keeps every series monotonic: the counters live in the kernel.
+    // The new agent writes JSON access logs (WARDEN_ACCESS_LOG, the flag's environment form).
+    lab.kill_agent(libc::SIGKILL);
+    // SAFETY: this test binary has one test; no other thread reads or writes the environment.
+    unsafe { std::env::set_var("WARDEN_ACCESS_LOG", "json") };
+    lab.start_agent(&dir).unwrap();
+    assert_eq!(probes(&lab, "a", "b", 8080, 1, 1), ["allowed"]);
+    eventually(&node, &format!("istio_tcp_connections_opened_total{{{base}}}"), "the restarted agent is scraped", Duration::from_secs(20), |r| sum(r) == 6.0);
+    for m in ["istio_tcp_connections_opened_total", "istio_tcp_connections_closed_total", "istio_tcp_received_bytes_total", "istio_tcp_sent_bytes_total", "warden_policy_denials_total", "warden_drops_total"] {
+        let r = query(&node, &format!("resets({m}[5m]) > 0")).unwrap();
+        assert!(r.is_empty(), "{m} was reset by the restart: {r:?}");
+    }
+    let log = fs::read_to_string(lab.agent_log()).unwrap();
+    let json: Vec<Value> = log.lines().filter(|l| l.starts_with('{')).filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let open = json
+        .iter()
+        .find(|e| e["event"] == "open" && e["reporter"] == "destination" && e["src_workload"] == "a" && e["dst_workload"] == "b")
+        .unwrap_or_else(|| panic!("no JSON open line:\n{log}"));
+    assert_eq!(open["policy"], "team/b-access");
+    assert_eq!(open["dst"], "10.67.0.3:8080");
+    assert_eq!(open["src_principal"], "spiffe://cluster.local/ns/team/sa/a");
+    assert!(json.iter().any(|e| e["event"] == "close" && e["src_workload"] == "a"), "no JSON close line:\n{log}");
 }
