@@ -1,7 +1,7 @@
 //! Access logs: one line per event of the kernel's ring buffer (`warden_events_v1`): every newly
 //! decided flow (allowed and denied, TC and `connect()`), and every TCP close. Written to
-//! stdout, one line per event, as `key=value` text or as JSON (`--access-log text|json|off`),
-//! apart from the agent's own logs on stderr.
+//! stdout by a dedicated thread, one line per event, as `key=value` text or as JSON
+//! (`--access-log text|json|off`), apart from the agent's own logs on stderr.
 //!
 //! Fields: `time`, `event` (`open` | `deny` | `close`), `verdict`, `reason`, `policy`,
 //! `direction` (of the flow, relative to the reporting workload), `reporter`, `hook`, `proto`,
@@ -11,14 +11,17 @@
 use std::{
     io::Write as _,
     net::Ipv4Addr,
+    os::fd::AsRawFd as _,
     path::Path,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use aya::maps::{Map, MapData, RingBuf};
 use serde::Serialize;
-use tokio::io::unix::AsyncFd;
 use warden_common::{
     Direction, DropReason, EVENT_CLOSED, FlowEvent, HOOK_CONNECT, PROTO_ICMP, PROTO_TCP, PROTO_UDP, Verdict, names,
 };
@@ -204,14 +207,31 @@ pub fn open(pin_dir: &Path) -> Result<RingBuf<MapData>, AccessLogError> {
     RingBuf::try_from(map).map_err(|source| AccessLogError::Layout { path: shown, source })
 }
 
-/// Copy events from the ring buffer to stdout until the task is dropped.
-pub async fn run(ring: RingBuf<MapData>, names: Arc<RecordNames>, format: AccessLogFormat) -> Result<(), AccessLogError> {
-    // SAFETY: the ring buffer owns its map fd, which stays open and unchanged until the AsyncFd
-    // (which owns the ring buffer) is dropped.
-    let mut fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }.map_err(std::io::Error::from)?;
-    loop {
-        let mut guard = fd.readable_mut().await?;
-        let ring = guard.get_inner_mut();
+/// How long the reader waits for events before checking whether it should stop.
+const POLL_TIMEOUT_MS: i32 = 500;
+
+/// Copy events from the ring buffer to stdout on a dedicated thread (writes to stdout may
+/// block on a slow log pipe; that must never stall the agent's runtime) until `stop` is set.
+pub fn spawn(ring: RingBuf<MapData>, names: Arc<RecordNames>, format: AccessLogFormat, stop: Arc<AtomicBool>) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new().name("access-log".into()).spawn(move || {
+        if let Err(e) = run(ring, &names, format, &stop) {
+            tracing::error!("access log stopped: {e}");
+        }
+    })
+}
+
+fn run(mut ring: RingBuf<MapData>, names: &RecordNames, format: AccessLogFormat, stop: &AtomicBool) -> Result<(), AccessLogError> {
+    let fd = ring.as_raw_fd();
+    while !stop.load(Ordering::Relaxed) {
+        let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd; `fd` belongs to `ring`, which outlives the call.
+        if unsafe { libc::poll(&mut p, 1, POLL_TIMEOUT_MS) } < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(AccessLogError::Poll(e));
+        }
         let names = names.get();
         let mut out = std::io::stdout().lock();
         while let Some(item) = ring.next() {
@@ -227,8 +247,8 @@ pub async fn run(ring: RingBuf<MapData>, names: Arc<RecordNames>, format: Access
             }
         }
         let _ = out.flush();
-        guard.clear_ready();
     }
+    Ok(())
 }
 
 #[cfg(test)]

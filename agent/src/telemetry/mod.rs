@@ -22,7 +22,10 @@ pub mod server;
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
 use aya::maps::{MapData, PerCpuHashMap};
@@ -134,7 +137,7 @@ impl Telemetry {
         let ready_handler: Handler = Arc::new(move |path| r.reply(path));
         tracing::info!(metrics = %self.cfg.metrics_addr, ready = %self.cfg.ready_addr, "serving {METRICS_PATH} and {}", ready::READY_PATH);
         let tasks = vec![tokio::spawn(server::serve(metrics_listener, metrics_handler)), tokio::spawn(server::serve(ready_listener, ready_handler))];
-        Ok(Running { cfg: self.cfg, pin_dir: self.pin_dir, scrape, readiness, names: self.names, tasks })
+        Ok(Running { cfg: self.cfg, pin_dir: self.pin_dir, scrape, readiness, names: self.names, tasks, stop: Arc::default() })
     }
 }
 
@@ -146,6 +149,8 @@ pub struct Running {
     readiness: Readiness,
     names: Arc<RecordNames>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Stops the access-log thread.
+    stop: Arc<AtomicBool>,
 }
 
 impl Running {
@@ -162,12 +167,9 @@ impl Running {
         if self.cfg.access_log != AccessLogFormat::Off {
             match access_log::open(&self.pin_dir) {
                 Ok(ring) => {
-                    let (names, format) = (self.names.clone(), self.cfg.access_log);
-                    self.tasks.push(tokio::spawn(async move {
-                        if let Err(e) = access_log::run(ring, names, format).await {
-                            tracing::error!("access log stopped: {e}");
-                        }
-                    }));
+                    if let Err(e) = access_log::spawn(ring, self.names.clone(), self.cfg.access_log, self.stop.clone()) {
+                        tracing::error!("access log unavailable: cannot start its thread: {e}");
+                    }
                 }
                 Err(e) => tracing::error!("access log unavailable: {e}"),
             }
@@ -181,6 +183,7 @@ impl Drop for Running {
         for t in &self.tasks {
             t.abort();
         }
+        self.stop.store(true, Ordering::Relaxed);
     }
 }
 
