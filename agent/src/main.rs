@@ -23,11 +23,24 @@ enum Command {
     /// Run the node agent: load and attach the programs, compile policy into the maps, follow changes.
     Agent {
         /// Workload file (YAML): the workloads of this node and where to enforce them.
-        #[arg(long)]
-        workloads: PathBuf,
+        #[arg(long, required_unless_present_any = ["kubeconfig", "cluster"], requires = "policies", conflicts_with_all = ["kubeconfig", "cluster"])]
+        workloads: Option<PathBuf>,
         /// Directory (or file) of Istio security resources.
+        #[arg(long, requires = "workloads")]
+        policies: Option<PathBuf>,
+        /// Read workloads and policies from the Kubernetes API of this kubeconfig (instead of files).
+        #[arg(long, conflicts_with = "cluster")]
+        kubeconfig: Option<PathBuf>,
+        /// Read workloads and policies from the Kubernetes API, with the pod's service account.
         #[arg(long)]
-        policies: PathBuf,
+        cluster: bool,
+        /// This node's name (pods with this `spec.nodeName` are enforced here).
+        #[arg(long, env = "NODE_NAME", required_if_eq_any = [("cluster", "true")], required_unless_present_any = ["workloads", "cluster"])]
+        node_name: Option<String>,
+        /// The cgroup v2 hierarchy holding the pods' cgroups (default: /sys/fs/cgroup/unified when
+        /// it is a cgroup v2 mount, else /sys/fs/cgroup).
+        #[arg(long)]
+        cgroup_root: Option<PathBuf>,
         #[arg(long, default_value = defaults::PIN_DIR)]
         pin_dir: PathBuf,
         #[arg(long, default_value = defaults::STATE_DIR)]
@@ -95,10 +108,24 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Policy { command } => return warden_authz::cli::run_policy(command),
         Command::Authz { command: AuthzCommand::Check(args) } => return warden_authz::cli::run_authz_check(args),
-        Command::Agent { workloads, policies, pin_dir, state_dir, trust_domain, root_namespace, log_format, metrics_addr, ready_addr, access_log } => {
+        Command::Agent {
+            workloads,
+            policies,
+            kubeconfig,
+            cluster,
+            node_name,
+            cgroup_root,
+            pin_dir,
+            state_dir,
+            trust_domain,
+            root_namespace,
+            log_format,
+            metrics_addr,
+            ready_addr,
+            access_log,
+        } => {
             init_logging(log_format);
             let options = warden_authz::Options { root_namespace, ..Default::default() };
-            let source = Box::new(warden_agent::source::files::FileSource::new(workloads, policies, options));
             let telemetry = telemetry::TelemetryConfig { metrics_addr, ready_addr, access_log, ..Default::default() };
             let cfg = agent::AgentConfig { pin_dir, state_dir, trust_domain, telemetry };
             tokio::runtime::Builder::new_multi_thread()
@@ -106,7 +133,25 @@ fn main() -> ExitCode {
                 .enable_all()
                 .build()
                 .map_err(anyhow::Error::from)
-                .and_then(|rt| rt.block_on(agent::run(cfg, source)))
+                .and_then(|rt| {
+                    rt.block_on(async move {
+                        use warden_agent::source::{Source, files::FileSource, kube};
+                        let source: Box<dyn Source> = match (workloads, policies) {
+                            (Some(w), Some(p)) => Box::new(FileSource::new(w, p, options)),
+                            _ => {
+                                let connection = match (kubeconfig, cluster) {
+                                    (Some(path), _) => kube::Connection::Kubeconfig(path),
+                                    (None, true) => kube::Connection::InCluster,
+                                    (None, false) => anyhow::bail!("give --workloads and --policies, --kubeconfig, or --cluster"),
+                                };
+                                let node_name = node_name.ok_or_else(|| anyhow::anyhow!("--node-name (or NODE_NAME) is required with a cluster"))?;
+                                let cgroup_root = cgroup_root.unwrap_or_else(kube::node::default_cgroup_root);
+                                Box::new(kube::KubeSource::connect(kube::KubeConfig { connection, node_name, cgroup_root, options }).await?)
+                            }
+                        };
+                        agent::run(cfg, source).await
+                    })
+                })
         }
         Command::Maps { pin_dir, state_dir, output } => inspect::read(&pin_dir, &state_dir).map(|v| match output {
             Output::Text => print!("{}", inspect::render(&v)),

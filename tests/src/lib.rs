@@ -28,6 +28,8 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde::Deserialize;
 
+pub mod kapi;
+
 /// Gateway address every workload routes through (present on every host-side veth).
 pub const GATEWAY: &str = "169.254.1.1";
 
@@ -358,6 +360,44 @@ impl Lab {
             .spawn()
             .context("starting the agent")?;
         Ok(AgentProcess(Some(child)))
+    }
+
+    /// Start `warden agent` in the node namespace with `args` in place of the workload file and
+    /// policy directory (e.g. `--kubeconfig K --node-name N`), and wait until it has committed.
+    pub fn start_agent_with(&mut self, args: &[String]) -> anyhow::Result<u32> {
+        let log = fs::OpenOptions::new().create(true).append(true).open(self.agent_log())?;
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.node))
+            .arg("--")
+            .arg(warden_bin())
+            .arg("agent")
+            .args(args)
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting the agent")?;
+        let before = self.generation();
+        self.agent = Some(child);
+        self.wait_generation_change(before, Duration::from_secs(60))
+    }
+
+    /// Move workload `name` to a new cgroup `leaf` beside its own (e.g. kubelet's `pod<uid>`):
+    /// its processes move there and later commands run there. (cgroup v2 forbids renaming.)
+    pub fn move_cgroup(&mut self, name: &str, leaf: &str) -> anyhow::Result<PathBuf> {
+        let m = self.members.iter_mut().find(|m| m.spec.name == name).with_context(|| format!("no workload {name} in the lab"))?;
+        let to = m.cgroup.with_file_name(leaf);
+        fs::create_dir_all(&to).with_context(|| format!("creating cgroup {}", to.display()))?;
+        let procs = fs::read_to_string(m.cgroup.join("cgroup.procs"))?;
+        for pid in procs.split_whitespace() {
+            fs::write(to.join("cgroup.procs"), pid).with_context(|| format!("moving {pid} to {}", to.display()))?;
+        }
+        let _ = fs::remove_dir(&m.cgroup);
+        m.cgroup = to.clone();
+        Ok(to)
     }
 
     /// Kill the agent with `signal` (9: as a crash) and wait for it to exit.

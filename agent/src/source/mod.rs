@@ -3,6 +3,7 @@
 //! same two things from a Kubernetes API.
 
 pub mod files;
+pub mod kube;
 
 use crate::workloads::Workload;
 

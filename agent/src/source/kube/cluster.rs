@@ -1,0 +1,292 @@
+//! The cluster as the watchers last saw it, and how it becomes this node's workloads. Pure: the
+//! node is reached only through a [`Locator`], so the rules are unit-tested without a cluster.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
+
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use kube::ResourceExt as _;
+
+use super::node::Locator;
+use crate::workloads::{Local, Workload};
+
+/// The label that enrolls a namespace (`ambient`) and opts a pod out (`none`), as in Istio ambient.
+pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
+pub const DATAPLANE_MODE_AMBIENT: &str = "ambient";
+pub const DATAPLANE_MODE_NONE: &str = "none";
+
+/// The objects of one watched kind. During a (re)list the new objects are buffered and replace
+/// the old ones only when the list is complete, so a snapshot never sees half a list.
+pub struct Store<K> {
+    pub objects: BTreeMap<String, K>,
+    relisting: Option<BTreeMap<String, K>>,
+    /// The initial list since the last (re)start of the watch has completed.
+    pub synced: bool,
+}
+
+impl<K> Default for Store<K> {
+    fn default() -> Self {
+        Store { objects: BTreeMap::new(), relisting: None, synced: false }
+    }
+}
+
+/// What a watcher saw, without the object type's details.
+pub enum Change<K> {
+    /// A (re)list begins.
+    Init,
+    /// An object of the (re)list.
+    InitApply(K),
+    /// The (re)list is complete.
+    InitDone,
+    Apply(K),
+    Delete(K),
+}
+
+fn key<K: kube::Resource>(o: &K) -> String {
+    format!("{}/{}", o.meta().namespace.as_deref().unwrap_or(""), o.meta().name.as_deref().unwrap_or(""))
+}
+
+impl<K: kube::Resource> Store<K> {
+    /// The visible version of `o` (same namespace/name).
+    pub fn get(&self, o: &K) -> Option<&K> {
+        self.objects.get(&key(o))
+    }
+
+    /// Apply one change. True when the visible objects changed.
+    pub fn apply(&mut self, change: Change<K>) -> bool {
+        match change {
+            Change::Init => {
+                self.relisting = Some(BTreeMap::new());
+                self.synced = false;
+                false
+            }
+            Change::InitApply(o) => {
+                self.relisting.get_or_insert_default().insert(key(&o), o);
+                false
+            }
+            Change::InitDone => {
+                self.objects = self.relisting.take().unwrap_or_default();
+                self.synced = true;
+                true
+            }
+            Change::Apply(o) => {
+                self.objects.insert(key(&o), o);
+                true
+            }
+            Change::Delete(o) => self.objects.remove(&key(&o)).is_some(),
+        }
+    }
+}
+
+/// Why a pod of an enrolled namespace is not a workload (for debug logs and tests).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Skip {
+    OptedOut,
+    HostNetwork,
+    NoAddress,
+    Finished,
+    NotIpv4(String),
+}
+
+/// The pod as a workload, or why not. `local` says whether it runs on this node.
+pub fn pod_workload(pod: &Pod, services: &[&Service]) -> Result<Workload, Skip> {
+    let labels = pod.labels();
+    if labels.get(DATAPLANE_MODE_LABEL).map(String::as_str) == Some(DATAPLANE_MODE_NONE) {
+        return Err(Skip::OptedOut);
+    }
+    let spec = pod.spec.as_ref();
+    if spec.and_then(|s| s.host_network).unwrap_or(false) {
+        return Err(Skip::HostNetwork);
+    }
+    let status = pod.status.as_ref();
+    if matches!(status.and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed")) {
+        return Err(Skip::Finished);
+    }
+    let ip = match status.and_then(|s| s.pod_ip.as_deref()) {
+        None | Some("") => return Err(Skip::NoAddress),
+        Some(ip) => ip.parse::<Ipv4Addr>().map_err(|_| Skip::NotIpv4(ip.to_string()))?,
+    };
+    let namespace = pod.namespace().unwrap_or_default();
+    let service_account = spec
+        .and_then(|s| s.service_account_name.clone().filter(|s| !s.is_empty()))
+        .unwrap_or_else(|| "default".to_string());
+    let labels: BTreeMap<String, String> = labels.clone();
+    let mut selecting: Vec<String> = services
+        .iter()
+        .filter(|s| s.namespace().as_deref() == Some(namespace.as_str()))
+        .filter(|s| {
+            let sel = s.spec.as_ref().and_then(|s| s.selector.as_ref());
+            sel.is_some_and(|sel| !sel.is_empty() && sel.iter().all(|(k, v)| labels.get(k) == Some(v)))
+        })
+        .map(|s| s.name_any())
+        .collect();
+    selecting.sort();
+    Ok(Workload { name: pod.name_any(), namespace, service_account, labels, ip, services: selecting, local: None })
+}
+
+/// The workloads of the cluster as this node enforces them, and the local pods whose veth or
+/// cgroup could not be found yet (retried while any remain).
+pub struct NodeView {
+    pub workloads: Vec<Workload>,
+    pub unresolved: Vec<String>,
+}
+
+/// Build this node's view: every pod of an enrolled namespace is a workload (identity); pods in
+/// `local` are also enforced here when their veth is found.
+pub fn node_view(
+    namespaces: &Store<Namespace>,
+    local: &Store<Pod>,
+    remote: &Store<Pod>,
+    services: &Store<Service>,
+    locator: &mut dyn Locator,
+) -> NodeView {
+    let enrolled: BTreeSet<String> = namespaces
+        .objects
+        .values()
+        .filter(|n| n.labels().get(DATAPLANE_MODE_LABEL).map(String::as_str) == Some(DATAPLANE_MODE_AMBIENT))
+        .map(|n| n.name_any())
+        .collect();
+    let services: Vec<&Service> = services.objects.values().filter(|s| s.namespace().is_some_and(|n| enrolled.contains(&n))).collect();
+    let mut unresolved = Vec::new();
+    locator.refresh();
+    // Local pods first: when two pods claim one address (a pod being replaced), the local one wins.
+    let mut by_ip: BTreeMap<Ipv4Addr, Workload> = BTreeMap::new();
+    let pods = local.objects.values().map(|p| (p, true)).chain(remote.objects.values().map(|p| (p, false)));
+    for (pod, is_local) in pods {
+        if !pod.namespace().is_some_and(|n| enrolled.contains(&n)) {
+            continue;
+        }
+        let Ok(mut w) = pod_workload(pod, &services) else { continue };
+        if let Some(existing) = by_ip.get(&w.ip) {
+            tracing::debug!(pod = %w.key(), other = %existing.key(), ip = %w.ip, "address already claimed; skipping");
+            continue;
+        }
+        if is_local {
+            match locator.veth(w.ip) {
+                Some((veth, ifindex)) => {
+                    let cgroup = pod.metadata.uid.as_deref().and_then(|uid| locator.cgroup(uid));
+                    if cgroup.is_none() {
+                        unresolved.push(format!("{}: no cgroup for pod UID {}", w.key(), pod.metadata.uid.as_deref().unwrap_or("?")));
+                    }
+                    w.local = Some(Local { veth, ifindex, cgroup });
+                }
+                None => unresolved.push(format!("{}: no /32 route to {} on this node", w.key(), w.ip)),
+            }
+        }
+        by_ip.insert(w.ip, w);
+    }
+    let mut workloads: Vec<Workload> = by_ip.into_values().collect();
+    workloads.sort_by_key(|w| w.key());
+    NodeView { workloads, unresolved }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    struct FakeNode;
+    impl Locator for FakeNode {
+        fn veth(&mut self, ip: Ipv4Addr) -> Option<(String, u32)> {
+            (ip.octets()[3] < 100).then(|| (format!("veth{}", ip.octets()[3]), 10 + ip.octets()[3] as u32))
+        }
+        fn cgroup(&mut self, uid: &str) -> Option<PathBuf> {
+            (uid != "no-cgroup").then(|| PathBuf::from(format!("/cg/pod{uid}")))
+        }
+    }
+
+    fn ns(name: &str, mode: Option<&str>) -> Namespace {
+        let mut n = Namespace::default();
+        n.metadata.name = Some(name.into());
+        if let Some(m) = mode {
+            n.metadata.labels = Some([(DATAPLANE_MODE_LABEL.to_string(), m.to_string())].into());
+        }
+        n
+    }
+
+    fn pod(ns: &str, name: &str, ip: Option<&str>, labels: &[(&str, &str)]) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": ns, "uid": format!("uid-{name}"),
+                          "labels": labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>()},
+            "spec": {"serviceAccountName": format!("sa-{name}"), "containers": []},
+            "status": {"phase": "Running", "podIP": ip},
+        }))
+        .unwrap()
+    }
+
+    fn svc(ns: &str, name: &str, selector: &[(&str, &str)]) -> Service {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {"selector": selector.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>()},
+        }))
+        .unwrap()
+    }
+
+    fn store<K: kube::Resource>(objs: Vec<K>) -> Store<K> {
+        let mut s = Store::default();
+        s.apply(Change::Init);
+        for o in objs {
+            s.apply(Change::InitApply(o));
+        }
+        s.apply(Change::InitDone);
+        s
+    }
+
+    #[test]
+    fn enrolled_pods_become_workloads_local_ones_with_veth_and_cgroup() {
+        let nss = store(vec![ns("team", Some("ambient")), ns("plain", None), ns("off", Some("none"))]);
+        let local = store(vec![
+            pod("team", "a", Some("10.0.0.2"), &[("app", "a")]),
+            pod("team", "opted-out", Some("10.0.0.3"), &[("app", "x"), (DATAPLANE_MODE_LABEL, "none")]),
+            pod("team", "pending", None, &[]),
+            pod("team", "noroute", Some("10.0.0.200"), &[]),
+            pod("plain", "p", Some("10.0.0.4"), &[]),
+        ]);
+        let remote = store(vec![pod("team", "r", Some("10.0.1.9"), &[("app", "r")]), pod("off", "o", Some("10.0.1.10"), &[])]);
+        let services = store(vec![svc("team", "a-svc", &[("app", "a")]), svc("team", "all", &[]), svc("plain", "a-other-ns", &[("app", "a")])]);
+        let v = node_view(&nss, &local, &remote, &services, &mut FakeNode);
+        let keys: Vec<String> = v.workloads.iter().map(Workload::key).collect();
+        assert_eq!(keys, ["team/a", "team/noroute", "team/r"]);
+        let a = &v.workloads[0];
+        assert_eq!(a.service_account, "sa-a");
+        assert_eq!(a.services, ["a-svc"], "selector-less services select nothing; other namespaces never");
+        assert_eq!(a.local, Some(Local { veth: "veth2".into(), ifindex: 12, cgroup: Some("/cg/poduid-a".into()) }));
+        assert_eq!(v.workloads[1].local, None, "no route yet: identity only, retried");
+        assert_eq!(v.workloads[2].local, None, "remote pods are identities");
+        assert_eq!(v.unresolved, ["team/noroute: no /32 route to 10.0.0.200 on this node"]);
+    }
+
+    #[test]
+    fn skips_finished_host_network_and_ipv6_pods() {
+        let mut p = pod("team", "done", Some("10.0.0.2"), &[]);
+        p.status.as_mut().unwrap().phase = Some("Succeeded".into());
+        assert_eq!(pod_workload(&p, &[]), Err(Skip::Finished));
+        let mut p = pod("team", "host", Some("10.0.0.2"), &[]);
+        p.spec.as_mut().unwrap().host_network = Some(true);
+        assert_eq!(pod_workload(&p, &[]), Err(Skip::HostNetwork));
+        let p = pod("team", "v6", Some("fd00::1"), &[]);
+        assert_eq!(pod_workload(&p, &[]), Err(Skip::NotIpv4("fd00::1".into())));
+        let mut p = pod("team", "nosa", Some("10.0.0.2"), &[]);
+        p.spec.as_mut().unwrap().service_account_name = None;
+        assert_eq!(pod_workload(&p, &[]).unwrap().service_account, "default");
+    }
+
+    #[test]
+    fn a_relist_replaces_the_objects_only_when_complete() {
+        let mut s = store(vec![ns("a", None), ns("b", None)]);
+        assert!(s.synced);
+        s.apply(Change::Init);
+        assert!(!s.synced);
+        s.apply(Change::InitApply(ns("b", None)));
+        assert_eq!(s.objects.len(), 2, "the old list stays visible during the relist");
+        assert!(s.apply(Change::InitDone));
+        assert!(s.synced);
+        assert_eq!(s.objects.keys().collect::<Vec<_>>(), ["/b"]);
+        assert!(s.apply(Change::Apply(ns("c", None))));
+        assert!(s.apply(Change::Delete(ns("b", None))));
+        assert!(!s.apply(Change::Delete(ns("zz", None))));
+        assert_eq!(s.objects.keys().collect::<Vec<_>>(), ["/c"]);
+    }
+}

@@ -1,0 +1,307 @@
+//! Root integration tests of the cluster source against a real kube-apiserver (1.20.2, built by
+//! `../shared/kube-apiserver/setup.sh`; `cargo xtask test` passes its path in
+//! `WARDEN_KUBE_APISERVER`). Pods never run there: the tests create Pod objects, set their
+//! status through the status subresource, and build matching workloads in the lab (same IPs,
+//! `/32` routes to their veths, cgroups named `pod<uid>` as kubelet names them). The agent reads
+//! the cluster as the DaemonSet's service account (impersonated), so deploy/'s RBAC is tested too.
+//! Without root or BTF they print a loud SKIPPING line.
+
+use std::{
+    fs,
+    net::Ipv4Addr,
+    process::Command,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use warden_tests::{Lab, Spec, kapi::ApiServer, require_root};
+
+/// Policy changes must reach the maps within this (issue 6).
+const MAPS_LATENCY: Duration = Duration::from_secs(1);
+
+fn maps(lab: &Lab) -> serde_json::Value {
+    serde_json::from_str(&lab.warden(&["maps", "--output", "json"]).unwrap()).unwrap()
+}
+
+/// The policies with entries in `workload`'s map (not the defaults, shown in parentheses).
+fn policies_of(v: &serde_json::Value, workload: &str) -> Vec<String> {
+    let mut p: Vec<String> = v["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["workload"] == workload)
+        .flat_map(|e| e["policy"].as_array().cloned().unwrap_or_default())
+        .filter_map(|e| e["policy"].as_str().map(String::from))
+        .filter(|p| !p.is_empty() && !p.starts_with('('))
+        .collect();
+    p.sort();
+    p.dedup();
+    p
+}
+
+fn endpoints(v: &serde_json::Value) -> Vec<String> {
+    // Counters of a departed endpoint stay readable as "endpoint N (removed)".
+    let mut e: Vec<String> = v["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["workload"].as_str().unwrap().to_string())
+        .filter(|w| !w.ends_with("(removed)"))
+        .collect();
+    e.sort();
+    e
+}
+
+/// Poll the maps until `pred` holds; how long it took.
+fn wait_maps(lab: &Lab, what: &str, timeout: Duration, pred: impl Fn(&serde_json::Value) -> bool) -> Duration {
+    let start = Instant::now();
+    loop {
+        let v = maps(lab);
+        if pred(&v) {
+            return start.elapsed();
+        }
+        if start.elapsed() > timeout {
+            panic!("{what}: not in the maps within {timeout:?}: {v:#}\nagent log:\n{}", fs::read_to_string(lab.agent_log()).unwrap_or_default());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn assert_probe(lab: &Lab, from: &str, to: &str, port: u16, want: &str) {
+    let p = lab.probe(from, to, port);
+    assert_eq!(p.result, want, "{from} -> {to}:{port}: {p:?}");
+}
+
+const B_ACCESS: &str = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: b-access, namespace: team}
+spec:
+  selector: {matchLabels: {app: b}}
+  action: ALLOW
+  rules:
+  - from: [{source: {principals: [cluster.local/ns/team/sa/a]}}]
+    to: [{operation: {ports: [\"8080\"]}}]
+";
+
+/// b-access broken: an address that is not one.
+const B_ACCESS_INVALID: &str = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: b-access, namespace: team}
+spec:
+  selector: {matchLabels: {app: b}}
+  action: ALLOW
+  rules:
+  - from: [{source: {ipBlocks: [10.0.0.300/8]}}]
+";
+
+/// v1beta1, through the Service selecting c (targetRefs): deny a on 8080.
+const C_DENY_A: &str = "apiVersion: security.istio.io/v1beta1
+kind: AuthorizationPolicy
+metadata: {name: c-deny-a, namespace: team}
+spec:
+  targetRefs: [{kind: Service, group: \"\", name: c-svc}]
+  action: DENY
+  rules:
+  - from: [{source: {principals: [cluster.local/ns/team/sa/a]}}]
+";
+
+fn ambient_namespace(api: &ApiServer, ns: &str) {
+    api.apply(&format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}, labels: {{istio.io/dataplane-mode: ambient}}}}\n")).unwrap();
+}
+
+/// Lab workloads a, b, c on `node` in namespace team, with their pods; c is selected by c-svc.
+/// The API server listens in the lab's node namespace, where the agent runs.
+fn cluster_lab(tag: &str, port: u16, node: &str, net: u8) -> (Lab, ApiServer) {
+    let ip = |d| Ipv4Addr::new(10, net, 0, d);
+    let mut lab = Lab::up(tag, &[Spec::new("team", "a", ip(2), &[8080]), Spec::new("team", "b", ip(3), &[8080, 9090]), Spec::new("team", "c", ip(4), &[8080])])
+        .expect("lab up");
+    let api = ApiServer::start_in(tag, port, port - 4064, Some(&lab.node));
+    api.install();
+    ambient_namespace(&api, "team");
+    for (name, d) in [("a", 2), ("b", 3), ("c", 4)] {
+        let uid = api.pod("team", name, node, ip(d), &[("app", name)]);
+        assert!(!uid.is_empty());
+        lab.move_cgroup(name, &format!("pod{uid}")).unwrap();
+    }
+    api.apply("apiVersion: v1\nkind: Service\nmetadata: {name: c-svc, namespace: team}\nspec: {selector: {app: c}, ports: [{port: 8080}]}\n").unwrap();
+    (lab, api)
+}
+
+fn agent_args(api: &ApiServer, node: &str) -> Vec<String> {
+    vec![
+        "--kubeconfig".into(),
+        api.agent_kubeconfig().display().to_string(),
+        "--node-name".into(),
+        node.into(),
+        "--cgroup-root".into(),
+        warden_tests::cgroup_root().display().to_string(),
+    ]
+}
+
+#[test]
+fn cluster_resources_reach_the_maps_within_a_second() {
+    if !require_root("cluster_resources_reach_the_maps_within_a_second") {
+        return;
+    }
+    let node = "node-kpol";
+    let (mut lab, api) = cluster_lab("kpol", 16543, node, 67);
+    // A pod elsewhere (an identity only), a pod of a namespace that is not enrolled, and one
+    // opted out: none of them is enforced here.
+    api.pod("team", "remote", "node-other", Ipv4Addr::new(10, 67, 9, 9), &[("app", "remote")]);
+    api.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: plain}\n").unwrap();
+    api.pod("plain", "p", node, Ipv4Addr::new(10, 67, 9, 10), &[("app", "p")]);
+
+    lab.start_agent_with(&agent_args(&api, node)).unwrap();
+    let v = maps(&lab);
+    assert_eq!(endpoints(&v), ["team/a", "team/b", "team/c"], "{v:#}");
+    let ipcache = v["ipcache"].to_string();
+    assert!(ipcache.contains("10.67.9.9/32") && ipcache.contains("team/remote"), "the remote pod is an identity: {ipcache}");
+    assert!(!ipcache.contains("10.67.9.10"), "pods of namespaces without the ambient label are not workloads: {ipcache}");
+    let record = fs::read_to_string(lab.state_dir.join("state.json")).unwrap();
+    assert!(record.contains(&format!("{}/pod", lab.cgroup_dir.display())), "cgroups found by pod UID: {record}");
+    assert_probe(&lab, "c", "b", 8080, "allowed");
+
+    // Apply -> maps within a second -> enforced.
+    let t = Instant::now();
+    api.apply(B_ACCESS).unwrap();
+    let kubectl_ms = t.elapsed();
+    let took = wait_maps(&lab, "b-access", Duration::from_secs(5), |v| policies_of(v, "team/b") == ["team/b-access"]);
+    eprintln!("kubectl apply returned in {kubectl_ms:?}; b-access reached the maps {took:?} later");
+    assert!(took < MAPS_LATENCY, "b-access took {took:?}");
+    assert_probe(&lab, "a", "b", 8080, "allowed");
+    assert_probe(&lab, "c", "b", 8080, "eperm");
+    assert_probe(&lab, "a", "b", 9090, "eperm");
+
+    // v1beta1 and targetRefs through a Service.
+    api.apply(C_DENY_A).unwrap();
+    let took = wait_maps(&lab, "c-deny-a", Duration::from_secs(5), |v| policies_of(v, "team/c") == ["team/c-deny-a"]);
+    assert!(took < MAPS_LATENCY, "c-deny-a took {took:?}");
+    assert_probe(&lab, "a", "c", 8080, "eperm");
+    assert_probe(&lab, "b", "c", 8080, "allowed");
+
+    // An invalid version: reported by name (log, Event, status), ignored; the last good version
+    // of b-access stays in force and the other policies are untouched.
+    let generation = lab.generation();
+    api.apply(B_ACCESS_INVALID).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (event, status) = loop {
+        let events = api.kubectl(&["get", "events", "-n", "team", "--field-selector", "involvedObject.name=b-access", "-o", "json"]).unwrap();
+        let status = api.kubectl(&["get", "authorizationpolicies.security.istio.io", "b-access", "-n", "team", "-o", "jsonpath={.status}"]).unwrap();
+        if events.contains("InvalidResource") && status.contains("WDN0001") {
+            break (events, status);
+        }
+        assert!(Instant::now() < deadline, "no event/status for the invalid b-access: {events}\n{status}\n{}", fs::read_to_string(lab.agent_log()).unwrap());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let field = "spec.rules[0].from[0].source.ipBlocks[0]";
+    assert!(event.contains(field) && event.contains("previous version stays in force"), "{event}");
+    assert!(status.contains(field) && status.contains("\"Accepted\""), "{status}");
+    let log = fs::read_to_string(lab.agent_log()).unwrap();
+    assert!(log.contains("AuthorizationPolicy team/b-access") && log.contains(field), "the log names the resource and field:\n{log}");
+    // The same message as `warden policy validate` gives for the file.
+    let file = lab.dir.join("b-access-invalid.yaml");
+    fs::write(&file, B_ACCESS_INVALID).unwrap();
+    let validate = Command::new(warden_tests::warden_bin()).args(["policy", "validate"]).arg(&file).output().unwrap();
+    let validate = String::from_utf8_lossy(&validate.stdout).to_string() + &String::from_utf8_lossy(&validate.stderr);
+    let reason = validate.split(&format!("{field}: ")).nth(1).and_then(|r| r.lines().next()).unwrap_or_else(|| panic!("{validate}"));
+    let message: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let message = message["validationMessages"][0]["message"].as_str().unwrap_or_default().to_string();
+    assert_eq!(message, format!("{field}: {}", reason.trim()), "the status says what `warden policy validate` says");
+    assert_eq!(policies_of(&maps(&lab), "team/b"), ["team/b-access"]);
+    assert_probe(&lab, "a", "b", 8080, "allowed");
+    assert_probe(&lab, "c", "b", 8080, "eperm");
+    assert_probe(&lab, "a", "c", 8080, "eperm");
+    // While b-access is invalid, other changes still apply.
+    let opened = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: b-9090, namespace: team}\nspec:\n  selector: {matchLabels: {app: b}}\n  action: ALLOW\n  rules: [{to: [{operation: {ports: [\"9090\"]}}]}]\n";
+    api.apply(opened).unwrap();
+    wait_maps(&lab, "b-9090", Duration::from_secs(5), |v| policies_of(v, "team/b") == ["team/b-9090", "team/b-access"]);
+    assert!(lab.generation() != generation);
+    assert_probe(&lab, "c", "b", 9090, "allowed");
+    assert_probe(&lab, "c", "b", 8080, "eperm");
+
+    // Fixed again: the status says so.
+    api.apply(B_ACCESS).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !api.kubectl(&["get", "authorizationpolicies.security.istio.io", "b-access", "-n", "team", "-o", "jsonpath={.status.conditions[0].status}"]).unwrap().contains("True") {
+        assert!(Instant::now() < deadline, "the fixed b-access still shows as invalid");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Delete -> entries gone within a second.
+    let t = Instant::now();
+    api.kubectl(&["delete", "authorizationpolicies.security.istio.io", "b-access", "b-9090", "-n", "team", "--wait=false"]).unwrap();
+    let took = wait_maps(&lab, "b's policies gone", Duration::from_secs(5), |v| policies_of(v, "team/b").is_empty());
+    eprintln!("delete: kubectl {:?}, maps {took:?}", t.elapsed() - took);
+    assert!(took < MAPS_LATENCY, "deletion took {took:?}");
+    assert_probe(&lab, "c", "b", 8080, "allowed");
+
+    // A pod opting out, then a deleted pod: their endpoints leave the maps.
+    api.kubectl(&["label", "pod", "c", "-n", "team", "istio.io/dataplane-mode=none"]).unwrap();
+    let took = wait_maps(&lab, "c opted out", Duration::from_secs(5), |v| endpoints(v) == ["team/a", "team/b"]);
+    assert!(took < MAPS_LATENCY, "opt-out took {took:?}");
+    assert_probe(&lab, "a", "c", 8080, "allowed");
+    api.kubectl(&["delete", "pod", "a", "-n", "team", "--wait=false", "--grace-period=0", "--force"]).unwrap();
+    let took = wait_maps(&lab, "a deleted", Duration::from_secs(5), |v| endpoints(v) == ["team/b"]);
+    assert!(took < MAPS_LATENCY, "pod deletion took {took:?}");
+    // Un-enrolling the namespace releases every workload of it.
+    api.kubectl(&["label", "namespace", "team", "istio.io/dataplane-mode-"]).unwrap();
+    wait_maps(&lab, "namespace left", Duration::from_secs(5), |v| endpoints(v).is_empty());
+    assert!(lab.agent_running());
+}
+
+#[test]
+fn an_api_server_restart_never_lapses_enforcement() {
+    if !require_root("an_api_server_restart_never_lapses_enforcement") {
+        return;
+    }
+    let node = "node-krst";
+    let (mut lab, api) = cluster_lab("krst", 16553, node, 68);
+    api.apply(B_ACCESS).unwrap();
+    lab.start_agent_with(&agent_args(&api, node)).unwrap();
+    wait_maps(&lab, "b-access", Duration::from_secs(5), |v| policies_of(v, "team/b") == ["team/b-access"]);
+
+    // Probe both ways continuously, across the restart.
+    let lab = Arc::new(lab);
+    let stop = Arc::new(AtomicBool::new(false));
+    let prober = {
+        let (lab, stop) = (lab.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut bad = Vec::new();
+            let mut n = 0;
+            while !stop.load(Ordering::SeqCst) {
+                for (from, want) in [("a", "allowed"), ("c", "eperm")] {
+                    let p = lab.probe(from, "b", 8080);
+                    if p.result != want {
+                        bad.push(format!("{from} -> b:8080 at probe {n}: {p:?}"));
+                    }
+                }
+                n += 1;
+            }
+            (n, bad)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    api.stop();
+    // Down for a while: the watches fail and retry; the committed state keeps enforcing.
+    std::thread::sleep(Duration::from_secs(3));
+    api.launch();
+    // Back: the watchers resume (or re-list when their resource version is gone) while the
+    // committed state keeps enforcing.
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, Ordering::SeqCst);
+    let (n, bad) = prober.join().unwrap();
+    assert!(n >= 5, "only {n} probe rounds");
+    assert!(bad.is_empty(), "enforcement lapsed across the restart:\n{}", bad.join("\n"));
+
+    // Reconnected: a change made after the restart reaches the maps.
+    api.kubectl(&["delete", "authorizationpolicies.security.istio.io", "b-access", "-n", "team"]).unwrap();
+    let took = wait_maps(&lab, "b-access deleted after the restart", Duration::from_secs(20), |v| policies_of(v, "team/b").is_empty());
+    assert_probe(&lab, "c", "b", 8080, "allowed");
+    let log = fs::read_to_string(lab.agent_log()).unwrap();
+    assert!(log.contains("failed, retrying") && log.contains("recovered"), "{log}");
+    let relisted = log.matches("re-listed").count();
+    eprintln!("API server restart: {n} probe rounds without a lapse; {relisted} watches re-listed; a deletion after the restart reached the maps in {took:?}");
+}
