@@ -32,6 +32,8 @@ pub struct AgentConfig {
     pub trust_domain: String,
     /// Metrics (`:15020/stats/prometheus`), readiness (`:15021/healthz/ready`), access logs.
     pub telemetry: crate::telemetry::TelemetryConfig,
+    /// Workload certificates and the admin endpoint (`GET /certs`); none without a CA.
+    pub certs: Option<crate::certs::CertsConfig>,
 }
 
 /// Why a set of inputs could not become a node state. Nothing was applied.
@@ -215,10 +217,15 @@ pub async fn run(cfg: AgentConfig, mut source: Box<dyn Source>) -> anyhow::Resul
     let mut record = NodeRecord::load(&cfg.state_dir)?;
     let desired = snapshot(source.as_mut(), &cfg.trust_domain, &mut record)
         .map_err(|e| anyhow::anyhow!("refusing to start on invalid input:\n{e}"))?;
+    // A broken CA stops the agent before it touches the kernel.
+    let certs = cfg.certs.as_ref().map(|c| crate::certs::WorkloadCerts::serve(c, &cfg.trust_domain)).transpose()?;
     let mut dp = Datapath::load(&cfg.pin_dir)?;
     log_desired(&desired);
     let generation = apply(&mut dp, &mut record, &cfg.state_dir, &desired, true)?;
     telemetry.committed();
+    if let Some(c) = &certs {
+        c.sync_workloads(&desired.workloads).await;
+    }
     tracing::info!(generation, source = %source.describe(), workloads = desired.workloads.len(), entries = desired.state.policy.len(), "committed; enforcing");
     let mut valid_until = desired.valid_until;
 
@@ -241,6 +248,9 @@ pub async fn run(cfg: AgentConfig, mut source: Box<dyn Source>) -> anyhow::Resul
                     Ok(generation) => {
                         valid_until = d.valid_until;
                         tracing::info!(generation, workloads = d.workloads.len(), entries = d.state.policy.len(), "committed");
+                        if let Some(c) = &certs {
+                            c.sync_workloads(&d.workloads).await;
+                        }
                     }
                     Err(e) => tracing::error!("applying the new state failed; the last committed state keeps running: {e}"),
                 }

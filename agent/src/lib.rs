@@ -8,9 +8,11 @@
 //! | `source`     | where inputs come from: the directory source (default), a cluster       |
 //! | `agent`      | build (validate + compile) and apply; the live reconcile loop           |
 //! | `inspect`    | `warden maps`: the live maps in human terms                             |
+//! | `certs`      | workload certificates (via warden-identity) and the admin `/certs`      |
 //! | `telemetry`  | Istio-compatible metrics, readiness, access logs (`docs/observability.md`) |
 
 pub mod agent;
+pub mod certs;
 pub mod datapath;
 pub mod inspect;
 pub mod record;

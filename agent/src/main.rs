@@ -61,6 +61,22 @@ enum Command {
         /// Access log of decided flows, denials and closes, one line per event on stdout.
         #[arg(long, env = "WARDEN_ACCESS_LOG", value_enum, default_value = "text")]
         access_log: telemetry::AccessLogFormat,
+        /// In-process CA directory (Istio cacerts layout; a root is generated if empty): the
+        /// agent issues its local workloads' certificates itself. For a single-node lab.
+        #[arg(long, env = "WARDEN_CA_DIR", conflicts_with = "ca_addr")]
+        ca_dir: Option<PathBuf>,
+        /// Istio CA API endpoint (e.g. https://warden-ca.warden-system:15012) for workload certificates.
+        #[arg(long, requires = "ca_root_cert")]
+        ca_addr: Option<String>,
+        /// Root certificate(s) the CA and peers are verified against (watched for rotation and CRL).
+        #[arg(long)]
+        ca_root_cert: Option<PathBuf>,
+        /// Bearer token file presented to the CA.
+        #[arg(long)]
+        ca_token_file: Option<PathBuf>,
+        /// Admin endpoint: `GET /certs` (read by `warden certs`).
+        #[arg(long, default_value = "127.0.0.1:15000")]
+        admin_addr: std::net::SocketAddr,
     },
     /// Print the live maps: per workload, its policy entries and counters; the identity cache.
     Maps {
@@ -81,6 +97,13 @@ enum Command {
         #[command(subcommand)]
         command: AuthzCommand,
     },
+    /// Certificate authority: `init`, `issue`, `revoke`, and `serve` (Istio's CA gRPC API).
+    Ca {
+        #[command(subcommand)]
+        command: warden_identity::cli::CaCommand,
+    },
+    /// The certificates of a running agent: identity, serial, validity, rotation, chain, trust bundle.
+    Certs(warden_identity::cli::CertsArgs),
     /// Detach every program and remove every pin under the pin directory (the node stops enforcing).
     Cleanup {
         #[arg(long, default_value = defaults::PIN_DIR)]
@@ -108,6 +131,16 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Policy { command } => return warden_authz::cli::run_policy(command),
         Command::Authz { command: AuthzCommand::Check(args) } => return warden_authz::cli::run_authz_check(args),
+        Command::Ca { command } => return warden_identity::cli::run_ca(command),
+        Command::Certs(args) => {
+            return match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt.block_on(warden_identity::cli::run_certs(&args)),
+                Err(e) => {
+                    eprintln!("warden: cannot start the async runtime: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Command::Agent {
             workloads,
             policies,
@@ -123,11 +156,22 @@ fn main() -> ExitCode {
             metrics_addr,
             ready_addr,
             access_log,
+            ca_dir,
+            ca_addr,
+            ca_root_cert,
+            ca_token_file,
+            admin_addr,
         } => {
             init_logging(log_format);
             let options = warden_authz::Options { root_namespace, ..Default::default() };
             let telemetry = telemetry::TelemetryConfig { metrics_addr, ready_addr, access_log, ..Default::default() };
-            let cfg = agent::AgentConfig { pin_dir, state_dir, trust_domain, telemetry };
+            let ca = match (ca_dir, ca_addr, ca_root_cert) {
+                (Some(dir), _, _) => Some(warden_agent::certs::CaSource::Local { dir }),
+                (None, Some(url), Some(root_cert)) => Some(warden_agent::certs::CaSource::Remote { url, root_cert, token_file: ca_token_file }),
+                _ => None,
+            };
+            let certs = ca.map(|source| warden_agent::certs::CertsConfig { source, admin_addr });
+            let cfg = agent::AgentConfig { pin_dir, state_dir, trust_domain, telemetry, certs };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
