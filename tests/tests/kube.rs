@@ -243,8 +243,24 @@ fn cluster_resources_reach_the_maps_within_a_second() {
     let took = wait_maps(&lab, "c opted out", Duration::from_secs(5), |v| endpoints(v) == ["team/a", "team/b"]);
     assert!(took < MAPS_LATENCY, "opt-out took {took:?}");
     assert_probe(&lab, "a", "c", 8080, "allowed");
+    // A local pod whose veth is not wired yet: an identity only, no commits while it waits, and
+    // enforced within a retry period once its /32 route appears (here: on c's free veth).
+    let generation = lab.generation();
+    api.pod("team", "d", node, Ipv4Addr::new(10, 67, 0, 5), &[("app", "d")]);
+    wait_maps(&lab, "d as an identity", Duration::from_secs(5), |v| v["ipcache"].to_string().contains("team/d"));
+    assert_eq!(endpoints(&maps(&lab)), ["team/a", "team/b"]);
+    let waiting = lab.generation();
+    assert_ne!(waiting, generation);
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(lab.generation(), waiting, "no commits while d waits for its route");
+    let veth = lab.member("c").veth.clone();
+    warden_tests::run(&["ip", "netns", "exec", &lab.node, "ip", "route", "add", "10.67.0.5/32", "dev", &veth]).unwrap();
+    let took = wait_maps(&lab, "d enforced", Duration::from_secs(5), |v| endpoints(v) == ["team/a", "team/b", "team/d"]);
+    assert!(took < Duration::from_secs(2), "d took {took:?} after its route appeared");
+    assert!(fs::read_to_string(lab.agent_log()).unwrap().contains("team/d: no /32 route to 10.67.0.5 on this node"));
+
     api.kubectl(&["delete", "pod", "a", "-n", "team", "--wait=false", "--grace-period=0", "--force"]).unwrap();
-    let took = wait_maps(&lab, "a deleted", Duration::from_secs(5), |v| endpoints(v) == ["team/b"]);
+    let took = wait_maps(&lab, "a deleted", Duration::from_secs(5), |v| endpoints(v) == ["team/b", "team/d"]);
     assert!(took < MAPS_LATENCY, "pod deletion took {took:?}");
     // Un-enrolling the namespace releases every workload of it.
     api.kubectl(&["label", "namespace", "team", "istio.io/dataplane-mode-"]).unwrap();
