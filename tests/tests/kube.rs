@@ -130,6 +130,41 @@ fn cluster_lab(tag: &str, port: u16, node: &str, net: u8) -> (Lab, ApiServer) {
     (lab, api)
 }
 
+/// The capabilities deploy/daemonset.yaml grants the agent (setpriv's names).
+const DAEMONSET_CAPABILITIES: [&str; 3] = ["bpf", "net_admin", "perfmon"];
+
+/// The agent in the lab's node namespace as root limited to `caps` (its bounding set, as a
+/// container's capability list does); killed on drop.
+struct CappedAgent(std::process::Child);
+
+impl CappedAgent {
+    fn spawn(lab: &Lab, caps: &[&str], args: &[String]) -> CappedAgent {
+        let log = fs::OpenOptions::new().create(true).append(true).open(lab.agent_log()).unwrap();
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", lab.node))
+            .args(["--", "setpriv", &format!("--bounding-set=-all,+{}", caps.join(",+")), "--inh-caps=-all", "--"])
+            .arg(warden_tests::warden_bin())
+            .arg("agent")
+            .args(args)
+            .arg("--pin-dir")
+            .arg(&lab.pin_dir)
+            .arg("--state-dir")
+            .arg(&lab.state_dir)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting the agent");
+        CappedAgent(child)
+    }
+}
+
+impl Drop for CappedAgent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn agent_args(api: &ApiServer, node: &str) -> Vec<String> {
     vec![
         "--kubeconfig".into(),
@@ -154,7 +189,10 @@ fn cluster_resources_reach_the_maps_within_a_second() {
     api.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: plain}\n").unwrap();
     api.pod("plain", "p", node, Ipv4Addr::new(10, 67, 9, 10), &[("app", "p")]);
 
-    lab.start_agent_with(&agent_args(&api, node)).unwrap();
+    // With exactly the capabilities deploy/daemonset.yaml grants.
+    let before = lab.generation();
+    let mut agent = CappedAgent::spawn(&lab, &DAEMONSET_CAPABILITIES, &agent_args(&api, node));
+    lab.wait_generation_change(before, Duration::from_secs(60)).unwrap();
     let v = maps(&lab);
     assert_eq!(endpoints(&v), ["team/a", "team/b", "team/c"], "{v:#}");
     let ipcache = v["ipcache"].to_string();
@@ -265,7 +303,9 @@ fn cluster_resources_reach_the_maps_within_a_second() {
     // Un-enrolling the namespace releases every workload of it.
     api.kubectl(&["label", "namespace", "team", "istio.io/dataplane-mode-"]).unwrap();
     wait_maps(&lab, "namespace left", Duration::from_secs(5), |v| endpoints(v).is_empty());
-    assert!(lab.agent_running());
+    assert!(agent.0.try_wait().unwrap().is_none(), "the agent exited:\n{}", fs::read_to_string(lab.agent_log()).unwrap());
+    let log = fs::read_to_string(lab.agent_log()).unwrap();
+    assert!(!log.contains("Operation not permitted"), "a capability is missing from the DaemonSet's set:\n{log}");
 }
 
 #[test]
@@ -320,4 +360,41 @@ fn an_api_server_restart_never_lapses_enforcement() {
     assert!(log.contains("failed, retrying") && log.contains("recovered"), "{log}");
     let relisted = log.matches("re-listed").count();
     eprintln!("API server restart: {n} probe rounds without a lapse; {relisted} watches re-listed; a deletion after the restart reached the maps in {took:?}");
+}
+
+/// deploy/daemonset.yaml's capabilities are enough (the cluster test above runs with exactly
+/// them) and each is needed: without any one of them the agent cannot start enforcing.
+#[test]
+fn each_daemonset_capability_is_needed() {
+    if !require_root("each_daemonset_capability_is_needed") {
+        return;
+    }
+    let daemonset = fs::read_to_string(warden_tests::workspace_root().join("deploy/daemonset.yaml")).unwrap();
+    for cap in DAEMONSET_CAPABILITIES {
+        assert!(daemonset.contains(&format!("                - {}\n", cap.to_uppercase())), "{cap} is not in deploy/daemonset.yaml");
+    }
+    let mut lab = Lab::up("kcaps", &[Spec::new("team", "a", Ipv4Addr::new(10, 69, 0, 2), &[8080])]).expect("lab up");
+    let policies = lab.dir.join("policies");
+    warden_tests::write_policies(&policies, &[]).unwrap();
+    fs::write(lab.workloads_path(), lab.workload_file()).unwrap();
+    let args = ["--workloads".to_string(), lab.workloads_path().display().to_string(), "--policies".into(), policies.display().to_string()];
+    for missing in DAEMONSET_CAPABILITIES {
+        let caps: Vec<&str> = DAEMONSET_CAPABILITIES.into_iter().filter(|c| *c != missing).collect();
+        let mut agent = CappedAgent::spawn(&lab, &caps, &args);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(status) = agent.0.try_wait().unwrap() {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "the agent runs without {missing}:\n{}", fs::read_to_string(lab.agent_log()).unwrap());
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(!status.success());
+        assert_eq!(lab.generation(), 0, "nothing committed without {missing}");
+        eprintln!("without {missing}: {}", fs::read_to_string(lab.agent_log()).unwrap().lines().rfind(|l| l.starts_with("warden:")).unwrap_or("?"));
+    }
+    let before = lab.generation();
+    let _agent = CappedAgent::spawn(&lab, &DAEMONSET_CAPABILITIES, &args);
+    lab.wait_generation_change(before, Duration::from_secs(20)).unwrap();
+    assert_eq!(endpoints(&maps(&lab)), ["team/a"]);
 }
