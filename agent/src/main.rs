@@ -35,7 +35,7 @@ enum Command {
         #[arg(long)]
         cluster: bool,
         /// This node's name (pods with this `spec.nodeName` are enforced here).
-        #[arg(long, env = "NODE_NAME", required_if_eq_any = [("cluster", "true")], required_unless_present_any = ["workloads", "cluster"])]
+        #[arg(long, env = "NODE_NAME")]
         node_name: Option<String>,
         /// The cgroup v2 hierarchy holding the pods' cgroups (default: /sys/fs/cgroup/unified when
         /// it is a cgroup v2 mount, else /sys/fs/cgroup).

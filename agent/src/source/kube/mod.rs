@@ -137,21 +137,22 @@ impl Drop for KubeSource {
     }
 }
 
-/// Errors of [`KubeSource::connect`]; each says what to fix.
+/// Errors of [`KubeSource::connect`]; each says what to fix. The underlying error's text is part
+/// of the message (not a `source`), so a chain printer shows it once.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    #[error("kubeconfig {path}: {source}")]
-    Kubeconfig { path: PathBuf, source: kube::config::KubeconfigError },
-    #[error("in-cluster configuration: {0}")]
-    InCluster(#[from] kube::config::InClusterError),
+    #[error("kubeconfig {path}: {error}")]
+    Kubeconfig { path: PathBuf, error: kube::config::KubeconfigError },
+    #[error("in-cluster configuration (is this running in a pod?): {0}")]
+    InCluster(kube::config::InClusterError),
     #[error("creating the Kubernetes client: {0}")]
     Client(kube::Error),
-    #[error("the API server at {url} does not answer: {source}")]
-    Unreachable { url: String, source: kube::Error },
+    #[error("the API server at {url} does not answer: {error}")]
+    Unreachable { url: String, error: kube::Error },
     #[error("{kind} ({group}) is not served by the API server at {url}: install the CRDs (kubectl apply -k deploy/)")]
     MissingCrd { kind: &'static str, group: &'static str, url: String },
-    #[error("discovering the API group {group}: {source}")]
-    Discovery { group: &'static str, source: kube::Error },
+    #[error("discovering the API group {group}: {error}")]
+    Discovery { group: &'static str, error: kube::Error },
     #[error("the first lists did not complete within {timeout:?}; still waiting for {waiting}{errors}")]
     SyncTimeout { timeout: Duration, waiting: String, errors: String },
 }
@@ -161,19 +162,19 @@ impl KubeSource {
     pub async fn connect(cfg: KubeConfig) -> Result<KubeSource, ConnectError> {
         let config = match &cfg.connection {
             Connection::Kubeconfig(path) => {
-                let kc = kube::config::Kubeconfig::read_from(path).map_err(|source| ConnectError::Kubeconfig { path: path.clone(), source })?;
+                let kc = kube::config::Kubeconfig::read_from(path).map_err(|error| ConnectError::Kubeconfig { path: path.clone(), error })?;
                 kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
                     .await
-                    .map_err(|source| ConnectError::Kubeconfig { path: path.clone(), source })?
+                    .map_err(|error| ConnectError::Kubeconfig { path: path.clone(), error })?
             }
-            Connection::InCluster => kube::Config::incluster()?,
+            Connection::InCluster => kube::Config::incluster().map_err(ConnectError::InCluster)?,
         };
         let url = config.cluster_url.to_string();
         let client = Client::try_from(config).map_err(ConnectError::Client)?;
-        let version = client.apiserver_version().await.map_err(|source| ConnectError::Unreachable { url: url.clone(), source })?;
+        let version = client.apiserver_version().await.map_err(|error| ConnectError::Unreachable { url: url.clone(), error })?;
         let group = kube::discovery::group(&client, policies::GROUP).await.map_err(|e| match e {
             kube::Error::Api(s) if s.code == 404 => ConnectError::MissingCrd { kind: KINDS[0].0, group: policies::GROUP, url: url.clone() },
-            other => ConnectError::Discovery { group: policies::GROUP, source: other },
+            other => ConnectError::Discovery { group: policies::GROUP, error: other },
         })?;
         let mut policy_apis = Vec::new();
         for (kind, _) in KINDS {
