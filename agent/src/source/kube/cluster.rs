@@ -80,6 +80,68 @@ impl<K: kube::Resource> Store<K> {
     }
 }
 
+/// What the stores keep of an object: only the fields the agent reads, so memory follows the
+/// cluster's pod count, not the size of its pod specs (a pod's managed fields and containers can
+/// be many kilobytes).
+pub trait Compact {
+    fn compact(&mut self);
+}
+
+fn compact_meta(m: &mut kube::api::ObjectMeta) {
+    m.managed_fields = None;
+    m.owner_references = None;
+    m.finalizers = None;
+}
+
+impl Compact for Pod {
+    fn compact(&mut self) {
+        compact_meta(&mut self.metadata);
+        self.metadata.annotations = None;
+        if let Some(spec) = &self.spec {
+            self.spec = Some(k8s_openapi::api::core::v1::PodSpec {
+                node_name: spec.node_name.clone(),
+                host_network: spec.host_network,
+                service_account_name: spec.service_account_name.clone(),
+                ..Default::default()
+            });
+        }
+        if let Some(status) = &self.status {
+            self.status = Some(k8s_openapi::api::core::v1::PodStatus {
+                phase: status.phase.clone(),
+                pod_ip: status.pod_ip.clone(),
+                ..Default::default()
+            });
+        }
+    }
+}
+
+impl Compact for Namespace {
+    fn compact(&mut self) {
+        compact_meta(&mut self.metadata);
+        self.metadata.annotations = None;
+        self.spec = None;
+        self.status = None;
+    }
+}
+
+impl Compact for Service {
+    fn compact(&mut self) {
+        compact_meta(&mut self.metadata);
+        self.metadata.annotations = None;
+        if let Some(spec) = &self.spec {
+            self.spec = Some(k8s_openapi::api::core::v1::ServiceSpec { selector: spec.selector.clone(), ..Default::default() });
+        }
+        self.status = None;
+    }
+}
+
+/// Policies keep their annotations (`istio.io/dry-run` is one) and status (warden's own report).
+impl Compact for kube::api::DynamicObject {
+    fn compact(&mut self) {
+        compact_meta(&mut self.metadata);
+    }
+}
+
 /// Why a pod of an enrolled namespace is not a workload (for debug logs and tests).
 #[derive(Debug, PartialEq, Eq)]
 pub enum Skip {
@@ -271,6 +333,17 @@ mod tests {
         let mut p = pod("team", "nosa", Some("10.0.0.2"), &[]);
         p.spec.as_mut().unwrap().service_account_name = None;
         assert_eq!(pod_workload(&p, &[]).unwrap().service_account, "default");
+    }
+
+    #[test]
+    fn compacted_pods_keep_what_makes_the_workload() {
+        let mut p = pod("team", "a", Some("10.0.0.2"), &[("app", "a")]);
+        p.spec.as_mut().unwrap().containers = vec![Default::default()];
+        p.metadata.annotations = Some([("big".to_string(), "x".repeat(4096))].into());
+        let before = pod_workload(&p, &[]).unwrap();
+        p.compact();
+        assert_eq!(pod_workload(&p, &[]).unwrap(), before);
+        assert!(p.spec.as_ref().unwrap().containers.is_empty() && p.metadata.annotations.is_none());
     }
 
     #[test]

@@ -309,7 +309,7 @@ fn spawn_watch<K>(
     same: fn(&K, &K) -> bool,
 ) -> tokio::task::JoinHandle<()>
 where
-    K: kube::Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K: kube::Resource + cluster::Compact + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
 {
     let shared = shared.clone();
     tokio::spawn(async move {
@@ -323,12 +323,16 @@ where
                     if shared.errors.lock().expect("errors lock").remove(what).is_some() {
                         tracing::info!("watch of {what} recovered");
                     }
+                    let compact = |mut o: K| {
+                        o.compact();
+                        o
+                    };
                     let change = match event {
                         watcher::Event::Init => Change::Init,
-                        watcher::Event::InitApply(o) => Change::InitApply(o),
+                        watcher::Event::InitApply(o) => Change::InitApply(compact(o)),
                         watcher::Event::InitDone => Change::InitDone,
-                        watcher::Event::Apply(o) => Change::Apply(o),
-                        watcher::Event::Delete(o) => Change::Delete(o),
+                        watcher::Event::Apply(o) => Change::Apply(compact(o)),
+                        watcher::Event::Delete(o) => Change::Delete(compact(o)),
                     };
                     let list_done = matches!(change, Change::InitDone);
                     let mut state = shared.state.lock().expect("state lock");
