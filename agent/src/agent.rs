@@ -213,12 +213,15 @@ fn snapshot(source: &mut dyn Source, trust_domain: &str, record: &mut NodeRecord
 /// on bad input); later bad input is reported and ignored.
 pub async fn run(cfg: AgentConfig, mut source: Box<dyn Source>) -> anyhow::Result<()> {
     // Serving before the first commit: readiness answers 503 until the node enforces.
-    let mut telemetry = crate::telemetry::Telemetry::new(cfg.telemetry.clone(), &cfg.pin_dir, &cfg.state_dir).serve().await?;
+    let mut telemetry = crate::telemetry::Telemetry::new(cfg.telemetry.clone(), &cfg.pin_dir, &cfg.state_dir);
+    // Certificate metrics (expiry per identity, rotations, CRL age) on the same endpoint.
+    let cert_metrics = cfg.certs.as_ref().map(|_| warden_identity::metrics::Metrics::new(telemetry.registry_mut()));
+    let mut telemetry = telemetry.serve().await?;
     let mut record = NodeRecord::load(&cfg.state_dir)?;
     let desired = snapshot(source.as_mut(), &cfg.trust_domain, &mut record)
         .map_err(|e| anyhow::anyhow!("refusing to start on invalid input:\n{e}"))?;
     // A broken CA stops the agent before it touches the kernel.
-    let certs = cfg.certs.as_ref().map(|c| crate::certs::WorkloadCerts::serve(c, &cfg.trust_domain)).transpose()?;
+    let certs = cfg.certs.as_ref().map(|c| crate::certs::WorkloadCerts::serve(c, &cfg.trust_domain, cert_metrics)).transpose()?;
     let mut dp = Datapath::load(&cfg.pin_dir)?;
     log_desired(&desired);
     let generation = apply(&mut dp, &mut record, &cfg.state_dir, &desired, true)?;

@@ -110,8 +110,8 @@ impl WorkloadCerts {
     }
 
     /// Start the manager and serve `GET /certs` on the admin address.
-    pub fn serve(cfg: &CertsConfig, trust_domain: &str) -> Result<Arc<WorkloadCerts>, CertsError> {
-        let certs = Arc::new(WorkloadCerts::start(&cfg.source, trust_domain, None)?);
+    pub fn serve(cfg: &CertsConfig, trust_domain: &str, metrics: Option<Metrics>) -> Result<Arc<WorkloadCerts>, CertsError> {
+        let certs = Arc::new(WorkloadCerts::start(&cfg.source, trust_domain, metrics)?);
         let listener = std::net::TcpListener::bind(cfg.admin_addr)
             .and_then(|l| l.set_nonblocking(true).map(|()| l))
             .and_then(tokio::net::TcpListener::from_std)

@@ -106,11 +106,20 @@ pub fn cached(cfg: &Config, key: &FlowKey) -> Cached {
     }
 }
 
+/// Whether the slow path writes its decision to the flow cache. The TC hooks do; the cgroup_skb
+/// hook, which sees the same packets just before TC, does not: one writer keeps inserts (which
+/// evict in a full LRU map) to one per flow and direction.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Cache {
+    Write,
+    ReadOnly,
+}
+
 /// The slow path: decide a packet travelling in `dir` relative to endpoint `ep` from the
 /// identity cache and the policy map, and cache the decision (and, for an allowed new flow, its
 /// replies). A reply is decided as the flow it answers.
 #[inline(always)]
-pub fn decide_new(cfg: &Config, key: &FlowKey, ep: &EndpointInfo, dir: Direction, is_reply: bool) -> Outcome {
+pub fn decide_new(cfg: &Config, key: &FlowKey, ep: &EndpointInfo, dir: Direction, is_reply: bool, cache: Cache) -> Outcome {
     // The remote is the other end whichever way the packet goes.
     let remote_addr = match dir {
         Direction::Ingress => key.saddr,
@@ -140,10 +149,12 @@ pub fn decide_new(cfg: &Config, key: &FlowKey, ep: &EndpointInfo, dir: Direction
         flags: if is_reply { FLOW_REPLY } else { 0 },
     };
     // Cache failures are harmless: the next packet decides again.
-    let _ = FLOWS.insert(key, entry, 0);
-    if !is_reply && value.verdict == Verdict::Allow as u8 {
-        let reply = FlowValue { flags: FLOW_REPLY, ..entry };
-        let _ = FLOWS.insert(key.reversed(), reply, 0);
+    if cache == Cache::Write {
+        let _ = FLOWS.insert(key, entry, 0);
+        if !is_reply && value.verdict == Verdict::Allow as u8 {
+            let reply = FlowValue { flags: FLOW_REPLY, ..entry };
+            let _ = FLOWS.insert(key.reversed(), reply, 0);
+        }
     }
     Outcome { endpoint_id: ep.endpoint_id, remote_identity, direction: qdir, reply: is_reply, value }
 }

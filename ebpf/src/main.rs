@@ -27,7 +27,7 @@ use aya_ebpf::{
 use warden_common::{Direction, DropReason, EVENT_CLOSED, EVENT_DECIDED, FlowKey, HOOK_CONNECT, HOOK_TC};
 
 use crate::{
-    enforce::{Cached, Outcome, Traffic, cached, config, count, decide_new, emit, endpoint, flow_key, mark_closed, policy, remote},
+    enforce::{Cache, Cached, Outcome, Traffic, cached, config, count, decide_new, emit, endpoint, flow_key, mark_closed, policy, remote},
     maps::CGROUPS,
     packet::{Direct, L3, Loaded, parse_ethernet, parse_ipv4},
 };
@@ -106,7 +106,7 @@ fn tc(ctx: &TcContext, ifindex: u32, dir: Direction) -> Result<Option<(Outcome, 
     if dir == Direction::Egress && t.saddr != ep.ip {
         return Err((ep.endpoint_id, DropReason::SourceSpoof));
     }
-    let o = decide_new(&cfg, &key, &ep, dir, is_reply);
+    let o = decide_new(&cfg, &key, &ep, dir, is_reply, Cache::Write);
     if !is_reply {
         emit(EVENT_DECIDED, HOOK_TC, &key, &o);
     }
@@ -208,7 +208,7 @@ fn sock_out(ctx: &SkBuffContext) -> Outcome {
         Cached::Miss { is_reply } => is_reply,
     };
     match endpoint(cfg.active_slot(), ifindex) {
-        Ok(ep) => decide_new(&cfg, &key, &ep, Direction::Egress, is_reply),
+        Ok(ep) => decide_new(&cfg, &key, &ep, Direction::Egress, is_reply, Cache::ReadOnly),
         Err(r) => Outcome::drop(0, Direction::Egress, r),
     }
 }

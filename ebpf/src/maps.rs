@@ -3,6 +3,7 @@
 //! the agent under `/sys/fs/bpf/warden/<name>`.
 
 use aya_ebpf::{
+    bindings::BPF_F_NO_COMMON_LRU,
     btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuHashMap, RingBuf, lpm_trie::Key},
     macros::btf_map,
 };
@@ -34,8 +35,10 @@ pub static CGROUPS: HashMap<u64, u32, { CGROUPS_CAP as usize }> = HashMap::new()
 pub static POLICY: HashMap<PolicyKey, PolicyValue, { POLICY_CAP as usize }> = HashMap::new();
 
 /// Flow cache: decisions of flows (and their replies) per endpoint, valid for one generation.
+/// Per-CPU LRU lists (`BPF_F_NO_COMMON_LRU`): under connection churn every insert into a full
+/// map evicts, and the common list would take a global lock for it.
 #[btf_map(name = "warden_flows_v2")]
-pub static FLOWS: LruHashMap<FlowKey, FlowValue, { FLOWS_CAP as usize }> = LruHashMap::new();
+pub static FLOWS: LruHashMap<FlowKey, FlowValue, { FLOWS_CAP as usize }, { BPF_F_NO_COMMON_LRU as usize }> = LruHashMap::new();
 
 /// Packets and bytes per (endpoint, policy, verdict, reason, direction, hook), per CPU.
 #[btf_map(name = "warden_counters_v2")]

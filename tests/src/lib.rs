@@ -16,6 +16,7 @@
 //! directory and state directory, so tests run in parallel).
 
 use std::{
+    ffi::OsString,
     fs,
     io::Write as _,
     net::Ipv4Addr,
@@ -330,43 +331,42 @@ impl Lab {
     /// Start `warden agent` in the node namespace on this lab's workload file and `policies`,
     /// and wait until it has committed.
     pub fn start_agent(&mut self, policies: &Path) -> anyhow::Result<u32> {
-        let mut child = self.spawn_agent(policies)?;
-        let before = self.generation();
-        self.agent = Some(child.take_child());
-        self.wait_generation_change(before, Duration::from_secs(20))
+        let args = self.file_args(policies)?;
+        self.start(&args, Duration::from_secs(20))
     }
 
     /// Spawn the agent without waiting (for tests of refused starts).
     pub fn spawn_agent(&self, policies: &Path) -> anyhow::Result<AgentProcess> {
-        if !self.workloads_path().exists() {
-            fs::write(self.workloads_path(), self.workload_file())?;
-        }
-        let log = fs::OpenOptions::new().create(true).append(true).open(self.agent_log())?;
-        let child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", self.node))
-            .arg("--")
-            .arg(warden_bin())
-            .arg("agent")
-            .arg("--workloads")
-            .arg(self.workloads_path())
-            .arg("--policies")
-            .arg(policies)
-            .arg("--pin-dir")
-            .arg(&self.pin_dir)
-            .arg("--state-dir")
-            .arg(&self.state_dir)
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting the agent")?;
-        Ok(AgentProcess(Some(child)))
+        Ok(AgentProcess(Some(self.spawn_agent_with(&self.file_args(policies)?)?)))
     }
 
     /// Start `warden agent` in the node namespace with `args` in place of the workload file and
     /// policy directory (e.g. `--kubeconfig K --node-name N`), and wait until it has committed.
     pub fn start_agent_with(&mut self, args: &[String]) -> anyhow::Result<u32> {
+        let args: Vec<OsString> = args.iter().map(OsString::from).collect();
+        self.start(&args, Duration::from_secs(60))
+    }
+
+    /// The directory-source arguments (writing the lab's workload file if there is none).
+    fn file_args(&self, policies: &Path) -> anyhow::Result<Vec<OsString>> {
+        if !self.workloads_path().exists() {
+            fs::write(self.workloads_path(), self.workload_file())?;
+        }
+        Ok(vec!["--workloads".into(), self.workloads_path().into(), "--policies".into(), policies.into()])
+    }
+
+    fn start(&mut self, args: &[OsString], timeout: Duration) -> anyhow::Result<u32> {
+        // Read before spawning: an agent that commits at once must still count as a change.
+        let before = self.generation();
+        self.agent = Some(self.spawn_agent_with(args)?);
+        self.wait_generation_change(before, timeout)
+    }
+
+    /// `warden agent ARGS --pin-dir .. --state-dir ..` in the node namespace, logging to the
+    /// lab's agent log.
+    fn spawn_agent_with(&self, args: &[OsString]) -> anyhow::Result<Child> {
         let log = fs::OpenOptions::new().create(true).append(true).open(self.agent_log())?;
-        let child = Command::new("nsenter")
+        Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", self.node))
             .arg("--")
             .arg(warden_bin())
@@ -379,10 +379,7 @@ impl Lab {
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
-            .context("starting the agent")?;
-        let before = self.generation();
-        self.agent = Some(child);
-        self.wait_generation_change(before, Duration::from_secs(60))
+            .context("starting the agent")
     }
 
     /// Move workload `name` to a new cgroup `leaf` beside its own (e.g. kubelet's `pod<uid>`):
@@ -515,10 +512,6 @@ impl Drop for Lab {
 pub struct AgentProcess(Option<Child>);
 
 impl AgentProcess {
-    fn take_child(&mut self) -> Child {
-        self.0.take().expect("child present")
-    }
-
     /// Wait for the process to exit within `timeout`; its exit status.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         let deadline = Instant::now() + timeout;

@@ -93,6 +93,22 @@ fn agent_holds_workload_certificates_and_warden_certs_shows_them() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("spiffe://cluster.local/ns/team/sa/a"), "{text}");
 
+    // The agent's metrics endpoint carries the certificate expiry per identity, in seconds since
+    // the epoch, so `(expiry - time()) / 86400 < 7` works as an alert.
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", lab.node))
+        .args(["--", "curl", "-sf", "http://127.0.0.1:15020/stats/prometheus"])
+        .output()
+        .unwrap();
+    let metrics = String::from_utf8_lossy(&out.stdout);
+    let expiry = metrics
+        .lines()
+        .find(|l| l.starts_with("warden_identity_cert_expiration_timestamp_seconds") && l.contains("ns/team/sa/a"))
+        .unwrap_or_else(|| panic!("no expiry gauge for a:\n{metrics}"));
+    let secs: f64 = expiry.rsplit(' ').next().unwrap().parse().unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    assert!(secs > now + 3600.0 && secs < now + 2.0 * 86400.0, "a 24 h certificate: {expiry}");
+
     // Revoke a's certificate with the CLI: the CRL the agent watches now lists it.
     let serial = v["certificates"].as_array().unwrap().iter().find(|c| c["identity"] == "spiffe://cluster.local/ns/team/sa/a").unwrap()["serial"]
         .as_str()

@@ -57,6 +57,26 @@ fn change_policies(lab: &mut Lab, dir: &PathBuf, files: &[(&str, &str)]) -> u32 
     lab.wait_generation_change(before, Duration::from_secs(10)).expect("agent commits the change")
 }
 
+/// A connection from `from` to `to` that exchanges a line every 50 ms for `seconds`; returns once
+/// it is established. `finish` collects the outcome.
+fn hold(lab: &Lab, from: &str, to: &str, seconds: u64) -> std::process::Child {
+    let addr = format!("{}:8080", lab.member(to).spec.ip);
+    let mut child = lab
+        .command_in(from, &probe_bin(), &["hold".into(), addr, "--seconds".into(), seconds.to_string(), "--interval-ms".into(), "50".into()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stderr.take().unwrap()).read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "established", "{from} -> {to} could not connect");
+    child
+}
+
+fn finish(hold: std::process::Child) -> Probe {
+    serde_json::from_slice(&hold.wait_with_output().unwrap().stdout).unwrap()
+}
+
 fn assert_result(p: &Probe, want: &str, what: &str) {
     assert_eq!(p.result, want, "{what}: {p:?}");
 }
@@ -182,16 +202,7 @@ fn policy_change_is_enforced_live_and_established_flows_survive_unrelated_change
     assert_result(&lab.probe("c", "b", 8080), "eperm", "before the change");
 
     // An established a -> b connection, held across an unrelated change.
-    let mut hold = lab
-        .command_in("a", &probe_bin(), &["hold".into(), "10.66.0.3:8080".into(), "--seconds".into(), "3".into(), "--interval-ms".into(), "50".into()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = BufReader::new(hold.stderr.take().unwrap());
-    let mut line = String::new();
-    err.read_line(&mut line).unwrap();
-    assert_eq!(line.trim(), "established");
+    let held = hold(&lab, "a", "b", 3);
 
     // Live: allow c too (a new rule; a's entry is untouched).
     let allow_c = ALLOW_A_TO_B_8080.replace("[cluster.local/ns/team/sa/a]", "[cluster.local/ns/team/sa/a, cluster.local/ns/team/sa/c]");
@@ -209,25 +220,15 @@ spec:
     change_policies(&mut lab, &dir, &[("b.yaml", &allow_c), ("a.yaml", deny_c_to_a)]);
     assert_result(&lab.probe("c", "a", 8080), "eperm", "the new DENY is enforced");
 
-    let out = hold.wait_with_output().unwrap();
-    let p: Probe = serde_json::from_slice(&out.stdout).unwrap();
+    let p = finish(held);
     assert_eq!(p.result, "allowed", "the established connection survived two policy changes: {p:?}");
     assert!(p.round_trips.unwrap() >= 20, "it kept exchanging data: {p:?}");
 
     // Revoking access also cuts established connections: every cached flow is re-decided once
     // after a change (unlike a sidecar, which only checks at connection time).
-    let mut hold = lab
-        .command_in("c", &probe_bin(), &["hold".into(), "10.66.0.3:8080".into(), "--seconds".into(), "4".into(), "--interval-ms".into(), "50".into()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = BufReader::new(hold.stderr.take().unwrap());
-    let mut line = String::new();
-    err.read_line(&mut line).unwrap();
-    assert_eq!(line.trim(), "established");
+    let held = hold(&lab, "c", "b", 4);
     change_policies(&mut lab, &dir, &[("b.yaml", ALLOW_A_TO_B_8080)]);
-    let p: Probe = serde_json::from_slice(&hold.wait_with_output().unwrap().stdout).unwrap();
+    let p = finish(held);
     assert_ne!(p.result, "allowed", "revoked access stops the established flow: {p:?}");
 }
 
@@ -293,15 +294,7 @@ fn killed_agent_keeps_enforcing_and_restart_adopts_without_gap() {
     let dir = policies(&lab, &[("b.yaml", ALLOW_A_TO_B_8080)]);
     lab.start_agent(&dir).unwrap();
 
-    let mut hold = lab
-        .command_in("a", &probe_bin(), &["hold".into(), "10.66.0.3:8080".into(), "--seconds".into(), "6".into(), "--interval-ms".into(), "50".into()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = BufReader::new(hold.stderr.take().unwrap());
-    let mut line = String::new();
-    err.read_line(&mut line).unwrap();
+    let held = hold(&lab, "a", "b", 6);
 
     lab.kill_agent(libc::SIGKILL);
     assert!(!lab.agent_running());
@@ -336,8 +329,7 @@ fn killed_agent_keeps_enforcing_and_restart_adopts_without_gap() {
     assert!(!results.is_empty());
     assert!(results.iter().all(|r| r != "allowed"), "a denied flow got through around the restart: {results:?}");
 
-    let out = hold.wait_with_output().unwrap();
-    let p: Probe = serde_json::from_slice(&out.stdout).unwrap();
+    let p = finish(held);
     assert_eq!(p.result, "allowed", "the connection held across kill and restart: {p:?}");
 
     // Adopted, not duplicated: one connect() is counted once (a second attachment would count twice).
