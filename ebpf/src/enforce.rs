@@ -1,7 +1,7 @@
 //! The decision path every hook shares: committed state, flow cache, policy lookup, counters.
 //! Every error path returns a deny; nothing here can pass a packet by failing.
 
-use aya_ebpf::bindings::BPF_NOEXIST;
+use aya_ebpf::bindings::{BPF_NOEXIST, BPF_RB_NO_WAKEUP};
 use warden_common::{
     Config, Counter, CounterKey, Direction, DropReason, EndpointInfo, EndpointKey,
     FLOW_CLOSED, FLOW_REPLY, FlowEvent, FlowKey, FlowValue, IDENTITY_WORLD, PolicyKey, PolicyValue, RemoteInfo, Verdict,
@@ -197,7 +197,9 @@ pub fn emit(kind: u8, hook: u8, key: &FlowKey, o: &Outcome) {
         hook,
         _pad: [0; 2],
     };
-    let _ = EVENTS.output(&e, 0);
+    // No wakeup: the agent drains the ring on a timer (a wakeup per event is an irq_work and a
+    // context switch per new flow).
+    let _ = EVENTS.output(&e, BPF_RB_NO_WAKEUP as u64);
 }
 
 /// Traffic of one hook invocation.
