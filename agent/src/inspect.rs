@@ -210,7 +210,7 @@ pub fn render(v: &MapsView) -> String {
     for e in &v.endpoints {
         let _ = writeln!(s, "\n{}  endpoint {}  identity {} ({})  ip {}  ifindex {}", e.workload, e.endpoint_id, e.identity, e.identity_name, e.ip, e.ifindex);
         if !e.policy.is_empty() {
-            let _ = writeln!(s, "  {:<9} {:<40} {:<10} {:<7} {}", "DIRECTION", "REMOTE", "PORT", "VERDICT", "POLICY");
+            let _ = writeln!(s, "  {:<9} {:<40} {:<10} {:<7} POLICY", "DIRECTION", "REMOTE", "PORT", "VERDICT");
             for p in &e.policy {
                 let _ = writeln!(s, "  {:<9} {:<40} {:<10} {:<7} {}", p.direction, p.remote, p.port, p.verdict, p.policy);
             }
@@ -218,8 +218,8 @@ pub fn render(v: &MapsView) -> String {
         if !e.counters.is_empty() {
             let _ = writeln!(
                 s,
-                "  {:<9} {:<7} {:<32} {:<7} {:<19} {:>8} {:>8} {:>10} {:>10} {:>6} {:>6}  {}",
-                "FLOWS", "HOOK", "REMOTE", "VERDICT", "REASON", "PKTS-IN", "PKTS-OUT", "BYTES-IN", "BYTES-OUT", "OPENED", "CLOSED", "POLICY"
+                "  {:<9} {:<7} {:<32} {:<7} {:<19} {:>8} {:>8} {:>10} {:>10} {:>6} {:>6}  POLICY",
+                "FLOWS", "HOOK", "REMOTE", "VERDICT", "REASON", "PKTS-IN", "PKTS-OUT", "BYTES-IN", "BYTES-OUT", "OPENED", "CLOSED"
             );
             for c in &e.counters {
                 let _ = writeln!(
@@ -230,7 +230,7 @@ pub fn render(v: &MapsView) -> String {
             }
         }
     }
-    let _ = writeln!(s, "\nIDENTITY CACHE\n  {:<20} {:>9}  {:<8} {}", "CIDR", "IDENTITY", "IFINDEX", "NAME");
+    let _ = writeln!(s, "\nIDENTITY CACHE\n  {:<20} {:>9}  {:<8} NAME", "CIDR", "IDENTITY", "IFINDEX");
     for i in &v.ipcache {
         let _ = writeln!(s, "  {:<20} {:>9}  {:<8} {}", i.cidr, i.identity, if i.local_ifindex == 0 { "-".to_string() } else { i.local_ifindex.to_string() }, i.name);
     }

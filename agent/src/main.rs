@@ -19,6 +19,8 @@ enum Output {
 }
 
 #[derive(Subcommand)]
+// Parsed once per process: the size of the agent's variant costs nothing worth boxing for.
+#[allow(clippy::large_enum_variant)]
 enum Command {
     /// Run the node agent: load and attach the programs, compile policy into the maps, follow changes.
     Agent {

@@ -190,10 +190,10 @@ pub fn load(path: &Path, links: &dyn Links) -> Result<Vec<Workload>, WorkloadErr
                 if ifindex.is_none() {
                     errors.push(err(entry.clone(), "veth", format!("no interface {veth:?} on this node")));
                 }
-                if let Some(cg) = &e.cgroup {
-                    if !cg.join("cgroup.procs").is_file() {
-                        errors.push(err(entry.clone(), "cgroup", format!("{} is not a cgroup v2 directory", cg.display())));
-                    }
+                if let Some(cg) = &e.cgroup
+                    && !cg.join("cgroup.procs").is_file()
+                {
+                    errors.push(err(entry.clone(), "cgroup", format!("{} is not a cgroup v2 directory", cg.display())));
                 }
                 ifindex.map(|ifindex| Local { veth, ifindex, cgroup: e.cgroup })
             }

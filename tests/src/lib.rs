@@ -29,6 +29,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde::Deserialize;
 
+pub mod fixtures;
 pub mod kapi;
 
 /// Gateway address every workload routes through (present on every host-side veth).

@@ -5,39 +5,21 @@
 use std::{
     fs,
     io::{BufRead, BufReader},
-    net::Ipv4Addr,
     path::PathBuf,
     process::Stdio,
     time::{Duration, Instant},
 };
 
 use warden_common::names;
-use warden_tests::{Lab, Probe, Spec, probe_bin, require_root, run, write_policies};
+use warden_tests::{
+    Lab, Probe, fixtures::{ALLOW_A_TO_B_8080, DENY_C_TO_A, team},
+    probe_bin, require_root, run, write_policies,
+};
 
 /// Workloads `a` and `c` (clients) and `b` (a server on 8080 and 9090), all in namespace `team`.
 fn trio(tag: &str) -> Lab {
-    let ip = |d| Ipv4Addr::new(10, 66, 0, d);
-    Lab::up(
-        tag,
-        &[
-            Spec::new("team", "a", ip(2), &[8080]),
-            Spec::new("team", "b", ip(3), &[8080, 9090]),
-            Spec::new("team", "c", ip(4), &[8080]),
-        ],
-    )
-    .expect("lab up")
+    Lab::up(tag, &team(66, &[8080, 9090])).expect("lab up")
 }
-
-const ALLOW_A_TO_B_8080: &str = "apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: b-access, namespace: team}
-spec:
-  selector: {matchLabels: {app: b}}
-  action: ALLOW
-  rules:
-  - from: [{source: {principals: [cluster.local/ns/team/sa/a]}}]
-    to: [{operation: {ports: [\"8080\"]}}]
-";
 
 fn policies(lab: &Lab, files: &[(&str, &str)]) -> PathBuf {
     let dir = lab.dir.join("policies");
@@ -209,15 +191,7 @@ fn policy_change_is_enforced_live_and_established_flows_survive_unrelated_change
     change_policies(&mut lab, &dir, &[("b.yaml", &allow_c)]);
     assert_result(&lab.probe("c", "b", 8080), "allowed", "after allowing c");
     // An unrelated DENY elsewhere.
-    let deny_c_to_a = "apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: a-deny-c, namespace: team}
-spec:
-  selector: {matchLabels: {app: a}}
-  action: DENY
-  rules: [{from: [{source: {principals: [cluster.local/ns/team/sa/c]}}]}]
-";
-    change_policies(&mut lab, &dir, &[("b.yaml", &allow_c), ("a.yaml", deny_c_to_a)]);
+    change_policies(&mut lab, &dir, &[("b.yaml", &allow_c), ("a.yaml", DENY_C_TO_A)]);
     assert_result(&lab.probe("c", "a", 8080), "eperm", "the new DENY is enforced");
 
     let p = finish(held);

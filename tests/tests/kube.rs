@@ -17,7 +17,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use warden_tests::{Lab, Spec, kapi::ApiServer, require_root};
+use warden_tests::{
+    Lab, Spec,
+    fixtures::{ALLOW_A_TO_B_8080, team},
+    kapi::ApiServer, require_root,
+};
 
 /// Policy changes must reach the maps within this (issue 6).
 const MAPS_LATENCY: Duration = Duration::from_secs(1);
@@ -75,16 +79,6 @@ fn assert_probe(lab: &Lab, from: &str, to: &str, port: u16, want: &str) {
     assert_eq!(p.result, want, "{from} -> {to}:{port}: {p:?}");
 }
 
-const B_ACCESS: &str = "apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: b-access, namespace: team}
-spec:
-  selector: {matchLabels: {app: b}}
-  action: ALLOW
-  rules:
-  - from: [{source: {principals: [cluster.local/ns/team/sa/a]}}]
-    to: [{operation: {ports: [\"8080\"]}}]
-";
 
 /// b-access broken: an address that is not one.
 const B_ACCESS_INVALID: &str = "apiVersion: security.istio.io/v1
@@ -116,7 +110,7 @@ fn ambient_namespace(api: &ApiServer, ns: &str) {
 /// The API server listens in the lab's node namespace, where the agent runs.
 fn cluster_lab(tag: &str, port: u16, node: &str, net: u8) -> (Lab, ApiServer) {
     let ip = |d| Ipv4Addr::new(10, net, 0, d);
-    let mut lab = Lab::up(tag, &[Spec::new("team", "a", ip(2), &[8080]), Spec::new("team", "b", ip(3), &[8080, 9090]), Spec::new("team", "c", ip(4), &[8080])])
+    let mut lab = Lab::up(tag, &team(net, &[8080, 9090]))
         .expect("lab up");
     let api = ApiServer::start_in(tag, port, port - 4064, Some(&lab.node));
     api.install();
@@ -204,7 +198,7 @@ fn cluster_resources_reach_the_maps_within_a_second() {
 
     // Apply -> maps within a second -> enforced.
     let t = Instant::now();
-    api.apply(B_ACCESS).unwrap();
+    api.apply(ALLOW_A_TO_B_8080).unwrap();
     let kubectl_ms = t.elapsed();
     let took = wait_maps(&lab, "b-access", Duration::from_secs(5), |v| policies_of(v, "team/b") == ["team/b-access"]);
     eprintln!("kubectl apply returned in {kubectl_ms:?}; b-access reached the maps {took:?} later");
@@ -261,7 +255,7 @@ fn cluster_resources_reach_the_maps_within_a_second() {
     assert_probe(&lab, "c", "b", 8080, "eperm");
 
     // Fixed again: the status says so.
-    api.apply(B_ACCESS).unwrap();
+    api.apply(ALLOW_A_TO_B_8080).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while !api.kubectl(&["get", "authorizationpolicies.security.istio.io", "b-access", "-n", "team", "-o", "jsonpath={.status.conditions[0].status}"]).unwrap().contains("True") {
         assert!(Instant::now() < deadline, "the fixed b-access still shows as invalid");
@@ -315,7 +309,7 @@ fn an_api_server_restart_never_lapses_enforcement() {
     }
     let node = "node-krst";
     let (mut lab, api) = cluster_lab("krst", 16553, node, 68);
-    api.apply(B_ACCESS).unwrap();
+    api.apply(ALLOW_A_TO_B_8080).unwrap();
     lab.start_agent_with(&agent_args(&api, node)).unwrap();
     wait_maps(&lab, "b-access", Duration::from_secs(5), |v| policies_of(v, "team/b") == ["team/b-access"]);
 

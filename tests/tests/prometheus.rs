@@ -14,7 +14,7 @@
 use std::{
     fs,
     io::{Read as _, Write as _},
-    net::{Ipv4Addr, TcpListener, TcpStream},
+    net::{TcpListener, TcpStream},
     os::fd::AsRawFd as _,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -23,7 +23,11 @@ use std::{
 };
 
 use serde_json::Value;
-use warden_tests::{Lab, Spec, probe_bin, require_root, workspace_root, write_policies};
+use warden_tests::{
+    Lab,
+    fixtures::{ALLOW_A_TO_B_8080, DENY_C_TO_A, team},
+    probe_bin, require_root, workspace_root, write_policies,
+};
 
 /// Ports inside the lab's node namespace, where nothing else listens.
 const PROMETHEUS: &str = "127.0.0.1:19090";
@@ -33,26 +37,7 @@ const AGENT_READY: &str = "127.0.0.1:15021";
 /// Grafana's rate window variable, resolved as Grafana would for a 1 s scrape interval.
 const RATE_INTERVAL: (&str, &str) = ("$__rate_interval", "1m");
 
-const B_ACCESS: &str = "apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: b-access, namespace: team}
-spec:
-  selector: {matchLabels: {app: b}}
-  action: ALLOW
-  rules:
-  - from: [{source: {principals: [cluster.local/ns/team/sa/a]}}]
-    to: [{operation: {ports: [\"8080\"]}}]
-";
 
-const A_DENY_C: &str = "apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: a-deny-c, namespace: team}
-spec:
-  selector: {matchLabels: {app: a}}
-  action: DENY
-  rules:
-  - from: [{source: {principals: [cluster.local/ns/team/sa/c]}}]
-";
 
 /// Run `f` on a thread that has entered network namespace `netns` (only that thread moves).
 fn in_netns<T: Send>(netns: &str, f: impl FnOnce() -> T + Send) -> T {
@@ -306,11 +291,10 @@ fn prometheus_sees_istio_metrics_and_every_dashboard_and_alert_expression_return
     let (rule_file, alerts) = alert_rules(&grafana.join("warden-alerts.yaml"));
     assert!(panels.len() >= 8 && alerts.len() >= 3, "{panels:?} {alerts:?}");
 
-    let ip = |d| Ipv4Addr::new(10, 67, 0, d);
-    let mut lab = Lab::up("prom", &[Spec::new("team", "a", ip(2), &[8080]), Spec::new("team", "b", ip(3), &[8080]), Spec::new("team", "c", ip(4), &[8080])])
+    let mut lab = Lab::up("prom", &team(67, &[8080]))
         .expect("lab up");
     let dir = lab.dir.join("policies");
-    write_policies(&dir, &[("b.yaml", B_ACCESS), ("a.yaml", A_DENY_C)]).unwrap();
+    write_policies(&dir, &[("b.yaml", ALLOW_A_TO_B_8080), ("a.yaml", DENY_C_TO_A)]).unwrap();
     lab.start_agent(&dir).unwrap();
     let node = lab.node.clone();
 
