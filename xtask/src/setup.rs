@@ -58,7 +58,8 @@ pub fn setup() -> anyhow::Result<()> {
         }
         sh(Command::new("apt-get").args(["update", "-q"]), "apt-get update")?;
         sh(
-            Command::new("apt-get").args(["install", "-y", "-q", "--no-install-recommends"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"),
+            // With recommends, as in the verified toolchain recipe (LLVM's runtime and linker tools).
+            Command::new("apt-get").args(["install", "-y", "-q"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"),
             &format!("apt-get install {}", missing.join(" ")),
         )?;
     }
