@@ -94,11 +94,8 @@ pub fn build(inputs: Inputs, trust_domain: &str, record: &mut NodeRecord) -> Res
             .max_by_key(|(net, _)| net.prefix_len())
             .map_or(IDENTITY_WORLD, |(_, id)| *id)
     };
-    let mut ipcache: BTreeMap<Ipv4Net, RemoteInfo> = compiled
-        .ipcache
-        .iter()
-        .map(|(net, id)| (*net, RemoteInfo { identity: *id, local_ifindex: 0 }))
-        .collect();
+    let mut ipcache: BTreeMap<Ipv4Net, RemoteInfo> =
+        compiled.ipcache.iter().map(|(net, id)| (*net, RemoteInfo { identity: *id, local_ifindex: 0 })).collect();
     let mut endpoints = Vec::new();
     for (i, endpoint_id) in &local {
         let w = &workloads[*i];
@@ -134,7 +131,13 @@ pub enum ApplyError {
 /// Apply a desired state: release departed workloads, commit the new state, attach new or moved
 /// workloads, and save the record. `adopt` re-attaches every workload (after a restart), which
 /// swaps the programs inside the pinned links without a gap.
-pub fn apply(dp: &mut Datapath, record: &mut NodeRecord, state_dir: &Path, d: &Desired, adopt: bool) -> Result<u32, ApplyError> {
+pub fn apply(
+    dp: &mut Datapath,
+    record: &mut NodeRecord,
+    state_dir: &Path,
+    d: &Desired,
+    adopt: bool,
+) -> Result<u32, ApplyError> {
     let wanted: BTreeMap<String, &Workload> =
         d.workloads.iter().filter(|w| w.local.is_some()).map(|w| (w.key(), w)).collect();
 
@@ -158,9 +161,8 @@ pub fn apply(dp: &mut Datapath, record: &mut NodeRecord, state_dir: &Path, d: &D
         let l = w.local.as_ref().expect("filtered on local");
         let identity = d.state.endpoints.iter().find(|(i, _)| *i == l.ifindex).map_or(0, |(_, e)| e.identity);
         let previous = record.endpoints.get(key).cloned();
-        let unchanged = previous
-            .as_ref()
-            .is_some_and(|p| p.ifindex == l.ifindex && p.veth == l.veth && p.cgroup == l.cgroup);
+        let unchanged =
+            previous.as_ref().is_some_and(|p| p.ifindex == l.ifindex && p.veth == l.veth && p.cgroup == l.cgroup);
         let cgroup_id = match &l.cgroup {
             Some(path) => Some(dp.set_cgroup(path, l.ifindex).map_err(|source| ApplyError::Cgroup {
                 workload: key.clone(),
@@ -221,7 +223,11 @@ pub async fn run(cfg: AgentConfig, mut source: Box<dyn Source>) -> anyhow::Resul
     let desired = snapshot(source.as_mut(), &cfg.trust_domain, &mut record)
         .map_err(|e| anyhow::anyhow!("refusing to start on invalid input:\n{e}"))?;
     // A broken CA stops the agent before it touches the kernel.
-    let certs = cfg.certs.as_ref().map(|c| crate::certs::WorkloadCerts::serve(c, &cfg.trust_domain, cert_metrics)).transpose()?;
+    let certs = cfg
+        .certs
+        .as_ref()
+        .map(|c| crate::certs::WorkloadCerts::serve(c, &cfg.trust_domain, cert_metrics))
+        .transpose()?;
     let mut dp = Datapath::load(&cfg.pin_dir)?;
     log_desired(&desired);
     let generation = apply(&mut dp, &mut record, &cfg.state_dir, &desired, true)?;
@@ -250,12 +256,19 @@ pub async fn run(cfg: AgentConfig, mut source: Box<dyn Source>) -> anyhow::Resul
                 match apply(&mut dp, &mut record, &cfg.state_dir, &d, false) {
                     Ok(generation) => {
                         valid_until = d.valid_until;
-                        tracing::info!(generation, workloads = d.workloads.len(), entries = d.state.policy.len(), "committed");
+                        tracing::info!(
+                            generation,
+                            workloads = d.workloads.len(),
+                            entries = d.state.policy.len(),
+                            "committed"
+                        );
                         if let Some(c) = &certs {
                             c.sync_workloads(&d.workloads).await;
                         }
                     }
-                    Err(e) => tracing::error!("applying the new state failed; the last committed state keeps running: {e}"),
+                    Err(e) => {
+                        tracing::error!("applying the new state failed; the last committed state keeps running: {e}")
+                    }
                 }
             }
             Err(e) => tracing::error!("ignoring invalid input; the last good state keeps running:\n{e}"),

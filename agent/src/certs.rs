@@ -5,11 +5,7 @@
 //! The CA is either in-process (`--ca-dir`: a single-node lab; a broken CA directory stops the
 //! agent) or Istio's CA API over TLS (`--ca-addr` with `--ca-root-cert` and `--ca-token-file`).
 
-use std::{
-    collections::BTreeSet,
-    path::PathBuf,
-    sync::Arc,
-};
+use std::{collections::BTreeSet, path::PathBuf, sync::Arc};
 
 use crate::telemetry::server::{Handler, Reply, serve};
 use warden_identity::{
@@ -110,7 +106,11 @@ impl WorkloadCerts {
     }
 
     /// Start the manager and serve `GET /certs` on the admin address.
-    pub fn serve(cfg: &CertsConfig, trust_domain: &str, metrics: Option<Metrics>) -> Result<Arc<WorkloadCerts>, CertsError> {
+    pub fn serve(
+        cfg: &CertsConfig,
+        trust_domain: &str,
+        metrics: Option<Metrics>,
+    ) -> Result<Arc<WorkloadCerts>, CertsError> {
         let certs = Arc::new(WorkloadCerts::start(&cfg.source, trust_domain, metrics)?);
         let listener = std::net::TcpListener::bind(cfg.admin_addr)
             .and_then(|l| l.set_nonblocking(true).map(|()| l))
@@ -128,7 +128,10 @@ impl WorkloadCerts {
 
     /// Manage the identities of the local workloads among `workloads`.
     pub async fn sync_workloads(&self, workloads: &[crate::workloads::Workload]) {
-        self.sync(workloads.iter().filter(|w| w.local.is_some()).map(|w| (w.namespace.clone(), w.service_account.clone()))).await
+        self.sync(
+            workloads.iter().filter(|w| w.local.is_some()).map(|w| (w.namespace.clone(), w.service_account.clone())),
+        )
+        .await
     }
 
     /// Manage exactly the identities of `workloads` (namespace, service account): new ones are

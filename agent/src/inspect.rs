@@ -104,7 +104,11 @@ pub fn read(pin_dir: &Path, state_dir: &Path) -> anyhow::Result<MapsView> {
         if id == IDENTITY_ANY {
             return "*".into();
         }
-        record.identity_names.get(&id).cloned().unwrap_or_else(|| if id == 0 { "world".into() } else { format!("identity {id}") })
+        record
+            .identity_names
+            .get(&id)
+            .cloned()
+            .unwrap_or_else(|| if id == 0 { "world".into() } else { format!("identity {id}") })
     };
     let policy = |id: u32, reason: u8| -> String {
         if id == POLICY_ID_NONE {
@@ -121,7 +125,9 @@ pub fn read(pin_dir: &Path, state_dir: &Path) -> anyhow::Result<MapsView> {
 
     let mut entries: BTreeMap<u32, Vec<EntryView>> = BTreeMap::new();
     let mut policy_keys: Vec<_> = maps.policy.iter().filter_map(Result::ok).filter(|(k, _)| k.slot() == slot).collect();
-    policy_keys.sort_by_key(|(k, _)| (k.endpoint_id, k.dir_slot, k.remote_identity == IDENTITY_ANY, k.remote_identity, k.proto == PROTO_ANY, k.dport));
+    policy_keys.sort_by_key(|(k, _)| {
+        (k.endpoint_id, k.dir_slot, k.remote_identity == IDENTITY_ANY, k.remote_identity, k.proto == PROTO_ANY, k.dport)
+    });
     for (k, v) in policy_keys {
         entries.entry(k.endpoint_id).or_default().push(EntryView {
             direction: k.direction().map_or("?", Direction::name),
@@ -180,8 +186,21 @@ pub fn read(pin_dir: &Path, state_dir: &Path) -> anyhow::Result<MapsView> {
     endpoints.sort_by(|a, b| a.workload.cmp(&b.workload));
     // Counters of endpoints that are gone (or of drops before any endpoint was known).
     for (id, c) in counters {
-        let workload = if id == 0 { "(no endpoint)".to_string() } else { workload_of.get(&id).cloned().unwrap_or(format!("endpoint {id} (removed)")) };
-        endpoints.push(EndpointView { workload, endpoint_id: id, identity: 0, identity_name: String::new(), ifindex: 0, ip: String::new(), policy: vec![], counters: c });
+        let workload = if id == 0 {
+            "(no endpoint)".to_string()
+        } else {
+            workload_of.get(&id).cloned().unwrap_or(format!("endpoint {id} (removed)"))
+        };
+        endpoints.push(EndpointView {
+            workload,
+            endpoint_id: id,
+            identity: 0,
+            identity_name: String::new(),
+            ifindex: 0,
+            ip: String::new(),
+            policy: vec![],
+            counters: c,
+        });
     }
 
     let mut ipcache: Vec<IpcacheView> = maps
@@ -208,31 +227,64 @@ pub fn render(v: &MapsView) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "generation {} (active slot {})", v.generation, v.active_slot);
     for e in &v.endpoints {
-        let _ = writeln!(s, "\n{}  endpoint {}  identity {} ({})  ip {}  ifindex {}", e.workload, e.endpoint_id, e.identity, e.identity_name, e.ip, e.ifindex);
+        let _ = writeln!(
+            s,
+            "\n{}  endpoint {}  identity {} ({})  ip {}  ifindex {}",
+            e.workload, e.endpoint_id, e.identity, e.identity_name, e.ip, e.ifindex
+        );
         if !e.policy.is_empty() {
             let _ = writeln!(s, "  {:<9} {:<40} {:<10} {:<7} POLICY", "DIRECTION", "REMOTE", "PORT", "VERDICT");
             for p in &e.policy {
-                let _ = writeln!(s, "  {:<9} {:<40} {:<10} {:<7} {}", p.direction, p.remote, p.port, p.verdict, p.policy);
+                let _ =
+                    writeln!(s, "  {:<9} {:<40} {:<10} {:<7} {}", p.direction, p.remote, p.port, p.verdict, p.policy);
             }
         }
         if !e.counters.is_empty() {
             let _ = writeln!(
                 s,
                 "  {:<9} {:<7} {:<32} {:<7} {:<19} {:>8} {:>8} {:>10} {:>10} {:>6} {:>6}  POLICY",
-                "FLOWS", "HOOK", "REMOTE", "VERDICT", "REASON", "PKTS-IN", "PKTS-OUT", "BYTES-IN", "BYTES-OUT", "OPENED", "CLOSED"
+                "FLOWS",
+                "HOOK",
+                "REMOTE",
+                "VERDICT",
+                "REASON",
+                "PKTS-IN",
+                "PKTS-OUT",
+                "BYTES-IN",
+                "BYTES-OUT",
+                "OPENED",
+                "CLOSED"
             );
             for c in &e.counters {
                 let _ = writeln!(
                     s,
                     "  {:<9} {:<7} {:<32} {:<7} {:<19} {:>8} {:>8} {:>10} {:>10} {:>6} {:>6}  {}",
-                    c.direction, c.hook, c.remote, c.verdict, c.reason, c.packets_in, c.packets_out, c.bytes_in, c.bytes_out, c.opened, c.closed, c.policy
+                    c.direction,
+                    c.hook,
+                    c.remote,
+                    c.verdict,
+                    c.reason,
+                    c.packets_in,
+                    c.packets_out,
+                    c.bytes_in,
+                    c.bytes_out,
+                    c.opened,
+                    c.closed,
+                    c.policy
                 );
             }
         }
     }
     let _ = writeln!(s, "\nIDENTITY CACHE\n  {:<20} {:>9}  {:<8} NAME", "CIDR", "IDENTITY", "IFINDEX");
     for i in &v.ipcache {
-        let _ = writeln!(s, "  {:<20} {:>9}  {:<8} {}", i.cidr, i.identity, if i.local_ifindex == 0 { "-".to_string() } else { i.local_ifindex.to_string() }, i.name);
+        let _ = writeln!(
+            s,
+            "  {:<20} {:>9}  {:<8} {}",
+            i.cidr,
+            i.identity,
+            if i.local_ifindex == 0 { "-".to_string() } else { i.local_ifindex.to_string() },
+            i.name
+        );
     }
     s
 }

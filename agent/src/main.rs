@@ -169,7 +169,9 @@ fn main() -> ExitCode {
             let telemetry = telemetry::TelemetryConfig { metrics_addr, ready_addr, access_log, ..Default::default() };
             let ca = match (ca_dir, ca_addr, ca_root_cert) {
                 (Some(dir), _, _) => Some(warden_agent::certs::CaSource::Local { dir }),
-                (None, Some(url), Some(root_cert)) => Some(warden_agent::certs::CaSource::Remote { url, root_cert, token_file: ca_token_file }),
+                (None, Some(url), Some(root_cert)) => {
+                    Some(warden_agent::certs::CaSource::Remote { url, root_cert, token_file: ca_token_file })
+                }
                 _ => None,
             };
             let certs = ca.map(|source| warden_agent::certs::CertsConfig { source, admin_addr });
@@ -188,11 +190,23 @@ fn main() -> ExitCode {
                                 let connection = match (kubeconfig, cluster) {
                                     (Some(path), _) => kube::Connection::Kubeconfig(path),
                                     (None, true) => kube::Connection::InCluster,
-                                    (None, false) => anyhow::bail!("give --workloads and --policies, --kubeconfig, or --cluster"),
+                                    (None, false) => {
+                                        anyhow::bail!("give --workloads and --policies, --kubeconfig, or --cluster")
+                                    }
                                 };
-                                let node_name = node_name.ok_or_else(|| anyhow::anyhow!("--node-name (or NODE_NAME) is required with a cluster"))?;
+                                let node_name = node_name.ok_or_else(|| {
+                                    anyhow::anyhow!("--node-name (or NODE_NAME) is required with a cluster")
+                                })?;
                                 let cgroup_root = cgroup_root.unwrap_or_else(kube::node::default_cgroup_root);
-                                Box::new(kube::KubeSource::connect(kube::KubeConfig { connection, node_name, cgroup_root, options }).await?)
+                                Box::new(
+                                    kube::KubeSource::connect(kube::KubeConfig {
+                                        connection,
+                                        node_name,
+                                        cgroup_root,
+                                        options,
+                                    })
+                                    .await?,
+                                )
                             }
                         };
                         agent::run(cfg, source).await

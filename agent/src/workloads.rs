@@ -137,7 +137,8 @@ pub fn load(path: &Path, links: &dyn Links) -> Result<Vec<Workload>, WorkloadErr
         field: field.to_string(),
         reason,
     };
-    let text = std::fs::read_to_string(path).map_err(|e| WorkloadErrors(vec![err(String::new(), "", format!("cannot read: {e}"))]))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| WorkloadErrors(vec![err(String::new(), "", format!("cannot read: {e}"))]))?;
     let file: File = serde_yaml::from_str(&text).map_err(|e| {
         let at = e.location().map(|l| format!(" (line {}, column {})", l.line(), l.column())).unwrap_or_default();
         WorkloadErrors(vec![err(String::new(), "", format!("invalid workload file{at}: {e}"))])
@@ -153,7 +154,11 @@ pub fn load(path: &Path, links: &dyn Links) -> Result<Vec<Workload>, WorkloadErr
         let mut required = |v: Option<String>, field: &str| match v {
             Some(s) if is_dns_label(&s) => Some(s),
             Some(s) => {
-                errors.push(err(entry.clone(), field, format!("{s:?} is not a DNS-1123 label (lower-case alphanumerics and '-', at most 63)")));
+                errors.push(err(
+                    entry.clone(),
+                    field,
+                    format!("{s:?} is not a DNS-1123 label (lower-case alphanumerics and '-', at most 63)"),
+                ));
                 None
             }
             None => {
@@ -280,7 +285,9 @@ mod tests {
         assert!(e.contains("workloads[1].name: ns/a is already defined by workloads[0]"), "{e}");
         assert!(e.contains("workloads[1].ip: 10.0.0.1 is already used by workloads[0]"), "{e}");
         assert!(e.contains("workloads[1].veth: \"wd-a\" is already used by workloads[0]"), "{e}");
-        let e = load_str("workloads:\n- {name: a, namespace: ns, serviceAccount: sa, ip: 10.0.0.1, vet: x}\n").unwrap_err().to_string();
+        let e = load_str("workloads:\n- {name: a, namespace: ns, serviceAccount: sa, ip: 10.0.0.1, vet: x}\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("unknown field `vet`"), "{e}");
         let e = load_str("workloads: [\n").unwrap_err().to_string();
         assert!(e.contains("invalid workload file (line"), "{e}");

@@ -10,7 +10,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::hint::black_box;
 use std::net::Ipv4Addr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use warden_authz::{CompileInput, Destination, IdAllocator, Options, Peer, PolicySet, Request, Workload, compile, parse_str};
+use warden_authz::{
+    CompileInput, Destination, IdAllocator, Options, Peer, PolicySet, Request, Workload, compile, parse_str,
+};
 
 /// 10,000 namespace-wide DENY policies, each with 10 rules naming a principal and a port.
 fn deny_policies() -> PolicySet {
@@ -155,13 +157,23 @@ fn mixed_policies() -> (PolicySet, Vec<Workload>, Vec<(usize, u32)>) {
 fn compile_10k(c: &mut Criterion) {
     let (set, workloads, local) = mixed_policies();
     let now = UNIX_EPOCH + Duration::from_secs(1_795_514_400);
-    let input = CompileInput { policies: &set, workloads: &workloads, local: &local, trust_domain: "cluster.local", now };
+    let input =
+        CompileInput { policies: &set, workloads: &workloads, local: &local, trust_domain: "cluster.local", now };
     let out = compile(&input, &mut Ids::default()).unwrap();
-    eprintln!("compile_10k: {} ipcache entries, {} policy entries, {} identities", out.ipcache.len(), out.policy.len(), out.identities.len());
+    eprintln!(
+        "compile_10k: {} ipcache entries, {} policy entries, {} identities",
+        out.ipcache.len(),
+        out.policy.len(),
+        out.identities.len()
+    );
     let mut g = c.benchmark_group("compile_10k_policies");
     g.sample_size(20);
     g.bench_function("1000_workloads_20_local", |b| {
-        b.iter_batched(Ids::default, |mut ids| black_box(compile(black_box(&input), &mut ids).unwrap()), BatchSize::SmallInput)
+        b.iter_batched(
+            Ids::default,
+            |mut ids| black_box(compile(black_box(&input), &mut ids).unwrap()),
+            BatchSize::SmallInput,
+        )
     });
     g.finish();
     let _ = SystemTime::now();

@@ -23,11 +23,11 @@
 use crate::error::CompileError;
 use crate::eval::{Addr, Env, PeerView, clock, condition_matches, principal_parts, source_matches};
 use crate::model::*;
+use crate::set::FastMap;
 use crate::set::{PolicySet, RuleRef, Target, Workload};
 use ipnet::Ipv4Net;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::rc::Rc;
-use crate::set::FastMap;
 use std::time::{Duration, SystemTime};
 use warden_common::{
     Direction, DropReason, IDENTITY_ANY, IDENTITY_WORLD, POLICY_ID_NONE, PROTO_ANY, PROTO_TCP, PolicyKey, PolicyValue,
@@ -124,7 +124,10 @@ pub(crate) fn rule_ports(r: &Rule) -> PortSet {
     let mut ps = if r.to.is_empty() {
         PortSet::all()
     } else {
-        r.to.iter().map(|o| PortSet::from_lists(&o.ports, &o.not_ports)).reduce(PortSet::or).unwrap_or_else(PortSet::all)
+        r.to.iter()
+            .map(|o| PortSet::from_lists(&o.ports, &o.not_ports))
+            .reduce(PortSet::or)
+            .unwrap_or_else(PortSet::all)
     };
     for c in &r.when {
         if let (Key::DestinationPort, Values::Ports(p), Values::Ports(n)) = (&c.key, &c.values, &c.not_values) {
@@ -160,7 +163,11 @@ pub fn compile(input: &CompileInput, ids: &mut dyn IdAllocator) -> Result<Compil
     // Local endpoints.
     let mut seen: HashMap<u32, usize> = HashMap::new();
     for &(i, ep) in input.local {
-        let w = input.workloads.get(i).ok_or(CompileError::LocalIndexOutOfRange { endpoint_id: ep, index: i, len: input.workloads.len() })?;
+        let w = input.workloads.get(i).ok_or(CompileError::LocalIndexOutOfRange {
+            endpoint_id: ep,
+            index: i,
+            len: input.workloads.len(),
+        })?;
         if let Some(&j) = seen.get(&ep) {
             let first = &input.workloads[j];
             return Err(CompileError::DuplicateEndpoint {
@@ -271,21 +278,22 @@ pub fn compile(input: &CompileInput, ids: &mut dyn IdAllocator) -> Result<Compil
     // Policy ids.
     let mut policy_ids: HashMap<u32, u32> = HashMap::new();
     let mut by_pid: HashMap<u32, String> = HashMap::new();
-    let mut alloc_policy = |ns: &str, name: &str, display: String, ids: &mut dyn IdAllocator| -> Result<u32, CompileError> {
-        let id = ids.policy_id(ns, name);
-        if id == POLICY_ID_NONE {
-            return Err(CompileError::ReservedId { what: "policy", id, name: display });
-        }
-        match by_pid.get(&id) {
-            Some(prev) if *prev != display => {
-                return Err(CompileError::PolicyIdCollision { id, first: prev.clone(), second: display });
+    let mut alloc_policy =
+        |ns: &str, name: &str, display: String, ids: &mut dyn IdAllocator| -> Result<u32, CompileError> {
+            let id = ids.policy_id(ns, name);
+            if id == POLICY_ID_NONE {
+                return Err(CompileError::ReservedId { what: "policy", id, name: display });
             }
-            _ => {
-                by_pid.insert(id, display);
+            match by_pid.get(&id) {
+                Some(prev) if *prev != display => {
+                    return Err(CompileError::PolicyIdCollision { id, first: prev.clone(), second: display });
+                }
+                _ => {
+                    by_pid.insert(id, display);
+                }
             }
-        }
-        Ok(id)
-    };
+            Ok(id)
+        };
     for &pi in &applicable {
         let p = &set.authz[pi as usize];
         let id = alloc_policy(&p.namespace, &p.name, p.key(), ids)?;
@@ -324,13 +332,25 @@ pub fn compile(input: &CompileInput, ids: &mut dyn IdAllocator) -> Result<Compil
         entries.push((key(Direction::Egress, IDENTITY_ANY, PROTO_ANY, 0), PolicyValue::allow(POLICY_ID_NONE)));
         let scopes = set.scopes(t.namespace);
         let allow_applies = set.allow_applies(&t, &scopes);
-        let default = if allow_applies { PolicyValue::deny(POLICY_ID_NONE, DropReason::PolicyDefaultDeny) } else { PolicyValue::allow(POLICY_ID_NONE) };
+        let default = if allow_applies {
+            PolicyValue::deny(POLICY_ID_NONE, DropReason::PolicyDefaultDeny)
+        } else {
+            PolicyValue::allow(POLICY_ID_NONE)
+        };
 
         // PeerAuthentication: ports where plaintext peers are refused.
         let (base_mode, base_by, overrides) = set.mtls_ports(&t);
-        let mut pa_value = |p: Option<&PeerAuth>, ids: &mut dyn IdAllocator, out: &mut Compiled| -> Result<PolicyValue, CompileError> {
+        let mut pa_value = |p: Option<&PeerAuth>,
+                            ids: &mut dyn IdAllocator,
+                            out: &mut Compiled|
+         -> Result<PolicyValue, CompileError> {
             let p = p.expect("a STRICT mode is always set by some PeerAuthentication");
-            let id = alloc_policy(&p.namespace, &peer_authentication_id_name(&p.name), format!("{}/PeerAuthentication/{}", p.namespace, p.name), ids)?;
+            let id = alloc_policy(
+                &p.namespace,
+                &peer_authentication_id_name(&p.name),
+                format!("{}/PeerAuthentication/{}", p.namespace, p.name),
+                ids,
+            )?;
             out.policy_names.insert(id, format!("{}/PeerAuthentication/{}", p.namespace, p.name));
             Ok(PolicyValue::deny(id, DropReason::PlaintextStrict))
         };
@@ -372,14 +392,21 @@ pub fn compile(input: &CompileInput, ids: &mut dyn IdAllocator) -> Result<Compil
                 }
                 let ports = port_cache.entry((rr.policy, rr.rule)).or_insert_with(|| Rc::new(rule_ports(r))).clone();
                 let id = policy_ids[&rr.policy];
-                let value = if p.action == Action::Allow { PolicyValue::allow(id) } else { PolicyValue::deny(id, DropReason::PolicyDeny) };
+                let value = if p.action == Action::Allow {
+                    PolicyValue::allow(id)
+                } else {
+                    PolicyValue::deny(id, DropReason::PolicyDeny)
+                };
                 Some(Prepared { ports, value })
             });
             e.as_ref().map(|p| (Rc::clone(&p.ports), p.value))
         };
 
         // Decisions of one class: (value for "other", values per listed port).
-        let mut decide_class = |c: &Class, extra_ports: &BTreeSet<u16>, time_dependent: &mut bool| -> (PolicyValue, BTreeMap<u16, PolicyValue>, BTreeSet<u16>) {
+        let mut decide_class = |c: &Class,
+                                extra_ports: &BTreeSet<u16>,
+                                time_dependent: &mut bool|
+         -> (PolicyValue, BTreeMap<u16, PolicyValue>, BTreeSet<u16>) {
             let sa = c.principal.as_deref().and_then(principal_parts);
             let peer = PeerView { principal: c.principal.as_deref(), namespace: sa.map(|(n, _)| n), sa, addr: c.addr };
             set.candidates(&t, &scopes, peer.principal, peer.namespace, peer.sa, &mut cands);
@@ -490,7 +517,8 @@ mod tests {
     #[test]
     fn port_set_algebra_matches_set_semantics() {
         let universe = [Some(1u16), Some(2), Some(3), None];
-        let subsets: Vec<BTreeSet<u16>> = (0..8u8).map(|m| (1..=3u16).filter(|p| m & (1 << (p - 1)) != 0).collect()).collect();
+        let subsets: Vec<BTreeSet<u16>> =
+            (0..8u8).map(|m| (1..=3u16).filter(|p| m & (1 << (p - 1)) != 0).collect()).collect();
         let mut sets = Vec::new();
         for s in &subsets {
             sets.push(PortSet::Only(s.clone()));
@@ -499,8 +527,16 @@ mod tests {
         for a in &sets {
             for b in &sets {
                 for &p in &universe {
-                    assert_eq!(a.clone().and(b.clone()).contains(p), a.contains(p) && b.contains(p), "{a:?} and {b:?} at {p:?}");
-                    assert_eq!(a.clone().or(b.clone()).contains(p), a.contains(p) || b.contains(p), "{a:?} or {b:?} at {p:?}");
+                    assert_eq!(
+                        a.clone().and(b.clone()).contains(p),
+                        a.contains(p) && b.contains(p),
+                        "{a:?} and {b:?} at {p:?}"
+                    );
+                    assert_eq!(
+                        a.clone().or(b.clone()).contains(p),
+                        a.contains(p) || b.contains(p),
+                        "{a:?} or {b:?} at {p:?}"
+                    );
                 }
             }
         }
@@ -514,11 +550,21 @@ mod tests {
                 Operation { ports: vec![80, 81], ..Operation::default() },
                 Operation { not_ports: vec![80, 22], ..Operation::default() },
             ],
-            when: vec![Condition { key: Key::DestinationPort, values: Values::Ports(vec![]), not_values: Values::Ports(vec![81]) }],
+            when: vec![Condition {
+                key: Key::DestinationPort,
+                values: Values::Ports(vec![]),
+                not_values: Values::Ports(vec![81]),
+            }],
             has_l7: false,
             only_l7: false,
         };
         let ps = rule_ports(&r);
-        assert!(ps.contains(Some(80)) && !ps.contains(Some(81)) && !ps.contains(Some(22)) && ps.contains(Some(443)) && ps.contains(None));
+        assert!(
+            ps.contains(Some(80))
+                && !ps.contains(Some(81))
+                && !ps.contains(Some(22))
+                && ps.contains(Some(443))
+                && ps.contains(None)
+        );
     }
 }

@@ -200,7 +200,9 @@ pub(crate) fn source_matches(s: &Source, peer: &PeerView, l7: Option<&L7>) -> bo
         return false;
     }
     let sa_eq = |(n, a): &(String, String)| peer.sa.is_some_and(|(pn, pa)| pn == n && pa == a);
-    if !(s.service_accounts.is_empty() || s.service_accounts.iter().any(sa_eq)) || s.not_service_accounts.iter().any(sa_eq) {
+    if !(s.service_accounts.is_empty() || s.service_accounts.iter().any(sa_eq))
+        || s.not_service_accounts.iter().any(sa_eq)
+    {
         return false;
     }
     if !pos_neg(&s.ip_blocks, &s.not_ip_blocks, |n| peer.addr.within(n)) {
@@ -241,7 +243,8 @@ fn op_matches(o: &Operation, proto: u8, port: u16, l7: Option<&L7>) -> bool {
         let path = Some(h.path.as_str()).filter(|s| !s.is_empty());
         let path_ok = (o.paths.is_empty() || path.is_some_and(|v| o.paths.iter().any(|m| m.matches(v))))
             && !path.is_some_and(|v| o.not_paths.iter().any(|m| m.matches(v)));
-        let method_ok = (o.methods.is_empty() || any_str(&o.methods, method)) && !(method.is_some() && any_str(&o.not_methods, method));
+        let method_ok = (o.methods.is_empty() || any_str(&o.methods, method))
+            && !(method.is_some() && any_str(&o.not_methods, method));
         return host_ok && method_ok && path_ok;
     }
     true
@@ -287,10 +290,12 @@ pub(crate) fn condition_matches(c: &Condition, env: &Env) -> bool {
     let strs_match = |vals: &[String]| -> bool {
         match (&c.values, &c.not_values) {
             (Values::Strs(p), Values::Strs(n)) => {
-                (p.is_empty() || vals.iter().any(|v| p.iter().any(|m| m.matches(v)))) && !vals.iter().any(|v| n.iter().any(|m| m.matches(v)))
+                (p.is_empty() || vals.iter().any(|v| p.iter().any(|m| m.matches(v))))
+                    && !vals.iter().any(|v| n.iter().any(|m| m.matches(v)))
             }
             (Values::Headers(p), Values::Headers(n)) => {
-                (p.is_empty() || vals.iter().any(|v| p.iter().any(|m| m.matches(v)))) && !vals.iter().any(|v| n.iter().any(|m| m.matches(v)))
+                (p.is_empty() || vals.iter().any(|v| p.iter().any(|m| m.matches(v))))
+                    && !vals.iter().any(|v| n.iter().any(|m| m.matches(v)))
             }
             _ => false,
         }
@@ -352,13 +357,9 @@ impl PolicySet {
         let principal = req.source.principal.as_deref().map(|p| p.strip_prefix("spiffe://").unwrap_or(p));
         let sa = principal.and_then(principal_parts);
         let namespace = req.source.namespace.as_deref().or(sa.map(|(n, _)| n));
-        let peer = PeerView {
-            principal,
-            namespace,
-            sa,
-            addr: req.source.ip.map(Addr::Ip).unwrap_or(Addr::Unknown),
-        };
-        let l7 = req.http.as_ref().map(|h| L7 { http: h, sni: req.sni.as_deref(), remote: h.remote_ip.or(req.source.ip) });
+        let peer = PeerView { principal, namespace, sa, addr: req.source.ip.map(Addr::Ip).unwrap_or(Addr::Unknown) };
+        let l7 =
+            req.http.as_ref().map(|h| L7 { http: h, sni: req.sni.as_deref(), remote: h.remote_ip.or(req.source.ip) });
         let proto = if req.protocol == 0 { PROTO_TCP } else { req.protocol };
         let env = Env {
             peer,
@@ -396,7 +397,10 @@ impl PolicySet {
                     name.clone(),
                     Some("PEER_AUTHENTICATION"),
                     None,
-                    format!("plaintext peer refused: mTLS mode STRICT (PeerAuthentication {})", name.unwrap_or_default()),
+                    format!(
+                        "plaintext peer refused: mTLS mode STRICT (PeerAuthentication {})",
+                        name.unwrap_or_default()
+                    ),
                 );
             }
         }
@@ -443,10 +447,22 @@ impl PolicySet {
             }
         }
         if !self.allow_applies(target, &scopes) {
-            return mk(Verdict::Allow, None, None, None, "no ALLOW policy applies to the workload: allowed by default".into());
+            return mk(
+                Verdict::Allow,
+                None,
+                None,
+                None,
+                "no ALLOW policy applies to the workload: allowed by default".into(),
+            );
         }
         let note = if layer == Layer::L4 { " (ALLOW rules with L7 attributes never match at L4)" } else { "" };
-        mk(Verdict::Deny, None, None, None, format!("ALLOW policies apply to the workload and none matched{note}: denied by default"))
+        mk(
+            Verdict::Deny,
+            None,
+            None,
+            None,
+            format!("ALLOW policies apply to the workload and none matched{note}: denied by default"),
+        )
     }
 
     /// When RequestAuthentications select the workload, the token's issuer must be one of their
@@ -457,17 +473,33 @@ impl PolicySet {
         let ras: Vec<&RequestAuth> = self
             .request_auth
             .iter()
-            .filter(|r| (r.namespace == target.namespace || r.namespace == root) && crate::set::selection_applies(&r.selection, target))
+            .filter(|r| {
+                (r.namespace == target.namespace || r.namespace == root)
+                    && crate::set::selection_applies(&r.selection, target)
+            })
             .collect();
         let first = ras.first()?;
         let iss = jwt.iss.as_deref().unwrap_or("");
-        let Some((ra, rule)) = ras.iter().find_map(|ra| ra.jwt_rules.iter().find(|r| r.issuer == iss).map(|r| (*ra, r))) else {
+        let Some((ra, rule)) =
+            ras.iter().find_map(|ra| ra.jwt_rules.iter().find(|r| r.issuer == iss).map(|r| (*ra, r)))
+        else {
             let key = format!("{}/{}", first.namespace, first.name);
-            return Some((key.clone(), format!("JWT issuer {iss:?} is not accepted by RequestAuthentication {key}: the request is rejected (401)")));
+            return Some((
+                key.clone(),
+                format!(
+                    "JWT issuer {iss:?} is not accepted by RequestAuthentication {key}: the request is rejected (401)"
+                ),
+            ));
         };
         if !rule.audiences.is_empty() && !jwt.aud.iter().any(|a| rule.audiences.contains(a)) {
             let key = format!("{}/{}", ra.namespace, ra.name);
-            return Some((key.clone(), format!("JWT audiences {:?} are not among {:?} required by RequestAuthentication {key}: the request is rejected (401)", jwt.aud, rule.audiences)));
+            return Some((
+                key.clone(),
+                format!(
+                    "JWT audiences {:?} are not among {:?} required by RequestAuthentication {key}: the request is rejected (401)",
+                    jwt.aud, rule.audiences
+                ),
+            ));
         }
         None
     }

@@ -102,7 +102,13 @@ pub fn load_paths_with(paths: &[impl AsRef<Path>], options: &Options) -> Result<
         let text = match std::fs::read_to_string(f) {
             Ok(t) => t,
             Err(e) => {
-                errors.push(LoadError { origin, document: None, resource: None, field: String::new(), reason: format!("cannot read: {e}") });
+                errors.push(LoadError {
+                    origin,
+                    document: None,
+                    resource: None,
+                    field: String::new(),
+                    reason: format!("cannot read: {e}"),
+                });
                 continue;
             }
         };

@@ -252,7 +252,11 @@ impl TimeWindow {
     }
 
     pub fn contains(&self, minute: u32) -> bool {
-        if self.start < self.end { minute >= self.start && minute < self.end } else { minute >= self.start || minute < self.end }
+        if self.start < self.end {
+            minute >= self.start && minute < self.end
+        } else {
+            minute >= self.start || minute < self.end
+        }
     }
 }
 
@@ -306,7 +310,13 @@ mod tests {
         let w = TimeWindow::parse("08:00-18:00").unwrap();
         assert!(w.contains(8 * 60) && w.contains(18 * 60 - 1) && !w.contains(18 * 60) && !w.contains(7 * 60 + 59));
         let n = TimeWindow::parse("22:00-06:00").unwrap();
-        assert!(n.contains(23 * 60) && n.contains(0) && n.contains(5 * 60 + 59) && !n.contains(6 * 60) && !n.contains(12 * 60));
+        assert!(
+            n.contains(23 * 60)
+                && n.contains(0)
+                && n.contains(5 * 60 + 59)
+                && !n.contains(6 * 60)
+                && !n.contains(12 * 60)
+        );
         assert!(TimeWindow::parse("25:00-26:00").is_err());
         assert!(TimeWindow::parse("8-18").is_err());
         assert!(TimeWindow::parse("08:00-08:00").is_err());

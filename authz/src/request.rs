@@ -113,7 +113,9 @@ pub fn parse_request(yaml: &str) -> Result<Request, String> {
         if p == "." { e.inner().to_string() } else { format!("{p}: {}", e.inner()) }
     })?;
     let ip = |field: &str, s: &Option<String>| -> Result<Option<Ipv4Addr>, String> {
-        s.as_deref().map(|s| s.trim().parse::<Ipv4Addr>().map_err(|_| format!("{field}: {s:?} is not an IPv4 address"))).transpose()
+        s.as_deref()
+            .map(|s| s.trim().parse::<Ipv4Addr>().map_err(|_| format!("{field}: {s:?} is not an IPv4 address")))
+            .transpose()
     };
     let principal = raw.source.principal.as_deref().map(|p| p.strip_prefix("spiffe://").unwrap_or(p).to_string());
     if principal.as_deref() == Some("") {

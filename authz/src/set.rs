@@ -157,7 +157,10 @@ impl PolicySet {
         }
         let mut errors = Vec::new();
         let mut dup = |kind: &str, key: String, first: &str, second: &str| {
-            let (origin, doc) = second.rsplit_once(": document ").map(|(o, d)| (o.to_string(), d.parse().ok())).unwrap_or((second.to_string(), None));
+            let (origin, doc) = second
+                .rsplit_once(": document ")
+                .map(|(o, d)| (o.to_string(), d.parse().ok()))
+                .unwrap_or((second.to_string(), None));
             errors.push(LoadError {
                 origin,
                 document: doc,
@@ -182,7 +185,14 @@ impl PolicySet {
         if !errors.is_empty() {
             return Err(LoadErrors(errors));
         }
-        let mut set = PolicySet { options: options.clone(), authz, peer, request_auth, warnings: Vec::new(), index: FastMap::default() };
+        let mut set = PolicySet {
+            options: options.clone(),
+            authz,
+            peer,
+            request_auth,
+            warnings: Vec::new(),
+            index: FastMap::default(),
+        };
         set.build_index();
         set.check_peer_conflicts();
         Ok(set)
@@ -333,7 +343,15 @@ impl PolicySet {
 
     /// Candidate enforced rules for a peer, sorted by (rank, policy, rule), deduplicated. Rules
     /// of policies that do not apply to `t` are left out.
-    pub(crate) fn candidates(&self, t: &Target, scopes: &Scopes, principal: Option<&str>, peer_ns: Option<&str>, peer_sa: Option<(&str, &str)>, out: &mut Vec<RuleRef>) {
+    pub(crate) fn candidates(
+        &self,
+        t: &Target,
+        scopes: &Scopes,
+        principal: Option<&str>,
+        peer_ns: Option<&str>,
+        peer_sa: Option<(&str, &str)>,
+        out: &mut Vec<RuleRef>,
+    ) {
         out.clear();
         for ix in scopes.iter() {
             out.extend(ix.unindexed.iter().copied());
@@ -370,7 +388,8 @@ impl PolicySet {
     pub fn mtls_mode(&self, t: &Target, port: Option<u16>) -> (MtlsMode, Option<&PeerAuth>) {
         let root = &self.options.root_namespace;
         let workload = self.peer.iter().find(|p| {
-            p.namespace == t.namespace && p.selector.as_ref().is_some_and(|s| s.iter().all(|(k, v)| t.labels.get(k) == Some(v)))
+            p.namespace == t.namespace
+                && p.selector.as_ref().is_some_and(|s| s.iter().all(|(k, v)| t.labels.get(k) == Some(v)))
         });
         let namespace = self.peer.iter().find(|p| p.namespace == t.namespace && p.selector.is_none());
         let mesh = self.peer.iter().find(|p| &p.namespace == root && p.selector.is_none());
@@ -397,7 +416,8 @@ impl PolicySet {
     pub(crate) fn mtls_ports(&self, t: &Target) -> MtlsPorts<'_> {
         let (base, by) = self.mtls_mode(t, None);
         let workload = self.peer.iter().find(|p| {
-            p.namespace == t.namespace && p.selector.as_ref().is_some_and(|s| s.iter().all(|(k, v)| t.labels.get(k) == Some(v)))
+            p.namespace == t.namespace
+                && p.selector.as_ref().is_some_and(|s| s.iter().all(|(k, v)| t.labels.get(k) == Some(v)))
         });
         let mut ports = Vec::new();
         if let Some(w) = workload {

@@ -161,7 +161,10 @@ fn selection(
     if let Some(sel) = selector {
         for (k, v) in &sel.match_labels {
             if k.contains('*') || v.contains('*') {
-                ctx.err(format!("spec.selector.matchLabels[{k}]"), format!("wildcard is not supported in selector: \"{k}={v}\""));
+                ctx.err(
+                    format!("spec.selector.matchLabels[{k}]"),
+                    format!("wildcard is not supported in selector: \"{k}={v}\""),
+                );
             }
             if k.is_empty() {
                 ctx.err("spec.selector.matchLabels", "empty key is not allowed");
@@ -191,7 +194,10 @@ fn selection(
         }
         let ok = matches!(
             (group.as_str(), kind.as_str()),
-            ("", "Service") | ("core", "Service") | ("gateway.networking.k8s.io", "Gateway") | ("networking.istio.io", "ServiceEntry")
+            ("", "Service")
+                | ("core", "Service")
+                | ("gateway.networking.k8s.io", "Gateway")
+                | ("networking.istio.io", "ServiceEntry")
         );
         if !ok {
             ctx.err(
@@ -227,7 +233,10 @@ fn authorization_policy(
         Some(v) => {
             let f = format!("metadata.annotations[{DRY_RUN_ANNOTATION}]");
             if !matches!(action, Action::Allow | Action::Deny) {
-                ctx.err(&f, format!("the annotation {DRY_RUN_ANNOTATION} only supports action ALLOW/DENY, found {action}"));
+                ctx.err(
+                    &f,
+                    format!("the annotation {DRY_RUN_ANNOTATION} only supports action ALLOW/DENY, found {action}"),
+                );
             }
             match v.as_str() {
                 "true" | "True" | "TRUE" | "1" | "t" | "T" => true,
@@ -330,7 +339,9 @@ fn service_accounts(ctx: &mut Ctx, field: &str, values: &[String], policy_ns: &s
         match parts.as_slice() {
             [sa] if !sa.is_empty() => out.push((policy_ns.to_string(), sa.to_string())),
             [ns, sa] if !ns.is_empty() && !sa.is_empty() => out.push((ns.to_string(), sa.to_string())),
-            _ => ctx.err(format!("{field}[{i}]"), format!("{v:?} is not a service account (`name` or `namespace/name`)")),
+            _ => {
+                ctx.err(format!("{field}[{i}]"), format!("{v:?} is not a service account (`name` or `namespace/name`)"))
+            }
         }
         if v.contains('*') {
             ctx.err(format!("{field}[{i}]"), format!("{v:?}: wildcards are not supported in service accounts"));
@@ -341,7 +352,10 @@ fn service_accounts(ctx: &mut Ctx, field: &str, values: &[String], policy_ns: &s
 
 fn source(ctx: &mut Ctx, f: &str, s: raw::Source, policy_ns: &str) -> Source {
     let sa_set = !(s.service_accounts.is_empty() && s.not_service_accounts.is_empty());
-    let pn_set = !(s.principals.is_empty() && s.not_principals.is_empty() && s.namespaces.is_empty() && s.not_namespaces.is_empty());
+    let pn_set = !(s.principals.is_empty()
+        && s.not_principals.is_empty()
+        && s.namespaces.is_empty()
+        && s.not_namespaces.is_empty());
     if sa_set && pn_set {
         ctx.err(f, "cannot set serviceAccounts with namespaces or principals");
     }
@@ -361,7 +375,12 @@ fn source(ctx: &mut Ctx, f: &str, s: raw::Source, policy_ns: &str) -> Source {
         namespaces: strs(ctx, &format!("{f}.namespaces"), &s.namespaces),
         not_namespaces: strs(ctx, &format!("{f}.notNamespaces"), &s.not_namespaces),
         service_accounts: service_accounts(ctx, &format!("{f}.serviceAccounts"), &s.service_accounts, policy_ns),
-        not_service_accounts: service_accounts(ctx, &format!("{f}.notServiceAccounts"), &s.not_service_accounts, policy_ns),
+        not_service_accounts: service_accounts(
+            ctx,
+            &format!("{f}.notServiceAccounts"),
+            &s.not_service_accounts,
+            policy_ns,
+        ),
         ip_blocks: cidrs(ctx, &format!("{f}.ipBlocks"), &s.ip_blocks),
         not_ip_blocks: cidrs(ctx, &format!("{f}.notIpBlocks"), &s.not_ip_blocks),
         remote_ip_blocks: cidrs(ctx, &format!("{f}.remoteIpBlocks"), &s.remote_ip_blocks),
@@ -386,7 +405,10 @@ fn paths(ctx: &mut Ctx, field: &str, values: &[String]) -> Vec<PathMatch> {
                 if let PathMatch::Str(StrMatch::Exact(e) | StrMatch::Prefix(e) | StrMatch::Suffix(e)) = &p
                     && e.contains('*')
                 {
-                    ctx.warn(&format!("{field}[{i}]"), format!("{v:?}: a `*` inside a path is a literal character, not a wildcard"));
+                    ctx.warn(
+                        &format!("{field}[{i}]"),
+                        format!("{v:?}: a `*` inside a path is a literal character, not a wildcard"),
+                    );
                 }
                 out.push(p)
             }
@@ -450,7 +472,10 @@ pub(crate) fn parse_key(key: &str) -> Result<Key, String> {
         "source.ip" => return Ok(Key::SourceIp),
         "source.namespace" => return Ok(Key::SourceNamespace),
         "source.principal" => return Ok(Key::SourcePrincipal),
-        "source.serviceAccount" => return Err("source.serviceAccount: use `from.source.serviceAccounts` (warden supports the source field, not the key)".into()),
+        "source.serviceAccount" => return Err(
+            "source.serviceAccount: use `from.source.serviceAccounts` (warden supports the source field, not the key)"
+                .into(),
+        ),
         "remote.ip" => return Ok(Key::RemoteIp),
         "destination.ip" => return Ok(Key::DestinationIp),
         "destination.port" => return Ok(Key::DestinationPort),
@@ -552,10 +577,16 @@ fn condition(ctx: &mut Ctx, f: &str, c: raw::Condition) -> Option<Condition> {
         ctx.err(f, format!("at least one of `values` or `notValues` must be set for key {key_s}"));
     }
     if matches!(key, Key::TimeOfDay | Key::DayOfWeek) {
-        ctx.warn(&format!("{f}.key"), format!("{key_s} is a warden extension, not portable to Istio (Istio rejects the key)"));
+        ctx.warn(
+            &format!("{f}.key"),
+            format!("{key_s} is a warden extension, not portable to Istio (Istio rejects the key)"),
+        );
     }
     if let Key::Experimental(_) = key {
-        ctx.warn(&format!("{f}.key"), format!("{key_s} is not evaluated by warden: `values` never match, `notValues` never exclude"));
+        ctx.warn(
+            &format!("{f}.key"),
+            format!("{key_s} is not evaluated by warden: `values` never match, `notValues` never exclude"),
+        );
     }
     let values = cond_values(ctx, &format!("{f}.values"), &key, &c.values, false);
     let not_values = cond_values(ctx, &format!("{f}.notValues"), &key, &c.not_values, true);
@@ -591,20 +622,37 @@ fn rule(ctx: &mut Ctx, f: &str, r: raw::Rule, action: Action, policy_ns: &str) -
     }
     if action == Action::Custom {
         for (i, s) in from.iter().enumerate() {
-            if !(s.namespaces.is_empty() && s.not_namespaces.is_empty() && s.principals.is_empty() && s.not_principals.is_empty()
-                && s.request_principals.is_empty() && s.not_request_principals.is_empty()
-                && s.service_accounts.is_empty() && s.not_service_accounts.is_empty())
+            if !(s.namespaces.is_empty()
+                && s.not_namespaces.is_empty()
+                && s.principals.is_empty()
+                && s.not_principals.is_empty()
+                && s.request_principals.is_empty()
+                && s.not_request_principals.is_empty()
+                && s.service_accounts.is_empty()
+                && s.not_service_accounts.is_empty())
             {
                 ctx.err(format!("{f}.from[{i}].source"), "principals, requestPrincipals, namespaces and serviceAccounts (and their not forms) are currently not supported with CUSTOM action");
             }
         }
         for (i, c) in when.iter().enumerate() {
-            if matches!(c.key, Key::SourceNamespace | Key::SourcePrincipal | Key::AuthPrincipal | Key::AuthAudiences | Key::AuthPresenter | Key::AuthClaim(_)) {
-                ctx.err(format!("{f}.when[{i}].key"), format!("{} is currently not supported with CUSTOM action", c.key));
+            if matches!(
+                c.key,
+                Key::SourceNamespace
+                    | Key::SourcePrincipal
+                    | Key::AuthPrincipal
+                    | Key::AuthAudiences
+                    | Key::AuthPresenter
+                    | Key::AuthClaim(_)
+            ) {
+                ctx.err(
+                    format!("{f}.when[{i}].key"),
+                    format!("{} is currently not supported with CUSTOM action", c.key),
+                );
             }
         }
     }
-    let has_l7 = from.iter().any(Source::has_l7) || to.iter().any(Operation::has_l7) || when.iter().any(|c| c.key.is_l7());
+    let has_l7 =
+        from.iter().any(Source::has_l7) || to.iter().any(Operation::has_l7) || when.iter().any(|c| c.key.is_l7());
     // Stripped of its L7 parts, a clause that becomes empty matches everything.
     let from_l7_only = from.iter().any(|s| !s.has_l4());
     let to_l7_only = to.iter().any(|o| !o.has_l4());
@@ -638,21 +686,28 @@ fn mode(ctx: &mut Ctx, f: &str, m: Option<&str>) -> MtlsMode {
     }
 }
 
-fn peer_authentication(ctx: &mut Ctx, namespace: String, name: String, spec: raw::PeerAuthenticationSpec, origin: String) -> Option<PeerAuth> {
+fn peer_authentication(
+    ctx: &mut Ctx,
+    namespace: String,
+    name: String,
+    spec: raw::PeerAuthenticationSpec,
+    origin: String,
+) -> Option<PeerAuth> {
     let selector = match spec.selector {
-        Some(s) if !s.match_labels.is_empty() => {
-            match selection(ctx, Some(s), None, None) {
-                Selection::Labels(l) => Some(l),
-                _ => None,
-            }
-        }
+        Some(s) if !s.match_labels.is_empty() => match selection(ctx, Some(s), None, None) {
+            Selection::Labels(l) => Some(l),
+            _ => None,
+        },
         _ => None,
     };
     let m = mode(ctx, "spec.mtls.mode", spec.mtls.as_ref().and_then(|m| m.mode.as_deref()));
     let mut port_level = BTreeMap::new();
     if let Some(map) = spec.port_level_mtls {
         if selector.is_none() {
-            ctx.err("spec.portLevelMtls", "mesh/namespace peer authentication cannot have port level mTLS (portLevelMtls requires a selector)");
+            ctx.err(
+                "spec.portLevelMtls",
+                "mesh/namespace peer authentication cannot have port level mTLS (portLevelMtls requires a selector)",
+            );
         }
         if map.is_empty() {
             ctx.err("spec.portLevelMtls", "port level mTLS, if defined, must have at least one element");
@@ -687,7 +742,13 @@ fn peer_authentication(ctx: &mut Ctx, namespace: String, name: String, spec: raw
     Some(PeerAuth { namespace, name, selector, mode: m, port_level, origin })
 }
 
-fn request_authentication(ctx: &mut Ctx, namespace: String, name: String, spec: raw::RequestAuthenticationSpec, origin: String) -> Option<RequestAuth> {
+fn request_authentication(
+    ctx: &mut Ctx,
+    namespace: String,
+    name: String,
+    spec: raw::RequestAuthenticationSpec,
+    origin: String,
+) -> Option<RequestAuth> {
     let selection = selection(ctx, spec.selector, spec.target_ref, spec.target_refs);
     let mut rules = Vec::new();
     for (i, r) in spec.jwt_rules.into_iter().enumerate() {
@@ -703,7 +764,8 @@ fn request_authentication(ctx: &mut Ctx, namespace: String, name: String, spec: 
         }
         if let Some(u) = &r.jwks_uri {
             let scheme_ok = u.starts_with("https://") || u.starts_with("http://");
-            let host = u.split_once("://").map(|(_, rest)| rest.split(['/', '?', '#']).next().unwrap_or("")).unwrap_or("");
+            let host =
+                u.split_once("://").map(|(_, rest)| rest.split(['/', '?', '#']).next().unwrap_or("")).unwrap_or("");
             if !scheme_ok {
                 ctx.err(format!("{f}.jwksUri"), format!("{u:?}: URI scheme is not supported (http or https)"));
             } else if host.is_empty() {
@@ -713,7 +775,10 @@ fn request_authentication(ctx: &mut Ctx, namespace: String, name: String, spec: 
         if let Some(j) = &r.jwks {
             match serde_json::from_str::<serde_json::Value>(j) {
                 Ok(v) if v.get("keys").map(|k| k.is_array()).unwrap_or(false) => {}
-                Ok(_) => ctx.err(format!("{f}.jwks"), "jwks parse error: expected a JSON Web Key Set (an object with a `keys` array)"),
+                Ok(_) => ctx.err(
+                    format!("{f}.jwks"),
+                    "jwks parse error: expected a JSON Web Key Set (an object with a `keys` array)",
+                ),
                 Err(e) => ctx.err(format!("{f}.jwks"), format!("jwks parse error: {e}")),
             }
         }
@@ -736,7 +801,10 @@ fn request_authentication(ctx: &mut Ctx, namespace: String, name: String, spec: 
         }
         for (j, c) in r.output_claim_to_headers.iter().enumerate() {
             if c.claim.as_deref().unwrap_or("").is_empty() || c.header.as_deref().unwrap_or("").is_empty() {
-                ctx.err(format!("{f}.outputClaimToHeaders[{j}]"), "outputClaimToHeaders header and claim value must be non-empty string");
+                ctx.err(
+                    format!("{f}.outputClaimToHeaders[{j}]"),
+                    "outputClaimToHeaders header and claim value must be non-empty string",
+                );
             }
         }
         if let Some(h) = &r.output_payload_to_header

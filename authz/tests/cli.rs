@@ -71,7 +71,8 @@ fn validate_exit_codes_and_messages() {
     let (code, out, err) = validate(&[&good]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(out, "valid: 1 AuthorizationPolicy, 0 PeerAuthentication, 0 RequestAuthentication (0 warning(s))\n");
-    let bad = t.write("bad.yaml", &POLICY.replace("\"8443\"", "\"84430\"").replace("cluster.local/ns/shop/sa/orders", "\"\""));
+    let bad = t
+        .write("bad.yaml", &POLICY.replace("\"8443\"", "\"84430\"").replace("cluster.local/ns/shop/sa/orders", "\"\""));
     let (code, out, err) = validate(&[&good, &bad]);
     assert_eq!(code, 2);
     assert!(out.is_empty());
@@ -83,7 +84,11 @@ fn validate_exit_codes_and_messages() {
              2 error(s); nothing loaded\n"
         )
     );
-    let ext = t.write("ext.yaml", &POLICY.replace("to: [{operation: {ports: [\"8443\"]}}]", "when: [{key: custom.day_of_week, values: [friday]}]"));
+    let ext = t.write(
+        "ext.yaml",
+        &POLICY
+            .replace("to: [{operation: {ports: [\"8443\"]}}]", "when: [{key: custom.day_of_week, values: [friday]}]"),
+    );
     let (code, _, err) = validate(&["--root-namespace", "mesh", &ext]);
     assert_eq!(code, 0);
     assert!(err.contains("custom.day_of_week is a warden extension, not portable to Istio"), "{err}");
@@ -116,7 +121,10 @@ fn check_outputs_and_exit_codes() {
     );
     let (code, out, _) = check(&["--policies", &pol, "--request", &denied]);
     assert_eq!(code, 1);
-    assert!(out.starts_with("DENY (L7) by default\nreason: ALLOW policies apply to the workload and none matched"), "{out}");
+    assert!(
+        out.starts_with("DENY (L7) by default\nreason: ALLOW policies apply to the workload and none matched"),
+        "{out}"
+    );
     let (code, out, _) = check(&["--policies", &pol, "--request", &denied, "--output", "json"]);
     assert_eq!(code, 1);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -132,10 +140,26 @@ fn check_invalid_input_exits_2() {
     let pol = t.write("policy.yaml", POLICY);
     let cases = [
         ("no-port.yaml", "destination: {namespace: shop}\n", "destination: missing field `port`"),
-        ("bad-ip.yaml", "source: {ip: 10.0.0.300}\ndestination: {namespace: shop, port: 80}\n", "source.ip: \"10.0.0.300\" is not an IPv4 address"),
-        ("plaintext-ns.yaml", "source: {namespace: shop}\ndestination: {namespace: shop, port: 80}\n", "source.namespace: a plaintext peer"),
-        ("ns-mismatch.yaml", "source: {principal: cluster.local/ns/a/sa/b, namespace: c}\ndestination: {namespace: shop, port: 80}\n", "contradicts the principal's namespace"),
-        ("bad-time.yaml", "destination: {namespace: shop, port: 80}\ntime: yesterday\n", "time: \"yesterday\" is not an RFC 3339 time"),
+        (
+            "bad-ip.yaml",
+            "source: {ip: 10.0.0.300}\ndestination: {namespace: shop, port: 80}\n",
+            "source.ip: \"10.0.0.300\" is not an IPv4 address",
+        ),
+        (
+            "plaintext-ns.yaml",
+            "source: {namespace: shop}\ndestination: {namespace: shop, port: 80}\n",
+            "source.namespace: a plaintext peer",
+        ),
+        (
+            "ns-mismatch.yaml",
+            "source: {principal: cluster.local/ns/a/sa/b, namespace: c}\ndestination: {namespace: shop, port: 80}\n",
+            "contradicts the principal's namespace",
+        ),
+        (
+            "bad-time.yaml",
+            "destination: {namespace: shop, port: 80}\ntime: yesterday\n",
+            "time: \"yesterday\" is not an RFC 3339 time",
+        ),
         ("port-0.yaml", "destination: {namespace: shop, port: 0}\n", "destination.port: 0 is not in range 1..65535"),
         ("typo.yaml", "destination: {namespace: shop, port: 80}\nhttp: {verb: GET}\n", "unknown field `verb`"),
     ];

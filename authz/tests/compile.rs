@@ -49,7 +49,17 @@ fn compiled_maps_follow_the_policies() {
     let s = set(PAYMENTS);
     let w = workloads();
     let mut ids = Ids::default();
-    let c = compile(&CompileInput { policies: &s, workloads: &w, local: &[(0, 11), (1, 12)], trust_domain: "cluster.local", now: t0() }, &mut ids).unwrap();
+    let c = compile(
+        &CompileInput {
+            policies: &s,
+            workloads: &w,
+            local: &[(0, 11), (1, 12)],
+            trust_domain: "cluster.local",
+            now: t0(),
+        },
+        &mut ids,
+    )
+    .unwrap();
     let m = Maps::new(&c);
     let allow = ids.policies[&("shop".into(), "allow-orders".into())];
     let deny = ids.policies[&("shop".into(), "deny-ssh".into())];
@@ -105,17 +115,25 @@ spec:
     let s = set(yaml);
     let w = workloads();
     let mut ids = Ids::default();
-    let c = compile(&CompileInput { policies: &s, workloads: &w, local: &[(0, 1)], trust_domain: "cluster.local", now: t0() }, &mut ids).unwrap();
+    let c = compile(
+        &CompileInput { policies: &s, workloads: &w, local: &[(0, 1)], trust_domain: "cluster.local", now: t0() },
+        &mut ids,
+    )
+    .unwrap();
     assert_eq!(
         c.warnings,
         vec![
-            "shop/bots rule 0: DENY rule with only L7 attributes denies every connection in the kernel (L4)".to_string(),
+            "shop/bots rule 0: DENY rule with only L7 attributes denies every connection in the kernel (L4)"
+                .to_string(),
             "shop/http-only rule 0: ALLOW rule with L7 attributes never matches in the kernel (L4)".to_string(),
         ]
     );
     let m = Maps::new(&c);
     let bots = ids.policies[&("shop".into(), "bots".into())];
-    assert_eq!(m.decide(1, "10.1.0.20".parse().unwrap(), PROTO_TCP, 8443), PolicyValue::deny(bots, DropReason::PolicyDeny));
+    assert_eq!(
+        m.decide(1, "10.1.0.20".parse().unwrap(), PROTO_TCP, 8443),
+        PolicyValue::deny(bots, DropReason::PolicyDeny)
+    );
 }
 
 #[test]
@@ -133,7 +151,11 @@ spec: {action: AUDIT, rules: [{}]}
 "#;
     let s = set(yaml);
     let w = workloads();
-    let c = compile(&CompileInput { policies: &s, workloads: &w, local: &[(0, 1)], trust_domain: "cluster.local", now: t0() }, &mut Ids::default()).unwrap();
+    let c = compile(
+        &CompileInput { policies: &s, workloads: &w, local: &[(0, 1)], trust_domain: "cluster.local", now: t0() },
+        &mut Ids::default(),
+    )
+    .unwrap();
     let m = Maps::new(&c);
     assert_eq!(m.decide(1, "10.1.0.20".parse().unwrap(), PROTO_TCP, 80), PolicyValue::allow(0));
     assert_eq!(c.policy.len(), 2, "only the two defaults: {:?}", c.policy);
@@ -153,14 +175,25 @@ spec:
     let w = workloads();
     // 2026-11-24T10:00:00Z is inside the window; the next change is at 18:00.
     let ten = UNIX_EPOCH + Duration::from_secs(1_795_514_400);
-    let c = compile(&CompileInput { policies: &s, workloads: &w, local: &[(0, 1)], trust_domain: "cluster.local", now: ten }, &mut Ids::default()).unwrap();
+    let c = compile(
+        &CompileInput { policies: &s, workloads: &w, local: &[(0, 1)], trust_domain: "cluster.local", now: ten },
+        &mut Ids::default(),
+    )
+    .unwrap();
     let m = Maps::new(&c);
     assert!(m.decide(1, "192.0.2.1".parse().unwrap(), PROTO_TCP, 80).is_allow());
     assert_eq!(c.valid_until, Some(ten + Duration::from_secs(8 * 3600)));
     let night = ten + Duration::from_secs(10 * 3600);
-    let c = compile(&CompileInput { policies: &s, workloads: &w, local: &[(0, 1)], trust_domain: "cluster.local", now: night }, &mut Ids::default()).unwrap();
+    let c = compile(
+        &CompileInput { policies: &s, workloads: &w, local: &[(0, 1)], trust_domain: "cluster.local", now: night },
+        &mut Ids::default(),
+    )
+    .unwrap();
     let m = Maps::new(&c);
-    assert_eq!(m.decide(1, "192.0.2.1".parse().unwrap(), PROTO_TCP, 80), PolicyValue::deny(0, DropReason::PolicyDefaultDeny));
+    assert_eq!(
+        m.decide(1, "192.0.2.1".parse().unwrap(), PROTO_TCP, 80),
+        PolicyValue::deny(0, DropReason::PolicyDefaultDeny)
+    );
     // 20:00 -> next boundary 08:00 the next day.
     assert_eq!(c.valid_until, Some(night + Duration::from_secs(12 * 3600)));
 }
@@ -184,7 +217,17 @@ spec:
     let s = set(yaml);
     let w = workloads();
     let mut ids = Ids::default();
-    let c = compile(&CompileInput { policies: &s, workloads: &w, local: &[(0, 1), (1, 2)], trust_domain: "cluster.local", now: t0() }, &mut ids).unwrap();
+    let c = compile(
+        &CompileInput {
+            policies: &s,
+            workloads: &w,
+            local: &[(0, 1), (1, 2)],
+            trust_domain: "cluster.local",
+            now: t0(),
+        },
+        &mut ids,
+    )
+    .unwrap();
     let m = Maps::new(&c);
     let world = "192.0.2.1".parse().unwrap();
     let v = m.decide(1, world, PROTO_TCP, 8443);
@@ -200,15 +243,43 @@ spec:
 fn compile_errors_are_reported() {
     let s = set(PAYMENTS);
     let w = workloads();
-    let e = compile(&CompileInput { policies: &s, workloads: &w, local: &[(9, 1)], trust_domain: "cluster.local", now: t0() }, &mut Ids::default()).unwrap_err();
+    let e = compile(
+        &CompileInput { policies: &s, workloads: &w, local: &[(9, 1)], trust_domain: "cluster.local", now: t0() },
+        &mut Ids::default(),
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("workload index 9"), "{e}");
-    let e = compile(&CompileInput { policies: &s, workloads: &w, local: &[(0, 1), (1, 1)], trust_domain: "cluster.local", now: t0() }, &mut Ids::default()).unwrap_err();
+    let e = compile(
+        &CompileInput {
+            policies: &s,
+            workloads: &w,
+            local: &[(0, 1), (1, 1)],
+            trust_domain: "cluster.local",
+            now: t0(),
+        },
+        &mut Ids::default(),
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("endpoint id 1 is used by two"), "{e}");
     struct Zero;
     impl warden_authz::IdAllocator for Zero {
-        fn policy_id(&mut self, _: &str, _: &str) -> u32 { 0 }
-        fn identity_id(&mut self, _: &str) -> u32 { 5 }
+        fn policy_id(&mut self, _: &str, _: &str) -> u32 {
+            0
+        }
+        fn identity_id(&mut self, _: &str) -> u32 {
+            5
+        }
     }
-    let e = compile(&CompileInput { policies: &s, workloads: &w, local: &[(0, 1)], trust_domain: "cluster.local", now: t0() }, &mut Zero).unwrap_err();
-    assert!(matches!(e, warden_authz::CompileError::IdentityCollision { .. } | warden_authz::CompileError::ReservedId { .. }), "{e}");
+    let e = compile(
+        &CompileInput { policies: &s, workloads: &w, local: &[(0, 1)], trust_domain: "cluster.local", now: t0() },
+        &mut Zero,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            warden_authz::CompileError::IdentityCollision { .. } | warden_authz::CompileError::ReservedId { .. }
+        ),
+        "{e}"
+    );
 }

@@ -16,9 +16,11 @@ use warden_common::{DropReason, PROTO_TCP, PROTO_UDP};
 const NAMESPACES: [&str; 3] = ["a", "b", "istio-system"];
 const SAS: [&str; 3] = ["s1", "s2", "s3"];
 const APPS: [&str; 2] = ["x", "y"];
-const CIDRS: [&str; 7] = ["10.0.0.0/16", "10.0.1.0/24", "10.0.0.4/30", "10.0.1.3", "192.168.0.0/16", "0.0.0.0/0", "10.0.0.0/8"];
+const CIDRS: [&str; 7] =
+    ["10.0.0.0/16", "10.0.1.0/24", "10.0.0.4/30", "10.0.1.3", "192.168.0.0/16", "0.0.0.0/0", "10.0.0.0/8"];
 const PORTS: [&str; 3] = ["80", "443", "8080"];
-const WORKLOAD_IPS: [&str; 8] = ["10.0.0.1", "10.0.0.5", "10.0.0.6", "10.0.1.3", "10.0.1.4", "10.1.0.1", "192.168.3.3", "10.0.0.9"];
+const WORKLOAD_IPS: [&str; 8] =
+    ["10.0.0.1", "10.0.0.5", "10.0.0.6", "10.0.1.3", "10.0.1.4", "10.1.0.1", "192.168.3.3", "10.0.0.9"];
 const OTHER_IPS: [&str; 6] = ["10.0.0.7", "10.0.1.200", "192.168.1.1", "8.8.8.8", "10.0.200.1", "10.3.3.3"];
 const TEST_PORTS: [u16; 5] = [80, 443, 8080, 22, 9090];
 
@@ -41,7 +43,9 @@ fn ns_pattern() -> impl Strategy<Value = String> {
 }
 
 fn field(name: &'static str, s: impl Strategy<Value = String> + 'static) -> BoxedStrategy<Option<String>> {
-    prop::option::weighted(0.3, prop::collection::vec(s, 1..3)).prop_map(move |v| v.map(|v| format!("{name}: {}", list(&v)))).boxed()
+    prop::option::weighted(0.3, prop::collection::vec(s, 1..3))
+        .prop_map(move |v| v.map(|v| format!("{name}: {}", list(&v))))
+        .boxed()
 }
 
 fn source() -> impl Strategy<Value = Option<String>> {
@@ -52,7 +56,10 @@ fn source() -> impl Strategy<Value = Option<String>> {
         field("notNamespaces", ns_pattern()),
         field("ipBlocks", select(&CIDRS[..]).prop_map(str::to_string)),
         field("notIpBlocks", select(&CIDRS[..]).prop_map(str::to_string)),
-        prop::option::weighted(0.15, (select(&NAMESPACES[..]), select(&SAS[..])).prop_map(|(n, s)| format!("serviceAccounts: [\"{n}/{s}\"]"))),
+        prop::option::weighted(
+            0.15,
+            (select(&NAMESPACES[..]), select(&SAS[..])).prop_map(|(n, s)| format!("serviceAccounts: [\"{n}/{s}\"]")),
+        ),
         prop::option::weighted(0.15, Just("requestPrincipals: [\"*\"]".to_string())),
         prop::option::weighted(0.1, Just("remoteIpBlocks: [\"10.0.0.0/8\"]".to_string())),
     )
@@ -101,19 +108,34 @@ fn condition() -> impl Strategy<Value = String> {
         values("destination.port", select(&PORTS[..]).prop_map(str::to_string).boxed()),
         values("destination.ip", prop_oneof![Just("10.0.0.0/16".to_string()), Just("10.0.0.1".to_string())].boxed()),
         values("request.headers[x-a]", Just("v".to_string()).boxed()),
-        values("custom.time_of_day", prop_oneof![Just("08:00-18:00".to_string()), Just("22:00-06:00".to_string())].boxed()),
+        values(
+            "custom.time_of_day",
+            prop_oneof![Just("08:00-18:00".to_string()), Just("22:00-06:00".to_string())].boxed()
+        ),
         values("custom.day_of_week", prop_oneof![Just("monday".to_string()), Just("sunday".to_string())].boxed()),
     ]
-    .prop_map(|c| c.replace("key: \"source.ip\", values: [\"*\"]", "key: \"source.ip\", values: [\"0.0.0.0/0\"]")
-        .replace("key: \"destination.port\", values: [\"*\"]", "key: \"destination.port\", values: [\"80\"]")
-        .replace("key: \"destination.ip\", values: [\"*\"]", "key: \"destination.ip\", values: [\"10.0.0.0/16\"]")
-        .replace("key: \"custom.time_of_day\", values: [\"*\"]", "key: \"custom.time_of_day\", values: [\"08:00-18:00\"]")
-        .replace("key: \"custom.day_of_week\", values: [\"*\"]", "key: \"custom.day_of_week\", values: [\"monday\"]"))
+    .prop_map(|c| {
+        c.replace("key: \"source.ip\", values: [\"*\"]", "key: \"source.ip\", values: [\"0.0.0.0/0\"]")
+            .replace("key: \"destination.port\", values: [\"*\"]", "key: \"destination.port\", values: [\"80\"]")
+            .replace("key: \"destination.ip\", values: [\"*\"]", "key: \"destination.ip\", values: [\"10.0.0.0/16\"]")
+            .replace(
+                "key: \"custom.time_of_day\", values: [\"*\"]",
+                "key: \"custom.time_of_day\", values: [\"08:00-18:00\"]",
+            )
+            .replace(
+                "key: \"custom.day_of_week\", values: [\"*\"]",
+                "key: \"custom.day_of_week\", values: [\"monday\"]",
+            )
+    })
 }
 
 fn rule() -> impl Strategy<Value = String> {
-    (prop::collection::vec(source(), 0..3), prop::collection::vec(operation(), 0..3), prop::collection::vec(condition(), 0..3)).prop_map(
-        |(from, to, when)| {
+    (
+        prop::collection::vec(source(), 0..3),
+        prop::collection::vec(operation(), 0..3),
+        prop::collection::vec(condition(), 0..3),
+    )
+        .prop_map(|(from, to, when)| {
             let from: Vec<String> = from.into_iter().flatten().collect();
             let to: Vec<String> = to.into_iter().flatten().collect();
             let mut parts = Vec::new();
@@ -127,8 +149,7 @@ fn rule() -> impl Strategy<Value = String> {
                 parts.push(format!("when: [{}]", when.join(", ")));
             }
             format!("{{{}}}", parts.join(", "))
-        },
-    )
+        })
 }
 
 fn authz_policy(i: usize) -> impl Strategy<Value = String> {
@@ -195,8 +216,9 @@ struct W {
 fn workloads() -> impl Strategy<Value = Vec<W>> {
     subsequence(&WORKLOAD_IPS[..], 2..7).prop_flat_map(|ips| {
         let n = ips.len();
-        (Just(ips), prop::collection::vec((select(&NAMESPACES[..2]), select(&SAS[..]), select(&APPS[..])), n))
-            .prop_map(|(ips, attrs)| ips.into_iter().zip(attrs).map(|(ip, (ns, sa, app))| W { ns, sa, app, ip }).collect())
+        (Just(ips), prop::collection::vec((select(&NAMESPACES[..2]), select(&SAS[..]), select(&APPS[..])), n)).prop_map(
+            |(ips, attrs)| ips.into_iter().zip(attrs).map(|(ip, (ns, sa, app))| W { ns, sa, app, ip }).collect(),
+        )
     })
 }
 

@@ -22,7 +22,11 @@ struct R(Request);
 
 fn conn() -> R {
     R(Request {
-        source: Peer { principal: Some("cluster.local/ns/t/sa/client".into()), namespace: None, ip: Some("10.0.0.1".parse().unwrap()) },
+        source: Peer {
+            principal: Some("cluster.local/ns/t/sa/client".into()),
+            namespace: None,
+            ip: Some("10.0.0.1".parse().unwrap()),
+        },
         destination: Destination {
             namespace: "t".into(),
             labels: BTreeMap::from([("app".to_string(), "web".to_string())]),
@@ -77,7 +81,12 @@ impl R {
         self
     }
     fn http(mut self, method: &str, path: &str) -> R {
-        self.0.http = Some(Http { method: method.into(), path: path.into(), host: "web.t.svc.cluster.local".into(), ..Http::default() });
+        self.0.http = Some(Http {
+            method: method.into(),
+            path: path.into(),
+            host: "web.t.svc.cluster.local".into(),
+            ..Http::default()
+        });
         self
     }
     fn h(&mut self) -> &mut Http {
@@ -100,7 +109,13 @@ impl R {
     }
     fn jwt(mut self, iss: &str, sub: &str, aud: &[&str], azp: Option<&str>, claims: serde_json::Value) -> R {
         let claims = claims.as_object().cloned().unwrap_or_default();
-        self.h().jwt = Some(Jwt { iss: Some(iss.into()), sub: Some(sub.into()), aud: aud.iter().map(|s| s.to_string()).collect(), azp: azp.map(Into::into), claims });
+        self.h().jwt = Some(Jwt {
+            iss: Some(iss.into()),
+            sub: Some(sub.into()),
+            aud: aud.iter().map(|s| s.to_string()).collect(),
+            azp: azp.map(Into::into),
+            claims,
+        });
         self
     }
     fn sni(mut self, s: &str) -> R {
@@ -149,10 +164,14 @@ macro_rules! authz_test {
 }
 
 fn allow(rules: &str) -> String {
-    format!("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: p, namespace: t}}\nspec:\n  rules: {rules}\n")
+    format!(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: p, namespace: t}}\nspec:\n  rules: {rules}\n"
+    )
 }
 fn deny(rules: &str) -> String {
-    format!("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: d, namespace: t}}\nspec:\n  action: DENY\n  rules: {rules}\n")
+    format!(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: d, namespace: t}}\nspec:\n  action: DENY\n  rules: {rules}\n"
+    )
 }
 
 // ------------------------------------------------------------------ empty cases
@@ -305,8 +324,10 @@ authz_test!(when_day_of_week, &allow(r#"[{when: [{key: custom.day_of_week, value
 
 #[test]
 fn time_conditions_honour_the_configured_offset() {
-    let docs = parse_str(&allow(r#"[{when: [{key: custom.time_of_day, values: ["09:00-17:00"]}]}]"#), "t.yaml").unwrap();
-    let s = PolicySet::from_resources(docs, &Options { root_namespace: "root".into(), utc_offset_minutes: -5 * 60 }).unwrap();
+    let docs =
+        parse_str(&allow(r#"[{when: [{key: custom.time_of_day, values: ["09:00-17:00"]}]}]"#), "t.yaml").unwrap();
+    let s = PolicySet::from_resources(docs, &Options { root_namespace: "root".into(), utc_offset_minutes: -5 * 60 })
+        .unwrap();
     // 10:00 UTC is 05:00 at UTC-5: outside; 15:00 UTC is 10:00: inside.
     check(&s, &conn().at("2026-11-24T10:00:00Z"), "DENY", "10:00Z at -05:00");
     check(&s, &conn().at("2026-11-24T15:00:00Z"), "ALLOW p#0", "15:00Z at -05:00");
@@ -367,7 +388,10 @@ authz_test!(custom_then_deny_then_allow_and_audit_never_decides, ORDER,
 
 #[test]
 fn first_deny_by_name_is_reported_and_shadow_policies_are_noted() {
-    let s = set(&ORDER.replace("action: CUSTOM\n  provider: {name: opa}\n  rules: [{to: [{operation: {ports: [\"24\", \"23\"]}}]}]", "action: AUDIT\n  rules: [{}]"));
+    let s = set(&ORDER.replace(
+        "action: CUSTOM\n  provider: {name: opa}\n  rules: [{to: [{operation: {ports: [\"24\", \"23\"]}}]}]",
+        "action: AUDIT\n  rules: [{}]",
+    ));
     check(&s, &conn().port(23), "DENY b-deny#0", "two DENY policies match port 23");
     let d = s.evaluate(&conn().0);
     assert!(d.shadow.iter().any(|x| x.contains("AUDIT policy t/audit rule 0 matched")), "{:?}", d.shadow);

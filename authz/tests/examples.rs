@@ -118,4 +118,3 @@ fn check_guide_form(guide: &Path) {
         assert!(text.lines().any(|t| t == l), "{}: expected line\n  {l}\nin output:\n{text}", guide.display());
     }
 }
-

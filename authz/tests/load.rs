@@ -48,9 +48,21 @@ spec:
     let e = parse_str(yaml, "f.yaml").unwrap_err();
     let lines: Vec<String> = e.iter().map(|e| e.to_string()).collect();
     assert_eq!(lines.len(), 3, "{lines:#?}");
-    assert_eq!(lines[0], r#"f.yaml: document 1 (ns/a): spec.rules[0].to[0].operation.ports[0]: "99999" is not a port number in range 1..65535"#);
-    assert_eq!(lines[1], r#"f.yaml: document 1 (ns/a): spec.rules[0].when[0].key: unknown attribute "request.url_path""#);
-    assert!(lines[2].starts_with("f.yaml: document 2 (ns/b): spec.rules[0].from[0].source.notPrincipal: unknown field `notPrincipal`"), "{}", lines[2]);
+    assert_eq!(
+        lines[0],
+        r#"f.yaml: document 1 (ns/a): spec.rules[0].to[0].operation.ports[0]: "99999" is not a port number in range 1..65535"#
+    );
+    assert_eq!(
+        lines[1],
+        r#"f.yaml: document 1 (ns/a): spec.rules[0].when[0].key: unknown attribute "request.url_path""#
+    );
+    assert!(
+        lines[2].starts_with(
+            "f.yaml: document 2 (ns/b): spec.rules[0].from[0].source.notPrincipal: unknown field `notPrincipal`"
+        ),
+        "{}",
+        lines[2]
+    );
 }
 
 #[test]
@@ -78,7 +90,9 @@ fn directories_are_read_recursively_and_all_or_nothing() {
     assert!(e.to_string().contains("duplicate AuthorizationPolicy ns/a"), "{e}");
     let e = load_paths(&[dir.join("missing.yaml")]).unwrap_err();
     assert!(e.to_string().contains("missing.yaml: cannot read"), "{e}");
-    let set = load_paths_with(&[dir.join("a.yaml")], &Options { root_namespace: "mesh-root".into(), utc_offset_minutes: 0 }).unwrap();
+    let set =
+        load_paths_with(&[dir.join("a.yaml")], &Options { root_namespace: "mesh-root".into(), utc_offset_minutes: 0 })
+            .unwrap();
     assert_eq!(set.root_namespace(), "mesh-root");
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -89,7 +103,11 @@ fn yaml_syntax_errors_and_wrong_kinds() {
     assert!(e.to_string().starts_with("bad.yaml: document 1: invalid YAML"), "{e}");
     let e = parse_str("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n", "cm.yaml").unwrap_err();
     assert!(e.to_string().contains("kind: \"ConfigMap\" is not supported"), "{e}");
-    let e = parse_str("apiVersion: security.istio.io/v2\nkind: AuthorizationPolicy\nmetadata: {name: x, namespace: y}\n", "v.yaml").unwrap_err();
+    let e = parse_str(
+        "apiVersion: security.istio.io/v2\nkind: AuthorizationPolicy\nmetadata: {name: x, namespace: y}\n",
+        "v.yaml",
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("apiVersion: \"security.istio.io/v2\" is not supported"), "{e}");
 }
 

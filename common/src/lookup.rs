@@ -73,7 +73,14 @@ mod tests {
     }
 
     fn q(identity: u32, port: u16) -> Query {
-        Query { slot: 0, endpoint_id: 1, direction: Direction::Ingress, remote_identity: identity, proto: PROTO_TCP, dport: port }
+        Query {
+            slot: 0,
+            endpoint_id: 1,
+            direction: Direction::Ingress,
+            remote_identity: identity,
+            proto: PROTO_TCP,
+            dport: port,
+        }
     }
 
     #[test]

@@ -181,7 +181,14 @@ pub struct PolicyKey {
 impl PolicyKey {
     pub const SLOT_BIT: u8 = 0x80;
 
-    pub const fn new(slot: u8, endpoint_id: u32, direction: Direction, remote_identity: u32, proto: u8, dport: u16) -> Self {
+    pub const fn new(
+        slot: u8,
+        endpoint_id: u32,
+        direction: Direction,
+        remote_identity: u32,
+        proto: u8,
+        dport: u16,
+    ) -> Self {
         PolicyKey {
             endpoint_id,
             remote_identity,

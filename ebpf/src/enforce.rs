@@ -3,8 +3,8 @@
 
 use aya_ebpf::bindings::{BPF_NOEXIST, BPF_RB_NO_WAKEUP};
 use warden_common::{
-    Config, Counter, CounterKey, Direction, DropReason, EndpointInfo, EndpointKey,
-    FLOW_CLOSED, FLOW_REPLY, FlowEvent, FlowKey, FlowValue, IDENTITY_WORLD, PolicyKey, PolicyValue, RemoteInfo, Verdict,
+    Config, Counter, CounterKey, Direction, DropReason, EndpointInfo, EndpointKey, FLOW_CLOSED, FLOW_REPLY, FlowEvent,
+    FlowKey, FlowValue, IDENTITY_WORLD, PolicyKey, PolicyValue, RemoteInfo, Verdict,
     lookup::{PolicyLookup, Query, decide},
 };
 
@@ -27,7 +27,13 @@ pub struct Outcome {
 impl Outcome {
     #[inline(always)]
     pub fn drop(endpoint_id: u32, direction: Direction, reason: DropReason) -> Self {
-        Outcome { endpoint_id, remote_identity: IDENTITY_WORLD, direction, reply: false, value: PolicyValue::deny(0, reason) }
+        Outcome {
+            endpoint_id,
+            remote_identity: IDENTITY_WORLD,
+            direction,
+            reply: false,
+            value: PolicyValue::deny(0, reason),
+        }
     }
 }
 
@@ -66,7 +72,14 @@ pub fn remote(slot: u8, addr: [u8; 4]) -> RemoteInfo {
 }
 
 #[inline(always)]
-pub fn policy(slot: u8, endpoint_id: u32, direction: Direction, remote_identity: u32, proto: u8, dport: u16) -> PolicyValue {
+pub fn policy(
+    slot: u8,
+    endpoint_id: u32,
+    direction: Direction,
+    remote_identity: u32,
+    proto: u8,
+    dport: u16,
+) -> PolicyValue {
     decide(&PolicyMap, &Query { slot, endpoint_id, direction, remote_identity, proto, dport })
 }
 
@@ -94,10 +107,17 @@ pub fn cached(cfg: &Config, key: &FlowKey) -> Cached {
             // SAFETY: a valid pointer into the LRU map, read at once.
             let f = unsafe { *f };
             if f.generation == cfg.generation {
-                let direction = if f.direction == Direction::Egress as u8 { Direction::Egress } else { Direction::Ingress };
+                let direction =
+                    if f.direction == Direction::Egress as u8 { Direction::Egress } else { Direction::Ingress };
                 let value = PolicyValue { policy_id: f.policy_id, verdict: f.verdict, reason: f.reason, _pad: [0; 2] };
                 let reply = f.flags & FLOW_REPLY != 0;
-                Cached::Hit(Outcome { endpoint_id: f.endpoint_id, remote_identity: f.remote_identity, direction, reply, value })
+                Cached::Hit(Outcome {
+                    endpoint_id: f.endpoint_id,
+                    remote_identity: f.remote_identity,
+                    direction,
+                    reply,
+                    value,
+                })
             } else {
                 Cached::Miss { is_reply: f.flags & FLOW_REPLY != 0 }
             }
@@ -119,7 +139,14 @@ pub enum Cache {
 /// identity cache and the policy map, and cache the decision (and, for an allowed new flow, its
 /// replies). A reply is decided as the flow it answers.
 #[inline(always)]
-pub fn decide_new(cfg: &Config, key: &FlowKey, ep: &EndpointInfo, dir: Direction, is_reply: bool, cache: Cache) -> Outcome {
+pub fn decide_new(
+    cfg: &Config,
+    key: &FlowKey,
+    ep: &EndpointInfo,
+    dir: Direction,
+    is_reply: bool,
+    cache: Cache,
+) -> Outcome {
     // The remote is the other end whichever way the packet goes.
     let remote_addr = match dir {
         Direction::Ingress => key.saddr,
@@ -129,10 +156,13 @@ pub fn decide_new(cfg: &Config, key: &FlowKey, ep: &EndpointInfo, dir: Direction
     let remote_identity = remote(slot, remote_addr).identity;
     // A reply is decided as the flow it answers: the opposite direction, the port it was sent to.
     let (qdir, qport) = if is_reply {
-        (match dir {
-            Direction::Ingress => Direction::Egress,
-            Direction::Egress => Direction::Ingress,
-        }, key.sport)
+        (
+            match dir {
+                Direction::Ingress => Direction::Egress,
+                Direction::Egress => Direction::Ingress,
+            },
+            key.sport,
+        )
     } else {
         (dir, key.dport)
     };

@@ -18,8 +18,7 @@ mod packet;
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     helpers::{
-        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_skb_ancestor_cgroup_id,
-        bpf_skb_cgroup_id,
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
     },
     macros::{cgroup_skb, cgroup_sock_addr, classifier},
     programs::{SkBuffContext, SockAddrContext, TcContext},
@@ -27,7 +26,10 @@ use aya_ebpf::{
 use warden_common::{Direction, DropReason, EVENT_CLOSED, EVENT_DECIDED, FlowKey, HOOK_CONNECT, HOOK_TC};
 
 use crate::{
-    enforce::{Cache, Cached, Outcome, Traffic, cached, config, count, decide_new, emit, endpoint, flow_key, mark_closed, policy, remote},
+    enforce::{
+        Cache, Cached, Outcome, Traffic, cached, config, count, decide_new, emit, endpoint, flow_key, mark_closed,
+        policy, remote,
+    },
     maps::CGROUPS,
     packet::{Direct, L3, Loaded, parse_ethernet, parse_ipv4},
 };
@@ -70,7 +72,8 @@ fn tc_verdict(ctx: &TcContext, dir: Direction) -> i32 {
         Ok(Some(v)) => v,
         Ok(None) => return TC_ACT_OK,
         Err((endpoint_id, reason)) => {
-            let t = Traffic { inbound: dir == Direction::Ingress, bytes: ctx.len() as u64, opened: false, closed: false };
+            let t =
+                Traffic { inbound: dir == Direction::Ingress, bytes: ctx.len() as u64, opened: false, closed: false };
             (Outcome::drop(endpoint_id, dir, reason), t)
         }
     };
@@ -90,7 +93,8 @@ fn tc(ctx: &TcContext, ifindex: u32, dir: Direction) -> Result<Option<(Outcome, 
     };
     let key = flow_key(ifindex, &t);
     let syn = t.is_syn();
-    let mut traffic = Traffic { inbound: dir == Direction::Ingress, bytes: ctx.len() as u64, opened: syn, closed: false };
+    let mut traffic =
+        Traffic { inbound: dir == Direction::Ingress, bytes: ctx.len() as u64, opened: syn, closed: false };
     // A SYN opens a new connection: always decided afresh (a reused 5-tuple starts clean).
     let is_reply = match if syn { Cached::Miss { is_reply: false } } else { cached(&cfg, &key) } {
         Cached::Hit(o) => {
@@ -151,7 +155,8 @@ fn connect4(ctx: &SockAddrContext) -> (Outcome, FlowKey) {
         (sa.user_ip4, sa.user_port, sa.protocol as u8)
     };
     // The source port is not chosen yet at connect().
-    let mut key = FlowKey { daddr: user_ip4.to_ne_bytes(), dport: u16::from_be(user_port as u16), proto, ..FlowKey::default() };
+    let mut key =
+        FlowKey { daddr: user_ip4.to_ne_bytes(), dport: u16::from_be(user_port as u16), proto, ..FlowKey::default() };
     let cfg = match config() {
         Ok(c) => c,
         Err(r) => return (Outcome::drop(0, Direction::Egress, r), key),
@@ -159,14 +164,22 @@ fn connect4(ctx: &SockAddrContext) -> (Outcome, FlowKey) {
     let slot = cfg.active_slot();
     // SAFETY (both helpers): no pointer arguments.
     let id = unsafe { bpf_get_current_cgroup_id() };
-    let ep = match ifindex_of_cgroup(id, |l| unsafe { bpf_get_current_ancestor_cgroup_id(l) }).and_then(|i| endpoint(slot, i)) {
+    let ep = match ifindex_of_cgroup(id, |l| unsafe { bpf_get_current_ancestor_cgroup_id(l) })
+        .and_then(|i| endpoint(slot, i))
+    {
         Ok(e) => e,
         Err(r) => return (Outcome::drop(0, Direction::Egress, r), key),
     };
     key.saddr = ep.ip;
     let dst = remote(slot, key.daddr);
     let out = policy(slot, ep.endpoint_id, Direction::Egress, dst.identity, proto, key.dport);
-    let egress = Outcome { endpoint_id: ep.endpoint_id, remote_identity: dst.identity, direction: Direction::Egress, reply: false, value: out };
+    let egress = Outcome {
+        endpoint_id: ep.endpoint_id,
+        remote_identity: dst.identity,
+        direction: Direction::Egress,
+        reply: false,
+        value: out,
+    };
     if !out.is_allow() || dst.local_ifindex == 0 {
         return (egress, key);
     }
@@ -179,7 +192,16 @@ fn connect4(ctx: &SockAddrContext) -> (Outcome, FlowKey) {
         (egress, key)
     } else {
         // Counted against the workload whose policy refused it.
-        (Outcome { endpoint_id: peer.endpoint_id, remote_identity: ep.identity, direction: Direction::Ingress, reply: false, value }, key)
+        (
+            Outcome {
+                endpoint_id: peer.endpoint_id,
+                remote_identity: ep.identity,
+                direction: Direction::Ingress,
+                reply: false,
+                value,
+            },
+            key,
+        )
     }
 }
 

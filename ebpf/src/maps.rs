@@ -8,10 +8,12 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use warden_common::{
-    Config, Counter, CounterKey, EndpointInfo, FlowEvent, EndpointKey, FlowKey, FlowValue, IpcacheAddr, PolicyKey,
+    Config, Counter, CounterKey, EndpointInfo, EndpointKey, FlowEvent, FlowKey, FlowValue, IpcacheAddr, PolicyKey,
     PolicyValue, RemoteInfo,
-    capacity::{CGROUPS as CGROUPS_CAP, COUNTERS as COUNTERS_CAP, ENDPOINTS as ENDPOINTS_CAP, FLOWS as FLOWS_CAP,
-               EVENTS_BYTES, IPCACHE as IPCACHE_CAP, POLICY as POLICY_CAP},
+    capacity::{
+        CGROUPS as CGROUPS_CAP, COUNTERS as COUNTERS_CAP, ENDPOINTS as ENDPOINTS_CAP, EVENTS_BYTES, FLOWS as FLOWS_CAP,
+        IPCACHE as IPCACHE_CAP, POLICY as POLICY_CAP,
+    },
 };
 
 /// The committed generation; its low bit selects the active slot.
@@ -38,7 +40,8 @@ pub static POLICY: HashMap<PolicyKey, PolicyValue, { POLICY_CAP as usize }> = Ha
 /// Per-CPU LRU lists (`BPF_F_NO_COMMON_LRU`): under connection churn every insert into a full
 /// map evicts, and the common list would take a global lock for it.
 #[btf_map(name = "warden_flows_v2")]
-pub static FLOWS: LruHashMap<FlowKey, FlowValue, { FLOWS_CAP as usize }, { BPF_F_NO_COMMON_LRU as usize }> = LruHashMap::new();
+pub static FLOWS: LruHashMap<FlowKey, FlowValue, { FLOWS_CAP as usize }, { BPF_F_NO_COMMON_LRU as usize }> =
+    LruHashMap::new();
 
 /// Packets and bytes per (endpoint, policy, verdict, reason, direction, hook), per CPU.
 #[btf_map(name = "warden_counters_v2")]

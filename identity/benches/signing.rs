@@ -20,9 +20,7 @@ use warden_identity::workload::generate_key_and_csr;
 
 fn bench(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
-    let ca =
-        CertificateAuthority::load_or_init(dir.path(), CaConfig::default(), Arc::new(SystemClock))
-            .unwrap();
+    let ca = CertificateAuthority::load_or_init(dir.path(), CaConfig::default(), Arc::new(SystemClock)).unwrap();
     let id = Identity::spiffe("cluster.local", "default", "web").unwrap();
     let (_key, csr) = generate_key_and_csr(&id).unwrap();
     let parsed = ca.parse_csr(&csr).unwrap();
@@ -30,20 +28,14 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("ca");
     g.throughput(Throughput::Elements(1));
     g.measurement_time(Duration::from_secs(5));
-    g.bench_function("sign_parsed_csr", |b| {
-        b.iter(|| ca.sign(&parsed, None).unwrap())
-    });
-    g.bench_function("sign_csr_pem", |b| {
-        b.iter(|| ca.sign_csr(&csr, None).unwrap())
-    });
+    g.bench_function("sign_parsed_csr", |b| b.iter(|| ca.sign(&parsed, None).unwrap()));
+    g.bench_function("sign_csr_pem", |b| b.iter(|| ca.sign_csr(&csr, None).unwrap()));
     g.finish();
 
     let mut g = c.benchmark_group("agent");
     g.throughput(Throughput::Elements(1));
     g.measurement_time(Duration::from_secs(5));
-    g.bench_function("generate_key_and_csr", |b| {
-        b.iter(|| generate_key_and_csr(&id).unwrap())
-    });
+    g.bench_function("generate_key_and_csr", |b| b.iter(|| generate_key_and_csr(&id).unwrap()));
     g.finish();
 }
 

@@ -143,19 +143,13 @@ pub enum CaCommand {
 /// Runs a `warden ca` subcommand; errors are printed to stderr.
 pub fn run_ca(cmd: CaCommand) -> ExitCode {
     let result = match cmd {
-        CaCommand::Serve { .. } => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-            .map_err(CliError::Runtime)
-            .and_then(|rt| {
-                rt.block_on(serve_ca(
-                    cmd,
-                    |addr| println!("warden CA listening on {addr}"),
-                    async {
-                        let _ = tokio::signal::ctrl_c().await;
-                    },
-                ))
-            }),
+        CaCommand::Serve { .. } => {
+            tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(CliError::Runtime).and_then(|rt| {
+                rt.block_on(serve_ca(cmd, |addr| println!("warden CA listening on {addr}"), async {
+                    let _ = tokio::signal::ctrl_c().await;
+                }))
+            })
+        }
         other => run_ca_offline(other, Arc::new(SystemClock)).map(|out| print!("{out}")),
     };
     match result {
@@ -175,10 +169,7 @@ pub fn run_ca_offline(cmd: CaCommand, clock: Arc<dyn Clock>) -> Result<String, C
             CertificateAuthority::init_self_signed(&dir, &trust_domain, clock.as_ref())?;
             let ca = CertificateAuthority::load(
                 &dir,
-                CaConfig {
-                    trust_domain: trust_domain.clone(),
-                    ..CaConfig::default()
-                },
+                CaConfig { trust_domain: trust_domain.clone(), ..CaConfig::default() },
                 clock_arc(),
             )?;
             Ok(format!(
@@ -187,37 +178,14 @@ pub fn run_ca_offline(cmd: CaCommand, clock: Arc<dyn Clock>) -> Result<String, C
                 rfc3339(ca.ca_not_after())
             ))
         }
-        CaCommand::Issue {
-            dir,
-            trust_domain,
-            spiffe,
-            out,
-            ttl_hours,
-        } => {
-            let config = CaConfig {
-                trust_domain,
-                ..CaConfig::default()
-            };
+        CaCommand::Issue { dir, trust_domain, spiffe, out, ttl_hours } => {
+            let config = CaConfig { trust_domain, ..CaConfig::default() };
             let ca = CertificateAuthority::load(&dir, config, clock_arc())?;
             let (key, csr) = generate_key_and_csr(&spiffe)?;
-            let issued = ca.sign_csr(
-                &csr,
-                Some(Duration::from_secs(ttl_hours.saturating_mul(3600))),
-            )?;
-            std::fs::create_dir_all(&out).map_err(|source| CliError::Write {
-                path: out.clone(),
-                source,
-            })?;
-            write(
-                &out.join(ISSUED_KEY_FILE),
-                key.serialize_pem().as_bytes(),
-                ca::KEY_FILE_MODE,
-            )?;
-            write(
-                &out.join(ISSUED_CERT_CHAIN_FILE),
-                issued.chain_pem.concat().as_bytes(),
-                0o644,
-            )?;
+            let issued = ca.sign_csr(&csr, Some(Duration::from_secs(ttl_hours.saturating_mul(3600))))?;
+            std::fs::create_dir_all(&out).map_err(|source| CliError::Write { path: out.clone(), source })?;
+            write(&out.join(ISSUED_KEY_FILE), key.serialize_pem().as_bytes(), ca::KEY_FILE_MODE)?;
+            write(&out.join(ISSUED_CERT_CHAIN_FILE), issued.chain_pem.concat().as_bytes(), 0o644)?;
             let roots: String = ca.roots().iter().map(crate::ca::pem_cert).collect();
             write(&out.join(ISSUED_ROOT_FILE), roots.as_bytes(), 0o644)?;
             Ok(format!(
@@ -233,11 +201,7 @@ pub fn run_ca_offline(cmd: CaCommand, clock: Arc<dyn Clock>) -> Result<String, C
             let o = ca.revoke(&serial)?;
             Ok(format!(
                 "{} serial {}; CRL #{} lists {} certificate(s): {}\n",
-                if o.already_revoked {
-                    "already revoked:"
-                } else {
-                    "revoked"
-                },
+                if o.already_revoked { "already revoked:" } else { "revoked" },
                 o.serial,
                 o.crl_number,
                 o.revoked_count,
@@ -251,19 +215,10 @@ pub fn run_ca_offline(cmd: CaCommand, clock: Arc<dyn Clock>) -> Result<String, C
 fn write(path: &Path, contents: &[u8], mode: u32) -> Result<(), CliError> {
     use std::io::Write;
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let err = |source| CliError::Write {
-        path: path.to_owned(),
-        source,
-    };
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(path)
-        .map_err(err)?;
-    f.set_permissions(std::fs::Permissions::from_mode(mode))
-        .map_err(err)?;
+    let err = |source| CliError::Write { path: path.to_owned(), source };
+    let mut f =
+        std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(path).map_err(err)?;
+    f.set_permissions(std::fs::Permissions::from_mode(mode)).map_err(err)?;
     f.write_all(contents).map_err(err)
 }
 
@@ -287,14 +242,10 @@ pub async fn serve_ca(
         return Err(CliError::Usage("not a serve command".into()));
     };
     if token_file.is_none() && node_certs.is_none() {
-        return Err(CliError::Usage(
-            "give --token-file and/or --node-certs".into(),
-        ));
+        return Err(CliError::Usage("give --token-file and/or --node-certs".into()));
     }
     if plaintext && node_certs.is_some() {
-        return Err(CliError::Usage(
-            "--node-certs needs TLS; drop --plaintext".into(),
-        ));
+        return Err(CliError::Usage("--node-certs needs TLS; drop --plaintext".into()));
     }
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let config = CaConfig {
@@ -303,11 +254,7 @@ pub async fn serve_ca(
         ..CaConfig::default()
     };
     // Validate every input before binding: never serve with a broken CA.
-    let ca = Arc::new(CertificateAuthority::load_or_init(
-        &dir,
-        config,
-        clock.clone(),
-    )?);
+    let ca = Arc::new(CertificateAuthority::load_or_init(&dir, config, clock.clone())?);
     let mut authenticators: Vec<Arc<dyn server::Authenticator>> = Vec::new();
     if let Some(p) = &node_certs {
         authenticators.push(Arc::new(server::NodeCertAuthenticator::from_file(p)?));
@@ -335,16 +282,8 @@ pub async fn serve_ca(
     };
     let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .map_err(|source| server::ServerError::Bind {
-            addr: listen,
-            source,
-        })?;
-    let addr = listener
-        .local_addr()
-        .map_err(|source| server::ServerError::Bind {
-            addr: listen,
-            source,
-        })?;
+        .map_err(|source| server::ServerError::Bind { addr: listen, source })?;
+    let addr = listener.local_addr().map_err(|source| server::ServerError::Bind { addr: listen, source })?;
     tracing::info!(%addr, dir = %dir.display(), tls = !plaintext, "serving istio.v1.auth.IstioCertificateService");
     on_listen(addr);
     server::serve(listener, service, tls, shutdown).await?;
@@ -391,69 +330,41 @@ pub async fn run_certs(args: &CertsArgs) -> ExitCode {
 
 /// GETs `url` (plain HTTP/1.1, as the admin port on loopback speaks) and parses the JSON.
 pub async fn fetch_certs(url: &str) -> Result<Value, CliError> {
-    let err = |reason: String| CliError::Admin {
-        url: url.to_owned(),
-        reason,
-    };
+    let err = |reason: String| CliError::Admin { url: url.to_owned(), reason };
     let uri: hyper::Uri = url.parse().map_err(|e| err(format!("bad URL: {e}")))?;
     if uri.scheme_str() != Some("http") {
         return Err(err("only http:// admin URLs are supported".into()));
     }
-    let host = uri
-        .host()
-        .ok_or_else(|| err("URL has no host".into()))?
-        .to_owned();
+    let host = uri.host().ok_or_else(|| err("URL has no host".into()))?.to_owned();
     let port = uri.port_u16().unwrap_or(80);
-    let authority = uri
-        .authority()
-        .map(ToString::to_string)
-        .unwrap_or_else(|| host.clone());
-    let path = uri
-        .path_and_query()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "/".into());
+    let authority = uri.authority().map(ToString::to_string).unwrap_or_else(|| host.clone());
+    let path = uri.path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "/".into());
     let fut = async {
         let host = host.trim_start_matches('[').trim_end_matches(']');
-        let stream = tokio::net::TcpStream::connect((host, port))
+        let stream = tokio::net::TcpStream::connect((host, port)).await.map_err(|e| err(e.to_string()))?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
             .await
             .map_err(|e| err(e.to_string()))?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .map_err(|e| err(e.to_string()))?;
         tokio::spawn(conn);
         let req = hyper::Request::get(path)
             .header(hyper::header::HOST, authority)
             .header(hyper::header::ACCEPT, "application/json")
             .body(http_body_util::Empty::<bytes::Bytes>::new())
             .map_err(|e| err(e.to_string()))?;
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| err(e.to_string()))?;
+        let resp = sender.send_request(req).await.map_err(|e| err(e.to_string()))?;
         let status = resp.status();
-        let body = http_body_util::BodyExt::collect(resp.into_body())
-            .await
-            .map_err(|e| err(e.to_string()))?
-            .to_bytes();
+        let body = http_body_util::BodyExt::collect(resp.into_body()).await.map_err(|e| err(e.to_string()))?.to_bytes();
         if !status.is_success() {
-            return Err(err(format!(
-                "HTTP {status}: {}",
-                String::from_utf8_lossy(&body).trim()
-            )));
+            return Err(err(format!("HTTP {status}: {}", String::from_utf8_lossy(&body).trim())));
         }
         serde_json::from_slice(&body).map_err(|e| err(format!("response is not JSON: {e}")))
     };
-    tokio::time::timeout(ADMIN_REQUEST_TIMEOUT, fut)
-        .await
-        .map_err(|_| err("timed out".into()))?
+    tokio::time::timeout(ADMIN_REQUEST_TIMEOUT, fut).await.map_err(|_| err("timed out".into()))?
 }
 
 fn cert_summary(pem: &str) -> Value {
     let Ok(der) =
-        <rustls_pki_types::CertificateDer<'_> as rustls_pki_types::pem::PemObject>::from_pem_slice(
-            pem.as_bytes(),
-        )
+        <rustls_pki_types::CertificateDer<'_> as rustls_pki_types::pem::PemObject>::from_pem_slice(pem.as_bytes())
     else {
         return json!({ "error": "unparseable PEM" });
     };
@@ -474,11 +385,7 @@ fn cert_summary(pem: &str) -> Value {
 pub fn certs_snapshot(manager: &SecretManager) -> Value {
     let now = manager.clock().now();
     let bundle = manager.trust_bundle();
-    let roots: Vec<Value> = bundle
-        .roots()
-        .iter()
-        .map(|r| cert_summary(&ca::pem_cert(r)))
-        .collect();
+    let roots: Vec<Value> = bundle.roots().iter().map(|r| cert_summary(&ca::pem_cert(r))).collect();
     let certificates: Vec<Value> = manager
         .snapshot()
         .into_iter()
@@ -497,11 +404,7 @@ pub fn certs_snapshot(manager: &SecretManager) -> Value {
             };
             v["state"] = json!(state);
             if let Some(c) = &s.cert {
-                let until = c
-                    .refresh_at
-                    .duration_since(now)
-                    .map(|d| d.as_secs())
-                    .unwrap_or(0);
+                let until = c.refresh_at.duration_since(now).map(|d| d.as_secs()).unwrap_or(0);
                 v["serial"] = json!(c.serial);
                 v["issuer"] = json!(c.issuer);
                 v["not_before"] = json!(rfc3339(c.not_before));
@@ -527,12 +430,7 @@ pub fn certs_snapshot(manager: &SecretManager) -> Value {
 }
 
 fn human(secs: u64) -> String {
-    let (d, h, m, s) = (
-        secs / 86400,
-        secs % 86400 / 3600,
-        secs % 3600 / 60,
-        secs % 60,
-    );
+    let (d, h, m, s) = (secs / 86400, secs % 86400 / 3600, secs % 3600 / 60, secs % 60);
     match (d, h, m) {
         (0, 0, 0) => format!("{s}s"),
         (0, 0, _) => format!("{m}m{s}s"),
@@ -564,10 +462,7 @@ pub fn render_certs(v: &Value, output: CertsOutput, verbose: bool) -> String {
             s(&c["issuer"]),
             s(&c["not_before"]),
             s(&c["not_after"]),
-            c["seconds_until_rotation"]
-                .as_u64()
-                .map(human)
-                .unwrap_or_else(|| "-".into()),
+            c["seconds_until_rotation"].as_u64().map(human).unwrap_or_else(|| "-".into()),
         ]);
     }
     for r in v["trust_bundle"].as_array().into_iter().flatten() {
@@ -581,38 +476,23 @@ pub fn render_certs(v: &Value, output: CertsOutput, verbose: bool) -> String {
             "-".into(),
         ]);
     }
-    let widths: Vec<usize> = (0..7)
-        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
-        .collect();
+    let widths: Vec<usize> = (0..7).map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0)).collect();
     let mut out = String::new();
     for r in &rows {
-        let line: Vec<String> = r
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
+        let line: Vec<String> = r.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
         let _ = writeln!(out, "{}", line.join("   ").trim_end());
     }
     if let Some(crl) = v["crl"].as_object() {
         let _ = writeln!(
             out,
             "\nCRL: this update {}, {} revoked serial(s)",
-            crl.get("this_update")
-                .and_then(Value::as_str)
-                .unwrap_or("-"),
-            crl.get("revoked_serials")
-                .and_then(Value::as_u64)
-                .unwrap_or(0)
+            crl.get("this_update").and_then(Value::as_str).unwrap_or("-"),
+            crl.get("revoked_serials").and_then(Value::as_u64).unwrap_or(0)
         );
     }
     for c in v["certificates"].as_array().into_iter().flatten() {
         if let Some(e) = c["last_error"].as_str() {
-            let _ = writeln!(
-                out,
-                "\n{}: last CA error ({} failure(s)): {e}",
-                s(&c["identity"]),
-                c["failures"]
-            );
+            let _ = writeln!(out, "\n{}: last CA error ({} failure(s)): {e}", s(&c["identity"]), c["failures"]);
         }
         if verbose {
             let _ = writeln!(out, "\n{} chain:", s(&c["identity"]));

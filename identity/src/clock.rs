@@ -34,10 +34,7 @@ impl ManualClock {
     /// A clock frozen at the current system time, truncated to whole seconds (X.509 times have
     /// second precision, so comparisons against certificate fields stay exact).
     pub fn starting_now() -> Self {
-        let secs = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs();
+        let secs = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
         Self::new(UNIX_EPOCH + Duration::from_secs(secs))
     }
 

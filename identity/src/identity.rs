@@ -58,9 +58,7 @@ pub enum IdentityError {
         reason: &'static str,
     },
     /// The path is not `/ns/<namespace>/sa/<service-account>`.
-    #[error(
-        "SPIFFE ID {input:?} does not have the shape spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>"
-    )]
+    #[error("SPIFFE ID {input:?} does not have the shape spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>")]
     InvalidShape {
         /// The rejected input.
         input: String,
@@ -84,19 +82,12 @@ impl Identity {
         namespace: impl Into<String>,
         service_account: impl Into<String>,
     ) -> Result<Self, IdentityError> {
-        let (trust_domain, namespace, service_account) = (
-            trust_domain.into(),
-            namespace.into(),
-            service_account.into(),
-        );
+        let (trust_domain, namespace, service_account) =
+            (trust_domain.into(), namespace.into(), service_account.into());
         validate_trust_domain(&trust_domain)?;
         validate_segment("namespace", &namespace)?;
         validate_segment("service account", &service_account)?;
-        let id = Identity::Spiffe {
-            trust_domain,
-            namespace,
-            service_account,
-        };
+        let id = Identity::Spiffe { trust_domain, namespace, service_account };
         let len = id.to_string().len();
         if len > MAX_SPIFFE_ID_LEN {
             return Err(IdentityError::TooLong { len });
@@ -121,9 +112,7 @@ impl Identity {
     /// The Kubernetes service account.
     pub fn service_account(&self) -> &str {
         match self {
-            Identity::Spiffe {
-                service_account, ..
-            } => service_account,
+            Identity::Spiffe { service_account, .. } => service_account,
         }
     }
 
@@ -136,15 +125,8 @@ impl Identity {
 impl fmt::Display for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Identity::Spiffe {
-                trust_domain,
-                namespace,
-                service_account,
-            } => {
-                write!(
-                    f,
-                    "{SPIFFE_SCHEME}{trust_domain}/ns/{namespace}/sa/{service_account}"
-                )
+            Identity::Spiffe { trust_domain, namespace, service_account } => {
+                write!(f, "{SPIFFE_SCHEME}{trust_domain}/ns/{namespace}/sa/{service_account}")
             }
         }
     }
@@ -158,31 +140,17 @@ impl FromStr for Identity {
             return Err(IdentityError::TooLong { len: s.len() });
         }
         // The scheme is case-insensitive in URIs but SPIFFE requires the lower-case form.
-        let rest = s
-            .strip_prefix(SPIFFE_SCHEME)
-            .ok_or_else(|| IdentityError::MissingScheme {
-                input: s.to_owned(),
-            })?;
+        let rest = s.strip_prefix(SPIFFE_SCHEME).ok_or_else(|| IdentityError::MissingScheme { input: s.to_owned() })?;
         let (trust_domain, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, ""),
         };
         validate_trust_domain(trust_domain)?;
-        let shape = || IdentityError::InvalidShape {
-            input: s.to_owned(),
-        };
+        let shape = || IdentityError::InvalidShape { input: s.to_owned() };
         let mut parts = path.strip_prefix('/').ok_or_else(shape)?.split('/');
-        let (ns_kw, ns, sa_kw, sa, extra) = (
-            parts.next(),
-            parts.next(),
-            parts.next(),
-            parts.next(),
-            parts.next(),
-        );
+        let (ns_kw, ns, sa_kw, sa, extra) = (parts.next(), parts.next(), parts.next(), parts.next(), parts.next());
         match (ns_kw, ns, sa_kw, sa, extra) {
-            (Some("ns"), Some(ns), Some("sa"), Some(sa), None) => {
-                Identity::spiffe(trust_domain, ns, sa)
-            }
+            (Some("ns"), Some(ns), Some("sa"), Some(sa), None) => Identity::spiffe(trust_domain, ns, sa),
             _ => Err(shape()),
         }
     }
@@ -203,12 +171,7 @@ impl<'de> Deserialize<'de> for Identity {
 
 /// Checks a trust domain against the SPIFFE rules.
 pub fn validate_trust_domain(td: &str) -> Result<(), IdentityError> {
-    let bad = |reason| {
-        Err(IdentityError::InvalidTrustDomain {
-            trust_domain: td.to_owned(),
-            reason,
-        })
-    };
+    let bad = |reason| Err(IdentityError::InvalidTrustDomain { trust_domain: td.to_owned(), reason });
     if td.is_empty() {
         return bad("it is empty");
     }
@@ -221,33 +184,21 @@ pub fn validate_trust_domain(td: &str) -> Result<(), IdentityError> {
     if td.contains('@') {
         return bad("user info is not allowed");
     }
-    if !td
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_'))
-    {
+    if !td.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_')) {
         return bad("only lower-case letters, digits, '.', '-' and '_' are allowed");
     }
     Ok(())
 }
 
 fn validate_segment(what: &'static str, seg: &str) -> Result<(), IdentityError> {
-    let bad = |reason| {
-        Err(IdentityError::InvalidSegment {
-            what,
-            segment: seg.to_owned(),
-            reason,
-        })
-    };
+    let bad = |reason| Err(IdentityError::InvalidSegment { what, segment: seg.to_owned(), reason });
     if seg.is_empty() {
         return bad("it is empty");
     }
     if seg == "." || seg == ".." {
         return bad("relative segments are not allowed");
     }
-    if !seg
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
-    {
+    if !seg.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_')) {
         return bad("only letters, digits, '.', '-' and '_' are allowed");
     }
     Ok(())
@@ -259,20 +210,12 @@ mod tests {
 
     #[test]
     fn parses_and_renders_round_trip() {
-        let id: Identity = "spiffe://cluster.local/ns/default/sa/bookinfo-productpage"
-            .parse()
-            .unwrap();
+        let id: Identity = "spiffe://cluster.local/ns/default/sa/bookinfo-productpage".parse().unwrap();
         assert_eq!(id.trust_domain(), "cluster.local");
         assert_eq!(id.namespace(), "default");
         assert_eq!(id.service_account(), "bookinfo-productpage");
-        assert_eq!(
-            id.to_string(),
-            "spiffe://cluster.local/ns/default/sa/bookinfo-productpage"
-        );
-        assert_eq!(
-            id.principal(),
-            "cluster.local/ns/default/sa/bookinfo-productpage"
-        );
+        assert_eq!(id.to_string(), "spiffe://cluster.local/ns/default/sa/bookinfo-productpage");
+        assert_eq!(id.principal(), "cluster.local/ns/default/sa/bookinfo-productpage");
         let json = serde_json::to_string(&id).unwrap();
         assert_eq!(serde_json::from_str::<Identity>(&json).unwrap(), id);
     }
@@ -282,73 +225,31 @@ mod tests {
     fn malformed_spiffe_ids_are_refused() {
         let cases: &[(&str, fn(&IdentityError) -> bool)] = &[
             ("", |e| matches!(e, IdentityError::MissingScheme { .. })),
-            ("https://cluster.local/ns/a/sa/b", |e| {
-                matches!(e, IdentityError::MissingScheme { .. })
-            }),
-            ("SPIFFE://cluster.local/ns/a/sa/b", |e| {
-                matches!(e, IdentityError::MissingScheme { .. })
-            }),
-            ("spiffe:///ns/a/sa/b", |e| {
-                matches!(e, IdentityError::InvalidTrustDomain { .. })
-            }),
-            ("spiffe://Cluster.Local/ns/a/sa/b", |e| {
-                matches!(e, IdentityError::InvalidTrustDomain { .. })
-            }),
-            ("spiffe://cluster.local:443/ns/a/sa/b", |e| {
-                matches!(e, IdentityError::InvalidTrustDomain { .. })
-            }),
-            ("spiffe://user@cluster.local/ns/a/sa/b", |e| {
-                matches!(e, IdentityError::InvalidTrustDomain { .. })
-            }),
-            ("spiffe://cluster.local", |e| {
-                matches!(e, IdentityError::InvalidShape { .. })
-            }),
-            ("spiffe://cluster.local/", |e| {
-                matches!(e, IdentityError::InvalidShape { .. })
-            }),
-            ("spiffe://cluster.local/ns/a", |e| {
-                matches!(e, IdentityError::InvalidShape { .. })
-            }),
-            ("spiffe://cluster.local/ns/a/sa/b/", |e| {
-                matches!(e, IdentityError::InvalidShape { .. })
-            }),
-            ("spiffe://cluster.local/ns/a/sa/b/extra", |e| {
-                matches!(e, IdentityError::InvalidShape { .. })
-            }),
-            ("spiffe://cluster.local/namespace/a/sa/b", |e| {
-                matches!(e, IdentityError::InvalidShape { .. })
-            }),
-            ("spiffe://cluster.local/sa/b/ns/a", |e| {
-                matches!(e, IdentityError::InvalidShape { .. })
-            }),
-            ("spiffe://cluster.local/ns//sa/b", |e| {
-                matches!(e, IdentityError::InvalidSegment { .. })
-            }),
-            ("spiffe://cluster.local/ns/../sa/b", |e| {
-                matches!(e, IdentityError::InvalidSegment { .. })
-            }),
-            ("spiffe://cluster.local/ns/a/sa/b?x=1", |e| {
-                matches!(e, IdentityError::InvalidSegment { .. })
-            }),
-            ("spiffe://cluster.local/ns/a/sa/b#frag", |e| {
-                matches!(e, IdentityError::InvalidSegment { .. })
-            }),
-            ("spiffe://cluster.local/ns/a%20b/sa/b", |e| {
-                matches!(e, IdentityError::InvalidSegment { .. })
-            }),
+            ("https://cluster.local/ns/a/sa/b", |e| matches!(e, IdentityError::MissingScheme { .. })),
+            ("SPIFFE://cluster.local/ns/a/sa/b", |e| matches!(e, IdentityError::MissingScheme { .. })),
+            ("spiffe:///ns/a/sa/b", |e| matches!(e, IdentityError::InvalidTrustDomain { .. })),
+            ("spiffe://Cluster.Local/ns/a/sa/b", |e| matches!(e, IdentityError::InvalidTrustDomain { .. })),
+            ("spiffe://cluster.local:443/ns/a/sa/b", |e| matches!(e, IdentityError::InvalidTrustDomain { .. })),
+            ("spiffe://user@cluster.local/ns/a/sa/b", |e| matches!(e, IdentityError::InvalidTrustDomain { .. })),
+            ("spiffe://cluster.local", |e| matches!(e, IdentityError::InvalidShape { .. })),
+            ("spiffe://cluster.local/", |e| matches!(e, IdentityError::InvalidShape { .. })),
+            ("spiffe://cluster.local/ns/a", |e| matches!(e, IdentityError::InvalidShape { .. })),
+            ("spiffe://cluster.local/ns/a/sa/b/", |e| matches!(e, IdentityError::InvalidShape { .. })),
+            ("spiffe://cluster.local/ns/a/sa/b/extra", |e| matches!(e, IdentityError::InvalidShape { .. })),
+            ("spiffe://cluster.local/namespace/a/sa/b", |e| matches!(e, IdentityError::InvalidShape { .. })),
+            ("spiffe://cluster.local/sa/b/ns/a", |e| matches!(e, IdentityError::InvalidShape { .. })),
+            ("spiffe://cluster.local/ns//sa/b", |e| matches!(e, IdentityError::InvalidSegment { .. })),
+            ("spiffe://cluster.local/ns/../sa/b", |e| matches!(e, IdentityError::InvalidSegment { .. })),
+            ("spiffe://cluster.local/ns/a/sa/b?x=1", |e| matches!(e, IdentityError::InvalidSegment { .. })),
+            ("spiffe://cluster.local/ns/a/sa/b#frag", |e| matches!(e, IdentityError::InvalidSegment { .. })),
+            ("spiffe://cluster.local/ns/a%20b/sa/b", |e| matches!(e, IdentityError::InvalidSegment { .. })),
         ];
         for (input, want) in cases {
             let err = input.parse::<Identity>().expect_err(input);
             assert!(want(&err), "{input:?}: unexpected error {err:?}");
         }
-        let long = format!(
-            "spiffe://cluster.local/ns/{}/sa/b",
-            "a".repeat(MAX_SPIFFE_ID_LEN)
-        );
-        assert!(matches!(
-            long.parse::<Identity>(),
-            Err(IdentityError::TooLong { .. })
-        ));
+        let long = format!("spiffe://cluster.local/ns/{}/sa/b", "a".repeat(MAX_SPIFFE_ID_LEN));
+        assert!(matches!(long.parse::<Identity>(), Err(IdentityError::TooLong { .. })));
     }
 
     #[test]

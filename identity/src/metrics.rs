@@ -71,11 +71,7 @@ impl Collector for CrlAge {
         let Some(this_update) = bundle.crl_this_update() else {
             return Ok(());
         };
-        let age = clock
-            .now()
-            .duration_since(this_update)
-            .unwrap_or(Duration::ZERO)
-            .as_secs();
+        let age = clock.now().duration_since(this_update).unwrap_or(Duration::ZERO).as_secs();
         let gauge = ConstGauge::new(i64::try_from(age).unwrap_or(i64::MAX));
         let m = encoder.encode_descriptor(
             "crl_age_seconds",
@@ -105,21 +101,13 @@ impl Metrics {
             "notAfter of the current workload certificate, seconds since the Unix epoch",
             m.cert_expiry.clone(),
         );
-        r.register(
-            "cert_rotations",
-            "Workload certificates obtained (first issue and rotations)",
-            m.rotations.clone(),
-        );
+        r.register("cert_rotations", "Workload certificates obtained (first issue and rotations)", m.rotations.clone());
         r.register(
             "cert_rotation_failures",
             "Failed attempts to obtain or rotate a workload certificate",
             m.rotation_failures.clone(),
         );
-        r.register(
-            "ca_issuances",
-            "Certificate requests handled by the CA, by result",
-            m.issuances.clone(),
-        );
+        r.register("ca_issuances", "Certificate requests handled by the CA, by result", m.issuances.clone());
         r.register(
             "ca_issuance_duration_seconds",
             "Time to authenticate, authorise and sign a certificate request",
@@ -135,33 +123,21 @@ impl Metrics {
     }
 
     pub(crate) fn cert_installed(&self, identity: &Identity, not_after: SystemTime) {
-        let l = IdentityLabel {
-            identity: identity.to_string(),
-        };
+        let l = IdentityLabel { identity: identity.to_string() };
         self.cert_expiry.get_or_create(&l).set(unix_secs(not_after));
         self.rotations.get_or_create(&l).inc();
     }
 
     pub(crate) fn cert_removed(&self, identity: &Identity) {
-        self.cert_expiry.remove(&IdentityLabel {
-            identity: identity.to_string(),
-        });
+        self.cert_expiry.remove(&IdentityLabel { identity: identity.to_string() });
     }
 
     pub(crate) fn rotation_failed(&self, identity: &Identity) {
-        self.rotation_failures
-            .get_or_create(&IdentityLabel {
-                identity: identity.to_string(),
-            })
-            .inc();
+        self.rotation_failures.get_or_create(&IdentityLabel { identity: identity.to_string() }).inc();
     }
 
     pub(crate) fn issuance(&self, result: &str, elapsed: Duration) {
-        self.issuances
-            .get_or_create(&ResultLabel {
-                result: result.to_owned(),
-            })
-            .inc();
+        self.issuances.get_or_create(&ResultLabel { result: result.to_owned() }).inc();
         self.issuance_latency.observe(elapsed.as_secs_f64());
     }
 }
@@ -190,37 +166,27 @@ mod tests {
         assert!(text.contains(
             "warden_identity_cert_expiration_timestamp_seconds{identity=\"spiffe://cluster.local/ns/ns/sa/sa\"} 1900000000"
         ), "{text}");
-        assert!(text.contains("warden_identity_cert_rotation_failures_total{identity=\"spiffe://cluster.local/ns/ns/sa/sa\"} 1"), "{text}");
         assert!(
-            text.contains("warden_identity_ca_issuances_total{result=\"issued\"} 1"),
+            text.contains(
+                "warden_identity_cert_rotation_failures_total{identity=\"spiffe://cluster.local/ns/ns/sa/sa\"} 1"
+            ),
             "{text}"
         );
-        assert!(
-            text.contains("warden_identity_ca_issuance_duration_seconds_count 1"),
-            "{text}"
-        );
+        assert!(text.contains("warden_identity_ca_issuances_total{result=\"issued\"} 1"), "{text}");
+        assert!(text.contains("warden_identity_ca_issuance_duration_seconds_count 1"), "{text}");
         assert!(!text.contains("crl_age_seconds"), "no CRL, no age: {text}");
 
         // A CRL issued "now", observed an hour later.
         let clock = Arc::new(ManualClock::starting_now());
         let dir = tempfile::tempdir().unwrap();
-        let ca = crate::ca::CertificateAuthority::load_or_init(
-            dir.path(),
-            Default::default(),
-            clock.clone(),
-        )
-        .unwrap();
+        let ca = crate::ca::CertificateAuthority::load_or_init(dir.path(), Default::default(), clock.clone()).unwrap();
         ca.revoke("01").unwrap();
-        let bundle =
-            Arc::new(TrustBundle::new(ca.roots().to_vec(), vec!["cluster.local".into()]).unwrap());
+        let bundle = Arc::new(TrustBundle::new(ca.roots().to_vec(), vec!["cluster.local".into()]).unwrap());
         bundle.set_crls(vec![ca.crl().unwrap()]).unwrap();
         m.observe_crl(bundle, clock.clone());
         clock.advance(Duration::from_secs(3600));
         let text = render(&registry);
-        assert!(
-            text.contains("warden_identity_crl_age_seconds 3600"),
-            "{text}"
-        );
+        assert!(text.contains("warden_identity_crl_age_seconds 3600"), "{text}");
         m.cert_removed(&id);
         assert!(!render(&registry).contains("cert_expiration_timestamp_seconds{"));
     }

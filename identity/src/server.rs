@@ -25,14 +25,10 @@ use crate::ca::{CaError, CertificateAuthority};
 use crate::clock::{Clock, rfc3339};
 use crate::identity::Identity;
 use crate::metrics::Metrics;
-use crate::proto::istio_certificate_service_server::{
-    IstioCertificateService, IstioCertificateServiceServer,
-};
+use crate::proto::istio_certificate_service_server::{IstioCertificateService, IstioCertificateServiceServer};
 use crate::proto::{IstioCertificateRequest, IstioCertificateResponse};
 use crate::tls::{CompliancePolicy, SpiffeVerifier, TrustBundle};
-use crate::workload::{
-    IMPERSONATED_IDENTITY_KEY, LocalCaClient, SecretManager, SecretManagerConfig,
-};
+use crate::workload::{IMPERSONATED_IDENTITY_KEY, LocalCaClient, SecretManager, SecretManagerConfig};
 
 /// Address `warden ca serve` listens on by default (istiod serves its CA on 15012).
 pub const DEFAULT_CA_LISTEN_ADDR: &str = "127.0.0.1:15012";
@@ -132,23 +128,12 @@ pub trait NodeWorkloads: Send + Sync + fmt::Debug {
 }
 
 fn read_lines(path: &Path) -> Result<Vec<(usize, Vec<String>)>, ServerError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ServerError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
+    let text = std::fs::read_to_string(path).map_err(|source| ServerError::Read { path: path.to_owned(), source })?;
     Ok(text
         .lines()
         .enumerate()
         .map(|(i, l)| {
-            (
-                i + 1,
-                l.split('#')
-                    .next()
-                    .unwrap_or("")
-                    .split_whitespace()
-                    .map(str::to_owned)
-                    .collect::<Vec<_>>(),
-            )
+            (i + 1, l.split('#').next().unwrap_or("").split_whitespace().map(str::to_owned).collect::<Vec<_>>())
         })
         .filter(|(_, f)| !f.is_empty())
         .collect())
@@ -163,10 +148,7 @@ pub struct TokenFileAuthenticator {
 impl fmt::Debug for TokenFileAuthenticator {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = self.tokens.read().map(|t| t.len()).unwrap_or(0);
-        f.debug_struct("TokenFileAuthenticator")
-            .field("path", &self.path)
-            .field("tokens", &n)
-            .finish()
+        f.debug_struct("TokenFileAuthenticator").field("path", &self.path).field("tokens", &n).finish()
     }
 }
 
@@ -174,10 +156,7 @@ impl TokenFileAuthenticator {
     /// Loads the token file.
     pub fn from_file(path: &Path) -> Result<Self, ServerError> {
         let tokens = Self::parse(path)?;
-        Ok(Self {
-            tokens: RwLock::new(tokens),
-            path: path.to_owned(),
-        })
+        Ok(Self { tokens: RwLock::new(tokens), path: path.to_owned() })
     }
 
     fn parse(path: &Path) -> Result<Vec<(Vec<u8>, String)>, ServerError> {
@@ -217,10 +196,7 @@ impl Authenticator for TokenFileAuthenticator {
         let token = header
             .to_str()
             .ok()
-            .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-            })
+            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
             .ok_or(AuthError::Missing)?
             .trim()
             .as_bytes();
@@ -259,16 +235,9 @@ impl NodeCertAuthenticator {
     pub fn from_file(path: &Path) -> Result<Self, ServerError> {
         let mut me = Self::new();
         for (line, f) in read_lines(path)? {
-            let syntax = |reason: String| ServerError::Syntax {
-                path: path.to_owned(),
-                line,
-                reason,
-            };
+            let syntax = |reason: String| ServerError::Syntax { path: path.to_owned(), line, reason };
             match f.as_slice() {
-                [id, node] => me.insert(
-                    id.parse().map_err(|e| syntax(format!("{e}")))?,
-                    node.clone(),
-                ),
+                [id, node] => me.insert(id.parse().map_err(|e| syntax(format!("{e}")))?, node.clone()),
                 _ => return Err(syntax("expected `<spiffe-id> <node-name>`".into())),
             }
         }
@@ -282,9 +251,7 @@ impl Authenticator for NodeCertAuthenticator {
         _metadata: &MetadataMap,
         peer_certs: Option<&[CertificateDer<'static>]>,
     ) -> Result<String, AuthError> {
-        let leaf = peer_certs
-            .and_then(|c| c.first())
-            .ok_or(AuthError::Missing)?;
+        let leaf = peer_certs.and_then(|c| c.first()).ok_or(AuthError::Missing)?;
         let identity = crate::tls::spiffe_identity(leaf).map_err(|_| AuthError::Invalid)?;
         self.nodes.get(&identity).cloned().ok_or(AuthError::Invalid)
     }
@@ -334,16 +301,9 @@ impl StaticNodeWorkloads {
     pub fn from_file(path: &Path) -> Result<Self, ServerError> {
         let mut me = Self::new();
         for (line, f) in read_lines(path)? {
-            let syntax = |reason: String| ServerError::Syntax {
-                path: path.to_owned(),
-                line,
-                reason,
-            };
+            let syntax = |reason: String| ServerError::Syntax { path: path.to_owned(), line, reason };
             match f.as_slice() {
-                [node, id] => me.insert(
-                    node.clone(),
-                    id.parse().map_err(|e| syntax(format!("{e}")))?,
-                ),
+                [node, id] => me.insert(node.clone(), id.parse().map_err(|e| syntax(format!("{e}")))?),
                 _ => return Err(syntax("expected `<node-name> <spiffe-id>`".into())),
             }
         }
@@ -369,12 +329,7 @@ pub struct RateLimiter {
 impl RateLimiter {
     /// `per_second` sustained, `burst` at once.
     pub fn new(per_second: f64, burst: u32, clock: Arc<dyn Clock>) -> Self {
-        Self {
-            per_second,
-            burst: f64::from(burst),
-            clock,
-            buckets: Mutex::new(HashMap::new()),
-        }
+        Self { per_second, burst: f64::from(burst), clock, buckets: Mutex::new(HashMap::new()) }
     }
 
     /// Takes one token for `key`; false when the bucket is empty.
@@ -382,10 +337,7 @@ impl RateLimiter {
         let now = self.clock.now();
         let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
         let (tokens, last) = buckets.entry(key.to_owned()).or_insert((self.burst, now));
-        let elapsed = now
-            .duration_since(*last)
-            .unwrap_or(Duration::ZERO)
-            .as_secs_f64();
+        let elapsed = now.duration_since(*last).unwrap_or(Duration::ZERO).as_secs_f64();
         *tokens = (*tokens + elapsed * self.per_second).min(self.burst);
         *last = now;
         if *tokens >= 1.0 {
@@ -408,10 +360,7 @@ pub struct CaService {
 
 impl fmt::Debug for CaService {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CaService")
-            .field("ca", &self.ca)
-            .field("auth", &self.auth)
-            .finish_non_exhaustive()
+        f.debug_struct("CaService").field("ca", &self.ca).field("auth", &self.auth).finish_non_exhaustive()
     }
 }
 
@@ -424,18 +373,8 @@ impl CaService {
         clock: Arc<dyn Clock>,
         metrics: Option<Metrics>,
     ) -> Self {
-        let limiter = RateLimiter::new(
-            DEFAULT_RATE_LIMIT_PER_SECOND,
-            DEFAULT_RATE_LIMIT_BURST,
-            clock,
-        );
-        Self {
-            ca,
-            auth,
-            workloads,
-            limiter,
-            metrics,
-        }
+        let limiter = RateLimiter::new(DEFAULT_RATE_LIMIT_PER_SECOND, DEFAULT_RATE_LIMIT_BURST, clock);
+        Self { ca, auth, workloads, limiter, metrics }
     }
 
     /// Replaces the rate limiter.
@@ -460,25 +399,16 @@ impl CaService {
         let node = self
             .auth
             .authenticate(req.metadata(), peer_certs.as_deref().map(Vec::as_slice))
-            .map_err(|e| {
-                (
-                    "unauthenticated",
-                    Status::unauthenticated(format!("authentication failed: {e}")),
-                )
-            })?;
+            .map_err(|e| ("unauthenticated", Status::unauthenticated(format!("authentication failed: {e}"))))?;
         if !self.limiter.try_acquire(&node) {
             return Err((
                 "rate_limited",
-                Status::resource_exhausted(format!(
-                    "rate limit exceeded for node {node:?}; retry later"
-                )),
+                Status::resource_exhausted(format!("rate limit exceeded for node {node:?}; retry later")),
             ));
         }
         let body = req.get_ref();
         let csr = self.ca.parse_csr(&body.csr).map_err(|e| match e {
-            CaError::ForeignTrustDomain { .. } => {
-                ("denied", Status::permission_denied(e.to_string()))
-            }
+            CaError::ForeignTrustDomain { .. } => ("denied", Status::permission_denied(e.to_string())),
             other => ("invalid", Status::invalid_argument(other.to_string())),
         })?;
         if let Some(impersonated) = impersonated_identity(body)
@@ -502,36 +432,19 @@ impl CaService {
             ));
         }
         if body.validity_duration < 0 {
-            return Err((
-                "invalid",
-                Status::invalid_argument("validity_duration must not be negative"),
-            ));
+            return Err(("invalid", Status::invalid_argument("validity_duration must not be negative")));
         }
-        let ttl = u64::try_from(body.validity_duration)
-            .ok()
-            .filter(|s| *s > 0)
-            .map(Duration::from_secs);
-        let issued = self
-            .ca
-            .sign(&csr, ttl)
-            .map_err(|e| ("error", Status::internal(format!("signing failed: {e}"))))?;
+        let ttl = u64::try_from(body.validity_duration).ok().filter(|s| *s > 0).map(Duration::from_secs);
+        let issued =
+            self.ca.sign(&csr, ttl).map_err(|e| ("error", Status::internal(format!("signing failed: {e}"))))?;
         tracing::info!(node, identity = %issued.identity, serial = %issued.serial,
             not_after = %rfc3339(issued.not_after), "issued workload certificate");
-        Ok((
-            node,
-            IstioCertificateResponse {
-                cert_chain: issued.chain_pem,
-            },
-        ))
+        Ok((node, IstioCertificateResponse { cert_chain: issued.chain_pem }))
     }
 }
 
 fn impersonated_identity(req: &IstioCertificateRequest) -> Option<String> {
-    let v = req
-        .metadata
-        .as_ref()?
-        .fields
-        .get(IMPERSONATED_IDENTITY_KEY)?;
+    let v = req.metadata.as_ref()?.fields.get(IMPERSONATED_IDENTITY_KEY)?;
     match &v.kind {
         Some(prost_types::value::Kind::StringValue(s)) => Some(s.clone()),
         _ => Some(String::new()),
@@ -602,9 +515,7 @@ pub async fn serve(
     match tls {
         None => {
             let incoming = tonic::transport::server::TcpIncoming::from(listener);
-            router
-                .serve_with_incoming_shutdown(incoming, shutdown)
-                .await?;
+            router.serve_with_incoming_shutdown(incoming, shutdown).await?;
         }
         Some(config) => {
             let mut config = (*config).clone();
@@ -623,9 +534,7 @@ pub async fn serve(
                     let acceptor = acceptor.clone();
                     let tx = tx.clone();
                     tokio::spawn(async move {
-                        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
-                            .await
-                        {
+                        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                             Ok(Ok(tls)) => {
                                 let _ = tx.send(Ok(tls)).await;
                             }
@@ -640,9 +549,7 @@ pub async fn serve(
                 }
             });
             let incoming = tokio_stream::wrappers::ReceiverStream::new(rx);
-            let result = router
-                .serve_with_incoming_shutdown(incoming, shutdown)
-                .await;
+            let result = router.serve_with_incoming_shutdown(incoming, shutdown).await;
             accept_loop.abort();
             result?;
         }
@@ -666,10 +573,7 @@ mod tests {
         assert!(rl.try_acquire("n1"));
         assert!(!rl.try_acquire("n1"));
         clock.advance(Duration::from_secs(60));
-        assert!(
-            (0..3).all(|_| rl.try_acquire("n1")),
-            "refill is capped at the burst"
-        );
+        assert!((0..3).all(|_| rl.try_acquire("n1")), "refill is capped at the burst");
         assert!(!rl.try_acquire("n1"));
     }
 
@@ -677,24 +581,14 @@ mod tests {
     fn token_file_maps_tokens_to_nodes() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("tokens");
-        std::fs::write(
-            &p,
-            "# lab tokens\ns3cret-a node-a\ns3cret-b node-b # second\n",
-        )
-        .unwrap();
+        std::fs::write(&p, "# lab tokens\ns3cret-a node-a\ns3cret-b node-b # second\n").unwrap();
         let auth = TokenFileAuthenticator::from_file(&p).unwrap();
         let mut md = MetadataMap::new();
-        assert!(matches!(
-            auth.authenticate(&md, None),
-            Err(AuthError::Missing)
-        ));
+        assert!(matches!(auth.authenticate(&md, None), Err(AuthError::Missing)));
         md.insert("authorization", "Bearer s3cret-b".parse().unwrap());
         assert_eq!(auth.authenticate(&md, None).unwrap(), "node-b");
         md.insert("authorization", "Bearer s3cret-c".parse().unwrap());
-        assert!(matches!(
-            auth.authenticate(&md, None),
-            Err(AuthError::Invalid)
-        ));
+        assert!(matches!(auth.authenticate(&md, None), Err(AuthError::Invalid)));
         std::fs::write(&p, "s3cret-c node-c\n").unwrap();
         auth.reload().unwrap();
         assert_eq!(auth.authenticate(&md, None).unwrap(), "node-c");

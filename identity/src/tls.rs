@@ -25,19 +25,14 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, OtherError,
-    ServerConfig, SignatureScheme,
+    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, OtherError, ServerConfig, SignatureScheme,
 };
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{
-    CertificateDer, CertificateRevocationListDer, ServerName, TrustAnchor, UnixTime,
-};
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, ServerName, TrustAnchor, UnixTime};
 /// Which extended key usage a verification demands (`KeyUsage::client_auth()` /
 /// `KeyUsage::server_auth()`), re-exported for [`SpiffeVerifier::verify`].
 pub use webpki::KeyUsage;
-use webpki::{
-    CertRevocationList, EndEntityCert, OwnedCertRevocationList, RevocationOptionsBuilder,
-};
+use webpki::{CertRevocationList, EndEntityCert, OwnedCertRevocationList, RevocationOptionsBuilder};
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
 use crate::ca::serial_hex;
@@ -62,9 +57,7 @@ pub enum CompliancePolicy {
 impl CompliancePolicy {
     /// Reads [`COMPLIANCE_POLICY_ENV`]; unset or empty means [`CompliancePolicy::Default`].
     pub fn from_env() -> Result<Self, TlsError> {
-        std::env::var(COMPLIANCE_POLICY_ENV)
-            .unwrap_or_default()
-            .parse()
+        std::env::var(COMPLIANCE_POLICY_ENV).unwrap_or_default().parse()
     }
 }
 
@@ -74,9 +67,7 @@ impl std::str::FromStr for CompliancePolicy {
         match s.trim() {
             "" | "default" => Ok(Self::Default),
             "pqc" => Ok(Self::Pqc),
-            other => Err(TlsError::UnknownCompliancePolicy {
-                value: other.to_owned(),
-            }),
+            other => Err(TlsError::UnknownCompliancePolicy { value: other.to_owned() }),
         }
     }
 }
@@ -210,11 +201,7 @@ pub fn crypto_provider(policy: CompliancePolicy) -> Arc<CryptoProvider> {
     let base = aws_lc_rs::default_provider();
     let kx_groups = match policy {
         CompliancePolicy::Default => {
-            vec![
-                aws_lc_rs::kx_group::X25519MLKEM768,
-                aws_lc_rs::kx_group::X25519,
-                aws_lc_rs::kx_group::SECP256R1,
-            ]
+            vec![aws_lc_rs::kx_group::X25519MLKEM768, aws_lc_rs::kx_group::X25519, aws_lc_rs::kx_group::SECP256R1]
         }
         CompliancePolicy::Pqc => vec![aws_lc_rs::kx_group::X25519MLKEM768],
     };
@@ -264,19 +251,12 @@ fn anchors(roots: &[CertificateDer<'static>]) -> Result<Vec<TrustAnchor<'static>
         .map(|(index, r)| {
             webpki::anchor_from_trusted_cert(r)
                 .map(|a| a.to_owned())
-                .map_err(|e| TlsError::BadRoot {
-                    index,
-                    reason: e.to_string(),
-                })
+                .map_err(|e| TlsError::BadRoot { index, reason: e.to_string() })
         })
         .collect()
 }
 
-type ParsedCrls = (
-    Vec<CertRevocationList<'static>>,
-    HashMap<Vec<u8>, ()>,
-    Option<SystemTime>,
-);
+type ParsedCrls = (Vec<CertRevocationList<'static>>, HashMap<Vec<u8>, ()>, Option<SystemTime>);
 
 fn parse_crls(crls: &[CertificateRevocationListDer<'static>]) -> Result<ParsedCrls, TlsError> {
     let mut parsed = Vec::with_capacity(crls.len());
@@ -284,11 +264,9 @@ fn parse_crls(crls: &[CertificateRevocationListDer<'static>]) -> Result<ParsedCr
     let mut newest: Option<SystemTime> = None;
     for (index, der) in crls.iter().enumerate() {
         let bad = |reason: String| TlsError::BadCrl { index, reason };
-        let owned =
-            OwnedCertRevocationList::from_der(der.as_ref()).map_err(|e| bad(e.to_string()))?;
-        let (_, x) =
-            x509_parser::revocation_list::CertificateRevocationList::from_der(der.as_ref())
-                .map_err(|e| bad(e.to_string()))?;
+        let owned = OwnedCertRevocationList::from_der(der.as_ref()).map_err(|e| bad(e.to_string()))?;
+        let (_, x) = x509_parser::revocation_list::CertificateRevocationList::from_der(der.as_ref())
+            .map_err(|e| bad(e.to_string()))?;
         for r in x.iter_revoked_certificates() {
             revoked.insert(normalise_serial(r.raw_serial()), ());
         }
@@ -300,19 +278,13 @@ fn parse_crls(crls: &[CertificateRevocationListDer<'static>]) -> Result<ParsedCr
 }
 
 fn normalise_serial(raw: &[u8]) -> Vec<u8> {
-    let start = raw
-        .iter()
-        .position(|b| *b != 0)
-        .unwrap_or(raw.len().saturating_sub(1));
+    let start = raw.iter().position(|b| *b != 0).unwrap_or(raw.len().saturating_sub(1));
     raw[start..].to_vec()
 }
 
 impl TrustBundle {
     /// A bundle trusting `roots` for identities of `trust_domains`.
-    pub fn new(
-        roots: Vec<CertificateDer<'static>>,
-        trust_domains: Vec<String>,
-    ) -> Result<Self, TlsError> {
+    pub fn new(roots: Vec<CertificateDer<'static>>, trust_domains: Vec<String>) -> Result<Self, TlsError> {
         let anchors = anchors(&roots)?;
         Ok(Self {
             state: ArcSwap::from_pointee(TrustState {
@@ -330,20 +302,13 @@ impl TrustBundle {
     /// Applies to the next handshake.
     pub fn set_roots(&self, roots: Vec<CertificateDer<'static>>) -> Result<(), TlsError> {
         let anchors = anchors(&roots)?;
-        self.update(|s| TrustState {
-            roots: roots.clone(),
-            anchors: anchors.clone(),
-            ..s.clone_shallow()
-        });
+        self.update(|s| TrustState { roots: roots.clone(), anchors: anchors.clone(), ..s.clone_shallow() });
         tracing::info!(roots = roots.len(), "trust bundle updated");
         Ok(())
     }
 
     /// Replaces the CRLs. Applies to the next handshake.
-    pub fn set_crls(
-        &self,
-        crls: Vec<CertificateRevocationListDer<'static>>,
-    ) -> Result<(), TlsError> {
+    pub fn set_crls(&self, crls: Vec<CertificateRevocationListDer<'static>>) -> Result<(), TlsError> {
         let (parsed, revoked, this_update) = parse_crls(&crls)?;
         let parsed = Arc::new(parsed);
         let count = revoked.len();
@@ -359,10 +324,7 @@ impl TrustBundle {
 
     /// Replaces the accepted trust domains.
     pub fn set_trust_domains(&self, trust_domains: Vec<String>) {
-        self.update(|s| TrustState {
-            trust_domains: trust_domains.clone(),
-            ..s.clone_shallow()
-        });
+        self.update(|s| TrustState { trust_domains: trust_domains.clone(), ..s.clone_shallow() });
     }
 
     fn update(&self, f: impl Fn(&TrustState) -> TrustState) {
@@ -397,36 +359,27 @@ impl TrustBundle {
         trust_domains: Vec<String>,
     ) -> Result<Self, TlsError> {
         let roots = read_roots(roots_path)?;
-        let bundle = Self::new(roots, trust_domains).map_err(|e| TlsError::File {
-            path: roots_path.to_owned(),
-            reason: e.to_string(),
-        })?;
+        let bundle = Self::new(roots, trust_domains)
+            .map_err(|e| TlsError::File { path: roots_path.to_owned(), reason: e.to_string() })?;
         bundle.reload_files(roots_path, crl_path)?;
         Ok(bundle)
     }
 
     /// Loads roots from a PEM file and, if given and present, a CRL file (PEM or DER).
     pub fn reload_files(&self, roots_path: &Path, crl_path: Option<&Path>) -> Result<(), TlsError> {
-        let file_err = |path: &Path, reason: String| TlsError::File {
-            path: path.to_owned(),
-            reason,
-        };
+        let file_err = |path: &Path, reason: String| TlsError::File { path: path.to_owned(), reason };
         let roots = CertificateDer::pem_file_iter(roots_path)
             .and_then(|it| it.collect::<Result<Vec<_>, _>>())
             .map_err(|e| file_err(roots_path, e.to_string()))?;
-        self.set_roots(roots)
-            .map_err(|e| file_err(roots_path, e.to_string()))?;
+        self.set_roots(roots).map_err(|e| file_err(roots_path, e.to_string()))?;
         if let Some(p) = crl_path.filter(|p| p.exists()) {
             let bytes = std::fs::read(p).map_err(|e| file_err(p, e.to_string()))?;
             let crls: Vec<CertificateRevocationListDer<'static>> =
-                match CertificateRevocationListDer::pem_slice_iter(&bytes)
-                    .collect::<Result<Vec<_>, _>>()
-                {
+                match CertificateRevocationListDer::pem_slice_iter(&bytes).collect::<Result<Vec<_>, _>>() {
                     Ok(v) if !v.is_empty() => v,
                     _ => vec![CertificateRevocationListDer::from(bytes)],
                 };
-            self.set_crls(crls)
-                .map_err(|e| file_err(p, e.to_string()))?;
+            self.set_crls(crls).map_err(|e| file_err(p, e.to_string()))?;
         }
         Ok(())
     }
@@ -463,10 +416,7 @@ impl TrustBundle {
 fn read_roots(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     CertificateDer::pem_file_iter(path)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| TlsError::File {
-            path: path.to_owned(),
-            reason: e.to_string(),
-        })
+        .map_err(|e| TlsError::File { path: path.to_owned(), reason: e.to_string() })
 }
 
 impl TrustState {
@@ -484,18 +434,13 @@ impl TrustState {
 
 /// Extracts the single SPIFFE identity of a certificate.
 pub fn spiffe_identity(cert: &CertificateDer<'_>) -> Result<Identity, VerifyError> {
-    let (_, x) = X509Certificate::from_der(cert.as_ref()).map_err(|e| VerifyError::Malformed {
-        reason: e.to_string(),
-    })?;
+    let (_, x) =
+        X509Certificate::from_der(cert.as_ref()).map_err(|e| VerifyError::Malformed { reason: e.to_string() })?;
     identity_of(&x)
 }
 
 fn identity_of(x: &X509Certificate<'_>) -> Result<Identity, VerifyError> {
-    let san = x
-        .subject_alternative_name()
-        .map_err(|e| VerifyError::Malformed {
-            reason: e.to_string(),
-        })?;
+    let san = x.subject_alternative_name().map_err(|e| VerifyError::Malformed { reason: e.to_string() })?;
     let uris: Vec<&str> = san
         .map(|s| {
             s.value
@@ -516,9 +461,7 @@ fn identity_of(x: &X509Certificate<'_>) -> Result<Identity, VerifyError> {
 
 /// The verified identity of the peer of an established connection.
 pub fn peer_identity(conn: &rustls::CommonState) -> Option<Identity> {
-    conn.peer_certificates()
-        .and_then(|c| c.first())
-        .and_then(|c| spiffe_identity(c).ok())
+    conn.peer_certificates().and_then(|c| c.first()).and_then(|c| spiffe_identity(c).ok())
 }
 
 fn unix(t: UnixTime) -> SystemTime {
@@ -536,10 +479,7 @@ pub struct SpiffeVerifier {
 
 impl fmt::Debug for SpiffeVerifier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SpiffeVerifier")
-            .field("bundle", &self.bundle)
-            .field("expected", &self.expected)
-            .finish()
+        f.debug_struct("SpiffeVerifier").field("bundle", &self.bundle).field("expected", &self.expected).finish()
     }
 }
 
@@ -547,13 +487,7 @@ impl SpiffeVerifier {
     /// Accepts any identity of the bundle's trust domains.
     pub fn new(bundle: Arc<TrustBundle>, clock: Arc<dyn Clock>) -> Self {
         let algs = aws_lc_rs::default_provider().signature_verification_algorithms;
-        Self {
-            bundle,
-            clock,
-            algs,
-            expected: None,
-            client_auth_optional: false,
-        }
+        Self { bundle, clock, algs, expected: None, client_auth_optional: false }
     }
 
     /// Additionally requires the peer to be one of `expected` (e.g. the destination workload's
@@ -581,9 +515,7 @@ impl SpiffeVerifier {
         let state = self.bundle.state.load();
         let now = self.clock.now();
         let time = UnixTime::since_unix_epoch(now.duration_since(UNIX_EPOCH).unwrap_or_default());
-        let ee = EndEntityCert::try_from(end_entity).map_err(|e| VerifyError::Malformed {
-            reason: e.to_string(),
-        })?;
+        let ee = EndEntityCert::try_from(end_entity).map_err(|e| VerifyError::Malformed { reason: e.to_string() })?;
         let crl_refs: Vec<&CertRevocationList<'_>> = state.crls.iter().collect();
         let revocation = RevocationOptionsBuilder::new(&crl_refs).ok().map(|b| {
             b.with_depth(webpki::RevocationCheckDepth::Chain)
@@ -591,53 +523,32 @@ impl SpiffeVerifier {
                 .with_expiration_policy(webpki::ExpirationPolicy::Ignore)
                 .build()
         });
-        let result = ee.verify_for_usage(
-            self.algs.all,
-            &state.anchors,
-            intermediates,
-            time,
-            usage,
-            revocation,
-            None,
-        );
+        let result = ee.verify_for_usage(self.algs.all, &state.anchors, intermediates, time, usage, revocation, None);
         if let Err(e) = result {
             return Err(match e {
-                webpki::Error::CertExpired { time, not_after } => VerifyError::Expired {
-                    not_after: rfc3339(unix(not_after)),
-                    now: rfc3339(unix(time)),
-                },
-                webpki::Error::CertNotValidYet { time, not_before } => VerifyError::NotYetValid {
-                    not_before: rfc3339(unix(not_before)),
-                    now: rfc3339(unix(time)),
-                },
+                webpki::Error::CertExpired { time, not_after } => {
+                    VerifyError::Expired { not_after: rfc3339(unix(not_after)), now: rfc3339(unix(time)) }
+                }
+                webpki::Error::CertNotValidYet { time, not_before } => {
+                    VerifyError::NotYetValid { not_before: rfc3339(unix(not_before)), now: rfc3339(unix(time)) }
+                }
                 webpki::Error::CertRevoked => {
                     let serial = std::iter::once(end_entity)
                         .chain(intermediates.iter())
                         .filter_map(|c| {
-                            X509Certificate::from_der(c.as_ref())
-                                .ok()
-                                .map(|(_, x)| normalise_serial(x.raw_serial()))
+                            X509Certificate::from_der(c.as_ref()).ok().map(|(_, x)| normalise_serial(x.raw_serial()))
                         })
                         .find(|s| state.revoked.contains_key(s))
                         .map(|s| serial_hex(&s))
                         .unwrap_or_else(|| "<not found in local CRL index>".to_owned());
                     VerifyError::Revoked { serial }
                 }
-                other => VerifyError::UntrustedChain {
-                    reason: other.to_string(),
-                },
+                other => VerifyError::UntrustedChain { reason: other.to_string() },
             });
         }
         let identity = spiffe_identity(end_entity)?;
-        if !state
-            .trust_domains
-            .iter()
-            .any(|td| td == identity.trust_domain())
-        {
-            return Err(VerifyError::ForeignTrustDomain {
-                identity,
-                accepted: state.trust_domains.clone(),
-            });
+        if !state.trust_domains.iter().any(|td| td == identity.trust_domain()) {
+            return Err(VerifyError::ForeignTrustDomain { identity, accepted: state.trust_domains.clone() });
         }
         if let Some(expected) = &self.expected
             && !expected.contains(&identity)
@@ -661,11 +572,10 @@ impl ServerCertVerifier for SpiffeVerifier {
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         // The server is authenticated by its SPIFFE identity, not by the name dialled.
-        self.verify(end_entity, intermediates, KeyUsage::server_auth())
-            .map_err(|e| {
-                tracing::debug!(error = %e, "server certificate refused");
-                rustls::Error::from(e)
-            })?;
+        self.verify(end_entity, intermediates, KeyUsage::server_auth()).map_err(|e| {
+            tracing::debug!(error = %e, "server certificate refused");
+            rustls::Error::from(e)
+        })?;
         Ok(ServerCertVerified::assertion())
     }
 
@@ -675,9 +585,7 @@ impl ServerCertVerifier for SpiffeVerifier {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::PeerIncompatible(
-            rustls::PeerIncompatible::Tls12NotOffered,
-        ))
+        Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls12NotOffered))
     }
 
     fn verify_tls13_signature(
@@ -710,11 +618,10 @@ impl ClientCertVerifier for SpiffeVerifier {
         intermediates: &[CertificateDer<'_>],
         _now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.verify(end_entity, intermediates, KeyUsage::client_auth())
-            .map_err(|e| {
-                tracing::debug!(error = %e, "client certificate refused");
-                rustls::Error::from(e)
-            })?;
+        self.verify(end_entity, intermediates, KeyUsage::client_auth()).map_err(|e| {
+            tracing::debug!(error = %e, "client certificate refused");
+            rustls::Error::from(e)
+        })?;
         Ok(ClientCertVerified::assertion())
     }
 
@@ -724,9 +631,7 @@ impl ClientCertVerifier for SpiffeVerifier {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::PeerIncompatible(
-            rustls::PeerIncompatible::Tls12NotOffered,
-        ))
+        Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls12NotOffered))
     }
 
     fn verify_tls13_signature(
@@ -757,25 +662,19 @@ struct SlotEntry {
 impl fmt::Debug for CertSlot {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let cur = self.current.load();
-        f.debug_struct("CertSlot")
-            .field("not_after", &cur.as_ref().map(|e| rfc3339(e.not_after)))
-            .finish()
+        f.debug_struct("CertSlot").field("not_after", &cur.as_ref().map(|e| rfc3339(e.not_after))).finish()
     }
 }
 
 impl CertSlot {
     /// An empty slot.
     pub fn new(clock: Arc<dyn Clock>) -> Self {
-        Self {
-            current: ArcSwapOption::empty(),
-            clock,
-        }
+        Self { current: ArcSwapOption::empty(), clock }
     }
 
     /// Installs a certificate; handshakes already in progress or done keep the old one.
     pub fn store(&self, key: Arc<CertifiedKey>, not_after: SystemTime) {
-        self.current
-            .store(Some(Arc::new(SlotEntry { key, not_after })));
+        self.current.store(Some(Arc::new(SlotEntry { key, not_after })));
     }
 
     /// Removes the certificate.
@@ -798,11 +697,7 @@ impl ResolvesServerCert for CertSlot {
 }
 
 impl ResolvesClientCert for CertSlot {
-    fn resolve(
-        &self,
-        _root_hint_subjects: &[&[u8]],
-        _sigschemes: &[SignatureScheme],
-    ) -> Option<Arc<CertifiedKey>> {
+    fn resolve(&self, _root_hint_subjects: &[&[u8]], _sigschemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
         self.get()
     }
 
@@ -850,17 +745,11 @@ pub fn client_config(
 
 /// Builds a rustls [`CertifiedKey`] from a PEM chain (leaf first) and a PKCS#8 DER private key.
 /// The trailing self-signed root, if any, is not sent to peers.
-pub fn certified_key(
-    chain_pem: &[String],
-    key_pkcs8_der: Vec<u8>,
-) -> Result<CertifiedKey, TlsError> {
+pub fn certified_key(chain_pem: &[String], key_pkcs8_der: Vec<u8>) -> Result<CertifiedKey, TlsError> {
     let mut chain = Vec::with_capacity(chain_pem.len());
     for (i, pem) in chain_pem.iter().enumerate() {
-        let der =
-            CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|e| TlsError::BadRoot {
-                index: i,
-                reason: format!("bad certificate PEM: {e}"),
-            })?;
+        let der = CertificateDer::from_pem_slice(pem.as_bytes())
+            .map_err(|e| TlsError::BadRoot { index: i, reason: format!("bad certificate PEM: {e}") })?;
         chain.push(der);
     }
     if chain.len() > 1

@@ -8,7 +8,11 @@ use crate::Spec;
 /// `a`, `b` and `c` in namespace `team` at `10.<net>.0.2/3/4`; `b` serves `b_ports`, the others 8080.
 pub fn team(net: u8, b_ports: &[u16]) -> Vec<Spec> {
     let ip = |d| Ipv4Addr::new(10, net, 0, d);
-    vec![Spec::new("team", "a", ip(2), &[8080]), Spec::new("team", "b", ip(3), b_ports), Spec::new("team", "c", ip(4), &[8080])]
+    vec![
+        Spec::new("team", "a", ip(2), &[8080]),
+        Spec::new("team", "b", ip(3), b_ports),
+        Spec::new("team", "c", ip(4), &[8080]),
+    ]
 }
 
 /// `team/b-access`: only `a` may reach `b`, on 8080.

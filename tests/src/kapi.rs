@@ -62,13 +62,20 @@ impl ApiServer {
             .env("ETCD_PORT", self.etcd_port.to_string())
             .output()
             .expect("running start.sh");
-        assert!(out.status.success(), "start.sh: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "start.sh: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// Stop the API server and etcd and wait until they are gone.
     pub fn stop(&self) {
         for f in ["apiserver.pid", "etcd.pid"] {
-            let Some(pid) = fs::read_to_string(self.dir.join(f)).ok().and_then(|p| p.trim().parse::<i32>().ok()) else { continue };
+            let Some(pid) = fs::read_to_string(self.dir.join(f)).ok().and_then(|p| p.trim().parse::<i32>().ok()) else {
+                continue;
+            };
             // SAFETY: signalling a process this test started (its pid file is in our directory).
             unsafe { libc::kill(pid, libc::SIGTERM) };
             let deadline = Instant::now() + Duration::from_secs(10);
@@ -111,7 +118,13 @@ impl ApiServer {
     }
 
     pub fn kubectl(&self, args: &[&str]) -> anyhow::Result<String> {
-        let out = self.command("kubectl").arg("--kubeconfig").arg(self.kubeconfig()).args(args).output().context("running kubectl")?;
+        let out = self
+            .command("kubectl")
+            .arg("--kubeconfig")
+            .arg(self.kubeconfig())
+            .args(args)
+            .output()
+            .context("running kubectl")?;
         if !out.status.success() {
             bail!("kubectl {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
         }
@@ -142,7 +155,13 @@ impl ApiServer {
         let crds = workspace_root().join("deploy/crds");
         self.kubectl(&["apply", "--validate=false", "-k", crds.to_str().unwrap()]).unwrap();
         for crd in ["authorizationpolicies", "peerauthentications", "requestauthentications"] {
-            self.kubectl(&["wait", "--for=condition=Established", "--timeout=30s", &format!("crd/{crd}.security.istio.io")]).unwrap();
+            self.kubectl(&[
+                "wait",
+                "--for=condition=Established",
+                "--timeout=30s",
+                &format!("crd/{crd}.security.istio.io"),
+            ])
+            .unwrap();
         }
     }
 
@@ -163,7 +182,8 @@ impl ApiServer {
             labels.join(", ")
         ))
         .unwrap();
-        let status = format!("{{\"status\":{{\"phase\":\"Running\",\"podIP\":\"{ip}\",\"podIPs\":[{{\"ip\":\"{ip}\"}}]}}}}");
+        let status =
+            format!("{{\"status\":{{\"phase\":\"Running\",\"podIP\":\"{ip}\",\"podIPs\":[{{\"ip\":\"{ip}\"}}]}}}}");
         self.kubectl(&["patch", "pod", name, "-n", ns, "--subresource=status", "--type=merge", "-p", &status]).unwrap();
         self.kubectl(&["get", "pod", name, "-n", ns, "-o", "jsonpath={.metadata.uid}"]).unwrap()
     }
@@ -174,4 +194,3 @@ impl Drop for ApiServer {
         self.stop();
     }
 }
-

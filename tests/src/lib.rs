@@ -44,7 +44,8 @@ fn target_bin(name: &str, env: &str) -> PathBuf {
     if let Some(p) = std::env::var_os(env) {
         return PathBuf::from(p);
     }
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"));
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"));
     for profile in ["debug", "release"] {
         let p = target.join(profile).join(name);
         if p.is_file() {
@@ -83,7 +84,9 @@ pub fn require_root(test: &str) -> bool {
     let root = unsafe { libc::geteuid() } == 0;
     let bpf = Path::new("/sys/kernel/btf/vmlinux").exists();
     if !root || !bpf {
-        eprintln!("\n!!!!!!!! SKIPPING {test}: needs root and a BPF-capable kernel (root={root}, btf={bpf}) !!!!!!!!\n");
+        eprintln!(
+            "\n!!!!!!!! SKIPPING {test}: needs root and a BPF-capable kernel (root={root}, btf={bpf}) !!!!!!!!\n"
+        );
         return false;
     }
     true
@@ -187,15 +190,32 @@ impl Lab {
             agent: None,
         };
         run(&["ip", "netns", "add", &node])?;
-        lab.in_node(&["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1", "net.ipv4.ip_forward=1"])?;
+        lab.in_node(&[
+            "sysctl",
+            "-qw",
+            "net.ipv6.conf.all.disable_ipv6=1",
+            "net.ipv6.conf.default.disable_ipv6=1",
+            "net.ipv4.ip_forward=1",
+        ])?;
         lab.in_node(&["ip", "link", "set", "lo", "up"])?;
         fs::create_dir_all(&cgroup_dir).with_context(|| format!("creating cgroup {}", cgroup_dir.display()))?;
         for (i, s) in specs.iter().enumerate() {
             let netns = format!("{tag}-{i}");
             let veth = format!("{tag}w{i}");
             run(&["ip", "netns", "add", &netns])?;
-            run(&["ip", "netns", "exec", &netns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"])?;
-            run(&["ip", "link", "add", &veth, "netns", &node, "type", "veth", "peer", "name", "eth0", "netns", &netns])?;
+            run(&[
+                "ip",
+                "netns",
+                "exec",
+                &netns,
+                "sysctl",
+                "-qw",
+                "net.ipv6.conf.all.disable_ipv6=1",
+                "net.ipv6.conf.default.disable_ipv6=1",
+            ])?;
+            run(&[
+                "ip", "link", "add", &veth, "netns", &node, "type", "veth", "peer", "name", "eth0", "netns", &netns,
+            ])?;
             let ip = s.ip.to_string();
             let w = |args: &[&str]| {
                 let mut v = vec!["ip", "netns", "exec", &netns];
@@ -323,7 +343,10 @@ impl Lab {
                 bail!("the agent exited ({status}):\n{}", fs::read_to_string(self.agent_log()).unwrap_or_default());
             }
             if Instant::now() > deadline {
-                bail!("the agent committed nothing within {timeout:?}:\n{}", fs::read_to_string(self.agent_log()).unwrap_or_default());
+                bail!(
+                    "the agent committed nothing within {timeout:?}:\n{}",
+                    fs::read_to_string(self.agent_log()).unwrap_or_default()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -386,7 +409,11 @@ impl Lab {
     /// Move workload `name` to a new cgroup `leaf` beside its own (e.g. kubelet's `pod<uid>`):
     /// its processes move there and later commands run there. (cgroup v2 forbids renaming.)
     pub fn move_cgroup(&mut self, name: &str, leaf: &str) -> anyhow::Result<PathBuf> {
-        let m = self.members.iter_mut().find(|m| m.spec.name == name).with_context(|| format!("no workload {name} in the lab"))?;
+        let m = self
+            .members
+            .iter_mut()
+            .find(|m| m.spec.name == name)
+            .with_context(|| format!("no workload {name} in the lab"))?;
         let to = m.cgroup.with_file_name(leaf);
         fs::create_dir_all(&to).with_context(|| format!("creating cgroup {}", to.display()))?;
         let procs = fs::read_to_string(m.cgroup.join("cgroup.procs"))?;
@@ -419,11 +446,20 @@ impl Lab {
 
     pub fn probe_addr(&self, from: &str, ip: Ipv4Addr, port: u16) -> Probe {
         let out = self
-            .command_in(from, &probe_bin(), &["connect".into(), format!("{ip}:{port}"), "--timeout-ms".into(), "700".into()])
+            .command_in(
+                from,
+                &probe_bin(),
+                &["connect".into(), format!("{ip}:{port}"), "--timeout-ms".into(), "700".into()],
+            )
             .output()
             .expect("running warden-probe");
-        serde_json::from_slice(&out.stdout)
-            .unwrap_or_else(|e| panic!("probe output {:?} ({e}); stderr {}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "probe output {:?} ({e}); stderr {}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
     }
 
     /// `warden` CLI against this lab's pins and state.

@@ -2,7 +2,12 @@
 //! workload identity (in-process CA here), serves them on its admin endpoint, and releases an
 //! identity when its workload leaves the node.
 
-use std::{fs, net::Ipv4Addr, process::Command, time::{Duration, Instant}};
+use std::{
+    fs,
+    net::Ipv4Addr,
+    process::Command,
+    time::{Duration, Instant},
+};
 
 use warden_tests::{Lab, Spec, require_root, warden_bin, write_policies};
 
@@ -38,7 +43,11 @@ fn wait_for(lab: &Lab, want: &[&str]) -> serde_json::Value {
             }
             assert!(Instant::now() < deadline, "identities {:?}, want {want:?}: {v}", identities(&v));
         }
-        assert!(Instant::now() < deadline, "warden certs never answered:\n{}", fs::read_to_string(lab.agent_log()).unwrap_or_default());
+        assert!(
+            Instant::now() < deadline,
+            "warden certs never answered:\n{}",
+            fs::read_to_string(lab.agent_log()).unwrap_or_default()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -49,7 +58,8 @@ fn agent_holds_workload_certificates_and_warden_certs_shows_them() {
         return;
     }
     let ip = |d| Ipv4Addr::new(10, 67, 0, d);
-    let mut lab = Lab::up("certs", &[Spec::new("team", "a", ip(2), &[8080]), Spec::new("shop", "b", ip(3), &[8080])]).unwrap();
+    let mut lab =
+        Lab::up("certs", &[Spec::new("team", "a", ip(2), &[8080]), Spec::new("shop", "b", ip(3), &[8080])]).unwrap();
     let policies = lab.dir.join("policies");
     write_policies(&policies, &[]).unwrap();
     fs::write(lab.workloads_path(), lab.workload_file()).unwrap();
@@ -110,11 +120,17 @@ fn agent_holds_workload_certificates_and_warden_certs_shows_them() {
     assert!(secs > now + 3600.0 && secs < now + 2.0 * 86400.0, "a 24 h certificate: {expiry}");
 
     // Revoke a's certificate with the CLI: the CRL the agent watches now lists it.
-    let serial = v["certificates"].as_array().unwrap().iter().find(|c| c["identity"] == "spiffe://cluster.local/ns/team/sa/a").unwrap()["serial"]
+    let serial = v["certificates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["identity"] == "spiffe://cluster.local/ns/team/sa/a")
+        .unwrap()["serial"]
         .as_str()
         .unwrap()
         .to_string();
-    let out = Command::new(warden_bin()).args(["ca", "revoke", &serial, "--dir", ca.to_str().unwrap()]).output().unwrap();
+    let out =
+        Command::new(warden_bin()).args(["ca", "revoke", &serial, "--dir", ca.to_str().unwrap()]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(fs::metadata(ca.join("ca-crl.pem")).unwrap().len() > 0);
 
@@ -139,10 +155,17 @@ fn a_broken_ca_directory_stops_the_agent_naming_the_file() {
     fs::create_dir_all(&ca).unwrap();
     fs::write(ca.join("ca-cert.pem"), "not a certificate").unwrap();
     fs::write(lab.workloads_path(), lab.workload_file()).unwrap();
-    let args: Vec<String> = ["--workloads", lab.workloads_path().to_str().unwrap(), "--policies", policies.to_str().unwrap(), "--ca-dir", ca.to_str().unwrap()]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let args: Vec<String> = [
+        "--workloads",
+        lab.workloads_path().to_str().unwrap(),
+        "--policies",
+        policies.to_str().unwrap(),
+        "--ca-dir",
+        ca.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     let err = lab.start_agent_with(&args).unwrap_err().to_string();
     assert!(err.contains("ca-cert.pem"), "the error names the file: {err}");
     assert!(!lab.pin_dir.join("links").exists(), "nothing was attached");

@@ -12,7 +12,8 @@ use std::{
 
 use warden_common::names;
 use warden_tests::{
-    Lab, Probe, fixtures::{ALLOW_A_TO_B_8080, DENY_C_TO_A, team},
+    Lab, Probe,
+    fixtures::{ALLOW_A_TO_B_8080, DENY_C_TO_A, team},
     probe_bin, require_root, run, write_policies,
 };
 
@@ -44,7 +45,11 @@ fn change_policies(lab: &mut Lab, dir: &PathBuf, files: &[(&str, &str)]) -> u32 
 fn hold(lab: &Lab, from: &str, to: &str, seconds: u64) -> std::process::Child {
     let addr = format!("{}:8080", lab.member(to).spec.ip);
     let mut child = lab
-        .command_in(from, &probe_bin(), &["hold".into(), addr, "--seconds".into(), seconds.to_string(), "--interval-ms".into(), "50".into()])
+        .command_in(
+            from,
+            &probe_bin(),
+            &["hold".into(), addr, "--seconds".into(), seconds.to_string(), "--interval-ms".into(), "50".into()],
+        )
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -116,7 +121,12 @@ fn allowed_flow_passes_denied_flow_gets_eperm_and_tc_drop() {
     // to the deciding policy.
     let v: serde_json::Value = serde_json::from_str(&lab.warden(&["maps", "--output", "json"]).unwrap()).unwrap();
     let b = v["endpoints"].as_array().unwrap().iter().find(|e| e["workload"] == "team/b").unwrap();
-    let c = b["counters"].as_array().unwrap().iter().find(|c| c["hook"] == "tc" && c["remote"] == "team/a" && c["direction"] == "ingress").expect("a counter for a's flows into b");
+    let c = b["counters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["hook"] == "tc" && c["remote"] == "team/a" && c["direction"] == "ingress")
+        .expect("a counter for a's flows into b");
     assert_eq!((c["opened"].as_u64(), c["closed"].as_u64()), (Some(1), Some(1)), "{c}");
     assert!(c["bytes_in"].as_u64().unwrap() > 0 && c["bytes_out"].as_u64().unwrap() > 0, "{c}");
     assert_eq!(c["policy"], "team/b-access");
@@ -136,7 +146,9 @@ fn allowed_flow_passes_denied_flow_gets_eperm_and_tc_drop() {
     assert!(drops_after > drops_before, "the TC drop is counted ({drops_before} -> {drops_after})");
     // And the counter names the reason: the default deny of an ALLOW-selected workload.
     assert!(
-        counters(&lab, "team/b").iter().any(|c| c.0 == "ingress" && c.1 == "tc" && c.2 == "DENY" && c.3.contains("no ALLOW policy matched")),
+        counters(&lab, "team/b")
+            .iter()
+            .any(|c| c.0 == "ingress" && c.1 == "tc" && c.2 == "DENY" && c.3.contains("no ALLOW policy matched")),
         "{:?}",
         counters(&lab, "team/b")
     );
@@ -166,9 +178,18 @@ fn forged_source_address_is_dropped() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.starts_with("blocked"), "a forged source must not pass: {text} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        text.starts_with("blocked"),
+        "a forged source must not pass: {text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_str(&lab.warden(&["maps", "--output", "json"]).unwrap()).unwrap();
-    let spoof = v["endpoints"].as_array().unwrap().iter().flat_map(|e| e["counters"].as_array().cloned().unwrap_or_default()).any(|c| c["reason"] == "source_spoof");
+    let spoof = v["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|e| e["counters"].as_array().cloned().unwrap_or_default())
+        .any(|c| c["reason"] == "source_spoof");
     assert!(spoof, "the drop is counted with reason source_spoof");
     assert_eq!(count(&lab, "team/b", "ingress", "tc", "ALLOW"), reached_b, "the forged packet never reached b's veth");
 }
@@ -187,7 +208,8 @@ fn policy_change_is_enforced_live_and_established_flows_survive_unrelated_change
     let held = hold(&lab, "a", "b", 3);
 
     // Live: allow c too (a new rule; a's entry is untouched).
-    let allow_c = ALLOW_A_TO_B_8080.replace("[cluster.local/ns/team/sa/a]", "[cluster.local/ns/team/sa/a, cluster.local/ns/team/sa/c]");
+    let allow_c = ALLOW_A_TO_B_8080
+        .replace("[cluster.local/ns/team/sa/a]", "[cluster.local/ns/team/sa/a, cluster.local/ns/team/sa/c]");
     change_policies(&mut lab, &dir, &[("b.yaml", &allow_c)]);
     assert_result(&lab.probe("c", "b", 8080), "allowed", "after allowing c");
     // An unrelated DENY elsewhere.
@@ -217,7 +239,11 @@ fn workload_changes_apply_live() {
     assert_result(&lab.probe("a", "b", 8080), "allowed", "a is a/a");
     // Relabel: a's service account becomes "intruder"; the policy names sa a only.
     let before = lab.generation();
-    let wl = fs::read_to_string(lab.workloads_path()).unwrap().replacen("serviceAccount: a\n", "serviceAccount: intruder\n", 1);
+    let wl = fs::read_to_string(lab.workloads_path()).unwrap().replacen(
+        "serviceAccount: a\n",
+        "serviceAccount: intruder\n",
+        1,
+    );
     fs::write(lab.workloads_path(), wl).unwrap();
     lab.wait_generation_change(before, Duration::from_secs(10)).unwrap();
     assert_result(&lab.probe("a", "b", 8080), "eperm", "a no longer carries the allowed identity");
@@ -249,14 +275,29 @@ fn bpftool_reads_pinned_maps_with_field_names() {
         assert!(policy.contains(field), "policy map dump lacks {field}:\n{policy}");
     }
     let ipcache = run(&["bpftool", "map", "dump", "pinned", &pin(names::IPCACHE)]).unwrap();
-    assert!(ipcache.contains("\"prefix_len\"") && ipcache.contains("\"identity\"") && ipcache.contains("\"local_ifindex\""), "{ipcache}");
+    assert!(
+        ipcache.contains("\"prefix_len\"") && ipcache.contains("\"identity\"") && ipcache.contains("\"local_ifindex\""),
+        "{ipcache}"
+    );
     let counters = run(&["bpftool", "map", "dump", "pinned", &pin(names::COUNTERS)]).unwrap();
-    assert!(counters.contains("\"packets_in\"") && counters.contains("\"bytes_out\"") && counters.contains("\"opened\"") && counters.contains("\"remote_identity\""), "{counters}");
+    assert!(
+        counters.contains("\"packets_in\"")
+            && counters.contains("\"bytes_out\"")
+            && counters.contains("\"opened\"")
+            && counters.contains("\"remote_identity\""),
+        "{counters}"
+    );
     let flows = run(&["bpftool", "map", "dump", "pinned", &pin(names::FLOWS)]).unwrap();
     assert!(flows.contains("\"saddr\"") && flows.contains("\"generation\""), "{flows}");
     // The text view names what the numbers mean.
     let text = lab.warden(&["maps"]).unwrap();
-    assert!(text.contains("team/b") && text.contains("team/a") && text.contains("8080/tcp") && text.contains("team/b-access"), "{text}");
+    assert!(
+        text.contains("team/b")
+            && text.contains("team/a")
+            && text.contains("8080/tcp")
+            && text.contains("team/b-access"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -359,7 +400,10 @@ spec:
         let log = fs::read_to_string(lab.agent_log()).unwrap();
         if log.contains("ignoring invalid input") {
             assert!(log.contains("bad.yaml"), "{log}");
-            assert!(log.contains("ipBlocks[1]") && log.contains("10.0.0.0/33"), "the error names field and value:\n{log}");
+            assert!(
+                log.contains("ipBlocks[1]") && log.contains("10.0.0.0/33"),
+                "the error names field and value:\n{log}"
+            );
             break;
         }
         assert!(Instant::now() < deadline, "the agent did not report the bad input:\n{log}");
@@ -375,10 +419,15 @@ spec:
     lab.wait_generation_change(generation, Duration::from_secs(10)).unwrap();
     assert_result(&lab.probe("c", "b", 8080), "allowed", "the fixed change applies");
     let generation = lab.generation();
-    fs::write(lab.workloads_path(), "workloads:\n  - {name: a, namespace: team, serviceAccount: a, ip: 10.66.0.999}\n").unwrap();
+    fs::write(lab.workloads_path(), "workloads:\n  - {name: a, namespace: team, serviceAccount: a, ip: 10.66.0.999}\n")
+        .unwrap();
     std::thread::sleep(Duration::from_millis(800));
     assert_eq!(lab.generation(), generation);
-    assert!(fs::read_to_string(lab.agent_log()).unwrap().contains("workloads[0].ip: \"10.66.0.999\" is not an IPv4 address"));
+    assert!(
+        fs::read_to_string(lab.agent_log())
+            .unwrap()
+            .contains("workloads[0].ip: \"10.66.0.999\" is not an IPv4 address")
+    );
     assert_result(&lab.probe("a", "b", 8080), "allowed", "still the last good state");
 }
 

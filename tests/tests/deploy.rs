@@ -22,11 +22,21 @@ fn the_api_server_accepts_every_manifest_of_deploy() {
     let objects = rendered.split("\n---\n").filter(|d| d.contains("kind:")).count();
     let accepted: Vec<&str> = out.lines().filter(|l| l.contains("(server dry run)")).collect();
     assert_eq!(accepted.len(), objects, "kubectl said:\n{out}");
-    for kind in ["namespace/warden-system", "daemonset.apps/warden-agent", "deployment.apps/warden-ca", "service/warden-ca", "clusterrole.rbac.authorization.k8s.io/warden-agent"] {
+    for kind in [
+        "namespace/warden-system",
+        "daemonset.apps/warden-agent",
+        "deployment.apps/warden-ca",
+        "service/warden-ca",
+        "clusterrole.rbac.authorization.k8s.io/warden-agent",
+    ] {
         assert!(out.contains(kind), "{kind} missing from:\n{out}");
     }
     // The agent's container asks for exactly the capabilities tests/tests/kube.rs shows it
     // needs, nothing broader.
     assert!(rendered.contains("- BPF\n") && rendered.contains("- NET_ADMIN\n") && rendered.contains("- PERFMON\n"));
-    assert!(!rendered.contains("SYS_ADMIN") && !rendered.contains("privileged: true") && !rendered.contains("hostPID: true"));
+    assert!(
+        !rendered.contains("SYS_ADMIN")
+            && !rendered.contains("privileged: true")
+            && !rendered.contains("hostPID: true")
+    );
 }

@@ -20,7 +20,8 @@ use std::{
 use warden_tests::{
     Lab, Spec,
     fixtures::{ALLOW_A_TO_B_8080, team},
-    kapi::ApiServer, require_root,
+    kapi::ApiServer,
+    require_root,
 };
 
 /// Policy changes must reach the maps within this (issue 6).
@@ -68,7 +69,10 @@ fn wait_maps(lab: &Lab, what: &str, timeout: Duration, pred: impl Fn(&serde_json
             return start.elapsed();
         }
         if start.elapsed() > timeout {
-            panic!("{what}: not in the maps within {timeout:?}: {v:#}\nagent log:\n{}", fs::read_to_string(lab.agent_log()).unwrap_or_default());
+            panic!(
+                "{what}: not in the maps within {timeout:?}: {v:#}\nagent log:\n{}",
+                fs::read_to_string(lab.agent_log()).unwrap_or_default()
+            );
         }
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -78,7 +82,6 @@ fn assert_probe(lab: &Lab, from: &str, to: &str, port: u16, want: &str) {
     let p = lab.probe(from, to, port);
     assert_eq!(p.result, want, "{from} -> {to}:{port}: {p:?}");
 }
-
 
 /// b-access broken: an address that is not one.
 const B_ACCESS_INVALID: &str = "apiVersion: security.istio.io/v1
@@ -103,15 +106,17 @@ spec:
 ";
 
 fn ambient_namespace(api: &ApiServer, ns: &str) {
-    api.apply(&format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}, labels: {{istio.io/dataplane-mode: ambient}}}}\n")).unwrap();
+    api.apply(&format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}, labels: {{istio.io/dataplane-mode: ambient}}}}\n"
+    ))
+    .unwrap();
 }
 
 /// Lab workloads a, b, c on `node` in namespace team, with their pods; c is selected by c-svc.
 /// The API server listens in the lab's node namespace, where the agent runs.
 fn cluster_lab(tag: &str, port: u16, node: &str, net: u8) -> (Lab, ApiServer) {
     let ip = |d| Ipv4Addr::new(10, net, 0, d);
-    let mut lab = Lab::up(tag, &team(net, &[8080, 9090]))
-        .expect("lab up");
+    let mut lab = Lab::up(tag, &team(net, &[8080, 9090])).expect("lab up");
     let api = ApiServer::start_in(tag, port, port - 4064, Some(&lab.node));
     api.install();
     ambient_namespace(&api, "team");
@@ -190,8 +195,14 @@ fn cluster_resources_reach_the_maps_within_a_second() {
     let v = maps(&lab);
     assert_eq!(endpoints(&v), ["team/a", "team/b", "team/c"], "{v:#}");
     let ipcache = v["ipcache"].to_string();
-    assert!(ipcache.contains("10.67.9.9/32") && ipcache.contains("team/remote"), "the remote pod is an identity: {ipcache}");
-    assert!(!ipcache.contains("10.67.9.10"), "pods of namespaces without the ambient label are not workloads: {ipcache}");
+    assert!(
+        ipcache.contains("10.67.9.9/32") && ipcache.contains("team/remote"),
+        "the remote pod is an identity: {ipcache}"
+    );
+    assert!(
+        !ipcache.contains("10.67.9.10"),
+        "pods of namespaces without the ambient label are not workloads: {ipcache}"
+    );
     let record = fs::read_to_string(lab.state_dir.join("state.json")).unwrap();
     assert!(record.contains(&format!("{}/pod", lab.cgroup_dir.display())), "cgroups found by pod UID: {record}");
     assert_probe(&lab, "c", "b", 8080, "allowed");
@@ -220,25 +231,48 @@ fn cluster_resources_reach_the_maps_within_a_second() {
     api.apply(B_ACCESS_INVALID).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     let (event, status) = loop {
-        let events = api.kubectl(&["get", "events", "-n", "team", "--field-selector", "involvedObject.name=b-access", "-o", "json"]).unwrap();
-        let status = api.kubectl(&["get", "authorizationpolicies.security.istio.io", "b-access", "-n", "team", "-o", "jsonpath={.status}"]).unwrap();
+        let events = api
+            .kubectl(&["get", "events", "-n", "team", "--field-selector", "involvedObject.name=b-access", "-o", "json"])
+            .unwrap();
+        let status = api
+            .kubectl(&[
+                "get",
+                "authorizationpolicies.security.istio.io",
+                "b-access",
+                "-n",
+                "team",
+                "-o",
+                "jsonpath={.status}",
+            ])
+            .unwrap();
         if events.contains("InvalidResource") && status.contains("WDN0001") {
             break (events, status);
         }
-        assert!(Instant::now() < deadline, "no event/status for the invalid b-access: {events}\n{status}\n{}", fs::read_to_string(lab.agent_log()).unwrap());
+        assert!(
+            Instant::now() < deadline,
+            "no event/status for the invalid b-access: {events}\n{status}\n{}",
+            fs::read_to_string(lab.agent_log()).unwrap()
+        );
         std::thread::sleep(Duration::from_millis(100));
     };
     let field = "spec.rules[0].from[0].source.ipBlocks[0]";
     assert!(event.contains(field) && event.contains("previous version stays in force"), "{event}");
     assert!(status.contains(field) && status.contains("\"Accepted\""), "{status}");
     let log = fs::read_to_string(lab.agent_log()).unwrap();
-    assert!(log.contains("AuthorizationPolicy team/b-access") && log.contains(field), "the log names the resource and field:\n{log}");
+    assert!(
+        log.contains("AuthorizationPolicy team/b-access") && log.contains(field),
+        "the log names the resource and field:\n{log}"
+    );
     // The same message as `warden policy validate` gives for the file.
     let file = lab.dir.join("b-access-invalid.yaml");
     fs::write(&file, B_ACCESS_INVALID).unwrap();
     let validate = Command::new(warden_tests::warden_bin()).args(["policy", "validate"]).arg(&file).output().unwrap();
     let validate = String::from_utf8_lossy(&validate.stdout).to_string() + &String::from_utf8_lossy(&validate.stderr);
-    let reason = validate.split(&format!("{field}: ")).nth(1).and_then(|r| r.lines().next()).unwrap_or_else(|| panic!("{validate}"));
+    let reason = validate
+        .split(&format!("{field}: "))
+        .nth(1)
+        .and_then(|r| r.lines().next())
+        .unwrap_or_else(|| panic!("{validate}"));
     let message: serde_json::Value = serde_json::from_str(&status).unwrap();
     let message = message["validationMessages"][0]["message"].as_str().unwrap_or_default().to_string();
     assert_eq!(message, format!("{field}: {}", reason.trim()), "the status says what `warden policy validate` says");
@@ -257,14 +291,35 @@ fn cluster_resources_reach_the_maps_within_a_second() {
     // Fixed again: the status says so.
     api.apply(ALLOW_A_TO_B_8080).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !api.kubectl(&["get", "authorizationpolicies.security.istio.io", "b-access", "-n", "team", "-o", "jsonpath={.status.conditions[0].status}"]).unwrap().contains("True") {
+    while !api
+        .kubectl(&[
+            "get",
+            "authorizationpolicies.security.istio.io",
+            "b-access",
+            "-n",
+            "team",
+            "-o",
+            "jsonpath={.status.conditions[0].status}",
+        ])
+        .unwrap()
+        .contains("True")
+    {
         assert!(Instant::now() < deadline, "the fixed b-access still shows as invalid");
         std::thread::sleep(Duration::from_millis(100));
     }
 
     // Delete -> entries gone within a second.
     let t = Instant::now();
-    api.kubectl(&["delete", "authorizationpolicies.security.istio.io", "b-access", "b-9090", "-n", "team", "--wait=false"]).unwrap();
+    api.kubectl(&[
+        "delete",
+        "authorizationpolicies.security.istio.io",
+        "b-access",
+        "b-9090",
+        "-n",
+        "team",
+        "--wait=false",
+    ])
+    .unwrap();
     let took = wait_maps(&lab, "b's policies gone", Duration::from_secs(5), |v| policies_of(v, "team/b").is_empty());
     eprintln!("delete: kubectl {:?}, maps {took:?}", t.elapsed() - took);
     assert!(took < MAPS_LATENCY, "deletion took {took:?}");
@@ -287,7 +342,8 @@ fn cluster_resources_reach_the_maps_within_a_second() {
     assert_eq!(lab.generation(), waiting, "no commits while d waits for its route");
     let veth = lab.member("c").veth.clone();
     warden_tests::run(&["ip", "netns", "exec", &lab.node, "ip", "route", "add", "10.67.0.5/32", "dev", &veth]).unwrap();
-    let took = wait_maps(&lab, "d enforced", Duration::from_secs(5), |v| endpoints(v) == ["team/a", "team/b", "team/d"]);
+    let took =
+        wait_maps(&lab, "d enforced", Duration::from_secs(5), |v| endpoints(v) == ["team/a", "team/b", "team/d"]);
     assert!(took < Duration::from_secs(2), "d took {took:?} after its route appeared");
     assert!(fs::read_to_string(lab.agent_log()).unwrap().contains("team/d: no /32 route to 10.67.0.5 on this node"));
 
@@ -297,7 +353,11 @@ fn cluster_resources_reach_the_maps_within_a_second() {
     // Un-enrolling the namespace releases every workload of it.
     api.kubectl(&["label", "namespace", "team", "istio.io/dataplane-mode-"]).unwrap();
     wait_maps(&lab, "namespace left", Duration::from_secs(5), |v| endpoints(v).is_empty());
-    assert!(agent.0.try_wait().unwrap().is_none(), "the agent exited:\n{}", fs::read_to_string(lab.agent_log()).unwrap());
+    assert!(
+        agent.0.try_wait().unwrap().is_none(),
+        "the agent exited:\n{}",
+        fs::read_to_string(lab.agent_log()).unwrap()
+    );
     let log = fs::read_to_string(lab.agent_log()).unwrap();
     assert!(!log.contains("Operation not permitted"), "a capability is missing from the DaemonSet's set:\n{log}");
 }
@@ -348,12 +408,16 @@ fn an_api_server_restart_never_lapses_enforcement() {
 
     // Reconnected: a change made after the restart reaches the maps.
     api.kubectl(&["delete", "authorizationpolicies.security.istio.io", "b-access", "-n", "team"]).unwrap();
-    let took = wait_maps(&lab, "b-access deleted after the restart", Duration::from_secs(20), |v| policies_of(v, "team/b").is_empty());
+    let took = wait_maps(&lab, "b-access deleted after the restart", Duration::from_secs(20), |v| {
+        policies_of(v, "team/b").is_empty()
+    });
     assert_probe(&lab, "c", "b", 8080, "allowed");
     let log = fs::read_to_string(lab.agent_log()).unwrap();
     assert!(log.contains("failed, retrying") && log.contains("recovered"), "{log}");
     let relisted = log.matches("re-listed").count();
-    eprintln!("API server restart: {n} probe rounds without a lapse; {relisted} watches re-listed; a deletion after the restart reached the maps in {took:?}");
+    eprintln!(
+        "API server restart: {n} probe rounds without a lapse; {relisted} watches re-listed; a deletion after the restart reached the maps in {took:?}"
+    );
 }
 
 /// deploy/daemonset.yaml's capabilities are enough (the cluster test above runs with exactly
@@ -365,13 +429,21 @@ fn each_daemonset_capability_is_needed() {
     }
     let daemonset = fs::read_to_string(warden_tests::workspace_root().join("deploy/daemonset.yaml")).unwrap();
     for cap in DAEMONSET_CAPABILITIES {
-        assert!(daemonset.contains(&format!("                - {}\n", cap.to_uppercase())), "{cap} is not in deploy/daemonset.yaml");
+        assert!(
+            daemonset.contains(&format!("                - {}\n", cap.to_uppercase())),
+            "{cap} is not in deploy/daemonset.yaml"
+        );
     }
     let mut lab = Lab::up("kcaps", &[Spec::new("team", "a", Ipv4Addr::new(10, 69, 0, 2), &[8080])]).expect("lab up");
     let policies = lab.dir.join("policies");
     warden_tests::write_policies(&policies, &[]).unwrap();
     fs::write(lab.workloads_path(), lab.workload_file()).unwrap();
-    let args = ["--workloads".to_string(), lab.workloads_path().display().to_string(), "--policies".into(), policies.display().to_string()];
+    let args = [
+        "--workloads".to_string(),
+        lab.workloads_path().display().to_string(),
+        "--policies".into(),
+        policies.display().to_string(),
+    ];
     for missing in DAEMONSET_CAPABILITIES {
         let caps: Vec<&str> = DAEMONSET_CAPABILITIES.into_iter().filter(|c| *c != missing).collect();
         let mut agent = CappedAgent::spawn(&lab, &caps, &args);
@@ -380,12 +452,19 @@ fn each_daemonset_capability_is_needed() {
             if let Some(status) = agent.0.try_wait().unwrap() {
                 break status;
             }
-            assert!(Instant::now() < deadline, "the agent runs without {missing}:\n{}", fs::read_to_string(lab.agent_log()).unwrap());
+            assert!(
+                Instant::now() < deadline,
+                "the agent runs without {missing}:\n{}",
+                fs::read_to_string(lab.agent_log()).unwrap()
+            );
             std::thread::sleep(Duration::from_millis(50));
         };
         assert!(!status.success());
         assert_eq!(lab.generation(), 0, "nothing committed without {missing}");
-        eprintln!("without {missing}: {}", fs::read_to_string(lab.agent_log()).unwrap().lines().rfind(|l| l.starts_with("warden:")).unwrap_or("?"));
+        eprintln!(
+            "without {missing}: {}",
+            fs::read_to_string(lab.agent_log()).unwrap().lines().rfind(|l| l.starts_with("warden:")).unwrap_or("?")
+        );
     }
     let before = lab.generation();
     let _agent = CappedAgent::spawn(&lab, &DAEMONSET_CAPABILITIES, &args);

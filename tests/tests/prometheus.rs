@@ -37,8 +37,6 @@ const AGENT_READY: &str = "127.0.0.1:15021";
 /// Grafana's rate window variable, resolved as Grafana would for a 1 s scrape interval.
 const RATE_INTERVAL: (&str, &str) = ("$__rate_interval", "1m");
 
-
-
 /// Run `f` on a thread that has entered network namespace `netns` (only that thread moves).
 fn in_netns<T: Send>(netns: &str, f: impl FnOnce() -> T + Send) -> T {
     let path = format!("/run/netns/{netns}");
@@ -55,7 +53,12 @@ fn in_netns<T: Send>(netns: &str, f: impl FnOnce() -> T + Send) -> T {
 fn enter_netns(path: &str) {
     let ns = fs::File::open(path).unwrap_or_else(|e| panic!("{path}: {e}"));
     // SAFETY: setns on a valid namespace fd; it changes only the calling thread's namespace.
-    assert_eq!(unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns {path}: {}", std::io::Error::last_os_error());
+    assert_eq!(
+        unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) },
+        0,
+        "setns {path}: {}",
+        std::io::Error::last_os_error()
+    );
 }
 
 /// A plain HTTP/1.0 GET: (status, body).
@@ -81,7 +84,8 @@ fn urlencode(s: &str) -> String {
 
 /// An instant query against our Prometheus: the result vector, or why there is none.
 fn query(node: &str, expr: &str) -> Result<Vec<Value>, String> {
-    let (status, body) = in_netns(node, || http_get(PROMETHEUS, &format!("/api/v1/query?query={}", urlencode(expr)))).map_err(|e| format!("querying Prometheus: {e}"))?;
+    let (status, body) = in_netns(node, || http_get(PROMETHEUS, &format!("/api/v1/query?query={}", urlencode(expr))))
+        .map_err(|e| format!("querying Prometheus: {e}"))?;
     let v: Value = serde_json::from_str(&body).map_err(|e| format!("Prometheus answered {status} {body:?}: {e}"))?;
     // A query Prometheus rejects is a broken expression: fail at once.
     assert_eq!(v["status"], "success", "query {expr}: {v}");
@@ -213,7 +217,13 @@ fn serve_identity_metrics(node: &str, dir: &Path) {
     let trust = Arc::new(TrustBundle::new(ca.roots().to_vec(), vec!["cluster.local".into()]).unwrap());
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = Metrics::new(&mut registry);
-    let mgr = SecretManager::new(Arc::new(LocalCaClient(Arc::new(ca))), trust, clock, SecretManagerConfig::default(), Some(metrics));
+    let mgr = SecretManager::new(
+        Arc::new(LocalCaClient(Arc::new(ca))),
+        trust,
+        clock,
+        SecretManagerConfig::default(),
+        Some(metrics),
+    );
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(mgr.fetch(&Identity::spiffe("cluster.local", "team", "b").unwrap())).expect("certificate issued");
     let registry = Arc::new(registry);
@@ -250,7 +260,11 @@ fn probes(lab: &Lab, from: &str, to: &str, port: u16, n: usize, threads: usize) 
                         .step_by(threads)
                         .map(|_| {
                             let out = lab
-                                .command_in(from, &probe_bin(), &["connect".into(), format!("{ip}:{port}"), "--timeout-ms".into(), "700".into()])
+                                .command_in(
+                                    from,
+                                    &probe_bin(),
+                                    &["connect".into(), format!("{ip}:{port}"), "--timeout-ms".into(), "700".into()],
+                                )
                                 .stderr(Stdio::null())
                                 .output()
                                 .expect("warden-probe");
@@ -291,8 +305,7 @@ fn prometheus_sees_istio_metrics_and_every_dashboard_and_alert_expression_return
     let (rule_file, alerts) = alert_rules(&grafana.join("warden-alerts.yaml"));
     assert!(panels.len() >= 8 && alerts.len() >= 3, "{panels:?} {alerts:?}");
 
-    let mut lab = Lab::up("prom", &team(67, &[8080]))
-        .expect("lab up");
+    let mut lab = Lab::up("prom", &team(67, &[8080])).expect("lab up");
     let dir = lab.dir.join("policies");
     write_policies(&dir, &[("b.yaml", ALLOW_A_TO_B_8080), ("a.yaml", DENY_C_TO_A)]).unwrap();
     lab.start_agent(&dir).unwrap();
@@ -305,7 +318,9 @@ fn prometheus_sees_istio_metrics_and_every_dashboard_and_alert_expression_return
     serve_identity_metrics(&node, &lab.dir.join("ca"));
     let _prometheus = start_prometheus(&lab, &rule_file);
     let up = "up{job=~\"warden-agent|warden-identity\"} == 1";
-    eventually(&node, up, "Prometheus scrapes the agent and the identity metrics", Duration::from_secs(30), |r| r.len() == 2);
+    eventually(&node, up, "Prometheus scrapes the agent and the identity metrics", Duration::from_secs(30), |r| {
+        r.len() == 2
+    });
 
     // Phase 1: every kind of flow once, so each series exists before the rates are measured.
     assert_eq!(probes(&lab, "a", "b", 8080, 2, 1), ["allowed"; 2], "a -> b is allowed by team/b-access");
@@ -324,18 +339,54 @@ fn prometheus_sees_istio_metrics_and_every_dashboard_and_alert_expression_return
                 connection_security_policy=\"none\",response_flags=\"-\"";
     let (b_in, b_out, b_opened) = kernel_counts(&lab, "team/b", "team/a", "ingress");
     assert_eq!(b_opened, 5, "five connections a -> b");
-    let opened = eventually(&node, &format!("istio_tcp_connections_opened_total{{{base}}}"), "opened, server side", Duration::from_secs(20), |r| sum(r) == 5.0);
+    let opened = eventually(
+        &node,
+        &format!("istio_tcp_connections_opened_total{{{base}}}"),
+        "opened, server side",
+        Duration::from_secs(20),
+        |r| sum(r) == 5.0,
+    );
     assert_eq!(opened.len(), 1, "one series for one label set: {opened:?}");
-    eventually(&node, &format!("istio_tcp_connections_closed_total{{{base}}}"), "closed, server side", Duration::from_secs(10), |r| sum(r) == 5.0);
+    eventually(
+        &node,
+        &format!("istio_tcp_connections_closed_total{{{base}}}"),
+        "closed, server side",
+        Duration::from_secs(10),
+        |r| sum(r) == 5.0,
+    );
     // The destination received the request (bytes into b) and sent the response (bytes out of b).
-    eventually(&node, &format!("istio_tcp_received_bytes_total{{{base}}}"), "received = request", Duration::from_secs(10), |r| sum(r) == b_in as f64);
-    eventually(&node, &format!("istio_tcp_sent_bytes_total{{{base}}}"), "sent = response", Duration::from_secs(10), |r| sum(r) == b_out as f64);
+    eventually(
+        &node,
+        &format!("istio_tcp_received_bytes_total{{{base}}}"),
+        "received = request",
+        Duration::from_secs(10),
+        |r| sum(r) == b_in as f64,
+    );
+    eventually(
+        &node,
+        &format!("istio_tcp_sent_bytes_total{{{base}}}"),
+        "sent = response",
+        Duration::from_secs(10),
+        |r| sum(r) == b_out as f64,
+    );
     // The client reports as source: its own outbound bytes are the request (received).
     let (a_in, a_out, _) = kernel_counts(&lab, "team/a", "team/b", "egress");
     assert!(a_in > 0 && a_out > 0 && a_out != a_in);
     let src = "reporter=\"source\",source_workload=\"a\",destination_workload=\"b\",response_flags=\"-\"";
-    eventually(&node, &format!("istio_tcp_received_bytes_total{{{src}}}"), "source received = request", Duration::from_secs(10), |r| sum(r) == a_out as f64);
-    eventually(&node, &format!("istio_tcp_sent_bytes_total{{{src}}}"), "source sent = response", Duration::from_secs(10), |r| sum(r) == a_in as f64);
+    eventually(
+        &node,
+        &format!("istio_tcp_received_bytes_total{{{src}}}"),
+        "source received = request",
+        Duration::from_secs(10),
+        |r| sum(r) == a_out as f64,
+    );
+    eventually(
+        &node,
+        &format!("istio_tcp_sent_bytes_total{{{src}}}"),
+        "source sent = response",
+        Duration::from_secs(10),
+        |r| sum(r) == a_in as f64,
+    );
     // Denials: refused connections carry DENY, and are attributed to the policy by name.
     eventually(
         &node,
@@ -351,38 +402,84 @@ fn prometheus_sees_istio_metrics_and_every_dashboard_and_alert_expression_return
         Duration::from_secs(10),
         |r| sum(r) == 401.0,
     );
-    eventually(&node, "warden_policy_denials_total{policy=\"default-deny\",workload=\"b\",reason=\"policy_default_deny\"}", "default deny on b", Duration::from_secs(10), |r| sum(r) == 1.0);
+    eventually(
+        &node,
+        "warden_policy_denials_total{policy=\"default-deny\",workload=\"b\",reason=\"policy_default_deny\"}",
+        "default deny on b",
+        Duration::from_secs(10),
+        |r| sum(r) == 1.0,
+    );
 
     // Every dashboard panel returns data.
     for (title, expr) in &panels {
         let expr = expr.replace(RATE_INTERVAL.0, RATE_INTERVAL.1);
         assert!(!expr.contains('$'), "panel {title}: unresolved variable in {expr}");
-        eventually(&node, &expr, &format!("panel {title:?} returns data"), Duration::from_secs(20), |r| !r.is_empty() && r.iter().all(|s| value(s).is_finite()));
+        eventually(&node, &expr, &format!("panel {title:?} returns data"), Duration::from_secs(20), |r| {
+            !r.is_empty() && r.iter().all(|s| value(s).is_finite())
+        });
     }
     // Every alert expression returns data, and every alert is active in Prometheus' rule engine.
     for (alert, expr) in &alerts {
-        let r = eventually(&node, expr, &format!("alert {alert} expression"), Duration::from_secs(20), |r| !r.is_empty());
+        let r =
+            eventually(&node, expr, &format!("alert {alert} expression"), Duration::from_secs(20), |r| !r.is_empty());
         if alert.contains("Denial") {
-            assert!(r.iter().any(|s| s["metric"]["policy"] == "team/a-deny-c" && s["metric"]["workload"] == "a"), "{alert}: {r:?}");
+            assert!(
+                r.iter().any(|s| s["metric"]["policy"] == "team/a-deny-c" && s["metric"]["workload"] == "a"),
+                "{alert}: {r:?}"
+            );
         }
-        eventually(&node, &format!("ALERTS{{alertname=\"{alert}\",alertstate=~\"pending|firing\"}}"), &format!("alert {alert} active"), Duration::from_secs(20), |r| !r.is_empty());
+        eventually(
+            &node,
+            &format!("ALERTS{{alertname=\"{alert}\",alertstate=~\"pending|firing\"}}"),
+            &format!("alert {alert} active"),
+            Duration::from_secs(20),
+            |r| !r.is_empty(),
+        );
     }
 
     // Access log lines: the allowed open and close, and the denial, with names and principals.
     let log = fs::read_to_string(lab.agent_log()).unwrap();
     let line = |needles: &[&str]| log.lines().find(|l| needles.iter().all(|n| l.contains(n))).map(str::to_string);
     // Both ends log the flow: the client as reporter=source, the server as reporter=destination.
-    assert!(line(&["event=open", "reporter=source", "direction=egress", "src_workload=a", "dst_workload=b"]).is_some(), "no client-side open line:\n{log}");
-    let open = line(&["event=open", "reporter=destination", "src_workload=a", "dst_workload=b", "dst=10.67.0.3:8080"]).unwrap_or_else(|| panic!("no open line:\n{log}"));
-    for f in ["verdict=ALLOW", "policy=team/b-access", "proto=tcp", "hook=tc", "direction=ingress", "src_principal=spiffe://cluster.local/ns/team/sa/a", "dst_principal=spiffe://cluster.local/ns/team/sa/b", "src=10.67.0.2:"] {
+    assert!(
+        line(&["event=open", "reporter=source", "direction=egress", "src_workload=a", "dst_workload=b"]).is_some(),
+        "no client-side open line:\n{log}"
+    );
+    let open = line(&["event=open", "reporter=destination", "src_workload=a", "dst_workload=b", "dst=10.67.0.3:8080"])
+        .unwrap_or_else(|| panic!("no open line:\n{log}"));
+    for f in [
+        "verdict=ALLOW",
+        "policy=team/b-access",
+        "proto=tcp",
+        "hook=tc",
+        "direction=ingress",
+        "src_principal=spiffe://cluster.local/ns/team/sa/a",
+        "dst_principal=spiffe://cluster.local/ns/team/sa/b",
+        "src=10.67.0.2:",
+    ] {
         assert!(open.contains(f), "{f} missing in {open}");
     }
-    assert!(line(&["event=close", "src=10.67.0.2:", "dst=10.67.0.3:8080", "src_workload=a", "dst_workload=b"]).is_some(), "no close line:\n{log}");
-    let deny = line(&["event=deny", "src_workload=c", "dst_workload=a"]).unwrap_or_else(|| panic!("no deny line:\n{log}"));
-    for f in ["verdict=DENY", "reason=policy_deny", "policy=team/a-deny-c", "hook=connect", "src_principal=spiffe://cluster.local/ns/team/sa/c", "dst=10.67.0.2:8080"] {
+    assert!(
+        line(&["event=close", "src=10.67.0.2:", "dst=10.67.0.3:8080", "src_workload=a", "dst_workload=b"]).is_some(),
+        "no close line:\n{log}"
+    );
+    let deny =
+        line(&["event=deny", "src_workload=c", "dst_workload=a"]).unwrap_or_else(|| panic!("no deny line:\n{log}"));
+    for f in [
+        "verdict=DENY",
+        "reason=policy_deny",
+        "policy=team/a-deny-c",
+        "hook=connect",
+        "src_principal=spiffe://cluster.local/ns/team/sa/c",
+        "dst=10.67.0.2:8080",
+    ] {
         assert!(deny.contains(f), "{f} missing in {deny}");
     }
-    assert!(line(&["event=deny", "src_workload=c", "dst_workload=b", "policy=default-deny", "reason=policy_default_deny"]).is_some(), "no default-deny line:\n{log}");
+    assert!(
+        line(&["event=deny", "src_workload=c", "dst_workload=b", "policy=default-deny", "reason=policy_default_deny"])
+            .is_some(),
+        "no default-deny line:\n{log}"
+    );
 
     // A restart (as a crash) keeps every series monotonic: the counters live in the kernel.
     // The new agent writes JSON access logs (WARDEN_ACCESS_LOG, the flag's environment form).
@@ -391,16 +488,35 @@ fn prometheus_sees_istio_metrics_and_every_dashboard_and_alert_expression_return
     unsafe { std::env::set_var("WARDEN_ACCESS_LOG", "json") };
     lab.start_agent(&dir).unwrap();
     assert_eq!(probes(&lab, "a", "b", 8080, 1, 1), ["allowed"]);
-    eventually(&node, &format!("istio_tcp_connections_opened_total{{{base}}}"), "the restarted agent is scraped", Duration::from_secs(20), |r| sum(r) == 6.0);
-    for m in ["istio_tcp_connections_opened_total", "istio_tcp_connections_closed_total", "istio_tcp_received_bytes_total", "istio_tcp_sent_bytes_total", "warden_policy_denials_total", "warden_drops_total"] {
+    eventually(
+        &node,
+        &format!("istio_tcp_connections_opened_total{{{base}}}"),
+        "the restarted agent is scraped",
+        Duration::from_secs(20),
+        |r| sum(r) == 6.0,
+    );
+    for m in [
+        "istio_tcp_connections_opened_total",
+        "istio_tcp_connections_closed_total",
+        "istio_tcp_received_bytes_total",
+        "istio_tcp_sent_bytes_total",
+        "warden_policy_denials_total",
+        "warden_drops_total",
+    ] {
         let r = query(&node, &format!("resets({m}[5m]) > 0")).unwrap();
         assert!(r.is_empty(), "{m} was reset by the restart: {r:?}");
     }
     let log = fs::read_to_string(lab.agent_log()).unwrap();
-    let json: Vec<Value> = log.lines().filter(|l| l.starts_with('{')).filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let json: Vec<Value> =
+        log.lines().filter(|l| l.starts_with('{')).filter_map(|l| serde_json::from_str(l).ok()).collect();
     let open = json
         .iter()
-        .find(|e| e["event"] == "open" && e["reporter"] == "destination" && e["src_workload"] == "a" && e["dst_workload"] == "b")
+        .find(|e| {
+            e["event"] == "open"
+                && e["reporter"] == "destination"
+                && e["src_workload"] == "a"
+                && e["dst_workload"] == "b"
+        })
         .unwrap_or_else(|| panic!("no JSON open line:\n{log}"));
     assert_eq!(open["policy"], "team/b-access");
     assert_eq!(open["dst"], "10.67.0.3:8080");

@@ -74,7 +74,19 @@ fn measure_once(lab: &Lab) -> anyhow::Result<Figures> {
     let (mut bulk, mut churn) = (Stats::new(), Stats::new());
     let s0 = prog_stats();
     let out = lab
-        .command_in("client", "iperf3".as_ref(), &["-c".into(), SERVER_IP.to_string(), "-p".into(), IPERF_PORT.to_string(), "-t".into(), SECONDS.to_string(), "-J".into()])
+        .command_in(
+            "client",
+            "iperf3".as_ref(),
+            &[
+                "-c".into(),
+                SERVER_IP.to_string(),
+                "-p".into(),
+                IPERF_PORT.to_string(),
+                "-t".into(),
+                SECONDS.to_string(),
+                "-J".into(),
+            ],
+        )
         .output()
         .context("iperf3")?;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("iperf3 JSON")?;
@@ -85,7 +97,18 @@ fn measure_once(lab: &Lab) -> anyhow::Result<Figures> {
     let s1 = prog_stats();
     delta(&s0, &s1, &mut bulk);
     let out = lab
-        .command_in("client", &probe_bin(), &["rate".into(), format!("{SERVER_IP}:{PORT}"), "--seconds".into(), SECONDS.to_string(), "--threads".into(), "2".into()])
+        .command_in(
+            "client",
+            &probe_bin(),
+            &[
+                "rate".into(),
+                format!("{SERVER_IP}:{PORT}"),
+                "--seconds".into(),
+                SECONDS.to_string(),
+                "--threads".into(),
+                "2".into(),
+            ],
+        )
         .output()?;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("probe rate JSON")?;
     if v["errors"].as_u64().unwrap_or(0) > 0 && v["connections"].as_u64().unwrap_or(0) == 0 {
@@ -164,15 +187,20 @@ fn in_node(lab: &Lab, args: &[&str]) -> anyhow::Result<String> {
 }
 
 fn iptables_chain(lab: &Lab, rules: usize) -> anyhow::Result<()> {
-    let mut script = String::from("*filter\n:FORWARD DROP [0:0]\n-A FORWARD -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT\n");
+    let mut script =
+        String::from("*filter\n:FORWARD DROP [0:0]\n-A FORWARD -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT\n");
     for i in 1..rules {
         let ip = Ipv4Addr::new(10, 90 + (i / 65536) as u8, ((i / 256) % 256) as u8, (i % 256) as u8);
         let _ = writeln!(script, "-A FORWARD -s {ip}/32 -d {SERVER_IP}/32 -p tcp -m tcp --dport {PORT} -j ACCEPT");
     }
-    let _ = writeln!(script, "-A FORWARD -s {CLIENT_IP}/32 -d {SERVER_IP}/32 -p tcp -m multiport --dports {PORT},{IPERF_PORT} -j ACCEPT");
+    let _ = writeln!(
+        script,
+        "-A FORWARD -s {CLIENT_IP}/32 -d {SERVER_IP}/32 -p tcp -m multiport --dports {PORT},{IPERF_PORT} -j ACCEPT"
+    );
     // Return traffic of the reverse direction is ESTABLISHED; nothing else passes.
     script += "COMMIT\n";
-    let mut c = Command::new("ip").args(["netns", "exec", &lab.node, "iptables-restore"]).stdin(Stdio::piped()).spawn()?;
+    let mut c =
+        Command::new("ip").args(["netns", "exec", &lab.node, "iptables-restore"]).stdin(Stdio::piped()).spawn()?;
     std::io::Write::write_all(c.stdin.as_mut().unwrap(), script.as_bytes())?;
     if !c.wait()?.success() {
         bail!("iptables-restore failed");
@@ -235,7 +263,8 @@ pub fn l4() -> anyhow::Result<()> {
         lab.start_agent(&policies)?;
         let maps = lab.warden(&["maps", "--output", "json"])?;
         let v: serde_json::Value = serde_json::from_str(&maps)?;
-        let actual: usize = v["endpoints"].as_array().into_iter().flatten().map(|e| e["policy"].as_array().map_or(0, Vec::len)).sum();
+        let actual: usize =
+            v["endpoints"].as_array().into_iter().flatten().map(|e| e["policy"].as_array().map_or(0, Vec::len)).sum();
         let f = measure(&lab)?;
         let log = if access_log == "off" { String::new() } else { format!(", access log {access_log}") };
         rows.push((format!("(b) warden, {actual} entries{log}"), f));
@@ -265,13 +294,25 @@ pub fn l4() -> anyhow::Result<()> {
     rows[0].1.gbps = base.0;
     rows[0].1.conn_per_s = base.1;
     rows[0].0 = "(a) no programs (mean of first and last)".into();
-    println!("\nL4 datapath benchmark (median of {REPEAT} x {SECONDS}s per figure; ratios to (a), itself measured first and last)");
+    println!(
+        "\nL4 datapath benchmark (median of {REPEAT} x {SECONDS}s per figure; ratios to (a), itself measured first and last)"
+    );
     println!("{:<44} {:>10} {:>7} {:>12} {:>7}", "configuration", "Gbit/s", "ratio", "conn/s", "ratio");
     for (name, f, ..) in &rows {
-        println!("{:<44} {:>10.2} {:>7.2} {:>12.0} {:>7.2}", name, f.gbps, f.gbps / base.0, f.conn_per_s, f.conn_per_s / base.1);
+        println!(
+            "{:<44} {:>10.2} {:>7.2} {:>12.0} {:>7.2}",
+            name,
+            f.gbps,
+            f.gbps / base.0,
+            f.conn_per_s,
+            f.conn_per_s / base.1
+        );
     }
     println!("\nIn-kernel cost per run of each warden program, ns (bpf_stats run_time_ns / run_cnt):");
-    println!("{:<44} {:<58} connection churn (every packet of short connections)", "configuration", "bulk transfer (established flows)");
+    println!(
+        "{:<44} {:<58} connection churn (every packet of short connections)",
+        "configuration", "bulk transfer (established flows)"
+    );
     for (name, f) in rows.iter().filter(|(n, _)| n.starts_with("(b)")) {
         println!("{:<44} {:<58} {}", name, per_packet(&f.bulk), per_packet(&f.churn));
     }

@@ -104,10 +104,11 @@ pub fn up() -> anyhow::Result<()> {
 
 pub fn down() -> anyhow::Result<()> {
     Lab::down_by_tag(TAG);
-    let leftovers: Vec<PathBuf> = [Lab::pin_dir_for(TAG), Lab::dir_for(TAG), warden_tests::cgroup_root().join(format!("warden-{TAG}"))]
-        .into_iter()
-        .filter(|p| p.exists())
-        .collect();
+    let leftovers: Vec<PathBuf> =
+        [Lab::pin_dir_for(TAG), Lab::dir_for(TAG), warden_tests::cgroup_root().join(format!("warden-{TAG}"))]
+            .into_iter()
+            .filter(|p| p.exists())
+            .collect();
     if !leftovers.is_empty() {
         anyhow::bail!("lab down left {leftovers:?}");
     }

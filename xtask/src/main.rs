@@ -66,7 +66,21 @@ fn build_ebpf() -> anyhow::Result<()> {
     let root = warden_tests::workspace_root();
     let path = format!("{}:{}", setup::LLVM_BIN, std::env::var("PATH").unwrap_or_default());
     let status = Command::new("rustup")
-        .args(["run", setup::EBPF_TOOLCHAIN, "cargo", "build", "--package", "warden-ebpf", "--bin", "warden", "--target", "bpfel-unknown-none", "-Z", "build-std=core", "--release"])
+        .args([
+            "run",
+            setup::EBPF_TOOLCHAIN,
+            "cargo",
+            "build",
+            "--package",
+            "warden-ebpf",
+            "--bin",
+            "warden",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--release",
+        ])
         .env("PATH", path)
         .env("CARGO_ENCODED_RUSTFLAGS", "-Cdebuginfo=2\x1f-Clink-arg=--btf")
         .current_dir(root.join("ebpf"))
@@ -82,7 +96,12 @@ fn build_ebpf() -> anyhow::Result<()> {
 fn test(args: &[String]) -> anyhow::Result<()> {
     let apiserver = setup::kube_apiserver()?;
     cargo_build(false)?;
-    let status = Command::new("cargo").args(["test"]).args(args).env("WARDEN_KUBE_APISERVER", apiserver).status().context("cargo test")?;
+    let status = Command::new("cargo")
+        .args(["test"])
+        .args(args)
+        .env("WARDEN_KUBE_APISERVER", apiserver)
+        .status()
+        .context("cargo test")?;
     if !status.success() {
         bail!("tests failed");
     }

@@ -59,7 +59,10 @@ pub fn setup() -> anyhow::Result<()> {
         sh(Command::new("apt-get").args(["update", "-q"]), "apt-get update")?;
         sh(
             // With recommends, as in the verified toolchain recipe (LLVM's runtime and linker tools).
-            Command::new("apt-get").args(["install", "-y", "-q"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"),
+            Command::new("apt-get")
+                .args(["install", "-y", "-q"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
             &format!("apt-get install {}", missing.join(" ")),
         )?;
     }
@@ -73,7 +76,15 @@ pub fn setup() -> anyhow::Result<()> {
             .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.starts_with("rust-src")));
     if !has_src {
         sh(
-            Command::new("rustup").args(["toolchain", "install", EBPF_TOOLCHAIN, "--profile", "minimal", "-c", "rust-src"]),
+            Command::new("rustup").args([
+                "toolchain",
+                "install",
+                EBPF_TOOLCHAIN,
+                "--profile",
+                "minimal",
+                "-c",
+                "rust-src",
+            ]),
             &format!("rustup toolchain install {EBPF_TOOLCHAIN} (+rust-src)"),
         )?;
     }
@@ -82,7 +93,16 @@ pub fn setup() -> anyhow::Result<()> {
         let path = format!("{LLVM_BIN}:{}", std::env::var("PATH").unwrap_or_default());
         sh(
             Command::new("cargo")
-                .args(["install", "bpf-linker", "--locked", "--version", BPF_LINKER_VERSION, "--no-default-features", "--features", "llvm-22"])
+                .args([
+                    "install",
+                    "bpf-linker",
+                    "--locked",
+                    "--version",
+                    BPF_LINKER_VERSION,
+                    "--no-default-features",
+                    "--features",
+                    "llvm-22",
+                ])
                 .env("PATH", path),
             &format!("cargo install bpf-linker {BPF_LINKER_VERSION} (llvm-22)"),
         )?;
@@ -92,7 +112,8 @@ pub fn setup() -> anyhow::Result<()> {
         sh(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]), "mount bpffs at /sys/fs/bpf")?;
     }
     // Prometheus' Debian package starts a system service; the tests run their own instance.
-    let _ = Command::new("systemctl").args(["disable", "--now", "prometheus"]).stderr(std::process::Stdio::null()).status();
+    let _ =
+        Command::new("systemctl").args(["disable", "--now", "prometheus"]).stderr(std::process::Stdio::null()).status();
     if !Path::new("/sys/kernel/btf/vmlinux").exists() {
         eprintln!("setup: WARNING: no /sys/kernel/btf/vmlinux; the kernel lacks BTF and the datapath will not load");
     }
@@ -107,7 +128,11 @@ pub fn kube_apiserver() -> anyhow::Result<std::path::PathBuf> {
         bail!("{} not found: the Kubernetes integration tests need ../shared beside the repository", script.display());
     }
     eprintln!("setup: kube-apiserver (cached after the first build)");
-    let out = Command::new("bash").arg(&script).stderr(std::process::Stdio::inherit()).output().context("kube-apiserver setup")?;
+    let out = Command::new("bash")
+        .arg(&script)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("kube-apiserver setup")?;
     if !out.status.success() {
         bail!("kube-apiserver setup failed");
     }

@@ -100,7 +100,11 @@ pub fn attach(ebpf: &mut Ebpf, pin_dir: &Path, key: &str, local: &Local) -> Resu
     attach_tc(ebpf, &dir, key, Hook::TcToWorkload, TcAttachType::Egress, &local.veth)?;
     match &local.cgroup {
         Some(cg) => {
-            let file = fs::File::open(cg).map_err(|source| AttachError::Cgroup { workload: key.into(), path: cg.clone(), source })?;
+            let file = fs::File::open(cg).map_err(|source| AttachError::Cgroup {
+                workload: key.into(),
+                path: cg.clone(),
+                source,
+            })?;
             attach_cgroup(ebpf, &dir, key, Hook::Connect4, &file, cg)?;
             attach_cgroup(ebpf, &dir, key, Hook::SockEgress, &file, cg)?;
         }
@@ -118,13 +122,25 @@ fn pin_err(key: &str, hook: Hook, path: &Path, e: impl std::fmt::Display) -> Att
     AttachError::Pin { workload: key.into(), hook: hook.pin_name(), path: path.to_path_buf(), reason: e.to_string() }
 }
 
-fn attach_tc(ebpf: &mut Ebpf, dir: &Path, key: &str, hook: Hook, at: TcAttachType, veth: &str) -> Result<(), AttachError> {
+fn attach_tc(
+    ebpf: &mut Ebpf,
+    dir: &Path,
+    key: &str,
+    hook: Hook,
+    at: TcAttachType,
+    veth: &str,
+) -> Result<(), AttachError> {
     let path = dir.join(hook.pin_name());
     let prog: &mut SchedClassifier = ebpf
         .program_mut(hook.program())
         .and_then(|p| p.try_into().ok())
         .ok_or(AttachError::MissingProgram(hook.program()))?;
-    let attach_err = |source| AttachError::Attach { workload: key.into(), hook: hook.pin_name(), target: veth.into(), source: Box::new(source) };
+    let attach_err = |source| AttachError::Attach {
+        workload: key.into(),
+        hook: hook.pin_name(),
+        target: veth.into(),
+        source: Box::new(source),
+    };
 
     // A pinned link from an earlier run: swap the program inside it, no gap. The kernel refuses
     // (ENOLINK) when the link's device went away; then a fresh link replaces the defunct one.
@@ -138,21 +154,33 @@ fn attach_tc(ebpf: &mut Ebpf, dir: &Path, key: &str, hook: Hook, at: TcAttachTyp
                 std::mem::forget(prog.take_link(id).map_err(attach_err)?);
                 return Ok(());
             }
-            Err(e) => tracing::info!(workload = key, hook = hook.pin_name(), "pinned link not reusable ({e}); attaching anew"),
+            Err(e) => {
+                tracing::info!(workload = key, hook = hook.pin_name(), "pinned link not reusable ({e}); attaching anew")
+            }
         }
     }
     release(&path);
-    let id = prog
-        .attach_with_options(veth, at, TcAttachOptions::TcxOrder(LinkOrder::first()))
-        .map_err(attach_err)?;
+    let id = prog.attach_with_options(veth, at, TcAttachOptions::TcxOrder(LinkOrder::first())).map_err(attach_err)?;
     let link: FdLink = prog.take_link(id).map_err(attach_err)?.try_into().map_err(|e| pin_err(key, hook, &path, e))?;
     link.pin(&path).map_err(|e| pin_err(key, hook, &path, e))?;
     Ok(())
 }
 
-fn attach_cgroup(ebpf: &mut Ebpf, dir: &Path, key: &str, hook: Hook, cgroup: &fs::File, cg_path: &Path) -> Result<(), AttachError> {
+fn attach_cgroup(
+    ebpf: &mut Ebpf,
+    dir: &Path,
+    key: &str,
+    hook: Hook,
+    cgroup: &fs::File,
+    cg_path: &Path,
+) -> Result<(), AttachError> {
     let path = dir.join(hook.pin_name());
-    let attach_err = |source| AttachError::Attach { workload: key.into(), hook: hook.pin_name(), target: cg_path.display().to_string(), source: Box::new(source) };
+    let attach_err = |source| AttachError::Attach {
+        workload: key.into(),
+        hook: hook.pin_name(),
+        target: cg_path.display().to_string(),
+        source: Box::new(source),
+    };
     let new: FdLink = match hook {
         Hook::Connect4 => {
             let prog: &mut CgroupSockAddr = ebpf
@@ -167,7 +195,9 @@ fn attach_cgroup(ebpf: &mut Ebpf, dir: &Path, key: &str, hook: Hook, cgroup: &fs
                 .program_mut(hook.program())
                 .and_then(|p| p.try_into().ok())
                 .ok_or(AttachError::MissingProgram(hook.program()))?;
-            let id = prog.attach(cgroup.as_fd(), CgroupSkbAttachType::Egress, CgroupAttachMode::default()).map_err(attach_err)?;
+            let id = prog
+                .attach(cgroup.as_fd(), CgroupSkbAttachType::Egress, CgroupAttachMode::default())
+                .map_err(attach_err)?;
             prog.take_link(id).map_err(attach_err)?.try_into().map_err(|e| pin_err(key, hook, &path, e))?
         }
     };

@@ -11,7 +11,9 @@
 
 use aya::maps::lpm_trie::Key;
 use ipnet::Ipv4Net;
-use warden_common::{Config, EndpointInfo, EndpointKey, IPCACHE_SLOT_BITS, IpcacheAddr, PolicyKey, PolicyValue, RemoteInfo};
+use warden_common::{
+    Config, EndpointInfo, EndpointKey, IPCACHE_SLOT_BITS, IpcacheAddr, PolicyKey, PolicyValue, RemoteInfo,
+};
 
 use super::maps::Maps;
 
@@ -36,7 +38,10 @@ pub enum CommitError {
 }
 
 fn ipcache_key(slot: u8, net: &Ipv4Net) -> Key<IpcacheAddr> {
-    Key::new(IPCACHE_SLOT_BITS + net.prefix_len() as u32, IpcacheAddr { slot, addr: net.network().octets(), _pad: [0; 3] })
+    Key::new(
+        IPCACHE_SLOT_BITS + net.prefix_len() as u32,
+        IpcacheAddr { slot, addr: net.network().octets(), _pad: [0; 3] },
+    )
 }
 
 /// Delete every entry of `slot` from the slotted maps.
@@ -67,9 +72,11 @@ pub fn commit(maps: &mut Maps, state: &NodeState) -> Result<u32, CommitError> {
     clear_slot(maps, slot)?;
 
     for (i, (net, info)) in state.ipcache.iter().enumerate() {
-        maps.ipcache
-            .insert(&ipcache_key(slot, net), *info, 0)
-            .map_err(|source| CommitError::Write { map: "ipcache", written: i, source })?;
+        maps.ipcache.insert(&ipcache_key(slot, net), *info, 0).map_err(|source| CommitError::Write {
+            map: "ipcache",
+            written: i,
+            source,
+        })?;
     }
     for (i, (ifindex, ep)) in state.endpoints.iter().enumerate() {
         maps.endpoints
@@ -77,9 +84,11 @@ pub fn commit(maps: &mut Maps, state: &NodeState) -> Result<u32, CommitError> {
             .map_err(|source| CommitError::Write { map: "endpoints", written: i, source })?;
     }
     for (i, (k, v)) in state.policy.iter().enumerate() {
-        maps.policy
-            .insert(k.with_slot(slot), *v, 0)
-            .map_err(|source| CommitError::Write { map: "policy", written: i, source })?;
+        maps.policy.insert(k.with_slot(slot), *v, 0).map_err(|source| CommitError::Write {
+            map: "policy",
+            written: i,
+            source,
+        })?;
     }
 
     maps.config.set(0, Config { generation: next, flags: 0 }, 0).map_err(CommitError::Flip)?;

@@ -29,7 +29,8 @@ pub struct Maps {
 
 fn open(pin_dir: &Path, name: &'static str) -> Result<Map, MapsError> {
     let path = pin_dir.join(name);
-    let data = MapData::from_pin(&path).map_err(|source| MapsError::Open { path: path.display().to_string(), source })?;
+    let data =
+        MapData::from_pin(&path).map_err(|source| MapsError::Open { path: path.display().to_string(), source })?;
     Map::from_map_data(data).map_err(|source| MapsError::Layout { name, source })
 }
 

@@ -73,7 +73,8 @@ impl Datapath {
         if let Some(root) = pin_dir.ancestors().find(|a| a.parent() == Some(Path::new("/sys/fs"))) {
             ensure_bpffs(root)?;
         }
-        fs::create_dir_all(pin_dir.join("links")).map_err(|source| LoadError::PinDir { path: pin_dir.into(), source })?;
+        fs::create_dir_all(pin_dir.join("links"))
+            .map_err(|source| LoadError::PinDir { path: pin_dir.into(), source })?;
 
         let mut loader = EbpfLoader::new();
         let paths: Vec<(&str, PathBuf)> = names::ALL.iter().map(|n| (*n, pin_dir.join(n))).collect();
@@ -82,14 +83,17 @@ impl Datapath {
         }
         let mut ebpf = loader.load(OBJECT)?;
         for name in ["warden_from_wl", "warden_to_wl"] {
-            let p: &mut SchedClassifier = ebpf.program_mut(name).and_then(|p| p.try_into().ok()).ok_or(LoadError::MissingProgram(name))?;
+            let p: &mut SchedClassifier =
+                ebpf.program_mut(name).and_then(|p| p.try_into().ok()).ok_or(LoadError::MissingProgram(name))?;
             p.load().map_err(|source| LoadError::Program { name, source })?;
         }
         let name = "warden_connect4";
-        let p: &mut CgroupSockAddr = ebpf.program_mut(name).and_then(|p| p.try_into().ok()).ok_or(LoadError::MissingProgram(name))?;
+        let p: &mut CgroupSockAddr =
+            ebpf.program_mut(name).and_then(|p| p.try_into().ok()).ok_or(LoadError::MissingProgram(name))?;
         p.load().map_err(|source| LoadError::Program { name, source })?;
         let name = "warden_sock_out";
-        let p: &mut CgroupSkb = ebpf.program_mut(name).and_then(|p| p.try_into().ok()).ok_or(LoadError::MissingProgram(name))?;
+        let p: &mut CgroupSkb =
+            ebpf.program_mut(name).and_then(|p| p.try_into().ok()).ok_or(LoadError::MissingProgram(name))?;
         p.load().map_err(|source| LoadError::Program { name, source })?;
 
         let maps = Maps::open(pin_dir)?;

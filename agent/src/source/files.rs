@@ -25,7 +25,8 @@ impl FileSource {
         fn walk(p: &Path, out: &mut Vec<(PathBuf, u64, Option<SystemTime>)>) {
             match std::fs::metadata(p) {
                 Ok(m) if m.is_dir() => {
-                    let mut entries: Vec<_> = std::fs::read_dir(p).into_iter().flatten().flatten().map(|e| e.path()).collect();
+                    let mut entries: Vec<_> =
+                        std::fs::read_dir(p).into_iter().flatten().flatten().map(|e| e.path()).collect();
                     entries.sort();
                     for e in entries {
                         walk(&e, out);

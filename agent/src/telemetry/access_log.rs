@@ -147,7 +147,11 @@ pub fn entry(e: &FlowEvent, names: &Names, time: SystemTime) -> Entry {
         },
         verdict: if allowed { Verdict::Allow.name() } else { Verdict::Deny.name() },
         reason: DropReason::from_u8(e.reason).map_or("unknown", DropReason::name),
-        policy: if allowed && e.policy_id == warden_common::POLICY_ID_NONE { "-".into() } else { names.policy(e.policy_id) },
+        policy: if allowed && e.policy_id == warden_common::POLICY_ID_NONE {
+            "-".into()
+        } else {
+            names.policy(e.policy_id)
+        },
         direction: direction.name(),
         reporter,
         hook: if e.hook == HOOK_CONNECT { "connect" } else { "tc" },
@@ -212,7 +216,12 @@ const DRAIN_INTERVAL: Duration = Duration::from_millis(50);
 
 /// Copy events from the ring buffer to stdout on a dedicated thread (writes to stdout may
 /// block on a slow log pipe; that must never stall the agent's runtime) until `stop` is set.
-pub fn spawn(ring: RingBuf<MapData>, names: Arc<RecordNames>, format: AccessLogFormat, stop: Arc<AtomicBool>) -> std::io::Result<std::thread::JoinHandle<()>> {
+pub fn spawn(
+    ring: RingBuf<MapData>,
+    names: Arc<RecordNames>,
+    format: AccessLogFormat,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new().name("access-log".into()).spawn(move || {
         if let Err(e) = run(ring, &names, format, &stop) {
             tracing::error!("access log stopped: {e}");
@@ -220,7 +229,12 @@ pub fn spawn(ring: RingBuf<MapData>, names: Arc<RecordNames>, format: AccessLogF
     })
 }
 
-fn run(mut ring: RingBuf<MapData>, names: &RecordNames, format: AccessLogFormat, stop: &AtomicBool) -> Result<(), AccessLogError> {
+fn run(
+    mut ring: RingBuf<MapData>,
+    names: &RecordNames,
+    format: AccessLogFormat,
+    stop: &AtomicBool,
+) -> Result<(), AccessLogError> {
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(DRAIN_INTERVAL);
         let names = names.get();
@@ -250,7 +264,13 @@ mod tests {
     use super::*;
     use crate::telemetry::names::tests::record;
 
-    fn event(kind: u8, verdict: Verdict, reason: DropReason, (s, sp): ([u8; 4], u16), (d, dp): ([u8; 4], u16)) -> FlowEvent {
+    fn event(
+        kind: u8,
+        verdict: Verdict,
+        reason: DropReason,
+        (s, sp): ([u8; 4], u16),
+        (d, dp): ([u8; 4], u16),
+    ) -> FlowEvent {
         FlowEvent {
             ktime_ns: 0,
             endpoint_id: 2,

@@ -241,10 +241,26 @@ impl TrafficMetrics {
             last: Mutex::default(),
         };
         let istio = registry.sub_registry_with_prefix(ISTIO_PREFIX);
-        istio.register("tcp_connections_opened", "TCP connections opened (refused attempts carry response_flags=\"DENY\")", m.opened.clone());
-        istio.register("tcp_connections_closed", "TCP connections closed (refused attempts carry response_flags=\"DENY\")", m.closed.clone());
-        istio.register("tcp_received_bytes", "Bytes of the request direction (source to destination), L2 frame lengths", m.received.clone());
-        istio.register("tcp_sent_bytes", "Bytes of the response direction (destination to source), L2 frame lengths", m.sent.clone());
+        istio.register(
+            "tcp_connections_opened",
+            "TCP connections opened (refused attempts carry response_flags=\"DENY\")",
+            m.opened.clone(),
+        );
+        istio.register(
+            "tcp_connections_closed",
+            "TCP connections closed (refused attempts carry response_flags=\"DENY\")",
+            m.closed.clone(),
+        );
+        istio.register(
+            "tcp_received_bytes",
+            "Bytes of the request direction (source to destination), L2 frame lengths",
+            m.received.clone(),
+        );
+        istio.register(
+            "tcp_sent_bytes",
+            "Bytes of the response direction (destination to source), L2 frame lengths",
+            m.sent.clone(),
+        );
         let warden = registry.sub_registry_with_prefix(WARDEN_PREFIX);
         warden.register(
             "policy_denials",
@@ -295,8 +311,24 @@ mod tests {
         Names::from_record(&record())
     }
 
-    fn key(endpoint_id: u32, remote_identity: u32, direction: Direction, verdict: Verdict, reason: DropReason, policy_id: u32, hook: u8) -> CounterKey {
-        CounterKey { endpoint_id, remote_identity, policy_id, verdict: verdict as u8, reason: reason as u8, direction: direction as u8, hook }
+    fn key(
+        endpoint_id: u32,
+        remote_identity: u32,
+        direction: Direction,
+        verdict: Verdict,
+        reason: DropReason,
+        policy_id: u32,
+        hook: u8,
+    ) -> CounterKey {
+        CounterKey {
+            endpoint_id,
+            remote_identity,
+            policy_id,
+            verdict: verdict as u8,
+            reason: reason as u8,
+            direction: direction as u8,
+            hook,
+        }
     }
 
     const TC: u8 = warden_common::HOOK_TC;
@@ -314,8 +346,18 @@ mod tests {
         let c = derive(&k, &traffic(), &names(), SecurityPolicy::None);
         let (l, t) = c.tcp.unwrap();
         assert_eq!(l.reporter, "destination");
-        assert_eq!((l.source_workload.as_str(), l.source_workload_namespace.as_str(), l.source_principal.as_str()), ("a", "team", A));
-        assert_eq!((l.destination_workload.as_str(), l.destination_workload_namespace.as_str(), l.destination_principal.as_str()), ("b", "team", B));
+        assert_eq!(
+            (l.source_workload.as_str(), l.source_workload_namespace.as_str(), l.source_principal.as_str()),
+            ("a", "team", A)
+        );
+        assert_eq!(
+            (
+                l.destination_workload.as_str(),
+                l.destination_workload_namespace.as_str(),
+                l.destination_principal.as_str()
+            ),
+            ("b", "team", B)
+        );
         assert_eq!((l.connection_security_policy.as_str(), l.response_flags.as_str()), ("none", "-"));
         assert_eq!(t, TcpTotals { opened: 1, closed: 1, received_bytes: 500, sent_bytes: 4000 });
         assert_eq!((c.denial, c.drop), (None, None));
@@ -337,29 +379,61 @@ mod tests {
     fn the_world_is_unknown() {
         let k = key(2, warden_common::IDENTITY_WORLD, Direction::Ingress, Verdict::Allow, DropReason::None, 1, TC);
         let (l, _) = derive(&k, &traffic(), &names(), SecurityPolicy::None).tcp.unwrap();
-        assert_eq!((l.source_workload.as_str(), l.source_workload_namespace.as_str(), l.source_principal.as_str()), (UNKNOWN, UNKNOWN, UNKNOWN));
+        assert_eq!(
+            (l.source_workload.as_str(), l.source_workload_namespace.as_str(), l.source_principal.as_str()),
+            (UNKNOWN, UNKNOWN, UNKNOWN)
+        );
     }
 
     #[test]
     fn a_denial_is_attributed_to_its_policy_and_counted_as_a_refused_connection() {
         // b's policy team/b-access (id 1) denied 3 SYNs from a.
         let k = key(2, 2, Direction::Ingress, Verdict::Deny, DropReason::PolicyDeny, 1, TC);
-        let c = derive(&k, &Counter { packets_in: 3, bytes_in: 180, opened: 3, ..Default::default() }, &names(), SecurityPolicy::None);
+        let c = derive(
+            &k,
+            &Counter { packets_in: 3, bytes_in: 180, opened: 3, ..Default::default() },
+            &names(),
+            SecurityPolicy::None,
+        );
         let (l, t) = c.tcp.unwrap();
         assert_eq!((l.reporter.as_str(), l.response_flags.as_str()), ("destination", "DENY"));
         assert_eq!(t, TcpTotals { opened: 3, closed: 3, received_bytes: 0, sent_bytes: 0 });
         let (d, n) = c.denial.unwrap();
-        assert_eq!(d, DenialLabels { policy: "team/b-access".into(), workload: "b".into(), namespace: "team".into(), direction: "ingress".into(), reason: "policy_deny".into() });
+        assert_eq!(
+            d,
+            DenialLabels {
+                policy: "team/b-access".into(),
+                workload: "b".into(),
+                namespace: "team".into(),
+                direction: "ingress".into(),
+                reason: "policy_deny".into()
+            }
+        );
         assert_eq!(n, 3);
-        assert_eq!(c.drop.unwrap(), (DropLabels { reason: "policy_deny".into(), workload: "b".into(), namespace: "team".into(), direction: "ingress".into() }, 3));
+        assert_eq!(
+            c.drop.unwrap(),
+            (
+                DropLabels {
+                    reason: "policy_deny".into(),
+                    workload: "b".into(),
+                    namespace: "team".into(),
+                    direction: "ingress".into()
+                },
+                3
+            )
+        );
     }
 
     #[test]
     fn a_denied_connect_counts_calls_and_default_deny_is_named() {
-        let k = key(1, 3, Direction::Egress, Verdict::Deny, DropReason::PolicyDefaultDeny, POLICY_ID_NONE, HOOK_CONNECT);
+        let k =
+            key(1, 3, Direction::Egress, Verdict::Deny, DropReason::PolicyDefaultDeny, POLICY_ID_NONE, HOOK_CONNECT);
         let c = derive(&k, &Counter { packets_out: 2, ..Default::default() }, &names(), SecurityPolicy::None);
         let (l, t) = c.tcp.unwrap();
-        assert_eq!((l.reporter.as_str(), l.source_workload.as_str(), l.destination_workload.as_str()), ("source", "a", "b"));
+        assert_eq!(
+            (l.reporter.as_str(), l.source_workload.as_str(), l.destination_workload.as_str()),
+            ("source", "a", "b")
+        );
         assert_eq!((t.opened, t.closed), (2, 2));
         assert_eq!(c.denial.unwrap().0.policy, DEFAULT_DENY);
     }
@@ -367,15 +441,34 @@ mod tests {
     #[test]
     fn allowed_connects_are_left_to_the_tc_hook() {
         let k = key(1, 3, Direction::Egress, Verdict::Allow, DropReason::None, 0, HOOK_CONNECT);
-        assert_eq!(derive(&k, &Counter { packets_out: 2, ..Default::default() }, &names(), SecurityPolicy::None), Contribution::default());
+        assert_eq!(
+            derive(&k, &Counter { packets_out: 2, ..Default::default() }, &names(), SecurityPolicy::None),
+            Contribution::default()
+        );
     }
 
     #[test]
     fn enforcer_drops_are_not_policy_denials() {
         let k = key(0, 0, Direction::Egress, Verdict::Deny, DropReason::NoState, 0, TC);
-        let c = derive(&k, &Counter { packets_out: 4, bytes_out: 240, ..Default::default() }, &names(), SecurityPolicy::None);
+        let c = derive(
+            &k,
+            &Counter { packets_out: 4, bytes_out: 240, ..Default::default() },
+            &names(),
+            SecurityPolicy::None,
+        );
         assert_eq!(c.denial, None);
-        assert_eq!(c.drop.unwrap(), (DropLabels { reason: "no_state".into(), workload: UNKNOWN.into(), namespace: UNKNOWN.into(), direction: "egress".into() }, 4));
+        assert_eq!(
+            c.drop.unwrap(),
+            (
+                DropLabels {
+                    reason: "no_state".into(),
+                    workload: UNKNOWN.into(),
+                    namespace: UNKNOWN.into(),
+                    direction: "egress".into()
+                },
+                4
+            )
+        );
     }
 
     fn render(r: &Registry) -> String {
@@ -402,7 +495,11 @@ mod tests {
         let text = render(&registry);
         assert!(text.contains("# TYPE istio_tcp_connections_opened counter"), "{text}");
         let opened = "istio_tcp_connections_opened_total{";
-        assert_eq!(value(&text, opened, "destination_workload=\"b\""), 1, "a re-read of unchanged counters adds nothing:\n{text}");
+        assert_eq!(
+            value(&text, opened, "destination_workload=\"b\""),
+            1,
+            "a re-read of unchanged counters adds nothing:\n{text}"
+        );
         assert_eq!(value(&text, "istio_tcp_received_bytes_total{", "reporter=\"destination\""), 500);
 
         // The workload is renamed: the old series keeps its value, growth goes to the new name.
@@ -433,9 +530,13 @@ mod tests {
         let m = TrafficMetrics::new(&mut registry, SecurityPolicy::None);
         let n = names();
         let deny_tc = key(2, 4, Direction::Ingress, Verdict::Deny, DropReason::PolicyDefaultDeny, POLICY_ID_NONE, TC);
-        let deny_connect = key(2, 4, Direction::Ingress, Verdict::Deny, DropReason::PolicyDefaultDeny, POLICY_ID_NONE, HOOK_CONNECT);
+        let deny_connect =
+            key(2, 4, Direction::Ingress, Verdict::Deny, DropReason::PolicyDefaultDeny, POLICY_ID_NONE, HOOK_CONNECT);
         m.update(
-            [(deny_tc, Counter { packets_in: 2, bytes_in: 120, opened: 2, ..Default::default() }), (deny_connect, Counter { packets_out: 3, ..Default::default() })],
+            [
+                (deny_tc, Counter { packets_in: 2, bytes_in: 120, opened: 2, ..Default::default() }),
+                (deny_connect, Counter { packets_out: 3, ..Default::default() }),
+            ],
             &n,
         );
         let text = render(&registry);

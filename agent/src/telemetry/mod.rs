@@ -129,15 +129,31 @@ impl Telemetry {
     pub async fn serve(self) -> Result<Running, server::BindError> {
         let metrics_listener = server::bind("metrics", self.cfg.metrics_addr).await?;
         let ready_listener = server::bind("readiness", self.cfg.ready_addr).await?;
-        let scrape = Arc::new(Scrape { registry: self.registry, traffic: self.traffic, names: self.names.clone(), counters: Mutex::new(None) });
+        let scrape = Arc::new(Scrape {
+            registry: self.registry,
+            traffic: self.traffic,
+            names: self.names.clone(),
+            counters: Mutex::new(None),
+        });
         let readiness = Readiness::default();
         let s = scrape.clone();
         let metrics_handler: Handler = Arc::new(move |path| s.reply(path));
         let r = readiness.clone();
         let ready_handler: Handler = Arc::new(move |path| r.reply(path));
         tracing::info!(metrics = %self.cfg.metrics_addr, ready = %self.cfg.ready_addr, "serving {METRICS_PATH} and {}", ready::READY_PATH);
-        let tasks = vec![tokio::spawn(server::serve(metrics_listener, metrics_handler)), tokio::spawn(server::serve(ready_listener, ready_handler))];
-        Ok(Running { cfg: self.cfg, pin_dir: self.pin_dir, scrape, readiness, names: self.names, tasks, stop: Arc::default() })
+        let tasks = vec![
+            tokio::spawn(server::serve(metrics_listener, metrics_handler)),
+            tokio::spawn(server::serve(ready_listener, ready_handler)),
+        ];
+        Ok(Running {
+            cfg: self.cfg,
+            pin_dir: self.pin_dir,
+            scrape,
+            readiness,
+            names: self.names,
+            tasks,
+            stop: Arc::default(),
+        })
     }
 }
 
@@ -167,7 +183,8 @@ impl Running {
         if self.cfg.access_log != AccessLogFormat::Off {
             match access_log::open(&self.pin_dir) {
                 Ok(ring) => {
-                    if let Err(e) = access_log::spawn(ring, self.names.clone(), self.cfg.access_log, self.stop.clone()) {
+                    if let Err(e) = access_log::spawn(ring, self.names.clone(), self.cfg.access_log, self.stop.clone())
+                    {
                         tracing::error!("access log unavailable: cannot start its thread: {e}");
                     }
                 }
@@ -230,7 +247,11 @@ mod tests {
         let (status, body) = get(raddr, ready::READY_PATH).await;
         assert_eq!((status, body.as_str()), (200, "ready\n"));
         // A taken port fails the start.
-        let taken = TelemetryConfig { metrics_addr: maddr, ready_addr: "127.0.0.1:0".parse().unwrap(), ..TelemetryConfig::default() };
+        let taken = TelemetryConfig {
+            metrics_addr: maddr,
+            ready_addr: "127.0.0.1:0".parse().unwrap(),
+            ..TelemetryConfig::default()
+        };
         let e = Telemetry::new(taken, &dir, &dir).serve().await.err().expect("port in use");
         assert!(e.to_string().contains(&format!("cannot listen on {maddr} for metrics")), "{e}");
     }

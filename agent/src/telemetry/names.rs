@@ -45,7 +45,9 @@ fn principal_of(canonical: &str) -> Option<(String, String)> {
     let (_trust_domain, rest) = path.split_once('/')?;
     let mut segs = rest.split('/');
     match (segs.next(), segs.next(), segs.next(), segs.next(), segs.next()) {
-        (Some("ns"), Some(ns), Some("sa"), Some(_sa), None) if !ns.is_empty() => Some((principal.to_string(), ns.to_string())),
+        (Some("ns"), Some(ns), Some("sa"), Some(_sa), None) if !ns.is_empty() => {
+            Some((principal.to_string(), ns.to_string()))
+        }
         _ => None,
     }
 }
@@ -131,7 +133,11 @@ pub struct RecordNames {
 
 impl RecordNames {
     pub fn new(state_dir: &Path) -> RecordNames {
-        RecordNames { path: state_dir.join(STATE_FILE), state_dir: state_dir.into(), cached: Mutex::new((None, Arc::default())) }
+        RecordNames {
+            path: state_dir.join(STATE_FILE),
+            state_dir: state_dir.into(),
+            cached: Mutex::new((None, Arc::default())),
+        }
     }
 
     /// The names as of the record on disk now. A record that cannot be read keeps the last
@@ -172,7 +178,8 @@ pub(crate) mod tests {
         for (id, name, identity) in [(1, "a", 2), (2, "b", 3), (3, "s1", 4), (4, "s2", 4)] {
             let key = format!("team/{name}");
             r.endpoint_ids.insert(key.clone(), id);
-            r.endpoints.insert(key, EndpointRecord { id, identity, ip: format!("10.66.0.{}", id + 1), ..Default::default() });
+            r.endpoints
+                .insert(key, EndpointRecord { id, identity, ip: format!("10.66.0.{}", id + 1), ..Default::default() });
         }
         r.endpoint_ids.insert("gone/old".into(), 7);
         r
@@ -183,15 +190,29 @@ pub(crate) mod tests {
         let n = Names::from_record(&record());
         assert_eq!(
             n.local(1),
-            Peer { workload: "a".into(), namespace: "team".into(), principal: "spiffe://cluster.local/ns/team/sa/a".into() }
+            Peer {
+                workload: "a".into(),
+                namespace: "team".into(),
+                principal: "spiffe://cluster.local/ns/team/sa/a".into()
+            }
         );
         assert_eq!(n.local_ip(2), Some(Ipv4Addr::new(10, 66, 0, 3)));
         // A removed workload keeps its name; its principal is no longer known.
-        assert_eq!((n.local(7).workload.as_str(), n.local(7).namespace.as_str(), n.local(7).principal.as_str()), ("old", "gone", UNKNOWN));
+        assert_eq!(
+            (n.local(7).workload.as_str(), n.local(7).namespace.as_str(), n.local(7).principal.as_str()),
+            ("old", "gone", UNKNOWN)
+        );
         assert_eq!(n.local(99), Peer::unknown());
         assert_eq!(n.remote(3).workload, "b");
         // Two workloads share the identity: the workload is not guessed, the principal is known.
-        assert_eq!(n.remote(4), Peer { workload: UNKNOWN.into(), namespace: "team".into(), principal: "spiffe://cluster.local/ns/team/sa/shared".into() });
+        assert_eq!(
+            n.remote(4),
+            Peer {
+                workload: UNKNOWN.into(),
+                namespace: "team".into(),
+                principal: "spiffe://cluster.local/ns/team/sa/shared".into()
+            }
+        );
         // A workload identity narrowed by a CIDR keeps its principal.
         assert_eq!(n.remote(5).principal, "spiffe://cluster.local/ns/far/sa/x");
         assert_eq!(n.remote(5).namespace, "far");

@@ -29,6 +29,10 @@ impl Readiness {
         if path != READY_PATH {
             return Reply::not_found(path);
         }
-        if self.is_ready() { Reply::text(200, "ready\n") } else { Reply::text(503, "not ready: no state committed yet\n") }
+        if self.is_ready() {
+            Reply::text(200, "ready\n")
+        } else {
+            Reply::text(503, "not ready: no state committed yet\n")
+        }
     }
 }

@@ -62,8 +62,10 @@ pub async fn serve(listener: TcpListener, handler: Handler) {
                         .await
                         .unwrap_or_else(|e| Reply::text(500, format!("BUG: telemetry handler failed: {e}\n")));
                     let mut resp = Response::new(Full::new(Bytes::from(reply.body)));
-                    *resp.status_mut() = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-                    resp.headers_mut().insert(CONTENT_TYPE, hyper::header::HeaderValue::from_static(reply.content_type));
+                    *resp.status_mut() =
+                        StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+                    resp.headers_mut()
+                        .insert(CONTENT_TYPE, hyper::header::HeaderValue::from_static(reply.content_type));
                     Ok::<_, Infallible>(resp)
                 }
             });

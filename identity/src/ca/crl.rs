@@ -3,9 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use rcgen::{
-    CertificateRevocationListParams, Issuer, KeyIdMethod, KeyPair, RevokedCertParams, SerialNumber,
-};
+use rcgen::{CertificateRevocationListParams, Issuer, KeyIdMethod, KeyPair, RevokedCertParams, SerialNumber};
 use rustls_pki_types::CertificateRevocationListDer;
 use x509_parser::prelude::FromDer;
 use x509_parser::revocation_list::CertificateRevocationList;
@@ -41,15 +39,11 @@ pub(super) fn revoke(
     let mut revoked = Vec::new();
     let mut crl_number: u128 = 0;
     if let Some(der) = current {
-        let (_, crl) = CertificateRevocationList::from_der(der).map_err(|e| CaError::Parse {
-            path: path.clone(),
-            reason: format!("bad CRL: {e}"),
-        })?;
+        let (_, crl) = CertificateRevocationList::from_der(der)
+            .map_err(|e| CaError::Parse { path: path.clone(), reason: format!("bad CRL: {e}") })?;
         if let Some(n) = crl.crl_number() {
             let bytes = n.to_bytes_be();
-            crl_number = bytes
-                .iter()
-                .fold(0u128, |acc, b| acc.wrapping_shl(8) | u128::from(*b));
+            crl_number = bytes.iter().fold(0u128, |acc, b| acc.wrapping_shl(8) | u128::from(*b));
         }
         for r in crl.iter_revoked_certificates() {
             revoked.push(RevokedCertParams {
@@ -60,9 +54,7 @@ pub(super) fn revoke(
             });
         }
     }
-    let already_revoked = revoked
-        .iter()
-        .any(|r| normalise(r.serial_number.as_ref()) == serial_bytes);
+    let already_revoked = revoked.iter().any(|r| normalise(r.serial_number.as_ref()) == serial_bytes);
     if !already_revoked {
         revoked.push(RevokedCertParams {
             serial_number: SerialNumber::from_slice(&serial_bytes),
@@ -75,9 +67,7 @@ pub(super) fn revoke(
     let params = CertificateRevocationListParams {
         this_update: to_offset(now),
         next_update: to_offset(now + CRL_VALIDITY),
-        crl_number: SerialNumber::from_slice(
-            &crl_number.to_be_bytes()[trim(&crl_number.to_be_bytes())..],
-        ),
+        crl_number: SerialNumber::from_slice(&crl_number.to_be_bytes()[trim(&crl_number.to_be_bytes())..]),
         issuing_distribution_point: None,
         revoked_certs: revoked,
         key_identifier_method: KeyIdMethod::Sha256,
@@ -88,16 +78,7 @@ pub(super) fn revoke(
     let revoked_count = params.revoked_certs.len();
     let serial = serial_hex(&serial_bytes);
     tracing::info!(serial, crl_number, revoked_count, path = %path.display(), "revoked certificate");
-    Ok((
-        der,
-        RevocationOutcome {
-            serial,
-            already_revoked,
-            crl_number,
-            revoked_count,
-            path,
-        },
-    ))
+    Ok((der, RevocationOutcome { serial, already_revoked, crl_number, revoked_count, path }))
 }
 
 fn normalise(raw: &[u8]) -> Vec<u8> {
@@ -106,7 +87,5 @@ fn normalise(raw: &[u8]) -> Vec<u8> {
 
 /// Index of the first significant byte (keeps one byte for zero).
 fn trim(raw: &[u8]) -> usize {
-    raw.iter()
-        .position(|b| *b != 0)
-        .unwrap_or(raw.len().saturating_sub(1))
+    raw.iter().position(|b| *b != 0).unwrap_or(raw.len().saturating_sub(1))
 }

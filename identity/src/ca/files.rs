@@ -37,12 +37,7 @@ pub(super) struct Loaded {
     pub crl: Option<CertificateRevocationListDer<'static>>,
 }
 
-pub(super) fn init_self_signed(
-    dir: &Path,
-    trust_domain: &str,
-    now: SystemTime,
-    ttl: Duration,
-) -> Result<(), CaError> {
+pub(super) fn init_self_signed(dir: &Path, trust_domain: &str, now: SystemTime, ttl: Duration) -> Result<(), CaError> {
     crate::identity::validate_trust_domain(trust_domain)?;
     for f in [CA_CERT_FILE, CA_KEY_FILE, ROOT_CERT_FILE, CERT_CHAIN_FILE] {
         let p = dir.join(f);
@@ -50,19 +45,12 @@ pub(super) fn init_self_signed(
             return Err(CaError::AlreadyExists { path: p });
         }
     }
-    fs::create_dir_all(dir).map_err(|source| CaError::Write {
-        path: dir.to_owned(),
-        source,
-    })?;
+    fs::create_dir_all(dir).map_err(|source| CaError::Write { path: dir.to_owned(), source })?;
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
     let cert = super::root_params(trust_domain, now, ttl).self_signed(&key)?;
     let pem = cert.pem();
     // Key first, so a crash never leaves a certificate without its key.
-    write_file(
-        &dir.join(CA_KEY_FILE),
-        key.serialize_pem().as_bytes(),
-        KEY_FILE_MODE,
-    )?;
+    write_file(&dir.join(CA_KEY_FILE), key.serialize_pem().as_bytes(), KEY_FILE_MODE)?;
     write_file(&dir.join(ROOT_CERT_FILE), pem.as_bytes(), 0o644)?;
     write_file(&dir.join(CERT_CHAIN_FILE), pem.as_bytes(), 0o644)?;
     write_file(&dir.join(CA_CERT_FILE), pem.as_bytes(), 0o644)?;
@@ -72,38 +60,22 @@ pub(super) fn init_self_signed(
 
 /// Writes `contents` to `path` atomically (temporary file + rename) with `mode`.
 pub(super) fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), CaError> {
-    let err = |source| CaError::Write {
-        path: path.to_owned(),
-        source,
-    };
+    let err = |source| CaError::Write { path: path.to_owned(), source };
     let tmp = path.with_extension("tmp");
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(err)?;
+    let mut f = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp).map_err(err)?;
     // `mode` only applies on creation; a left-over temporary file keeps its old mode.
-    f.set_permissions(fs::Permissions::from_mode(mode))
-        .map_err(err)?;
+    f.set_permissions(fs::Permissions::from_mode(mode)).map_err(err)?;
     f.write_all(contents).map_err(err)?;
     f.sync_all().map_err(err)?;
     fs::rename(&tmp, path).map_err(err)
 }
 
 fn read(path: &Path) -> Result<String, CaError> {
-    fs::read_to_string(path).map_err(|source| CaError::Read {
-        path: path.to_owned(),
-        source,
-    })
+    fs::read_to_string(path).map_err(|source| CaError::Read { path: path.to_owned(), source })
 }
 
 fn parse_err(path: &Path, reason: impl Into<String>) -> CaError {
-    CaError::Parse {
-        path: path.to_owned(),
-        reason: reason.into(),
-    }
+    CaError::Parse { path: path.to_owned(), reason: reason.into() }
 }
 
 /// Every certificate of a PEM file, at least one.
@@ -116,61 +88,36 @@ pub(crate) fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, Ca
         return Err(parse_err(path, "no CERTIFICATE block"));
     }
     for c in &certs {
-        X509Certificate::from_der(c)
-            .map_err(|e| parse_err(path, format!("bad certificate: {e}")))?;
+        X509Certificate::from_der(c).map_err(|e| parse_err(path, format!("bad certificate: {e}")))?;
     }
     Ok(certs)
 }
 
 fn x509<'a>(path: &Path, der: &'a CertificateDer<'_>) -> Result<X509Certificate<'a>, CaError> {
-    X509Certificate::from_der(der)
-        .map(|(_, c)| c)
-        .map_err(|e| parse_err(path, format!("bad certificate: {e}")))
+    X509Certificate::from_der(der).map(|(_, c)| c).map_err(|e| parse_err(path, format!("bad certificate: {e}")))
 }
 
-fn check_validity(
-    path: &Path,
-    cert: &X509Certificate<'_>,
-    now: SystemTime,
-) -> Result<SystemTime, CaError> {
+fn check_validity(path: &Path, cert: &X509Certificate<'_>, now: SystemTime) -> Result<SystemTime, CaError> {
     let nb = SystemTime::from(cert.validity().not_before.to_datetime());
     let na = SystemTime::from(cert.validity().not_after.to_datetime());
     if now > na {
-        return Err(CaError::Expired {
-            path: path.to_owned(),
-            not_after: rfc3339(na),
-            now: rfc3339(now),
-        });
+        return Err(CaError::Expired { path: path.to_owned(), not_after: rfc3339(na), now: rfc3339(now) });
     }
     if now < nb {
-        return Err(CaError::NotYetValid {
-            path: path.to_owned(),
-            not_before: rfc3339(nb),
-            now: rfc3339(now),
-        });
+        return Err(CaError::NotYetValid { path: path.to_owned(), not_before: rfc3339(nb), now: rfc3339(now) });
     }
     Ok(na)
 }
 
 fn check_is_ca(path: &Path, cert: &X509Certificate<'_>) -> Result<(), CaError> {
-    let bc = cert
-        .basic_constraints()
-        .map_err(|e| parse_err(path, format!("bad basicConstraints: {e}")))?;
+    let bc = cert.basic_constraints().map_err(|e| parse_err(path, format!("bad basicConstraints: {e}")))?;
     if !bc.is_some_and(|bc| bc.value.ca) {
-        return Err(CaError::NotACa {
-            path: path.to_owned(),
-            reason: "basicConstraints CA is not TRUE",
-        });
+        return Err(CaError::NotACa { path: path.to_owned(), reason: "basicConstraints CA is not TRUE" });
     }
-    if let Some(ku) = cert
-        .key_usage()
-        .map_err(|e| parse_err(path, format!("bad keyUsage: {e}")))?
+    if let Some(ku) = cert.key_usage().map_err(|e| parse_err(path, format!("bad keyUsage: {e}")))?
         && !ku.value.key_cert_sign()
     {
-        return Err(CaError::NotACa {
-            path: path.to_owned(),
-            reason: "keyUsage lacks keyCertSign",
-        });
+        return Err(CaError::NotACa { path: path.to_owned(), reason: "keyUsage lacks keyCertSign" });
     }
     Ok(())
 }
@@ -192,13 +139,9 @@ pub(super) fn load(dir: &Path, now: SystemTime) -> Result<Loaded, CaError> {
     // ca-key.pem: must be the key of ca-cert.pem.
     let key_pem = read(&key_path)?;
     warn_if_key_readable(&key_path);
-    let key = KeyPair::from_pem(&key_pem)
-        .map_err(|e| parse_err(&key_path, format!("bad private key: {e}")))?;
+    let key = KeyPair::from_pem(&key_pem).map_err(|e| parse_err(&key_path, format!("bad private key: {e}")))?;
     if key.public_key_raw() != ca.public_key().subject_public_key.data.as_ref() {
-        return Err(CaError::KeyMismatch {
-            key_path,
-            cert_path,
-        });
+        return Err(CaError::KeyMismatch { key_path, cert_path });
     }
 
     // root-cert.pem: the trust bundle; every root must be a valid CA. During a root rotation it
@@ -218,27 +161,20 @@ pub(super) fn load(dir: &Path, now: SystemTime) -> Result<Loaded, CaError> {
     for pair in chain.windows(2) {
         let (child, parent) = (x509(&chain_path, &pair[0])?, x509(&chain_path, &pair[1])?);
         check_validity(&chain_path, &parent, now)?;
-        child
-            .verify_signature(Some(parent.public_key()))
-            .map_err(|_| CaError::ChainMismatch {
-                path: chain_path.clone(),
-                reason: format!("{} is not signed by {}", child.subject(), parent.subject()),
-            })?;
+        child.verify_signature(Some(parent.public_key())).map_err(|_| CaError::ChainMismatch {
+            path: chain_path.clone(),
+            reason: format!("{} is not signed by {}", child.subject(), parent.subject()),
+        })?;
     }
     let top_der = chain.last().cloned().unwrap_or_else(|| ca_cert.clone());
     let top = x509(&chain_path, &top_der)?;
     let anchored = roots.iter().any(|r| {
-        *r == top_der
-            || x509(&root_path, r)
-                .is_ok_and(|rc| top.verify_signature(Some(rc.public_key())).is_ok())
+        *r == top_der || x509(&root_path, r).is_ok_and(|rc| top.verify_signature(Some(rc.public_key())).is_ok())
     });
     if !anchored {
         return Err(CaError::ChainMismatch {
             path: chain_path,
-            reason: format!(
-                "the chain ends at {} which is not issued by any root in {ROOT_CERT_FILE}",
-                top.subject()
-            ),
+            reason: format!("the chain ends at {} which is not issued by any root in {ROOT_CERT_FILE}", top.subject()),
         });
     }
     let chain_pem: Vec<String> = chain.iter().map(pem_cert).collect();
@@ -248,8 +184,8 @@ pub(super) fn load(dir: &Path, now: SystemTime) -> Result<Loaded, CaError> {
         let text = read(&crl_path)?;
         let der = CertificateRevocationListDer::from_pem_slice(text.as_bytes())
             .map_err(|e| parse_err(&crl_path, format!("bad PEM: {e}")))?;
-        let (_, parsed) = CertificateRevocationList::from_der(&der)
-            .map_err(|e| parse_err(&crl_path, format!("bad CRL: {e}")))?;
+        let (_, parsed) =
+            CertificateRevocationList::from_der(&der).map_err(|e| parse_err(&crl_path, format!("bad CRL: {e}")))?;
         parsed
             .verify_signature(ca.public_key())
             .map_err(|_| parse_err(&crl_path, format!("CRL is not signed by {CA_CERT_FILE}")))?;
@@ -258,17 +194,9 @@ pub(super) fn load(dir: &Path, now: SystemTime) -> Result<Loaded, CaError> {
         None
     };
 
-    let issuer = Issuer::from_ca_cert_der(&ca_cert, key)
-        .map_err(|e| parse_err(&cert_path, e.to_string()))?;
+    let issuer = Issuer::from_ca_cert_der(&ca_cert, key).map_err(|e| parse_err(&cert_path, e.to_string()))?;
     tracing::info!(dir = %dir.display(), subject = %ca.subject(), roots = roots.len(), "loaded CA");
-    Ok(Loaded {
-        issuer,
-        ca_cert,
-        ca_not_after,
-        chain_pem,
-        roots,
-        crl,
-    })
+    Ok(Loaded { issuer, ca_cert, ca_not_after, chain_pem, roots, crl })
 }
 
 fn warn_if_key_readable(path: &PathBuf) {
@@ -286,8 +214,5 @@ pub fn pem_cert(der: &CertificateDer<'_>) -> String {
 }
 
 pub(crate) fn pem_block(label: &str, der: &[u8]) -> String {
-    pem::encode_config(
-        &pem::Pem::new(label, der),
-        pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
-    )
+    pem::encode_config(&pem::Pem::new(label, der), pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF))
 }

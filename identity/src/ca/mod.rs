@@ -14,8 +14,8 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 use rcgen::{
-    CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 use rustls_pki_types::{CertificateDer, CertificateRevocationListDer};
 
@@ -23,9 +23,7 @@ use crate::clock::{Clock, to_offset};
 use crate::identity::{DEFAULT_TRUST_DOMAIN, Identity, IdentityError};
 
 pub use crl::RevocationOutcome;
-pub use files::{
-    CA_CERT_FILE, CA_KEY_FILE, CERT_CHAIN_FILE, CRL_FILE, KEY_FILE_MODE, ROOT_CERT_FILE, pem_cert,
-};
+pub use files::{CA_CERT_FILE, CA_KEY_FILE, CERT_CHAIN_FILE, CRL_FILE, KEY_FILE_MODE, ROOT_CERT_FILE, pem_cert};
 
 /// Default lifetime of a workload certificate (Istio's `DEFAULT_WORKLOAD_CERT_TTL`).
 pub const DEFAULT_WORKLOAD_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -222,11 +220,7 @@ impl std::fmt::Debug for CertificateAuthority {
 impl CertificateAuthority {
     /// Generates a self-signed root (ECDSA P-256) in `dir` in the `cacerts` layout.
     /// Refuses to overwrite an existing CA.
-    pub fn init_self_signed(
-        dir: &Path,
-        trust_domain: &str,
-        clock: &dyn Clock,
-    ) -> Result<(), CaError> {
+    pub fn init_self_signed(dir: &Path, trust_domain: &str, clock: &dyn Clock) -> Result<(), CaError> {
         files::init_self_signed(dir, trust_domain, clock.now(), DEFAULT_SELF_SIGNED_ROOT_TTL)
     }
 
@@ -249,11 +243,7 @@ impl CertificateAuthority {
 
     /// Loads the CA in `dir`, first generating a self-signed root there if the directory has no
     /// `ca-cert.pem` (mode (a)); a plug-in directory is loaded as it is (mode (b)).
-    pub fn load_or_init(
-        dir: &Path,
-        config: CaConfig,
-        clock: Arc<dyn Clock>,
-    ) -> Result<Self, CaError> {
+    pub fn load_or_init(dir: &Path, config: CaConfig, clock: Arc<dyn Clock>) -> Result<Self, CaError> {
         if !dir.join(CA_CERT_FILE).exists() {
             Self::init_self_signed(dir, &config.trust_domain, clock.as_ref())?;
         }
@@ -292,37 +282,20 @@ impl CertificateAuthority {
 
     /// Parses a PEM CSR, checks its signature and extracts the one SPIFFE identity it requests.
     pub fn parse_csr(&self, csr_pem: &str) -> Result<ParsedCsr, CaError> {
-        let params = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| {
-            CaError::InvalidCsr {
-                reason: e.to_string(),
-            }
-        })?;
-        let mut uris = params
-            .params
-            .subject_alt_names
-            .iter()
-            .filter_map(|san| match san {
-                SanType::URI(uri) => Some(uri.as_str()),
-                _ => None,
-            });
-        let uri = uris.next().ok_or_else(|| CaError::CsrIdentity {
-            reason: "no URI SAN".into(),
-        })?;
+        let params = CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| CaError::InvalidCsr { reason: e.to_string() })?;
+        let mut uris = params.params.subject_alt_names.iter().filter_map(|san| match san {
+            SanType::URI(uri) => Some(uri.as_str()),
+            _ => None,
+        });
+        let uri = uris.next().ok_or_else(|| CaError::CsrIdentity { reason: "no URI SAN".into() })?;
         if uris.next().is_some() {
-            return Err(CaError::CsrIdentity {
-                reason: "more than one URI SAN".into(),
-            });
+            return Err(CaError::CsrIdentity { reason: "more than one URI SAN".into() });
         }
-        let identity: Identity = uri
-            .parse()
-            .map_err(|e: IdentityError| CaError::CsrIdentity {
-                reason: e.to_string(),
-            })?;
+        let identity: Identity =
+            uri.parse().map_err(|e: IdentityError| CaError::CsrIdentity { reason: e.to_string() })?;
         if identity.trust_domain() != self.config.trust_domain {
-            return Err(CaError::ForeignTrustDomain {
-                identity,
-                trust_domain: self.config.trust_domain.clone(),
-            });
+            return Err(CaError::ForeignTrustDomain { identity, trust_domain: self.config.trust_domain.clone() });
         }
         Ok(ParsedCsr { identity, params })
     }
@@ -331,10 +304,7 @@ impl CertificateAuthority {
     /// other field is set by the CA. `ttl` is clamped to the configured maximum.
     pub fn sign(&self, csr: &ParsedCsr, ttl: Option<Duration>) -> Result<IssuedCert, CaError> {
         let now = self.clock.now();
-        let ttl = ttl
-            .filter(|t| !t.is_zero())
-            .unwrap_or(self.config.default_ttl)
-            .min(self.config.max_ttl);
+        let ttl = ttl.filter(|t| !t.is_zero()).unwrap_or(self.config.default_ttl).min(self.config.max_ttl);
         let not_before = now - CLOCK_SKEW_ALLOWANCE;
         // Never outlive the signing certificate.
         let not_after = (now + ttl).min(self.ca_not_after);
@@ -363,13 +333,7 @@ impl CertificateAuthority {
     /// watching the file pick the new CRL up without restart.
     pub fn revoke(&self, serial: &str) -> Result<RevocationOutcome, CaError> {
         let mut guard = self.crl.write().unwrap_or_else(|e| e.into_inner());
-        let (der, outcome) = crl::revoke(
-            &self.dir,
-            &self.issuer,
-            guard.as_ref(),
-            serial,
-            self.clock.now(),
-        )?;
+        let (der, outcome) = crl::revoke(&self.dir, &self.issuer, guard.as_ref(), serial, self.clock.now())?;
         *guard = Some(der);
         Ok(outcome)
     }
@@ -390,24 +354,14 @@ fn workload_params(
     params.not_after = to_offset(not_after);
     params.serial_number = Some(serial);
     params.is_ca = IsCa::ExplicitNoCa;
-    params.key_usages = vec![
-        KeyUsagePurpose::DigitalSignature,
-        KeyUsagePurpose::KeyEncipherment,
-    ];
-    params.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
     params.use_authority_key_identifier_extension = true;
     Ok(params)
 }
 
 /// Parameters of a self-signed root.
-pub(crate) fn root_params(
-    trust_domain: &str,
-    not_before: SystemTime,
-    ttl: Duration,
-) -> CertificateParams {
+pub(crate) fn root_params(trust_domain: &str, not_before: SystemTime, ttl: Duration) -> CertificateParams {
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, trust_domain);
@@ -417,11 +371,7 @@ pub(crate) fn root_params(
     params.not_after = to_offset(not_before + ttl);
     params.serial_number = Some(random_serial());
     params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     params
 }
 
@@ -436,41 +386,24 @@ pub(crate) fn random_serial() -> SerialNumber {
 /// Lower-case hex of a serial, without leading zero bytes (the form `warden certs` shows and
 /// `warden ca revoke` takes).
 pub fn serial_hex(raw: &[u8]) -> String {
-    let start = raw
-        .iter()
-        .position(|b| *b != 0)
-        .unwrap_or(raw.len().saturating_sub(1));
+    let start = raw.iter().position(|b| *b != 0).unwrap_or(raw.len().saturating_sub(1));
     raw[start..].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Parses a serial written as hex, with optional `0x` prefix and `:` separators.
 pub fn parse_serial(s: &str) -> Result<Vec<u8>, CaError> {
-    let bad = || CaError::InvalidSerial {
-        serial: s.to_owned(),
-    };
-    let clean: String = s
-        .trim()
-        .trim_start_matches("0x")
-        .chars()
-        .filter(|c| *c != ':')
-        .collect();
+    let bad = || CaError::InvalidSerial { serial: s.to_owned() };
+    let clean: String = s.trim().trim_start_matches("0x").chars().filter(|c| *c != ':').collect();
     if clean.is_empty() || !clean.chars().all(|c| c.is_ascii_hexdigit()) {
         return Err(bad());
     }
-    let clean = if clean.len() % 2 == 1 {
-        format!("0{clean}")
-    } else {
-        clean
-    };
+    let clean = if clean.len() % 2 == 1 { format!("0{clean}") } else { clean };
     let bytes: Vec<u8> = (0..clean.len())
         .step_by(2)
         .map(|i| u8::from_str_radix(&clean[i..i + 2], 16))
         .collect::<Result<_, _>>()
         .map_err(|_| bad())?;
-    let start = bytes
-        .iter()
-        .position(|b| *b != 0)
-        .unwrap_or(bytes.len().saturating_sub(1));
+    let start = bytes.iter().position(|b| *b != 0).unwrap_or(bytes.len().saturating_sub(1));
     Ok(bytes[start..].to_vec())
 }
 

@@ -2,9 +2,7 @@ use std::fs;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rcgen::{
-    CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
-};
+use rcgen::{CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use super::*;
@@ -19,8 +17,7 @@ fn id(ns: &str, sa: &str) -> Identity {
 
 fn self_signed(clock: &Arc<ManualClock>) -> (tempfile::TempDir, CertificateAuthority) {
     let dir = tempfile::tempdir().unwrap();
-    let ca =
-        CertificateAuthority::load_or_init(dir.path(), CaConfig::default(), clock.clone()).unwrap();
+    let ca = CertificateAuthority::load_or_init(dir.path(), CaConfig::default(), clock.clone()).unwrap();
     (dir, ca)
 }
 
@@ -28,21 +25,11 @@ fn self_signed(clock: &Arc<ManualClock>) -> (tempfile::TempDir, CertificateAutho
 fn self_signed_root_is_persisted_with_private_key_mode_0600_and_reloaded() {
     let clock = Arc::new(ManualClock::starting_now());
     let (dir, ca) = self_signed(&clock);
-    let mode = fs::metadata(dir.path().join(CA_KEY_FILE))
-        .unwrap()
-        .permissions()
-        .mode()
-        & 0o777;
+    let mode = fs::metadata(dir.path().join(CA_KEY_FILE)).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, KEY_FILE_MODE);
-    let again =
-        CertificateAuthority::load_or_init(dir.path(), CaConfig::default(), clock.clone()).unwrap();
-    assert_eq!(
-        again.roots(),
-        ca.roots(),
-        "second start must reuse the persisted root"
-    );
-    let err = CertificateAuthority::init_self_signed(dir.path(), "cluster.local", clock.as_ref())
-        .unwrap_err();
+    let again = CertificateAuthority::load_or_init(dir.path(), CaConfig::default(), clock.clone()).unwrap();
+    assert_eq!(again.roots(), ca.roots(), "second start must reuse the persisted root");
+    let err = CertificateAuthority::init_self_signed(dir.path(), "cluster.local", clock.as_ref()).unwrap_err();
     assert!(matches!(err, CaError::AlreadyExists { .. }), "{err}");
 }
 
@@ -54,10 +41,7 @@ fn signs_a_spiffe_svid_from_a_csr() {
     let issued = ca.sign_csr(&csr, None).unwrap();
     assert_eq!(issued.identity, id("default", "web"));
     assert_eq!(issued.chain_pem.len(), 2, "leaf + root");
-    assert_eq!(
-        issued.not_after.duration_since(clock.now()).unwrap(),
-        DEFAULT_WORKLOAD_CERT_TTL
-    );
+    assert_eq!(issued.not_after.duration_since(clock.now()).unwrap(), DEFAULT_WORKLOAD_CERT_TTL);
 
     let leaf = CertificateDer::from_pem_slice(issued.chain_pem[0].as_bytes()).unwrap();
     let (_, x) = X509Certificate::from_der(&leaf).unwrap();
@@ -84,62 +68,36 @@ fn signs_a_spiffe_svid_from_a_csr() {
 fn ttl_is_clamped_to_the_maximum() {
     let clock = Arc::new(ManualClock::starting_now());
     let dir = tempfile::tempdir().unwrap();
-    let config = CaConfig {
-        max_ttl: 2 * DAY,
-        ..CaConfig::default()
-    };
+    let config = CaConfig { max_ttl: 2 * DAY, ..CaConfig::default() };
     let ca = CertificateAuthority::load_or_init(dir.path(), config, clock.clone()).unwrap();
     let (_key, csr) = generate_key_and_csr(&id("a", "b")).unwrap();
     let issued = ca.sign_csr(&csr, Some(30 * DAY)).unwrap();
-    assert_eq!(
-        issued.not_after.duration_since(clock.now()).unwrap(),
-        2 * DAY
-    );
+    assert_eq!(issued.not_after.duration_since(clock.now()).unwrap(), 2 * DAY);
     let issued = ca.sign_csr(&csr, Some(Duration::from_secs(3600))).unwrap();
-    assert_eq!(
-        issued.not_after.duration_since(clock.now()).unwrap(),
-        Duration::from_secs(3600)
-    );
+    assert_eq!(issued.not_after.duration_since(clock.now()).unwrap(), Duration::from_secs(3600));
 }
 
 #[test]
 fn bad_csrs_are_refused() {
     let clock = Arc::new(ManualClock::starting_now());
     let (_dir, ca) = self_signed(&clock);
-    assert!(matches!(
-        ca.sign_csr("not a csr", None),
-        Err(CaError::InvalidCsr { .. })
-    ));
+    assert!(matches!(ca.sign_csr("not a csr", None), Err(CaError::InvalidCsr { .. })));
     // A CSR whose signature does not match its content.
     let (_key, csr) = generate_key_and_csr(&id("a", "b")).unwrap();
-    let mut der = rustls_pki_types::CertificateSigningRequestDer::from_pem_slice(csr.as_bytes())
-        .unwrap()
-        .as_ref()
-        .to_vec();
+    let mut der =
+        rustls_pki_types::CertificateSigningRequestDer::from_pem_slice(csr.as_bytes()).unwrap().as_ref().to_vec();
     let last = der.len() - 3;
     der[last] ^= 0xff;
     let tampered = super::files::pem_block("CERTIFICATE REQUEST", &der);
-    assert!(matches!(
-        ca.sign_csr(&tampered, None),
-        Err(CaError::InvalidCsr { .. })
-    ));
+    assert!(matches!(ca.sign_csr(&tampered, None), Err(CaError::InvalidCsr { .. })));
     // A CSR for another trust domain.
     let foreign = Identity::spiffe("evil.example", "a", "b").unwrap();
     let (_key, csr) = generate_key_and_csr(&foreign).unwrap();
-    assert!(matches!(
-        ca.sign_csr(&csr, None),
-        Err(CaError::ForeignTrustDomain { .. })
-    ));
+    assert!(matches!(ca.sign_csr(&csr, None), Err(CaError::ForeignTrustDomain { .. })));
     // A CSR with a DNS name instead of a SPIFFE ID.
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
-    let csr = CertificateParams::new(vec!["example.com".to_owned()])
-        .unwrap()
-        .serialize_request(&key)
-        .unwrap();
-    assert!(matches!(
-        ca.sign_csr(&csr.pem().unwrap(), None),
-        Err(CaError::CsrIdentity { .. })
-    ));
+    let csr = CertificateParams::new(vec!["example.com".to_owned()]).unwrap().serialize_request(&key).unwrap();
+    assert!(matches!(ca.sign_csr(&csr.pem().unwrap(), None), Err(CaError::CsrIdentity { .. })));
 }
 
 /// Builds an enterprise root and an intermediate under it, written in the `cacerts` layout.
@@ -151,19 +109,13 @@ fn plugin_dir(clock: &ManualClock) -> (tempfile::TempDir, KeyPair, CertificateDe
     let root_issuer = Issuer::new(root_params, root_key);
     let int_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
     let mut int_params = root_params_for_intermediate(clock);
-    int_params
-        .distinguished_name
-        .push(DnType::CommonName, "cluster intermediate");
+    int_params.distinguished_name.push(DnType::CommonName, "cluster intermediate");
     let int = int_params.signed_by(&int_key, &root_issuer).unwrap();
     let p = dir.path();
     fs::write(p.join(CA_CERT_FILE), int.pem()).unwrap();
     fs::write(p.join(CA_KEY_FILE), int_key.serialize_pem()).unwrap();
     fs::write(p.join(ROOT_CERT_FILE), root.pem()).unwrap();
-    fs::write(
-        p.join(CERT_CHAIN_FILE),
-        format!("{}{}", int.pem(), root.pem()),
-    )
-    .unwrap();
+    fs::write(p.join(CERT_CHAIN_FILE), format!("{}{}", int.pem(), root.pem())).unwrap();
     (dir, int_key, root.der().clone())
 }
 
@@ -190,8 +142,7 @@ fn plugin_intermediate_ca_signs_chains_to_the_enterprise_root() {
 }
 
 fn load_err(dir: &Path, clock: Arc<ManualClock>) -> CaError {
-    CertificateAuthority::load(dir, CaConfig::default(), clock)
-        .expect_err("a broken CA must not load")
+    CertificateAuthority::load(dir, CaConfig::default(), clock).expect_err("a broken CA must not load")
 }
 
 #[test]
@@ -204,25 +155,13 @@ fn missing_or_unreadable_files_are_named() {
         fs::create_dir(dir.path().join(file)).unwrap();
         let err = load_err(dir.path(), clock.clone());
         assert!(matches!(err, CaError::Read { .. }), "{file}: {err}");
-        assert!(
-            err.to_string().contains(file),
-            "error must name {file}: {err}"
-        );
+        assert!(err.to_string().contains(file), "error must name {file}: {err}");
     }
-    for file in [
-        CA_CERT_FILE,
-        CA_KEY_FILE,
-        ROOT_CERT_FILE,
-        CERT_CHAIN_FILE,
-        CRL_FILE,
-    ] {
+    for file in [CA_CERT_FILE, CA_KEY_FILE, ROOT_CERT_FILE, CERT_CHAIN_FILE, CRL_FILE] {
         let (dir, _k, _r) = plugin_dir(&clock);
         fs::write(dir.path().join(file), "-----BEGIN GARBAGE-----\nnope\n").unwrap();
         let err = load_err(dir.path(), clock.clone());
-        assert!(
-            err.to_string().contains(file),
-            "error must name {file}: {err}"
-        );
+        assert!(err.to_string().contains(file), "error must name {file}: {err}");
     }
 }
 
@@ -234,10 +173,7 @@ fn key_not_matching_the_certificate_is_refused() {
     fs::write(dir.path().join(CA_KEY_FILE), other.serialize_pem()).unwrap();
     let err = load_err(dir.path(), clock);
     assert!(matches!(err, CaError::KeyMismatch { .. }), "{err}");
-    assert!(
-        err.to_string().contains(CA_KEY_FILE) && err.to_string().contains(CA_CERT_FILE),
-        "{err}"
-    );
+    assert!(err.to_string().contains(CA_KEY_FILE) && err.to_string().contains(CA_CERT_FILE), "{err}");
 }
 
 #[test]
@@ -245,11 +181,7 @@ fn chain_from_another_ca_is_refused() {
     let clock = Arc::new(ManualClock::starting_now());
     let (dir, _k, _r) = plugin_dir(&clock);
     let (other, _k2, _r2) = plugin_dir(&clock);
-    fs::copy(
-        other.path().join(ROOT_CERT_FILE),
-        dir.path().join(ROOT_CERT_FILE),
-    )
-    .unwrap();
+    fs::copy(other.path().join(ROOT_CERT_FILE), dir.path().join(ROOT_CERT_FILE)).unwrap();
     let err = load_err(dir.path(), clock.clone());
     assert!(matches!(err, CaError::ChainMismatch { .. }), "{err}");
     assert!(err.to_string().contains(CERT_CHAIN_FILE), "{err}");
@@ -258,15 +190,8 @@ fn chain_from_another_ca_is_refused() {
     let other_chain = fs::read_to_string(other.path().join(CERT_CHAIN_FILE)).unwrap();
     let mine = fs::read_to_string(dir.path().join(CA_CERT_FILE)).unwrap();
     // cert-chain = my intermediate followed by the *other* root: the link is broken.
-    let other_root = other_chain
-        .split_inclusive("-----END CERTIFICATE-----\n")
-        .nth(1)
-        .unwrap();
-    fs::write(
-        dir.path().join(CERT_CHAIN_FILE),
-        format!("{mine}{other_root}"),
-    )
-    .unwrap();
+    let other_root = other_chain.split_inclusive("-----END CERTIFICATE-----\n").nth(1).unwrap();
+    fs::write(dir.path().join(CERT_CHAIN_FILE), format!("{mine}{other_root}")).unwrap();
     let err = load_err(dir.path(), clock);
     assert!(matches!(err, CaError::ChainMismatch { .. }), "{err}");
 }
@@ -302,23 +227,15 @@ fn revoke_writes_a_crl_that_reloads() {
     assert_eq!(out.serial, issued.serial);
     assert!(!out.already_revoked);
     assert_eq!((out.crl_number, out.revoked_count), (1, 1));
-    let out2 = ca
-        .revoke(&format!("0x{}", issued.serial.to_uppercase()))
-        .unwrap();
+    let out2 = ca.revoke(&format!("0x{}", issued.serial.to_uppercase())).unwrap();
     assert!(out2.already_revoked);
     assert_eq!((out2.crl_number, out2.revoked_count), (2, 1));
     let reloaded = CertificateAuthority::load(dir.path(), CaConfig::default(), clock).unwrap();
     let der = reloaded.crl().unwrap();
     let (_, crl) = CertificateRevocationList::from_der(&der).unwrap();
-    let serials: Vec<_> = crl
-        .iter_revoked_certificates()
-        .map(|r| serial_hex(r.raw_serial()))
-        .collect();
+    let serials: Vec<_> = crl.iter_revoked_certificates().map(|r| serial_hex(r.raw_serial())).collect();
     assert_eq!(serials, [issued.serial]);
-    assert!(matches!(
-        ca.revoke("xyz"),
-        Err(CaError::InvalidSerial { .. })
-    ));
+    assert!(matches!(ca.revoke("xyz"), Err(CaError::InvalidSerial { .. })));
 }
 
 #[test]

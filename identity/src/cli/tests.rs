@@ -40,42 +40,18 @@ fn clap_definitions_parse_and_validate_spiffe_ids() {
     ])
     .unwrap();
     assert!(matches!(w.ca, CaCommand::Issue { ttl_hours: 24, .. }));
-    let err = Warden::try_parse_from([
-        "ca",
-        "issue",
-        "--spiffe",
-        "spiffe://cluster.local/ns/a",
-        "--out",
-        "/o",
-    ])
-    .unwrap_err();
+    let err =
+        Warden::try_parse_from(["ca", "issue", "--spiffe", "spiffe://cluster.local/ns/a", "--out", "/o"]).unwrap_err();
     assert!(err.to_string().contains("does not have the shape"), "{err}");
     let w = Warden::try_parse_from(["ca", "revoke", "0a1b", "--dir", "/x"]).unwrap();
     assert!(matches!(w.ca, CaCommand::Revoke { ref serial, .. } if serial == "0a1b"));
     let err = Warden::try_parse_from(["ca", "serve", "--node-workloads", "w"]).unwrap_err();
     assert!(err.to_string().contains("--token-file"), "{err}");
-    let err = Warden::try_parse_from([
-        "ca",
-        "serve",
-        "--node-workloads",
-        "w",
-        "--node-certs",
-        "n",
-        "--plaintext",
-    ])
-    .unwrap_err();
+    let err = Warden::try_parse_from(["ca", "serve", "--node-workloads", "w", "--node-certs", "n", "--plaintext"])
+        .unwrap_err();
     assert!(err.to_string().contains("cannot be used with"), "{err}");
-    let w = Warden::try_parse_from(["ca", "serve", "--node-workloads", "w", "--node-certs", "n"])
-        .unwrap();
-    assert!(matches!(
-        w.ca,
-        CaCommand::Serve {
-            token_file: None,
-            node_certs: Some(_),
-            plaintext: false,
-            ..
-        }
-    ));
+    let w = Warden::try_parse_from(["ca", "serve", "--node-workloads", "w", "--node-certs", "n"]).unwrap();
+    assert!(matches!(w.ca, CaCommand::Serve { token_file: None, node_certs: Some(_), plaintext: false, .. }));
     let c = CertsCli::try_parse_from(["certs", "-o", "json"]).unwrap();
     assert_eq!(c.args.output, CertsOutput::Json);
     assert_eq!(c.args.admin_url, DEFAULT_ADMIN_CERTS_URL);
@@ -86,14 +62,8 @@ fn ca_init_issue_revoke_round_trip() {
     let clock: Arc<dyn Clock> = Arc::new(ManualClock::starting_now());
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("ca");
-    let out = run_ca_offline(
-        CaCommand::Init {
-            dir: dir.clone(),
-            trust_domain: "cluster.local".into(),
-        },
-        clock.clone(),
-    )
-    .unwrap();
+    let out = run_ca_offline(CaCommand::Init { dir: dir.clone(), trust_domain: "cluster.local".into() }, clock.clone())
+        .unwrap();
     assert!(out.contains("created root CA"), "{out}");
     assert_eq!(mode(&dir.join(ca::CA_KEY_FILE)), 0o600);
 
@@ -122,53 +92,24 @@ fn ca_init_issue_revoke_round_trip() {
         clock.clone(),
     )
     .unwrap_err();
-    assert!(
-        foreign
-            .to_string()
-            .contains("outside this CA's trust domain"),
-        "{foreign}"
-    );
+    assert!(foreign.to_string().contains("outside this CA's trust domain"), "{foreign}");
     let chain = std::fs::read_to_string(wdir.join(ISSUED_CERT_CHAIN_FILE)).unwrap();
     let leaf =
-        <rustls_pki_types::CertificateDer<'_> as rustls_pki_types::pem::PemObject>::from_pem_slice(
-            chain.as_bytes(),
-        )
-        .unwrap();
+        <rustls_pki_types::CertificateDer<'_> as rustls_pki_types::pem::PemObject>::from_pem_slice(chain.as_bytes())
+            .unwrap();
     assert_eq!(crate::tls::spiffe_identity(&leaf).unwrap(), spiffe);
     let (_, x) = X509Certificate::from_der(leaf.as_ref()).unwrap();
     let serial = ca::serial_hex(x.raw_serial());
     assert!(out.contains(&serial), "{out}");
     // The issued key is the certificate's key.
-    let key =
-        rcgen::KeyPair::from_pem(&std::fs::read_to_string(wdir.join(ISSUED_KEY_FILE)).unwrap())
-            .unwrap();
-    assert_eq!(
-        key.public_key_raw(),
-        x.public_key().subject_public_key.data.as_ref()
-    );
+    let key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(wdir.join(ISSUED_KEY_FILE)).unwrap()).unwrap();
+    assert_eq!(key.public_key_raw(), x.public_key().subject_public_key.data.as_ref());
 
-    let out = run_ca_offline(
-        CaCommand::Revoke {
-            serial: serial.clone(),
-            dir: dir.clone(),
-        },
-        clock.clone(),
-    )
-    .unwrap();
-    assert!(
-        out.starts_with(&format!("revoked serial {serial}")),
-        "{out}"
-    );
+    let out = run_ca_offline(CaCommand::Revoke { serial: serial.clone(), dir: dir.clone() }, clock.clone()).unwrap();
+    assert!(out.starts_with(&format!("revoked serial {serial}")), "{out}");
     assert!(dir.join(ca::CRL_FILE).exists());
 
-    let err = run_ca_offline(
-        CaCommand::Init {
-            dir,
-            trust_domain: "cluster.local".into(),
-        },
-        clock.clone(),
-    )
-    .unwrap_err();
+    let err = run_ca_offline(CaCommand::Init { dir, trust_domain: "cluster.local".into() }, clock.clone()).unwrap_err();
     assert!(err.to_string().contains("refusing to overwrite"), "{err}");
 }
 
@@ -177,14 +118,7 @@ fn ca_commands_with_a_broken_ca_fail_naming_the_file() {
     let clock: Arc<dyn Clock> = Arc::new(ManualClock::starting_now());
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("ca");
-    run_ca_offline(
-        CaCommand::Init {
-            dir: dir.clone(),
-            trust_domain: "cluster.local".into(),
-        },
-        clock.clone(),
-    )
-    .unwrap();
+    run_ca_offline(CaCommand::Init { dir: dir.clone(), trust_domain: "cluster.local".into() }, clock.clone()).unwrap();
     std::fs::remove_file(dir.join(ca::CA_KEY_FILE)).unwrap();
     let spiffe: Identity = "spiffe://cluster.local/ns/default/sa/web".parse().unwrap();
     let cmd = CaCommand::Issue {
@@ -197,19 +131,12 @@ fn ca_commands_with_a_broken_ca_fail_naming_the_file() {
     let err = run_ca_offline(cmd.clone(), clock.clone()).unwrap_err();
     assert!(err.to_string().contains(ca::CA_KEY_FILE), "{err}");
     assert_eq!(run_ca(cmd), ExitCode::FAILURE);
-    assert!(
-        !tmp.path().join("o").exists(),
-        "nothing written with a broken CA"
-    );
+    assert!(!tmp.path().join("o").exists(), "nothing written with a broken CA");
 }
 
 fn serve_cmd(tmp: &Path, dir: PathBuf) -> CaCommand {
     std::fs::write(tmp.join("tokens"), "tok node-1\n").unwrap();
-    std::fs::write(
-        tmp.join("workloads"),
-        "node-1 spiffe://cluster.local/ns/default/sa/web\n",
-    )
-    .unwrap();
+    std::fs::write(tmp.join("workloads"), "node-1 spiffe://cluster.local/ns/default/sa/web\n").unwrap();
     CaCommand::Serve {
         dir,
         trust_domain: "cluster.local".into(),
@@ -228,29 +155,20 @@ async fn ca_serve_issues_and_refuses_to_start_with_a_broken_ca() {
     let dir = tmp.path().join("ca");
     let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(serve_ca(
-        serve_cmd(tmp.path(), dir.clone()),
-        move |a| addr_tx.send(a).unwrap(),
-        async {
-            let _ = stop_rx.await;
-        },
-    ));
+    let server = tokio::spawn(serve_ca(serve_cmd(tmp.path(), dir.clone()), move |a| addr_tx.send(a).unwrap(), async {
+        let _ = stop_rx.await;
+    }));
     let addr = addr_rx.await.unwrap();
-    let mut client =
-        crate::proto::istio_certificate_service_client::IstioCertificateServiceClient::connect(
-            format!("http://{addr}"),
-        )
-        .await
-        .unwrap();
+    let mut client = crate::proto::istio_certificate_service_client::IstioCertificateServiceClient::connect(format!(
+        "http://{addr}"
+    ))
+    .await
+    .unwrap();
     let web: Identity = "spiffe://cluster.local/ns/default/sa/web".parse().unwrap();
     let (_k, csr) = generate_key_and_csr(&web).unwrap();
-    let mut req = tonic::Request::new(crate::proto::IstioCertificateRequest {
-        csr,
-        validity_duration: 0,
-        metadata: None,
-    });
-    req.metadata_mut()
-        .insert("authorization", "Bearer tok".parse().unwrap());
+    let mut req =
+        tonic::Request::new(crate::proto::IstioCertificateRequest { csr, validity_duration: 0, metadata: None });
+    req.metadata_mut().insert("authorization", "Bearer tok".parse().unwrap());
     let resp = client.create_certificate(req).await.unwrap().into_inner();
     assert_eq!(resp.cert_chain.len(), 2);
     stop_tx.send(()).unwrap();
@@ -259,38 +177,20 @@ async fn ca_serve_issues_and_refuses_to_start_with_a_broken_ca() {
     // Corrupt the CA: serve must fail before listening.
     std::fs::write(dir.join(ca::CERT_CHAIN_FILE), "garbage").unwrap();
     let listened = std::sync::atomic::AtomicBool::new(false);
-    let err = serve_ca(
-        serve_cmd(tmp.path(), dir),
-        |_| listened.store(true, std::sync::atomic::Ordering::SeqCst),
-        async {},
-    )
-    .await
-    .unwrap_err();
+    let err =
+        serve_ca(serve_cmd(tmp.path(), dir), |_| listened.store(true, std::sync::atomic::Ordering::SeqCst), async {})
+            .await
+            .unwrap_err();
     assert!(err.to_string().contains(ca::CERT_CHAIN_FILE), "{err}");
     assert!(!listened.load(std::sync::atomic::Ordering::SeqCst));
 }
 
 async fn manager(clock: Arc<ManualClock>, dir: &Path) -> SecretManager {
-    let authority = Arc::new(
-        CertificateAuthority::load_or_init(dir, CaConfig::default(), clock.clone()).unwrap(),
-    );
-    let trust = Arc::new(
-        TrustBundle::new(authority.roots().to_vec(), vec!["cluster.local".into()]).unwrap(),
-    );
-    let config = SecretManagerConfig {
-        rotation_jitter: 0.0,
-        ..SecretManagerConfig::default()
-    };
-    let mgr = SecretManager::new(
-        Arc::new(LocalCaClient(authority)),
-        trust,
-        clock,
-        config,
-        None,
-    );
-    mgr.fetch(&"spiffe://cluster.local/ns/default/sa/web".parse().unwrap())
-        .await
-        .unwrap();
+    let authority = Arc::new(CertificateAuthority::load_or_init(dir, CaConfig::default(), clock.clone()).unwrap());
+    let trust = Arc::new(TrustBundle::new(authority.roots().to_vec(), vec!["cluster.local".into()]).unwrap());
+    let config = SecretManagerConfig { rotation_jitter: 0.0, ..SecretManagerConfig::default() };
+    let mgr = SecretManager::new(Arc::new(LocalCaClient(authority)), trust, clock, config, None);
+    mgr.fetch(&"spiffe://cluster.local/ns/default/sa/web".parse().unwrap()).await.unwrap();
     mgr
 }
 
@@ -314,30 +214,18 @@ async fn certs_snapshot_reports_identity_serial_issuer_validity_rotation_chain_a
     let table = render_certs(&v, CertsOutput::Table, false);
     let mut lines = table.lines();
     let header = lines.next().unwrap();
-    for col in [
-        "IDENTITY",
-        "STATE",
-        "SERIAL",
-        "ISSUER",
-        "NOT BEFORE",
-        "NOT AFTER",
-        "ROTATES IN",
-    ] {
+    for col in ["IDENTITY", "STATE", "SERIAL", "ISSUER", "NOT BEFORE", "NOT AFTER", "ROTATES IN"] {
         assert!(header.contains(col), "{table}");
     }
     let row = lines.next().unwrap();
     assert!(
-        row.starts_with("spiffe://cluster.local/ns/default/sa/web")
-            && row.contains(c["serial"].as_str().unwrap()),
+        row.starts_with("spiffe://cluster.local/ns/default/sa/web") && row.contains(c["serial"].as_str().unwrap()),
         "{table}"
     );
     assert!(row.ends_with("10h59m"), "{table}");
     assert!(lines.next().unwrap().starts_with("ROOTCA"), "{table}");
     let verbose = render_certs(&v, CertsOutput::Table, true);
-    assert!(
-        verbose.contains("trust bundle:") && verbose.matches("BEGIN CERTIFICATE").count() == 3,
-        "{verbose}"
-    );
+    assert!(verbose.contains("trust bundle:") && verbose.matches("BEGIN CERTIFICATE").count() == 3, "{verbose}");
 }
 
 /// A one-shot HTTP/1.1 responder standing in for the agent's admin server.
@@ -374,32 +262,14 @@ async fn warden_certs_queries_the_admin_endpoint() {
     assert!(req.await.unwrap().starts_with("GET /certs HTTP/1.1\r\n"));
 
     let (addr, _req) = admin_stub(snapshot.to_string()).await;
-    let args = CertsArgs {
-        admin_url: format!("http://{addr}/certs"),
-        output: CertsOutput::Json,
-        verbose: false,
-    };
+    let args = CertsArgs { admin_url: format!("http://{addr}/certs"), output: CertsOutput::Json, verbose: false };
     assert_eq!(run_certs(&args).await, ExitCode::SUCCESS);
 
     // Nothing listening: a clear failure.
-    let free = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let err = fetch_certs(&format!("http://{free}/certs"))
-        .await
-        .unwrap_err();
-    assert!(
-        err.to_string()
-            .contains(&format!("cannot query http://{free}/certs")),
-        "{err}"
-    );
-    let args = CertsArgs {
-        admin_url: format!("http://{free}/certs"),
-        output: CertsOutput::Table,
-        verbose: false,
-    };
+    let free = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+    let err = fetch_certs(&format!("http://{free}/certs")).await.unwrap_err();
+    assert!(err.to_string().contains(&format!("cannot query http://{free}/certs")), "{err}");
+    let args = CertsArgs { admin_url: format!("http://{free}/certs"), output: CertsOutput::Table, verbose: false };
     assert_eq!(run_certs(&args).await, ExitCode::FAILURE);
     assert!(fetch_certs("https://127.0.0.1:1/certs").await.is_err());
 }

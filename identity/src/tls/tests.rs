@@ -20,10 +20,7 @@ struct Pki {
 impl Pki {
     fn new(clock: &Arc<ManualClock>, trust_domain: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let config = CaConfig {
-            trust_domain: trust_domain.to_owned(),
-            ..CaConfig::default()
-        };
+        let config = CaConfig { trust_domain: trust_domain.to_owned(), ..CaConfig::default() };
         let ca = CertificateAuthority::load_or_init(dir.path(), config, clock.clone()).unwrap();
         Pki { _dir: dir, ca }
     }
@@ -32,10 +29,7 @@ impl Pki {
         let id = Identity::spiffe(self.ca.config().trust_domain.clone(), ns, sa).unwrap();
         let (key, csr) = generate_key_and_csr(&id).unwrap();
         let issued = self.ca.sign_csr(&csr, Some(ttl)).unwrap();
-        (
-            Arc::new(certified_key(&issued.chain_pem, key.serialize_der()).unwrap()),
-            issued.serial,
-        )
+        (Arc::new(certified_key(&issued.chain_pem, key.serialize_der()).unwrap()), issued.serial)
     }
 
     fn bundle(&self) -> Arc<TrustBundle> {
@@ -69,10 +63,7 @@ fn configs(
 }
 
 /// Runs a handshake in memory; returns the connections or (client error, server error).
-fn handshake(
-    c: Arc<ClientConfig>,
-    s: Arc<ServerConfig>,
-) -> Result<(ClientConnection, ServerConnection), String> {
+fn handshake(c: Arc<ClientConfig>, s: Arc<ServerConfig>) -> Result<(ClientConnection, ServerConnection), String> {
     let mut client = ClientConnection::new(c, ServerName::try_from("workload").unwrap()).unwrap();
     let mut server = ServerConnection::new(s).unwrap();
     for _ in 0..20 {
@@ -117,14 +108,8 @@ fn setup(clock: &Arc<ManualClock>) -> (Pki, Side, Side) {
     let pki = Pki::new(clock, TD);
     let (ck, _) = pki.issue("default", "client", Duration::from_secs(86400));
     let (sk, _) = pki.issue("default", "server", Duration::from_secs(86400));
-    let client = Side {
-        bundle: pki.bundle(),
-        cert: slot(clock, ck),
-    };
-    let server = Side {
-        bundle: pki.bundle(),
-        cert: slot(clock, sk),
-    };
+    let client = Side { bundle: pki.bundle(), cert: slot(clock, ck) };
+    let server = Side { bundle: pki.bundle(), cert: slot(clock, sk) };
     (pki, client, server)
 }
 
@@ -134,20 +119,13 @@ fn mtls_handshake_verifies_both_identities() {
     let (_pki, client, server) = setup(&clock);
     let (c, s) = configs(&clock, CompliancePolicy::Default, &client, &server);
     let (c, s) = handshake(c, s).unwrap();
-    assert_eq!(
-        peer_identity(&c).unwrap().to_string(),
-        "spiffe://cluster.local/ns/default/sa/server"
-    );
-    assert_eq!(
-        peer_identity(&s).unwrap().to_string(),
-        "spiffe://cluster.local/ns/default/sa/client"
-    );
+    assert_eq!(peer_identity(&c).unwrap().to_string(), "spiffe://cluster.local/ns/default/sa/server");
+    assert_eq!(peer_identity(&s).unwrap().to_string(), "spiffe://cluster.local/ns/default/sa/client");
     assert_eq!(c.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_3));
     let suite = c.negotiated_cipher_suite().unwrap().suite();
     assert!(matches!(
         suite,
-        rustls::CipherSuite::TLS13_AES_256_GCM_SHA384
-            | rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
+        rustls::CipherSuite::TLS13_AES_256_GCM_SHA384 | rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
     ));
 }
 
@@ -160,21 +138,13 @@ fn expired_certificate_is_refused() {
     let leaf = &ck.cert[0];
     assert!(verifier.verify(leaf, &[], KeyUsage::client_auth()).is_ok());
     clock.advance(Duration::from_secs(2 * 3600));
-    let err = verifier
-        .verify(leaf, &[], KeyUsage::client_auth())
-        .unwrap_err();
+    let err = verifier.verify(leaf, &[], KeyUsage::client_auth()).unwrap_err();
     assert!(matches!(err, VerifyError::Expired { .. }), "{err}");
 
     // Over a handshake: a client holding the expired certificate (forced into the slot) is refused.
     let (sk, _) = pki.issue("default", "server", Duration::from_secs(86400));
-    let client = Side {
-        bundle: pki.bundle(),
-        cert: slot(&clock, ck),
-    };
-    let server = Side {
-        bundle: pki.bundle(),
-        cert: slot(&clock, sk),
-    };
+    let client = Side { bundle: pki.bundle(), cert: slot(&clock, ck) };
+    let server = Side { bundle: pki.bundle(), cert: slot(&clock, sk) };
     let (c, s) = configs(&clock, CompliancePolicy::Default, &client, &server);
     let err = handshake(c, s).unwrap_err();
     assert!(err.contains("expired"), "{err}");
@@ -186,10 +156,7 @@ fn certificate_from_another_ca_is_refused() {
     let (_pki, client, server) = setup(&clock);
     let other = Pki::new(&clock, TD);
     let (foreign, _) = other.issue("default", "client", Duration::from_secs(86400));
-    let client = Side {
-        bundle: client.bundle,
-        cert: slot(&clock, foreign),
-    };
+    let client = Side { bundle: client.bundle, cert: slot(&clock, foreign) };
     let (c, s) = configs(&clock, CompliancePolicy::Default, &client, &server);
     let err = handshake(c, s).unwrap_err();
     assert!(err.contains("does not chain to the trust bundle"), "{err}");
@@ -205,10 +172,7 @@ fn certificate_from_another_trust_domain_is_refused() {
     let mut roots = server.bundle.roots();
     roots.extend(other.ca.roots().iter().cloned());
     server.bundle.set_roots(roots).unwrap();
-    let client = Side {
-        bundle: client.bundle,
-        cert: slot(&clock, foreign),
-    };
+    let client = Side { bundle: client.bundle, cert: slot(&clock, foreign) };
     let (c, s) = configs(&clock, CompliancePolicy::Default, &client, &server);
     let err = handshake(c, s).unwrap_err();
     assert!(err.contains("outside the accepted trust domains"), "{err}");
@@ -220,14 +184,8 @@ fn revoked_certificate_is_refused_after_the_crl_update_naming_the_serial() {
     let pki = Pki::new(&clock, TD);
     let (ck, serial) = pki.issue("default", "client", Duration::from_secs(86400));
     let (sk, _) = pki.issue("default", "server", Duration::from_secs(86400));
-    let client = Side {
-        bundle: pki.bundle(),
-        cert: slot(&clock, ck),
-    };
-    let server = Side {
-        bundle: pki.bundle(),
-        cert: slot(&clock, sk),
-    };
+    let client = Side { bundle: pki.bundle(), cert: slot(&clock, ck) };
+    let server = Side { bundle: pki.bundle(), cert: slot(&clock, sk) };
     let (c, s) = configs(&clock, CompliancePolicy::Default, &client, &server);
     handshake(c.clone(), s.clone()).expect("valid before revocation");
 
@@ -237,10 +195,7 @@ fn revoked_certificate_is_refused_after_the_crl_update_naming_the_serial() {
     server.bundle.set_crls(vec![pki.ca.crl().unwrap()]).unwrap();
     // The same configs (no restart) now refuse it.
     let err = handshake(c, s).unwrap_err();
-    assert!(
-        err.contains(&format!("serial {serial} is revoked")),
-        "{err}"
-    );
+    assert!(err.contains(&format!("serial {serial} is revoked")), "{err}");
 }
 
 #[test]
@@ -253,33 +208,17 @@ fn crl_file_reload_applies_without_restart() {
     let root_path = pki.ca.dir().join(crate::ca::ROOT_CERT_FILE);
     let crl_path = pki.ca.dir().join(crate::ca::CRL_FILE);
     bundle.reload_files(&root_path, Some(&crl_path)).unwrap();
-    assert!(
-        verifier
-            .verify(&ck.cert[0], &[], KeyUsage::client_auth())
-            .is_ok()
-    );
+    assert!(verifier.verify(&ck.cert[0], &[], KeyUsage::client_auth()).is_ok());
     pki.ca.revoke(&serial).unwrap();
     bundle.reload_files(&root_path, Some(&crl_path)).unwrap();
     assert_eq!(bundle.revoked_count(), 1);
-    let err = verifier
-        .verify(&ck.cert[0], &[], KeyUsage::client_auth())
-        .unwrap_err();
-    assert!(
-        matches!(&err, VerifyError::Revoked { serial: s } if *s == serial),
-        "{err}"
-    );
+    let err = verifier.verify(&ck.cert[0], &[], KeyUsage::client_auth()).unwrap_err();
+    assert!(matches!(&err, VerifyError::Revoked { serial: s } if *s == serial), "{err}");
 }
 
-fn leaf_with_sans(
-    clock: &ManualClock,
-    sans: Vec<SanType>,
-) -> (CertificateDer<'static>, CertificateDer<'static>) {
+fn leaf_with_sans(clock: &ManualClock, sans: Vec<SanType>) -> (CertificateDer<'static>, CertificateDer<'static>) {
     let root_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
-    let root_params = crate::ca::root_params(
-        TD,
-        clock.now() - Duration::from_secs(60),
-        Duration::from_secs(86400),
-    );
+    let root_params = crate::ca::root_params(TD, clock.now() - Duration::from_secs(60), Duration::from_secs(86400));
     let root = root_params.self_signed(&root_key).unwrap();
     let issuer = rcgen::Issuer::new(root_params, root_key);
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
@@ -298,42 +237,27 @@ fn malformed_spiffe_ids_in_certificates_are_refused() {
     let clock = Arc::new(ManualClock::starting_now());
     let uri = |s: &str| SanType::URI(s.try_into().unwrap());
     let cases: Vec<(Vec<SanType>, fn(&VerifyError) -> bool)> = vec![
-        (vec![uri("spiffe://cluster.local/ns/a")], |e| {
-            matches!(e, VerifyError::MalformedSpiffeId(_))
+        (vec![uri("spiffe://cluster.local/ns/a")], |e| matches!(e, VerifyError::MalformedSpiffeId(_))),
+        (vec![uri("spiffe://cluster.local/ns/a/sa/b/c")], |e| matches!(e, VerifyError::MalformedSpiffeId(_))),
+        (vec![uri("https://cluster.local/ns/a/sa/b")], |e| matches!(e, VerifyError::MalformedSpiffeId(_))),
+        (vec![SanType::DnsName("a.example".try_into().unwrap())], |e| {
+            matches!(e, VerifyError::SpiffeIdCount { found: 0 })
         }),
-        (vec![uri("spiffe://cluster.local/ns/a/sa/b/c")], |e| {
-            matches!(e, VerifyError::MalformedSpiffeId(_))
+        (vec![uri("spiffe://cluster.local/ns/a/sa/b"), uri("spiffe://cluster.local/ns/a/sa/c")], |e| {
+            matches!(e, VerifyError::SpiffeIdCount { found: 2 })
         }),
-        (vec![uri("https://cluster.local/ns/a/sa/b")], |e| {
-            matches!(e, VerifyError::MalformedSpiffeId(_))
-        }),
-        (
-            vec![SanType::DnsName("a.example".try_into().unwrap())],
-            |e| matches!(e, VerifyError::SpiffeIdCount { found: 0 }),
-        ),
-        (
-            vec![
-                uri("spiffe://cluster.local/ns/a/sa/b"),
-                uri("spiffe://cluster.local/ns/a/sa/c"),
-            ],
-            |e| matches!(e, VerifyError::SpiffeIdCount { found: 2 }),
-        ),
     ];
     for (sans, want) in cases {
         let desc = format!("{sans:?}");
         let (leaf, root) = leaf_with_sans(&clock, sans);
         let bundle = Arc::new(TrustBundle::new(vec![root], vec![TD.to_owned()]).unwrap());
-        let err = SpiffeVerifier::new(bundle, clock.clone())
-            .verify(&leaf, &[], KeyUsage::client_auth())
-            .unwrap_err();
+        let err = SpiffeVerifier::new(bundle, clock.clone()).verify(&leaf, &[], KeyUsage::client_auth()).unwrap_err();
         assert!(want(&err), "{desc}: {err}");
     }
     // Control: the same construction with a well-formed ID passes.
     let (leaf, root) = leaf_with_sans(&clock, vec![uri("spiffe://cluster.local/ns/a/sa/b")]);
     let bundle = Arc::new(TrustBundle::new(vec![root], vec![TD.to_owned()]).unwrap());
-    SpiffeVerifier::new(bundle, clock.clone())
-        .verify(&leaf, &[], KeyUsage::client_auth())
-        .unwrap();
+    SpiffeVerifier::new(bundle, clock.clone()).verify(&leaf, &[], KeyUsage::client_auth()).unwrap();
 }
 
 #[test]
@@ -341,8 +265,7 @@ fn unexpected_server_identity_is_refused() {
     let clock = Arc::new(ManualClock::starting_now());
     let (_pki, client, server) = setup(&clock);
     let want = Identity::spiffe(TD, "default", "somebody-else").unwrap();
-    let cv =
-        Arc::new(SpiffeVerifier::new(client.bundle.clone(), clock.clone()).expecting(vec![want]));
+    let cv = Arc::new(SpiffeVerifier::new(client.bundle.clone(), clock.clone()).expecting(vec![want]));
     let sv = Arc::new(SpiffeVerifier::new(server.bundle.clone(), clock.clone()));
     let c = Arc::new(client_config(CompliancePolicy::Default, cv, client.cert.clone()).unwrap());
     let s = Arc::new(server_config(CompliancePolicy::Default, sv, server.cert.clone()).unwrap());
@@ -362,30 +285,16 @@ fn root_rotation_trusts_old_and_new_roots_during_overlap() {
     let check = |k: &Arc<CertifiedKey>| v.verify(&k.cert[0], &k.cert[1..], KeyUsage::client_auth());
     assert!(check(&old_leaf).is_ok());
     assert!(check(&new_leaf).is_err());
-    bundle
-        .set_roots([old.ca.roots(), new.ca.roots()].concat())
-        .unwrap();
-    assert!(
-        check(&old_leaf).is_ok() && check(&new_leaf).is_ok(),
-        "overlap trusts both"
-    );
+    bundle.set_roots([old.ca.roots(), new.ca.roots()].concat()).unwrap();
+    assert!(check(&old_leaf).is_ok() && check(&new_leaf).is_ok(), "overlap trusts both");
     bundle.set_roots(new.ca.roots().to_vec()).unwrap();
-    assert!(
-        check(&old_leaf).is_err() && check(&new_leaf).is_ok(),
-        "after rotation only the new root"
-    );
+    assert!(check(&old_leaf).is_err() && check(&new_leaf).is_ok(), "after rotation only the new root");
 }
 
 #[test]
 fn compliance_policy_parses() {
-    assert_eq!(
-        "pqc".parse::<CompliancePolicy>().unwrap(),
-        CompliancePolicy::Pqc
-    );
-    assert_eq!(
-        "".parse::<CompliancePolicy>().unwrap(),
-        CompliancePolicy::Default
-    );
+    assert_eq!("pqc".parse::<CompliancePolicy>().unwrap(), CompliancePolicy::Pqc);
+    assert_eq!("".parse::<CompliancePolicy>().unwrap(), CompliancePolicy::Default);
     assert!("fips".parse::<CompliancePolicy>().is_err());
     let pqc = crypto_provider(CompliancePolicy::Pqc);
     assert_eq!(pqc.kx_groups.len(), 1);
@@ -397,24 +306,13 @@ fn compliance_policy_parses() {
 async fn tcp_pair(
     c: Arc<ClientConfig>,
     s: Arc<ServerConfig>,
-) -> (
-    Result<rustls::NamedGroup, String>,
-    Result<rustls::NamedGroup, String>,
-) {
+) -> (Result<rustls::NamedGroup, String>, Result<rustls::NamedGroup, String>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(async move {
         let (tcp, _) = listener.accept().await.unwrap();
-        let mut tls = tokio_rustls::TlsAcceptor::from(s)
-            .accept(tcp)
-            .await
-            .map_err(|e| e.to_string())?;
-        let group = tls
-            .get_ref()
-            .1
-            .negotiated_key_exchange_group()
-            .unwrap()
-            .name();
+        let mut tls = tokio_rustls::TlsAcceptor::from(s).accept(tcp).await.map_err(|e| e.to_string())?;
+        let group = tls.get_ref().1.negotiated_key_exchange_group().unwrap().name();
         let mut buf = [0u8; 4];
         tls.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
         tls.write_all(&buf).await.map_err(|e| e.to_string())?;
@@ -427,12 +325,7 @@ async fn tcp_pair(
             .connect(ServerName::try_from("workload").unwrap(), tcp)
             .await
             .map_err(|e| e.to_string())?;
-        let group = tls
-            .get_ref()
-            .1
-            .negotiated_key_exchange_group()
-            .unwrap()
-            .name();
+        let group = tls.get_ref().1.negotiated_key_exchange_group().unwrap().name();
         tls.write_all(b"ping").await.map_err(|e| e.to_string())?;
         let mut buf = [0u8; 4];
         tls.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
@@ -440,10 +333,7 @@ async fn tcp_pair(
         Ok::<_, String>(group)
     }
     .await;
-    let server = tokio::time::timeout(Duration::from_secs(10), server)
-        .await
-        .unwrap()
-        .unwrap();
+    let server = tokio::time::timeout(Duration::from_secs(10), server).await.unwrap().unwrap();
     (client, server)
 }
 
@@ -505,39 +395,18 @@ async fn file_watcher_applies_root_rotation_and_crl_without_restart() {
     std::fs::write(&roots, crate::ca::pem_cert(&old.ca.roots()[0])).unwrap();
     let bundle = Arc::new(TrustBundle::from_files(&roots, Some(&crl), vec![TD.into()]).unwrap());
     let v = SpiffeVerifier::new(bundle.clone(), clock.clone());
-    assert!(
-        v.verify(&new_leaf.cert[0], &[], KeyUsage::client_auth())
-            .is_err()
-    );
-    let watcher = bundle.clone().spawn_file_watcher(
-        roots.clone(),
-        Some(crl.clone()),
-        Duration::from_millis(20),
-    );
+    assert!(v.verify(&new_leaf.cert[0], &[], KeyUsage::client_auth()).is_err());
+    let watcher = bundle.clone().spawn_file_watcher(roots.clone(), Some(crl.clone()), Duration::from_millis(20));
 
     // Overlap: old and new roots in one file.
-    let both = format!(
-        "{}{}",
-        crate::ca::pem_cert(&old.ca.roots()[0]),
-        crate::ca::pem_cert(&new.ca.roots()[0])
-    );
+    let both = format!("{}{}", crate::ca::pem_cert(&old.ca.roots()[0]), crate::ca::pem_cert(&new.ca.roots()[0]));
     std::fs::write(&roots, both).unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while v
-        .verify(&new_leaf.cert[0], &[], KeyUsage::client_auth())
-        .is_err()
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "new root never picked up"
-        );
+    while v.verify(&new_leaf.cert[0], &[], KeyUsage::client_auth()).is_err() {
+        assert!(std::time::Instant::now() < deadline, "new root never picked up");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(
-        v.verify(&old_leaf.cert[0], &[], KeyUsage::client_auth())
-            .is_ok(),
-        "old root still trusted"
-    );
+    assert!(v.verify(&old_leaf.cert[0], &[], KeyUsage::client_auth()).is_ok(), "old root still trusted");
 
     // A broken file is ignored and the previous bundle kept.
     std::fs::write(&roots, "garbage").unwrap();
@@ -545,11 +414,7 @@ async fn file_watcher_applies_root_rotation_and_crl_without_restart() {
     assert_eq!(bundle.roots().len(), 2);
 
     // The CRL of the old CA appears: the old leaf is refused.
-    let both = format!(
-        "{}{}",
-        crate::ca::pem_cert(&old.ca.roots()[0]),
-        crate::ca::pem_cert(&new.ca.roots()[0])
-    );
+    let both = format!("{}{}", crate::ca::pem_cert(&old.ca.roots()[0]), crate::ca::pem_cert(&new.ca.roots()[0]));
     std::fs::write(&roots, both).unwrap();
     old.ca.revoke(&old_serial).unwrap();
     std::fs::copy(old.ca.dir().join(crate::ca::CRL_FILE), &crl).unwrap();
@@ -573,62 +438,34 @@ fn intermediate_ca_chain_verifies_to_the_enterprise_root_and_its_crl_applies() {
     let clock = Arc::new(ManualClock::starting_now());
     // Enterprise root and a cluster intermediate in the cacerts layout.
     let root_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
-    let root_params = crate::ca::root_params(
-        "enterprise",
-        clock.now() - Duration::from_secs(60),
-        Duration::from_secs(86400 * 365),
-    );
+    let root_params =
+        crate::ca::root_params("enterprise", clock.now() - Duration::from_secs(60), Duration::from_secs(86400 * 365));
     let root = root_params.self_signed(&root_key).unwrap();
     let root_issuer = rcgen::Issuer::new(root_params, root_key);
     let int_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
-    let mut int_params = crate::ca::root_params(
-        "cluster",
-        clock.now() - Duration::from_secs(60),
-        Duration::from_secs(86400 * 30),
-    );
+    let mut int_params =
+        crate::ca::root_params("cluster", clock.now() - Duration::from_secs(60), Duration::from_secs(86400 * 30));
     int_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
     let int = int_params.signed_by(&int_key, &root_issuer).unwrap();
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join(CA_CERT_FILE), int.pem()).unwrap();
     std::fs::write(dir.path().join(CA_KEY_FILE), int_key.serialize_pem()).unwrap();
     std::fs::write(dir.path().join(ROOT_CERT_FILE), root.pem()).unwrap();
-    std::fs::write(
-        dir.path().join(CERT_CHAIN_FILE),
-        format!("{}{}", int.pem(), root.pem()),
-    )
-    .unwrap();
-    let pki = Pki {
-        ca: CertificateAuthority::load(dir.path(), CaConfig::default(), clock.clone()).unwrap(),
-        _dir: dir,
-    };
+    std::fs::write(dir.path().join(CERT_CHAIN_FILE), format!("{}{}", int.pem(), root.pem())).unwrap();
+    let pki =
+        Pki { ca: CertificateAuthority::load(dir.path(), CaConfig::default(), clock.clone()).unwrap(), _dir: dir };
 
     let (ck, serial) = pki.issue("default", "client", Duration::from_secs(86400));
     let (sk, _) = pki.issue("default", "server", Duration::from_secs(86400));
-    assert_eq!(
-        ck.cert.len(),
-        2,
-        "leaf and intermediate are sent, the root is not"
-    );
-    let client = Side {
-        bundle: pki.bundle(),
-        cert: slot(&clock, ck),
-    };
-    let server = Side {
-        bundle: pki.bundle(),
-        cert: slot(&clock, sk),
-    };
+    assert_eq!(ck.cert.len(), 2, "leaf and intermediate are sent, the root is not");
+    let client = Side { bundle: pki.bundle(), cert: slot(&clock, ck) };
+    let server = Side { bundle: pki.bundle(), cert: slot(&clock, sk) };
     let (c, s) = configs(&clock, CompliancePolicy::Default, &client, &server);
     let (conn, _) = handshake(c.clone(), s.clone()).unwrap();
-    assert_eq!(
-        peer_identity(&conn).unwrap().to_string(),
-        "spiffe://cluster.local/ns/default/sa/server"
-    );
+    assert_eq!(peer_identity(&conn).unwrap().to_string(), "spiffe://cluster.local/ns/default/sa/server");
 
     pki.ca.revoke(&serial).unwrap();
     server.bundle.set_crls(vec![pki.ca.crl().unwrap()]).unwrap();
     let err = handshake(c, s).unwrap_err();
-    assert!(
-        err.contains(&format!("serial {serial} is revoked")),
-        "{err}"
-    );
+    assert!(err.contains(&format!("serial {serial} is revoked")), "{err}");
 }

@@ -83,9 +83,7 @@ pub struct GrpcCaClient {
 
 impl fmt::Debug for GrpcCaClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("GrpcCaClient")
-            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
-            .finish()
+        f.debug_struct("GrpcCaClient").field("token", &self.token.as_ref().map(|_| "<redacted>")).finish()
     }
 }
 
@@ -94,16 +92,11 @@ impl GrpcCaClient {
     /// down at start is retried by the rotation loop instead of failing the agent.
     pub fn new(endpoint: &str, token: Option<String>) -> Result<Self, CaClientError> {
         let channel = tonic::transport::Endpoint::from_shared(endpoint.to_owned())
-            .map_err(|e| CaClientError::Unavailable {
-                reason: format!("bad CA endpoint {endpoint:?}: {e}"),
-            })?
+            .map_err(|e| CaClientError::Unavailable { reason: format!("bad CA endpoint {endpoint:?}: {e}") })?
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(30))
             .connect_lazy();
-        Ok(Self {
-            client: IstioCertificateServiceClient::new(channel),
-            token,
-        })
+        Ok(Self { client: IstioCertificateServiceClient::new(channel), token })
     }
 
     /// A client speaking TLS to the CA; the CA's certificate is checked by `verifier` (build it
@@ -139,10 +132,7 @@ impl GrpcCaClient {
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(30))
             .connect_lazy();
-        Ok(Self {
-            client: IstioCertificateServiceClient::new(channel),
-            token,
-        })
+        Ok(Self { client: IstioCertificateServiceClient::new(channel), token })
     }
 }
 
@@ -157,9 +147,7 @@ impl CaClient for GrpcCaClient {
             let metadata = prost_types::Struct {
                 fields: [(
                     IMPERSONATED_IDENTITY_KEY.to_owned(),
-                    prost_types::Value {
-                        kind: Some(prost_types::value::Kind::StringValue(identity.to_string())),
-                    },
+                    prost_types::Value { kind: Some(prost_types::value::Kind::StringValue(identity.to_string())) },
                 )]
                 .into_iter()
                 .collect(),
@@ -170,31 +158,20 @@ impl CaClient for GrpcCaClient {
                 metadata: Some(metadata),
             });
             if let Some(token) = &self.token {
-                let value =
-                    format!("Bearer {token}")
-                        .parse()
-                        .map_err(|_| CaClientError::Unavailable {
-                            reason: "token is not a valid header value".into(),
-                        })?;
+                let value = format!("Bearer {token}")
+                    .parse()
+                    .map_err(|_| CaClientError::Unavailable { reason: "token is not a valid header value".into() })?;
                 req.metadata_mut().insert("authorization", value);
             }
-            let resp = self
-                .client
-                .clone()
-                .create_certificate(req)
-                .await
-                .map_err(|s| match s.code() {
-                    tonic::Code::Unavailable
-                    | tonic::Code::DeadlineExceeded
-                    | tonic::Code::Unknown
-                    | tonic::Code::Internal => CaClientError::Unavailable {
-                        reason: format!("{}: {}", s.code(), s.message()),
-                    },
-                    code => CaClientError::Rejected {
-                        code: format!("{code:?}"),
-                        message: s.message().to_owned(),
-                    },
-                })?;
+            let resp = self.client.clone().create_certificate(req).await.map_err(|s| match s.code() {
+                tonic::Code::Unavailable
+                | tonic::Code::DeadlineExceeded
+                | tonic::Code::Unknown
+                | tonic::Code::Internal => {
+                    CaClientError::Unavailable { reason: format!("{}: {}", s.code(), s.message()) }
+                }
+                code => CaClientError::Rejected { code: format!("{code:?}"), message: s.message().to_owned() },
+            })?;
             let chain = resp.into_inner().cert_chain;
             if chain.is_empty() {
                 return Err(CaClientError::EmptyChain);

@@ -17,9 +17,7 @@ use crate::ca::{DEFAULT_WORKLOAD_CERT_TTL, serial_hex};
 use crate::clock::{Clock, rfc3339};
 use crate::identity::Identity;
 use crate::metrics::Metrics;
-use crate::tls::{
-    self, CertSlot, CompliancePolicy, SpiffeVerifier, TlsError, TrustBundle, VerifyError,
-};
+use crate::tls::{self, CertSlot, CompliancePolicy, SpiffeVerifier, TlsError, TrustBundle, VerifyError};
 
 /// Fraction of the lifetime after which a certificate is renewed (Istio: half).
 pub const DEFAULT_ROTATION_FRACTION: f64 = 0.5;
@@ -181,9 +179,7 @@ pub struct SecretManager {
 
 impl fmt::Debug for SecretManager {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SecretManager")
-            .field("identities", &self.identities())
-            .finish()
+        f.debug_struct("SecretManager").field("identities", &self.identities()).finish()
     }
 }
 
@@ -223,20 +219,10 @@ impl SecretManager {
     }
 
     fn entry(&self, id: &Identity) -> Arc<Entry> {
-        if let Some(e) = self
-            .inner
-            .entries
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(id)
-        {
+        if let Some(e) = self.inner.entries.read().unwrap_or_else(|e| e.into_inner()).get(id) {
             return e.clone();
         }
-        let mut map = self
-            .inner
-            .entries
-            .write()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut map = self.inner.entries.write().unwrap_or_else(|e| e.into_inner());
         map.entry(id.clone())
             .or_insert_with(|| {
                 Arc::new(Entry {
@@ -251,14 +237,7 @@ impl SecretManager {
 
     /// Identities currently managed.
     pub fn identities(&self) -> Vec<Identity> {
-        let mut v: Vec<_> = self
-            .inner
-            .entries
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .keys()
-            .cloned()
-            .collect();
+        let mut v: Vec<_> = self.inner.entries.read().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect();
         v.sort();
         v
     }
@@ -291,13 +270,7 @@ impl SecretManager {
 
     /// Stops managing `id` (its workload left the node).
     pub fn forget(&self, id: &Identity) {
-        if self
-            .inner
-            .entries
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(id)
-            .is_some()
+        if self.inner.entries.write().unwrap_or_else(|e| e.into_inner()).remove(id).is_some()
             && let Some(m) = &self.inner.metrics
         {
             m.cert_removed(id);
@@ -306,20 +279,9 @@ impl SecretManager {
 
     /// Server config presenting `id`'s certificate and requiring SPIFFE client certificates.
     /// Rotation of `id` applies to the next handshake without rebuilding the config.
-    pub fn server_config(
-        &self,
-        id: &Identity,
-        policy: CompliancePolicy,
-    ) -> Result<Arc<ServerConfig>, SecretError> {
-        let verifier = Arc::new(SpiffeVerifier::new(
-            self.inner.trust.clone(),
-            self.inner.clock.clone(),
-        ));
-        Ok(Arc::new(tls::server_config(
-            policy,
-            verifier,
-            self.cert_slot(id),
-        )?))
+    pub fn server_config(&self, id: &Identity, policy: CompliancePolicy) -> Result<Arc<ServerConfig>, SecretError> {
+        let verifier = Arc::new(SpiffeVerifier::new(self.inner.trust.clone(), self.inner.clock.clone()));
+        Ok(Arc::new(tls::server_config(policy, verifier, self.cert_slot(id))?))
     }
 
     /// Client config presenting `id`'s certificate; the server must be one of `expected_peers`
@@ -334,11 +296,7 @@ impl SecretManager {
         if !expected_peers.is_empty() {
             verifier = verifier.expecting(expected_peers);
         }
-        Ok(Arc::new(tls::client_config(
-            policy,
-            Arc::new(verifier),
-            self.cert_slot(id),
-        )?))
+        Ok(Arc::new(tls::client_config(policy, Arc::new(verifier), self.cert_slot(id))?))
     }
 
     /// One rotation pass at the clock's current time: renews every due certificate whose backoff
@@ -357,12 +315,8 @@ impl SecretManager {
             let now = self.inner.clock.now();
             let cur = entry.current.load_full();
             let due = cur.as_ref().is_none_or(|c| now >= c.refresh_at);
-            let backing_off = entry
-                .retry
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .next_attempt
-                .is_some_and(|t| now < t);
+            let backing_off =
+                entry.retry.lock().unwrap_or_else(|e| e.into_inner()).next_attempt.is_some_and(|t| now < t);
             if due && !backing_off {
                 match self.renew(&id, &entry).await {
                     Ok(_) => report.rotated.push(id.clone()),
@@ -392,16 +346,8 @@ impl SecretManager {
         let map = self.inner.entries.read().unwrap_or_else(|e| e.into_inner());
         map.values()
             .map(|e| {
-                let retry = e
-                    .retry
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .next_attempt;
-                let refresh = e
-                    .current
-                    .load()
-                    .as_ref()
-                    .map(|c| c.refresh_at.min(c.not_after));
+                let retry = e.retry.lock().unwrap_or_else(|e| e.into_inner()).next_attempt;
+                let refresh = e.current.load().as_ref().map(|c| c.refresh_at.min(c.not_after));
                 match (refresh, retry) {
                     (Some(r), Some(t)) => r.max(t),
                     (Some(r), None) => r,
@@ -420,10 +366,7 @@ impl SecretManager {
             loop {
                 let report = this.rotate_due().await;
                 if !report.rotated.is_empty() {
-                    tracing::info!(
-                        count = report.rotated.len(),
-                        "rotated workload certificates"
-                    );
+                    tracing::info!(count = report.rotated.len(), "rotated workload certificates");
                 }
                 let now = this.inner.clock.now();
                 let sleep = this
@@ -498,34 +441,20 @@ impl SecretManager {
     pub fn backoff(&self, failures: u32) -> Duration {
         let c = &self.inner.config;
         let exp = failures.saturating_sub(1).min(31);
-        c.initial_backoff
-            .saturating_mul(1u32 << exp)
-            .min(c.max_backoff)
+        c.initial_backoff.saturating_mul(1u32 << exp).min(c.max_backoff)
     }
 
-    async fn issue(
-        &self,
-        id: &Identity,
-    ) -> Result<(WorkloadCert, Arc<rustls::sign::CertifiedKey>), SecretError> {
-        let (key, csr) = generate_key_and_csr(id).map_err(|source| SecretError::KeyGen {
-            identity: id.clone(),
-            source,
-        })?;
+    async fn issue(&self, id: &Identity) -> Result<(WorkloadCert, Arc<rustls::sign::CertifiedKey>), SecretError> {
+        let (key, csr) =
+            generate_key_and_csr(id).map_err(|source| SecretError::KeyGen { identity: id.clone(), source })?;
         let chain = self
             .inner
             .ca
             .sign(id, &csr, self.inner.config.cert_ttl)
             .await
-            .map_err(|source| SecretError::Ca {
-                identity: id.clone(),
-                source: Box::new(source),
-            })?;
-        let bad = |reason: String| SecretError::BadCertificate {
-            identity: id.clone(),
-            reason,
-        };
-        let leaf =
-            CertificateDer::from_pem_slice(chain[0].as_bytes()).map_err(|e| bad(e.to_string()))?;
+            .map_err(|source| SecretError::Ca { identity: id.clone(), source: Box::new(source) })?;
+        let bad = |reason: String| SecretError::BadCertificate { identity: id.clone(), reason };
+        let leaf = CertificateDer::from_pem_slice(chain[0].as_bytes()).map_err(|e| bad(e.to_string()))?;
         let got = tls::spiffe_identity(&leaf).map_err(|e: VerifyError| bad(e.to_string()))?;
         if &got != id {
             return Err(bad(format!("certificate is for {got}")));
@@ -548,9 +477,7 @@ impl SecretManager {
 
     fn refresh_at(&self, not_before: SystemTime, not_after: SystemTime) -> SystemTime {
         let c = &self.inner.config;
-        let lifetime = not_after
-            .duration_since(not_before)
-            .unwrap_or(Duration::ZERO);
+        let lifetime = not_after.duration_since(not_before).unwrap_or(Duration::ZERO);
         let fraction = c.rotation_fraction.clamp(0.0, 1.0);
         let jitter = c.rotation_jitter.clamp(0.0, fraction) * rand::random::<f64>();
         not_before + lifetime.mul_f64(fraction - jitter)

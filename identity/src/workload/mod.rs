@@ -12,14 +12,12 @@ mod keys;
 mod manager;
 
 pub use client::{
-    BoxFuture, CA_TLS_SERVER_NAME, CaClient, CaClientError, GrpcCaClient,
-    IMPERSONATED_IDENTITY_KEY, LocalCaClient,
+    BoxFuture, CA_TLS_SERVER_NAME, CaClient, CaClientError, GrpcCaClient, IMPERSONATED_IDENTITY_KEY, LocalCaClient,
 };
 pub use keys::generate_key_and_csr;
 pub use manager::{
-    CertStatus, DEFAULT_INITIAL_BACKOFF, DEFAULT_MAX_BACKOFF, DEFAULT_ROTATION_FRACTION,
-    DEFAULT_ROTATION_JITTER, RotationReport, SecretError, SecretManager, SecretManagerConfig,
-    WorkloadCert,
+    CertStatus, DEFAULT_INITIAL_BACKOFF, DEFAULT_MAX_BACKOFF, DEFAULT_ROTATION_FRACTION, DEFAULT_ROTATION_JITTER,
+    RotationReport, SecretError, SecretManager, SecretManagerConfig, WorkloadCert,
 };
 
 #[cfg(test)]

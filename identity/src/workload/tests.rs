@@ -29,11 +29,7 @@ impl CaClient for FlakyCa {
     ) -> BoxFuture<'a, Result<Vec<String>, CaClientError>> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         if !self.up.load(Ordering::SeqCst) {
-            return Box::pin(async {
-                Err(CaClientError::Unavailable {
-                    reason: "connection refused (test)".into(),
-                })
-            });
+            return Box::pin(async { Err(CaClientError::Unavailable { reason: "connection refused (test)".into() }) });
         }
         self.inner.sign(identity, csr, ttl)
     }
@@ -50,34 +46,19 @@ struct Harness {
 fn harness(config: SecretManagerConfig) -> Harness {
     let clock = Arc::new(ManualClock::starting_now());
     let dir = tempfile::tempdir().unwrap();
-    let authority = Arc::new(
-        CertificateAuthority::load_or_init(dir.path(), CaConfig::default(), clock.clone()).unwrap(),
-    );
-    let trust = Arc::new(
-        TrustBundle::new(authority.roots().to_vec(), vec!["cluster.local".into()]).unwrap(),
-    );
-    let ca = Arc::new(FlakyCa {
-        inner: LocalCaClient(authority),
-        up: AtomicBool::new(true),
-        calls: AtomicUsize::new(0),
-    });
+    let authority =
+        Arc::new(CertificateAuthority::load_or_init(dir.path(), CaConfig::default(), clock.clone()).unwrap());
+    let trust = Arc::new(TrustBundle::new(authority.roots().to_vec(), vec!["cluster.local".into()]).unwrap());
+    let ca =
+        Arc::new(FlakyCa { inner: LocalCaClient(authority), up: AtomicBool::new(true), calls: AtomicUsize::new(0) });
     let mut registry = Registry::default();
     let metrics = Metrics::new(&mut registry);
     let mgr = SecretManager::new(ca.clone(), trust, clock.clone(), config, Some(metrics));
-    Harness {
-        _dir: dir,
-        clock,
-        ca,
-        mgr,
-        registry,
-    }
+    Harness { _dir: dir, clock, ca, mgr, registry }
 }
 
 fn no_jitter() -> SecretManagerConfig {
-    SecretManagerConfig {
-        rotation_jitter: 0.0,
-        ..SecretManagerConfig::default()
-    }
+    SecretManagerConfig { rotation_jitter: 0.0, ..SecretManagerConfig::default() }
 }
 
 fn web() -> Identity {
@@ -108,30 +89,25 @@ async fn rotation_happens_at_half_of_the_lifetime() {
     assert_ne!(second.serial, first.serial);
     assert_eq!(
         h.mgr.cert_slot(&web()).get().unwrap().cert[0].as_ref(),
-        rustls_pki_types::CertificateDer::from_pem_slice(second.chain_pem[0].as_bytes())
-            .unwrap()
-            .as_ref()
+        rustls_pki_types::CertificateDer::from_pem_slice(second.chain_pem[0].as_bytes()).unwrap().as_ref()
     );
     assert_eq!(h.ca.calls.load(Ordering::SeqCst), 2);
-    assert!(metrics_text(&h).contains("warden_identity_cert_rotations_total{identity=\"spiffe://cluster.local/ns/default/sa/web\"} 2"));
+    assert!(
+        metrics_text(&h)
+            .contains("warden_identity_cert_rotations_total{identity=\"spiffe://cluster.local/ns/default/sa/web\"} 2")
+    );
 }
 
 #[tokio::test]
 async fn rotation_jitter_only_advances_the_renewal_within_its_bound() {
-    let h = harness(SecretManagerConfig {
-        rotation_jitter: 0.1,
-        ..SecretManagerConfig::default()
-    });
+    let h = harness(SecretManagerConfig { rotation_jitter: 0.1, ..SecretManagerConfig::default() });
     let mut seen = std::collections::HashSet::new();
     for sa in 0..8 {
         let id = Identity::spiffe("cluster.local", "default", format!("sa{sa}")).unwrap();
         let c = h.mgr.fetch(&id).await.unwrap();
         let lifetime = c.not_after.duration_since(c.not_before).unwrap();
         let half = c.not_before + lifetime / 2;
-        assert!(
-            c.refresh_at <= half && c.refresh_at >= half - lifetime.mul_f64(0.1),
-            "{c:?}"
-        );
+        assert!(c.refresh_at <= half && c.refresh_at >= half - lifetime.mul_f64(0.1), "{c:?}");
         seen.insert(c.refresh_at);
     }
     assert!(seen.len() > 1, "jitter spreads renewals");
@@ -147,11 +123,7 @@ async fn ca_outage_keeps_the_old_certificate_and_replaces_it_once_the_ca_is_back
 
     let report = h.mgr.rotate_due().await;
     assert_eq!(report.failed, [web()]);
-    assert_eq!(
-        h.mgr.fetch(&web()).await.unwrap().serial,
-        first.serial,
-        "old certificate kept while valid"
-    );
+    assert_eq!(h.mgr.fetch(&web()).await.unwrap().serial, first.serial, "old certificate kept while valid");
     assert!(slot.get().is_some(), "still presented in handshakes");
     let calls = h.ca.calls.load(Ordering::SeqCst);
 
@@ -159,12 +131,8 @@ async fn ca_outage_keeps_the_old_certificate_and_replaces_it_once_the_ca_is_back
     let status = h.mgr.snapshot().into_iter().next().unwrap();
     assert_eq!(status.failures, 2);
     assert!(status.last_error.unwrap().contains("connection refused"));
-    assert_eq!(
-        status.next_attempt.unwrap(),
-        h.clock.now() + h.mgr.backoff(2)
-    );
-    h.clock
-        .advance(h.mgr.backoff(2) - Duration::from_millis(500));
+    assert_eq!(status.next_attempt.unwrap(), h.clock.now() + h.mgr.backoff(2));
+    h.clock.advance(h.mgr.backoff(2) - Duration::from_millis(500));
     assert_eq!(h.mgr.rotate_due().await, RotationReport::default());
     assert_eq!(h.ca.calls.load(Ordering::SeqCst), calls);
 
@@ -175,7 +143,9 @@ async fn ca_outage_keeps_the_old_certificate_and_replaces_it_once_the_ca_is_back
     let second = h.mgr.fetch(&web()).await.unwrap();
     assert_ne!(second.serial, first.serial);
     assert_eq!(h.mgr.snapshot()[0].failures, 0);
-    assert!(metrics_text(&h).contains("warden_identity_cert_rotation_failures_total{identity=\"spiffe://cluster.local/ns/default/sa/web\"} 2"));
+    assert!(metrics_text(&h).contains(
+        "warden_identity_cert_rotation_failures_total{identity=\"spiffe://cluster.local/ns/default/sa/web\"} 2"
+    ));
 }
 
 #[tokio::test]
@@ -197,10 +167,7 @@ async fn expired_certificate_is_withdrawn_when_the_ca_stays_down() {
     let slot = h.mgr.cert_slot(&web());
     h.ca.up.store(false, Ordering::SeqCst);
     h.clock.set(first.not_after + Duration::from_secs(1));
-    assert!(
-        slot.get().is_none(),
-        "an expired certificate is never presented"
-    );
+    assert!(slot.get().is_none(), "an expired certificate is never presented");
     let report = h.mgr.rotate_due().await;
     assert_eq!(report.expired, [web()]);
     assert!(h.mgr.fetch(&web()).await.is_err());
@@ -227,19 +194,10 @@ async fn certificate_for_another_identity_is_rejected() {
     }
     let clock = Arc::new(ManualClock::starting_now());
     let dir = tempfile::tempdir().unwrap();
-    let authority = Arc::new(
-        CertificateAuthority::load_or_init(dir.path(), CaConfig::default(), clock.clone()).unwrap(),
-    );
-    let trust = Arc::new(
-        TrustBundle::new(authority.roots().to_vec(), vec!["cluster.local".into()]).unwrap(),
-    );
-    let mgr = SecretManager::new(
-        Arc::new(WrongCa(LocalCaClient(authority))),
-        trust,
-        clock,
-        no_jitter(),
-        None,
-    );
+    let authority =
+        Arc::new(CertificateAuthority::load_or_init(dir.path(), CaConfig::default(), clock.clone()).unwrap());
+    let trust = Arc::new(TrustBundle::new(authority.roots().to_vec(), vec!["cluster.local".into()]).unwrap());
+    let mgr = SecretManager::new(Arc::new(WrongCa(LocalCaClient(authority))), trust, clock, no_jitter(), None);
     let err = mgr.fetch(&web()).await.unwrap_err();
     assert!(matches!(err, SecretError::BadCertificate { .. }), "{err}");
 }
@@ -253,18 +211,8 @@ async fn rotation_never_drops_established_connections() {
     let client_id = Identity::spiffe("cluster.local", "default", "client").unwrap();
     let first = h.mgr.fetch(&server_id).await.unwrap();
     h.mgr.fetch(&client_id).await.unwrap();
-    let server_cfg = h
-        .mgr
-        .server_config(&server_id, CompliancePolicy::Default)
-        .unwrap();
-    let client_cfg = h
-        .mgr
-        .client_config(
-            &client_id,
-            CompliancePolicy::Default,
-            vec![server_id.clone()],
-        )
-        .unwrap();
+    let server_cfg = h.mgr.server_config(&server_id, CompliancePolicy::Default).unwrap();
+    let client_cfg = h.mgr.client_config(&client_id, CompliancePolicy::Default, vec![server_id.clone()]).unwrap();
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -295,13 +243,7 @@ async fn rotation_never_drops_established_connections() {
         let (_, x) = x509_parser::parse_x509_certificate(der.as_ref()).unwrap();
         crate::ca::serial_hex(x.raw_serial())
     };
-    let mut old = connector
-        .connect(
-            name.clone(),
-            tokio::net::TcpStream::connect(addr).await.unwrap(),
-        )
-        .await
-        .unwrap();
+    let mut old = connector.connect(name.clone(), tokio::net::TcpStream::connect(addr).await.unwrap()).await.unwrap();
     assert_eq!(serial_of(&old), first.serial);
     assert_eq!(echo(&mut old, 1).await, 1);
 
@@ -310,26 +252,12 @@ async fn rotation_never_drops_established_connections() {
     let second = h.mgr.fetch(&server_id).await.unwrap();
     assert_ne!(second.serial, first.serial);
 
-    let mut new = connector
-        .connect(name, tokio::net::TcpStream::connect(addr).await.unwrap())
-        .await
-        .unwrap();
-    assert_eq!(
-        serial_of(&new),
-        second.serial,
-        "new handshakes use the new certificate"
-    );
+    let mut new = connector.connect(name, tokio::net::TcpStream::connect(addr).await.unwrap()).await.unwrap();
+    assert_eq!(serial_of(&new), second.serial, "new handshakes use the new certificate");
     assert_eq!(echo(&mut new, 2).await, 2);
-    assert_eq!(
-        echo(&mut old, 3).await,
-        3,
-        "the established connection survives rotation"
-    );
+    assert_eq!(echo(&mut old, 3).await, 3, "the established connection survives rotation");
     drop((old, new));
-    tokio::time::timeout(Duration::from_secs(10), server)
-        .await
-        .unwrap()
-        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), server).await.unwrap().unwrap();
 }
 
 use rustls_pki_types::pem::PemObject;
@@ -340,11 +268,7 @@ async fn background_rotation_loop_rotates_due_certificates() {
     let first = h.mgr.fetch(&web()).await.unwrap();
     let task = h.mgr.spawn_rotation();
     tokio::time::sleep(Duration::from_millis(50)).await;
-    assert_eq!(
-        h.mgr.fetch(&web()).await.unwrap().serial,
-        first.serial,
-        "not due yet"
-    );
+    assert_eq!(h.mgr.fetch(&web()).await.unwrap().serial, first.serial, "not due yet");
     h.clock.set(first.refresh_at);
     // Registering an identity wakes the loop (it would otherwise wake within 30 s).
     let other = Identity::spiffe("cluster.local", "default", "other").unwrap();
@@ -352,20 +276,13 @@ async fn background_rotation_loop_rotates_due_certificates() {
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
         let status = h.mgr.snapshot();
-        let serial_web = status
-            .iter()
-            .find(|s| s.identity == web())
-            .and_then(|s| s.cert.as_ref().map(|c| c.serial.clone()));
-        let other_ok = status
-            .iter()
-            .any(|s| s.identity == other && s.cert.is_some());
+        let serial_web =
+            status.iter().find(|s| s.identity == web()).and_then(|s| s.cert.as_ref().map(|c| c.serial.clone()));
+        let other_ok = status.iter().any(|s| s.identity == other && s.cert.is_some());
         if serial_web.is_some_and(|s| s != first.serial) && other_ok {
             break;
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "rotation loop did not act: {status:?}"
-        );
+        assert!(std::time::Instant::now() < deadline, "rotation loop did not act: {status:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     task.abort();

@@ -79,14 +79,23 @@ fn set_linger_zero(s: &TcpStream) {
     let l = libc::linger { l_onoff: 1, l_linger: 0 };
     // SAFETY: valid socket fd and a correctly sized option value.
     unsafe {
-        libc::setsockopt(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_LINGER, (&l as *const libc::linger).cast(), size_of::<libc::linger>() as u32);
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&l as *const libc::linger).cast(),
+            size_of::<libc::linger>() as u32,
+        );
     }
 }
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let flag = |name: &str, default: u64| -> u64 {
-        args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).map_or(default, |v| v.parse().expect("number"))
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .map_or(default, |v| v.parse().expect("number"))
     };
     match args.first().map(String::as_str) {
         Some("serve") => serve(&args[1..].iter().map(|p| p.parse().expect("port")).collect::<Vec<u16>>()),
@@ -116,8 +125,22 @@ fn main() {
                 let ok = r.get_mut().write_all(line.as_bytes()).and_then(|_| r.read_line(&mut back));
                 match ok {
                     Ok(_) if back == line => n += 1,
-                    Ok(_) => return report("error", start, &format!("echo mismatch {back:?}"), serde_json::json!({"round_trips": n, "failed_after_ms": start.elapsed().as_millis() as u64})),
-                    Err(e) => return report(classify(&e), start, &e.to_string(), serde_json::json!({"round_trips": n, "failed_after_ms": start.elapsed().as_millis() as u64})),
+                    Ok(_) => {
+                        return report(
+                            "error",
+                            start,
+                            &format!("echo mismatch {back:?}"),
+                            serde_json::json!({"round_trips": n, "failed_after_ms": start.elapsed().as_millis() as u64}),
+                        );
+                    }
+                    Err(e) => {
+                        return report(
+                            classify(&e),
+                            start,
+                            &e.to_string(),
+                            serde_json::json!({"round_trips": n, "failed_after_ms": start.elapsed().as_millis() as u64}),
+                        );
+                    }
                 }
                 std::thread::sleep(interval);
             }
@@ -147,12 +170,20 @@ fn main() {
                     })
                 })
                 .collect();
-            let (ok, errors) = workers.into_iter().map(|w| w.join().expect("worker")).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+            let (ok, errors) =
+                workers.into_iter().map(|w| w.join().expect("worker")).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
             let secs = start.elapsed().as_secs_f64();
-            report("allowed", start, "", serde_json::json!({"connections": ok, "errors": errors, "per_second": ok as f64 / secs}));
+            report(
+                "allowed",
+                start,
+                "",
+                serde_json::json!({"connections": ok, "errors": errors, "per_second": ok as f64 / secs}),
+            );
         }
         _ => {
-            eprintln!("usage: warden-probe serve PORT... | connect IP:PORT [--timeout-ms N] | hold IP:PORT --seconds S [--interval-ms N]");
+            eprintln!(
+                "usage: warden-probe serve PORT... | connect IP:PORT [--timeout-ms N] | hold IP:PORT --seconds S [--interval-ms N]"
+            );
             std::process::exit(2);
         }
     }

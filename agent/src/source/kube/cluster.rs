@@ -129,7 +129,8 @@ impl Compact for Service {
         compact_meta(&mut self.metadata);
         self.metadata.annotations = None;
         if let Some(spec) = &self.spec {
-            self.spec = Some(k8s_openapi::api::core::v1::ServiceSpec { selector: spec.selector.clone(), ..Default::default() });
+            self.spec =
+                Some(k8s_openapi::api::core::v1::ServiceSpec { selector: spec.selector.clone(), ..Default::default() });
         }
         self.status = None;
     }
@@ -210,7 +211,8 @@ pub fn node_view(
         .filter(|n| n.labels().get(DATAPLANE_MODE_LABEL).map(String::as_str) == Some(DATAPLANE_MODE_AMBIENT))
         .map(|n| n.name_any())
         .collect();
-    let services: Vec<&Service> = services.objects.values().filter(|s| s.namespace().is_some_and(|n| enrolled.contains(&n))).collect();
+    let services: Vec<&Service> =
+        services.objects.values().filter(|s| s.namespace().is_some_and(|n| enrolled.contains(&n))).collect();
     let mut unresolved = Vec::new();
     locator.refresh();
     // Local pods first: when two pods claim one address (a pod being replaced), the local one wins.
@@ -230,7 +232,11 @@ pub fn node_view(
                 Some((veth, ifindex)) => {
                     let cgroup = pod.metadata.uid.as_deref().and_then(|uid| locator.cgroup(uid));
                     if cgroup.is_none() {
-                        unresolved.push(format!("{}: no cgroup for pod UID {}", w.key(), pod.metadata.uid.as_deref().unwrap_or("?")));
+                        unresolved.push(format!(
+                            "{}: no cgroup for pod UID {}",
+                            w.key(),
+                            pod.metadata.uid.as_deref().unwrap_or("?")
+                        ));
                     }
                     w.local = Some(Local { veth, ifindex, cgroup });
                 }
@@ -306,8 +312,13 @@ mod tests {
             pod("team", "noroute", Some("10.0.0.200"), &[]),
             pod("plain", "p", Some("10.0.0.4"), &[]),
         ]);
-        let remote = store(vec![pod("team", "r", Some("10.0.1.9"), &[("app", "r")]), pod("off", "o", Some("10.0.1.10"), &[])]);
-        let services = store(vec![svc("team", "a-svc", &[("app", "a")]), svc("team", "all", &[]), svc("plain", "a-other-ns", &[("app", "a")])]);
+        let remote =
+            store(vec![pod("team", "r", Some("10.0.1.9"), &[("app", "r")]), pod("off", "o", Some("10.0.1.10"), &[])]);
+        let services = store(vec![
+            svc("team", "a-svc", &[("app", "a")]),
+            svc("team", "all", &[]),
+            svc("plain", "a-other-ns", &[("app", "a")]),
+        ]);
         let v = node_view(&nss, &local, &remote, &services, &mut FakeNode);
         let keys: Vec<String> = v.workloads.iter().map(Workload::key).collect();
         assert_eq!(keys, ["team/a", "team/noroute", "team/r"]);

@@ -162,7 +162,8 @@ impl KubeSource {
     pub async fn connect(cfg: KubeConfig) -> Result<KubeSource, ConnectError> {
         let config = match &cfg.connection {
             Connection::Kubeconfig(path) => {
-                let kc = kube::config::Kubeconfig::read_from(path).map_err(|error| ConnectError::Kubeconfig { path: path.clone(), error })?;
+                let kc = kube::config::Kubeconfig::read_from(path)
+                    .map_err(|error| ConnectError::Kubeconfig { path: path.clone(), error })?;
                 kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
                     .await
                     .map_err(|error| ConnectError::Kubeconfig { path: path.clone(), error })?
@@ -171,21 +172,36 @@ impl KubeSource {
         };
         let url = config.cluster_url.to_string();
         let client = Client::try_from(config).map_err(ConnectError::Client)?;
-        let version = client.apiserver_version().await.map_err(|error| ConnectError::Unreachable { url: url.clone(), error })?;
+        let version =
+            client.apiserver_version().await.map_err(|error| ConnectError::Unreachable { url: url.clone(), error })?;
         let group = kube::discovery::group(&client, policies::GROUP).await.map_err(|e| match e {
-            kube::Error::Api(s) if s.code == 404 => ConnectError::MissingCrd { kind: KINDS[0].0, group: policies::GROUP, url: url.clone() },
+            kube::Error::Api(s) if s.code == 404 => {
+                ConnectError::MissingCrd { kind: KINDS[0].0, group: policies::GROUP, url: url.clone() }
+            }
             other => ConnectError::Discovery { group: policies::GROUP, error: other },
         })?;
         let mut policy_apis = Vec::new();
         for (kind, _) in KINDS {
-            let (ar, _) = group.recommended_kind(kind).ok_or_else(|| ConnectError::MissingCrd { kind, group: policies::GROUP, url: url.clone() })?;
+            let (ar, _) = group.recommended_kind(kind).ok_or_else(|| ConnectError::MissingCrd {
+                kind,
+                group: policies::GROUP,
+                url: url.clone(),
+            })?;
             policy_apis.push(ar);
         }
 
-        let shared = Arc::new(Shared { state: Mutex::default(), dirty: AtomicBool::new(false), errors: Mutex::default() });
+        let shared =
+            Arc::new(Shared { state: Mutex::default(), dirty: AtomicBool::new(false), errors: Mutex::default() });
         let node = cfg.node_name.clone();
         let mut tasks = vec![
-            spawn_watch(Api::<Namespace>::all(client.clone()), watcher::Config::default(), "namespaces", &shared, |s| &mut s.namespaces, never_same),
+            spawn_watch(
+                Api::<Namespace>::all(client.clone()),
+                watcher::Config::default(),
+                "namespaces",
+                &shared,
+                |s| &mut s.namespaces,
+                never_same,
+            ),
             spawn_watch(
                 Api::<Pod>::all(client.clone()),
                 watcher::Config::default().fields(&format!("spec.nodeName={node}")),
@@ -202,12 +218,26 @@ impl KubeSource {
                 |s| &mut s.remote_pods,
                 never_same,
             ),
-            spawn_watch(Api::<Service>::all(client.clone()), watcher::Config::default(), "services", &shared, |s| &mut s.services, never_same),
+            spawn_watch(
+                Api::<Service>::all(client.clone()),
+                watcher::Config::default(),
+                "services",
+                &shared,
+                |s| &mut s.services,
+                never_same,
+            ),
         ];
         let picks: [fn(&mut State) -> &mut Store<DynamicObject>; 3] =
             [|s| &mut s.policies[0], |s| &mut s.policies[1], |s| &mut s.policies[2]];
         for (i, ar) in policy_apis.iter().enumerate() {
-            tasks.push(spawn_watch(Api::<DynamicObject>::all_with(client.clone(), ar), watcher::Config::default(), KINDS[i].1, &shared, picks[i], same_policy));
+            tasks.push(spawn_watch(
+                Api::<DynamicObject>::all_with(client.clone(), ar),
+                watcher::Config::default(),
+                KINDS[i].1,
+                &shared,
+                picks[i],
+                same_policy,
+            ));
         }
 
         let versions: Vec<String> = policy_apis.iter().map(|a| format!("{}.{}", a.plural, a.api_version)).collect();
@@ -235,7 +265,8 @@ impl KubeSource {
         }
         tracing::info!(ms = started.elapsed().as_millis() as u64, "cluster lists complete");
 
-        let recorder = Recorder::new(client.clone(), Reporter { controller: REPORTER.into(), instance: Some(node.clone()) });
+        let recorder =
+            Recorder::new(client.clone(), Reporter { controller: REPORTER.into(), instance: Some(node.clone()) });
         Ok(KubeSource {
             shared,
             book: PolicyBook::default(),
@@ -281,12 +312,21 @@ impl KubeSource {
                         resource_version: r.object.metadata.resource_version.clone(),
                         field_path: None,
                     };
-                    let ev = KubeEvent { type_: EventType::Warning, reason: "InvalidResource".into(), note: Some(note), action: "Validate".into(), secondary: None };
+                    let ev = KubeEvent {
+                        type_: EventType::Warning,
+                        reason: "InvalidResource".into(),
+                        note: Some(note),
+                        action: "Validate".into(),
+                        secondary: None,
+                    };
                     if let Err(e) = recorder.publish(&ev, &reference).await {
                         tracing::warn!(resource = %name, "could not record the event: {e}");
                     }
                 }
-                let now = k8s_openapi::jiff::Timestamp::now().round(k8s_openapi::jiff::Unit::Second).map(|t| t.to_string()).unwrap_or_default();
+                let now = k8s_openapi::jiff::Timestamp::now()
+                    .round(k8s_openapi::jiff::Unit::Second)
+                    .map(|t| t.to_string())
+                    .unwrap_or_default();
                 let patch = policies::status_patch(&r, &now);
                 let api: Api<DynamicObject> = Api::namespaced_with(client, &ns, &ar);
                 if let Err(e) = api.patch_status(&obj_name, &PatchParams::default(), &Patch::Merge(&patch)).await {
@@ -355,7 +395,9 @@ where
                     let text = e.to_string();
                     let first = shared.errors.lock().expect("errors lock").insert(what, text.clone()).is_none();
                     if first {
-                        tracing::warn!("watch of {what} failed, retrying (the last committed state keeps enforcing): {text}");
+                        tracing::warn!(
+                            "watch of {what} failed, retrying (the last committed state keeps enforcing): {text}"
+                        );
                     } else {
                         tracing::debug!("watch of {what} failed again: {text}");
                     }
@@ -394,7 +436,8 @@ impl Source for KubeSource {
         if !self.unresolved.is_empty() && self.last_retry.elapsed() >= RETRY_UNRESOLVED {
             self.last_retry = Instant::now();
             let state = self.shared.state.lock().expect("state lock");
-            let view = node_view(&state.namespaces, &state.local_pods, &state.remote_pods, &state.services, &mut self.locator);
+            let view =
+                node_view(&state.namespaces, &state.local_pods, &state.remote_pods, &state.services, &mut self.locator);
             return view.unresolved != self.unresolved;
         }
         false
@@ -410,8 +453,10 @@ impl Source for KubeSource {
             }
             // Cleared under the lock: a change applied after this point sets it again.
             self.shared.dirty.store(false, Ordering::SeqCst);
-            let view = node_view(&state.namespaces, &state.local_pods, &state.remote_pods, &state.services, &mut self.locator);
-            let objects = state.policies.iter().enumerate().flat_map(|(i, s)| s.objects.values().map(move |o| (KINDS[i].0, o)));
+            let view =
+                node_view(&state.namespaces, &state.local_pods, &state.remote_pods, &state.services, &mut self.locator);
+            let objects =
+                state.policies.iter().enumerate().flat_map(|(i, s)| s.objects.values().map(move |o| (KINDS[i].0, o)));
             let (resources, reports) = self.book.resolve(objects);
             (view, resources, reports)
         };

@@ -75,7 +75,13 @@ pub fn as_document(kind: &str, o: &DynamicObject) -> Value {
 pub fn validate(kind: &str, o: &DynamicObject) -> Result<(Vec<Resource>, Vec<String>), Vec<LoadError>> {
     let name = display_name(kind, o);
     let yaml = serde_yaml::to_string(&as_document(kind, o)).map_err(|e| {
-        vec![LoadError { origin: name.clone(), document: None, resource: None, field: String::new(), reason: format!("cannot convert to YAML: {e}") }]
+        vec![LoadError {
+            origin: name.clone(),
+            document: None,
+            resource: None,
+            field: String::new(),
+            reason: format!("cannot convert to YAML: {e}"),
+        }]
     })?;
     warden_authz::parse_str_with_warnings(&yaml, &name).map(|p| (p.resources, p.warnings)).map_err(|e| e.0)
 }
@@ -111,7 +117,10 @@ pub struct PolicyBook {
 impl PolicyBook {
     /// The resources in force for the current objects, and the reports to make (new invalid
     /// versions; valid objects still carrying warden's invalid status).
-    pub fn resolve<'a>(&mut self, objects: impl Iterator<Item = (&'static str, &'a DynamicObject)>) -> (Vec<Resource>, Vec<Report>) {
+    pub fn resolve<'a>(
+        &mut self,
+        objects: impl Iterator<Item = (&'static str, &'a DynamicObject)>,
+    ) -> (Vec<Resource>, Vec<Report>) {
         let mut resources = Vec::new();
         let mut reports = Vec::new();
         let mut seen = HashSet::new();
@@ -153,7 +162,12 @@ impl PolicyBook {
                                 "invalid resource ignored: {}",
                                 problems.join("; ")
                             );
-                            reports.push(Report { kind, object: o.clone(), problems: Some(problems), kept_previous: kept });
+                            reports.push(Report {
+                                kind,
+                                object: o.clone(),
+                                problems: Some(problems),
+                                kept_previous: kept,
+                            });
                         }
                     }
                 }
