@@ -170,8 +170,4 @@ impl WorkloadCerts {
     pub fn snapshot_json(&self) -> String {
         serde_json::to_string_pretty(&warden_identity::cli::certs_snapshot(&self.secrets)).expect("snapshot serializes")
     }
-
-    pub fn secrets(&self) -> &SecretManager {
-        &self.secrets
-    }
 }

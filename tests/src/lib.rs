@@ -40,19 +40,20 @@ pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
 }
 
-fn target_bin(name: &str, env: &str) -> PathBuf {
+/// `env` if set, else the binary in the target directory (debug first).
+fn find_bin(name: &str, env: &str) -> Option<PathBuf> {
     if let Some(p) = std::env::var_os(env) {
-        return PathBuf::from(p);
+        return Some(PathBuf::from(p));
     }
     let target =
         std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"));
-    for profile in ["debug", "release"] {
-        let p = target.join(profile).join(name);
-        if p.is_file() {
-            return p;
-        }
-    }
-    panic!("{name} is not built: run `cargo build --workspace` (or `cargo xtask test`), or set {env}");
+    ["debug", "release"].iter().map(|profile| target.join(profile).join(name)).find(|p| p.is_file())
+}
+
+fn target_bin(name: &str, env: &str) -> PathBuf {
+    find_bin(name, env).unwrap_or_else(|| {
+        panic!("{name} is not built: run `cargo build --workspace` (or `cargo xtask test`), or set {env}")
+    })
 }
 
 /// The `warden` binary under test.
@@ -167,7 +168,7 @@ impl Lab {
 
     /// Pin directory of a lab: the production one for the main lab, a private one per test.
     pub fn pin_dir_for(tag: &str) -> PathBuf {
-        if tag == "lab" { warden_common_pin_dir().into() } else { format!("/sys/fs/bpf/warden-{tag}").into() }
+        if tag == "lab" { warden_common::PIN_DIR.into() } else { format!("/sys/fs/bpf/warden-{tag}").into() }
     }
 
     /// Create the node and its workloads, and start each workload's server.
@@ -507,7 +508,7 @@ impl Lab {
         let _ = fs::remove_dir(&cgroup_dir);
         let pin_dir = Lab::pin_dir_for(tag);
         if pin_dir.exists() {
-            let _ = Command::new(warden_bin_or_none().unwrap_or_else(|| "true".into()))
+            let _ = Command::new(find_bin("warden", "WARDEN_BIN").unwrap_or_else(|| "true".into()))
                 .args(["cleanup", "--pin-dir"])
                 .arg(&pin_dir)
                 .output();
@@ -527,14 +528,6 @@ impl Lab {
         self.servers.clear();
         Lab::down_by_tag(&self.tag);
     }
-}
-
-fn warden_bin_or_none() -> Option<PathBuf> {
-    std::panic::catch_unwind(warden_bin).ok()
-}
-
-fn warden_common_pin_dir() -> &'static str {
-    "/sys/fs/bpf/warden"
 }
 
 impl Drop for Lab {

@@ -162,7 +162,7 @@ fn warden_inputs(lab: &Lab, entries: usize) -> anyhow::Result<std::path::PathBuf
     let mut wl = lab.workload_file();
     let mut principals = vec!["cluster.local/ns/bench/sa/client".to_string()];
     for i in 0..k {
-        let ip = Ipv4Addr::new(10, 90 + (i / 65536) as u8, ((i / 256) % 256) as u8, (i % 256) as u8);
+        let ip = peer_ip(i);
         let _ = writeln!(wl, "  - {{name: peer-{i}, namespace: peers, serviceAccount: peer-{i}, ip: {ip}}}");
         principals.push(format!("cluster.local/ns/peers/sa/peer-{i}"));
     }
@@ -180,6 +180,11 @@ fn warden_inputs(lab: &Lab, entries: usize) -> anyhow::Result<std::path::PathBuf
     Ok(dir)
 }
 
+/// The address of generated peer `i` (10.90.0.0 upwards), the same in every configuration.
+fn peer_ip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 90 + (i / 65536) as u8, ((i / 256) % 256) as u8, (i % 256) as u8)
+}
+
 fn in_node(lab: &Lab, args: &[&str]) -> anyhow::Result<String> {
     let mut v = vec!["ip", "netns", "exec", &lab.node];
     v.extend_from_slice(args);
@@ -190,7 +195,7 @@ fn iptables_chain(lab: &Lab, rules: usize) -> anyhow::Result<()> {
     let mut script =
         String::from("*filter\n:FORWARD DROP [0:0]\n-A FORWARD -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT\n");
     for i in 1..rules {
-        let ip = Ipv4Addr::new(10, 90 + (i / 65536) as u8, ((i / 256) % 256) as u8, (i % 256) as u8);
+        let ip = peer_ip(i);
         let _ = writeln!(script, "-A FORWARD -s {ip}/32 -d {SERVER_IP}/32 -p tcp -m tcp --dport {PORT} -j ACCEPT");
     }
     let _ = writeln!(
@@ -219,7 +224,7 @@ fn nft_vmap(lab: &Lab, elements: usize) -> anyhow::Result<()> {
     );
     script += "add element inet wardenbench allow {\n";
     for i in 1..elements {
-        let ip = Ipv4Addr::new(10, 90 + (i / 65536) as u8, ((i / 256) % 256) as u8, (i % 256) as u8);
+        let ip = peer_ip(i);
         let _ = writeln!(script, "  {ip} . {PORT} : accept,");
     }
     let _ = writeln!(script, "  {CLIENT_IP} . {PORT} : accept,\n  {CLIENT_IP} . {IPERF_PORT} : accept\n}}");

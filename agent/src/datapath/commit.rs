@@ -1,6 +1,7 @@
 //! Committing a node state to the maps, atomically from the datapath's point of view.
 //!
-//! 1. Clear the inactive slot (leftovers of an interrupted commit).
+//! 1. Clear the inactive slot when it may hold leftovers (an interrupted commit, or an earlier
+//!    agent's): a full scan of the slotted maps, skipped when this process left it empty.
 //! 2. Write the whole new state into the inactive slot. Packets do not see it yet.
 //! 3. Flip `Config::generation` (one 4-byte array write): the new slot becomes active, and every
 //!    cached flow is re-decided once against it.
@@ -61,15 +62,19 @@ pub fn clear_slot(maps: &mut Maps, slot: u8) -> Result<(), CommitError> {
     Ok(())
 }
 
-/// Commit `state`; returns the new generation.
-pub fn commit(maps: &mut Maps, state: &NodeState) -> Result<u32, CommitError> {
+/// Commit `state`; returns the new generation. `inactive_clean` says the inactive slot is known
+/// to be empty (this process cleared it after its last commit); it is set false while writing and
+/// true again only once the old slot has been cleared.
+pub fn commit(maps: &mut Maps, state: &NodeState, inactive_clean: &mut bool) -> Result<u32, CommitError> {
     let current = maps.config();
     let next = match current.generation.wrapping_add(1) {
         0 => 2, // 0 means "never committed"; 2 keeps the slot parity of 0.
         g => g,
     };
     let slot = (next & 1) as u8;
-    clear_slot(maps, slot)?;
+    if !std::mem::replace(inactive_clean, false) {
+        clear_slot(maps, slot)?;
+    }
 
     for (i, (net, info)) in state.ipcache.iter().enumerate() {
         maps.ipcache.insert(&ipcache_key(slot, net), *info, 0).map_err(|source| CommitError::Write {
@@ -94,5 +99,6 @@ pub fn commit(maps: &mut Maps, state: &NodeState) -> Result<u32, CommitError> {
     maps.config.set(0, Config { generation: next, flags: 0 }, 0).map_err(CommitError::Flip)?;
 
     clear_slot(maps, current.active_slot())?;
+    *inactive_clean = true;
     Ok(next)
 }

@@ -46,6 +46,9 @@ pub struct Datapath {
     pub pin_dir: PathBuf,
     ebpf: Ebpf,
     pub maps: Maps,
+    /// The inactive slot is known to be empty (see `commit::commit`). False after loading: an
+    /// earlier agent may have died mid-commit.
+    inactive_clean: bool,
 }
 
 /// Mount bpffs at `root` unless it already is one.
@@ -97,11 +100,11 @@ impl Datapath {
         p.load().map_err(|source| LoadError::Program { name, source })?;
 
         let maps = Maps::open(pin_dir)?;
-        Ok(Datapath { pin_dir: pin_dir.to_path_buf(), ebpf, maps })
+        Ok(Datapath { pin_dir: pin_dir.to_path_buf(), ebpf, maps, inactive_clean: false })
     }
 
     pub fn commit(&mut self, state: &NodeState) -> Result<u32, CommitError> {
-        commit::commit(&mut self.maps, state)
+        commit::commit(&mut self.maps, state, &mut self.inactive_clean)
     }
 
     pub fn attach(&mut self, key: &str, local: &crate::workloads::Local) -> Result<(), attach::AttachError> {
