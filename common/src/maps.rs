@@ -16,15 +16,19 @@ pub mod names {
     pub const CGROUPS: &str = "warden_cgroups_v1";
     /// Hash: [`super::PolicyKey`] -> [`super::PolicyValue`]. The identity policy.
     pub const POLICY: &str = "warden_policy_v1";
-    /// LRU hash: [`super::FlowKey`] -> [`super::FlowValue`]. Decided flows and their replies.
-    pub const FLOWS: &str = "warden_flows_v2";
+    /// LRU hash: [`super::FlowKey`] -> [`super::FlowValue`]. Decided flows, one entry for both
+    /// directions of a flow on one veth.
+    pub const FLOWS: &str = "warden_flows_v3";
     /// Per-CPU hash: [`super::CounterKey`] -> [`super::Counter`]. Packets/bytes per decision.
     pub const COUNTERS: &str = "warden_counters_v2";
     /// Ring buffer of [`super::FlowEvent`]: decided new flows (allowed and denied) and closes, for
     /// access logs. Written on the slow path only; a full buffer drops events, never packets.
     pub const EVENTS: &str = "warden_events_v1";
+    /// Socket storage: [`super::SockVerdict`] per TCP socket of a workload. The cgroup_skb hook's
+    /// verdict cache: one socket-local lookup instead of a cgroup, packet and flow-cache walk.
+    pub const SOCKETS: &str = "warden_sockets_v1";
 
-    pub const ALL: [&str; 8] = [CONFIG, IPCACHE, ENDPOINTS, CGROUPS, POLICY, FLOWS, COUNTERS, EVENTS];
+    pub const ALL: [&str; 9] = [CONFIG, IPCACHE, ENDPOINTS, CGROUPS, POLICY, FLOWS, COUNTERS, EVENTS, SOCKETS];
 }
 
 /// Map capacities. The policy map holds two slots, so its capacity is twice the entries one
@@ -236,38 +240,41 @@ impl PolicyValue {
     }
 }
 
-/// A flow as seen on one endpoint's veth (addresses network order, ports host order).
+/// A flow as seen on one endpoint's veth (addresses network order, ports host order), with its
+/// two ends in canonical order: the lower (address, port) first. A flow and its replies therefore
+/// share one entry: one insert per new flow, one lookup per packet whichever way it travels.
 /// 20 bytes, no implicit padding.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKey {
     pub ifindex: u32,
-    pub saddr: [u8; 4],
-    pub daddr: [u8; 4],
-    pub sport: u16,
-    pub dport: u16,
+    pub addr_lo: [u8; 4],
+    pub addr_hi: [u8; 4],
+    pub port_lo: u16,
+    pub port_hi: u16,
     pub proto: u8,
     pub _pad: [u8; 3],
 }
 
 impl FlowKey {
-    /// The key a reply to this flow carries on the same veth.
-    pub const fn reversed(&self) -> FlowKey {
-        FlowKey {
-            ifindex: self.ifindex,
-            saddr: self.daddr,
-            daddr: self.saddr,
-            sport: self.dport,
-            dport: self.sport,
-            proto: self.proto,
-            _pad: [0; 3],
-        }
+    /// The key of a packet from `(saddr, sport)` to `(daddr, dport)` on the veth of `ifindex`, and
+    /// whether the packet's source is the key's lower end.
+    #[inline(always)]
+    pub fn of(ifindex: u32, saddr: [u8; 4], daddr: [u8; 4], sport: u16, dport: u16, proto: u8) -> (FlowKey, bool) {
+        let (s, d) = (u32::from_be_bytes(saddr), u32::from_be_bytes(daddr));
+        let src_lo = s < d || (s == d && sport <= dport);
+        let key = if src_lo {
+            FlowKey { ifindex, addr_lo: saddr, addr_hi: daddr, port_lo: sport, port_hi: dport, proto, _pad: [0; 3] }
+        } else {
+            FlowKey { ifindex, addr_lo: daddr, addr_hi: saddr, port_lo: dport, port_hi: sport, proto, _pad: [0; 3] }
+        };
+        (key, src_lo)
     }
 }
 
-/// Flow-cache flag: this entry was created for replies of a flow decided in the other direction.
-pub const FLOW_REPLY: u8 = 1;
-/// Flow-cache flag (forward entries): a FIN or RST was seen; the close is counted once.
+/// Flow-cache flag: the flow's first packet came from the key's lower end (see [`FlowKey`]).
+pub const FLOW_INITIATOR_LO: u8 = 1;
+/// Flow-cache flag: a FIN or RST was seen; the close is counted once.
 pub const FLOW_CLOSED: u8 = 2;
 
 /// A cached decision. Valid only while `generation` equals the committed generation.
@@ -281,10 +288,23 @@ pub struct FlowValue {
     pub policy_id: u32,
     pub verdict: u8,
     pub reason: u8,
-    /// `Direction` of the flow's first packet, relative to the endpoint.
+    /// `Direction` of the flow (of its first packet), relative to the endpoint.
     pub direction: u8,
-    /// [`FLOW_REPLY`], [`FLOW_CLOSED`].
+    /// [`FLOW_INITIATOR_LO`], [`FLOW_CLOSED`].
     pub flags: u8,
+}
+
+/// The cgroup_skb hook's decision for one connected TCP socket: valid while `generation` is the
+/// committed one and the socket's peer is still `(daddr, dport)`. 12 bytes, no implicit padding.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockVerdict {
+    pub generation: u32,
+    /// The peer the decision was made for: network-order address, host-order port.
+    pub daddr: [u8; 4],
+    pub dport: u16,
+    pub verdict: u8,
+    pub reason: u8,
 }
 
 /// Counter key: traffic per (workload, remote identity, deciding policy, verdict, reason, flow
@@ -379,6 +399,7 @@ mod pod {
     unsafe impl aya::Pod for super::CounterKey {}
     unsafe impl aya::Pod for super::Counter {}
     unsafe impl aya::Pod for super::FlowEvent {}
+    unsafe impl aya::Pod for super::SockVerdict {}
 }
 
 #[cfg(test)]
@@ -397,9 +418,29 @@ mod tests {
         assert_eq!(size_of::<PolicyValue>(), 8);
         assert_eq!(size_of::<FlowKey>(), 20);
         assert_eq!(size_of::<FlowValue>(), 20);
+        assert_eq!(size_of::<SockVerdict>(), 12);
         assert_eq!(size_of::<CounterKey>(), 16);
         assert_eq!(size_of::<Counter>(), 48);
         assert_eq!(size_of::<FlowEvent>(), 40);
+    }
+
+    #[test]
+    fn flow_key_is_the_same_both_ways() {
+        let a = [10, 0, 0, 2];
+        let b = [10, 0, 0, 10];
+        let (fwd, fwd_lo) = FlowKey::of(3, a, b, 40000, 80, PROTO_TCP);
+        let (rev, rev_lo) = FlowKey::of(3, b, a, 80, 40000, PROTO_TCP);
+        assert_eq!(fwd, rev);
+        assert_ne!(fwd_lo, rev_lo);
+        assert!(fwd_lo, "10.0.0.2 orders before 10.0.0.10 as a number, not as text");
+        // Same address both ends: the port orders.
+        let (k1, lo1) = FlowKey::of(3, a, a, 5000, 80, PROTO_TCP);
+        let (k2, lo2) = FlowKey::of(3, a, a, 80, 5000, PROTO_TCP);
+        assert_eq!(k1, k2);
+        assert!(!lo1 && lo2);
+        // The veth and protocol are part of the flow.
+        assert_ne!(FlowKey::of(4, a, b, 40000, 80, PROTO_TCP).0, fwd);
+        assert_ne!(FlowKey::of(3, a, b, 40000, 80, PROTO_UDP).0, fwd);
     }
 
     #[test]

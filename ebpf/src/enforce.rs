@@ -3,8 +3,8 @@
 
 use aya_ebpf::bindings::{BPF_NOEXIST, BPF_RB_NO_WAKEUP};
 use warden_common::{
-    Config, Counter, CounterKey, Direction, DropReason, EndpointInfo, EndpointKey, FLOW_CLOSED, FLOW_REPLY, FlowEvent,
-    FlowKey, FlowValue, IDENTITY_WORLD, PolicyKey, PolicyValue, RemoteInfo, Verdict,
+    Config, Counter, CounterKey, Direction, DropReason, EndpointInfo, EndpointKey, FLOW_CLOSED, FLOW_INITIATOR_LO,
+    FlowEvent, FlowKey, FlowValue, IDENTITY_WORLD, PolicyKey, PolicyValue, RemoteInfo, Verdict,
     lookup::{PolicyLookup, Query, decide},
 };
 
@@ -83,52 +83,61 @@ pub fn policy(
     decide(&PolicyMap, &Query { slot, endpoint_id, direction, remote_identity, proto, dport })
 }
 
-/// The flow-cache key of a packet seen on the veth (or cgroup) of `ifindex`.
-#[inline(always)]
-pub fn flow_key(ifindex: u32, t: &Tuple) -> FlowKey {
-    FlowKey { ifindex, saddr: t.saddr, daddr: t.daddr, sport: t.sport, dport: t.dport, proto: t.proto, _pad: [0; 3] }
+/// A packet's flow: its tuple, its flow-cache key, and which end of the key sent it.
+pub struct Flow {
+    pub t: Tuple,
+    pub key: FlowKey,
+    /// The packet's source is the key's lower end.
+    pub src_lo: bool,
+}
+
+impl Flow {
+    /// The flow of a packet seen on the veth (or cgroup) of `ifindex`.
+    #[inline(always)]
+    pub fn new(ifindex: u32, t: Tuple) -> Flow {
+        let (key, src_lo) = FlowKey::of(ifindex, t.saddr, t.daddr, t.sport, t.dport, t.proto);
+        Flow { t, key, src_lo }
+    }
 }
 
 /// What the flow cache knows about a packet.
 pub enum Cached {
-    /// Decided under the committed generation: no further lookup is needed.
-    Hit(Outcome),
-    /// Not decided under this generation; `is_reply` when the entry answers a flow decided in
-    /// the other direction.
+    /// Decided under the committed generation: no further lookup is needed. The pointer is the
+    /// entry, for marking the flow closed without a second lookup.
+    Hit(Outcome, *mut FlowValue),
+    /// Not decided under this generation; `is_reply` when the packet answers a flow decided
+    /// earlier, which is re-decided as that flow.
     Miss { is_reply: bool },
 }
 
-/// The fast path: one flow-cache lookup. The key holds the source address, so a forged source
-/// never hits an entry made for the genuine one.
+/// The fast path: one flow-cache lookup, for either direction of the flow. `hook` is the
+/// direction the packet travels relative to the endpoint.
 #[inline(always)]
-pub fn cached(cfg: &Config, key: &FlowKey) -> Cached {
-    match FLOWS.get_ptr(key) {
-        Some(f) => {
-            // SAFETY: a valid pointer into the LRU map, read at once.
-            let f = unsafe { *f };
-            if f.generation == cfg.generation {
-                let direction =
-                    if f.direction == Direction::Egress as u8 { Direction::Egress } else { Direction::Ingress };
-                let value = PolicyValue { policy_id: f.policy_id, verdict: f.verdict, reason: f.reason, _pad: [0; 2] };
-                let reply = f.flags & FLOW_REPLY != 0;
-                Cached::Hit(Outcome {
-                    endpoint_id: f.endpoint_id,
-                    remote_identity: f.remote_identity,
-                    direction,
-                    reply,
-                    value,
-                })
-            } else {
-                Cached::Miss { is_reply: f.flags & FLOW_REPLY != 0 }
-            }
-        }
-        None => Cached::Miss { is_reply: false },
+pub fn cached(cfg: &Config, f: &Flow, hook: Direction) -> Cached {
+    let Some(p) = FLOWS.get_ptr_mut(&f.key) else {
+        return Cached::Miss { is_reply: false };
+    };
+    // SAFETY: a valid pointer into the LRU map, read at once.
+    let v = unsafe { *p };
+    let forward = (v.flags & FLOW_INITIATOR_LO != 0) == f.src_lo;
+    // Forward packets travel in the flow's direction and replies against it; only an allowed
+    // flow has replies. Anything else (a simultaneous open, a packet forged to look like a
+    // reply, an answer to a denied flow) is decided afresh as a new flow.
+    if forward != (v.direction == hook as u8) || (!forward && v.verdict != Verdict::Allow as u8) {
+        return Cached::Miss { is_reply: false };
     }
+    if v.generation != cfg.generation {
+        return Cached::Miss { is_reply: !forward };
+    }
+    let direction = if v.direction == Direction::Egress as u8 { Direction::Egress } else { Direction::Ingress };
+    let value = PolicyValue { policy_id: v.policy_id, verdict: v.verdict, reason: v.reason, _pad: [0; 2] };
+    let o = Outcome { endpoint_id: v.endpoint_id, remote_identity: v.remote_identity, direction, reply: !forward, value };
+    Cached::Hit(o, p)
 }
 
 /// Whether the slow path writes its decision to the flow cache. The TC hooks do; the cgroup_skb
 /// hook, which sees the same packets just before TC, does not: one writer keeps inserts (which
-/// evict in a full LRU map) to one per flow and direction.
+/// evict in a full LRU map) to one per flow and veth.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Cache {
     Write,
@@ -136,21 +145,14 @@ pub enum Cache {
 }
 
 /// The slow path: decide a packet travelling in `dir` relative to endpoint `ep` from the
-/// identity cache and the policy map, and cache the decision (and, for an allowed new flow, its
-/// replies). A reply is decided as the flow it answers.
+/// identity cache and the policy map, and cache the decision for both directions of the flow.
+/// A reply is decided as the flow it answers.
 #[inline(always)]
-pub fn decide_new(
-    cfg: &Config,
-    key: &FlowKey,
-    ep: &EndpointInfo,
-    dir: Direction,
-    is_reply: bool,
-    cache: Cache,
-) -> Outcome {
+pub fn decide_new(cfg: &Config, f: &Flow, ep: &EndpointInfo, dir: Direction, is_reply: bool, cache: Cache) -> Outcome {
     // The remote is the other end whichever way the packet goes.
     let remote_addr = match dir {
-        Direction::Ingress => key.saddr,
-        Direction::Egress => key.daddr,
+        Direction::Ingress => f.t.saddr,
+        Direction::Egress => f.t.daddr,
     };
     let slot = cfg.active_slot();
     let remote_identity = remote(slot, remote_addr).identity;
@@ -161,65 +163,68 @@ pub fn decide_new(
                 Direction::Ingress => Direction::Egress,
                 Direction::Egress => Direction::Ingress,
             },
-            key.sport,
+            f.t.sport,
         )
     } else {
-        (dir, key.dport)
+        (dir, f.t.dport)
     };
-    let value = policy(slot, ep.endpoint_id, qdir, remote_identity, key.proto, qport);
-
-    let entry = FlowValue {
-        generation: cfg.generation,
-        endpoint_id: ep.endpoint_id,
-        remote_identity,
-        policy_id: value.policy_id,
-        verdict: value.verdict,
-        reason: value.reason,
-        direction: qdir as u8,
-        flags: if is_reply { FLOW_REPLY } else { 0 },
-    };
-    // Cache failures are harmless: the next packet decides again.
+    let value = policy(slot, ep.endpoint_id, qdir, remote_identity, f.t.proto, qport);
     if cache == Cache::Write {
-        let _ = FLOWS.insert(key, entry, 0);
-        if !is_reply && value.verdict == Verdict::Allow as u8 {
-            let reply = FlowValue { flags: FLOW_REPLY, ..entry };
-            let _ = FLOWS.insert(key.reversed(), reply, 0);
-        }
+        // The initiator is this packet's source, or for a reply its destination.
+        let initiator_lo = f.src_lo != is_reply;
+        let entry = FlowValue {
+            generation: cfg.generation,
+            endpoint_id: ep.endpoint_id,
+            remote_identity,
+            policy_id: value.policy_id,
+            verdict: value.verdict,
+            reason: value.reason,
+            direction: qdir as u8,
+            flags: if initiator_lo { FLOW_INITIATOR_LO } else { 0 },
+        };
+        // A failed insert is harmless: the next packet decides again.
+        let _ = FLOWS.insert(&f.key, entry, 0);
     }
     Outcome { endpoint_id: ep.endpoint_id, remote_identity, direction: qdir, reply: is_reply, value }
 }
 
-/// Mark the flow of `key` (a packet's key; `reply` as in its outcome) closed. True the first
-/// time, so a connection's close is counted once whichever side ends it.
+/// Mark a cached flow closed. True the first time, so a connection's close is counted once
+/// whichever side ends it.
 #[inline(always)]
-pub fn mark_closed(key: &FlowKey, reply: bool) -> bool {
-    let forward = if reply { key.reversed() } else { *key };
-    match FLOWS.get_ptr_mut(forward) {
-        Some(f) => {
-            // SAFETY: a valid pointer into the LRU map; a racing close can at worst count twice.
-            let f = unsafe { &mut *f };
-            let first = f.flags & FLOW_CLOSED == 0;
-            f.flags |= FLOW_CLOSED;
-            first
-        }
+pub fn mark_closed(entry: *mut FlowValue) -> bool {
+    // SAFETY: a valid pointer into the LRU map; a racing close can at worst count twice.
+    let v = unsafe { &mut *entry };
+    let first = v.flags & FLOW_CLOSED == 0;
+    v.flags |= FLOW_CLOSED;
+    first
+}
+
+/// [`mark_closed`] for a flow just decided on the slow path.
+#[inline(always)]
+pub fn mark_closed_key(key: &FlowKey) -> bool {
+    match FLOWS.get_ptr_mut(key) {
+        Some(p) => mark_closed(p),
         None => false,
     }
 }
 
-/// Emit an access-log event. A full ring buffer loses the event, never the packet.
+/// Emit an access-log event for the flow of `t` (`reply`: `t` travels against the flow, whose
+/// source is then `t`'s destination). A full ring buffer loses the event, never the packet.
 #[inline(always)]
-pub fn emit(kind: u8, hook: u8, key: &FlowKey, o: &Outcome) {
+pub fn emit(kind: u8, hook: u8, t: &Tuple, reply: bool, o: &Outcome) {
+    let (saddr, daddr, sport, dport) =
+        if reply { (t.daddr, t.saddr, t.dport, t.sport) } else { (t.saddr, t.daddr, t.sport, t.dport) };
     let e = FlowEvent {
         // SAFETY: no arguments.
         ktime_ns: unsafe { aya_ebpf::helpers::bpf_ktime_get_boot_ns() },
         endpoint_id: o.endpoint_id,
         remote_identity: o.remote_identity,
         policy_id: o.value.policy_id,
-        saddr: key.saddr,
-        daddr: key.daddr,
-        sport: key.sport,
-        dport: key.dport,
-        proto: key.proto,
+        saddr,
+        daddr,
+        sport,
+        dport,
+        proto: t.proto,
         kind,
         verdict: o.value.verdict,
         reason: o.value.reason,

@@ -14,6 +14,7 @@
 mod enforce;
 mod maps;
 mod packet;
+mod socket;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
@@ -23,15 +24,15 @@ use aya_ebpf::{
     macros::{cgroup_skb, cgroup_sock_addr, classifier},
     programs::{SkBuffContext, SockAddrContext, TcContext},
 };
-use warden_common::{Direction, DropReason, EVENT_CLOSED, EVENT_DECIDED, FlowKey, HOOK_CONNECT, HOOK_TC};
+use warden_common::{Direction, DropReason, EVENT_CLOSED, EVENT_DECIDED, HOOK_CONNECT, HOOK_TC, PROTO_TCP, PolicyValue};
 
 use crate::{
     enforce::{
-        Cache, Cached, Outcome, Traffic, cached, config, count, decide_new, emit, endpoint, flow_key, mark_closed,
-        policy, remote,
+        Cache, Cached, Flow, Outcome, Traffic, cached, config, count, decide_new, emit, endpoint, mark_closed,
+        mark_closed_key, policy, remote,
     },
     maps::CGROUPS,
-    packet::{Direct, L3, Loaded, parse_ethernet, parse_ipv4},
+    packet::{Direct, L3, Loaded, Tuple, parse_ethernet, parse_ipv4},
 };
 
 /// TCX ingress on the host-side veth: packets the workload sends.
@@ -49,10 +50,10 @@ pub fn warden_to_wl(ctx: TcContext) -> i32 {
 /// cgroup/connect4 on the workload's cgroup: 1 lets `connect()` proceed, 0 fails it with EPERM.
 #[cgroup_sock_addr(connect4)]
 pub fn warden_connect4(ctx: SockAddrContext) -> i32 {
-    let (o, key) = connect4(&ctx);
+    let (o, t) = connect4(&ctx);
     count(&o, HOOK_CONNECT, &Traffic { inbound: false, bytes: 0, opened: false, closed: false });
     if !o.value.is_allow() {
-        emit(EVENT_DECIDED, HOOK_CONNECT, &key, &o);
+        emit(EVENT_DECIDED, HOOK_CONNECT, &t, false, &o);
     }
     o.value.is_allow() as i32
 }
@@ -61,7 +62,7 @@ pub fn warden_connect4(ctx: SockAddrContext) -> i32 {
 #[cgroup_skb(egress)]
 pub fn warden_sock_out(ctx: SkBuffContext) -> i32 {
     // Counted by the TC hook that sees the same packet next; counting here would double it.
-    sock_out(&ctx).value.is_allow() as i32
+    sock_out(&ctx).is_allow() as i32
 }
 
 #[inline(always)]
@@ -91,16 +92,16 @@ fn tc(ctx: &TcContext, ifindex: u32, dir: Direction) -> Result<Option<(Outcome, 
         // Attribute the drop to the endpoint when there is one.
         Err(r) => return Err((endpoint(cfg.active_slot(), ifindex).map_or(0, |e| e.endpoint_id), r)),
     };
-    let key = flow_key(ifindex, &t);
+    let f = Flow::new(ifindex, t);
     let syn = t.is_syn();
     let mut traffic =
         Traffic { inbound: dir == Direction::Ingress, bytes: ctx.len() as u64, opened: syn, closed: false };
     // A SYN opens a new connection: always decided afresh (a reused 5-tuple starts clean).
-    let is_reply = match if syn { Cached::Miss { is_reply: false } } else { cached(&cfg, &key) } {
-        Cached::Hit(o) => {
-            traffic.closed = t.is_fin_or_rst() && mark_closed(&key, o.reply);
+    let is_reply = match if syn { Cached::Miss { is_reply: false } } else { cached(&cfg, &f, dir) } {
+        Cached::Hit(o, entry) => {
+            traffic.closed = t.is_fin_or_rst() && mark_closed(entry);
             if traffic.closed {
-                emit(EVENT_CLOSED, HOOK_TC, &key, &o);
+                emit(EVENT_CLOSED, HOOK_TC, &t, o.reply, &o);
             }
             return Ok(Some((o, traffic)));
         }
@@ -110,13 +111,13 @@ fn tc(ctx: &TcContext, ifindex: u32, dir: Direction) -> Result<Option<(Outcome, 
     if dir == Direction::Egress && t.saddr != ep.ip {
         return Err((ep.endpoint_id, DropReason::SourceSpoof));
     }
-    let o = decide_new(&cfg, &key, &ep, dir, is_reply, Cache::Write);
+    let o = decide_new(&cfg, &f, &ep, dir, is_reply, Cache::Write);
     if !is_reply {
-        emit(EVENT_DECIDED, HOOK_TC, &key, &o);
+        emit(EVENT_DECIDED, HOOK_TC, &t, false, &o);
     }
-    traffic.closed = t.is_fin_or_rst() && mark_closed(&key, o.reply);
+    traffic.closed = t.is_fin_or_rst() && mark_closed_key(&f.key);
     if traffic.closed {
-        emit(EVENT_CLOSED, HOOK_TC, &key, &o);
+        emit(EVENT_CLOSED, HOOK_TC, &t, o.reply, &o);
     }
     Ok(Some((o, traffic)))
 }
@@ -148,15 +149,21 @@ fn ifindex_of_cgroup(id: u64, ancestor: impl Fn(i32) -> u64) -> Result<u32, Drop
 /// A connect() is allowed when the workload may send to the destination and, if the destination
 /// is a workload on this node, that workload may receive from it.
 #[inline(always)]
-fn connect4(ctx: &SockAddrContext) -> (Outcome, FlowKey) {
+fn connect4(ctx: &SockAddrContext) -> (Outcome, Tuple) {
     // SAFETY: the context pointer is valid for the program's run.
     let (user_ip4, user_port, proto) = unsafe {
         let sa = &*ctx.sock_addr;
         (sa.user_ip4, sa.user_port, sa.protocol as u8)
     };
     // The source port is not chosen yet at connect().
-    let mut key =
-        FlowKey { daddr: user_ip4.to_ne_bytes(), dport: u16::from_be(user_port as u16), proto, ..FlowKey::default() };
+    let mut key = Tuple {
+        saddr: [0; 4],
+        daddr: user_ip4.to_ne_bytes(),
+        sport: 0,
+        dport: u16::from_be(user_port as u16),
+        proto,
+        tcp_flags: 0,
+    };
     let cfg = match config() {
         Ok(c) => c,
         Err(r) => return (Outcome::drop(0, Direction::Egress, r), key),
@@ -180,7 +187,13 @@ fn connect4(ctx: &SockAddrContext) -> (Outcome, FlowKey) {
         reply: false,
         value: out,
     };
-    if !out.is_allow() || dst.local_ifindex == 0 {
+    if !out.is_allow() {
+        return (egress, key);
+    }
+    if dst.local_ifindex == 0 {
+        if proto == PROTO_TCP {
+            socket::remember_connect(ctx, &cfg, key.daddr, key.dport, &out);
+        }
         return (egress, key);
     }
     let peer = match endpoint(slot, dst.local_ifindex) {
@@ -189,6 +202,10 @@ fn connect4(ctx: &SockAddrContext) -> (Outcome, FlowKey) {
     };
     let value = policy(slot, peer.endpoint_id, Direction::Ingress, ep.identity, proto, key.dport);
     if value.is_allow() {
+        if proto == PROTO_TCP {
+            // The socket's packets go to this peer only: decided once, here (see `socket`).
+            socket::remember_connect(ctx, &cfg, key.daddr, key.dport, &out);
+        }
         (egress, key)
     } else {
         // Counted against the workload whose policy refused it.
@@ -206,33 +223,40 @@ fn connect4(ctx: &SockAddrContext) -> (Outcome, FlowKey) {
 }
 
 #[inline(always)]
-fn sock_out(ctx: &SkBuffContext) -> Outcome {
+fn sock_out(ctx: &SkBuffContext) -> PolicyValue {
     let cfg = match config() {
         Ok(c) => c,
-        Err(r) => return Outcome::drop(0, Direction::Egress, r),
+        Err(r) => return PolicyValue::deny(0, r),
     };
+    let sk = socket::tcp_socket(ctx);
+    if let Some(v) = sk.and_then(|sk| socket::cached(&cfg, sk)) {
+        return v;
+    }
     // The socket's cgroup, not the current task's: retransmits run in softirq context.
     // SAFETY (both helpers): the context's skb pointer is valid for the program's run.
     let id = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
     let anc = |l| unsafe { bpf_skb_ancestor_cgroup_id(ctx.skb.skb, l) };
     let ifindex = match ifindex_of_cgroup(id, anc) {
         Ok(i) => i,
-        Err(r) => return Outcome::drop(0, Direction::Egress, r),
+        Err(r) => return PolicyValue::deny(0, r),
     };
     // cgroup_skb sees the packet from its IPv4 header on.
     let t = match parse_ipv4(&Loaded(ctx), 0) {
         Ok(t) => t,
-        Err(r) => return Outcome::drop(0, Direction::Egress, r),
+        Err(r) => return PolicyValue::deny(0, r),
     };
-    let key = flow_key(ifindex, &t);
-    let is_reply = match cached(&cfg, &key) {
-        Cached::Hit(o) => return o,
-        Cached::Miss { is_reply } => is_reply,
+    let f = Flow::new(ifindex, t);
+    let value = match cached(&cfg, &f, Direction::Egress) {
+        Cached::Hit(o, _) => o.value,
+        Cached::Miss { is_reply } => match endpoint(cfg.active_slot(), ifindex) {
+            Ok(ep) => decide_new(&cfg, &f, &ep, Direction::Egress, is_reply, Cache::ReadOnly).value,
+            Err(r) => PolicyValue::deny(0, r),
+        },
     };
-    match endpoint(cfg.active_slot(), ifindex) {
-        Ok(ep) => decide_new(&cfg, &key, &ep, Direction::Egress, is_reply, Cache::ReadOnly),
-        Err(r) => Outcome::drop(0, Direction::Egress, r),
+    if let Some(sk) = sk {
+        socket::remember(sk, &cfg, t.daddr, t.dport, &value);
     }
+    value
 }
 
 #[cfg(not(test))]

@@ -4,12 +4,12 @@
 
 use aya_ebpf::{
     bindings::BPF_F_NO_COMMON_LRU,
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuHashMap, RingBuf, lpm_trie::Key},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuHashMap, RingBuf, SkStorage, lpm_trie::Key},
     macros::btf_map,
 };
 use warden_common::{
     Config, Counter, CounterKey, EndpointInfo, EndpointKey, FlowEvent, FlowKey, FlowValue, IpcacheAddr, PolicyKey,
-    PolicyValue, RemoteInfo,
+    PolicyValue, RemoteInfo, SockVerdict,
     capacity::{
         CGROUPS as CGROUPS_CAP, COUNTERS as COUNTERS_CAP, ENDPOINTS as ENDPOINTS_CAP, EVENTS_BYTES, FLOWS as FLOWS_CAP,
         IPCACHE as IPCACHE_CAP, POLICY as POLICY_CAP,
@@ -39,7 +39,7 @@ pub static POLICY: HashMap<PolicyKey, PolicyValue, { POLICY_CAP as usize }> = Ha
 /// Flow cache: decisions of flows (and their replies) per endpoint, valid for one generation.
 /// Per-CPU LRU lists (`BPF_F_NO_COMMON_LRU`): under connection churn every insert into a full
 /// map evicts, and the common list would take a global lock for it.
-#[btf_map(name = "warden_flows_v2")]
+#[btf_map(name = "warden_flows_v3")]
 pub static FLOWS: LruHashMap<FlowKey, FlowValue, { FLOWS_CAP as usize }, { BPF_F_NO_COMMON_LRU as usize }> =
     LruHashMap::new();
 
@@ -50,6 +50,10 @@ pub static COUNTERS: PerCpuHashMap<CounterKey, Counter, { COUNTERS_CAP as usize 
 /// Access-log events: decided new flows and closes (slow path only).
 #[btf_map(name = "warden_events_v1")]
 pub static EVENTS: RingBuf<FlowEvent, { EVENTS_BYTES as usize }> = RingBuf::new();
+
+/// The cgroup_skb hook's per-socket verdict cache (connected TCP sockets of workloads).
+#[btf_map(name = "warden_sockets_v1")]
+pub static SOCKETS: SkStorage<SockVerdict> = SkStorage::new();
 
 #[inline(always)]
 pub fn ipcache_key(slot: u8, addr: [u8; 4]) -> Key<IpcacheAddr> {

@@ -288,7 +288,7 @@ fn bpftool_reads_pinned_maps_with_field_names() {
         "{counters}"
     );
     let flows = run(&["bpftool", "map", "dump", "pinned", &pin(names::FLOWS)]).unwrap();
-    assert!(flows.contains("\"saddr\"") && flows.contains("\"generation\""), "{flows}");
+    assert!(flows.contains("\"addr_lo\"") && flows.contains("\"generation\""), "{flows}");
     // The text view names what the numbers mean.
     let text = lab.warden(&["maps"]).unwrap();
     assert!(

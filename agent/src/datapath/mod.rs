@@ -139,8 +139,13 @@ pub fn remove_pins(pin_dir: &Path) {
         attach::detach(pin_dir, &key);
     }
     let _ = fs::remove_dir(pin_dir.join("links"));
-    for name in names::ALL {
-        let _ = fs::remove_file(pin_dir.join(name));
+    // Every map pin, including those of an older layout version (`warden_*_v<N>`).
+    if let Ok(entries) = fs::read_dir(pin_dir) {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with("warden_") {
+                let _ = fs::remove_file(e.path());
+            }
+        }
     }
     let _ = fs::remove_dir(pin_dir);
 }
