@@ -11,6 +11,10 @@
 //! 4. `(any identity, any proto, any port)`: the endpoint's default for the direction. The compiler
 //!    writes it for every endpoint and direction; its absence means no state, and denies.
 //!
+//! When the agent has flagged the endpoint's direction as default-only
+//! ([`crate::EP_INGRESS_DEFAULT_ONLY`]), keys 1-3 cannot exist and [`decide_default`] reads key 4
+//! at once: the same answer for one lookup instead of four.
+//!
 //! # What the compiler must guarantee ("closure")
 //! For every query, the first key that exists must hold the true decision. When both a
 //! `(R, *)` and a `(*, P)` entry exist, the compiler therefore also writes `(R, P)` with the
@@ -60,6 +64,16 @@ pub fn decide<M: PolicyLookup>(maps: &M, q: &Query) -> PolicyValue {
     PolicyValue::deny(0, DropReason::NoState)
 }
 
+/// [`decide`] for an endpoint direction whose only entry is the default `(*, *)` (the endpoint
+/// flag says so): one lookup. Fails closed like [`decide`].
+#[inline(always)]
+pub fn decide_default<M: PolicyLookup>(maps: &M, slot: u8, endpoint_id: u32, direction: Direction) -> PolicyValue {
+    match maps.policy(&PolicyKey::new(slot, endpoint_id, direction, IDENTITY_ANY, PROTO_ANY, 0)) {
+        Some(v) => v,
+        None => PolicyValue::deny(0, DropReason::NoState),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -104,6 +118,17 @@ mod tests {
         let m = Entries(&[]);
         let v = decide(&m, &q(1, 1));
         assert!(!v.is_allow());
+        assert_eq!(v.reason, DropReason::NoState as u8);
+    }
+
+    #[test]
+    fn default_only_lookup_reads_the_default() {
+        let k = |id, proto, port| PolicyKey::new(0, 1, Direction::Egress, id, proto, port);
+        let entries = [(k(IDENTITY_ANY, PROTO_ANY, 0), PolicyValue::allow(0))];
+        let m = Entries(&entries);
+        let full = decide(&m, &Query { direction: Direction::Egress, ..q(9, 80) });
+        assert_eq!(decide_default(&m, 0, 1, Direction::Egress), full);
+        let v = decide_default(&Entries(&[]), 0, 1, Direction::Egress);
         assert_eq!(v.reason, DropReason::NoState as u8);
     }
 

@@ -160,8 +160,28 @@ pub struct EndpointInfo {
     pub identity: u32,
     /// The workload's IPv4 address, network order.
     pub ip: [u8; 4],
-    /// Reserved for per-endpoint switches; zero.
+    /// `EP_*` switches.
     pub flags: u32,
+}
+
+/// [`EndpointInfo::flags`]: the endpoint's only ingress policy entry is its default `(*, *)`, so
+/// the lookup goes straight to it (the three more specific keys cannot exist).
+pub const EP_INGRESS_DEFAULT_ONLY: u32 = 1 << 0;
+/// [`EndpointInfo::flags`]: as [`EP_INGRESS_DEFAULT_ONLY`], for egress.
+pub const EP_EGRESS_DEFAULT_ONLY: u32 = 1 << 1;
+
+impl EndpointInfo {
+    /// The `EP_*_DEFAULT_ONLY` flag of `direction`.
+    pub const fn default_only_flag(direction: Direction) -> u32 {
+        match direction {
+            Direction::Ingress => EP_INGRESS_DEFAULT_ONLY,
+            Direction::Egress => EP_EGRESS_DEFAULT_ONLY,
+        }
+    }
+    /// Whether the endpoint's policy in `direction` is its default entry alone.
+    pub const fn default_only(&self, direction: Direction) -> bool {
+        self.flags & Self::default_only_flag(direction) != 0
+    }
 }
 
 /// "May `remote_identity` reach local workload `endpoint_id` on `dport`/`proto` in `direction`?"

@@ -5,7 +5,7 @@ use aya_ebpf::bindings::{BPF_NOEXIST, BPF_RB_NO_WAKEUP};
 use warden_common::{
     Config, Counter, CounterKey, Direction, DropReason, EndpointInfo, EndpointKey, FLOW_CLOSED, FLOW_INITIATOR_LO,
     FlowEvent, FlowKey, FlowValue, IDENTITY_WORLD, PolicyKey, PolicyValue, RemoteInfo, Verdict,
-    lookup::{PolicyLookup, Query, decide},
+    lookup::{PolicyLookup, Query, decide, decide_default},
 };
 
 use crate::{
@@ -74,12 +74,16 @@ pub fn remote(slot: u8, addr: [u8; 4]) -> RemoteInfo {
 #[inline(always)]
 pub fn policy(
     slot: u8,
-    endpoint_id: u32,
+    ep: &EndpointInfo,
     direction: Direction,
     remote_identity: u32,
     proto: u8,
     dport: u16,
 ) -> PolicyValue {
+    let endpoint_id = ep.endpoint_id;
+    if ep.default_only(direction) {
+        return decide_default(&PolicyMap, slot, endpoint_id, direction);
+    }
     decide(&PolicyMap, &Query { slot, endpoint_id, direction, remote_identity, proto, dport })
 }
 
@@ -168,7 +172,7 @@ pub fn decide_new(cfg: &Config, f: &Flow, ep: &EndpointInfo, dir: Direction, is_
     } else {
         (dir, f.t.dport)
     };
-    let value = policy(slot, ep.endpoint_id, qdir, remote_identity, f.t.proto, qport);
+    let value = policy(slot, ep, qdir, remote_identity, f.t.proto, qport);
     if cache == Cache::Write {
         // The initiator is this packet's source, or for a reply its destination.
         let initiator_lo = f.src_lo != is_reply;

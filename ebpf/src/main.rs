@@ -179,7 +179,7 @@ fn connect4(ctx: &SockAddrContext) -> (Outcome, Tuple) {
     };
     key.saddr = ep.ip;
     let dst = remote(slot, key.daddr);
-    let out = policy(slot, ep.endpoint_id, Direction::Egress, dst.identity, proto, key.dport);
+    let out = policy(slot, &ep, Direction::Egress, dst.identity, proto, key.dport);
     let egress = Outcome {
         endpoint_id: ep.endpoint_id,
         remote_identity: dst.identity,
@@ -200,7 +200,7 @@ fn connect4(ctx: &SockAddrContext) -> (Outcome, Tuple) {
         Ok(p) => p,
         Err(r) => return (Outcome::drop(ep.endpoint_id, Direction::Egress, r), key),
     };
-    let value = policy(slot, peer.endpoint_id, Direction::Ingress, ep.identity, proto, key.dport);
+    let value = policy(slot, &peer, Direction::Ingress, ep.identity, proto, key.dport);
     if value.is_allow() {
         if proto == PROTO_TCP {
             // The socket's packets go to this peer only: decided once, here (see `socket`).

@@ -48,6 +48,8 @@ struct Figures {
     /// BPF cost during the bulk transfer (established-flow packets) and the connection churn.
     bulk: Stats,
     churn: Stats,
+    /// Connections made during the churn phases (for the in-kernel cost per connection).
+    connections: u64,
 }
 
 fn delta(before: &Stats, after: &Stats, into: &mut Stats) {
@@ -115,7 +117,13 @@ fn measure_once(lab: &Lab) -> anyhow::Result<Figures> {
         bail!("connections failed: {v}");
     }
     delta(&s1, &prog_stats(), &mut churn);
-    Ok(Figures { gbps, conn_per_s: v["per_second"].as_f64().unwrap_or(0.0), bulk, churn })
+    Ok(Figures {
+        gbps,
+        conn_per_s: v["per_second"].as_f64().unwrap_or(0.0),
+        bulk,
+        churn,
+        connections: v["connections"].as_u64().unwrap_or(0),
+    })
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -136,7 +144,23 @@ fn measure(lab: &Lab) -> anyhow::Result<Figures> {
         conn_per_s: median(runs.iter().map(|f| f.conn_per_s).collect()),
         bulk,
         churn,
+        connections: runs.iter().map(|f| f.connections).sum(),
     })
+}
+
+/// Nanoseconds all programs ran per connection made (the whole in-kernel price of a connection),
+/// then each program's runs and nanoseconds per connection.
+fn per_connection(f: &Figures) -> String {
+    if f.connections == 0 {
+        return "-".into();
+    }
+    let n = f.connections as f64;
+    let total: u64 = f.churn.values().map(|(t, _)| t).sum();
+    let mut out = format!("{:.1} µs:", total as f64 / n / 1e3);
+    for (name, (t, c)) in &f.churn {
+        let _ = write!(out, " {}={:.1}x{:.0}ns", name.trim_start_matches("warden_"), *c as f64 / n, *t as f64 / *c.max(&1) as f64);
+    }
+    out
 }
 
 /// (run_time_ns, run_cnt) per warden program, from bpftool.
@@ -234,7 +258,8 @@ fn nft_vmap(lab: &Lab, elements: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn l4() -> anyhow::Result<()> {
+pub fn l4(only: Option<&str>) -> anyhow::Result<()> {
+    let runs = |kind: &str| only.is_none_or(|o| o == kind);
     let release = warden_tests::workspace_root().join("target/release");
     // SAFETY: set before any thread is spawned; the lab helpers read these to find the binaries.
     unsafe {
@@ -260,7 +285,12 @@ pub fn l4() -> anyhow::Result<()> {
     eprintln!("bench: (a) no programs");
     rows.push(("(a) no programs".into(), measure(&lab)?));
 
-    for (entries, access_log) in [(1usize, "off"), (1_000, "off"), (100_000, "off"), (100_000, "text")] {
+    let warden_configs = if runs("warden") {
+        vec![(1usize, "off"), (1_000, "off"), (100_000, "off"), (100_000, "text")]
+    } else {
+        vec![]
+    };
+    for (entries, access_log) in warden_configs {
         eprintln!("bench: (b) warden, {entries} policy entries, access log {access_log}");
         // SAFETY: no other thread runs; the agent started next inherits the setting.
         unsafe { std::env::set_var("WARDEN_ACCESS_LOG", access_log) };
@@ -279,16 +309,18 @@ pub fn l4() -> anyhow::Result<()> {
         let _ = fs::write(lab.workloads_path(), lab.workload_file());
     }
 
-    for rules in [1usize, 1_000, 10_000] {
+    for rules in if runs("iptables") { vec![1usize, 1_000, 10_000] } else { vec![] } {
         eprintln!("bench: (c) iptables, {rules} rules");
         iptables_chain(&lab, rules)?;
         rows.push((format!("(c) iptables, {rules} rules"), measure(&lab)?));
         iptables_flush(&lab);
     }
-    eprintln!("bench: (c) nftables verdict map, 100000 elements");
-    nft_vmap(&lab, 100_000)?;
-    rows.push(("(c) nftables vmap, 100000".into(), measure(&lab)?));
-    let _ = in_node(&lab, &["nft", "delete", "table", "inet", "wardenbench"]);
+    if runs("nftables") {
+        eprintln!("bench: (c) nftables verdict map, 100000 elements");
+        nft_vmap(&lab, 100_000)?;
+        rows.push(("(c) nftables vmap, 100000".into(), measure(&lab)?));
+        let _ = in_node(&lab, &["nft", "delete", "table", "inet", "wardenbench"]);
+    }
     // The baseline again, last: (a) is the mean of both, so drift over the run cancels.
     eprintln!("bench: (a) no programs, again");
     let again = measure(&lab)?;
@@ -320,6 +352,10 @@ pub fn l4() -> anyhow::Result<()> {
     );
     for (name, f) in rows.iter().filter(|(n, _)| n.starts_with("(b)")) {
         println!("{:<44} {:<58} {}", name, per_packet(&f.bulk), per_packet(&f.churn));
+    }
+    println!("\nIn-kernel cost per connection (all programs, connection churn):");
+    for (name, f) in rows.iter().filter(|(n, _)| n.starts_with("(b)")) {
+        println!("{:<44} {}", name, per_connection(f));
     }
     drop(lab);
     Ok(())

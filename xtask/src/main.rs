@@ -46,6 +46,10 @@ enum Task {
     Bench {
         #[arg(value_parser = ["l4"])]
         which: String,
+        /// Run only the configurations of this kind besides the baseline: `warden`, `iptables`,
+        /// `nftables` (for quick iterations; the README's figures come from a full run).
+        #[arg(long, value_parser = ["warden", "iptables", "nftables"])]
+        only: Option<String>,
     },
 }
 
@@ -116,7 +120,7 @@ fn main() -> ExitCode {
         Task::Lab { action } if action == "down" => lab::down(),
         Task::Lab { .. } => cargo_build(false).and_then(|()| lab::up()),
         Task::Test { args } => test(&args),
-        Task::Bench { .. } => cargo_build(true).and_then(|()| bench::l4()),
+        Task::Bench { only, .. } => cargo_build(true).and_then(|()| bench::l4(only.as_deref())),
     });
     match r {
         Ok(()) => ExitCode::SUCCESS,
