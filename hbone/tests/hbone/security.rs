@@ -1,0 +1,223 @@
+//! Certificates: what each side refuses, and rotation under load.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::ServerConfig;
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+use tokio::net::TcpListener;
+use warden_hbone::{
+    BoxError, ConnectError, ConnectRequest, HboneServer, Key, Pool, PoolOptions, SecretManagerTls, ServerOptions,
+    ServerTls,
+};
+use warden_identity::ca::{CaConfig, CertificateAuthority};
+use warden_identity::tls::{CompliancePolicy, TrustBundle};
+use warden_identity::workload::{LocalCaClient, SecretManager, SecretManagerConfig};
+use warden_identity::{Clock, Identity, ManualClock};
+
+use crate::common::*;
+
+/// A server of `pki` presenting `server`, verifying clients at `server_clock`.
+async fn server_of(pki: &Pki, server_clock: Arc<dyn Clock>) -> Server {
+    init_tracing();
+    let cert = pki.issue(&id(SERVER), DAY);
+    let tls = TestServerTls::new(pki.bundle(), server_clock.clone(), slot(server_clock, &cert));
+    Server::start(tls, ServerOptions::default()).await
+}
+
+/// A pool presenting `client_cert` as `client`, verifying servers with `bundle`.
+fn pool_with(pki: &Pki, bundle: Arc<TrustBundle>, client_cert: &Issued) -> Pool<Arc<TestClientTls>> {
+    let clock: Arc<dyn Clock> = pki.clock.clone();
+    let tls = TestClientTls::new(bundle, clock.clone()).with(id(CLIENT), slot(clock, client_cert));
+    Pool::new(Arc::new(tls), PoolOptions::default())
+}
+
+/// Connects and expects the server to refuse our certificate for `reason`.
+async fn assert_client_refused(server: &Server, pool: &Pool<Arc<TestClientTls>>, reason: &str) {
+    let key = Key::new(id(CLIENT), server.addr, vec![id(SERVER)]);
+    let err = pool.connect(&key, ConnectRequest::new(server.addr)).await.unwrap_err();
+    assert!(matches!(err, ConnectError::SetupFailed { .. }), "{err}");
+    let text = err.to_string();
+    assert!(text.contains(&server.addr.to_string()) && text.contains("refuse our certificate"), "{text}");
+    let failures = eventually(|| Some(server.tls.failures()).filter(|f| !f.is_empty())).await;
+    assert!(failures[0].contains(reason), "{failures:?}");
+    assert!(server.inbound.requests().is_empty());
+}
+
+#[tokio::test]
+async fn a_client_certificate_from_another_ca_is_refused() {
+    let pki = Pki::new();
+    let server = server_of(&pki, pki.clock.clone()).await;
+    let other = Pki::new();
+    let pool = pool_with(&pki, pki.bundle(), &other.issue(&id(CLIENT), DAY));
+    assert_client_refused(&server, &pool, "does not chain to the trust bundle").await;
+}
+
+#[tokio::test]
+async fn an_expired_client_certificate_is_refused() {
+    let pki = Pki::new();
+    // The client still believes its one-hour certificate is valid; the server's clock is two hours on.
+    let server_clock = Arc::new(ManualClock::new(pki.clock.now() + Duration::from_secs(2 * 3600)));
+    let server = server_of(&pki, server_clock).await;
+    let pool = pool_with(&pki, pki.bundle(), &pki.issue(&id(CLIENT), Duration::from_secs(3600)));
+    assert_client_refused(&server, &pool, "expired").await;
+}
+
+#[tokio::test]
+async fn a_revoked_client_certificate_is_refused() {
+    let pki = Pki::new();
+    let server_bundle = pki.bundle();
+    let cert = pki.issue(&id(SERVER), DAY);
+    let clock: Arc<dyn Clock> = pki.clock.clone();
+    let tls = TestServerTls::new(server_bundle.clone(), clock.clone(), slot(clock, &cert));
+    let server = Server::start(tls, ServerOptions::default()).await;
+    let client_cert = pki.issue(&id(CLIENT), DAY);
+    let key = Key::new(id(CLIENT), server.addr, vec![id(SERVER)]);
+    let echo = echo_server().await;
+
+    let before = pool_with(&pki, pki.bundle(), &client_cert);
+    let tunnel = before.connect(&key, ConnectRequest::new(echo)).await.expect("valid before revocation");
+    assert_eq!(round_trip(tunnel, b"ok").await, b"ok");
+
+    pki.ca.revoke(&client_cert.serial).unwrap();
+    server_bundle.set_crls(vec![pki.ca.crl().unwrap()]).unwrap();
+    // A new connection (a new pool, so nothing is reused) is refused, naming the serial.
+    let after = pool_with(&pki, pki.bundle(), &client_cert);
+    let err = after.connect(&key, ConnectRequest::new(echo)).await.unwrap_err();
+    assert!(matches!(err, ConnectError::SetupFailed { .. }), "{err}");
+    let failures = eventually(|| Some(server.tls.failures()).filter(|f| !f.is_empty())).await;
+    assert!(failures[0].contains(&format!("serial {} is revoked", client_cert.serial)), "{failures:?}");
+}
+
+#[tokio::test]
+async fn a_server_outside_the_expected_identities_is_refused() {
+    let pki = Pki::new();
+    let server = server_of(&pki, pki.clock.clone()).await;
+    let client_cert = pki.issue(&id(CLIENT), DAY);
+    let key = Key::new(id(CLIENT), server.addr, vec![id("payment-processor")]);
+
+    // The configuration's verifier refuses it during the handshake.
+    let pool = pool_with(&pki, pki.bundle(), &client_cert);
+    let err = pool.connect(&key, ConnectRequest::new(server.addr)).await.unwrap_err();
+    assert!(matches!(err, ConnectError::Handshake { .. }), "{err}");
+    let text = err.to_string();
+    assert!(text.contains("is not one of the expected") && text.contains("payment-processor"), "{text}");
+
+    // A configuration source that ignores `expected` is caught by the pool's own check.
+    let clock: Arc<dyn Clock> = pki.clock.clone();
+    let mut careless = TestClientTls::new(pki.bundle(), clock.clone()).with(id(CLIENT), slot(clock, &client_cert));
+    careless.verify_expected = false;
+    let pool = Pool::new(Arc::new(careless), PoolOptions::default());
+    let err = pool.connect(&key, ConnectRequest::new(server.addr)).await.unwrap_err();
+    match &err {
+        ConnectError::UnexpectedServerIdentity { presented, key: attempted } => {
+            assert_eq!(presented, &id(SERVER));
+            assert_eq!(**attempted, key);
+        }
+        other => panic!("{other}"),
+    }
+    assert!(server.inbound.requests().is_empty());
+}
+
+#[tokio::test]
+async fn a_server_certificate_from_another_ca_is_refused() {
+    let pki = Pki::new();
+    let server = server_of(&pki, pki.clock.clone()).await;
+    let other = Pki::new();
+    // The client trusts only the other CA.
+    let pool = pool_with(&pki, other.bundle(), &pki.issue(&id(CLIENT), DAY));
+    let key = Key::new(id(CLIENT), server.addr, vec![id(SERVER)]);
+    let err = pool.connect(&key, ConnectRequest::new(server.addr)).await.unwrap_err();
+    assert!(matches!(err, ConnectError::Handshake { .. }), "{err}");
+    assert!(err.to_string().contains("does not chain to the trust bundle"), "{err}");
+}
+
+/// A node agent's server TLS: every local address belongs to one workload.
+struct NodeTls {
+    tls: SecretManagerTls,
+    workload: Identity,
+}
+
+impl ServerTls for NodeTls {
+    async fn config(&self, _local: SocketAddr) -> Result<Arc<ServerConfig>, BoxError> {
+        self.tls.server_config(&self.workload).await
+    }
+}
+
+fn der(pem: &str) -> CertificateDer<'static> {
+    CertificateDer::from_pem_slice(pem.as_bytes()).expect("PEM certificate")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_during_a_long_transfer_keeps_it_and_new_connections_present_the_new_certificate() {
+    init_tracing();
+    let clock = Arc::new(ManualClock::starting_now());
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Arc::new(CertificateAuthority::load_or_init(dir.path(), CaConfig::default(), clock.clone()).unwrap());
+    let trust = Arc::new(TrustBundle::new(ca.roots().to_vec(), vec![TD.to_owned()]).unwrap());
+    let config = SecretManagerConfig { rotation_jitter: 0.0, ..SecretManagerConfig::default() };
+    let manager = SecretManager::new(Arc::new(LocalCaClient(ca)), trust, clock.clone(), config, None);
+    let tls = SecretManagerTls::new(manager.clone(), CompliancePolicy::Default);
+
+    let inbound = Arc::new(Recorder::default());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let node = NodeTls { tls: tls.clone(), workload: id(SERVER) };
+    tokio::spawn(HboneServer::new(listener, node, inbound.clone(), ServerOptions::default()).run());
+
+    let options = PoolOptions { idle_timeout: Duration::from_millis(200), ..PoolOptions::default() };
+    let pool = Pool::new(tls, options);
+    let key = Key::new(id(CLIENT), addr, vec![id(SERVER)]);
+    let echo = echo_server().await;
+
+    let tunnel = pool.connect(&key, ConnectRequest::new(echo)).await.unwrap();
+    let first = manager.fetch(&id(CLIENT)).await.unwrap();
+
+    // 48 MiB echoed; the certificate rotates once the first quarter is back.
+    const TOTAL: usize = 48 * 1024 * 1024;
+    let data = Arc::new(pattern(TOTAL, 9));
+    let (mut r, mut w) = tokio::io::split(tunnel);
+    let writer = {
+        let data = data.clone();
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            for chunk in data.chunks(1024 * 1024) {
+                w.write_all(chunk).await.unwrap();
+            }
+            w.shutdown().await.unwrap();
+        })
+    };
+    let mut back = Vec::with_capacity(TOTAL);
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut rotated = false;
+    loop {
+        use tokio::io::AsyncReadExt;
+        let n = r.read(&mut buf).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        back.extend_from_slice(&buf[..n]);
+        if !rotated && back.len() >= TOTAL / 4 {
+            clock.set(first.refresh_at);
+            let report = manager.rotate_due().await;
+            assert!(report.rotated.contains(&id(CLIENT)), "{report:?}");
+            rotated = true;
+        }
+    }
+    writer.await.unwrap();
+    drop(r);
+    assert!(rotated);
+    assert!(back == *data, "echoed {} of {} bytes intact", back.len(), TOTAL);
+    let second = manager.fetch(&id(CLIENT)).await.unwrap();
+    assert_ne!(second.serial, first.serial);
+
+    // The pooled connection closes when idle; the next one handshakes with the new certificate.
+    eventually(|| (pool.stats().connections == 0).then_some(())).await;
+    let tunnel = pool.connect(&key, ConnectRequest::new(echo)).await.unwrap();
+    assert_eq!(round_trip(tunnel, b"after rotation").await, b"after rotation");
+    let seen: Vec<CertificateDer<'static>> =
+        inbound.requests().iter().map(|r| r.connection.peer.certificate.clone()).collect();
+    assert_eq!(seen, [der(&first.chain_pem[0]), der(&second.chain_pem[0])]);
+}
