@@ -10,6 +10,10 @@ pub mod names {
     pub const CONFIG: &str = "warden_config_v1";
     /// LPM trie: ([`super::IpcacheKey`]) -> [`super::RemoteInfo`]. The identity cache.
     pub const IPCACHE: &str = "warden_ipcache_v1";
+    /// Hash: [`super::IpcacheAddr`] -> [`super::RemoteInfo`]. The identity cache's /32 entries
+    /// (every workload address) again, exact-match: one hash lookup instead of a trie walk. A /32
+    /// is the longest prefix there is, so a hit here is what the trie would answer.
+    pub const IPCACHE_HOSTS: &str = "warden_ipcache_hosts_v1";
     /// Hash: [`super::EndpointKey`] -> [`super::EndpointInfo`]. Local workloads by host veth.
     pub const ENDPOINTS: &str = "warden_endpoints_v1";
     /// Hash: cgroup id (u64) -> host veth ifindex (u32). Resolves a cgroup hook to its endpoint.
@@ -28,7 +32,8 @@ pub mod names {
     /// verdict cache: one socket-local lookup instead of a cgroup, packet and flow-cache walk.
     pub const SOCKETS: &str = "warden_sockets_v1";
 
-    pub const ALL: [&str; 9] = [CONFIG, IPCACHE, ENDPOINTS, CGROUPS, POLICY, FLOWS, COUNTERS, EVENTS, SOCKETS];
+    pub const ALL: [&str; 10] =
+        [CONFIG, IPCACHE, IPCACHE_HOSTS, ENDPOINTS, CGROUPS, POLICY, FLOWS, COUNTERS, EVENTS, SOCKETS];
 }
 
 /// Map capacities. The policy map holds two slots, so its capacity is twice the entries one

@@ -4,12 +4,12 @@
 use aya_ebpf::bindings::{BPF_NOEXIST, BPF_RB_NO_WAKEUP};
 use warden_common::{
     Config, Counter, CounterKey, Direction, DropReason, EndpointInfo, EndpointKey, FLOW_CLOSED, FLOW_INITIATOR_LO,
-    FlowEvent, FlowKey, FlowValue, IDENTITY_WORLD, PolicyKey, PolicyValue, RemoteInfo, Verdict,
+    FlowEvent, FlowKey, FlowValue, IDENTITY_WORLD, IpcacheAddr, PolicyKey, PolicyValue, RemoteInfo, Verdict,
     lookup::{PolicyLookup, Query, decide, decide_default},
 };
 
 use crate::{
-    maps::{CONFIG, COUNTERS, ENDPOINTS, EVENTS, FLOWS, IPCACHE, POLICY, ipcache_key},
+    maps::{CONFIG, COUNTERS, ENDPOINTS, EVENTS, FLOWS, IPCACHE, IPCACHE_HOSTS, POLICY, ipcache_key},
     packet::Tuple,
 };
 
@@ -62,9 +62,14 @@ pub fn endpoint(slot: u8, ifindex: u32) -> Result<EndpointInfo, DropReason> {
     unsafe { ENDPOINTS.get(EndpointKey { ifindex, slot: slot as u32 }) }.copied().ok_or(DropReason::UnknownEndpoint)
 }
 
-/// Identity-cache entry of a remote address (world when no prefix covers it).
+/// Identity-cache entry of a remote address (world when no prefix covers it): the /32 table
+/// first, then the longest-prefix match.
 #[inline(always)]
 pub fn remote(slot: u8, addr: [u8; 4]) -> RemoteInfo {
+    // SAFETY: copied out at once.
+    if let Some(r) = unsafe { IPCACHE_HOSTS.get(IpcacheAddr { slot, addr, _pad: [0; 3] }) } {
+        return *r;
+    }
     match IPCACHE.get(&ipcache_key(slot, addr)) {
         Some(r) => *r,
         None => RemoteInfo { identity: IDENTITY_WORLD, local_ifindex: 0 },

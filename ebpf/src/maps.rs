@@ -3,7 +3,7 @@
 //! the agent under `/sys/fs/bpf/warden/<name>`.
 
 use aya_ebpf::{
-    bindings::BPF_F_NO_COMMON_LRU,
+    bindings::{BPF_F_NO_COMMON_LRU, BPF_F_NO_PREALLOC},
     btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuHashMap, RingBuf, SkStorage, lpm_trie::Key},
     macros::btf_map,
 };
@@ -23,6 +23,11 @@ pub static CONFIG: Array<Config, 1> = Array::new();
 /// Identity cache: (slot, IPv4 prefix) -> identity of the remote.
 #[btf_map(name = "warden_ipcache_v1")]
 pub static IPCACHE: LpmTrie<IpcacheAddr, RemoteInfo, { IPCACHE_CAP as usize }> = LpmTrie::new();
+
+/// The identity cache's /32 entries, exact-match (allocated on insert: most of it stays unused).
+#[btf_map(name = "warden_ipcache_hosts_v1")]
+pub static IPCACHE_HOSTS: HashMap<IpcacheAddr, RemoteInfo, { IPCACHE_CAP as usize }, { BPF_F_NO_PREALLOC as usize }> =
+    HashMap::new();
 
 /// Local workloads by (host veth ifindex, slot).
 #[btf_map(name = "warden_endpoints_v1")]

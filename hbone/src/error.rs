@@ -89,6 +89,12 @@ pub enum ConnectError {
         /// The identity the server presented.
         presented: Identity,
     },
+    /// A new connection accepted no stream (the server allows none, or sent GOAWAY at once).
+    #[error("HBONE node {node} accepts no tunnel on a new connection")]
+    NoStreams {
+        /// The node's HBONE address.
+        node: SocketAddr,
+    },
     /// HTTP/2 failed on an established connection.
     #[error("HTTP/2 with HBONE node {node} failed: {source}")]
     Http2 {

@@ -437,9 +437,9 @@ impl<C: ClientTls> Pool<C> {
                     // Followers may all be gone; that is fine.
                     let _ = done.send(Some(result.as_ref().map(drop).map_err(Clone::clone)));
                     result?;
-                    if let Some(lease) = lease {
-                        return Ok(lease);
-                    }
+                    // Without a stream on the connection it just opened, looking again would only
+                    // open another.
+                    return lease.ok_or(ConnectError::NoStreams { node: key.node });
                 }
             }
         }

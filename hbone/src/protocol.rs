@@ -130,10 +130,28 @@ impl Forwarded {
             parts.push(format!("for=\"{src}\""));
         }
         if let Some(host) = host {
-            parts.push(format!("host={host}"));
+            parts.push(format!("host={}", token_or_quoted(host)));
         }
         (!parts.is_empty()).then(|| parts.join(";"))
     }
+}
+
+/// `value` as an RFC 7239 token when it is one (a service hostname always is), else quoted.
+fn token_or_quoted(value: &str) -> String {
+    let is_tchar = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+    if !value.is_empty() && value.chars().all(is_tchar) {
+        return value.to_owned();
+    }
+    let mut quoted = String::with_capacity(value.len() + 2);
+    quoted.push('"');
+    for c in value.chars() {
+        if c == '"' || c == '\\' {
+            quoted.push('\\');
+        }
+        quoted.push(c);
+    }
+    quoted.push('"');
+    quoted
 }
 
 /// Splits on `sep` outside double quotes.
@@ -255,6 +273,8 @@ mod tests {
             assert_eq!(parsed.host.as_deref(), Some("svc.ns.svc.cluster.local"));
         }
         assert_eq!(Forwarded::header_value(None, None), None);
+        let odd = Forwarded::header_value(None, Some("a;b=\"c\"")).unwrap();
+        assert_eq!(Forwarded::parse(&odd).host.as_deref(), Some("a;b=\"c\""), "{odd}");
     }
 
     #[test]

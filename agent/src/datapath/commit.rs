@@ -59,6 +59,10 @@ pub fn clear_slot(maps: &mut Maps, slot: u8) -> Result<(), CommitError> {
     for k in stale {
         maps.ipcache.remove(&k).map_err(|source| CommitError::Clear { map: "ipcache", slot, source })?;
     }
+    let stale: Vec<_> = maps.ipcache_hosts.keys().filter_map(Result::ok).filter(|k| k.slot == slot).collect();
+    for k in stale {
+        maps.ipcache_hosts.remove(&k).map_err(|source| CommitError::Clear { map: "ipcache_hosts", slot, source })?;
+    }
     Ok(())
 }
 
@@ -79,6 +83,15 @@ pub fn commit(maps: &mut Maps, state: &NodeState, inactive_clean: &mut bool) -> 
     for (i, (net, info)) in state.ipcache.iter().enumerate() {
         maps.ipcache.insert(&ipcache_key(slot, net), *info, 0).map_err(|source| CommitError::Write {
             map: "ipcache",
+            written: i,
+            source,
+        })?;
+    }
+    // The /32 entries again, in the exact-match table the kernel tries first.
+    for (i, (net, info)) in state.ipcache.iter().filter(|(net, _)| net.prefix_len() == 32).enumerate() {
+        let key = IpcacheAddr { slot, addr: net.network().octets(), _pad: [0; 3] };
+        maps.ipcache_hosts.insert(key, *info, 0).map_err(|source| CommitError::Write {
+            map: "ipcache_hosts",
             written: i,
             source,
         })?;

@@ -20,6 +20,7 @@ pub enum MapsError {
 pub struct Maps {
     pub config: Array<MapData, Config>,
     pub ipcache: LpmTrie<MapData, IpcacheAddr, RemoteInfo>,
+    pub ipcache_hosts: HashMap<MapData, IpcacheAddr, RemoteInfo>,
     pub endpoints: HashMap<MapData, EndpointKey, EndpointInfo>,
     pub cgroups: HashMap<MapData, u64, u32>,
     pub policy: HashMap<MapData, PolicyKey, PolicyValue>,
@@ -46,6 +47,7 @@ impl Maps {
         Ok(Maps {
             config: typed!(pin_dir, names::CONFIG),
             ipcache: typed!(pin_dir, names::IPCACHE),
+            ipcache_hosts: typed!(pin_dir, names::IPCACHE_HOSTS),
             endpoints: typed!(pin_dir, names::ENDPOINTS),
             cgroups: typed!(pin_dir, names::CGROUPS),
             policy: typed!(pin_dir, names::POLICY),
