@@ -24,7 +24,7 @@ use aya_ebpf::{
     macros::{cgroup_skb, cgroup_sock_addr, classifier},
     programs::{SkBuffContext, SockAddrContext, TcContext},
 };
-use warden_common::{Direction, DropReason, EVENT_CLOSED, EVENT_DECIDED, HOOK_CONNECT, HOOK_TC, PROTO_TCP, PolicyValue};
+use warden_common::{Direction, DropReason, EVENT_CLOSED, EVENT_DECIDED, HOOK_CONNECT, HOOK_TC, PolicyValue};
 
 use crate::{
     enforce::{
@@ -187,13 +187,7 @@ fn connect4(ctx: &SockAddrContext) -> (Outcome, Tuple) {
         reply: false,
         value: out,
     };
-    if !out.is_allow() {
-        return (egress, key);
-    }
-    if dst.local_ifindex == 0 {
-        if proto == PROTO_TCP {
-            socket::remember_connect(ctx, &cfg, key.daddr, key.dport, &out);
-        }
+    if !out.is_allow() || dst.local_ifindex == 0 {
         return (egress, key);
     }
     let peer = match endpoint(slot, dst.local_ifindex) {
@@ -202,10 +196,6 @@ fn connect4(ctx: &SockAddrContext) -> (Outcome, Tuple) {
     };
     let value = policy(slot, &peer, Direction::Ingress, ep.identity, proto, key.dport);
     if value.is_allow() {
-        if proto == PROTO_TCP {
-            // The socket's packets go to this peer only: decided once, here (see `socket`).
-            socket::remember_connect(ctx, &cfg, key.daddr, key.dport, &out);
-        }
         (egress, key)
     } else {
         // Counted against the workload whose policy refused it.
@@ -221,6 +211,9 @@ fn connect4(ctx: &SockAddrContext) -> (Outcome, Tuple) {
         )
     }
 }
+
+/// An IPv4 header without options and the first 14 bytes of a TCP header (ports and flags).
+const MIN_L3_L4: usize = 20 + 14;
 
 #[inline(always)]
 fn sock_out(ctx: &SkBuffContext) -> PolicyValue {
@@ -240,9 +233,23 @@ fn sock_out(ctx: &SkBuffContext) -> PolicyValue {
         Ok(i) => i,
         Err(r) => return PolicyValue::deny(0, r),
     };
-    // cgroup_skb sees the packet from its IPv4 header on.
-    let t = match parse_ipv4(&Loaded(ctx), 0) {
+    // cgroup_skb sees the packet from its IPv4 header on. Direct access first (one bounds check
+    // instead of a helper call per field); headers outside the linear part need the helper.
+    // SAFETY: the context's skb pointer is valid for the program's run.
+    let (data, data_end) = unsafe { ((*ctx.skb.skb).data as usize, (*ctx.skb.skb).data_end as usize) };
+    // The minimal header is checked as one range first: the verifier then knows every field of
+    // it is inside the packet (a one-byte check at offset 0 compiles to a form it cannot use).
+    let direct = if data + MIN_L3_L4 <= data_end {
+        parse_ipv4(&Direct { data, data_end }, 0)
+    } else {
+        Err(DropReason::Malformed)
+    };
+    let t = match direct {
         Ok(t) => t,
+        Err(DropReason::Malformed) => match parse_ipv4(&Loaded(ctx), 0) {
+            Ok(t) => t,
+            Err(r) => return PolicyValue::deny(0, r),
+        },
         Err(r) => return PolicyValue::deny(0, r),
     };
     let f = Flow::new(ifindex, t);

@@ -70,7 +70,8 @@ impl Packet for Direct {
     }
 }
 
-/// Reads through `bpf_skb_load_bytes` (cgroup_skb, which has no direct access in aya).
+/// Reads through `bpf_skb_load_bytes`: for headers beyond the linear part of an skb, which direct
+/// access cannot reach.
 pub struct Loaded<'a>(pub &'a aya_ebpf::programs::SkBuffContext);
 
 impl Packet for Loaded<'_> {
