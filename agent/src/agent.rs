@@ -98,19 +98,19 @@ pub fn build(inputs: Inputs, trust_domain: &str, record: &mut NodeRecord) -> Res
         compiled.ipcache.iter().map(|(net, id)| (*net, RemoteInfo { identity: *id, local_ifindex: 0 })).collect();
     // Endpoint directions whose policy is the default entry alone (egress, always: Istio has no
     // egress authorization) get a flag that saves the kernel three lookups per new flow.
-    let mut specific: BTreeSet<(u32, Direction)> = BTreeSet::new();
+    let mut specific: BTreeSet<(u32, Direction, bool)> = BTreeSet::new();
     for (k, _) in &compiled.policy {
         if let Some(dir) = k.direction()
             && (k.remote_identity != IDENTITY_ANY || k.proto != PROTO_ANY || k.dport != 0)
         {
-            specific.insert((k.endpoint_id, dir));
+            specific.insert((k.endpoint_id, dir, k.is_plaintext()));
         }
     }
     let flags = |endpoint_id: u32| {
-        [Direction::Ingress, Direction::Egress]
+        [(Direction::Ingress, false), (Direction::Ingress, true), (Direction::Egress, false)]
             .into_iter()
-            .filter(|d| !specific.contains(&(endpoint_id, *d)))
-            .fold(0, |f, d| f | EndpointInfo::default_only_flag(d))
+            .filter(|(d, p)| !specific.contains(&(endpoint_id, *d, *p)))
+            .fold(0, |f, (d, p)| f | EndpointInfo::default_only_flag(d, p))
     };
     let mut endpoints = Vec::new();
     for (i, endpoint_id) in &local {

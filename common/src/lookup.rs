@@ -40,6 +40,8 @@ pub struct Query {
     pub remote_identity: u32,
     pub proto: u8,
     pub dport: u16,
+    /// Look in the plaintext view (see [`PolicyKey`]).
+    pub plaintext: bool,
 }
 
 /// Decide a query. Never fails open: a missing default entry yields a deny with
@@ -47,7 +49,7 @@ pub struct Query {
 #[inline(always)]
 pub fn decide<M: PolicyLookup>(maps: &M, q: &Query) -> PolicyValue {
     let key = |identity: u32, proto: u8, dport: u16| {
-        PolicyKey::new(q.slot, q.endpoint_id, q.direction, identity, proto, dport)
+        PolicyKey::new(q.slot, q.endpoint_id, q.direction, identity, proto, dport).with_plaintext(q.plaintext)
     };
     if let Some(v) = maps.policy(&key(q.remote_identity, q.proto, q.dport)) {
         return v;
@@ -67,8 +69,15 @@ pub fn decide<M: PolicyLookup>(maps: &M, q: &Query) -> PolicyValue {
 /// [`decide`] for an endpoint direction whose only entry is the default `(*, *)` (the endpoint
 /// flag says so): one lookup. Fails closed like [`decide`].
 #[inline(always)]
-pub fn decide_default<M: PolicyLookup>(maps: &M, slot: u8, endpoint_id: u32, direction: Direction) -> PolicyValue {
-    match maps.policy(&PolicyKey::new(slot, endpoint_id, direction, IDENTITY_ANY, PROTO_ANY, 0)) {
+pub fn decide_default<M: PolicyLookup>(
+    maps: &M,
+    slot: u8,
+    endpoint_id: u32,
+    direction: Direction,
+    plaintext: bool,
+) -> PolicyValue {
+    let key = PolicyKey::new(slot, endpoint_id, direction, IDENTITY_ANY, PROTO_ANY, 0).with_plaintext(plaintext);
+    match maps.policy(&key) {
         Some(v) => v,
         None => PolicyValue::deny(0, DropReason::NoState),
     }
@@ -94,6 +103,7 @@ mod tests {
             remote_identity: identity,
             proto: PROTO_TCP,
             dport: port,
+            plaintext: false,
         }
     }
 
@@ -127,9 +137,22 @@ mod tests {
         let entries = [(k(IDENTITY_ANY, PROTO_ANY, 0), PolicyValue::allow(0))];
         let m = Entries(&entries);
         let full = decide(&m, &Query { direction: Direction::Egress, ..q(9, 80) });
-        assert_eq!(decide_default(&m, 0, 1, Direction::Egress), full);
-        let v = decide_default(&Entries(&[]), 0, 1, Direction::Egress);
+        assert_eq!(decide_default(&m, 0, 1, Direction::Egress, false), full);
+        let v = decide_default(&Entries(&[]), 0, 1, Direction::Egress, false);
         assert_eq!(v.reason, DropReason::NoState as u8);
+    }
+
+    #[test]
+    fn plaintext_view_is_a_separate_keyspace() {
+        let k = |id, proto, port| PolicyKey::new(0, 1, Direction::Ingress, id, proto, port);
+        let entries = [
+            (k(IDENTITY_ANY, PROTO_ANY, 0), PolicyValue::allow(0)),
+            (k(IDENTITY_ANY, PROTO_ANY, 0).with_plaintext(true), PolicyValue::deny(5, DropReason::PlaintextStrict)),
+        ];
+        let m = Entries(&entries);
+        assert!(decide(&m, &q(3, 80)).is_allow());
+        let v = decide(&m, &Query { plaintext: true, ..q(3, 80) });
+        assert_eq!(v, PolicyValue::deny(5, DropReason::PlaintextStrict));
     }
 
     #[test]

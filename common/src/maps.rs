@@ -174,18 +174,28 @@ pub struct EndpointInfo {
 pub const EP_INGRESS_DEFAULT_ONLY: u32 = 1 << 0;
 /// [`EndpointInfo::flags`]: as [`EP_INGRESS_DEFAULT_ONLY`], for egress.
 pub const EP_EGRESS_DEFAULT_ONLY: u32 = 1 << 1;
+/// [`EndpointInfo::flags`]: as [`EP_INGRESS_DEFAULT_ONLY`], for the plaintext view of ingress.
+pub const EP_PLAINTEXT_DEFAULT_ONLY: u32 = 1 << 2;
+/// [`EndpointInfo::flags`]: the workload is in the mesh. Its outbound TCP to meshed destinations
+/// is captured by the node agent, and ingress that did not come through the agent is decided by
+/// the plaintext view of its policy.
+pub const EP_MESHED: u32 = 1 << 3;
 
 impl EndpointInfo {
-    /// The `EP_*_DEFAULT_ONLY` flag of `direction`.
-    pub const fn default_only_flag(direction: Direction) -> u32 {
-        match direction {
-            Direction::Ingress => EP_INGRESS_DEFAULT_ONLY,
-            Direction::Egress => EP_EGRESS_DEFAULT_ONLY,
+    /// The `EP_*_DEFAULT_ONLY` flag of `direction` (and, for ingress, of the view).
+    pub const fn default_only_flag(direction: Direction, plaintext: bool) -> u32 {
+        match (direction, plaintext) {
+            (Direction::Ingress, false) => EP_INGRESS_DEFAULT_ONLY,
+            (Direction::Ingress, true) => EP_PLAINTEXT_DEFAULT_ONLY,
+            (Direction::Egress, _) => EP_EGRESS_DEFAULT_ONLY,
         }
     }
-    /// Whether the endpoint's policy in `direction` is its default entry alone.
-    pub const fn default_only(&self, direction: Direction) -> bool {
-        self.flags & Self::default_only_flag(direction) != 0
+    /// Whether the endpoint's policy in `direction` (and view) is its default entry alone.
+    pub const fn default_only(&self, direction: Direction, plaintext: bool) -> bool {
+        self.flags & Self::default_only_flag(direction, plaintext) != 0
+    }
+    pub const fn is_meshed(&self) -> bool {
+        self.flags & EP_MESHED != 0
     }
 }
 
@@ -194,6 +204,13 @@ impl EndpointInfo {
 /// Wildcards: `remote_identity == IDENTITY_ANY` matches any identity; `proto == PROTO_ANY` with
 /// `dport == 0` matches any protocol and port. [`crate::lookup::decide`] tries the most specific
 /// key first; the compiler materialises intersections so the first hit is the right answer.
+///
+/// Two views of ingress policy exist for an endpoint in the mesh ([`EP_MESHED`]): the
+/// authenticated view (keys without [`PolicyKey::PLAINTEXT_BIT`]) answers for connections the
+/// node agent delivers over mTLS, where the remote identity was proven by a certificate; the
+/// plaintext view (keys with the bit) answers for everything else, which Istio evaluates as a
+/// peer without identity and refuses on ports under a STRICT PeerAuthentication.
+///
 /// Field order: the two u32s, then u16, then the two u8s: 12 bytes, no padding.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -203,12 +220,14 @@ pub struct PolicyKey {
     /// Destination port, host order (the workload's port for ingress, the remote's for egress).
     pub dport: u16,
     pub proto: u8,
-    /// `Direction` as u8, plus the slot in bit 7 (see [`PolicyKey::new`]).
+    /// `Direction` as u8, the plaintext view in bit 6, the slot in bit 7 (see [`PolicyKey::new`]).
     pub dir_slot: u8,
 }
 
 impl PolicyKey {
     pub const SLOT_BIT: u8 = 0x80;
+    /// The key belongs to the plaintext view (see the type's documentation).
+    pub const PLAINTEXT_BIT: u8 = 0x40;
 
     pub const fn new(
         slot: u8,
@@ -230,7 +249,15 @@ impl PolicyKey {
         (self.dir_slot & Self::SLOT_BIT != 0) as u8
     }
     pub const fn direction(&self) -> Option<Direction> {
-        Direction::from_u8(self.dir_slot & !Self::SLOT_BIT)
+        Direction::from_u8(self.dir_slot & !(Self::SLOT_BIT | Self::PLAINTEXT_BIT))
+    }
+    /// The same key in the plaintext view (`true`) or the authenticated one.
+    pub const fn with_plaintext(mut self, plaintext: bool) -> Self {
+        self.dir_slot = (self.dir_slot & !Self::PLAINTEXT_BIT) | if plaintext { Self::PLAINTEXT_BIT } else { 0 };
+        self
+    }
+    pub const fn is_plaintext(&self) -> bool {
+        self.dir_slot & Self::PLAINTEXT_BIT != 0
     }
     /// The same key in the other slot.
     pub const fn with_slot(mut self, slot: u8) -> Self {
@@ -466,6 +493,18 @@ mod tests {
         // The veth and protocol are part of the flow.
         assert_ne!(FlowKey::of(4, a, b, 40000, 80, PROTO_TCP).0, fwd);
         assert_ne!(FlowKey::of(3, a, b, 40000, 80, PROTO_UDP).0, fwd);
+    }
+
+    #[test]
+    fn policy_key_plaintext_bit_keeps_direction_and_slot() {
+        let k = PolicyKey::new(1, 7, Direction::Ingress, 42, PROTO_TCP, 443).with_plaintext(true);
+        assert!(k.is_plaintext());
+        assert_eq!(k.direction(), Some(Direction::Ingress));
+        assert_eq!(k.slot(), 1);
+        assert_eq!(k.with_slot(0).slot(), 0);
+        assert!(k.with_slot(0).is_plaintext());
+        assert!(!k.with_plaintext(false).is_plaintext());
+        assert_ne!(k, k.with_plaintext(false));
     }
 
     #[test]

@@ -86,10 +86,13 @@ pub fn policy(
     dport: u16,
 ) -> PolicyValue {
     let endpoint_id = ep.endpoint_id;
-    if ep.default_only(direction) {
-        return decide_default(&PolicyMap, slot, endpoint_id, direction);
+    // Only a meshed endpoint has a plaintext view; the node agent's mTLS connections (`tunnel`)
+    // are decided in the authenticated one.
+    let plaintext = false;
+    if ep.default_only(direction, plaintext) {
+        return decide_default(&PolicyMap, slot, endpoint_id, direction, plaintext);
     }
-    decide(&PolicyMap, &Query { slot, endpoint_id, direction, remote_identity, proto, dport })
+    decide(&PolicyMap, &Query { slot, endpoint_id, direction, remote_identity, proto, dport, plaintext })
 }
 
 /// A packet's flow: its tuple, its flow-cache key, and which end of the key sent it.

@@ -66,6 +66,7 @@ impl Maps {
             remote_identity: self.identity(src),
             proto,
             dport: port,
+            plaintext: false,
         };
         decide(self, &q)
     }
