@@ -61,7 +61,7 @@
 //!     .connect(&key, ConnectRequest::new("10.0.2.15:8080".parse()?).forwarded_for(app.peer_addr()?))
 //!     .await?;
 //! let stats = tunnel.relay(app).await?;
-//! println!("sent {} received {}", stats.sent, stats.received);
+//! tracing::info!(sent = stats.sent, received = stats.received, "tunnel done");
 //! # Ok(())
 //! # }
 //! ```
