@@ -1,6 +1,7 @@
 //! The pool: multiplexing, single-flight, idle close, reconnects; and server shutdown.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -90,23 +91,28 @@ async fn keys_do_not_share_connections() {
 
 #[tokio::test]
 async fn concurrent_first_connects_make_one_attempt_and_share_its_error() {
-    let setup = Setup::default().await;
-    let nobody = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
-    let key = Key::new(id(CLIENT), nobody, vec![id(SERVER)]);
+    let pool_options = PoolOptions { connect_timeout: Duration::from_millis(500), ..PoolOptions::default() };
+    let setup = Setup::new(ServerOptions::default(), pool_options).await;
+    // A node that accepts TCP connections and never answers the TLS handshake.
+    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let node = silent.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s);
+        }
+    });
+    let key = Key::new(id(CLIENT), node, vec![id(SERVER)]);
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..20 {
         let (pool, key) = (setup.pool.clone(), key.clone());
-        tasks.spawn(async move { pool.connect(&key, ConnectRequest::new(nobody)).await.map(drop) });
+        tasks.spawn(async move { pool.connect(&key, ConnectRequest::new(node)).await.map(drop) });
     }
     while let Some(done) = tasks.join_next().await {
         let err = done.unwrap().unwrap_err();
-        assert!(matches!(err, ConnectError::Connect { node, .. } if node == nobody), "{err}");
+        assert!(matches!(err, ConnectError::Timeout { stage: "TLS handshake", .. }), "{err}");
     }
-    let attempts = setup.client_tls.configs.load(Ordering::SeqCst);
-    assert!(attempts <= 2, "{attempts} connection attempts for 20 concurrent callers");
+    assert_eq!(setup.client_tls.configs.load(Ordering::SeqCst), 1, "one connection attempt for 20 callers");
     assert_eq!(setup.pool.stats(), PoolStats::default());
 }
 
@@ -146,6 +152,79 @@ async fn the_pool_reconnects_transparently_after_the_server_restarts() {
     assert_eq!(round_trip(second, b"after").await, b"after");
     assert_eq!(restarted.inbound.requests().len(), 1);
     assert_eq!(setup.pool.key_stats(&setup.key).connections, 1, "the closed connection was dropped");
+    assert_eq!(setup.server.tls.handshakes.load(Ordering::SeqCst), 2);
+}
+
+/// A TCP relay to `to` whose existing connections can be turned into black holes: bytes are read
+/// and dropped in both directions, the sockets stay open (a peer that vanished without a FIN).
+struct Relay {
+    addr: std::net::SocketAddr,
+    connections: Arc<Mutex<Vec<Arc<AtomicBool>>>>,
+}
+
+impl Relay {
+    async fn start(to: std::net::SocketAddr) -> Relay {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections: Arc<Mutex<Vec<Arc<AtomicBool>>>> = Arc::default();
+        let registry = connections.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(to).await else { continue };
+                let hole = Arc::new(AtomicBool::new(false));
+                registry.lock().unwrap().push(hole.clone());
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                tokio::spawn(pump(cr, sw, hole.clone()));
+                tokio::spawn(pump(sr, cw, hole));
+            }
+        });
+        Relay { addr, connections }
+    }
+
+    fn black_hole_existing(&self) {
+        for hole in self.connections.lock().unwrap().iter() {
+            hole.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+async fn pump(mut from: impl AsyncReadExt + Unpin, mut to: impl AsyncWriteExt + Unpin, hole: Arc<AtomicBool>) {
+    let mut buf = vec![0u8; 64 * 1024];
+    while let Ok(n) = from.read(&mut buf).await {
+        if n == 0 {
+            let _ = to.shutdown().await;
+            return;
+        }
+        if !hole.load(Ordering::SeqCst) && to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_silently_dead_connection_is_detected_and_the_tunnel_retried_on_a_new_one() {
+    let pool_options = PoolOptions {
+        ping_interval: Duration::from_millis(100),
+        ping_timeout: Duration::from_millis(300),
+        ..PoolOptions::default()
+    };
+    let setup = Setup::new(ServerOptions::default(), pool_options).await;
+    let echo = echo_server().await;
+    let relay = Relay::start(setup.server.addr).await;
+    let key = Key::new(id(CLIENT), relay.addr, vec![id(SERVER)]);
+    let first = setup.pool.connect(&key, ConnectRequest::new(echo)).await.unwrap();
+    let first_connection = first.connection_id();
+    assert_eq!(round_trip(first, b"before").await, b"before");
+
+    // The connection still looks open to the pool, but nothing gets through any more.
+    relay.black_hole_existing();
+    let started = std::time::Instant::now();
+    let second = setup.pool.connect(&key, ConnectRequest::new(echo)).await.unwrap();
+    assert_ne!(second.connection_id(), first_connection, "the tunnel moved to a new connection");
+    assert_eq!(round_trip(second, b"after").await, b"after");
+    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+    assert_eq!(setup.pool.key_stats(&key).connections, 1, "the dead connection was dropped");
     assert_eq!(setup.server.tls.handshakes.load(Ordering::SeqCst), 2);
 }
 
