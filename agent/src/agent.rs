@@ -7,13 +7,15 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddrV4},
     path::{Path, PathBuf},
     time::{Duration, SystemTime},
 };
 
 use ipnet::Ipv4Net;
-use warden_common::{Direction, EndpointInfo, IDENTITY_ANY, IDENTITY_WORLD, PROTO_ANY, RemoteInfo};
+use warden_common::{
+    Direction, EP_MESHED, EndpointInfo, IDENTITY_ANY, IDENTITY_WORLD, PROTO_ANY, REMOTE_MESHED, RemoteInfo,
+};
 
 use crate::{
     datapath::{Datapath, NodeState, attach},
@@ -34,6 +36,8 @@ pub struct AgentConfig {
     pub telemetry: crate::telemetry::TelemetryConfig,
     /// Workload certificates and the admin endpoint (`GET /certs`); none without a CA.
     pub certs: Option<crate::certs::CertsConfig>,
+    /// The mTLS data plane (capture, HBONE); none: L4 enforcement only.
+    pub mesh: Option<crate::mesh::MeshConfig>,
 }
 
 /// Why a set of inputs could not become a node state. Nothing was applied.
@@ -48,6 +52,8 @@ pub enum BuildError {
 /// A validated, compiled set of inputs, ready to apply.
 pub struct Desired {
     pub workloads: Vec<Workload>,
+    /// The policies, for the mesh's authorization of mTLS connections.
+    pub policies: std::sync::Arc<warden_authz::PolicySet>,
     pub state: NodeState,
     pub identity_names: BTreeMap<u32, String>,
     pub policy_names: BTreeMap<u32, String>,
@@ -56,7 +62,12 @@ pub struct Desired {
 }
 
 /// Compile a snapshot of the inputs into a node state. Pure with respect to the kernel.
-pub fn build(inputs: Inputs, trust_domain: &str, record: &mut NodeRecord) -> Result<Desired, BuildError> {
+pub fn build(
+    inputs: Inputs,
+    trust_domain: &str,
+    capture: Option<SocketAddrV4>,
+    record: &mut NodeRecord,
+) -> Result<Desired, BuildError> {
     let Inputs { workloads, policies } = inputs;
 
     let authz_workloads: Vec<warden_authz::Workload> = workloads
@@ -94,8 +105,17 @@ pub fn build(inputs: Inputs, trust_domain: &str, record: &mut NodeRecord) -> Res
             .max_by_key(|(net, _)| net.prefix_len())
             .map_or(IDENTITY_WORLD, |(_, id)| *id)
     };
-    let mut ipcache: BTreeMap<Ipv4Net, RemoteInfo> =
-        compiled.ipcache.iter().map(|(net, id)| (*net, RemoteInfo { identity: *id, local_ifindex: 0 })).collect();
+    let mut ipcache: BTreeMap<Ipv4Net, RemoteInfo> = compiled
+        .ipcache
+        .iter()
+        .map(|(net, id)| (*net, RemoteInfo { identity: *id, local_ifindex: 0, flags: 0 }))
+        .collect();
+    // With the mesh on, every workload in it is reached over HBONE: its /32 says so.
+    let meshed = |w: &Workload| capture.is_some() && w.in_mesh();
+    for w in workloads.iter().filter(|w| w.local.is_none() && meshed(w)) {
+        let identity = identity_of(w.ip);
+        ipcache.insert(Ipv4Net::from(w.ip), RemoteInfo { identity, local_ifindex: 0, flags: REMOTE_MESHED });
+    }
     // Endpoint directions whose policy is the default entry alone (egress, always: Istio has no
     // egress authorization) get a flag that saves the kernel three lookups per new flow.
     let mut specific: BTreeSet<(u32, Direction, bool)> = BTreeSet::new();
@@ -118,16 +138,19 @@ pub fn build(inputs: Inputs, trust_domain: &str, record: &mut NodeRecord) -> Res
         let l = w.local.as_ref().expect("local workloads have a veth");
         let identity = identity_of(w.ip);
         // Every local workload has its own /32 so the cgroup hook can find it as a destination.
-        ipcache.insert(Ipv4Net::from(w.ip), RemoteInfo { identity, local_ifindex: l.ifindex });
-        endpoints.push((l.ifindex, EndpointInfo { endpoint_id: *endpoint_id, identity, ip: w.ip.octets(), flags: flags(*endpoint_id) }));
+        let remote_flags = if meshed(w) { REMOTE_MESHED } else { 0 };
+        ipcache.insert(Ipv4Net::from(w.ip), RemoteInfo { identity, local_ifindex: l.ifindex, flags: remote_flags });
+        let flags = flags(*endpoint_id) | if meshed(w) { EP_MESHED } else { 0 };
+        endpoints.push((l.ifindex, EndpointInfo { endpoint_id: *endpoint_id, identity, ip: w.ip.octets(), flags }));
     }
     Ok(Desired {
-        state: NodeState { ipcache: ipcache.into_iter().collect(), endpoints, policy: compiled.policy },
+        state: NodeState { ipcache: ipcache.into_iter().collect(), endpoints, policy: compiled.policy, capture },
         identity_names: compiled.identities,
         policy_names: compiled.policy_names,
         valid_until: compiled.valid_until,
         warnings: compiled.warnings,
         workloads,
+        policies: std::sync::Arc::new(policies),
     })
 }
 
@@ -177,8 +200,10 @@ pub fn apply(
         let l = w.local.as_ref().expect("filtered on local");
         let identity = d.state.endpoints.iter().find(|(i, _)| *i == l.ifindex).map_or(0, |(_, e)| e.identity);
         let previous = record.endpoints.get(key).cloned();
-        let unchanged =
-            previous.as_ref().is_some_and(|p| p.ifindex == l.ifindex && p.veth == l.veth && p.cgroup == l.cgroup);
+        let meshed = d.state.endpoints.iter().any(|(i, e)| *i == l.ifindex && e.is_meshed());
+        let mesh_hooked = l.cgroup.is_none() || attach::has_sock_ops(&dp.pin_dir, key) == meshed;
+        let unchanged = mesh_hooked
+            && previous.as_ref().is_some_and(|p| p.ifindex == l.ifindex && p.veth == l.veth && p.cgroup == l.cgroup);
         let cgroup_id = match &l.cgroup {
             Some(path) => Some(dp.set_cgroup(path, l.ifindex).map_err(|source| ApplyError::Cgroup {
                 workload: key.clone(),
@@ -191,7 +216,7 @@ pub fn apply(
             dp.clear_cgroup(old);
         }
         if !unchanged || adopt {
-            dp.attach(key, l)?;
+            dp.attach(key, l, meshed)?;
             tracing::info!(workload = %key, veth = %l.veth, ifindex = l.ifindex, "attached");
         }
         record.endpoints.insert(
@@ -222,9 +247,13 @@ fn log_desired(d: &Desired) {
 }
 
 /// Read and compile the source's current inputs.
-fn snapshot(source: &mut dyn Source, trust_domain: &str, record: &mut NodeRecord) -> Result<Desired, BuildError> {
+fn snapshot(source: &mut dyn Source, cfg: &AgentConfig, record: &mut NodeRecord) -> Result<Desired, BuildError> {
     let inputs = source.read()?;
-    build(inputs, trust_domain, record)
+    build(inputs, &cfg.trust_domain, cfg.mesh.as_ref().map(|m| m.capture), record)
+}
+
+fn mesh_view(d: &Desired, cfg: &AgentConfig) -> crate::mesh::View {
+    crate::mesh::View::new(&d.workloads, d.policies.clone(), &cfg.trust_domain)
 }
 
 /// Run the agent until SIGTERM/SIGINT. The first snapshot must succeed (the agent does not start
@@ -236,7 +265,7 @@ pub async fn run(cfg: AgentConfig, mut source: Box<dyn Source>) -> anyhow::Resul
     let cert_metrics = cfg.certs.as_ref().map(|_| warden_identity::metrics::Metrics::new(telemetry.registry_mut()));
     let mut telemetry = telemetry.serve().await?;
     let mut record = NodeRecord::load(&cfg.state_dir)?;
-    let desired = snapshot(source.as_mut(), &cfg.trust_domain, &mut record)
+    let desired = snapshot(source.as_mut(), &cfg, &mut record)
         .map_err(|e| anyhow::anyhow!("refusing to start on invalid input:\n{e}"))?;
     // A broken CA stops the agent before it touches the kernel.
     let certs = cfg
@@ -251,6 +280,11 @@ pub async fn run(cfg: AgentConfig, mut source: Box<dyn Source>) -> anyhow::Resul
     if let Some(c) = &certs {
         c.sync_workloads(&desired.workloads).await;
     }
+    let mesh = match (&cfg.mesh, &certs) {
+        (Some(m), Some(c)) => Some(crate::mesh::Mesh::start(m, c, &cfg.pin_dir, mesh_view(&desired, &cfg)).await?),
+        (Some(_), None) => anyhow::bail!("the mesh needs workload certificates: give a CA (--ca-dir or --ca-addr)"),
+        _ => None,
+    };
     tracing::info!(generation, source = %source.describe(), workloads = desired.workloads.len(), entries = desired.state.policy.len(), "committed; enforcing");
     let mut valid_until = desired.valid_until;
 
@@ -266,7 +300,7 @@ pub async fn run(cfg: AgentConfig, mut source: Box<dyn Source>) -> anyhow::Resul
         if !source.changed() && !expired {
             continue;
         }
-        match snapshot(source.as_mut(), &cfg.trust_domain, &mut record) {
+        match snapshot(source.as_mut(), &cfg, &mut record) {
             Ok(d) => {
                 log_desired(&d);
                 match apply(&mut dp, &mut record, &cfg.state_dir, &d, false) {
@@ -280,6 +314,9 @@ pub async fn run(cfg: AgentConfig, mut source: Box<dyn Source>) -> anyhow::Resul
                         );
                         if let Some(c) = &certs {
                             c.sync_workloads(&d.workloads).await;
+                        }
+                        if let Some(m) = &mesh {
+                            m.update(mesh_view(&d, &cfg));
                         }
                     }
                     Err(e) => {

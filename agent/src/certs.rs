@@ -166,6 +166,11 @@ impl WorkloadCerts {
         }
     }
 
+    /// The secret manager (the mesh's TLS configurations come from it).
+    pub fn secrets(&self) -> &SecretManager {
+        &self.secrets
+    }
+
     /// `GET /certs`: what `warden certs` shows.
     pub fn snapshot_json(&self) -> String {
         serde_json::to_string_pretty(&warden_identity::cli::certs_snapshot(&self.secrets)).expect("snapshot serializes")

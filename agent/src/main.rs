@@ -65,10 +65,10 @@ enum Command {
         access_log: telemetry::AccessLogFormat,
         /// In-process CA directory (Istio cacerts layout; a root is generated if empty): the
         /// agent issues its local workloads' certificates itself. For a single-node lab.
-        #[arg(long, env = "WARDEN_CA_DIR", conflicts_with = "ca_addr")]
+        #[arg(long, env = "WARDEN_CA_DIR", conflicts_with = "ca_addr", group = "ca")]
         ca_dir: Option<PathBuf>,
         /// Istio CA API endpoint (e.g. https://warden-ca.warden-system:15012) for workload certificates.
-        #[arg(long, requires = "ca_root_cert")]
+        #[arg(long, requires = "ca_root_cert", group = "ca")]
         ca_addr: Option<String>,
         /// Root certificate(s) the CA and peers are verified against (watched for rotation and CRL).
         #[arg(long)]
@@ -79,6 +79,14 @@ enum Command {
         /// Admin endpoint: `GET /certs` (read by `warden certs`).
         #[arg(long, default_value = "127.0.0.1:15000")]
         admin_addr: std::net::SocketAddr,
+        /// Run the mTLS data plane: capture meshed workloads' outbound TCP, carry it over HBONE
+        /// (mutual TLS 1.3, port 15008) and enforce PeerAuthentication. Needs a CA.
+        #[arg(long, env = "WARDEN_MESH", requires = "ca")]
+        mesh: bool,
+        /// The outbound capture listener: an address every workload reaches on this node (its
+        /// gateway), port 15001.
+        #[arg(long, default_value = "169.254.1.1:15001")]
+        capture_addr: std::net::SocketAddrV4,
     },
     /// Print the live maps: per workload, its policy entries and counters; the identity cache.
     Maps {
@@ -163,6 +171,8 @@ fn main() -> ExitCode {
             ca_root_cert,
             ca_token_file,
             admin_addr,
+            mesh,
+            capture_addr,
         } => {
             init_logging(log_format);
             let options = warden_authz::Options { root_namespace, ..Default::default() };
@@ -175,7 +185,8 @@ fn main() -> ExitCode {
                 _ => None,
             };
             let certs = ca.map(|source| warden_agent::certs::CertsConfig { source, admin_addr });
-            let cfg = agent::AgentConfig { pin_dir, state_dir, trust_domain, telemetry, certs };
+            let mesh = mesh.then(|| warden_agent::mesh::MeshConfig { capture: capture_addr, ..Default::default() });
+            let cfg = agent::AgentConfig { pin_dir, state_dir, trust_domain, telemetry, certs, mesh };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()

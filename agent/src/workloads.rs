@@ -58,10 +58,24 @@ pub struct Workload {
     pub local: Option<Local>,
 }
 
+/// The label that takes a workload out of the mesh (Istio ambient's opt-out: `none`).
+pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
+
 impl Workload {
     /// `namespace/name`, the workload's key everywhere in the agent.
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// Whether the workload takes part in the mesh when the node runs one: every workload but
+    /// those labelled `istio.io/dataplane-mode: none`, as ambient's opt-out.
+    pub fn in_mesh(&self) -> bool {
+        self.labels.get(DATAPLANE_MODE_LABEL).is_none_or(|m| m != "none")
+    }
+
+    /// The workload's SPIFFE identity.
+    pub fn spiffe_id(&self, trust_domain: &str) -> String {
+        format!("spiffe://{trust_domain}/ns/{}/sa/{}", self.namespace, self.service_account)
     }
 }
 

@@ -6,14 +6,15 @@ pub const PIN_DIR: &str = "/sys/fs/bpf/warden";
 
 /// Pinned map names. A layout change bumps the version suffix so an old pin is never misread.
 pub mod names {
-    /// Array[1] of [`super::Config`]: the committed generation (low bit = active slot).
-    pub const CONFIG: &str = "warden_config_v1";
-    /// LPM trie: ([`super::IpcacheKey`]) -> [`super::RemoteInfo`]. The identity cache.
-    pub const IPCACHE: &str = "warden_ipcache_v1";
+    /// Array[1] of [`super::Config`]: the committed generation (low bit = active slot) and the
+    /// node agent's capture address.
+    pub const CONFIG: &str = "warden_config_v2";
+    /// LPM trie: ([`super::IpcacheAddr`]) -> [`super::RemoteInfo`]. The identity cache.
+    pub const IPCACHE: &str = "warden_ipcache_v2";
     /// Hash: [`super::IpcacheAddr`] -> [`super::RemoteInfo`]. The identity cache's /32 entries
     /// (every workload address) again, exact-match: one hash lookup instead of a trie walk. A /32
     /// is the longest prefix there is, so a hit here is what the trie would answer.
-    pub const IPCACHE_HOSTS: &str = "warden_ipcache_hosts_v1";
+    pub const IPCACHE_HOSTS: &str = "warden_ipcache_hosts_v2";
     /// Hash: [`super::EndpointKey`] -> [`super::EndpointInfo`]. Local workloads by host veth.
     pub const ENDPOINTS: &str = "warden_endpoints_v1";
     /// Hash: cgroup id (u64) -> host veth ifindex (u32). Resolves a cgroup hook to its endpoint.
@@ -31,9 +32,27 @@ pub mod names {
     /// Socket storage: [`super::SockVerdict`] per TCP socket of a workload. The cgroup_skb hook's
     /// verdict cache: one socket-local lookup instead of a cgroup, packet and flow-cache walk.
     pub const SOCKETS: &str = "warden_sockets_v1";
+    /// LRU hash: socket cookie (u64) -> [`super::OrigDst`]. A captured `connect()`'s original
+    /// destination, from `connect4` until the socket has its source port.
+    pub const CAPTURED: &str = "warden_captured_v1";
+    /// LRU hash: [`super::SockAddr`] (the workload's address and source port) -> [`super::OrigDst`].
+    /// Where the node agent finds a captured connection's original destination when it accepts it.
+    pub const ORIG_DST: &str = "warden_orig_dst_v1";
 
-    pub const ALL: [&str; 10] =
-        [CONFIG, IPCACHE, IPCACHE_HOSTS, ENDPOINTS, CGROUPS, POLICY, FLOWS, COUNTERS, EVENTS, SOCKETS];
+    pub const ALL: [&str; 12] = [
+        CONFIG,
+        IPCACHE,
+        IPCACHE_HOSTS,
+        ENDPOINTS,
+        CGROUPS,
+        POLICY,
+        FLOWS,
+        COUNTERS,
+        EVENTS,
+        SOCKETS,
+        CAPTURED,
+        ORIG_DST,
+    ];
 }
 
 /// Map capacities. The policy map holds two slots, so its capacity is twice the entries one
@@ -47,7 +66,21 @@ pub mod capacity {
     pub const COUNTERS: u32 = 65_536;
     /// Bytes of the event ring buffer (a power of two, a multiple of the page size).
     pub const EVENTS_BYTES: u32 = 1 << 20;
+    /// Captured connections between `connect()` and the agent's `accept()`.
+    pub const CAPTURED: u32 = 65_536;
 }
+
+/// Socket marks (`SO_MARK`, `skb->mark`) warden uses, within [`MARK_MASK`]. Only a process with
+/// CAP_NET_ADMIN in the node's network namespace can set them: a workload's marks are cleared
+/// when its packets cross its veth into the node.
+pub const MARK_MASK: u32 = 0x00f0_0000;
+/// The node agent's connection to a local workload, carrying a connection it received over mTLS:
+/// decided in the authenticated view of the workload's ingress policy.
+pub const MARK_TUNNEL: u32 = 0x0010_0000;
+/// Set by the kernel on a workload's replies to such a connection, whose destination (the
+/// original client's address, preserved by the agent) is not on this node: a policy-routing rule
+/// delivers marked packets locally, to the agent's transparent socket.
+pub const MARK_TO_AGENT: u32 = 0x0020_0000;
 
 /// Numeric identity of the outside world: an address no workload or policy CIDR covers.
 pub const IDENTITY_WORLD: u32 = 0;
@@ -106,7 +139,7 @@ impl Verdict {
     }
 }
 
-/// The single entry of the config array.
+/// The single entry of the config array. 16 bytes, no implicit padding.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Config {
@@ -115,6 +148,11 @@ pub struct Config {
     pub generation: u32,
     /// Reserved; zero.
     pub flags: u32,
+    /// The node agent's outbound listener, where `connect()`s of meshed workloads to meshed
+    /// destinations are redirected (network-order address, host-order port). Port 0: no capture.
+    pub capture_addr: [u8; 4],
+    pub capture_port: u16,
+    pub _pad: u16,
 }
 
 impl Config {
@@ -146,6 +184,31 @@ pub struct RemoteInfo {
     pub identity: u32,
     /// Host-veth ifindex when the address is a workload on this node, else 0.
     pub local_ifindex: u32,
+    /// `REMOTE_*` flags.
+    pub flags: u32,
+}
+
+/// [`RemoteInfo::flags`]: the address is a workload in the mesh, reached over HBONE.
+pub const REMOTE_MESHED: u32 = 1 << 0;
+
+/// An IPv4 socket address: network-order address, host-order port. 8 bytes, no implicit padding.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockAddr {
+    pub addr: [u8; 4],
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// A captured connection's original destination and who made it. 16 bytes, no implicit padding.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct OrigDst {
+    pub dst: SockAddr,
+    /// The endpoint whose `connect()` was captured.
+    pub endpoint_id: u32,
+    /// The committed generation the capture was decided under.
+    pub generation: u32,
 }
 
 /// Key of the endpoint map: a local workload's host-side veth, per slot.
@@ -328,6 +391,9 @@ impl FlowKey {
 pub const FLOW_INITIATOR_LO: u8 = 1;
 /// Flow-cache flag: a FIN or RST was seen; the close is counted once.
 pub const FLOW_CLOSED: u8 = 2;
+/// Flow-cache flag: the flow is the node agent's delivery of an mTLS connection (its packets
+/// towards the workload carry [`MARK_TUNNEL`]); replies are marked [`MARK_TO_AGENT`].
+pub const FLOW_TUNNEL: u8 = 4;
 
 /// A cached decision. Valid only while `generation` equals the committed generation.
 #[repr(C)]
@@ -342,7 +408,7 @@ pub struct FlowValue {
     pub reason: u8,
     /// `Direction` of the flow (of its first packet), relative to the endpoint.
     pub direction: u8,
-    /// [`FLOW_INITIATOR_LO`], [`FLOW_CLOSED`].
+    /// [`FLOW_INITIATOR_LO`], [`FLOW_CLOSED`], [`FLOW_TUNNEL`].
     pub flags: u8,
 }
 
@@ -452,6 +518,8 @@ mod pod {
     unsafe impl aya::Pod for super::Counter {}
     unsafe impl aya::Pod for super::FlowEvent {}
     unsafe impl aya::Pod for super::SockVerdict {}
+    unsafe impl aya::Pod for super::SockAddr {}
+    unsafe impl aya::Pod for super::OrigDst {}
 }
 
 #[cfg(test)]
@@ -461,9 +529,11 @@ mod tests {
 
     #[test]
     fn sizes_have_no_hidden_padding() {
-        assert_eq!(size_of::<Config>(), 8);
+        assert_eq!(size_of::<Config>(), 16);
         assert_eq!(size_of::<IpcacheAddr>(), 8);
-        assert_eq!(size_of::<RemoteInfo>(), 8);
+        assert_eq!(size_of::<RemoteInfo>(), 12);
+        assert_eq!(size_of::<SockAddr>(), 8);
+        assert_eq!(size_of::<OrigDst>(), 16);
         assert_eq!(size_of::<EndpointKey>(), 8);
         assert_eq!(size_of::<EndpointInfo>(), 16);
         assert_eq!(size_of::<PolicyKey>(), 12);

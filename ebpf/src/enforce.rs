@@ -3,7 +3,7 @@
 
 use aya_ebpf::bindings::{BPF_NOEXIST, BPF_RB_NO_WAKEUP};
 use warden_common::{
-    Config, Counter, CounterKey, Direction, DropReason, EndpointInfo, EndpointKey, FLOW_CLOSED, FLOW_INITIATOR_LO,
+    Config, Counter, CounterKey, Direction, DropReason, EndpointInfo, EndpointKey, FLOW_CLOSED, FLOW_INITIATOR_LO, FLOW_TUNNEL,
     FlowEvent, FlowKey, FlowValue, IDENTITY_WORLD, IpcacheAddr, PolicyKey, PolicyValue, RemoteInfo, Verdict,
     lookup::{PolicyLookup, Query, decide, decide_default},
 };
@@ -21,6 +21,8 @@ pub struct Outcome {
     pub direction: Direction,
     /// The packet answers a flow initiated by the other side.
     pub reply: bool,
+    /// The flow is the node agent's delivery of a connection it received over mTLS.
+    pub tunnel: bool,
     pub value: PolicyValue,
 }
 
@@ -32,6 +34,7 @@ impl Outcome {
             remote_identity: IDENTITY_WORLD,
             direction,
             reply: false,
+            tunnel: false,
             value: PolicyValue::deny(0, reason),
         }
     }
@@ -72,7 +75,7 @@ pub fn remote(slot: u8, addr: [u8; 4]) -> RemoteInfo {
     }
     match IPCACHE.get(&ipcache_key(slot, addr)) {
         Some(r) => *r,
-        None => RemoteInfo { identity: IDENTITY_WORLD, local_ifindex: 0 },
+        None => RemoteInfo { identity: IDENTITY_WORLD, local_ifindex: 0, flags: 0 },
     }
 }
 
@@ -84,15 +87,20 @@ pub fn policy(
     remote_identity: u32,
     proto: u8,
     dport: u16,
+    plaintext: bool,
 ) -> PolicyValue {
     let endpoint_id = ep.endpoint_id;
-    // Only a meshed endpoint has a plaintext view; the node agent's mTLS connections (`tunnel`)
-    // are decided in the authenticated one.
-    let plaintext = false;
     if ep.default_only(direction, plaintext) {
         return decide_default(&PolicyMap, slot, endpoint_id, direction, plaintext);
     }
     decide(&PolicyMap, &Query { slot, endpoint_id, direction, remote_identity, proto, dport, plaintext })
+}
+
+/// The view of a meshed endpoint's ingress policy that decides a flow (see `PolicyKey`): plaintext
+/// unless the node agent delivered it over mTLS.
+#[inline(always)]
+pub fn plaintext_view(ep: &EndpointInfo, direction: Direction, tunnel: bool) -> bool {
+    ep.is_meshed() && direction == Direction::Ingress && !tunnel
 }
 
 /// A packet's flow: its tuple, its flow-cache key, and which end of the key sent it.
@@ -118,16 +126,19 @@ pub enum Cached {
     /// entry, for marking the flow closed without a second lookup.
     Hit(Outcome, *mut FlowValue),
     /// Not decided under this generation; `is_reply` when the packet answers a flow decided
-    /// earlier, which is re-decided as that flow.
-    Miss { is_reply: bool },
+    /// earlier, which is re-decided as that flow; `tunnel` when the flow is (or, for a forward
+    /// packet, claims by its mark to be) the agent's delivery of an mTLS connection.
+    Miss { is_reply: bool, tunnel: bool },
 }
 
 /// The fast path: one flow-cache lookup, for either direction of the flow. `hook` is the
-/// direction the packet travels relative to the endpoint.
+/// direction the packet travels relative to the endpoint; `marked`: the packet carries the
+/// agent's tunnel mark (only packets towards the workload can).
 #[inline(always)]
-pub fn cached(cfg: &Config, f: &Flow, hook: Direction) -> Cached {
+pub fn cached(cfg: &Config, f: &Flow, hook: Direction, marked: bool) -> Cached {
+    let fresh = Cached::Miss { is_reply: false, tunnel: marked };
     let Some(p) = FLOWS.get_ptr_mut(&f.key) else {
-        return Cached::Miss { is_reply: false };
+        return fresh;
     };
     // SAFETY: a valid pointer into the LRU map, read at once.
     let v = unsafe { *p };
@@ -136,14 +147,28 @@ pub fn cached(cfg: &Config, f: &Flow, hook: Direction) -> Cached {
     // flow has replies. Anything else (a simultaneous open, a packet forged to look like a
     // reply, an answer to a denied flow) is decided afresh as a new flow.
     if forward != (v.direction == hook as u8) || (!forward && v.verdict != Verdict::Allow as u8) {
-        return Cached::Miss { is_reply: false };
+        return fresh;
+    }
+    // A tunneled flow's packets towards the workload all carry the agent's mark, and a plain
+    // flow's none: a packet that differs (a forgery of the flow's 5-tuple from the wire) is
+    // decided afresh, in its own view.
+    let tunnel = v.flags & FLOW_TUNNEL != 0;
+    if forward && hook == Direction::Ingress && tunnel != marked {
+        return fresh;
     }
     if v.generation != cfg.generation {
-        return Cached::Miss { is_reply: !forward };
+        return Cached::Miss { is_reply: !forward, tunnel };
     }
     let direction = if v.direction == Direction::Egress as u8 { Direction::Egress } else { Direction::Ingress };
     let value = PolicyValue { policy_id: v.policy_id, verdict: v.verdict, reason: v.reason, _pad: [0; 2] };
-    let o = Outcome { endpoint_id: v.endpoint_id, remote_identity: v.remote_identity, direction, reply: !forward, value };
+    let o = Outcome {
+        endpoint_id: v.endpoint_id,
+        remote_identity: v.remote_identity,
+        direction,
+        reply: !forward,
+        tunnel,
+        value,
+    };
     Cached::Hit(o, p)
 }
 
@@ -160,7 +185,15 @@ pub enum Cache {
 /// identity cache and the policy map, and cache the decision for both directions of the flow.
 /// A reply is decided as the flow it answers.
 #[inline(always)]
-pub fn decide_new(cfg: &Config, f: &Flow, ep: &EndpointInfo, dir: Direction, is_reply: bool, cache: Cache) -> Outcome {
+pub fn decide_new(
+    cfg: &Config,
+    f: &Flow,
+    ep: &EndpointInfo,
+    dir: Direction,
+    is_reply: bool,
+    tunnel: bool,
+    cache: Cache,
+) -> Outcome {
     // The remote is the other end whichever way the packet goes.
     let remote_addr = match dir {
         Direction::Ingress => f.t.saddr,
@@ -180,7 +213,7 @@ pub fn decide_new(cfg: &Config, f: &Flow, ep: &EndpointInfo, dir: Direction, is_
     } else {
         (dir, f.t.dport)
     };
-    let value = policy(slot, ep, qdir, remote_identity, f.t.proto, qport);
+    let value = policy(slot, ep, qdir, remote_identity, f.t.proto, qport, plaintext_view(ep, qdir, tunnel));
     if cache == Cache::Write {
         // The initiator is this packet's source, or for a reply its destination.
         let initiator_lo = f.src_lo != is_reply;
@@ -192,12 +225,12 @@ pub fn decide_new(cfg: &Config, f: &Flow, ep: &EndpointInfo, dir: Direction, is_
             verdict: value.verdict,
             reason: value.reason,
             direction: qdir as u8,
-            flags: if initiator_lo { FLOW_INITIATOR_LO } else { 0 },
+            flags: if initiator_lo { FLOW_INITIATOR_LO } else { 0 } | if tunnel { FLOW_TUNNEL } else { 0 },
         };
         // A failed insert is harmless: the next packet decides again.
         let _ = FLOWS.insert(&f.key, entry, 0);
     }
-    Outcome { endpoint_id: ep.endpoint_id, remote_identity, direction: qdir, reply: is_reply, value }
+    Outcome { endpoint_id: ep.endpoint_id, remote_identity, direction: qdir, reply: is_reply, tunnel, value }
 }
 
 /// Mark a cached flow closed. True the first time, so a connection's close is counted once

@@ -8,9 +8,11 @@
 //! | `warden_to_wl`   | TCX egress of the host-side veth  | packets entering the workload (ingress) |
 //! | `warden_connect4`| cgroup/connect4 on the workload   | `connect()`: EPERM at once when denied  |
 //! | `warden_sock_out`| cgroup_skb/egress on the workload | sends on a denied flow fail with EPERM  |
+//! | `warden_sockops` | sock_ops on a meshed workload     | a captured socket's source port         |
 #![no_std]
 #![no_main]
 
+mod capture;
 mod enforce;
 mod maps;
 mod packet;
@@ -21,15 +23,18 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
     },
-    macros::{cgroup_skb, cgroup_sock_addr, classifier},
-    programs::{SkBuffContext, SockAddrContext, TcContext},
+    macros::{cgroup_skb, cgroup_sock_addr, classifier, sock_ops},
+    programs::{SkBuffContext, SockAddrContext, SockOpsContext, TcContext},
 };
-use warden_common::{Direction, DropReason, EVENT_CLOSED, EVENT_DECIDED, HOOK_CONNECT, HOOK_TC, PolicyValue};
+use warden_common::{
+    Direction, DropReason, EVENT_CLOSED, EndpointInfo, EVENT_DECIDED, HOOK_CONNECT, HOOK_TC, MARK_MASK, MARK_TO_AGENT, MARK_TUNNEL,
+    PROTO_TCP, PolicyValue, REMOTE_MESHED, SockAddr,
+};
 
 use crate::{
     enforce::{
         Cache, Cached, Flow, Outcome, Traffic, cached, config, count, decide_new, emit, endpoint, mark_closed,
-        mark_closed_key, policy, remote,
+        mark_closed_key, plaintext_view, policy, remote,
     },
     maps::CGROUPS,
     packet::{Direct, L3, Loaded, Tuple, parse_ethernet, parse_ipv4},
@@ -56,6 +61,14 @@ pub fn warden_connect4(ctx: SockAddrContext) -> i32 {
         emit(EVENT_DECIDED, HOOK_CONNECT, &t, false, &o);
     }
     o.value.is_allow() as i32
+}
+
+/// sock_ops on a meshed workload's cgroup: files a captured connection's original destination
+/// under its source port. Always 1 (no opinion on the socket's options).
+#[sock_ops]
+pub fn warden_sockops(ctx: SockOpsContext) -> u32 {
+    capture::on_sock_op(&ctx);
+    1
 }
 
 /// cgroup_skb/egress on the workload's cgroup: 1 sends, 0 drops and fails the send with EPERM.
@@ -96,22 +109,28 @@ fn tc(ctx: &TcContext, ifindex: u32, dir: Direction) -> Result<Option<(Outcome, 
     let syn = t.is_syn();
     let mut traffic =
         Traffic { inbound: dir == Direction::Ingress, bytes: ctx.len() as u64, opened: syn, closed: false };
+    // Only the node agent (CAP_NET_ADMIN in the node's namespace) can mark a packet: a
+    // workload's marks are cleared as its packets cross into the node.
+    // SAFETY: the context's skb pointer is valid for the program's run.
+    let marked = dir == Direction::Ingress && unsafe { (*ctx.skb.skb).mark } & MARK_MASK == MARK_TUNNEL;
     // A SYN opens a new connection: always decided afresh (a reused 5-tuple starts clean).
-    let is_reply = match if syn { Cached::Miss { is_reply: false } } else { cached(&cfg, &f, dir) } {
+    let cache = if syn { Cached::Miss { is_reply: false, tunnel: marked } } else { cached(&cfg, &f, dir, marked) };
+    let (is_reply, tunnel) = match cache {
         Cached::Hit(o, entry) => {
             traffic.closed = t.is_fin_or_rst() && mark_closed(entry);
             if traffic.closed {
                 emit(EVENT_CLOSED, HOOK_TC, &t, o.reply, &o);
             }
+            to_agent(ctx, &o);
             return Ok(Some((o, traffic)));
         }
-        Cached::Miss { is_reply } => is_reply,
+        Cached::Miss { is_reply, tunnel } => (is_reply, tunnel),
     };
     let ep = endpoint(cfg.active_slot(), ifindex).map_err(|r| (0, r))?;
     if dir == Direction::Egress && t.saddr != ep.ip {
         return Err((ep.endpoint_id, DropReason::SourceSpoof));
     }
-    let o = decide_new(&cfg, &f, &ep, dir, is_reply, Cache::Write);
+    let o = decide_new(&cfg, &f, &ep, dir, is_reply, tunnel, Cache::Write);
     if !is_reply {
         emit(EVENT_DECIDED, HOOK_TC, &t, false, &o);
     }
@@ -119,7 +138,22 @@ fn tc(ctx: &TcContext, ifindex: u32, dir: Direction) -> Result<Option<(Outcome, 
     if traffic.closed {
         emit(EVENT_CLOSED, HOOK_TC, &t, o.reply, &o);
     }
+    to_agent(ctx, &o);
     Ok(Some((o, traffic)))
+}
+
+/// A workload's reply to the agent's delivery of an mTLS connection goes to the original
+/// client's address, which is not on this node: mark it for the policy-routing rule that hands
+/// it to the agent's transparent socket.
+#[inline(always)]
+fn to_agent(ctx: &TcContext, o: &Outcome) {
+    if o.tunnel && o.reply && o.value.is_allow() {
+        // SAFETY: the context's skb pointer is valid for the program's run; TC may write `mark`.
+        unsafe {
+            let skb = &mut *ctx.skb.skb;
+            skb.mark = (skb.mark & !MARK_MASK) | MARK_TO_AGENT;
+        }
+    }
 }
 
 /// Deepest cgroup level searched for a workload's cgroup (a pod's containers sit below it).
@@ -179,22 +213,44 @@ fn connect4(ctx: &SockAddrContext) -> (Outcome, Tuple) {
     };
     key.saddr = ep.ip;
     let dst = remote(slot, key.daddr);
-    let out = policy(slot, &ep, Direction::Egress, dst.identity, proto, key.dport);
+    let out = policy(slot, &ep, Direction::Egress, dst.identity, proto, key.dport, false);
     let egress = Outcome {
         endpoint_id: ep.endpoint_id,
         remote_identity: dst.identity,
         direction: Direction::Egress,
         reply: false,
+        tunnel: false,
         value: out,
     };
-    if !out.is_allow() || dst.local_ifindex == 0 {
+    if !out.is_allow() {
         return (egress, key);
     }
-    let peer = match endpoint(slot, dst.local_ifindex) {
-        Ok(p) => p,
-        Err(r) => return (Outcome::drop(ep.endpoint_id, Direction::Egress, r), key),
+    // (No `Option<EndpointInfo>` here: the verifier rejects reading its uninitialised payload.)
+    let local = dst.local_ifindex != 0;
+    let peer = if local {
+        match endpoint(slot, dst.local_ifindex) {
+            Ok(p) => p,
+            Err(r) => return (Outcome::drop(ep.endpoint_id, Direction::Egress, r), key),
+        }
+    } else {
+        EndpointInfo::default()
     };
-    let value = policy(slot, &peer, Direction::Ingress, ep.identity, proto, key.dport);
+    // Mesh to mesh: the node agent carries the connection over mTLS and authorizes it with the
+    // proven identity (and the destination's kernel enforces it again on the last hop).
+    let dst_meshed = if local { peer.is_meshed() } else { dst.flags & REMOTE_MESHED != 0 };
+    if proto == PROTO_TCP && cfg.capture_port != 0 && ep.is_meshed() && dst_meshed && key.daddr != ep.ip {
+        let orig = SockAddr { addr: key.daddr, port: key.dport, _pad: 0 };
+        if capture::redirect(ctx, &cfg, ep.endpoint_id, orig) {
+            return (egress, key);
+        }
+        return (Outcome::drop(ep.endpoint_id, Direction::Egress, DropReason::NoState), key);
+    }
+    if !local {
+        return (egress, key);
+    }
+    // Not through the agent: a meshed peer decides it in its plaintext view.
+    let plaintext = plaintext_view(&peer, Direction::Ingress, false);
+    let value = policy(slot, &peer, Direction::Ingress, ep.identity, proto, key.dport, plaintext);
     if value.is_allow() {
         (egress, key)
     } else {
@@ -205,6 +261,7 @@ fn connect4(ctx: &SockAddrContext) -> (Outcome, Tuple) {
                 remote_identity: ep.identity,
                 direction: Direction::Ingress,
                 reply: false,
+                tunnel: false,
                 value,
             },
             key,
@@ -253,10 +310,10 @@ fn sock_out(ctx: &SkBuffContext) -> PolicyValue {
         Err(r) => return PolicyValue::deny(0, r),
     };
     let f = Flow::new(ifindex, t);
-    let value = match cached(&cfg, &f, Direction::Egress) {
+    let value = match cached(&cfg, &f, Direction::Egress, false) {
         Cached::Hit(o, _) => o.value,
-        Cached::Miss { is_reply } => match endpoint(cfg.active_slot(), ifindex) {
-            Ok(ep) => decide_new(&cfg, &f, &ep, Direction::Egress, is_reply, Cache::ReadOnly).value,
+        Cached::Miss { is_reply, tunnel } => match endpoint(cfg.active_slot(), ifindex) {
+            Ok(ep) => decide_new(&cfg, &f, &ep, Direction::Egress, is_reply, tunnel, Cache::ReadOnly).value,
             Err(r) => PolicyValue::deny(0, r),
         },
     };

@@ -9,23 +9,23 @@ use aya_ebpf::{
 };
 use warden_common::{
     Config, Counter, CounterKey, EndpointInfo, EndpointKey, FlowEvent, FlowKey, FlowValue, IpcacheAddr, PolicyKey,
-    PolicyValue, RemoteInfo, SockVerdict,
+    OrigDst, PolicyValue, RemoteInfo, SockAddr, SockVerdict,
     capacity::{
-        CGROUPS as CGROUPS_CAP, COUNTERS as COUNTERS_CAP, ENDPOINTS as ENDPOINTS_CAP, EVENTS_BYTES, FLOWS as FLOWS_CAP,
+        CAPTURED as CAPTURED_CAP, CGROUPS as CGROUPS_CAP, COUNTERS as COUNTERS_CAP, ENDPOINTS as ENDPOINTS_CAP, EVENTS_BYTES, FLOWS as FLOWS_CAP,
         IPCACHE as IPCACHE_CAP, POLICY as POLICY_CAP,
     },
 };
 
 /// The committed generation; its low bit selects the active slot.
-#[btf_map(name = "warden_config_v1")]
+#[btf_map(name = "warden_config_v2")]
 pub static CONFIG: Array<Config, 1> = Array::new();
 
 /// Identity cache: (slot, IPv4 prefix) -> identity of the remote.
-#[btf_map(name = "warden_ipcache_v1")]
+#[btf_map(name = "warden_ipcache_v2")]
 pub static IPCACHE: LpmTrie<IpcacheAddr, RemoteInfo, { IPCACHE_CAP as usize }> = LpmTrie::new();
 
 /// The identity cache's /32 entries, exact-match (allocated on insert: most of it stays unused).
-#[btf_map(name = "warden_ipcache_hosts_v1")]
+#[btf_map(name = "warden_ipcache_hosts_v2")]
 pub static IPCACHE_HOSTS: HashMap<IpcacheAddr, RemoteInfo, { IPCACHE_CAP as usize }, { BPF_F_NO_PREALLOC as usize }> =
     HashMap::new();
 
@@ -59,6 +59,14 @@ pub static EVENTS: RingBuf<FlowEvent, { EVENTS_BYTES as usize }> = RingBuf::new(
 /// The cgroup_skb hook's per-socket verdict cache (connected TCP sockets of workloads).
 #[btf_map(name = "warden_sockets_v1")]
 pub static SOCKETS: SkStorage<SockVerdict> = SkStorage::new();
+
+/// Captured `connect()`s by socket cookie, until the socket has its source port.
+#[btf_map(name = "warden_captured_v1")]
+pub static CAPTURED: LruHashMap<u64, OrigDst, { CAPTURED_CAP as usize }> = LruHashMap::new();
+
+/// Captured connections by the workload's (address, source port), for the agent's `accept()`.
+#[btf_map(name = "warden_orig_dst_v1")]
+pub static ORIG_DST: LruHashMap<SockAddr, OrigDst, { CAPTURED_CAP as usize }> = LruHashMap::new();
 
 #[inline(always)]
 pub fn ipcache_key(slot: u8, addr: [u8; 4]) -> Key<IpcacheAddr> {

@@ -145,6 +145,12 @@ pub struct Probe {
     pub detail: String,
     #[serde(default)]
     pub round_trips: Option<u64>,
+    /// `echo`: the client's address as the server saw it.
+    #[serde(default)]
+    pub seen_as: Option<String>,
+    /// `echo`: the bytes came back intact.
+    #[serde(default)]
+    pub intact: Option<bool>,
 }
 
 pub struct Lab {
@@ -156,6 +162,10 @@ pub struct Lab {
     pub pin_dir: PathBuf,
     pub state_dir: PathBuf,
     pub cgroup_dir: PathBuf,
+    /// Workloads of other nodes this node knows (see [`Lab::wire`]).
+    pub remote: Vec<Spec>,
+    /// The node's end of the wire to another node: (interface, address).
+    pub wire: Option<(String, Ipv4Addr)>,
     servers: Vec<Child>,
     agent: Option<Child>,
 }
@@ -187,6 +197,8 @@ impl Lab {
             state_dir: dir.join("state"),
             dir,
             cgroup_dir: cgroup_dir.clone(),
+            remote: Vec::new(),
+            wire: None,
             servers: Vec::new(),
             agent: None,
         };
@@ -269,6 +281,48 @@ impl Lab {
         Ok(lab)
     }
 
+    /// Join two nodes with a veth "wire" (`<tag>x` in each node namespace, 192.168.77.1/.2), route
+    /// each node's workload addresses over it, and make each node know the other's workloads (its
+    /// workload file lists them without a veth), as two Kubernetes nodes of one cluster.
+    pub fn wire(a: &mut Lab, b: &mut Lab) -> anyhow::Result<()> {
+        let (ia, ib) = (format!("{}x", a.tag), format!("{}x", b.tag));
+        let (aa, ab) = (Ipv4Addr::new(192, 168, 77, 1), Ipv4Addr::new(192, 168, 77, 2));
+        run(&["ip", "link", "add", &ia, "netns", &a.node, "type", "veth", "peer", "name", &ib, "netns", &b.node])?;
+        for (lab, iface, addr) in [(&mut *a, &ia, aa), (&mut *b, &ib, ab)] {
+            lab.in_node(&["ip", "addr", "add", &format!("{addr}/30"), "dev", iface])?;
+            lab.in_node(&["ip", "link", "set", iface, "up"])?;
+            lab.wire = Some((iface.clone(), addr));
+        }
+        for (from, to, via, iface) in [(&*a, &*b, ab, &ia), (&*b, &*a, aa, &ib)] {
+            for m in &to.members {
+                from.in_node(&["ip", "route", "add", &format!("{}/32", m.spec.ip), "via", &via.to_string(), "dev", iface])?;
+            }
+        }
+        let (sa, sb): (Vec<Spec>, Vec<Spec>) =
+            (a.members.iter().map(|m| m.spec.clone()).collect(), b.members.iter().map(|m| m.spec.clone()).collect());
+        a.remote.extend(sb);
+        b.remote.extend(sa);
+        Ok(())
+    }
+
+    /// A command in the node's network namespace.
+    pub fn node_command(&self, program: &str, args: &[&str]) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{}", self.node)).arg("--").arg(program).args(args);
+        c
+    }
+
+    /// `warden-probe echo`: one line to `ip:port` and back.
+    pub fn echo(&self, from: &str, ip: Ipv4Addr, port: u16, message: &str) -> Probe {
+        let out = self
+            .command_in(from, &probe_bin(), &["echo".into(), format!("{ip}:{port}"), message.into()])
+            .output()
+            .expect("running warden-probe");
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!("probe output {:?} ({e}); stderr {}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+        })
+    }
+
     fn in_node(&self, args: &[&str]) -> anyhow::Result<String> {
         let mut v = vec!["ip", "netns", "exec", &self.node];
         v.extend_from_slice(args);
@@ -308,6 +362,17 @@ impl Lab {
                 m.spec.ip,
                 m.veth,
                 m.cgroup.display()
+            );
+        }
+        for r in &self.remote {
+            let labels: Vec<String> = r.labels.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+            s += &format!(
+                "  - name: {}\n    namespace: {}\n    serviceAccount: {}\n    labels: {{{}}}\n    ip: {}\n",
+                r.name,
+                r.namespace,
+                r.service_account,
+                labels.join(", "),
+                r.ip
             );
         }
         s

@@ -13,7 +13,8 @@ use std::{
 use aya::{
     Ebpf,
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, LinkOrder, SchedClassifier, SockOps,
+        TcAttachType,
         links::{FdLink, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
     },
@@ -32,10 +33,13 @@ pub enum Hook {
     Connect4,
     /// cgroup_skb/egress (`warden_sock_out`).
     SockEgress,
+    /// sock_ops (`warden_sockops`), on meshed workloads only: captured sockets' source ports.
+    SockOps,
 }
 
 impl Hook {
-    pub const ALL: [Hook; 4] = [Hook::TcFromWorkload, Hook::TcToWorkload, Hook::Connect4, Hook::SockEgress];
+    pub const ALL: [Hook; 5] =
+        [Hook::TcFromWorkload, Hook::TcToWorkload, Hook::Connect4, Hook::SockEgress, Hook::SockOps];
 
     pub const fn pin_name(self) -> &'static str {
         match self {
@@ -43,6 +47,7 @@ impl Hook {
             Hook::TcToWorkload => "tc_to_workload",
             Hook::Connect4 => "connect4",
             Hook::SockEgress => "sock_egress",
+            Hook::SockOps => "sock_ops",
         }
     }
 
@@ -52,6 +57,7 @@ impl Hook {
             Hook::TcToWorkload => "warden_to_wl",
             Hook::Connect4 => "warden_connect4",
             Hook::SockEgress => "warden_sock_out",
+            Hook::SockOps => "warden_sockops",
         }
     }
 }
@@ -88,7 +94,12 @@ pub fn pinned_workloads(pin_dir: &Path) -> Vec<String> {
 }
 
 /// Attach (or re-attach after a restart) every hook of a local workload.
-pub fn attach(ebpf: &mut Ebpf, pin_dir: &Path, key: &str, local: &Local) -> Result<(), AttachError> {
+/// Whether the workload's sock_ops link (the mesh's) is pinned.
+pub fn has_sock_ops(pin_dir: &Path, key: &str) -> bool {
+    workload_dir(pin_dir, key).join(Hook::SockOps.pin_name()).exists()
+}
+
+pub fn attach(ebpf: &mut Ebpf, pin_dir: &Path, key: &str, local: &Local, meshed: bool) -> Result<(), AttachError> {
     let dir = workload_dir(pin_dir, key);
     fs::create_dir_all(&dir).map_err(|e| AttachError::Pin {
         workload: key.into(),
@@ -107,10 +118,15 @@ pub fn attach(ebpf: &mut Ebpf, pin_dir: &Path, key: &str, local: &Local) -> Resu
             })?;
             attach_cgroup(ebpf, &dir, key, Hook::Connect4, &file, cg)?;
             attach_cgroup(ebpf, &dir, key, Hook::SockEgress, &file, cg)?;
+            if meshed {
+                attach_cgroup(ebpf, &dir, key, Hook::SockOps, &file, cg)?;
+            } else {
+                release(&dir.join(Hook::SockOps.pin_name()));
+            }
         }
         None => {
             // The workload has no cgroup (any more): drop cgroup links it may have had.
-            for hook in [Hook::Connect4, Hook::SockEgress] {
+            for hook in [Hook::Connect4, Hook::SockEgress, Hook::SockOps] {
                 release(&dir.join(hook.pin_name()));
             }
         }
@@ -184,6 +200,14 @@ fn attach_cgroup(
     let new: FdLink = match hook {
         Hook::Connect4 => {
             let prog: &mut CgroupSockAddr = ebpf
+                .program_mut(hook.program())
+                .and_then(|p| p.try_into().ok())
+                .ok_or(AttachError::MissingProgram(hook.program()))?;
+            let id = prog.attach(cgroup.as_fd(), CgroupAttachMode::default()).map_err(attach_err)?;
+            prog.take_link(id).map_err(attach_err)?.try_into().map_err(|e| pin_err(key, hook, &path, e))?
+        }
+        Hook::SockOps => {
+            let prog: &mut SockOps = ebpf
                 .program_mut(hook.program())
                 .and_then(|p| p.try_into().ok())
                 .ok_or(AttachError::MissingProgram(hook.program()))?;

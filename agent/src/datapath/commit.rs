@@ -26,6 +26,8 @@ pub struct NodeState {
     pub endpoints: Vec<(u32, EndpointInfo)>,
     /// Keys in slot 0; the commit re-slots them.
     pub policy: Vec<(PolicyKey, PolicyValue)>,
+    /// The node agent's outbound listener, when the node runs the mesh.
+    pub capture: Option<std::net::SocketAddrV4>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -109,7 +111,9 @@ pub fn commit(maps: &mut Maps, state: &NodeState, inactive_clean: &mut bool) -> 
         })?;
     }
 
-    maps.config.set(0, Config { generation: next, flags: 0 }, 0).map_err(CommitError::Flip)?;
+    let (capture_addr, capture_port) = state.capture.map_or(([0; 4], 0), |a| (a.ip().octets(), a.port()));
+    let config = Config { generation: next, flags: 0, capture_addr, capture_port, _pad: 0 };
+    maps.config.set(0, config, 0).map_err(CommitError::Flip)?;
 
     clear_slot(maps, current.active_slot())?;
     *inactive_clean = true;

@@ -14,7 +14,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{CgroupSkb, CgroupSockAddr, SchedClassifier},
+    programs::{CgroupSkb, CgroupSockAddr, SchedClassifier, SockOps},
 };
 use warden_common::names;
 
@@ -98,6 +98,10 @@ impl Datapath {
         let p: &mut CgroupSkb =
             ebpf.program_mut(name).and_then(|p| p.try_into().ok()).ok_or(LoadError::MissingProgram(name))?;
         p.load().map_err(|source| LoadError::Program { name, source })?;
+        let name = "warden_sockops";
+        let p: &mut SockOps =
+            ebpf.program_mut(name).and_then(|p| p.try_into().ok()).ok_or(LoadError::MissingProgram(name))?;
+        p.load().map_err(|source| LoadError::Program { name, source })?;
 
         let maps = Maps::open(pin_dir)?;
         Ok(Datapath { pin_dir: pin_dir.to_path_buf(), ebpf, maps, inactive_clean: false })
@@ -107,8 +111,13 @@ impl Datapath {
         commit::commit(&mut self.maps, state, &mut self.inactive_clean)
     }
 
-    pub fn attach(&mut self, key: &str, local: &crate::workloads::Local) -> Result<(), attach::AttachError> {
-        attach::attach(&mut self.ebpf, &self.pin_dir, key, local)
+    pub fn attach(
+        &mut self,
+        key: &str,
+        local: &crate::workloads::Local,
+        meshed: bool,
+    ) -> Result<(), attach::AttachError> {
+        attach::attach(&mut self.ebpf, &self.pin_dir, key, local, meshed)
     }
 
     pub fn detach(&self, key: &str) {

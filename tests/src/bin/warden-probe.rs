@@ -24,7 +24,9 @@ fn serve(ports: &[u16]) -> ! {
             for conn in l.incoming().flatten() {
                 std::thread::spawn(move || {
                     let mut w = conn.try_clone().expect("clone");
-                    if w.write_all(format!("hello {port}\n").as_bytes()).is_err() {
+                    // The greeting names the client's address as this server sees it.
+                    let peer = conn.peer_addr().map_or_else(|_| "?".into(), |a| a.to_string());
+                    if w.write_all(format!("hello {port} from {peer}\n").as_bytes()).is_err() {
                         return;
                     }
                     for line in BufReader::new(conn).lines() {
@@ -61,6 +63,11 @@ fn report(result: &str, start: Instant, detail: &str, extra: serde_json::Value) 
 }
 
 fn connect(addr: SocketAddr, timeout: Duration) -> Result<BufReader<TcpStream>, std::io::Error> {
+    connect_greeted(addr, timeout).map(|(r, _)| r)
+}
+
+/// Connect and read the server's greeting (`hello PORT from CLIENT-ADDR`).
+fn connect_greeted(addr: SocketAddr, timeout: Duration) -> Result<(BufReader<TcpStream>, String), std::io::Error> {
     let s = TcpStream::connect_timeout(&addr, timeout)?;
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
@@ -70,7 +77,7 @@ fn connect(addr: SocketAddr, timeout: Duration) -> Result<BufReader<TcpStream>, 
     if !hello.starts_with("hello ") {
         return Err(std::io::Error::new(ErrorKind::InvalidData, format!("unexpected greeting {hello:?}")));
     }
-    Ok(r)
+    Ok((r, hello.trim_end().to_string()))
 }
 
 /// SO_LINGER {on, 0}: the close sends RST and leaves no TIME_WAIT.
@@ -104,6 +111,27 @@ fn main() {
             let start = Instant::now();
             match connect(addr, Duration::from_millis(flag("--timeout-ms", 1500))) {
                 Ok(_) => report("allowed", start, "", serde_json::json!({})),
+                Err(e) => report(classify(&e), start, &e.to_string(), serde_json::json!({})),
+            }
+        }
+        Some("echo") => {
+            // echo IP:PORT MESSAGE: one line there and back; reports what the server saw as the
+            // client's address and whether the bytes came back intact.
+            let addr: SocketAddr = args[1].parse().expect("IP:PORT");
+            let message = args.get(2).cloned().unwrap_or_else(|| "warden-echo".into());
+            let start = Instant::now();
+            let timeout = Duration::from_millis(flag("--timeout-ms", 2000));
+            let result = connect_greeted(addr, timeout).and_then(|(mut r, greeting)| {
+                r.get_mut().write_all(format!("{message}\n").as_bytes())?;
+                let mut back = String::new();
+                r.read_line(&mut back)?;
+                Ok((greeting, back.trim_end() == message))
+            });
+            match result {
+                Ok((greeting, intact)) => {
+                    let seen = greeting.rsplit(' ').next().unwrap_or("").to_string();
+                    report("allowed", start, "", serde_json::json!({"seen_as": seen, "intact": intact}))
+                }
                 Err(e) => report(classify(&e), start, &e.to_string(), serde_json::json!({})),
             }
         }

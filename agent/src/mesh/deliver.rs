@@ -1,0 +1,26 @@
+//! The last hop: the agent's connection to a local workload, carrying a connection it received
+//! (or captured) for it.
+//!
+//! The socket is transparent (`IP_TRANSPARENT`) and bound to the original client's address, so
+//! the workload sees the source it expects and the kernel's identity cache finds the client's
+//! identity; it carries [`MARK_TUNNEL`], which only a process with CAP_NET_ADMIN in the node's
+//! namespace can set, so the workload's TC program decides it in the authenticated view of its
+//! policy. The workload's replies are marked by the kernel and routed back here (`routing`).
+
+use std::net::{SocketAddr, SocketAddrV4};
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::{TcpSocket, TcpStream};
+use warden_common::MARK_TUNNEL;
+
+/// Connect to `workload` as `client` (port chosen by the kernel).
+pub async fn connect(client: std::net::Ipv4Addr, workload: SocketAddrV4) -> std::io::Result<TcpStream> {
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_ip_transparent_v4(true)?;
+    socket.set_mark(MARK_TUNNEL)?;
+    socket.set_tcp_nodelay(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&SocketAddr::V4(SocketAddrV4::new(client, 0)).into())?;
+    let socket = TcpSocket::from_std_stream(socket.into());
+    socket.connect(SocketAddr::V4(workload)).await
+}

@@ -1,0 +1,108 @@
+//! The HBONE server (15008): a connection arrives over mutual TLS from a peer node's agent (or
+//! any HBONE client), carrying one CONNECT stream per tunneled connection.
+//!
+//! For each stream: the destination must be a meshed workload on this node; the claimed source
+//! address (`forwarded`) must belong to a workload whose identity is the one the client's
+//! certificate proves (a workload forging another's address gains nothing); the policy engine
+//! decides with that identity; an allowed stream is delivered to the workload (`deliver`).
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
+
+use tokio::{net::TcpStream, sync::watch};
+use warden_authz::Verdict;
+use warden_hbone::{
+    BoxError, Inbound, InboundRequest, Refusal, SecretManagerTls, ServerTls, TransferError, TransferStats,
+};
+
+use super::{deliver, view::View};
+
+/// The server side's certificate: the destination workload's, chosen by the address the client
+/// dialled (the workload's own: HBONE clients dial the destination pod's address).
+pub struct WorkloadTls {
+    pub tls: SecretManagerTls,
+    pub view: watch::Receiver<Arc<View>>,
+}
+
+impl ServerTls for WorkloadTls {
+    async fn config(&self, local: SocketAddr) -> Result<Arc<rustls::ServerConfig>, BoxError> {
+        let IpAddr::V4(ip) = local.ip() else {
+            return Err(format!("{local}: IPv6 is not served").into());
+        };
+        let identity = {
+            let view = self.view.borrow();
+            match view.workload(ip) {
+                Some(w) if w.is_local() && w.meshed => w.identity.clone(),
+                _ => return Err(format!("{ip} is not a meshed workload on this node").into()),
+            }
+        };
+        self.tls.server_config(&identity).await
+    }
+}
+
+/// Authorizes and delivers tunneled connections.
+pub struct Handler {
+    pub view: watch::Receiver<Arc<View>>,
+    /// The agent's own ports, never a tunnel's destination (ztunnel refuses them too).
+    pub reserved_ports: Vec<u16>,
+}
+
+impl Inbound for Handler {
+    type Upstream = TcpStream;
+
+    async fn open(&self, req: &InboundRequest) -> Result<TcpStream, Refusal> {
+        let (dst, source_ip, decision, dst_key) = {
+            let view = self.view.borrow().clone();
+            let SocketAddr::V4(dst) = req.destination else {
+                return Err(Refusal::bad_request("IPv6 destinations are not served"));
+            };
+            if self.reserved_ports.contains(&dst.port()) {
+                return Err(Refusal::bad_request(format!("{dst}: a port of the node agent")));
+            }
+            let Some(target) = view.workload(*dst.ip()).filter(|w| w.is_local() && w.meshed) else {
+                return Err(Refusal::bad_request(format!("{}: not a meshed workload on this node", dst.ip())));
+            };
+            // ztunnel's rule: the tunnel's authority is the address the client dialled.
+            if req.connection.local.ip() != req.destination.ip() {
+                return Err(Refusal::bad_request(format!(
+                    "authority {} differs from the dialled address {}",
+                    req.destination, req.connection.local
+                )));
+            }
+            let peer = req.peer_identity();
+            let Some(IpAddr::V4(source_ip)) = req.forwarded.for_ip else {
+                return Err(Refusal::bad_request("no source address (`forwarded: for=`)"));
+            };
+            // The claimed source must be a workload of the proven identity.
+            match view.workload(source_ip) {
+                Some(src) if &src.identity == peer => {}
+                _ => {
+                    tracing::warn!(%peer, %source_ip, destination = %dst, "refused: the source address is not a workload of the peer's identity");
+                    return Err(Refusal::denied("source address does not belong to the peer identity"));
+                }
+            }
+            let decision = view.authorize(peer, source_ip, target, dst.port());
+            (dst, source_ip, decision, target.workload.key())
+        };
+        let policy = decision.policy.clone().unwrap_or_else(|| "default".into());
+        if decision.decision == Verdict::Deny {
+            tracing::info!(
+                peer = %req.peer_identity(), source = %source_ip, destination = %dst, workload = %dst_key, %policy,
+                "mTLS connection denied"
+            );
+            return Err(Refusal::denied(policy));
+        }
+        let upstream = deliver::connect(source_ip, dst).await.map_err(|e| Refusal::unreachable(e.to_string()))?;
+        tracing::debug!(peer = %req.peer_identity(), source = %source_ip, destination = %dst, %policy, "mTLS connection allowed");
+        Ok(upstream)
+    }
+
+    fn closed(&self, req: &InboundRequest, result: &Result<TransferStats, TransferError>) {
+        match result {
+            Ok(s) => tracing::debug!(destination = %req.destination, sent = s.sent, received = s.received, "tunnel closed"),
+            Err(e) => tracing::debug!(destination = %req.destination, "tunnel failed: {e}"),
+        }
+    }
+}

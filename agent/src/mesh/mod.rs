@@ -1,0 +1,117 @@
+//! The mTLS data plane: capture, HBONE tunnels between node agents, authorization with the peer's
+//! proven identity, and delivery to the workload tagged for the kernel.
+//!
+//! | module      | concern                                                                |
+//! |-------------|------------------------------------------------------------------------|
+//! | `routing`   | the node's policy-routing rules that hand HBONE and tunnel replies to the agent |
+//! | `outbound`  | the capture listener (15001): original destination, HBONE to the peer   |
+//! | `inbound`   | the HBONE server (15008): authorize, deliver to the workload            |
+//! | `deliver`   | the last hop: a transparent, marked socket to the local workload        |
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+/// Where the mesh listens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MeshConfig {
+    /// The outbound capture listener: an address every workload reaches on the node (the
+    /// gateway on its host veth), port 15001 as ztunnel's.
+    pub capture: SocketAddrV4,
+    /// The HBONE port (15008).
+    pub hbone_port: u16,
+}
+
+impl Default for MeshConfig {
+    fn default() -> Self {
+        MeshConfig { capture: SocketAddrV4::new(Ipv4Addr::new(169, 254, 1, 1), 15001), hbone_port: 15008 }
+    }
+}
+
+mod deliver;
+mod inbound;
+mod outbound;
+pub mod routing;
+pub mod view;
+
+use std::{net::SocketAddr, path::Path, sync::Arc};
+
+use tokio::{net::TcpListener, sync::watch};
+use warden_hbone::{HboneServer, Pool, PoolOptions, SecretManagerTls, ServerOptions};
+use warden_identity::tls::CompliancePolicy;
+
+pub use view::View;
+
+/// Ports of the node agent that are never a tunnel's destination (ztunnel's: outbound, inbound
+/// plaintext, HBONE, admin, metrics, readiness).
+const AGENT_PORTS: [u16; 3] = [15000, 15020, 15021];
+
+/// The running mesh. Dropping it does not stop the listeners (they live as long as the agent).
+pub struct Mesh {
+    view: watch::Sender<Arc<View>>,
+}
+
+impl Mesh {
+    /// Install the node's routing, start the HBONE server and the capture listener.
+    pub async fn start(
+        cfg: &MeshConfig,
+        certs: &crate::certs::WorkloadCerts,
+        pin_dir: &Path,
+        view: View,
+    ) -> anyhow::Result<Mesh> {
+        routing::install(cfg.hbone_port)?;
+        let (tx, rx) = watch::channel(Arc::new(view));
+        let tls = SecretManagerTls::new(certs.secrets().clone(), CompliancePolicy::from_env()?);
+
+        let mut reserved = vec![cfg.capture.port(), 15006, cfg.hbone_port];
+        reserved.extend(AGENT_PORTS);
+        let listener = hbone_listener(cfg.hbone_port)?;
+        let server = HboneServer::new(
+            listener,
+            inbound::WorkloadTls { tls: tls.clone(), view: rx.clone() },
+            inbound::Handler { view: rx.clone(), reserved_ports: reserved },
+            ServerOptions::default(),
+        );
+        tokio::spawn(server.run());
+
+        let outbound = Arc::new(outbound::Outbound {
+            view: rx,
+            orig: outbound::OrigDstMap::open(pin_dir)?,
+            pool: Pool::new(tls, PoolOptions::default()),
+            hbone_port: cfg.hbone_port,
+        });
+        tokio::spawn(outbound.run(capture_listener(cfg.capture)?));
+        tracing::info!(capture = %cfg.capture, hbone = cfg.hbone_port, "mesh: capturing and serving HBONE");
+        Ok(Mesh { view: tx })
+    }
+
+    /// Serve the next snapshot.
+    pub fn update(&self, view: View) {
+        self.view.send_replace(Arc::new(view));
+    }
+}
+
+/// The HBONE listener on `0.0.0.0`. `IP_TRANSPARENT`: it accepts connections to the addresses of
+/// the pods it serves (routed here by `routing`), and its replies leave from those addresses,
+/// which are not the node's own.
+fn hbone_listener(port: u16) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_ip_transparent_v4(true)?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&SocketAddr::from(([0, 0, 0, 0], port)).into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// The capture listener. `IP_FREEBIND`: the gateway address exists only once a workload's veth
+/// carries it, and the agent may start first.
+fn capture_listener(addr: std::net::SocketAddrV4) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_freebind_v4(true)?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&SocketAddr::V4(addr).into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}

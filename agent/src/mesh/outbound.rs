@@ -1,0 +1,118 @@
+//! The capture listener (15001): a meshed workload's `connect()` to a meshed destination was
+//! redirected here by the kernel (`ebpf/src/capture.rs`), which filed the original destination
+//! under the workload's (address, source port).
+//!
+//! The source identity needs no certificate here: the connection comes from the workload's own
+//! veth, where the kernel drops forged source addresses, so its address names its workload. A
+//! destination on another node is reached over HBONE, presenting the source workload's
+//! certificate; one on this node is authorized and delivered directly.
+
+use std::{
+    net::{SocketAddr, SocketAddrV4},
+    path::Path,
+    sync::{Arc, Mutex},
+};
+
+use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+use tokio::{
+    io::AsyncWriteExt as _,
+    net::{TcpListener, TcpStream},
+    sync::watch,
+};
+use warden_authz::Verdict;
+use warden_common::{OrigDst, SockAddr, names};
+use warden_hbone::{ConnectRequest, Key, Pool, SecretManagerTls};
+
+use super::{deliver, view::View};
+
+/// The kernel's record of captured connections (`warden_orig_dst_v1`).
+pub struct OrigDstMap(Mutex<BpfHashMap<MapData, SockAddr, OrigDst>>);
+
+impl OrigDstMap {
+    pub fn open(pin_dir: &Path) -> anyhow::Result<OrigDstMap> {
+        let path = pin_dir.join(names::ORIG_DST);
+        let map = Map::from_map_data(MapData::from_pin(&path)?)?;
+        Ok(OrigDstMap(Mutex::new(map.try_into()?)))
+    }
+
+    /// The original destination of the connection from `client`, taken out of the map.
+    pub fn take(&self, client: SocketAddrV4) -> Option<OrigDst> {
+        let key = SockAddr { addr: client.ip().octets(), port: client.port(), _pad: 0 };
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let orig = map.get(&key, 0).ok()?;
+        let _ = map.remove(&key);
+        Some(orig)
+    }
+}
+
+pub struct Outbound {
+    pub view: watch::Receiver<Arc<View>>,
+    pub orig: OrigDstMap,
+    pub pool: Pool<SecretManagerTls>,
+    pub hbone_port: u16,
+}
+
+impl Outbound {
+    pub async fn run(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            match listener.accept().await {
+                Ok((stream, SocketAddr::V4(client))) => {
+                    let this = self.clone();
+                    tokio::spawn(async move { this.handle(stream, client).await });
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!("capture listener: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    async fn handle(&self, mut stream: TcpStream, client: SocketAddrV4) {
+        let _ = stream.set_nodelay(true);
+        let Some(orig) = self.orig.take(client) else {
+            tracing::warn!(%client, "captured connection without an original destination; refused");
+            return;
+        };
+        let dst = SocketAddrV4::new(orig.dst.addr.into(), orig.dst.port);
+        let (source, target) = {
+            let view = self.view.borrow();
+            let source = view.workload(*client.ip()).filter(|w| w.is_local() && w.meshed).cloned();
+            let target = view.workload(*dst.ip()).filter(|w| w.meshed).cloned();
+            (source, target)
+        };
+        let (Some(source), Some(target)) = (source, target) else {
+            tracing::warn!(%client, destination = %dst, "captured connection between workloads the mesh does not serve; refused");
+            return;
+        };
+        if target.is_local() {
+            // Same node: no wire to protect; authorize with the source's identity and deliver.
+            let decision = self.view.borrow().authorize(&source.identity, *client.ip(), &target, dst.port());
+            if decision.decision == Verdict::Deny {
+                let policy = decision.policy.unwrap_or_else(|| "default".into());
+                tracing::info!(source = %source.identity, destination = %dst, %policy, "connection denied");
+                let _ = stream.shutdown().await;
+                return;
+            }
+            match deliver::connect(*client.ip(), dst).await {
+                Ok(mut upstream) => {
+                    let _ = tokio::io::copy_bidirectional(&mut stream, &mut upstream).await;
+                }
+                Err(e) => tracing::info!(destination = %dst, "delivery failed: {e}"),
+            }
+            return;
+        }
+        let node = SocketAddr::V4(SocketAddrV4::new(*dst.ip(), self.hbone_port));
+        let key = Key::new(source.identity.clone(), node, vec![target.identity.clone()]);
+        let request = ConnectRequest::new(SocketAddr::V4(dst)).forwarded_for(SocketAddr::V4(client));
+        match self.pool.connect(&key, request).await {
+            Ok(tunnel) => {
+                if let Err(e) = tunnel.relay(stream).await {
+                    tracing::debug!(destination = %dst, "tunnel ended with an error: {e}");
+                }
+            }
+            Err(e) => tracing::info!(source = %source.identity, destination = %dst, "tunnel refused: {e}"),
+        }
+    }
+}
