@@ -263,6 +263,7 @@ pub async fn run(cfg: AgentConfig, mut source: Box<dyn Source>) -> anyhow::Resul
     let mut telemetry = crate::telemetry::Telemetry::new(cfg.telemetry.clone(), &cfg.pin_dir, &cfg.state_dir);
     // Certificate metrics (expiry per identity, rotations, CRL age) on the same endpoint.
     let cert_metrics = cfg.certs.as_ref().map(|_| warden_identity::metrics::Metrics::new(telemetry.registry_mut()));
+    let mesh_metrics = telemetry.tcp_recorder();
     let mut telemetry = telemetry.serve().await?;
     let mut record = NodeRecord::load(&cfg.state_dir)?;
     let desired = snapshot(source.as_mut(), &cfg, &mut record)
@@ -281,7 +282,10 @@ pub async fn run(cfg: AgentConfig, mut source: Box<dyn Source>) -> anyhow::Resul
         c.sync_workloads(&desired.workloads).await;
     }
     let mesh = match (&cfg.mesh, &certs) {
-        (Some(m), Some(c)) => Some(crate::mesh::Mesh::start(m, c, &cfg.pin_dir, mesh_view(&desired, &cfg)).await?),
+        (Some(m), Some(c)) => {
+            let view = mesh_view(&desired, &cfg);
+            Some(crate::mesh::Mesh::start(m, c, &cfg.pin_dir, view, mesh_metrics).await?)
+        }
         (Some(_), None) => anyhow::bail!("the mesh needs workload certificates: give a CA (--ca-dir or --ca-addr)"),
         _ => None,
     };

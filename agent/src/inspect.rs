@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr, path::Path};
 
 use serde::Serialize;
 use warden_common::{
-    Direction, DropReason, HOOK_CONNECT, IDENTITY_ANY, IPCACHE_SLOT_BITS, POLICY_ID_NONE, PROTO_ANY, PROTO_ICMP,
+    Direction, DropReason, HOOK_CONNECT, HOOK_TUNNEL, IDENTITY_ANY, IPCACHE_SLOT_BITS, POLICY_ID_NONE, PROTO_ANY, PROTO_ICMP,
     PROTO_TCP, PROTO_UDP, Verdict,
 };
 
@@ -150,7 +150,11 @@ pub fn read(pin_dir: &Path, state_dir: &Path) -> anyhow::Result<MapsView> {
         }
         counters.entry(k.endpoint_id).or_default().push(CounterView {
             direction: Direction::from_u8(k.direction).map_or("?", Direction::name),
-            hook: if k.hook == HOOK_CONNECT { "connect" } else { "tc" },
+            hook: match k.hook {
+                HOOK_CONNECT => "connect",
+                HOOK_TUNNEL => "tunnel",
+                _ => "tc",
+            },
             remote_identity: k.remote_identity,
             remote: identity(k.remote_identity),
             verdict: verdict_name(k.verdict),

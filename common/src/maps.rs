@@ -437,12 +437,15 @@ pub struct CounterKey {
     pub reason: u8,
     /// `Direction` of the flow (who initiated it), not of the packet.
     pub direction: u8,
-    /// Which hook counted it: [`HOOK_TC`] or [`HOOK_CONNECT`].
+    /// Which hook counted it: [`HOOK_TC`], [`HOOK_CONNECT`] or [`HOOK_TUNNEL`].
     pub hook: u8,
 }
 
 pub const HOOK_TC: u8 = 0;
 pub const HOOK_CONNECT: u8 = 1;
+/// The TC hook, for a flow of the mesh: the agent's delivery of an mTLS connection (ingress) or a
+/// workload's captured connection to the agent (egress; the agent reports the source side).
+pub const HOOK_TUNNEL: u8 = 2;
 
 /// [`FlowEvent::kind`]: a new flow was decided (allowed or denied).
 pub const EVENT_DECIDED: u8 = 1;

@@ -27,7 +27,7 @@ use aya_ebpf::{
     programs::{SkBuffContext, SockAddrContext, SockOpsContext, TcContext},
 };
 use warden_common::{
-    Direction, DropReason, EVENT_CLOSED, EndpointInfo, EVENT_DECIDED, HOOK_CONNECT, HOOK_TC, MARK_MASK, MARK_TO_AGENT, MARK_TUNNEL,
+    Direction, DropReason, EVENT_CLOSED, EVENT_DECIDED, EndpointInfo, HOOK_CONNECT, HOOK_TC, HOOK_TUNNEL, MARK_MASK, MARK_TO_AGENT, MARK_TUNNEL,
     PROTO_TCP, PolicyValue, REMOTE_MESHED, SockAddr,
 };
 
@@ -91,7 +91,7 @@ fn tc_verdict(ctx: &TcContext, dir: Direction) -> i32 {
             (Outcome::drop(endpoint_id, dir, reason), t)
         }
     };
-    count(&o, HOOK_TC, &traffic);
+    count(&o, if o.tunnel { HOOK_TUNNEL } else { HOOK_TC }, &traffic);
     if o.value.is_allow() { TC_ACT_OK } else { TC_ACT_SHOT }
 }
 
@@ -147,7 +147,7 @@ fn tc(ctx: &TcContext, ifindex: u32, dir: Direction) -> Result<Option<(Outcome, 
 /// it to the agent's transparent socket.
 #[inline(always)]
 fn to_agent(ctx: &TcContext, o: &Outcome) {
-    if o.tunnel && o.reply && o.value.is_allow() {
+    if o.tunnel && o.reply && o.direction == Direction::Ingress && o.value.is_allow() {
         // SAFETY: the context's skb pointer is valid for the program's run; TC may write `mark`.
         unsafe {
             let skb = &mut *ctx.skb.skb;

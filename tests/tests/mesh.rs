@@ -155,4 +155,35 @@ fn cross_node_traffic_is_mutual_tls_and_authorized_by_principal() {
     let p = c.n1.echo("c", b_ip(net), PORT, "from c");
     assert_ne!(p.result, "allowed", "c is denied by principal: {p:?}");
     assert!(log(&c.n2).contains("b-deny-c"), "node 2 logs the deciding policy:\n{}", log(&c.n2));
+
+    // Istio's metrics, with mutual TLS, on both sides.
+    let m1 = metrics(&c.n1);
+    let m2 = metrics(&c.n2);
+    let series = |text: &str, name: &str, needles: &[&str]| {
+        text.lines().any(|l| l.starts_with(name) && needles.iter().all(|n| l.contains(n)) && !l.ends_with(" 0"))
+    };
+    let mtls = "connection_security_policy=\"mutual_tls\"";
+    assert!(
+        series(&m1, "istio_tcp_connections_opened_total", &["reporter=\"source\"", "source_workload=\"a\"", "destination_workload=\"b\"", mtls, "response_flags=\"-\""]),
+        "node 1 reports a -> b as source over mTLS:\n{m1}"
+    );
+    assert!(
+        // (The kernel's series name a remote peer by principal; its workload name is known only
+        // for workloads of this node.)
+        series(&m2, "istio_tcp_connections_opened_total", &["reporter=\"destination\"", "source_principal=\"spiffe://cluster.local/ns/team/sa/a\"", "destination_workload=\"b\"", mtls]),
+        "node 2 reports a -> b as destination over mTLS:\n{m2}"
+    );
+    assert!(
+        series(&m2, "istio_tcp_connections_opened_total", &["reporter=\"destination\"", "source_workload=\"c\"", "response_flags=\"DENY\""]),
+        "node 2 reports c's refused connection:\n{m2}"
+    );
+    assert!(
+        series(&m2, "warden_policy_denials_total", &["policy=\"team/b-deny-c\""]),
+        "the denial is attributed to its policy:\n{m2}"
+    );
+}
+
+fn metrics(lab: &Lab) -> String {
+    let out = lab.node_command("curl", &["-sf", "http://127.0.0.1:15020/stats/prometheus"]).output().expect("curl");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }

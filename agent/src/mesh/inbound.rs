@@ -17,7 +17,12 @@ use warden_hbone::{
     BoxError, Inbound, InboundRequest, Refusal, SecretManagerTls, ServerTls, TransferError, TransferStats,
 };
 
-use super::{deliver, view::View};
+use super::{
+    deliver,
+    metrics::{Reporter, refused},
+    view::{View, denial_names},
+};
+use crate::telemetry::metrics::TcpRecorder;
 
 /// The server side's certificate: the destination workload's, chosen by the address the client
 /// dialled (the workload's own: HBONE clients dial the destination pod's address).
@@ -45,6 +50,7 @@ impl ServerTls for WorkloadTls {
 /// Authorizes and delivers tunneled connections.
 pub struct Handler {
     pub view: watch::Receiver<Arc<View>>,
+    pub metrics: TcpRecorder,
     /// The agent's own ports, never a tunnel's destination (ztunnel refuses them too).
     pub reserved_ports: Vec<u16>,
 }
@@ -76,26 +82,28 @@ impl Inbound for Handler {
                 return Err(Refusal::bad_request("no source address (`forwarded: for=`)"));
             };
             // The claimed source must be a workload of the proven identity.
-            match view.workload(source_ip) {
-                Some(src) if &src.identity == peer => {}
+            let source = match view.workload(source_ip) {
+                Some(src) if &src.identity == peer => src.clone(),
                 _ => {
                     tracing::warn!(%peer, %source_ip, destination = %dst, "refused: the source address is not a workload of the peer's identity");
                     return Err(Refusal::denied("source address does not belong to the peer identity"));
                 }
-            }
+            };
             let decision = view.authorize(peer, source_ip, target, dst.port());
+            if decision.decision == Verdict::Deny {
+                let (policy, reason) = denial_names(&decision);
+                refused(&self.metrics, Reporter::Destination, &source, target, &policy, reason);
+                tracing::info!(
+                    peer = %peer, source = %source_ip, destination = %dst, workload = %target.workload.key(), %policy,
+                    "mTLS connection denied"
+                );
+                return Err(Refusal::denied(policy));
+            }
             (dst, source_ip, decision, target.workload.key())
         };
         let policy = decision.policy.clone().unwrap_or_else(|| "default".into());
-        if decision.decision == Verdict::Deny {
-            tracing::info!(
-                peer = %req.peer_identity(), source = %source_ip, destination = %dst, workload = %dst_key, %policy,
-                "mTLS connection denied"
-            );
-            return Err(Refusal::denied(policy));
-        }
         let upstream = deliver::connect(source_ip, dst).await.map_err(|e| Refusal::unreachable(e.to_string()))?;
-        tracing::debug!(peer = %req.peer_identity(), source = %source_ip, destination = %dst, %policy, "mTLS connection allowed");
+        tracing::debug!(peer = %req.peer_identity(), source = %source_ip, destination = %dst, workload = %dst_key, %policy, "mTLS connection allowed");
         Ok(upstream)
     }
 

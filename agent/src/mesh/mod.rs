@@ -28,6 +28,7 @@ impl Default for MeshConfig {
 
 mod deliver;
 mod inbound;
+mod metrics;
 mod outbound;
 pub mod routing;
 pub mod view;
@@ -56,6 +57,7 @@ impl Mesh {
         certs: &crate::certs::WorkloadCerts,
         pin_dir: &Path,
         view: View,
+        metrics: crate::telemetry::metrics::TcpRecorder,
     ) -> anyhow::Result<Mesh> {
         routing::install(cfg.hbone_port)?;
         let (tx, rx) = watch::channel(Arc::new(view));
@@ -67,13 +69,14 @@ impl Mesh {
         let server = HboneServer::new(
             listener,
             inbound::WorkloadTls { tls: tls.clone(), view: rx.clone() },
-            inbound::Handler { view: rx.clone(), reserved_ports: reserved },
+            inbound::Handler { view: rx.clone(), metrics: metrics.clone(), reserved_ports: reserved },
             ServerOptions::default(),
         );
         tokio::spawn(server.run());
 
         let outbound = Arc::new(outbound::Outbound {
             view: rx,
+            metrics,
             orig: outbound::OrigDstMap::open(pin_dir)?,
             pool: Pool::new(tls, PoolOptions::default()),
             hbone_port: cfg.hbone_port,

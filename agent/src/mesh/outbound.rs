@@ -21,9 +21,14 @@ use tokio::{
 };
 use warden_authz::Verdict;
 use warden_common::{OrigDst, SockAddr, names};
-use warden_hbone::{ConnectRequest, Key, Pool, SecretManagerTls};
+use warden_hbone::{ConnectRequest, Key, Pool, SecretManagerTls, TransferStats};
 
-use super::{deliver, view::View};
+use super::{
+    deliver,
+    metrics::{Reporter, carried, refused},
+    view::{View, denial_names},
+};
+use crate::telemetry::metrics::TcpRecorder;
 
 /// The kernel's record of captured connections (`warden_orig_dst_v1`).
 pub struct OrigDstMap(Mutex<BpfHashMap<MapData, SockAddr, OrigDst>>);
@@ -47,6 +52,7 @@ impl OrigDstMap {
 
 pub struct Outbound {
     pub view: watch::Receiver<Arc<View>>,
+    pub metrics: TcpRecorder,
     pub orig: OrigDstMap,
     pub pool: Pool<SecretManagerTls>,
     pub hbone_port: u16,
@@ -90,14 +96,20 @@ impl Outbound {
             // Same node: no wire to protect; authorize with the source's identity and deliver.
             let decision = self.view.borrow().authorize(&source.identity, *client.ip(), &target, dst.port());
             if decision.decision == Verdict::Deny {
-                let policy = decision.policy.unwrap_or_else(|| "default".into());
+                let (policy, reason) = denial_names(&decision);
+                for reporter in [Reporter::Source, Reporter::Destination] {
+                    refused(&self.metrics, reporter, &source, &target, &policy, reason);
+                }
                 tracing::info!(source = %source.identity, destination = %dst, %policy, "connection denied");
                 let _ = stream.shutdown().await;
                 return;
             }
             match deliver::connect(*client.ip(), dst).await {
                 Ok(mut upstream) => {
-                    let _ = tokio::io::copy_bidirectional(&mut stream, &mut upstream).await;
+                    if let Ok((sent, received)) = tokio::io::copy_bidirectional(&mut stream, &mut upstream).await {
+                        let stats = TransferStats { sent, received };
+                        carried(&self.metrics, Reporter::Source, &source, &target, &stats);
+                    }
                 }
                 Err(e) => tracing::info!(destination = %dst, "delivery failed: {e}"),
             }
@@ -107,12 +119,16 @@ impl Outbound {
         let key = Key::new(source.identity.clone(), node, vec![target.identity.clone()]);
         let request = ConnectRequest::new(SocketAddr::V4(dst)).forwarded_for(SocketAddr::V4(client));
         match self.pool.connect(&key, request).await {
-            Ok(tunnel) => {
-                if let Err(e) = tunnel.relay(stream).await {
-                    tracing::debug!(destination = %dst, "tunnel ended with an error: {e}");
+            Ok(tunnel) => match tunnel.relay(stream).await {
+                Ok(stats) => carried(&self.metrics, Reporter::Source, &source, &target, &stats),
+                Err(e) => tracing::debug!(destination = %dst, "tunnel ended with an error: {e}"),
+            },
+            Err(e) => {
+                if e.is_denied() {
+                    refused(&self.metrics, Reporter::Source, &source, &target, "remote", "policy_deny");
                 }
+                tracing::info!(source = %source.identity, destination = %dst, "tunnel refused: {e}");
             }
-            Err(e) => tracing::info!(source = %source.identity, destination = %dst, "tunnel refused: {e}"),
         }
     }
 }

@@ -23,6 +23,15 @@ impl MeshWorkload {
     }
 }
 
+/// The `warden_policy_denials_total` policy and reason names of a deny decision.
+pub fn denial_names(d: &Decision) -> (String, &'static str) {
+    use warden_common::DropReason;
+    match &d.policy {
+        Some(p) => (p.clone(), DropReason::PolicyDeny.name()),
+        None => ("default-deny".into(), DropReason::PolicyDefaultDeny.name()),
+    }
+}
+
 /// One snapshot.
 #[derive(Debug)]
 pub struct View {

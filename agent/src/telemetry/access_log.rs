@@ -22,7 +22,7 @@ use std::{
 use aya::maps::{Map, MapData, RingBuf};
 use serde::Serialize;
 use warden_common::{
-    Direction, DropReason, EVENT_CLOSED, FlowEvent, HOOK_CONNECT, PROTO_ICMP, PROTO_TCP, PROTO_UDP, Verdict, names,
+    Direction, DropReason, EVENT_CLOSED, FlowEvent, HOOK_CONNECT, HOOK_TUNNEL, PROTO_ICMP, PROTO_TCP, PROTO_UDP, Verdict, names,
 };
 
 use super::names::{Names, RecordNames};
@@ -154,7 +154,11 @@ pub fn entry(e: &FlowEvent, names: &Names, time: SystemTime) -> Entry {
         },
         direction: direction.name(),
         reporter,
-        hook: if e.hook == HOOK_CONNECT { "connect" } else { "tc" },
+        hook: match e.hook {
+            HOOK_CONNECT => "connect",
+            HOOK_TUNNEL => "tunnel",
+            _ => "tc",
+        },
         proto: proto_name(e.proto),
         src: format!("{sa}:{sp}"),
         dst: format!("{da}:{dp}"),

@@ -23,7 +23,7 @@ use prometheus_client::{
     metrics::{counter::Counter as PromCounter, family::Family},
     registry::Registry,
 };
-use warden_common::{Counter, CounterKey, Direction, DropReason, HOOK_CONNECT, Verdict};
+use warden_common::{Counter, CounterKey, Direction, DropReason, HOOK_CONNECT, HOOK_TUNNEL, Verdict};
 
 use super::names::Names;
 
@@ -132,6 +132,12 @@ fn is_policy_reason(r: Option<DropReason>) -> bool {
 ///   bytes: denied SYNs at TC (TCP), denied `connect()` calls (any protocol).
 pub fn derive(key: &CounterKey, c: &Counter, names: &Names, security: SecurityPolicy) -> Contribution {
     let direction = Direction::from_u8(key.direction).unwrap_or(Direction::Ingress);
+    // The mesh's flows: the last hop of an mTLS connection is reported as mutual TLS; a captured
+    // connection's first hop (to the agent) is left to the agent, which knows its destination.
+    let security = if key.hook == HOOK_TUNNEL { SecurityPolicy::MutualTls } else { security };
+    if key.hook == HOOK_TUNNEL && direction == Direction::Egress {
+        return Contribution::default();
+    }
     let local = names.local(key.endpoint_id);
     let remote = names.remote(key.remote_identity);
     let allowed = key.verdict == Verdict::Allow as u8;
@@ -227,7 +233,42 @@ fn add<L: Clone + std::hash::Hash + Eq>(f: &Family<L, PromCounter>, l: &L, v: u6
     }
 }
 
+/// Records connections the agent itself carries (the mesh) into the same series as the kernel's.
+#[derive(Clone)]
+pub struct TcpRecorder {
+    opened: Family<TcpLabels, PromCounter>,
+    closed: Family<TcpLabels, PromCounter>,
+    received: Family<TcpLabels, PromCounter>,
+    sent: Family<TcpLabels, PromCounter>,
+    denials: Family<DenialLabels, PromCounter>,
+}
+
+impl TcpRecorder {
+    /// A finished (or refused) connection.
+    pub fn connection(&self, labels: &TcpLabels, t: &TcpTotals) {
+        add(&self.opened, labels, t.opened);
+        add(&self.closed, labels, t.closed);
+        add(&self.received, labels, t.received_bytes);
+        add(&self.sent, labels, t.sent_bytes);
+    }
+    /// A refusal attributed to the deciding policy.
+    pub fn denial(&self, labels: &DenialLabels) {
+        add(&self.denials, labels, 1);
+    }
+}
+
 impl TrafficMetrics {
+    /// A recorder writing into these metrics' series.
+    pub fn recorder(&self) -> TcpRecorder {
+        TcpRecorder {
+            opened: self.opened.clone(),
+            closed: self.closed.clone(),
+            received: self.received.clone(),
+            sent: self.sent.clone(),
+            denials: self.denials.clone(),
+        }
+    }
+
     /// Create the metrics and register them under [`ISTIO_PREFIX`] and [`WARDEN_PREFIX`].
     pub fn new(registry: &mut Registry, security: SecurityPolicy) -> TrafficMetrics {
         let m = TrafficMetrics {

@@ -125,6 +125,11 @@ impl Telemetry {
         &mut self.registry
     }
 
+    /// A recorder for connections the agent carries itself (the mesh), in the same series.
+    pub fn tcp_recorder(&self) -> metrics::TcpRecorder {
+        self.traffic.recorder()
+    }
+
     /// Bind both ports and serve (readiness 503 until [`Running::committed`]).
     pub async fn serve(self) -> Result<Running, server::BindError> {
         let metrics_listener = server::bind("metrics", self.cfg.metrics_addr).await?;
