@@ -91,6 +91,8 @@ pub fn build(
         policies: &policies,
         workloads: &authz_workloads,
         local: &local,
+        // No endpoint is in the mesh yet: no plaintext view.
+        meshed: &[],
         trust_domain,
         now: SystemTime::now(),
     };

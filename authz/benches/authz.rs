@@ -1,7 +1,8 @@
 //! Criterion benchmarks for the targets:
 //! - one L4 decision with 10,000 policies in a namespace (10k DENY policies x 10 rules, as
 //!   ztunnel's RBAC benchmark) — target median <= 1 µs;
-//! - compiling 10,000 policies into map entries — target <= 200 ms.
+//! - compiling 10,000 policies into map entries — target <= 200 ms (with and without every local
+//!   endpoint in the mesh, which adds the plaintext view of their ingress).
 //!
 //! Run: `CARGO_TARGET_DIR=target-authz cargo bench -p warden-authz --bench authz`
 
@@ -9,7 +10,7 @@ use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use std::collections::{BTreeMap, HashMap};
 use std::hint::black_box;
 use std::net::Ipv4Addr;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 use warden_authz::{
     CompileInput, Destination, IdAllocator, Options, Peer, PolicySet, Request, Workload, compile, parse_str,
 };
@@ -157,26 +158,37 @@ fn mixed_policies() -> (PolicySet, Vec<Workload>, Vec<(usize, u32)>) {
 fn compile_10k(c: &mut Criterion) {
     let (set, workloads, local) = mixed_policies();
     let now = UNIX_EPOCH + Duration::from_secs(1_795_514_400);
-    let input =
-        CompileInput { policies: &set, workloads: &workloads, local: &local, trust_domain: "cluster.local", now };
-    let out = compile(&input, &mut Ids::default()).unwrap();
-    eprintln!(
-        "compile_10k: {} ipcache entries, {} policy entries, {} identities",
-        out.ipcache.len(),
-        out.policy.len(),
-        out.identities.len()
-    );
+    // Every local endpoint in the mesh (no PeerAuthentication: PERMISSIVE), so each also gets
+    // the plaintext view of its ingress.
+    let all_meshed = vec![true; local.len()];
     let mut g = c.benchmark_group("compile_10k_policies");
     g.sample_size(20);
-    g.bench_function("1000_workloads_20_local", |b| {
-        b.iter_batched(
-            Ids::default,
-            |mut ids| black_box(compile(black_box(&input), &mut ids).unwrap()),
-            BatchSize::SmallInput,
-        )
-    });
+    for (name, meshed) in [("1000_workloads_20_local", &[][..]), ("1000_workloads_20_local_meshed", &all_meshed[..])] {
+        let input = CompileInput {
+            policies: &set,
+            workloads: &workloads,
+            local: &local,
+            meshed,
+            trust_domain: "cluster.local",
+            now,
+        };
+        let out = compile(&input, &mut Ids::default()).unwrap();
+        eprintln!(
+            "compile_10k {name}: {} ipcache entries, {} policy entries ({} plaintext), {} identities",
+            out.ipcache.len(),
+            out.policy.len(),
+            out.policy.iter().filter(|(k, _)| k.is_plaintext()).count(),
+            out.identities.len()
+        );
+        g.bench_function(name, |b| {
+            b.iter_batched(
+                Ids::default,
+                |mut ids| black_box(compile(black_box(&input), &mut ids).unwrap()),
+                BatchSize::SmallInput,
+            )
+        });
+    }
     g.finish();
-    let _ = SystemTime::now();
 }
 
 criterion_group!(benches, l4_decision, l4_decision_selectors, compile_10k);

@@ -19,6 +19,14 @@
 //! returns exactly that decision: the world's decisions become the `IDENTITY_ANY` entries, and
 //! an identity gets `(id, *)` / `(id, proto, port)` entries only where it differs from what the
 //! lookup would otherwise find (this is the closure the lookup requires).
+//!
+//! # Views
+//! Ingress is compiled once per [`View`]. Every endpoint gets the authenticated view (keys
+//! without [`PolicyKey::PLAINTEXT_BIT`]): the remote is its class, with the class's principal.
+//! An endpoint in the mesh also gets the plaintext view (keys with the bit): the same classes,
+//! each as a peer without identity at the class's addresses, so only address attributes can
+//! match it and a STRICT PeerAuthentication refuses it. Both views run the same code; the view
+//! only chooses the peer.
 
 use crate::error::CompileError;
 use crate::eval::{Addr, Env, PeerView, clock, condition_matches, principal_parts, source_matches};
@@ -47,6 +55,10 @@ pub struct CompileInput<'a> {
     pub workloads: &'a [Workload],
     /// (index into `workloads`, endpoint id) of the workloads enforced on this node.
     pub local: &'a [(usize, u32)],
+    /// Which of `local` are in the mesh (parallel to `local`; a missing entry is `false`). A
+    /// meshed endpoint also gets the plaintext view of its ingress policy (see [`PolicyKey`]);
+    /// `&[]` compiles every endpoint as before.
+    pub meshed: &'a [bool],
     pub trust_domain: &'a str,
     pub now: SystemTime,
 }
@@ -144,6 +156,18 @@ fn is_const_key(k: &Key) -> bool {
     matches!(k, Key::DestinationIp | Key::TimeOfDay | Key::DayOfWeek)
 }
 
+/// Which view of an endpoint's ingress policy is compiled (see [`PolicyKey`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum View {
+    /// Connections the node agent delivers over mTLS: the remote is its class, with the class's
+    /// principal (the agent checked it against the certificate); principal-less classes are
+    /// plaintext peers, as before the mesh.
+    Authenticated,
+    /// Connections that did not come through the agent: Istio evaluates them as a peer without
+    /// identity (no principal, namespace or service account) at the class's addresses.
+    Plaintext,
+}
+
 /// One identity class.
 struct Class {
     id: u32,
@@ -160,6 +184,9 @@ struct Prepared {
 pub fn compile(input: &CompileInput, ids: &mut dyn IdAllocator) -> Result<Compiled, CompileError> {
     let set = input.policies;
     let mut out = Compiled::default();
+    if input.meshed.len() > input.local.len() {
+        return Err(CompileError::MeshedLength { meshed: input.meshed.len(), local: input.local.len() });
+    }
     // Local endpoints.
     let mut seen: HashMap<u32, usize> = HashMap::new();
     for &(i, ep) in input.local {
@@ -328,8 +355,10 @@ pub fn compile(input: &CompileInput, ids: &mut dyn IdAllocator) -> Result<Compil
     for (k, &(wi, ep)) in input.local.iter().enumerate() {
         let w = &input.workloads[wi];
         let t = targets[k];
-        let key = |dir: Direction, id: u32, proto: u8, port: u16| PolicyKey::new(0, ep, dir, id, proto, port);
-        entries.push((key(Direction::Egress, IDENTITY_ANY, PROTO_ANY, 0), PolicyValue::allow(POLICY_ID_NONE)));
+        entries.push((
+            PolicyKey::new(0, ep, Direction::Egress, IDENTITY_ANY, PROTO_ANY, 0),
+            PolicyValue::allow(POLICY_ID_NONE),
+        ));
         let scopes = set.scopes(t.namespace);
         let allow_applies = set.allow_applies(&t, &scopes);
         let default = if allow_applies {
@@ -402,13 +431,19 @@ pub fn compile(input: &CompileInput, ids: &mut dyn IdAllocator) -> Result<Compil
             e.as_ref().map(|p| (Rc::clone(&p.ports), p.value))
         };
 
-        // Decisions of one class: (value for "other", values per listed port).
+        // Decisions of one class in one view: (value for "other", values per listed port).
         let mut decide_class = |c: &Class,
+                                view: View,
                                 extra_ports: &BTreeSet<u16>,
                                 time_dependent: &mut bool|
          -> (PolicyValue, BTreeMap<u16, PolicyValue>, BTreeSet<u16>) {
-            let sa = c.principal.as_deref().and_then(principal_parts);
-            let peer = PeerView { principal: c.principal.as_deref(), namespace: sa.map(|(n, _)| n), sa, addr: c.addr };
+            let peer = match view {
+                View::Authenticated => {
+                    let sa = c.principal.as_deref().and_then(principal_parts);
+                    PeerView { principal: c.principal.as_deref(), namespace: sa.map(|(n, _)| n), sa, addr: c.addr }
+                }
+                View::Plaintext => PeerView { principal: None, namespace: None, sa: None, addr: c.addr },
+            };
             set.candidates(&t, &scopes, peer.principal, peer.namespace, peer.sa, &mut cands);
             let env = Env { peer, dest_ip: Some(w.ip), proto: PROTO_TCP, port: 0, clock: now_clock, l7: None };
             let mut matching: Vec<(Rc<PortSet>, PolicyValue)> = Vec::new();
@@ -421,7 +456,8 @@ pub fn compile(input: &CompileInput, ids: &mut dyn IdAllocator) -> Result<Compil
                     matching.push((ports, value));
                 }
             }
-            let plaintext = c.principal.is_none();
+            // As in the engine: a peer without a principal is refused where mTLS is STRICT.
+            let plaintext = peer.principal.is_none();
             let mut listed: BTreeSet<u16> = extra_ports.clone();
             for (ps, _) in &matching {
                 listed.extend(ps.listed());
@@ -440,25 +476,35 @@ pub fn compile(input: &CompileInput, ids: &mut dyn IdAllocator) -> Result<Compil
             (other, per_port, listed)
         };
 
-        // The world defines the wildcard entries.
-        let (w_other, w_ports, w_listed) = decide_class(&classes[0], &BTreeSet::new(), &mut time_dependent);
-        entries.push((key(Direction::Ingress, IDENTITY_ANY, PROTO_ANY, 0), w_other));
-        for (&p, &v) in &w_ports {
-            if v != w_other {
-                entries.push((key(Direction::Ingress, IDENTITY_ANY, PROTO_TCP, p), v));
+        let views: &[View] = if input.meshed.get(k).copied().unwrap_or(false) {
+            &[View::Authenticated, View::Plaintext]
+        } else {
+            &[View::Authenticated]
+        };
+        for &view in views {
+            let key = |id: u32, proto: u8, port: u16| {
+                PolicyKey::new(0, ep, Direction::Ingress, id, proto, port).with_plaintext(view == View::Plaintext)
+            };
+            // The world defines the wildcard entries, the default `(*, *)` always.
+            let (w_other, w_ports, w_listed) = decide_class(&classes[0], view, &BTreeSet::new(), &mut time_dependent);
+            entries.push((key(IDENTITY_ANY, PROTO_ANY, 0), w_other));
+            for (&p, &v) in &w_ports {
+                if v != w_other {
+                    entries.push((key(IDENTITY_ANY, PROTO_TCP, p), v));
+                }
             }
-        }
-        let lookup_any = |p: u16| -> PolicyValue { w_ports.get(&p).copied().unwrap_or(w_other) };
-        for c in &classes[1..] {
-            let (other, ports, _) = decide_class(c, &w_listed, &mut time_dependent);
-            let has_any = other != w_other;
-            if has_any {
-                entries.push((key(Direction::Ingress, c.id, PROTO_ANY, 0), other));
-            }
-            for (&p, &v) in &ports {
-                let fallback = if has_any { other } else { lookup_any(p) };
-                if v != fallback {
-                    entries.push((key(Direction::Ingress, c.id, PROTO_TCP, p), v));
+            let lookup_any = |p: u16| -> PolicyValue { w_ports.get(&p).copied().unwrap_or(w_other) };
+            for c in &classes[1..] {
+                let (other, ports, _) = decide_class(c, view, &w_listed, &mut time_dependent);
+                let has_any = other != w_other;
+                if has_any {
+                    entries.push((key(c.id, PROTO_ANY, 0), other));
+                }
+                for (&p, &v) in &ports {
+                    let fallback = if has_any { other } else { lookup_any(p) };
+                    if v != fallback {
+                        entries.push((key(c.id, PROTO_TCP, p), v));
+                    }
                 }
             }
         }

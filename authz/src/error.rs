@@ -70,6 +70,9 @@ pub enum CompileError {
     /// `local` names a workload index outside `workloads`.
     #[error("local endpoint {endpoint_id} refers to workload index {index}, but only {len} workloads are known")]
     LocalIndexOutOfRange { endpoint_id: u32, index: usize, len: usize },
+    /// `meshed` has more entries than `local` (it is parallel to it).
+    #[error("meshed has {meshed} entries but local has only {local}: meshed must be parallel to local")]
+    MeshedLength { meshed: usize, local: usize },
     /// Two local entries carry the same endpoint id.
     #[error("endpoint id {endpoint_id} is used by two local workloads ({first} and {second})")]
     DuplicateEndpoint { endpoint_id: u32, first: String, second: String },

@@ -54,6 +54,7 @@ fn compiled_maps_follow_the_policies() {
             policies: &s,
             workloads: &w,
             local: &[(0, 11), (1, 12)],
+            meshed: &[],
             trust_domain: "cluster.local",
             now: t0(),
         },
@@ -116,7 +117,14 @@ spec:
     let w = workloads();
     let mut ids = Ids::default();
     let c = compile(
-        &CompileInput { policies: &s, workloads: &w, local: &[(0, 1)], trust_domain: "cluster.local", now: t0() },
+        &CompileInput {
+            policies: &s,
+            workloads: &w,
+            local: &[(0, 1)],
+            meshed: &[],
+            trust_domain: "cluster.local",
+            now: t0(),
+        },
         &mut ids,
     )
     .unwrap();
@@ -152,7 +160,14 @@ spec: {action: AUDIT, rules: [{}]}
     let s = set(yaml);
     let w = workloads();
     let c = compile(
-        &CompileInput { policies: &s, workloads: &w, local: &[(0, 1)], trust_domain: "cluster.local", now: t0() },
+        &CompileInput {
+            policies: &s,
+            workloads: &w,
+            local: &[(0, 1)],
+            meshed: &[],
+            trust_domain: "cluster.local",
+            now: t0(),
+        },
         &mut Ids::default(),
     )
     .unwrap();
@@ -176,7 +191,14 @@ spec:
     // 2026-11-24T10:00:00Z is inside the window; the next change is at 18:00.
     let ten = UNIX_EPOCH + Duration::from_secs(1_795_514_400);
     let c = compile(
-        &CompileInput { policies: &s, workloads: &w, local: &[(0, 1)], trust_domain: "cluster.local", now: ten },
+        &CompileInput {
+            policies: &s,
+            workloads: &w,
+            local: &[(0, 1)],
+            meshed: &[],
+            trust_domain: "cluster.local",
+            now: ten,
+        },
         &mut Ids::default(),
     )
     .unwrap();
@@ -185,7 +207,14 @@ spec:
     assert_eq!(c.valid_until, Some(ten + Duration::from_secs(8 * 3600)));
     let night = ten + Duration::from_secs(10 * 3600);
     let c = compile(
-        &CompileInput { policies: &s, workloads: &w, local: &[(0, 1)], trust_domain: "cluster.local", now: night },
+        &CompileInput {
+            policies: &s,
+            workloads: &w,
+            local: &[(0, 1)],
+            meshed: &[],
+            trust_domain: "cluster.local",
+            now: night,
+        },
         &mut Ids::default(),
     )
     .unwrap();
@@ -222,6 +251,7 @@ spec:
             policies: &s,
             workloads: &w,
             local: &[(0, 1), (1, 2)],
+            meshed: &[],
             trust_domain: "cluster.local",
             now: t0(),
         },
@@ -244,7 +274,14 @@ fn compile_errors_are_reported() {
     let s = set(PAYMENTS);
     let w = workloads();
     let e = compile(
-        &CompileInput { policies: &s, workloads: &w, local: &[(9, 1)], trust_domain: "cluster.local", now: t0() },
+        &CompileInput {
+            policies: &s,
+            workloads: &w,
+            local: &[(9, 1)],
+            meshed: &[],
+            trust_domain: "cluster.local",
+            now: t0(),
+        },
         &mut Ids::default(),
     )
     .unwrap_err();
@@ -254,6 +291,7 @@ fn compile_errors_are_reported() {
             policies: &s,
             workloads: &w,
             local: &[(0, 1), (1, 1)],
+            meshed: &[],
             trust_domain: "cluster.local",
             now: t0(),
         },
@@ -271,7 +309,14 @@ fn compile_errors_are_reported() {
         }
     }
     let e = compile(
-        &CompileInput { policies: &s, workloads: &w, local: &[(0, 1)], trust_domain: "cluster.local", now: t0() },
+        &CompileInput {
+            policies: &s,
+            workloads: &w,
+            local: &[(0, 1)],
+            meshed: &[],
+            trust_domain: "cluster.local",
+            now: t0(),
+        },
         &mut Zero,
     )
     .unwrap_err();
@@ -351,7 +396,7 @@ fn render(c: &warden_authz::Compiled) -> String {
     s
 }
 
-fn golden_compile() -> warden_authz::Compiled {
+fn golden_compile(meshed: &[bool]) -> warden_authz::Compiled {
     let s = set(&format!("{PAYMENTS}---{GOLDEN}"));
     let w = workloads();
     compile(
@@ -359,6 +404,7 @@ fn golden_compile() -> warden_authz::Compiled {
             policies: &s,
             workloads: &w,
             local: &[(0, 11), (1, 12), (3, 13)],
+            meshed,
             trust_domain: "cluster.local",
             now: t0(),
         },
@@ -373,10 +419,28 @@ fn golden_compile() -> warden_authz::Compiled {
 #[test]
 fn unmeshed_entries_match_the_golden_file() {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/unmeshed.txt");
-    let got = render(&golden_compile());
+    let got = render(&golden_compile(&[]));
     if std::env::var_os("WARDEN_BLESS").is_some() {
         std::fs::write(&path, &got).unwrap();
     }
     let want = std::fs::read_to_string(&path).unwrap();
     assert!(got == want, "entries differ from {}:\n--- got\n{got}\n--- want\n{want}", path.display());
+}
+
+/// Meshing endpoints adds their plaintext view and changes nothing else: the authenticated view
+/// of every endpoint, and everything of the endpoint left outside the mesh, stay as golden.
+#[test]
+fn meshing_endpoints_only_adds_their_plaintext_view() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/unmeshed.txt");
+    let mut c = golden_compile(&[true, true, false]);
+    let plaintext: Vec<_> = c.policy.iter().filter(|(k, _)| k.is_plaintext()).copied().collect();
+    assert!(plaintext.iter().all(|(k, _)| k.endpoint_id != 13), "{plaintext:?}");
+    for ep in [11, 12] {
+        let default =
+            warden_common::PolicyKey::new(0, ep, warden_common::Direction::Ingress, IDENTITY_ANY, PROTO_ANY, 0)
+                .with_plaintext(true);
+        assert!(plaintext.iter().any(|(k, _)| *k == default), "no plaintext default for {ep}");
+    }
+    c.policy.retain(|(k, _)| !k.is_plaintext());
+    assert_eq!(render(&c), std::fs::read_to_string(&path).unwrap());
 }

@@ -2,7 +2,9 @@
 //! engine's L4 decision must equal the datapath's decision — `warden_common::lookup::decide`
 //! over the compiled policy entries, with the remote identity found by a longest-prefix-match
 //! model of the compiled identity cache — verdict for verdict and deciding policy for deciding
-//! policy.
+//! policy. Random endpoints are in the mesh: their plaintext view must give the engine's decision
+//! for a peer without identity at the same address, and the authenticated view (and everything
+//! of the other endpoints) must be what the compiler writes without the mesh.
 
 mod support;
 
@@ -11,7 +13,7 @@ use proptest::sample::{select, subsequence};
 use std::time::{Duration, UNIX_EPOCH};
 use support::*;
 use warden_authz::{CompileInput, Destination, Options, Peer, PolicySet, Request, Verdict, compile, parse_str};
-use warden_common::{DropReason, PROTO_TCP, PROTO_UDP};
+use warden_common::{DropReason, IDENTITY_ANY, PROTO_ANY, PROTO_TCP, PROTO_UDP};
 
 const NAMESPACES: [&str; 3] = ["a", "b", "istio-system"];
 const SAS: [&str; 3] = ["s1", "s2", "s3"];
@@ -226,7 +228,13 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 1500, max_shrink_iters: 2000, .. ProptestConfig::default() })]
 
     #[test]
-    fn engine_and_compiled_maps_agree(docs in policy_docs(), ws in workloads(), hour in 0u64..24, day in 0u64..7) {
+    fn engine_and_compiled_maps_agree(
+        docs in policy_docs(),
+        ws in workloads(),
+        meshed in prop::collection::vec(any::<bool>(), 0..8),
+        hour in 0u64..24,
+        day in 0u64..7,
+    ) {
         // Keep only the documents that validate (the generator can combine fields Istio forbids).
         let mut resources = Vec::new();
         for d in &docs {
@@ -237,55 +245,76 @@ proptest! {
         let set = PolicySet::from_resources(resources, &Options::default()).unwrap();
         let workloads: Vec<_> = ws.iter().enumerate().map(|(i, w)| workload(w.ns, &format!("w{i}"), w.sa, &[("app", w.app)], w.ip)).collect();
         let local: Vec<(usize, u32)> = (0..workloads.len()).map(|i| (i, i as u32 + 1)).collect();
+        // Some endpoints in the mesh; `meshed` may be shorter than `local` (the rest are not).
+        let meshed: Vec<bool> = meshed.into_iter().take(local.len()).collect();
         let now = UNIX_EPOCH + Duration::from_secs(1_795_478_400 + day * 86_400 + hour * 3600 + 17 * 60);
         let mut ids = Ids::default();
-        let compiled = compile(&CompileInput { policies: &set, workloads: &workloads, local: &local, trust_domain: "cluster.local", now }, &mut ids).unwrap();
+        let compiled = compile(&CompileInput { policies: &set, workloads: &workloads, local: &local, meshed: &meshed, trust_domain: "cluster.local", now }, &mut ids).unwrap();
+        // The mesh only adds plaintext views: without them, the output is the unmeshed one.
+        let unmeshed = compile(&CompileInput { policies: &set, workloads: &workloads, local: &local, meshed: &[], trust_domain: "cluster.local", now }, &mut Ids::default()).unwrap();
+        let mut authenticated = compiled.clone();
+        authenticated.policy.retain(|(k, _)| !k.is_plaintext());
+        prop_assert_eq!(&authenticated, &unmeshed);
         let maps = Maps::new(&compiled);
         for (di, dst) in workloads.iter().enumerate() {
+            let ep = di as u32 + 1;
+            let is_meshed = meshed.get(di).copied().unwrap_or(false);
+            let plaintext_entries = maps.view_entries(ep, true);
+            prop_assert_eq!(
+                plaintext_entries.iter().any(|(k, _)| k.remote_identity == IDENTITY_ANY && k.proto == PROTO_ANY),
+                is_meshed,
+                "plaintext default of endpoint {} (meshed: {}): {:?}", ep, is_meshed, plaintext_entries
+            );
+            prop_assert!(is_meshed || plaintext_entries.is_empty());
+            let views: &[bool] = if is_meshed { &[false, true] } else { &[false] };
             for src in WORKLOAD_IPS.iter().chain(OTHER_IPS.iter()) {
                 let src_ip: std::net::Ipv4Addr = src.parse().unwrap();
                 let peer = workloads.iter().find(|w| w.ip == src_ip);
                 for &port in &TEST_PORTS {
                     for proto in [PROTO_TCP, PROTO_UDP] {
-                        let req = Request {
-                            source: Peer {
-                                principal: peer.map(|w| format!("cluster.local/ns/{}/sa/{}", w.namespace, w.service_account)),
-                                namespace: None,
-                                ip: Some(src_ip),
-                            },
-                            destination: Destination {
-                                namespace: dst.namespace.clone(),
-                                labels: dst.labels.clone(),
-                                service_account: Some(dst.service_account.clone()),
-                                ip: Some(dst.ip),
-                                port,
-                                services: vec![],
-                            },
-                            protocol: proto,
-                            sni: None,
-                            http: None,
-                            time: Some(now),
-                        };
-                        let e = set.evaluate(&req);
-                        let m = maps.decide(di as u32 + 1, src_ip, proto, port);
-                        let ctx = || format!("{src} -> {}:{port}/{proto}\nengine: {e:?}\nmaps: {m:?} ({:?})\npolicies:\n{}\nentries: {:#?}\nipcache: {:?}",
-                            dst.ip, compiled.policy_names.get(&m.policy_id), docs.join("---\n"), compiled.policy, compiled.ipcache);
-                        prop_assert_eq!(e.decision == Verdict::Allow, m.is_allow(), "{}", ctx());
-                        let engine_name = match (e.action.as_deref(), &e.policy) {
-                            (Some("PEER_AUTHENTICATION"), Some(p)) => {
-                                let (ns, name) = p.split_once('/').unwrap();
-                                Some(format!("{ns}/PeerAuthentication/{name}"))
-                            }
-                            (_, p) => p.clone(),
-                        };
-                        prop_assert_eq!(engine_name.as_ref(), compiled.policy_names.get(&m.policy_id), "{}", ctx());
-                        let want_reason = match (e.decision, e.action.as_deref()) {
-                            (Verdict::Allow, _) => DropReason::None,
-                            (Verdict::Deny, None) => DropReason::PolicyDefaultDeny,
-                            (Verdict::Deny, Some("PEER_AUTHENTICATION")) => DropReason::PlaintextStrict,
-                            (Verdict::Deny, Some(_)) => DropReason::PolicyDeny,
-                        };
-                        prop_assert_eq!(want_reason as u8, m.reason, "{}", ctx());
+                        for &plaintext in views {
+                            // The plaintext view answers for a peer without identity at `src`.
+                            let principal = if plaintext {
+                                None
+                            } else {
+                                peer.map(|w| format!("cluster.local/ns/{}/sa/{}", w.namespace, w.service_account))
+                            };
+                            let req = Request {
+                                source: Peer { principal, namespace: None, ip: Some(src_ip) },
+                                destination: Destination {
+                                    namespace: dst.namespace.clone(),
+                                    labels: dst.labels.clone(),
+                                    service_account: Some(dst.service_account.clone()),
+                                    ip: Some(dst.ip),
+                                    port,
+                                    services: vec![],
+                                },
+                                protocol: proto,
+                                sni: None,
+                                http: None,
+                                time: Some(now),
+                            };
+                            let e = set.evaluate(&req);
+                            let m = maps.decide_view(plaintext, ep, src_ip, proto, port);
+                            let ctx = || format!("{src} -> {}:{port}/{proto} (plaintext view: {plaintext})\nengine: {e:?}\nmaps: {m:?} ({:?})\npolicies:\n{}\nentries: {:#?}\nipcache: {:?}",
+                                dst.ip, compiled.policy_names.get(&m.policy_id), docs.join("---\n"), compiled.policy, compiled.ipcache);
+                            prop_assert_eq!(e.decision == Verdict::Allow, m.is_allow(), "{}", ctx());
+                            let engine_name = match (e.action.as_deref(), &e.policy) {
+                                (Some("PEER_AUTHENTICATION"), Some(p)) => {
+                                    let (ns, name) = p.split_once('/').unwrap();
+                                    Some(format!("{ns}/PeerAuthentication/{name}"))
+                                }
+                                (_, p) => p.clone(),
+                            };
+                            prop_assert_eq!(engine_name.as_ref(), compiled.policy_names.get(&m.policy_id), "{}", ctx());
+                            let want_reason = match (e.decision, e.action.as_deref()) {
+                                (Verdict::Allow, _) => DropReason::None,
+                                (Verdict::Deny, None) => DropReason::PolicyDefaultDeny,
+                                (Verdict::Deny, Some("PEER_AUTHENTICATION")) => DropReason::PlaintextStrict,
+                                (Verdict::Deny, Some(_)) => DropReason::PolicyDeny,
+                            };
+                            prop_assert_eq!(want_reason as u8, m.reason, "{}", ctx());
+                        }
                     }
                 }
             }

@@ -58,7 +58,16 @@ impl Maps {
             .map(|(_, id)| *id)
             .unwrap_or(IDENTITY_WORLD)
     }
+    /// Ingress in the authenticated view (every endpoint has it).
     pub fn decide(&self, endpoint_id: u32, src: Ipv4Addr, proto: u8, port: u16) -> PolicyValue {
+        self.decide_view(false, endpoint_id, src, proto, port)
+    }
+    /// Ingress in the plaintext view (a meshed endpoint's connections that did not come through
+    /// the node agent).
+    pub fn decide_plaintext(&self, endpoint_id: u32, src: Ipv4Addr, proto: u8, port: u16) -> PolicyValue {
+        self.decide_view(true, endpoint_id, src, proto, port)
+    }
+    pub fn decide_view(&self, plaintext: bool, endpoint_id: u32, src: Ipv4Addr, proto: u8, port: u16) -> PolicyValue {
         let q = Query {
             slot: 0,
             endpoint_id,
@@ -66,9 +75,24 @@ impl Maps {
             remote_identity: self.identity(src),
             proto,
             dport: port,
-            plaintext: false,
+            plaintext,
         };
         decide(self, &q)
+    }
+    /// The entries of one endpoint's ingress in one view.
+    pub fn view_entries(&self, endpoint_id: u32, plaintext: bool) -> Vec<(PolicyKey, PolicyValue)> {
+        let mut v: Vec<_> = self
+            .entries
+            .iter()
+            .filter(|(k, _)| {
+                k.endpoint_id == endpoint_id
+                    && k.direction() == Some(Direction::Ingress)
+                    && k.is_plaintext() == plaintext
+            })
+            .map(|(k, v)| (*k, *v))
+            .collect();
+        v.sort_by_key(|(k, _)| *k);
+        v
     }
 }
 
