@@ -187,3 +187,29 @@ fn metrics(lab: &Lab) -> String {
     let out = lab.node_command("curl", &["-sf", "http://127.0.0.1:15020/stats/prometheus"]).output().expect("curl");
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+#[test]
+fn a_dead_destination_agent_fails_closed_and_a_restart_serves_again() {
+    if !require_root("a_dead_destination_agent_fails_closed_and_a_restart_serves_again") {
+        return;
+    }
+    let net = 72;
+    let mut c = cluster("mk", net, POLICIES);
+    assert_eq!(c.n1.echo("a", b_ip(net), PORT, "before").result, "allowed", "{}", log(&c.n2));
+
+    c.n2.kill_agent(libc::SIGKILL);
+    // Nothing reaches b: not over the mesh (no agent to accept the tunnel), not in plaintext
+    // (STRICT, enforced by the pinned programs that outlive the agent).
+    let p = c.n1.echo("a", b_ip(net), PORT, "while dead");
+    assert_ne!(p.result, "allowed", "no agent, no tunnel: {p:?}");
+    let p = c.n1.echo("p", b_ip(net), PORT, "plaintext while dead");
+    assert_ne!(p.result, "allowed", "plaintext to a STRICT workload stays refused: {p:?}");
+
+    // Restart: new connections flow again, the workloads untouched.
+    let dir = c.n2.dir.join("policies");
+    let ca = c.n1.dir.join("ca");
+    start_mesh_agent(&mut c.n2, &dir, &ca);
+    let p = c.n1.echo("a", b_ip(net), PORT, "after restart");
+    assert_eq!(p.result, "allowed", "after the restart: {p:?}\n{}", log(&c.n2));
+    assert_eq!(p.intact, Some(true));
+}
