@@ -87,12 +87,15 @@ pub fn build(
         .filter(|(_, w)| w.local.is_some())
         .map(|(i, w)| (i, record.endpoint_id(&w.key())))
         .collect();
+    // With the mesh on, every workload in it is reached over HBONE, and traffic that did not come
+    // through an agent is decided in the plaintext view of its policy.
+    let meshed = |w: &Workload| capture.is_some() && w.in_mesh();
+    let local_meshed: Vec<bool> = local.iter().map(|(i, _)| meshed(&workloads[*i])).collect();
     let input = warden_authz::CompileInput {
         policies: &policies,
         workloads: &authz_workloads,
         local: &local,
-        // No endpoint is in the mesh yet: no plaintext view.
-        meshed: &[],
+        meshed: &local_meshed,
         trust_domain,
         now: SystemTime::now(),
     };
@@ -112,8 +115,7 @@ pub fn build(
         .iter()
         .map(|(net, id)| (*net, RemoteInfo { identity: *id, local_ifindex: 0, flags: 0 }))
         .collect();
-    // With the mesh on, every workload in it is reached over HBONE: its /32 says so.
-    let meshed = |w: &Workload| capture.is_some() && w.in_mesh();
+    // A meshed workload's /32 says it is reached over HBONE.
     for w in workloads.iter().filter(|w| w.local.is_none() && meshed(w)) {
         let identity = identity_of(w.ip);
         ipcache.insert(Ipv4Net::from(w.ip), RemoteInfo { identity, local_ifindex: 0, flags: REMOTE_MESHED });

@@ -238,9 +238,14 @@ fn connect4(ctx: &SockAddrContext) -> (Outcome, Tuple) {
     // Mesh to mesh: the node agent carries the connection over mTLS and authorizes it with the
     // proven identity (and the destination's kernel enforces it again on the last hop).
     let dst_meshed = if local { peer.is_meshed() } else { dst.flags & REMOTE_MESHED != 0 };
-    if proto == PROTO_TCP && cfg.capture_port != 0 && ep.is_meshed() && dst_meshed && key.daddr != ep.ip {
+    let captured = proto == PROTO_TCP && cfg.capture_port != 0 && ep.is_meshed() && dst_meshed && key.daddr != ep.ip;
+    // Redirect to the agent; a destination that cannot be filed refuses the connect().
+    let redirect = || {
         let orig = SockAddr { addr: key.daddr, port: key.dport, _pad: 0 };
-        if capture::redirect(ctx, &cfg, ep.endpoint_id, orig) {
+        capture::redirect(ctx, &cfg, ep.endpoint_id, orig)
+    };
+    if captured && !local {
+        if redirect() {
             return (egress, key);
         }
         return (Outcome::drop(ep.endpoint_id, Direction::Egress, DropReason::NoState), key);
@@ -248,10 +253,15 @@ fn connect4(ctx: &SockAddrContext) -> (Outcome, Tuple) {
     if !local {
         return (egress, key);
     }
-    // Not through the agent: a meshed peer decides it in its plaintext view.
-    let plaintext = plaintext_view(&peer, Direction::Ingress, false);
+    // A local peer's verdict is known here: a denied connect() fails at once with EPERM, also
+    // in the mesh (whose agent would refuse it anyway). Through the agent, the peer decides in
+    // its authenticated view; otherwise a meshed peer decides in its plaintext view.
+    let plaintext = plaintext_view(&peer, Direction::Ingress, captured);
     let value = policy(slot, &peer, Direction::Ingress, ep.identity, proto, key.dport, plaintext);
     if value.is_allow() {
+        if captured && !redirect() {
+            return (Outcome::drop(ep.endpoint_id, Direction::Egress, DropReason::NoState), key);
+        }
         (egress, key)
     } else {
         // Counted against the workload whose policy refused it.

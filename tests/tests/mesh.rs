@@ -13,6 +13,7 @@ use std::{
 use warden_tests::{Lab, Spec, require_root, write_policies};
 
 const PORT: u16 = 8080;
+const OTHER_PORT: u16 = 9090;
 
 /// `b` refuses `c` by principal and takes mTLS only (STRICT).
 const POLICIES: &[(&str, &str)] = &[
@@ -60,7 +61,7 @@ fn cluster(tag: &str, net: u8, policies: &[(&str, &str)]) -> Cluster {
         Spec::new("team", "c", Ipv4Addr::new(10, net, 1, 3), &[]),
         plain,
     ];
-    let n2 = vec![Spec::new("team", "b", b_ip(net), &[PORT])];
+    let n2 = vec![Spec::new("team", "b", b_ip(net), &[PORT, OTHER_PORT])];
     let mut n1 = Lab::up(&format!("{tag}1"), &n1).expect("node 1 up");
     let mut n2 = Lab::up(&format!("{tag}2"), &n2).expect("node 2 up");
     Lab::wire(&mut n1, &mut n2).expect("wire");
@@ -212,4 +213,69 @@ fn a_dead_destination_agent_fails_closed_and_a_restart_serves_again() {
     let p = c.n1.echo("a", b_ip(net), PORT, "after restart");
     assert_eq!(p.result, "allowed", "after the restart: {p:?}\n{}", log(&c.n2));
     assert_eq!(p.intact, Some(true));
+}
+
+/// Replace node 2's policies and wait until its agent commits them.
+fn set_policies(lab: &mut Lab, files: &[(&str, &str)]) {
+    let dir = lab.dir.join("policies");
+    let before = lab.generation();
+    for e in fs::read_dir(&dir).unwrap().flatten() {
+        fs::remove_file(e.path()).unwrap();
+    }
+    write_policies(&dir, files).unwrap();
+    lab.wait_generation_change(before, Duration::from_secs(10)).expect("the agent commits the change");
+}
+
+const PA: &str = "apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: team}
+spec:
+  mtls: {mode: MODE}
+";
+
+const PA_PORT_LEVEL: &str = "apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: b-ports, namespace: team}
+spec:
+  selector: {matchLabels: {app: b}}
+  mtls: {mode: STRICT}
+  portLevelMtls:
+    \"8080\": {mode: PERMISSIVE}
+";
+
+#[test]
+fn peer_authentication_strict_permissive_disable_and_port_level() {
+    if !require_root("peer_authentication_strict_permissive_disable_and_port_level") {
+        return;
+    }
+    let net = 73;
+    let mut c = cluster("mp", net, &[("pa.yaml", &PA.replace("MODE", "STRICT"))]);
+    let plain = |c: &Cluster, port| c.n1.echo("p", b_ip(net), port, "plaintext");
+    let mtls = |c: &Cluster, port| c.n1.echo("a", b_ip(net), port, "over the mesh");
+
+    // STRICT: plaintext is dropped by b's TC program, and the drop reason is counted; mTLS flows.
+    assert_ne!(plain(&c, PORT).result, "allowed", "STRICT refuses plaintext");
+    assert_eq!(mtls(&c, PORT).result, "allowed", "STRICT accepts mTLS:\n{}", log(&c.n2));
+    let m2 = metrics(&c.n2);
+    assert!(
+        m2.lines().any(|l| l.starts_with("warden_drops_total") && l.contains("reason=\"plaintext_strict\"") && !l.ends_with(" 0")),
+        "the kernel counts the plaintext_strict drop:\n{m2}"
+    );
+
+    // PERMISSIVE: both, and the plaintext peer is the workload's address without identity.
+    set_policies(&mut c.n2, &[("pa.yaml", &PA.replace("MODE", "PERMISSIVE"))]);
+    let p = plain(&c, PORT);
+    assert_eq!(p.result, "allowed", "PERMISSIVE accepts plaintext: {p:?}");
+    assert_eq!(mtls(&c, PORT).result, "allowed", "PERMISSIVE accepts mTLS");
+
+    // DISABLE behaves as PERMISSIVE (Istio ambient ignores it: HBONE is always mTLS).
+    set_policies(&mut c.n2, &[("pa.yaml", &PA.replace("MODE", "DISABLE"))]);
+    assert_eq!(plain(&c, PORT).result, "allowed", "DISABLE accepts plaintext");
+    assert_eq!(mtls(&c, PORT).result, "allowed", "DISABLE still accepts mTLS");
+
+    // portLevelMtls: b is STRICT except on 8080.
+    set_policies(&mut c.n2, &[("pa.yaml", &PA.replace("MODE", "STRICT")), ("b.yaml", PA_PORT_LEVEL)]);
+    assert_eq!(plain(&c, PORT).result, "allowed", "8080 is PERMISSIVE by portLevelMtls");
+    assert_ne!(plain(&c, OTHER_PORT).result, "allowed", "9090 stays STRICT");
+    assert_eq!(mtls(&c, OTHER_PORT).result, "allowed", "mTLS on 9090:\n{}", log(&c.n2));
 }
