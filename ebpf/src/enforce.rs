@@ -4,7 +4,7 @@
 use aya_ebpf::bindings::{BPF_NOEXIST, BPF_RB_NO_WAKEUP};
 use warden_common::{
     Config, Counter, CounterKey, Direction, DropReason, EndpointInfo, EndpointKey, FLOW_CLOSED, FLOW_INITIATOR_LO, FLOW_TUNNEL,
-    FlowEvent, FlowKey, FlowValue, IDENTITY_WORLD, IpcacheAddr, PolicyKey, PolicyValue, RemoteInfo, Verdict,
+    FlowEvent, FlowKey, FlowValue, IDENTITY_WORLD, PROTO_TCP, IpcacheAddr, PolicyKey, PolicyValue, RemoteInfo, Verdict,
     lookup::{PolicyLookup, Query, decide, decide_default},
 };
 
@@ -97,10 +97,11 @@ pub fn policy(
 }
 
 /// The view of a meshed endpoint's ingress policy that decides a flow (see `PolicyKey`): plaintext
-/// unless the node agent delivered it over mTLS.
+/// for TCP that the node agent did not deliver over mTLS. Other protocols are not carried by the
+/// mesh (as in Istio ambient, whose PeerAuthentication leaves UDP alone): the address decides.
 #[inline(always)]
-pub fn plaintext_view(ep: &EndpointInfo, direction: Direction, tunnel: bool) -> bool {
-    ep.is_meshed() && direction == Direction::Ingress && !tunnel
+pub fn plaintext_view(ep: &EndpointInfo, direction: Direction, proto: u8, tunnel: bool) -> bool {
+    ep.is_meshed() && direction == Direction::Ingress && proto == PROTO_TCP && !tunnel
 }
 
 /// A packet's flow: its tuple, its flow-cache key, and which end of the key sent it.
@@ -213,7 +214,7 @@ pub fn decide_new(
     } else {
         (dir, f.t.dport)
     };
-    let value = policy(slot, ep, qdir, remote_identity, f.t.proto, qport, plaintext_view(ep, qdir, tunnel));
+    let value = policy(slot, ep, qdir, remote_identity, f.t.proto, qport, plaintext_view(ep, qdir, f.t.proto, tunnel));
     // A meshed workload's connection to the agent's capture listener is the mesh's too.
     let tunnel = tunnel
         || (qdir == Direction::Egress

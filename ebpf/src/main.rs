@@ -256,7 +256,7 @@ fn connect4(ctx: &SockAddrContext) -> (Outcome, Tuple) {
     // A local peer's verdict is known here: a denied connect() fails at once with EPERM, also
     // in the mesh (whose agent would refuse it anyway). Through the agent, the peer decides in
     // its authenticated view; otherwise a meshed peer decides in its plaintext view.
-    let plaintext = plaintext_view(&peer, Direction::Ingress, captured);
+    let plaintext = plaintext_view(&peer, Direction::Ingress, proto, captured);
     let value = policy(slot, &peer, Direction::Ingress, ep.identity, proto, key.dport, plaintext);
     if value.is_allow() {
         if captured && !redirect() {

@@ -152,6 +152,12 @@ fn cross_node_traffic_is_mutual_tls_and_authorized_by_principal() {
     assert!(contains(&wire, &[0x16, 0x03, 0x01]), "no TLS ClientHello on the wire");
     assert!(contains(&wire, &[0x17, 0x03, 0x03]), "no TLS application data on the wire");
 
+    // More connections share the pooled HBONE connection, one stream each.
+    for i in 0..5 {
+        let p = c.n1.echo("a", b_ip(net), PORT, &format!("again {i}"));
+        assert_eq!(p.result, "allowed", "connection {i} over the pooled tunnel: {p:?}\n{}", log(&c.n1));
+    }
+
     // DENY by principal, decided by node 2's agent with the identity c's certificate proves.
     let p = c.n1.echo("c", b_ip(net), PORT, "from c");
     assert_ne!(p.result, "allowed", "c is denied by principal: {p:?}");
