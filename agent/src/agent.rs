@@ -279,12 +279,8 @@ pub async fn run(cfg: AgentConfig, mut source: Box<dyn Source>) -> anyhow::Resul
         .map(|c| crate::certs::WorkloadCerts::serve(c, &cfg.trust_domain, cert_metrics))
         .transpose()?;
     let mut dp = Datapath::load(&cfg.pin_dir)?;
-    log_desired(&desired);
-    let generation = apply(&mut dp, &mut record, &cfg.state_dir, &desired, true)?;
-    telemetry.committed();
-    if let Some(c) = &certs {
-        c.sync_workloads(&desired.workloads).await;
-    }
+    // The mesh serves before the first commit turns capture on: once the committed generation is
+    // visible, the listeners are up.
     let mesh = match (&cfg.mesh, &certs) {
         (Some(m), Some(c)) => {
             let view = mesh_view(&desired, &cfg);
@@ -293,6 +289,12 @@ pub async fn run(cfg: AgentConfig, mut source: Box<dyn Source>) -> anyhow::Resul
         (Some(_), None) => anyhow::bail!("the mesh needs workload certificates: give a CA (--ca-dir or --ca-addr)"),
         _ => None,
     };
+    log_desired(&desired);
+    let generation = apply(&mut dp, &mut record, &cfg.state_dir, &desired, true)?;
+    telemetry.committed();
+    if let Some(c) = &certs {
+        c.sync_workloads(&desired.workloads).await;
+    }
     tracing::info!(generation, source = %source.describe(), workloads = desired.workloads.len(), entries = desired.state.policy.len(), "committed; enforcing");
     let mut valid_until = desired.valid_until;
 

@@ -285,3 +285,56 @@ fn peer_authentication_strict_permissive_disable_and_port_level() {
     assert_ne!(plain(&c, OTHER_PORT).result, "allowed", "9090 stays STRICT");
     assert_eq!(mtls(&c, OTHER_PORT).result, "allowed", "mTLS on 9090:\n{}", log(&c.n2));
 }
+
+/// Run `f` on a thread inside network namespace `netns`.
+fn in_netns<T: Send>(netns: &str, f: impl FnOnce() -> T + Send) -> T {
+    use std::os::fd::AsRawFd as _;
+    let path = format!("/run/netns/{netns}");
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let ns = fs::File::open(&path).expect("netns");
+            // SAFETY: setns(2) moves only this thread, which does nothing else afterwards.
+            assert_eq!(unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns {path}");
+            f()
+        })
+        .join()
+        .expect("netns thread")
+    })
+}
+
+#[test]
+fn a_tunnel_claiming_another_workloads_address_is_refused() {
+    if !require_root("a_tunnel_claiming_another_workloads_address_is_refused") {
+        return;
+    }
+    use warden_agent::certs::{CaSource, WorkloadCerts};
+    use warden_hbone::{ConnectRequest, Key, Pool, PoolOptions, SecretManagerTls};
+    use warden_identity::{Identity, tls::CompliancePolicy};
+
+    let net = 74;
+    let c = cluster("mf", net, &[]);
+    let ca = c.n1.dir.join("ca");
+    let c_ip = Ipv4Addr::new(10, net, 1, 3);
+    // An HBONE client on node 1 holding c's genuine certificate (from the cluster's CA), dialling
+    // b directly, as a compromised node or pod could.
+    let (forged, honest) = in_netns(&c.n1.node, || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let certs = WorkloadCerts::start(&CaSource::Local { dir: ca }, "cluster.local", None).unwrap();
+            let tls = SecretManagerTls::new(certs.secrets().clone(), CompliancePolicy::from_env().unwrap());
+            let pool = Pool::new(tls, PoolOptions::default());
+            let c_id = Identity::spiffe("cluster.local", "team", "c").unwrap();
+            let b_id = Identity::spiffe("cluster.local", "team", "b").unwrap();
+            let key = Key::new(c_id, (b_ip(net), 15008).into(), vec![b_id]);
+            let dst = (b_ip(net), PORT).into();
+            // c's certificate, a's address.
+            let forged = pool.connect(&key, ConnectRequest::new(dst).forwarded_for((a_ip(net), 40000).into())).await;
+            let honest = pool.connect(&key, ConnectRequest::new(dst).forwarded_for((c_ip, 40001).into())).await;
+            (forged.map(|_| ()), honest.map(|_| ()))
+        })
+    });
+    let err = forged.expect_err("a tunnel from c claiming a's address must be refused");
+    assert!(err.is_denied(), "refused as unauthorized: {err}");
+    assert!(honest.is_ok(), "c under its own address is served: {honest:?}\n{}", log(&c.n2));
+    assert!(log(&c.n2).contains("not a workload of the peer"), "node 2 says why:\n{}", log(&c.n2));
+}
