@@ -52,9 +52,15 @@ struct Figures {
     connections: u64,
 }
 
+/// Growth of each program's totals. Totals sum every loaded program of a name, so one that
+/// shrank means a program went away meanwhile (another warden on the machine): that phase's
+/// figure for it is dropped rather than wrapped.
 fn delta(before: &Stats, after: &Stats, into: &mut Stats) {
     for (name, (t, c)) in after {
         let (t0, c0) = before.get(name).copied().unwrap_or((0, 0));
+        if *t < t0 || *c < c0 {
+            continue;
+        }
         let e = into.entry(name.clone()).or_insert((0, 0));
         e.0 += t - t0;
         e.1 += c - c0;
