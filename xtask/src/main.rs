@@ -8,8 +8,10 @@
 //! | `lab down`    | remove every namespace, link, cgroup and pin the lab made                 |
 //! | `test`        | setup, build, run every test (root/netns tests included)                  |
 //! | `bench l4`    | the L4 datapath benchmark (see `bench.rs`)                                |
+//! | `bench mtls`  | the mTLS data plane against direct TCP (see `bench_mtls.rs`)              |
 
 mod bench;
+mod bench_mtls;
 mod lab;
 mod setup;
 
@@ -42,14 +44,21 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
-    /// Benchmarks: `l4` (datapath throughput, connection rate, per-packet program cost).
+    /// Benchmarks: `l4` (datapath throughput, connection rate, per-packet program cost), `mtls`
+    /// (the mesh against direct TCP: throughput, latency, connection rate, agent CPU and memory).
     Bench {
-        #[arg(value_parser = ["l4"])]
+        #[arg(value_parser = ["l4", "mtls"])]
         which: String,
-        /// Run only the configurations of this kind besides the baseline: `warden`, `iptables`,
-        /// `nftables` (for quick iterations; the README's figures come from a full run).
+        /// `l4` only: run only the configurations of this kind besides the baseline: `warden`,
+        /// `iptables`, `nftables` (for quick iterations; the README's figures come from a full run).
         #[arg(long, value_parser = ["warden", "iptables", "nftables"])]
         only: Option<String>,
+    },
+    /// `bench mtls`'s clients, which it runs inside lab workloads (no setup, no build).
+    #[command(hide = true)]
+    BenchClient {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
 }
 
@@ -114,13 +123,17 @@ fn test(args: &[String]) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let r = setup::setup().and_then(|()| match cli.task {
+    let setup = if matches!(cli.task, Task::BenchClient { .. }) { Ok(()) } else { setup::setup() };
+    let r = setup.and_then(|()| match cli.task {
         Task::Setup => Ok(()),
         Task::BuildEbpf => build_ebpf(),
         Task::Lab { action } if action == "down" => lab::down(),
         Task::Lab { .. } => cargo_build(false).and_then(|()| lab::up()),
         Task::Test { args } => test(&args),
+        Task::Bench { which, only: Some(_) } if which == "mtls" => bail!("--only applies to `bench l4`"),
+        Task::Bench { which, .. } if which == "mtls" => cargo_build(true).and_then(|()| bench_mtls::mtls()),
         Task::Bench { only, .. } => cargo_build(true).and_then(|()| bench::l4(only.as_deref())),
+        Task::BenchClient { args } => bench_mtls::client(&args),
     });
     match r {
         Ok(()) => ExitCode::SUCCESS,

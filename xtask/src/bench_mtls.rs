@@ -1,0 +1,731 @@
+//! `cargo xtask bench mtls`: what the mTLS data plane costs, against direct TCP on the same lab
+//! path, side by side in one invocation.
+//!
+//! One two-node cluster: two lab nodes joined by a veth wire, both agents with `--mesh` and one
+//! CA, no policies (everything allowed, so only the data plane is measured). Node 1 holds the
+//! clients `client` (meshed) and `client-plain` (labelled `istio.io/dataplane-mode: none`) and the
+//! servers `near` (meshed) and `near-plain`; node 2 the servers `far` and `far-plain`. Every
+//! server runs `warden-probe serve` and `iperf3 -s`. The rows:
+//!
+//! | row                        | client -> server           | path                                          |
+//! |----------------------------|----------------------------|-----------------------------------------------|
+//! | (1) direct TCP, same node  | client-plain -> near-plain | routed by node 1                              |
+//! | (2) warden, same node      | client -> near             | captured, authorized, delivered by agent 1    |
+//! | (3) direct TCP, cross node | client-plain -> far-plain  | routed over the wire                          |
+//! | (4) warden, cross node     | client -> far              | agent 1 -> HBONE (mTLS 1.3, 15008) -> agent 2 |
+//!
+//! The direct rows run with both agents up and warden's programs on every veth (the workloads are
+//! only out of the mesh), so they pay warden's L4 datapath too and a ratio isolates the mesh.
+//! Before measuring, each row is checked to take the path it claims (a connection of a warden row
+//! is an established socket on the agent's capture port; one of a direct row is not).
+//!
+//! Figures per row, medians of [`REPEAT`] with the rows interleaved so drift hits all alike:
+//! - throughput: `iperf3`, one stream, [`SECONDS`] s; the agents' CPU (utime + stime of both
+//!   agent processes) per GB received;
+//! - latency: p50/p99 of a [`MESSAGE`]-byte echo on one long connection ([`ROUND_TRIPS`] after
+//!   [`WARMUP`]), timed by this binary's hidden `bench-client latency` in the client's network
+//!   namespace and cgroup (where the kernel's capture applies);
+//! - new connections per second: `warden-probe rate` (connect, read the greeting, close with RST),
+//!   2 threads, [`SECONDS`] s; and the agents' CPU per connection.
+//!
+//! Then the agents' resident memory (`VmRSS`): idle before any traffic, with [`HOLD`] connections
+//! open through the mesh across nodes (`bench-client hold`), and idle again after they close.
+//!
+//! The table shows each figure beside its target, met or not, then every repeat's values and the
+//! TIME-WAIT sockets in the server's node namespace as each rate run starts (a warden row's last
+//! hop is the agent's own connection, so its TIME-WAIT stays on the node, not in the client).
+
+use std::{
+    fmt::Write as _,
+    fs,
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
+    path::PathBuf,
+    process::{Child, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use warden_tests::{Lab, Spec, probe_bin, run};
+
+const TAGS: [&str; 2] = ["bmtls1", "bmtls2"];
+const NAMESPACE: &str = "bench";
+/// `warden-probe serve` (greeting, then echo) on every server.
+const PORT: u16 = 8080;
+const IPERF_PORT: u16 = 5201;
+/// The agent's capture listener and HBONE port (the defaults of `--mesh`).
+const CAPTURE_PORT: u16 = 15001;
+const HBONE_PORT: u16 = 15008;
+/// Seconds of each throughput and connection-rate run.
+const SECONDS: u64 = 5;
+/// Repetitions per figure; the median is reported.
+const REPEAT: usize = 3;
+/// Echo size of the latency figure, newline included.
+const MESSAGE: usize = 64;
+const WARMUP: usize = 2_000;
+const ROUND_TRIPS: usize = 20_000;
+/// Connections held open for the memory figure.
+const HOLD: usize = 1_000;
+/// How long an idle agent is left before its memory is read.
+const SETTLE: Duration = Duration::from_secs(2);
+
+/// The targets beside the figures.
+const MIN_THROUGHPUT_RATIO: f64 = 0.45;
+const MAX_CPU_S_PER_GB: f64 = 0.9;
+const MIN_CONN_RATIO: f64 = 0.25;
+const MAX_ADDED_P99_US: f64 = 60.0;
+const MAX_RSS_IDLE_MIB: f64 = 12.0;
+const MAX_RSS_HOLD_MIB: f64 = 20.0;
+
+const fn node1(host: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 61, 1, host)
+}
+const fn node2(host: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 61, 2, host)
+}
+
+/// One row: a client on node 1 and a server on node 1 or 2.
+struct Row {
+    name: &'static str,
+    client: &'static str,
+    server: &'static str,
+    ip: Ipv4Addr,
+    meshed: bool,
+    /// The server is on node 2.
+    cross: bool,
+}
+
+/// Direct rows come first in each pair; a warden row's baseline is the row before it.
+const ROWS: [Row; 4] = [
+    Row {
+        name: "(1) direct TCP, same node",
+        client: "client-plain",
+        server: "near-plain",
+        ip: node1(5),
+        meshed: false,
+        cross: false,
+    },
+    Row { name: "(2) warden, same node", client: "client", server: "near", ip: node1(4), meshed: true, cross: false },
+    Row {
+        name: "(3) direct TCP, cross node",
+        client: "client-plain",
+        server: "far-plain",
+        ip: node2(3),
+        meshed: false,
+        cross: true,
+    },
+    Row { name: "(4) warden, cross node", client: "client", server: "far", ip: node2(2), meshed: true, cross: true },
+];
+
+/// What the repeats of one row measured.
+#[derive(Default)]
+struct Figures {
+    gbps: Vec<f64>,
+    /// Bytes received by the iperf3 servers, and the agents' CPU seconds meanwhile.
+    bytes: f64,
+    bulk_cpu: f64,
+    p50_us: Vec<f64>,
+    p99_us: Vec<f64>,
+    conn_per_s: Vec<f64>,
+    connections: u64,
+    errors: u64,
+    /// The agents' CPU seconds during the connection-rate runs.
+    churn_cpu: f64,
+    /// TIME-WAIT sockets in the server's node namespace as each rate run starts.
+    time_wait: Vec<usize>,
+}
+
+/// A row's reported figures; ratios and added latency against `base`, its direct row.
+struct Summary {
+    gbps: f64,
+    gbps_ratio: f64,
+    p50_us: f64,
+    p99_us: f64,
+    added_p50_us: f64,
+    added_p99_us: f64,
+    conn_per_s: f64,
+    conn_ratio: f64,
+    cpu_s_per_gb: f64,
+    cpu_us_per_conn: f64,
+}
+
+impl Summary {
+    fn new(f: &Figures, base: &Figures) -> Summary {
+        Summary {
+            gbps: median(&f.gbps),
+            gbps_ratio: median(&f.gbps) / median(&base.gbps),
+            p50_us: median(&f.p50_us),
+            p99_us: median(&f.p99_us),
+            added_p50_us: median(&f.p50_us) - median(&base.p50_us),
+            added_p99_us: median(&f.p99_us) - median(&base.p99_us),
+            conn_per_s: median(&f.conn_per_s),
+            conn_ratio: median(&f.conn_per_s) / median(&base.conn_per_s),
+            cpu_s_per_gb: f.bulk_cpu / (f.bytes / 1e9),
+            cpu_us_per_conn: f.churn_cpu / f.connections as f64 * 1e6,
+        }
+    }
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// The cluster and what runs in it.
+struct Cluster {
+    n1: Lab,
+    n2: Lab,
+    /// The agent processes of node 1 and node 2.
+    agents: [u32; 2],
+    iperf: Vec<Child>,
+}
+
+impl Cluster {
+    fn up() -> anyhow::Result<Cluster> {
+        let plain = |name: &str, ip, ports: &[u16]| {
+            let mut s = Spec::new(NAMESPACE, name, ip, ports);
+            s.labels.push(("istio.io/dataplane-mode".into(), "none".into()));
+            s
+        };
+        let specs1 = [
+            Spec::new(NAMESPACE, "client", node1(2), &[]),
+            plain("client-plain", node1(3), &[]),
+            Spec::new(NAMESPACE, "near", node1(4), &[PORT]),
+            plain("near-plain", node1(5), &[PORT]),
+        ];
+        let specs2 = [Spec::new(NAMESPACE, "far", node2(2), &[PORT]), plain("far-plain", node2(3), &[PORT])];
+        let mut n1 = Lab::up(TAGS[0], &specs1)?;
+        let mut n2 = Lab::up(TAGS[1], &specs2)?;
+        Lab::wire(&mut n1, &mut n2)?;
+        for client in ["client", "client-plain"] {
+            let netns = n1.member(client).netns.clone();
+            run(&["ip", "netns", "exec", &netns, "sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65535"])?;
+        }
+        // One CA for the cluster, as in tests/tests/mesh.rs.
+        let ca = n1.dir.join("ca");
+        fs::create_dir_all(&ca)?;
+        for lab in [&mut n1, &mut n2] {
+            let policies = lab.dir.join("policies");
+            warden_tests::write_policies(&policies, &[])?;
+            fs::write(lab.workloads_path(), lab.workload_file())?;
+            let args = [
+                "--workloads".into(),
+                lab.workloads_path().display().to_string(),
+                "--policies".into(),
+                policies.display().to_string(),
+                "--mesh".into(),
+                "--ca-dir".into(),
+                ca.display().to_string(),
+            ];
+            lab.start_agent_with(&args).with_context(|| format!("{}: starting the mesh agent", lab.tag))?;
+        }
+        let agents = [agent_pid(&n1)?, agent_pid(&n2)?];
+        let mut iperf = Vec::new();
+        for (lab, server) in [(&n1, "near"), (&n1, "near-plain"), (&n2, "far"), (&n2, "far-plain")] {
+            let child = lab
+                .command_in(server, "iperf3".as_ref(), &["-s".into(), "-p".into(), IPERF_PORT.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("starting iperf3 -s")?;
+            iperf.push(child);
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(Cluster { n1, n2, agents, iperf })
+    }
+
+    /// The agents' CPU seconds so far (both processes, all threads, user and system).
+    fn agent_cpu(&self) -> anyhow::Result<f64> {
+        let mut s = 0.0;
+        for (pid, lab) in self.agents.iter().zip([&self.n1, &self.n2]) {
+            s += cpu_seconds(*pid)
+                .with_context(|| format!("agent of {} (pid {pid}); log: {}", lab.tag, log_tail(lab)))?;
+        }
+        Ok(s)
+    }
+
+    /// `bench-client ARGS` in `client`'s namespace and cgroup.
+    fn client(&self, client: &str, args: &[String]) -> std::process::Command {
+        let mut v = vec!["bench-client".to_string()];
+        v.extend_from_slice(args);
+        self.n1.command_in(client, &xtask_bin(), &v)
+    }
+
+    /// Hold `count` connections from `row`'s client to its server; returns the holder once they are
+    /// open (closing its stdin releases them) and what it reported.
+    fn hold(&self, row: &Row, count: usize) -> anyhow::Result<(Child, serde_json::Value)> {
+        let mut child = self
+            .client(row.client, &["hold".into(), format!("{}:{PORT}", row.ip), "--count".into(), count.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("bench-client hold")?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().context("holder stdout")?).read_line(&mut line)?;
+        let v: serde_json::Value =
+            serde_json::from_str(&line).with_context(|| format!("bench-client hold reported {line:?}"))?;
+        Ok((child, v))
+    }
+
+    /// Established sockets in node 1's namespace whose `side` (`sport`/`dport`) is `port`.
+    fn sockets(&self, side: &str, port: u16) -> anyhow::Result<usize> {
+        count_sockets(&self.n1, &["state", "established", &format!("( {side} = :{port} )")])
+    }
+
+    /// Check that `row` takes the path it names: one held connection is (or is not) a socket on
+    /// the agent's capture port, and a cross-node warden row's travels over HBONE.
+    fn check_path(&self, row: &Row) -> anyhow::Result<String> {
+        let (mut holder, v) = self.hold(row, 1)?;
+        let (captured, hbone) = (self.sockets("sport", CAPTURE_PORT)?, self.sockets("dport", HBONE_PORT)?);
+        drop(holder.stdin.take());
+        let _ = holder.wait();
+        if v["open"] != 1 {
+            bail!("{}: no connection: {v}\n{}", row.name, self.logs());
+        }
+        if row.meshed != (captured > 0) {
+            bail!(
+                "{}: {captured} connections on the capture port {CAPTURE_PORT}; expected meshed={}",
+                row.name,
+                row.meshed
+            );
+        }
+        if row.meshed && row.cross && hbone == 0 {
+            bail!("{}: captured, but no HBONE connection from node 1 to {HBONE_PORT}", row.name);
+        }
+        Ok(match (row.meshed, row.cross) {
+            (false, _) => "not captured (plain TCP)".into(),
+            (true, false) => format!("captured by agent 1 ({CAPTURE_PORT}), delivered on the node"),
+            (true, true) => format!("captured by agent 1 ({CAPTURE_PORT}), HBONE to {}:{HBONE_PORT}", row.ip),
+        })
+    }
+
+    fn throughput(&self, row: &Row, f: &mut Figures) -> anyhow::Result<()> {
+        let args = ["-c", &row.ip.to_string(), "-p", &IPERF_PORT.to_string(), "-t", &SECONDS.to_string(), "-J"];
+        let cpu0 = self.agent_cpu()?;
+        let out =
+            self.n1.command_in(row.client, "iperf3".as_ref(), &args.map(String::from)).output().context("iperf3")?;
+        let cpu1 = self.agent_cpu()?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("{}: iperf3 JSON; stderr {}", row.name, String::from_utf8_lossy(&out.stderr)))?;
+        if let Some(e) = v["error"].as_str() {
+            bail!("{}: iperf3: {e}\n{}", row.name, self.logs());
+        }
+        let received = &v["end"]["sum_received"];
+        f.gbps.push(received["bits_per_second"].as_f64().context("iperf3 result")? / 1e9);
+        f.bytes += received["bytes"].as_f64().context("iperf3 bytes")?;
+        f.bulk_cpu += cpu1 - cpu0;
+        Ok(())
+    }
+
+    fn latency(&self, row: &Row, f: &mut Figures) -> anyhow::Result<()> {
+        let args = [
+            "latency".into(),
+            format!("{}:{PORT}", row.ip),
+            "--warmup".into(),
+            WARMUP.to_string(),
+            "--count".into(),
+            ROUND_TRIPS.to_string(),
+        ];
+        let out = self.client(row.client, &args).output().context("bench-client latency")?;
+        if !out.status.success() {
+            bail!("{}: bench-client latency: {}", row.name, String::from_utf8_lossy(&out.stderr).trim());
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("bench-client latency JSON")?;
+        f.p50_us.push(v["p50_us"].as_f64().context("p50")?);
+        f.p99_us.push(v["p99_us"].as_f64().context("p99")?);
+        Ok(())
+    }
+
+    fn rate(&self, row: &Row, f: &mut Figures) -> anyhow::Result<()> {
+        let args = [
+            "rate".into(),
+            format!("{}:{PORT}", row.ip),
+            "--seconds".into(),
+            SECONDS.to_string(),
+            "--threads".into(),
+            "2".into(),
+        ];
+        // Connections the node that delivers to the server closed first linger there in TIME-WAIT
+        // (shown: they make the next runs' port allocation dearer).
+        let node = if row.cross { &self.n2 } else { &self.n1 };
+        f.time_wait.push(count_sockets(node, &["state", "time-wait"])?);
+        let cpu0 = self.agent_cpu()?;
+        let out = self.n1.command_in(row.client, &probe_bin(), &args).output().context("warden-probe rate")?;
+        let cpu1 = self.agent_cpu()?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("probe rate JSON")?;
+        let (n, errors) = (v["connections"].as_u64().unwrap_or(0), v["errors"].as_u64().unwrap_or(0));
+        if n == 0 {
+            bail!("{}: no connection succeeded: {v}\n{}", row.name, self.logs());
+        }
+        f.conn_per_s.push(v["per_second"].as_f64().unwrap_or(0.0));
+        f.connections += n;
+        f.errors += errors;
+        f.churn_cpu += cpu1 - cpu0;
+        Ok(())
+    }
+
+    /// The last lines of both agents' logs (for errors).
+    fn logs(&self) -> String {
+        format!("node 1 agent {}\nnode 2 agent {}", log_tail(&self.n1), log_tail(&self.n2))
+    }
+
+    /// VmRSS of both agents, MiB.
+    fn rss(&self) -> anyhow::Result<[f64; 2]> {
+        Ok([rss_mib(self.agents[0])?, rss_mib(self.agents[1])?])
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for c in &mut self.iperf {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// TCP sockets in `lab`'s node namespace matching the `ss` filter.
+fn count_sockets(lab: &Lab, filter: &[&str]) -> anyhow::Result<usize> {
+    let mut args = vec!["-Htn"];
+    args.extend_from_slice(filter);
+    let out = lab.node_command("ss", &args).output().context("ss")?;
+    Ok(String::from_utf8_lossy(&out.stdout).lines().count())
+}
+
+/// The release build of this binary (the clients run as `xtask bench-client`).
+fn xtask_bin() -> PathBuf {
+    warden_tests::workspace_root().join("target/release/xtask")
+}
+
+/// The `warden` process in the lab's node namespace (the lab starts it through `nsenter`, which
+/// execs it in place).
+fn agent_pid(lab: &Lab) -> anyhow::Result<u32> {
+    let pids = run(&["ip", "netns", "pids", &lab.node])?;
+    pids.split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .find(|p| fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "warden"))
+        .with_context(|| format!("no warden process in {}", lab.node))
+}
+
+/// utime + stime of process `pid` (all its threads), seconds.
+fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after `(comm)`: state is field 3, utime 14, stime 15.
+    let rest = stat.rsplit_once(") ").context("malformed /proc/PID/stat")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11).context("utime")?.parse::<u64>()? + f.get(12).context("stime")?.parse::<u64>()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    Ok(ticks as f64 / hz as f64)
+}
+
+fn rss_mib(pid: u32) -> anyhow::Result<f64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).with_context(|| format!("agent pid {pid}"))?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("VmRSS")?;
+    Ok(kib / 1024.0)
+}
+
+/// The last lines of a lab's agent log (for errors).
+fn log_tail(lab: &Lab) -> String {
+    let log = fs::read_to_string(lab.agent_log()).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().collect();
+    format!("({})\n{}", lab.agent_log().display(), lines[lines.len().saturating_sub(15)..].join("\n"))
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met { "met" } else { "NOT MET" }
+}
+
+pub fn mtls() -> anyhow::Result<()> {
+    let release = warden_tests::workspace_root().join("target/release");
+    // SAFETY: set before any thread is spawned; the lab helpers and the agents read these.
+    unsafe {
+        std::env::set_var("WARDEN_BIN", release.join("warden"));
+        std::env::set_var("WARDEN_PROBE_BIN", release.join("warden-probe"));
+        // As bench l4's datapath rows: no access-log line per connection (it would load the
+        // agents in the direct rows too).
+        std::env::set_var("WARDEN_ACCESS_LOG", "off");
+    }
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let load = fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load = load.split_whitespace().next().unwrap_or("?").to_string();
+    eprintln!("bench mtls: two nodes, mesh agents, one CA, no policies");
+    let cluster = Cluster::up()?;
+    std::thread::sleep(SETTLE);
+    let idle = cluster.rss()?;
+    let mut paths = Vec::new();
+    for row in &ROWS {
+        paths.push(cluster.check_path(row)?);
+        eprintln!("bench mtls: {}: {}", row.name, paths.last().unwrap());
+    }
+
+    let mut figures: Vec<Figures> = ROWS.iter().map(|_| Figures::default()).collect();
+    for rep in 1..=REPEAT {
+        for (row, f) in ROWS.iter().zip(&mut figures) {
+            eprintln!("bench mtls: [{rep}/{REPEAT}] {}: throughput", row.name);
+            cluster.throughput(row, f)?;
+        }
+        for (row, f) in ROWS.iter().zip(&mut figures) {
+            eprintln!("bench mtls: [{rep}/{REPEAT}] {}: latency", row.name);
+            cluster.latency(row, f)?;
+        }
+        for (row, f) in ROWS.iter().zip(&mut figures) {
+            eprintln!("bench mtls: [{rep}/{REPEAT}] {}: connection rate", row.name);
+            cluster.rate(row, f)?;
+        }
+    }
+
+    eprintln!("bench mtls: {HOLD} connections open through the mesh, cross node");
+    let far = &ROWS[3];
+    let (mut holder, held) = cluster.hold(far, HOLD)?;
+    std::thread::sleep(SETTLE);
+    let holding = cluster.rss()?;
+    let (captured, hbone) = (cluster.sockets("sport", CAPTURE_PORT)?, cluster.sockets("dport", HBONE_PORT)?);
+    drop(holder.stdin.take());
+    let _ = holder.wait();
+    std::thread::sleep(SETTLE);
+    let after = cluster.rss()?;
+    let open = held["open"].as_u64().unwrap_or(0);
+
+    let summary: Vec<Summary> = ROWS
+        .iter()
+        .enumerate()
+        .map(|(i, row)| Summary::new(&figures[i], &figures[i - usize::from(row.meshed)]))
+        .collect();
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\nmTLS data plane benchmark: warden's mesh (capture, HBONE over mTLS 1.3) against direct TCP on the same path"
+    );
+    let _ = writeln!(
+        out,
+        "(median of {REPEAT}, rows interleaved; {cpus} CPUs, load average {load} at start; both agents up in every row, \
+         access log off, no policies)"
+    );
+    let _ = writeln!(
+        out,
+        "direct = the same kind of client and server labelled istio.io/dataplane-mode: none, on warden's L4 datapath: \
+         ratios isolate the mesh"
+    );
+    for (row, path) in ROWS.iter().zip(&paths) {
+        let _ = writeln!(out, "  {:<28} {} -> {} ({}): {path}", row.name, row.client, row.server, row.ip);
+    }
+    let _ = writeln!(
+        out,
+        "\n{:<28} {:>7} {:>6} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6} {:>9} {:>11}",
+        "configuration",
+        "Gbit/s",
+        "ratio",
+        "p50 µs",
+        "p99 µs",
+        "+p50 µs",
+        "+p99 µs",
+        "conn/s",
+        "ratio",
+        "CPU s/GB",
+        "CPU µs/conn"
+    );
+    for (row, s) in ROWS.iter().zip(&summary) {
+        let added = |v: f64| if row.meshed { format!("{v:.1}") } else { "-".into() };
+        let _ = writeln!(
+            out,
+            "{:<28} {:>7.2} {:>6.2} {:>8.1} {:>8.1} {:>8} {:>8} {:>8.0} {:>6.2} {:>9.3} {:>11.1}",
+            row.name,
+            s.gbps,
+            s.gbps_ratio,
+            s.p50_us,
+            s.p99_us,
+            added(s.added_p50_us),
+            added(s.added_p99_us),
+            s.conn_per_s,
+            s.conn_ratio,
+            s.cpu_s_per_gb,
+            s.cpu_us_per_conn,
+        );
+    }
+    let _ = writeln!(
+        out,
+        "(ratios and added latency against the direct row above; CPU: utime + stime of both agents during the iperf3 \
+         runs per GB received, and during the rate runs per connection)"
+    );
+    let errors: Vec<String> = ROWS
+        .iter()
+        .zip(&figures)
+        .filter(|(_, f)| f.errors > 0)
+        .map(|(r, f)| format!("{}: {} of {}", r.name, f.errors, f.errors + f.connections))
+        .collect();
+    if !errors.is_empty() {
+        let _ = writeln!(out, "failed connections in the rate runs: {}", errors.join("; "));
+    }
+    let _ = writeln!(
+        out,
+        "\nper repeat, in run order          Gbit/s              p99 µs                 conn/s               \
+         TIME-WAIT at the server's node before each rate run"
+    );
+    for (row, f) in ROWS.iter().zip(&figures) {
+        let list = |v: &[f64], digits: usize| v.iter().map(|x| format!("{x:.digits$}")).collect::<Vec<_>>().join(" ");
+        let tw: Vec<String> = f.time_wait.iter().map(usize::to_string).collect();
+        let _ = writeln!(
+            out,
+            "{:<33} {:<19} {:<22} {:<20} {}",
+            row.name,
+            list(&f.gbps, 2),
+            list(&f.p99_us, 1),
+            list(&f.conn_per_s, 0),
+            tw.join(" ")
+        );
+    }
+    let _ = writeln!(out, "\nagent memory (VmRSS, MiB)                  node 1   node 2");
+    let _ = writeln!(out, "{:<40} {:>7.1}  {:>7.1}", "idle, after start (no traffic yet)", idle[0], idle[1]);
+    let _ = writeln!(
+        out,
+        "{:<40} {:>7.1}  {:>7.1}   (client -> far; {captured} sockets on the capture port, {hbone} HBONE connections)",
+        format!("{open} connections open ({} failed)", held["errors"]),
+        holding[0],
+        holding[1]
+    );
+    let _ = writeln!(out, "{:<40} {:>7.1}  {:>7.1}", "idle, after they closed", after[0], after[1]);
+    if open < HOLD as u64 {
+        let _ = writeln!(out, "(only {open} of {HOLD} connections opened: {})", held["error"]);
+    }
+
+    let (same, cross) = (&summary[1], &summary[3]);
+    let _ = writeln!(out, "\n{:<48} {:<22} {:<22}", "target", "(2) same node", "(4) cross node");
+    let mut target = |name: String, a: f64, b: f64, met: &dyn Fn(f64) -> bool, unit: &str| {
+        let cell = |v: f64| format!("{v:.2}{unit} {}", verdict(met(v)));
+        let _ = writeln!(out, "{name:<48} {:<22} {:<22}", cell(a), cell(b));
+    };
+    target(
+        format!("throughput >= {:.0}% of direct TCP", MIN_THROUGHPUT_RATIO * 100.0),
+        same.gbps_ratio,
+        cross.gbps_ratio,
+        &|r| r >= MIN_THROUGHPUT_RATIO,
+        "",
+    );
+    target(
+        format!("agents' CPU <= {MAX_CPU_S_PER_GB} s/GB"),
+        same.cpu_s_per_gb,
+        cross.cpu_s_per_gb,
+        &|v| v <= MAX_CPU_S_PER_GB,
+        " s/GB",
+    );
+    target(
+        format!("new connections >= {:.0}% of direct", MIN_CONN_RATIO * 100.0),
+        same.conn_ratio,
+        cross.conn_ratio,
+        &|r| r >= MIN_CONN_RATIO,
+        "",
+    );
+    target(
+        format!("added p99 latency <= {MAX_ADDED_P99_US} µs"),
+        same.added_p99_us,
+        cross.added_p99_us,
+        &|v| v <= MAX_ADDED_P99_US,
+        " µs",
+    );
+    let _ = writeln!(out, "{:<48} {:<22} {:<22}", "", "node 1", "node 2");
+    let mut rss = |name: String, v: [f64; 2], max: f64| {
+        let cell = |v: f64| format!("{v:.1} MiB {}", verdict(v <= max));
+        let _ = writeln!(out, "{name:<48} {:<22} {:<22}", cell(v[0]), cell(v[1]));
+    };
+    rss(format!("agent RSS <= {MAX_RSS_IDLE_MIB} MiB idle (no traffic yet)"), idle, MAX_RSS_IDLE_MIB);
+    rss(format!("agent RSS <= {MAX_RSS_IDLE_MIB} MiB idle (after the run)"), after, MAX_RSS_IDLE_MIB);
+    rss(format!("agent RSS <= {MAX_RSS_HOLD_MIB} MiB, {HOLD} open connections"), holding, MAX_RSS_HOLD_MIB);
+    print!("{out}");
+    drop(cluster);
+    Ok(())
+}
+
+/// `cargo xtask bench-client` (hidden): the benchmark's clients, run by `bench mtls` inside a
+/// workload's network namespace and cgroup.
+///
+/// - `latency IP:PORT [--warmup N] [--count N]`: one connection to `warden-probe serve`; after the
+///   greeting, `MESSAGE`-byte lines echoed back one at a time; prints the percentiles as JSON.
+/// - `hold IP:PORT [--count N]`: opens N connections (each greeted), prints `{"open": n, "errors":
+///   e, "error": first}`, and holds them until stdin closes.
+pub fn client(args: &[String]) -> anyhow::Result<()> {
+    let flag = |name: &str, default: usize| -> anyhow::Result<usize> {
+        match args.iter().position(|a| a == name) {
+            Some(i) => {
+                args.get(i + 1).with_context(|| format!("{name} needs a value"))?.parse().context(name.to_string())
+            }
+            None => Ok(default),
+        }
+    };
+    match args {
+        [mode, addr, ..] if mode == "latency" => {
+            latency(addr.parse().context("IP:PORT")?, flag("--warmup", WARMUP)?, flag("--count", ROUND_TRIPS)?)
+        }
+        [mode, addr, ..] if mode == "hold" => hold(addr.parse().context("IP:PORT")?, flag("--count", HOLD)?),
+        _ => bail!("usage: bench-client latency IP:PORT [--warmup N] [--count N] | hold IP:PORT [--count N]"),
+    }
+}
+
+/// A connection to `warden-probe serve`, its greeting read.
+fn greeted(addr: SocketAddr) -> anyhow::Result<BufReader<TcpStream>> {
+    let timeout = Duration::from_secs(5);
+    let s = TcpStream::connect_timeout(&addr, timeout).with_context(|| format!("connect {addr}"))?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(timeout))?;
+    let mut r = BufReader::new(s);
+    let mut hello = String::new();
+    r.read_line(&mut hello).context("reading the greeting")?;
+    if !hello.starts_with("hello ") {
+        bail!("unexpected greeting {hello:?}");
+    }
+    Ok(r)
+}
+
+fn latency(addr: SocketAddr, warmup: usize, count: usize) -> anyhow::Result<()> {
+    let mut r = greeted(addr)?;
+    let mut message = vec![b'x'; MESSAGE - 1];
+    message.push(b'\n');
+    let mut back = vec![0; MESSAGE];
+    let mut ns = Vec::with_capacity(count);
+    for i in 0..warmup + count {
+        let t = Instant::now();
+        r.get_ref().write_all(&message)?;
+        r.read_exact(&mut back).with_context(|| format!("round trip {i}"))?;
+        let dt = t.elapsed();
+        if back != message {
+            bail!("round trip {i}: the echo differs");
+        }
+        if i >= warmup {
+            ns.push(dt.as_nanos() as u64);
+        }
+    }
+    ns.sort_unstable();
+    let pct = |p: f64| ns[((ns.len() as f64 * p) as usize).min(ns.len() - 1)] as f64 / 1e3;
+    let v = serde_json::json!({
+        "round_trips": count, "p50_us": pct(0.50), "p99_us": pct(0.99), "p999_us": pct(0.999), "max_us": pct(1.0),
+    });
+    println!("{v}");
+    Ok(())
+}
+
+fn hold(addr: SocketAddr, count: usize) -> anyhow::Result<()> {
+    let mut open = Vec::with_capacity(count);
+    let (mut errors, mut first) = (0, None);
+    for _ in 0..count {
+        match greeted(addr) {
+            Ok(c) => open.push(c),
+            Err(e) => {
+                errors += 1;
+                first.get_or_insert(format!("{e:#}"));
+            }
+        }
+    }
+    let mut stdout = std::io::stdout();
+    writeln!(stdout, "{}", serde_json::json!({"open": open.len(), "errors": errors, "error": first}))?;
+    stdout.flush()?;
+    // Hold until the benchmark closes stdin.
+    let _ = std::io::stdin().read_to_end(&mut Vec::new());
+    drop(open);
+    Ok(())
+}
