@@ -9,8 +9,9 @@
 //! real agent and policy compiler: the server's ALLOW policy names many remote identities and
 //! ports, and the client's entry is one of them); (c) iptables chains of 1, 1k and 10k rules
 //! (conntrack ESTABLISHED first, the client's rule last) and an nftables verdict map of 100k
-//! elements. Each is printed as a ratio to (a). With `kernel.bpf_stats_enabled=1`, the warden
-//! runs also report each program's in-kernel cost per packet (run_time_ns / run_cnt).
+//! elements. Each is printed as a ratio to (a), measured just before it. With
+//! `kernel.bpf_stats_enabled=1`, the warden runs also report each program's in-kernel cost per
+//! packet (run_time_ns / run_cnt) and per connection.
 //!
 //! The warden rows measure the datapath with the agent's access log off; one more row runs the
 //! 100k configuration with the text access log on, whose cost (the agent formatting and writing
@@ -287,9 +288,17 @@ pub fn l4(only: Option<&str>) -> anyhow::Result<()> {
         .spawn()?;
     std::thread::sleep(Duration::from_millis(300));
 
+    // Each configuration is paired with a baseline measured just before it (nothing installed),
+    // and its ratios are to that baseline: the machine's drift over a ten-minute run (2 shared
+    // vCPUs) would otherwise be larger than the effects measured.
     let mut rows: Vec<(String, Figures)> = Vec::new();
-    eprintln!("bench: (a) no programs");
-    rows.push(("(a) no programs".into(), measure(&lab)?));
+    let mut paired: Vec<(f64, f64)> = Vec::new();
+    let baseline = |lab: &Lab, paired: &mut Vec<(f64, f64)>| -> anyhow::Result<()> {
+        eprintln!("bench: (a) no programs");
+        let b = measure(lab)?;
+        paired.push((b.gbps, b.conn_per_s));
+        Ok(())
+    };
 
     let warden_configs = if runs("warden") {
         vec![(1usize, "off"), (1_000, "off"), (100_000, "off"), (100_000, "text")]
@@ -301,6 +310,7 @@ pub fn l4(only: Option<&str>) -> anyhow::Result<()> {
         // SAFETY: no other thread runs; the agent started next inherits the setting.
         unsafe { std::env::set_var("WARDEN_ACCESS_LOG", access_log) };
         let policies = warden_inputs(&lab, entries)?;
+        baseline(&lab, &mut paired)?;
         lab.start_agent(&policies)?;
         let maps = lab.warden(&["maps", "--output", "json"])?;
         let v: serde_json::Value = serde_json::from_str(&maps)?;
@@ -317,38 +327,37 @@ pub fn l4(only: Option<&str>) -> anyhow::Result<()> {
 
     for rules in if runs("iptables") { vec![1usize, 1_000, 10_000] } else { vec![] } {
         eprintln!("bench: (c) iptables, {rules} rules");
+        baseline(&lab, &mut paired)?;
         iptables_chain(&lab, rules)?;
         rows.push((format!("(c) iptables, {rules} rules"), measure(&lab)?));
         iptables_flush(&lab);
     }
     if runs("nftables") {
         eprintln!("bench: (c) nftables verdict map, 100000 elements");
+        baseline(&lab, &mut paired)?;
         nft_vmap(&lab, 100_000)?;
         rows.push(("(c) nftables vmap, 100000".into(), measure(&lab)?));
         let _ = in_node(&lab, &["nft", "delete", "table", "inet", "wardenbench"]);
     }
-    // The baseline again, last: (a) is the mean of both, so drift over the run cancels.
-    eprintln!("bench: (a) no programs, again");
-    let again = measure(&lab)?;
-
     let _ = iperf.kill();
     let _ = iperf.wait();
-    let base = ((rows[0].1.gbps + again.gbps) / 2.0, (rows[0].1.conn_per_s + again.conn_per_s) / 2.0);
-    rows[0].1.gbps = base.0;
-    rows[0].1.conn_per_s = base.1;
-    rows[0].0 = "(a) no programs (mean of first and last)".into();
     println!(
-        "\nL4 datapath benchmark (median of {REPEAT} x {SECONDS}s per figure; ratios to (a), itself measured first and last)"
+        "\nL4 datapath benchmark (median of {REPEAT} x {SECONDS}s per figure; each ratio is to the baseline (a) measured just before)"
     );
-    println!("{:<44} {:>10} {:>7} {:>12} {:>7}", "configuration", "Gbit/s", "ratio", "conn/s", "ratio");
-    for (name, f, ..) in &rows {
+    println!(
+        "{:<44} {:>10} {:>7} {:>12} {:>7}   {:>16}",
+        "configuration", "Gbit/s", "ratio", "conn/s", "ratio", "(a) Gbit/s conn/s"
+    );
+    for ((name, f), (bg, bc)) in rows.iter().zip(&paired) {
         println!(
-            "{:<44} {:>10.2} {:>7.2} {:>12.0} {:>7.2}",
+            "{:<44} {:>10.2} {:>7.2} {:>12.0} {:>7.2}   {:>8.2} {:>7.0}",
             name,
             f.gbps,
-            f.gbps / base.0,
+            f.gbps / bg,
             f.conn_per_s,
-            f.conn_per_s / base.1
+            f.conn_per_s / bc,
+            bg,
+            bc
         );
     }
     println!("\nIn-kernel cost per run of each warden program, ns (bpf_stats run_time_ns / run_cnt):");
