@@ -305,6 +305,32 @@ impl Lab {
         Ok(())
     }
 
+    /// tcpdump on this node's end of the wire, writing raw packets to `file`; returns once tcpdump
+    /// says it is listening. Stop it with SIGINT, which flushes the file.
+    pub fn capture_wire(&self, file: &Path) -> anyhow::Result<Child> {
+        use std::io::BufRead as _;
+        let (iface, _) = self.wire.clone().context("the node is not wired")?;
+        let _ = fs::remove_file(file);
+        let mut child = self
+            .node_command("tcpdump", &["-i", &iface, "-U", "-s", "0", "-w", &file.display().to_string(), "tcp"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting tcpdump")?;
+        let stderr = child.stderr.take().context("tcpdump stderr")?;
+        let mut lines = std::io::BufReader::new(stderr).lines();
+        loop {
+            match lines.next() {
+                Some(Ok(l)) if l.contains("listening on") => break,
+                Some(Ok(_)) => {}
+                _ => bail!("tcpdump stopped before listening"),
+            }
+        }
+        // Keep draining its stderr so it never blocks on a full pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        Ok(child)
+    }
+
     /// A command in the node's network namespace.
     pub fn node_command(&self, program: &str, args: &[&str]) -> Command {
         let mut c = Command::new("nsenter");

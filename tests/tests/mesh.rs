@@ -6,7 +6,7 @@ use std::{
     fs,
     net::Ipv4Addr,
     path::{Path, PathBuf},
-    process::{Child, Stdio},
+    process::Child,
     time::Duration,
 };
 
@@ -100,18 +100,8 @@ fn log(lab: &Lab) -> String {
 
 /// tcpdump on node 1's end of the wire, writing raw packets to a file.
 fn capture(lab: &Lab) -> (Child, PathBuf) {
-    let (iface, _) = lab.wire.clone().expect("wired");
     let file = lab.dir.join("wire.pcap");
-    let _ = fs::remove_file(&file);
-    let child = lab
-        .node_command("tcpdump", &["-i", &iface, "-U", "-s", "0", "-w", &file.display().to_string(), "tcp"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("tcpdump");
-    // tcpdump needs a moment before it captures.
-    std::thread::sleep(Duration::from_millis(700));
-    (child, file)
+    (lab.capture_wire(&file).expect("tcpdump"), file)
 }
 
 fn stop(mut c: Child) {

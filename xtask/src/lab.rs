@@ -2,7 +2,7 @@
 //! each node's agent enforcing the policies in `policies/lab/` and carrying meshed traffic over
 //! mutual TLS (HBONE); a matrix of which flows pass, a look at the wire, and how to inspect it.
 
-use std::{fs, net::Ipv4Addr, path::PathBuf, process::Stdio, time::Duration};
+use std::{fs, net::Ipv4Addr, path::PathBuf, time::Duration};
 
 use warden_common::names;
 use warden_tests::{Lab, Spec, probe_bin};
@@ -110,12 +110,7 @@ pub fn up() -> anyhow::Result<()> {
     // The wire: a marked payload from order-service to the payment processor, captured on node 1.
     let (iface, _) = n1.wire.clone().expect("wired");
     let pcap = n1.dir.join("wire.pcap");
-    let mut tcpdump = n1
-        .node_command("tcpdump", &["-i", &iface, "-U", "-s", "0", "-w", &pcap.display().to_string(), "tcp"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    std::thread::sleep(Duration::from_millis(700));
+    let mut tcpdump = n1.capture_wire(&pcap)?;
     let marker = "CARD-4111-1111-1111-1111";
     let echo = n1.echo("order-service", Ipv4Addr::new(10, 77, 3, 13), 8443, marker);
     std::thread::sleep(Duration::from_millis(300));
