@@ -295,7 +295,16 @@ impl Lab {
         }
         for (from, to, via, iface) in [(&*a, &*b, ab, &ia), (&*b, &*a, aa, &ib)] {
             for m in &to.members {
-                from.in_node(&["ip", "route", "add", &format!("{}/32", m.spec.ip), "via", &via.to_string(), "dev", iface])?;
+                from.in_node(&[
+                    "ip",
+                    "route",
+                    "add",
+                    &format!("{}/32", m.spec.ip),
+                    "via",
+                    &via.to_string(),
+                    "dev",
+                    iface,
+                ])?;
             }
         }
         let (sa, sb): (Vec<Spec>, Vec<Spec>) =
@@ -306,13 +315,18 @@ impl Lab {
     }
 
     /// tcpdump on this node's end of the wire, writing raw packets to `file`; returns once tcpdump
-    /// says it is listening. Stop it with SIGINT, which flushes the file.
+    /// says it is listening. Stop it with SIGINT, which flushes the file. (`--immediate-mode`:
+    /// otherwise libpcap hands packets over a block at a time, after up to a second, and a capture
+    /// stopped sooner loses them.)
     pub fn capture_wire(&self, file: &Path) -> anyhow::Result<Child> {
         use std::io::BufRead as _;
         let (iface, _) = self.wire.clone().context("the node is not wired")?;
         let _ = fs::remove_file(file);
         let mut child = self
-            .node_command("tcpdump", &["-i", &iface, "-U", "-s", "0", "-w", &file.display().to_string(), "tcp"])
+            .node_command(
+                "tcpdump",
+                &["-i", &iface, "--immediate-mode", "-U", "-s", "0", "-w", &file.display().to_string(), "tcp"],
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -345,7 +359,11 @@ impl Lab {
             .output()
             .expect("running warden-probe");
         serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-            panic!("probe output {:?} ({e}); stderr {}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+            panic!(
+                "probe output {:?} ({e}); stderr {}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
         })
     }
 

@@ -56,11 +56,8 @@ fn b_ip(net: u8) -> Ipv4Addr {
 fn cluster(tag: &str, net: u8, policies: &[(&str, &str)]) -> Cluster {
     let mut plain = Spec::new("team", "p", Ipv4Addr::new(10, net, 1, 4), &[]);
     plain.labels.push(("istio.io/dataplane-mode".into(), "none".into()));
-    let n1 = vec![
-        Spec::new("team", "a", a_ip(net), &[]),
-        Spec::new("team", "c", Ipv4Addr::new(10, net, 1, 3), &[]),
-        plain,
-    ];
+    let n1 =
+        vec![Spec::new("team", "a", a_ip(net), &[]), Spec::new("team", "c", Ipv4Addr::new(10, net, 1, 3), &[]), plain];
     let n2 = vec![Spec::new("team", "b", b_ip(net), &[PORT, OTHER_PORT])];
     let mut n1 = Lab::up(&format!("{tag}1"), &n1).expect("node 1 up");
     let mut n2 = Lab::up(&format!("{tag}2"), &n2).expect("node 2 up");
@@ -138,7 +135,12 @@ fn cross_node_traffic_is_mutual_tls_and_authorized_by_principal() {
     assert!(!contains(&wire, marker.as_bytes()), "the payload crossed the wire in plaintext");
     // TLS records to and from 15008: a handshake record (0x16 0x03 0x01, the ClientHello), then
     // application data records (0x17 0x03 0x03, TLS 1.3's record version).
-    assert!(contains(&wire, &15008u16.to_be_bytes()), "no traffic to port 15008 on the wire");
+    assert!(
+        contains(&wire, &15008u16.to_be_bytes()),
+        "no traffic to port 15008 on the wire ({} bytes captured in {})",
+        wire.len(),
+        pcap.display()
+    );
     assert!(contains(&wire, &[0x16, 0x03, 0x01]), "no TLS ClientHello on the wire");
     assert!(contains(&wire, &[0x17, 0x03, 0x03]), "no TLS application data on the wire");
 
@@ -161,17 +163,40 @@ fn cross_node_traffic_is_mutual_tls_and_authorized_by_principal() {
     };
     let mtls = "connection_security_policy=\"mutual_tls\"";
     assert!(
-        series(&m1, "istio_tcp_connections_opened_total", &["reporter=\"source\"", "source_workload=\"a\"", "destination_workload=\"b\"", mtls, "response_flags=\"-\""]),
+        series(
+            &m1,
+            "istio_tcp_connections_opened_total",
+            &[
+                "reporter=\"source\"",
+                "source_workload=\"a\"",
+                "destination_workload=\"b\"",
+                mtls,
+                "response_flags=\"-\""
+            ]
+        ),
         "node 1 reports a -> b as source over mTLS:\n{m1}"
     );
     assert!(
         // (The kernel's series name a remote peer by principal; its workload name is known only
         // for workloads of this node.)
-        series(&m2, "istio_tcp_connections_opened_total", &["reporter=\"destination\"", "source_principal=\"spiffe://cluster.local/ns/team/sa/a\"", "destination_workload=\"b\"", mtls]),
+        series(
+            &m2,
+            "istio_tcp_connections_opened_total",
+            &[
+                "reporter=\"destination\"",
+                "source_principal=\"spiffe://cluster.local/ns/team/sa/a\"",
+                "destination_workload=\"b\"",
+                mtls
+            ]
+        ),
         "node 2 reports a -> b as destination over mTLS:\n{m2}"
     );
     assert!(
-        series(&m2, "istio_tcp_connections_opened_total", &["reporter=\"destination\"", "source_workload=\"c\"", "response_flags=\"DENY\""]),
+        series(
+            &m2,
+            "istio_tcp_connections_opened_total",
+            &["reporter=\"destination\"", "source_workload=\"c\"", "response_flags=\"DENY\""]
+        ),
         "node 2 reports c's refused connection:\n{m2}"
     );
     assert!(
@@ -254,7 +279,9 @@ fn peer_authentication_strict_permissive_disable_and_port_level() {
     assert_eq!(mtls(&c, PORT).result, "allowed", "STRICT accepts mTLS:\n{}", log(&c.n2));
     let m2 = metrics(&c.n2);
     assert!(
-        m2.lines().any(|l| l.starts_with("warden_drops_total") && l.contains("reason=\"plaintext_strict\"") && !l.ends_with(" 0")),
+        m2.lines().any(|l| l.starts_with("warden_drops_total")
+            && l.contains("reason=\"plaintext_strict\"")
+            && !l.ends_with(" 0")),
         "the kernel counts the plaintext_strict drop:\n{m2}"
     );
 
