@@ -6,8 +6,8 @@ use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr, path::Path};
 
 use serde::Serialize;
 use warden_common::{
-    Direction, DropReason, HOOK_CONNECT, HOOK_TUNNEL, IDENTITY_ANY, IPCACHE_SLOT_BITS, POLICY_ID_NONE, PROTO_ANY, PROTO_ICMP,
-    PROTO_TCP, PROTO_UDP, Verdict,
+    Direction, DropReason, HOOK_CONNECT, HOOK_TUNNEL, IDENTITY_ANY, IPCACHE_SLOT_BITS, POLICY_ID_NONE, PROTO_ANY,
+    PROTO_ICMP, PROTO_TCP, PROTO_UDP, Verdict,
 };
 
 use crate::{datapath::Maps, record::NodeRecord};

@@ -3,8 +3,9 @@
 
 use aya_ebpf::bindings::{BPF_NOEXIST, BPF_RB_NO_WAKEUP};
 use warden_common::{
-    Config, Counter, CounterKey, Direction, DropReason, EndpointInfo, EndpointKey, FLOW_CLOSED, FLOW_INITIATOR_LO, FLOW_TUNNEL,
-    FlowEvent, FlowKey, FlowValue, IDENTITY_WORLD, PROTO_TCP, IpcacheAddr, PolicyKey, PolicyValue, RemoteInfo, Verdict,
+    Config, Counter, CounterKey, Direction, DropReason, EndpointInfo, EndpointKey, FLOW_CLOSED, FLOW_INITIATOR_LO,
+    FLOW_TUNNEL, FlowEvent, FlowKey, FlowValue, IDENTITY_WORLD, IpcacheAddr, PROTO_TCP, PolicyKey, PolicyValue,
+    RemoteInfo, Verdict,
     lookup::{PolicyLookup, Query, decide, decide_default},
 };
 

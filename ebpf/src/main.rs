@@ -27,8 +27,8 @@ use aya_ebpf::{
     programs::{SkBuffContext, SockAddrContext, SockOpsContext, TcContext},
 };
 use warden_common::{
-    Direction, DropReason, EVENT_CLOSED, EVENT_DECIDED, EndpointInfo, HOOK_CONNECT, HOOK_TC, HOOK_TUNNEL, MARK_MASK, MARK_TO_AGENT, MARK_TUNNEL,
-    PROTO_TCP, PolicyValue, REMOTE_MESHED, SockAddr,
+    Direction, DropReason, EVENT_CLOSED, EVENT_DECIDED, EndpointInfo, HOOK_CONNECT, HOOK_TC, HOOK_TUNNEL, MARK_MASK,
+    MARK_TO_AGENT, MARK_TUNNEL, PROTO_TCP, PolicyValue, REMOTE_MESHED, SockAddr,
 };
 
 use crate::{

@@ -8,11 +8,11 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use warden_common::{
-    Config, Counter, CounterKey, EndpointInfo, EndpointKey, FlowEvent, FlowKey, FlowValue, IpcacheAddr, PolicyKey,
-    OrigDst, PolicyValue, RemoteInfo, SockAddr, SockVerdict,
+    Config, Counter, CounterKey, EndpointInfo, EndpointKey, FlowEvent, FlowKey, FlowValue, IpcacheAddr, OrigDst,
+    PolicyKey, PolicyValue, RemoteInfo, SockAddr, SockVerdict,
     capacity::{
-        CAPTURED as CAPTURED_CAP, CGROUPS as CGROUPS_CAP, COUNTERS as COUNTERS_CAP, ENDPOINTS as ENDPOINTS_CAP, EVENTS_BYTES, FLOWS as FLOWS_CAP,
-        IPCACHE as IPCACHE_CAP, POLICY as POLICY_CAP,
+        CAPTURED as CAPTURED_CAP, CGROUPS as CGROUPS_CAP, COUNTERS as COUNTERS_CAP, ENDPOINTS as ENDPOINTS_CAP,
+        EVENTS_BYTES, FLOWS as FLOWS_CAP, IPCACHE as IPCACHE_CAP, POLICY as POLICY_CAP,
     },
 };
 

@@ -165,7 +165,13 @@ fn per_connection(f: &Figures) -> String {
     let total: u64 = f.churn.values().map(|(t, _)| t).sum();
     let mut out = format!("{:.1} µs:", total as f64 / n / 1e3);
     for (name, (t, c)) in &f.churn {
-        let _ = write!(out, " {}={:.1}x{:.0}ns", name.trim_start_matches("warden_"), *c as f64 / n, *t as f64 / *c.max(&1) as f64);
+        let _ = write!(
+            out,
+            " {}={:.1}x{:.0}ns",
+            name.trim_start_matches("warden_"),
+            *c as f64 / n,
+            *t as f64 / *c.max(&1) as f64
+        );
     }
     out
 }

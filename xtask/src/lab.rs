@@ -62,8 +62,7 @@ pub fn up() -> anyhow::Result<()> {
     }
     eprintln!("lab: probing every flow\n");
 
-    let all: Vec<(&Lab, &Spec)> =
-        specs1.iter().map(|s| (&n1, s)).chain(specs2.iter().map(|s| (&n2, s))).collect();
+    let all: Vec<(&Lab, &Spec)> = specs1.iter().map(|s| (&n1, s)).chain(specs2.iter().map(|s| (&n2, s))).collect();
     let columns: Vec<(Ipv4Addr, String, u16)> =
         all.iter().flat_map(|(_, s)| s.ports.iter().map(move |p| (s.ip, s.name.clone(), *p))).collect();
     let width = 14;

@@ -13,8 +13,17 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages: LLVM 22 for bpf-linker, bpftool, iproute2 for the lab, iptables/nftables and
 /// iperf3 for the L4 benchmark's comparisons, Prometheus for the observability tests, tcpdump for
 /// the mesh tests' wire captures.
-const APT_PACKAGES: &[&str] =
-    &["llvm-22-dev", "libpolly-22-dev", "bpftool", "iproute2", "iptables", "nftables", "iperf3", "prometheus", "tcpdump"];
+const APT_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "bpftool",
+    "iproute2",
+    "iptables",
+    "nftables",
+    "iperf3",
+    "prometheus",
+    "tcpdump",
+];
 
 fn ok(cmd: &mut Command) -> bool {
     cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).status().is_ok_and(|s| s.success())

@@ -109,7 +109,9 @@ impl Inbound for Handler {
 
     fn closed(&self, req: &InboundRequest, result: &Result<TransferStats, TransferError>) {
         match result {
-            Ok(s) => tracing::debug!(destination = %req.destination, sent = s.sent, received = s.received, "tunnel closed"),
+            Ok(s) => {
+                tracing::debug!(destination = %req.destination, sent = s.sent, received = s.received, "tunnel closed")
+            }
             Err(e) => tracing::debug!(destination = %req.destination, "tunnel failed: {e}"),
         }
     }

@@ -111,7 +111,8 @@ impl Outbound {
             match deliver::connect(*client.ip(), dst).await {
                 Ok(mut upstream) => {
                     let copied =
-                        tokio::io::copy_bidirectional_with_sizes(&mut stream, &mut upstream, RELAY_BUF, RELAY_BUF).await;
+                        tokio::io::copy_bidirectional_with_sizes(&mut stream, &mut upstream, RELAY_BUF, RELAY_BUF)
+                            .await;
                     if let Ok((sent, received)) = copied {
                         let stats = TransferStats { sent, received };
                         carried(&self.metrics, Reporter::Source, &source, &target, &stats);

@@ -22,7 +22,8 @@ use std::{
 use aya::maps::{Map, MapData, RingBuf};
 use serde::Serialize;
 use warden_common::{
-    Direction, DropReason, EVENT_CLOSED, FlowEvent, HOOK_CONNECT, HOOK_TUNNEL, PROTO_ICMP, PROTO_TCP, PROTO_UDP, Verdict, names,
+    Direction, DropReason, EVENT_CLOSED, FlowEvent, HOOK_CONNECT, HOOK_TUNNEL, PROTO_ICMP, PROTO_TCP, PROTO_UDP,
+    Verdict, names,
 };
 
 use super::names::{Names, RecordNames};
