@@ -354,17 +354,7 @@ impl Lab {
 
     /// `warden-probe echo`: one line to `ip:port` and back.
     pub fn echo(&self, from: &str, ip: Ipv4Addr, port: u16, message: &str) -> Probe {
-        let out = self
-            .command_in(from, &probe_bin(), &["echo".into(), format!("{ip}:{port}"), message.into()])
-            .output()
-            .expect("running warden-probe");
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-            panic!(
-                "probe output {:?} ({e}); stderr {}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            )
-        })
+        probe_result(self.command_in(from, &probe_bin(), &["echo".into(), format!("{ip}:{port}"), message.into()]))
     }
 
     fn in_node(&self, args: &[&str]) -> anyhow::Result<String> {
@@ -555,21 +545,11 @@ impl Lab {
     }
 
     pub fn probe_addr(&self, from: &str, ip: Ipv4Addr, port: u16) -> Probe {
-        let out = self
-            .command_in(
-                from,
-                &probe_bin(),
-                &["connect".into(), format!("{ip}:{port}"), "--timeout-ms".into(), "700".into()],
-            )
-            .output()
-            .expect("running warden-probe");
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-            panic!(
-                "probe output {:?} ({e}); stderr {}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            )
-        })
+        probe_result(self.command_in(
+            from,
+            &probe_bin(),
+            &["connect".into(), format!("{ip}:{port}"), "--timeout-ms".into(), "700".into()],
+        ))
     }
 
     /// `warden` CLI against this lab's pins and state.
@@ -675,6 +655,18 @@ impl Drop for AgentProcess {
             let _ = c.wait();
         }
     }
+}
+
+/// Run a `warden-probe` command and parse its one JSON line.
+fn probe_result(mut command: Command) -> Probe {
+    let out = command.output().expect("running warden-probe");
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "probe output {:?} ({e}); stderr {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
 }
 
 /// Convenience: write a policy directory from (file name, YAML) pairs.
