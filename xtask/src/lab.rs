@@ -65,7 +65,7 @@ pub fn up() -> anyhow::Result<()> {
     let all: Vec<(&Lab, &Spec)> = specs1.iter().map(|s| (&n1, s)).chain(specs2.iter().map(|s| (&n2, s))).collect();
     let columns: Vec<(Ipv4Addr, String, u16)> =
         all.iter().flat_map(|(_, s)| s.ports.iter().map(move |p| (s.ip, s.name.clone(), *p))).collect();
-    let width = 14;
+    let width = 16;
     print!("{:<18}", "FROM \\ TO");
     for (_, to, port) in &columns {
         print!("{:<width$}", format!("{}:{}", short(to), port));
