@@ -202,9 +202,10 @@ pub fn apply(
     // 3. Attach what is new, moved, or (after a restart) adopted.
     for (key, w) in &wanted {
         let l = w.local.as_ref().expect("filtered on local");
-        let identity = d.state.endpoints.iter().find(|(i, _)| *i == l.ifindex).map_or(0, |(_, e)| e.identity);
+        let endpoint = d.state.endpoints.iter().find(|(i, _)| *i == l.ifindex).map(|(_, e)| e);
+        let identity = endpoint.map_or(0, |e| e.identity);
+        let meshed = endpoint.is_some_and(EndpointInfo::is_meshed);
         let previous = record.endpoints.get(key).cloned();
-        let meshed = d.state.endpoints.iter().any(|(i, e)| *i == l.ifindex && e.is_meshed());
         let mesh_hooked = l.cgroup.is_none() || attach::has_sock_ops(&dp.pin_dir, key) == meshed;
         let unchanged = mesh_hooked
             && previous.as_ref().is_some_and(|p| p.ifindex == l.ifindex && p.veth == l.veth && p.cgroup == l.cgroup);

@@ -216,13 +216,14 @@ pub fn decide_new(
         (dir, f.t.dport)
     };
     let value = policy(slot, ep, qdir, remote_identity, f.t.proto, qport, plaintext_view(ep, qdir, f.t.proto, tunnel));
-    // A meshed workload's connection to the agent's capture listener is the mesh's too.
+    // A meshed workload's connection to the agent's capture listener is the mesh's too (for an
+    // egress flow, `remote_addr` and `qport` are where it was sent, whichever way this packet goes).
     let tunnel = tunnel
         || (qdir == Direction::Egress
             && cfg.capture_port != 0
             && ep.is_meshed()
-            && (if is_reply { f.t.saddr } else { f.t.daddr }) == cfg.capture_addr
-            && (if is_reply { f.t.sport } else { f.t.dport }) == cfg.capture_port);
+            && remote_addr == cfg.capture_addr
+            && qport == cfg.capture_port);
     if cache == Cache::Write {
         // The initiator is this packet's source, or for a reply its destination.
         let initiator_lo = f.src_lo != is_reply;

@@ -471,6 +471,23 @@ impl Lab {
         self.start(&args, Duration::from_secs(60))
     }
 
+    /// Write the workload file and start `warden agent --mesh` on `policies`, issuing certificates
+    /// from the CA directory `ca` (one for all nodes of a cluster); waits until it has committed.
+    pub fn start_mesh_agent(&mut self, policies: &Path, ca: &Path) -> anyhow::Result<u32> {
+        fs::write(self.workloads_path(), self.workload_file())?;
+        let path = |p: &Path| p.display().to_string();
+        let args = vec![
+            "--workloads".into(),
+            path(&self.workloads_path()),
+            "--policies".into(),
+            path(policies),
+            "--mesh".into(),
+            "--ca-dir".into(),
+            path(ca),
+        ];
+        self.start_agent_with(&args)
+    }
+
     /// The directory-source arguments (writing the lab's workload file if there is none).
     fn file_args(&self, policies: &Path) -> anyhow::Result<Vec<OsString>> {
         if !self.workloads_path().exists() {

@@ -69,26 +69,13 @@ fn cluster(tag: &str, net: u8, policies: &[(&str, &str)]) -> Cluster {
     for lab in [&mut n1, &mut n2] {
         let dir = lab.dir.join("policies");
         write_policies(&dir, policies).unwrap();
-        fs::write(lab.workloads_path(), lab.workload_file()).unwrap();
         start_mesh_agent(lab, &dir, &ca);
     }
     Cluster { n1, n2 }
 }
 
 fn start_mesh_agent(lab: &mut Lab, policies: &Path, ca: &Path) {
-    let args: Vec<String> = [
-        "--workloads",
-        &lab.workloads_path().display().to_string(),
-        "--policies",
-        &policies.display().to_string(),
-        "--mesh",
-        "--ca-dir",
-        &ca.display().to_string(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    lab.start_agent_with(&args).unwrap_or_else(|e| panic!("{}: agent: {e}\n{}", lab.tag, log(lab)));
+    lab.start_mesh_agent(policies, ca).unwrap_or_else(|e| panic!("{}: agent: {e}\n{}", lab.tag, log(lab)));
 }
 
 fn log(lab: &Lab) -> String {

@@ -208,17 +208,7 @@ impl Cluster {
         for lab in [&mut n1, &mut n2] {
             let policies = lab.dir.join("policies");
             warden_tests::write_policies(&policies, &[])?;
-            fs::write(lab.workloads_path(), lab.workload_file())?;
-            let args = [
-                "--workloads".into(),
-                lab.workloads_path().display().to_string(),
-                "--policies".into(),
-                policies.display().to_string(),
-                "--mesh".into(),
-                "--ca-dir".into(),
-                ca.display().to_string(),
-            ];
-            lab.start_agent_with(&args).with_context(|| format!("{}: starting the mesh agent", lab.tag))?;
+            lab.start_mesh_agent(&policies, &ca).with_context(|| format!("{}: starting the mesh agent", lab.tag))?;
         }
         let agents = [agent_pid(&n1)?, agent_pid(&n2)?];
         let mut iperf = Vec::new();

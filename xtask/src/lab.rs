@@ -32,19 +32,6 @@ fn short(name: &str) -> &str {
     name.split('-').next().unwrap_or(name)
 }
 
-fn agent_args(lab: &Lab, policies: &std::path::Path, ca: &std::path::Path) -> Vec<String> {
-    let path = |p: &std::path::Path| p.display().to_string();
-    vec![
-        "--workloads".into(),
-        path(&lab.workloads_path()),
-        "--policies".into(),
-        path(policies),
-        "--mesh".into(),
-        "--ca-dir".into(),
-        path(ca),
-    ]
-}
-
 pub fn up() -> anyhow::Result<()> {
     let policies = warden_tests::workspace_root().join("policies/lab");
     let (specs1, specs2) = mesh();
@@ -56,8 +43,7 @@ pub fn up() -> anyhow::Result<()> {
     let ca = n1.dir.join("ca");
     fs::create_dir_all(&ca)?;
     for lab in [&mut n1, &mut n2] {
-        fs::write(lab.workloads_path(), lab.workload_file())?;
-        let generation = lab.start_agent_with(&agent_args(lab, &policies, &ca))?;
+        let generation = lab.start_mesh_agent(&policies, &ca)?;
         eprintln!("lab: {} agent committed generation {generation}", lab.node);
     }
     eprintln!("lab: probing every flow\n");

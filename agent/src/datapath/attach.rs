@@ -197,33 +197,21 @@ fn attach_cgroup(
         target: cg_path.display().to_string(),
         source: Box::new(source),
     };
+    // The hook's program as its type (aya has no common trait for `attach`), attached with `args`.
+    macro_rules! link {
+        ($ty:ty, $($args:expr),+) => {{
+            let prog: &mut $ty = ebpf
+                .program_mut(hook.program())
+                .and_then(|p| p.try_into().ok())
+                .ok_or(AttachError::MissingProgram(hook.program()))?;
+            let id = prog.attach($($args),+).map_err(attach_err)?;
+            prog.take_link(id).map_err(attach_err)?.try_into().map_err(|e| pin_err(key, hook, &path, e))?
+        }};
+    }
     let new: FdLink = match hook {
-        Hook::Connect4 => {
-            let prog: &mut CgroupSockAddr = ebpf
-                .program_mut(hook.program())
-                .and_then(|p| p.try_into().ok())
-                .ok_or(AttachError::MissingProgram(hook.program()))?;
-            let id = prog.attach(cgroup.as_fd(), CgroupAttachMode::default()).map_err(attach_err)?;
-            prog.take_link(id).map_err(attach_err)?.try_into().map_err(|e| pin_err(key, hook, &path, e))?
-        }
-        Hook::SockOps => {
-            let prog: &mut SockOps = ebpf
-                .program_mut(hook.program())
-                .and_then(|p| p.try_into().ok())
-                .ok_or(AttachError::MissingProgram(hook.program()))?;
-            let id = prog.attach(cgroup.as_fd(), CgroupAttachMode::default()).map_err(attach_err)?;
-            prog.take_link(id).map_err(attach_err)?.try_into().map_err(|e| pin_err(key, hook, &path, e))?
-        }
-        _ => {
-            let prog: &mut CgroupSkb = ebpf
-                .program_mut(hook.program())
-                .and_then(|p| p.try_into().ok())
-                .ok_or(AttachError::MissingProgram(hook.program()))?;
-            let id = prog
-                .attach(cgroup.as_fd(), CgroupSkbAttachType::Egress, CgroupAttachMode::default())
-                .map_err(attach_err)?;
-            prog.take_link(id).map_err(attach_err)?.try_into().map_err(|e| pin_err(key, hook, &path, e))?
-        }
+        Hook::Connect4 => link!(CgroupSockAddr, cgroup.as_fd(), CgroupAttachMode::default()),
+        Hook::SockOps => link!(SockOps, cgroup.as_fd(), CgroupAttachMode::default()),
+        _ => link!(CgroupSkb, cgroup.as_fd(), CgroupSkbAttachType::Egress, CgroupAttachMode::default()),
     };
     // The new link is attached; only now release the old one.
     release(&path);

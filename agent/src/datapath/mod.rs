@@ -85,23 +85,20 @@ impl Datapath {
             loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader.load(OBJECT)?;
-        for name in ["warden_from_wl", "warden_to_wl"] {
-            let p: &mut SchedClassifier =
-                ebpf.program_mut(name).and_then(|p| p.try_into().ok()).ok_or(LoadError::MissingProgram(name))?;
-            p.load().map_err(|source| LoadError::Program { name, source })?;
+        // Each program as its type (aya has no common trait for `load`).
+        macro_rules! load {
+            ($ty:ty, $name:expr) => {{
+                let name = $name;
+                let p: &mut $ty =
+                    ebpf.program_mut(name).and_then(|p| p.try_into().ok()).ok_or(LoadError::MissingProgram(name))?;
+                p.load().map_err(|source| LoadError::Program { name, source })?;
+            }};
         }
-        let name = "warden_connect4";
-        let p: &mut CgroupSockAddr =
-            ebpf.program_mut(name).and_then(|p| p.try_into().ok()).ok_or(LoadError::MissingProgram(name))?;
-        p.load().map_err(|source| LoadError::Program { name, source })?;
-        let name = "warden_sock_out";
-        let p: &mut CgroupSkb =
-            ebpf.program_mut(name).and_then(|p| p.try_into().ok()).ok_or(LoadError::MissingProgram(name))?;
-        p.load().map_err(|source| LoadError::Program { name, source })?;
-        let name = "warden_sockops";
-        let p: &mut SockOps =
-            ebpf.program_mut(name).and_then(|p| p.try_into().ok()).ok_or(LoadError::MissingProgram(name))?;
-        p.load().map_err(|source| LoadError::Program { name, source })?;
+        load!(SchedClassifier, "warden_from_wl");
+        load!(SchedClassifier, "warden_to_wl");
+        load!(CgroupSockAddr, "warden_connect4");
+        load!(CgroupSkb, "warden_sock_out");
+        load!(SockOps, "warden_sockops");
 
         let maps = Maps::open(pin_dir)?;
         Ok(Datapath { pin_dir: pin_dir.to_path_buf(), ebpf, maps, inactive_clean: false })

@@ -59,51 +59,44 @@ impl Inbound for Handler {
     type Upstream = TcpStream;
 
     async fn open(&self, req: &InboundRequest) -> Result<TcpStream, Refusal> {
-        let (dst, source_ip, decision, dst_key) = {
-            let view = self.view.borrow().clone();
-            let SocketAddr::V4(dst) = req.destination else {
-                return Err(Refusal::bad_request("IPv6 destinations are not served"));
-            };
-            if self.reserved_ports.contains(&dst.port()) {
-                return Err(Refusal::bad_request(format!("{dst}: a port of the node agent")));
-            }
-            let Some(target) = view.workload(*dst.ip()).filter(|w| w.is_local() && w.meshed) else {
-                return Err(Refusal::bad_request(format!("{}: not a meshed workload on this node", dst.ip())));
-            };
-            // ztunnel's rule: the tunnel's authority is the address the client dialled.
-            if req.connection.local.ip() != req.destination.ip() {
-                return Err(Refusal::bad_request(format!(
-                    "authority {} differs from the dialled address {}",
-                    req.destination, req.connection.local
-                )));
-            }
-            let peer = req.peer_identity();
-            let Some(IpAddr::V4(source_ip)) = req.forwarded.for_ip else {
-                return Err(Refusal::bad_request("no source address (`forwarded: for=`)"));
-            };
-            // The claimed source must be a workload of the proven identity.
-            let source = match view.workload(source_ip) {
-                Some(src) if &src.identity == peer => src.clone(),
-                _ => {
-                    tracing::warn!(%peer, %source_ip, destination = %dst, "refused: the source address is not a workload of the peer's identity");
-                    return Err(Refusal::denied("source address does not belong to the peer identity"));
-                }
-            };
-            let decision = view.authorize(peer, source_ip, target, dst.port());
-            if decision.decision == Verdict::Deny {
-                let (policy, reason) = denial_names(&decision);
-                refused(&self.metrics, Reporter::Destination, &source, target, &policy, reason);
-                tracing::info!(
-                    peer = %peer, source = %source_ip, destination = %dst, workload = %target.workload.key(), %policy,
-                    "mTLS connection denied"
-                );
-                return Err(Refusal::denied(policy));
-            }
-            (dst, source_ip, decision, target.workload.key())
+        // One snapshot for the whole request (an owned `Arc`: nothing is borrowed across awaits).
+        let view = self.view.borrow().clone();
+        let SocketAddr::V4(dst) = req.destination else {
+            return Err(Refusal::bad_request("IPv6 destinations are not served"));
         };
-        let policy = decision.policy.clone().unwrap_or_else(|| "default".into());
+        if self.reserved_ports.contains(&dst.port()) {
+            return Err(Refusal::bad_request(format!("{dst}: a port of the node agent")));
+        }
+        let Some(target) = view.workload(*dst.ip()).filter(|w| w.is_local() && w.meshed) else {
+            return Err(Refusal::bad_request(format!("{}: not a meshed workload on this node", dst.ip())));
+        };
+        // ztunnel's rule: the tunnel's authority is the address the client dialled.
+        if req.connection.local.ip() != req.destination.ip() {
+            return Err(Refusal::bad_request(format!(
+                "authority {} differs from the dialled address {}",
+                req.destination, req.connection.local
+            )));
+        }
+        let peer = req.peer_identity();
+        let Some(IpAddr::V4(source_ip)) = req.forwarded.for_ip else {
+            return Err(Refusal::bad_request("no source address (`forwarded: for=`)"));
+        };
+        // The claimed source must be a workload of the proven identity.
+        let Some(source) = view.workload(source_ip).filter(|src| &src.identity == peer) else {
+            tracing::warn!(%peer, %source_ip, destination = %dst, "refused: the source address is not a workload of the peer's identity");
+            return Err(Refusal::denied("source address does not belong to the peer identity"));
+        };
+        let decision = view.authorize(peer, source_ip, target, dst.port());
+        let workload = target.workload.key();
+        if decision.decision == Verdict::Deny {
+            let (policy, reason) = denial_names(&decision);
+            refused(&self.metrics, Reporter::Destination, source, target, &policy, reason);
+            tracing::info!(%peer, source = %source_ip, destination = %dst, %workload, %policy, "mTLS connection denied");
+            return Err(Refusal::denied(policy));
+        }
         let upstream = deliver::connect(source_ip, dst).await.map_err(|e| Refusal::unreachable(e.to_string()))?;
-        tracing::debug!(peer = %req.peer_identity(), source = %source_ip, destination = %dst, workload = %dst_key, %policy, "mTLS connection allowed");
+        let policy = decision.policy.as_deref().unwrap_or("default");
+        tracing::debug!(%peer, source = %source_ip, destination = %dst, %workload, %policy, "mTLS connection allowed");
         Ok(upstream)
     }
 

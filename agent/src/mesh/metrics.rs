@@ -53,12 +53,15 @@ pub fn refused(
     let t = TcpTotals { opened: 1, closed: 1, received_bytes: 0, sent_bytes: 0 };
     rec.connection(&labels(reporter, src, dst, FLAGS_DENY), &t);
     if matches!(reporter, Reporter::Destination) {
-        rec.denial(&DenialLabels {
-            policy: policy.into(),
-            workload: dst.workload.name.clone(),
-            namespace: dst.workload.namespace.clone(),
-            direction: "ingress".into(),
-            reason: reason.into(),
-        });
+        rec.denials(
+            &DenialLabels {
+                policy: policy.into(),
+                workload: dst.workload.name.clone(),
+                namespace: dst.workload.namespace.clone(),
+                direction: "ingress".into(),
+                reason: reason.into(),
+            },
+            1,
+        );
     }
 }

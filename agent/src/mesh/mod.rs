@@ -7,8 +7,27 @@
 //! | `outbound`  | the capture listener (15001): original destination, HBONE to the peer   |
 //! | `inbound`   | the HBONE server (15008): authorize, deliver to the workload            |
 //! | `deliver`   | the last hop: a transparent, marked socket to the local workload        |
+//! | `view`      | the snapshot of workloads and policies a connection is handled against  |
+//! | `metrics`   | Istio's TCP metrics for the connections the agent carries               |
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+mod deliver;
+mod inbound;
+mod metrics;
+mod outbound;
+pub mod routing;
+pub mod view;
+
+use std::{
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    path::Path,
+    sync::Arc,
+};
+
+use tokio::{net::TcpListener, sync::watch};
+use warden_hbone::{HboneServer, Pool, PoolOptions, SecretManagerTls, ServerOptions};
+use warden_identity::tls::CompliancePolicy;
+
+pub use view::View;
 
 /// Where the mesh listens.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -25,21 +44,6 @@ impl Default for MeshConfig {
         MeshConfig { capture: SocketAddrV4::new(Ipv4Addr::new(169, 254, 1, 1), 15001), hbone_port: 15008 }
     }
 }
-
-mod deliver;
-mod inbound;
-mod metrics;
-mod outbound;
-pub mod routing;
-pub mod view;
-
-use std::{net::SocketAddr, path::Path, sync::Arc};
-
-use tokio::{net::TcpListener, sync::watch};
-use warden_hbone::{HboneServer, Pool, PoolOptions, SecretManagerTls, ServerOptions};
-use warden_identity::tls::CompliancePolicy;
-
-pub use view::View;
 
 /// Ports of the node agent that are never a tunnel's destination (ztunnel's: outbound, inbound
 /// plaintext, HBONE, admin, metrics, readiness).
@@ -96,22 +100,23 @@ impl Mesh {
 /// the pods it serves (routed here by `routing`), and its replies leave from those addresses,
 /// which are not the node's own.
 fn hbone_listener(port: u16) -> std::io::Result<TcpListener> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
-    socket.set_ip_transparent_v4(true)?;
-    socket.set_reuse_address(true)?;
-    socket.set_nonblocking(true)?;
-    socket.bind(&SocketAddr::from(([0, 0, 0, 0], port)).into())?;
-    socket.listen(1024)?;
-    TcpListener::from_std(socket.into())
+    listener(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port), |s| s.set_ip_transparent_v4(true))
 }
 
 /// The capture listener. `IP_FREEBIND`: the gateway address exists only once a workload's veth
 /// carries it, and the agent may start first.
-fn capture_listener(addr: std::net::SocketAddrV4) -> std::io::Result<TcpListener> {
+fn capture_listener(addr: SocketAddrV4) -> std::io::Result<TcpListener> {
+    listener(addr, |s| s.set_freebind_v4(true))
+}
+
+/// A non-blocking listener on `addr`, with `option` set before the bind.
+fn listener(
+    addr: SocketAddrV4,
+    option: impl FnOnce(&socket2::Socket) -> std::io::Result<()>,
+) -> std::io::Result<TcpListener> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
-    socket.set_freebind_v4(true)?;
+    option(&socket)?;
     socket.set_reuse_address(true)?;
     socket.set_nonblocking(true)?;
     socket.bind(&SocketAddr::V4(addr).into())?;

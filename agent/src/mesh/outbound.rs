@@ -86,19 +86,17 @@ impl Outbound {
             return;
         };
         let dst = SocketAddrV4::new(orig.dst.addr.into(), orig.dst.port);
-        let (source, target) = {
-            let view = self.view.borrow();
-            let source = view.workload(*client.ip()).filter(|w| w.is_local() && w.meshed).cloned();
-            let target = view.workload(*dst.ip()).filter(|w| w.meshed).cloned();
-            (source, target)
-        };
+        // One snapshot for the whole connection.
+        let view = self.view.borrow().clone();
+        let source = view.workload(*client.ip()).filter(|w| w.is_local() && w.meshed).cloned();
+        let target = view.workload(*dst.ip()).filter(|w| w.meshed).cloned();
         let (Some(source), Some(target)) = (source, target) else {
             tracing::warn!(%client, destination = %dst, "captured connection between workloads the mesh does not serve; refused");
             return;
         };
         if target.is_local() {
             // Same node: no wire to protect; authorize with the source's identity and deliver.
-            let decision = self.view.borrow().authorize(&source.identity, *client.ip(), &target, dst.port());
+            let decision = view.authorize(&source.identity, *client.ip(), &target, dst.port());
             if decision.decision == Verdict::Deny {
                 let (policy, reason) = denial_names(&decision);
                 for reporter in [Reporter::Source, Reporter::Destination] {

@@ -217,11 +217,8 @@ fn growth(now: &Counter, last: &Counter) -> Counter {
 /// The traffic metrics, registered in a registry, fed from counter snapshots.
 pub struct TrafficMetrics {
     security: SecurityPolicy,
-    opened: Family<TcpLabels, PromCounter>,
-    closed: Family<TcpLabels, PromCounter>,
-    received: Family<TcpLabels, PromCounter>,
-    sent: Family<TcpLabels, PromCounter>,
-    denials: Family<DenialLabels, PromCounter>,
+    /// Istio's TCP series and the policy denials, shared with the mesh's recorder.
+    tcp: TcpRecorder,
     drops: Family<DropLabels, PromCounter>,
     /// Each key's totals at the previous read.
     last: Mutex<HashMap<CounterKey, Counter>>,
@@ -233,8 +230,10 @@ fn add<L: Clone + std::hash::Hash + Eq>(f: &Family<L, PromCounter>, l: &L, v: u6
     }
 }
 
-/// Records connections the agent itself carries (the mesh) into the same series as the kernel's.
-#[derive(Clone)]
+/// Istio's TCP series and the policy denials. The kernel's counters feed them through
+/// [`TrafficMetrics::update`]; the mesh records the connections the agent carries itself through
+/// a clone ([`TrafficMetrics::recorder`]), into the same series.
+#[derive(Clone, Default)]
 pub struct TcpRecorder {
     opened: Family<TcpLabels, PromCounter>,
     closed: Family<TcpLabels, PromCounter>,
@@ -251,62 +250,48 @@ impl TcpRecorder {
         add(&self.received, labels, t.received_bytes);
         add(&self.sent, labels, t.sent_bytes);
     }
-    /// A refusal attributed to the deciding policy.
-    pub fn denial(&self, labels: &DenialLabels) {
-        add(&self.denials, labels, 1);
+    /// `n` refusals attributed to the deciding policy.
+    pub fn denials(&self, labels: &DenialLabels, n: u64) {
+        add(&self.denials, labels, n);
     }
 }
 
 impl TrafficMetrics {
     /// A recorder writing into these metrics' series.
     pub fn recorder(&self) -> TcpRecorder {
-        TcpRecorder {
-            opened: self.opened.clone(),
-            closed: self.closed.clone(),
-            received: self.received.clone(),
-            sent: self.sent.clone(),
-            denials: self.denials.clone(),
-        }
+        self.tcp.clone()
     }
 
     /// Create the metrics and register them under [`ISTIO_PREFIX`] and [`WARDEN_PREFIX`].
     pub fn new(registry: &mut Registry, security: SecurityPolicy) -> TrafficMetrics {
-        let m = TrafficMetrics {
-            security,
-            opened: Family::default(),
-            closed: Family::default(),
-            received: Family::default(),
-            sent: Family::default(),
-            denials: Family::default(),
-            drops: Family::default(),
-            last: Mutex::default(),
-        };
+        let m =
+            TrafficMetrics { security, tcp: TcpRecorder::default(), drops: Family::default(), last: Mutex::default() };
         let istio = registry.sub_registry_with_prefix(ISTIO_PREFIX);
         istio.register(
             "tcp_connections_opened",
             "TCP connections opened (refused attempts carry response_flags=\"DENY\")",
-            m.opened.clone(),
+            m.tcp.opened.clone(),
         );
         istio.register(
             "tcp_connections_closed",
             "TCP connections closed (refused attempts carry response_flags=\"DENY\")",
-            m.closed.clone(),
+            m.tcp.closed.clone(),
         );
         istio.register(
             "tcp_received_bytes",
             "Bytes of the request direction (source to destination), L2 frame lengths",
-            m.received.clone(),
+            m.tcp.received.clone(),
         );
         istio.register(
             "tcp_sent_bytes",
             "Bytes of the response direction (destination to source), L2 frame lengths",
-            m.sent.clone(),
+            m.tcp.sent.clone(),
         );
         let warden = registry.sub_registry_with_prefix(WARDEN_PREFIX);
         warden.register(
             "policy_denials",
             "Packets and connect() calls refused by policy, attributed to the deciding policy",
-            m.denials.clone(),
+            m.tcp.denials.clone(),
         );
         warden.register("drops", "Packets and connect() calls refused by the enforcer, by reason", m.drops.clone());
         m
@@ -324,13 +309,10 @@ impl TrafficMetrics {
             seen.insert(key, now);
             let c = derive(&key, &g, names, self.security);
             if let Some((l, t)) = c.tcp {
-                add(&self.opened, &l, t.opened);
-                add(&self.closed, &l, t.closed);
-                add(&self.received, &l, t.received_bytes);
-                add(&self.sent, &l, t.sent_bytes);
+                self.tcp.connection(&l, &t);
             }
             if let Some((l, n)) = c.denial {
-                add(&self.denials, &l, n);
+                self.tcp.denials(&l, n);
             }
             if let Some((l, n)) = c.drop {
                 add(&self.drops, &l, n);
