@@ -148,7 +148,13 @@ pub fn build(
         endpoints.push((l.ifindex, EndpointInfo { endpoint_id: *endpoint_id, identity, ip: w.ip.octets(), flags }));
     }
     Ok(Desired {
-        state: NodeState { ipcache: ipcache.into_iter().collect(), endpoints, policy: compiled.policy, capture },
+        state: NodeState {
+            ipcache: ipcache.into_iter().collect(),
+            endpoints,
+            policy: compiled.policy,
+            capture,
+            events: false,
+        },
         identity_names: compiled.identities,
         policy_names: compiled.policy_names,
         valid_until: compiled.valid_until,
@@ -254,7 +260,10 @@ fn log_desired(d: &Desired) {
 /// Read and compile the source's current inputs.
 fn snapshot(source: &mut dyn Source, cfg: &AgentConfig, record: &mut NodeRecord) -> Result<Desired, BuildError> {
     let inputs = source.read()?;
-    build(inputs, &cfg.trust_domain, cfg.mesh.as_ref().map(|m| m.capture), record)
+    let mut desired = build(inputs, &cfg.trust_domain, cfg.mesh.as_ref().map(|m| m.capture), record)?;
+    // The kernel writes flow events only for the access log, their one reader.
+    desired.state.events = cfg.telemetry.access_log != crate::telemetry::AccessLogFormat::Off;
+    Ok(desired)
 }
 
 fn mesh_view(d: &Desired, cfg: &AgentConfig) -> crate::mesh::View {

@@ -146,7 +146,7 @@ pub struct Config {
     /// Incremented on every committed state; `generation & 1` is the active slot. 0 means no
     /// state was ever committed, and every packet is dropped with [`crate::DropReason::NoState`].
     pub generation: u32,
-    /// Reserved; zero.
+    /// `CONFIG_*` bits.
     pub flags: u32,
     /// The node agent's outbound listener, where `connect()`s of meshed workloads to meshed
     /// destinations are redirected (network-order address, host-order port). Port 0: no capture.
@@ -155,9 +155,18 @@ pub struct Config {
     pub _pad: u16,
 }
 
+/// [`Config::flags`]: the programs write access-log events to `warden_events_v1`. Set only while
+/// a reader drains the ring (the agent's access log): an event nobody reads is a ring-buffer
+/// reservation and a clock read per new flow for nothing.
+pub const CONFIG_EVENTS: u32 = 1 << 0;
+
 impl Config {
     pub const fn active_slot(&self) -> u8 {
         (self.generation & 1) as u8
+    }
+
+    pub const fn events(&self) -> bool {
+        self.flags & CONFIG_EVENTS != 0
     }
 }
 

@@ -264,9 +264,14 @@ pub fn mark_closed_key(key: &FlowKey) -> bool {
 }
 
 /// Emit an access-log event for the flow of `t` (`reply`: `t` travels against the flow, whose
-/// source is then `t`'s destination). A full ring buffer loses the event, never the packet.
+/// source is then `t`'s destination), when the agent reads them (`CONFIG_EVENTS`). A full ring
+/// buffer loses the event, never the packet.
 #[inline(always)]
 pub fn emit(kind: u8, hook: u8, t: &Tuple, reply: bool, o: &Outcome) {
+    // An array lookup the verifier inlines: cheaper than passing the config down every caller.
+    if !config().is_ok_and(|c| c.events()) {
+        return;
+    }
     let (saddr, daddr, sport, dport) =
         if reply { (t.daddr, t.saddr, t.dport, t.sport) } else { (t.saddr, t.daddr, t.sport, t.dport) };
     let e = FlowEvent {

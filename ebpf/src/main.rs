@@ -292,14 +292,6 @@ fn sock_out(ctx: &SkBuffContext) -> PolicyValue {
     if let Some(v) = sk.and_then(|sk| socket::cached(&cfg, sk)) {
         return v;
     }
-    // The socket's cgroup, not the current task's: retransmits run in softirq context.
-    // SAFETY (both helpers): the context's skb pointer is valid for the program's run.
-    let id = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
-    let anc = |l| unsafe { bpf_skb_ancestor_cgroup_id(ctx.skb.skb, l) };
-    let ifindex = match ifindex_of_cgroup(id, anc) {
-        Ok(i) => i,
-        Err(r) => return PolicyValue::deny(0, r),
-    };
     // cgroup_skb sees the packet from its IPv4 header on. Direct access first (one bounds check
     // instead of a helper call per field); headers outside the linear part need the helper.
     // SAFETY: the context's skb pointer is valid for the program's run.
@@ -317,6 +309,20 @@ fn sock_out(ctx: &SkBuffContext) -> PolicyValue {
             Ok(t) => t,
             Err(r) => return PolicyValue::deny(0, r),
         },
+        Err(r) => return PolicyValue::deny(0, r),
+    };
+    // A connection's first packet: `connect()` was decided a moment ago (EPERM when denied), and
+    // TC decides the SYN next, and caches it for the packets that follow; deciding it here too
+    // would be a third slow path per connection for no new answer.
+    if t.is_syn() {
+        return PolicyValue::allow(0);
+    }
+    // The socket's cgroup, not the current task's: retransmits run in softirq context.
+    // SAFETY (both helpers): the context's skb pointer is valid for the program's run.
+    let id = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
+    let anc = |l| unsafe { bpf_skb_ancestor_cgroup_id(ctx.skb.skb, l) };
+    let ifindex = match ifindex_of_cgroup(id, anc) {
+        Ok(i) => i,
         Err(r) => return PolicyValue::deny(0, r),
     };
     let f = Flow::new(ifindex, t);

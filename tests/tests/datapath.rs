@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use warden_common::names;
+use warden_common::{CONFIG_EVENTS, names};
 use warden_tests::{
     Lab, Probe,
     fixtures::{ALLOW_A_TO_B_8080, DENY_C_TO_A, team},
@@ -269,7 +269,8 @@ fn bpftool_reads_pinned_maps_with_field_names() {
     let dir = policies(&lab, &[("b.yaml", ALLOW_A_TO_B_8080)]);
     lab.start_agent(&dir).unwrap();
     lab.probe("a", "b", 8080);
-    let pin = |m: &str| lab.pin_dir.join(m).display().to_string();
+    let pin_dir = lab.pin_dir.clone();
+    let pin = |m: &str| pin_dir.join(m).display().to_string();
     let policy = run(&["bpftool", "map", "dump", "pinned", &pin(names::POLICY)]).unwrap();
     for field in ["\"endpoint_id\"", "\"remote_identity\"", "\"dport\"", "\"verdict\"", "\"policy_id\""] {
         assert!(policy.contains(field), "policy map dump lacks {field}:\n{policy}");
@@ -289,6 +290,9 @@ fn bpftool_reads_pinned_maps_with_field_names() {
     );
     let flows = run(&["bpftool", "map", "dump", "pinned", &pin(names::FLOWS)]).unwrap();
     assert!(flows.contains("\"addr_lo\"") && flows.contains("\"generation\""), "{flows}");
+    // The kernel writes flow events while the access log (on by default) reads them, and only then.
+    let config = || run(&["bpftool", "map", "dump", "pinned", &pin(names::CONFIG)]).unwrap();
+    assert!(config().contains(&format!("\"flags\": {CONFIG_EVENTS}")), "{}", config());
     // The text view names what the numbers mean.
     let text = lab.warden(&["maps"]).unwrap();
     assert!(
@@ -298,6 +302,14 @@ fn bpftool_reads_pinned_maps_with_field_names() {
             && text.contains("team/b-access"),
         "{text}"
     );
+    lab.kill_agent(libc::SIGTERM);
+    let path = |p: &std::path::Path| p.display().to_string();
+    let (workloads, policies) = (path(&lab.workloads_path()), path(&dir));
+    lab.start_agent_with(
+        &["--workloads", &workloads, "--policies", &policies, "--access-log", "off"].map(String::from),
+    )
+    .unwrap();
+    assert!(config().contains("\"flags\": 0"), "{}", config());
 }
 
 #[test]

@@ -13,9 +13,10 @@
 //! `kernel.bpf_stats_enabled=1`, the warden runs also report each program's in-kernel cost per
 //! packet (run_time_ns / run_cnt) and per connection.
 //!
-//! The warden rows measure the datapath with the agent's access log off; one more row runs the
-//! 100k configuration with the text access log on, whose cost (the agent formatting and writing
-//! a line per connection event on the same cores) shows separately.
+//! The warden rows measure the datapath with the agent's access log off (the kernel then writes
+//! no flow events: `CONFIG_EVENTS`); one more row runs the 100k configuration with the text
+//! access log on, whose cost (the kernel's events, the agent formatting and writing a line per
+//! connection event on the same cores) shows separately.
 
 use std::{
     collections::BTreeMap,
