@@ -76,7 +76,7 @@ pub mod server;
 mod stream;
 pub mod tls;
 
-pub use copy::{TransferError, TransferStats};
+pub use copy::{ChunkReader, TransferError, TransferStats};
 pub use error::{AcceptError, BoxError, ConnectError, Refusal};
 pub use pool::{ConnectRequest, Key, Pool, PoolOptions, PoolStats, Tunnel};
 pub use protocol::{FlowControl, Forwarded, HBONE_PORT, TraceParent};

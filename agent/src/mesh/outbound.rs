@@ -21,7 +21,7 @@ use tokio::{
 };
 use warden_authz::Verdict;
 use warden_common::{OrigDst, SockAddr, names};
-use warden_hbone::{ConnectRequest, Key, Pool, SecretManagerTls, TransferStats};
+use warden_hbone::{ConnectRequest, Key, Pool, SecretManagerTls, TransferStats, copy::relay_plain};
 
 use super::{
     deliver,
@@ -29,10 +29,6 @@ use super::{
     view::{View, denial_names},
 };
 use crate::telemetry::metrics::TcpRecorder;
-
-/// Relay buffer per direction on the same node (tokio's default 8 KiB costs a system call pair
-/// per 8 KiB; 256 KiB is what the HBONE relay uses).
-const RELAY_BUF: usize = 256 * 1024;
 
 /// The kernel's record of captured connections (`warden_orig_dst_v1`).
 pub struct OrigDstMap(Mutex<BpfHashMap<MapData, SockAddr, OrigDst>>);
@@ -107,11 +103,10 @@ impl Outbound {
                 return;
             }
             match deliver::connect(*client.ip(), dst).await {
-                Ok(mut upstream) => {
-                    let copied =
-                        tokio::io::copy_bidirectional_with_sizes(&mut stream, &mut upstream, RELAY_BUF, RELAY_BUF)
-                            .await;
-                    if let Ok((sent, received)) = copied {
+                Ok(upstream) => {
+                    // Chunks of up to 256 KiB as over HBONE (tokio's 8 KiB copy buffers cost a system
+                    // call pair per 8 KiB), allocated only while data flows.
+                    if let Ok((sent, received)) = relay_plain(stream, upstream).await {
                         let stats = TransferStats { sent, received };
                         carried(&self.metrics, Reporter::Source, &source, &target, &stats);
                     }
