@@ -302,6 +302,9 @@ pub async fn run(cfg: AgentConfig, mut source: Box<dyn Source>) -> anyhow::Resul
     log_desired(&desired);
     let generation = apply(&mut dp, &mut record, &cfg.state_dir, &desired, true)?;
     telemetry.committed();
+    // Loading and compiling freed far more than the steady state holds.
+    crate::memory::trim();
+    crate::memory::spawn_trimmer();
     if let Some(c) = &certs {
         c.sync_workloads(&desired.workloads).await;
     }

@@ -15,6 +15,7 @@ pub mod agent;
 pub mod certs;
 pub mod datapath;
 pub mod inspect;
+pub mod memory;
 pub mod mesh;
 pub mod record;
 pub mod source;

@@ -174,6 +174,7 @@ fn main() -> ExitCode {
             mesh,
             capture_addr,
         } => {
+            warden_agent::memory::limit_arenas();
             init_logging(log_format);
             let options = warden_authz::Options { root_namespace, ..Default::default() };
             let telemetry = telemetry::TelemetryConfig { metrics_addr, ready_addr, access_log, ..Default::default() };
