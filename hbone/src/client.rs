@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use crate::wire::Wire;
 use bytes::Bytes;
 use h2::client::SendRequest;
 use http::StatusCode;
@@ -206,7 +207,7 @@ pub(crate) async fn dial<C: ClientTls>(
     // The server is authenticated by its SPIFFE identity; the name only has to be well-formed
     // (an IP address sends no SNI).
     let server_name = ServerName::IpAddress(node.ip().into());
-    let tls_stream = timeout_at(deadline, TlsConnector::from(client_alpn(config)).connect(server_name, tcp))
+    let tls_stream = timeout_at(deadline, TlsConnector::from(client_alpn(config)).connect(server_name, Wire::new(tcp)))
         .await
         .map_err(|_| timed_out("TLS handshake"))?
         .map_err(|e| ConnectError::Handshake { key: Box::new(key.clone()), source: Arc::new(e) })?;
@@ -263,7 +264,7 @@ pub(crate) async fn dial<C: ClientTls>(
     }
 }
 
-type ClientConnection = h2::client::Connection<TlsStream<TcpStream>, Bytes>;
+type ClientConnection = h2::client::Connection<TlsStream<Wire>, Bytes>;
 
 struct Driver {
     conn: Arc<Conn>,

@@ -75,6 +75,7 @@ pub mod protocol;
 pub mod server;
 mod stream;
 pub mod tls;
+mod wire;
 
 pub use copy::{ChunkReader, TransferError, TransferStats};
 pub use error::{AcceptError, BoxError, ConnectError, Refusal};

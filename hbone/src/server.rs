@@ -22,6 +22,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::wire::Wire;
 use bytes::Bytes;
 use h2::RecvStream;
 use h2::server::SendResponse;
@@ -248,7 +249,7 @@ async fn serve_connection<T: ServerTls, I: Inbound>(
     }
 }
 
-type ServerConnection = h2::server::Connection<TlsStream<TcpStream>, Bytes>;
+type ServerConnection = h2::server::Connection<TlsStream<Wire>, Bytes>;
 
 /// TLS and HTTP/2 handshakes.
 async fn accept<T, I>(
@@ -265,7 +266,7 @@ where
         debug!(error = %e, "cannot set TCP_NODELAY");
     }
     let config = shared.tls.config(local).await.map_err(|source| AcceptError::TlsConfig { local, source })?;
-    let tls = timeout(options.handshake_timeout, TlsAcceptor::from(server_alpn(config)).accept(tcp))
+    let tls = timeout(options.handshake_timeout, TlsAcceptor::from(server_alpn(config)).accept(Wire::new(tcp)))
         .await
         .map_err(|_| AcceptError::Timeout { remote, local, stage: "TLS handshake", after: options.handshake_timeout })?
         .map_err(|source| AcceptError::Handshake { remote, local, source })?;
