@@ -10,12 +10,17 @@
 //! The relay is done when both directions are. If either fails, the stream is reset and the error
 //! is returned with the byte counts so far.
 
-use std::future::{Future as _, poll_fn};
+use std::future::poll_fn;
 use std::io;
-use std::task::Poll;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::{
+    io::{AsyncWrite, AsyncWriteExt},
+    net::{
+        TcpStream,
+        tcp::{OwnedReadHalf, ReadHalf},
+    },
+};
 
 use crate::stream::{H2Stream, RecvHalf, SendHalf};
 
@@ -24,14 +29,30 @@ const MIN_READ: usize = 16 * 1024;
 /// Largest read size: big enough to amortise per-read and per-frame costs, small enough to keep
 /// per-tunnel memory bounded.
 const MAX_READ: usize = 256 * 1024;
-/// What a reader waits with: the buffer every idle connection holds.
-const WAIT_READ: usize = 512;
+/// A socket that can wait for data without a buffer, then read what is there without waiting.
+pub trait ReadySource {
+    fn readable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send;
+    fn try_read_buf(&self, buf: &mut BytesMut) -> io::Result<usize>;
+}
 
-/// Reads a byte stream in chunks whose buffer is allocated only once data has arrived: it waits
-/// with a small inline buffer, then takes what else is already there into a buffer sized by the
-/// recent chunks (doubling from 16 KiB to 256 KiB while reads fill it). A thousand idle
-/// connections therefore hold half a KiB each rather than a read buffer each, and a bulk transfer
-/// still moves 256 KiB per chunk, for one extra read per chunk.
+macro_rules! ready_source {
+    ($($t:ty),*) => {$(
+        impl ReadySource for $t {
+            fn readable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send {
+                <$t>::readable(self)
+            }
+            fn try_read_buf(&self, buf: &mut BytesMut) -> io::Result<usize> {
+                <$t>::try_read_buf(self, buf)
+            }
+        }
+    )*};
+}
+ready_source!(TcpStream, OwnedReadHalf, ReadHalf<'_>);
+
+/// Reads a socket in chunks whose buffer is allocated only once data is there: it waits for
+/// readiness with no buffer, then reads what is available into a buffer sized by the recent
+/// chunks (doubling from 16 KiB to 256 KiB while reads fill it). A thousand idle connections hold
+/// no read buffers, and a bulk transfer moves up to 256 KiB per system call.
 #[derive(Debug)]
 pub struct ChunkReader {
     size: usize,
@@ -45,29 +66,23 @@ impl Default for ChunkReader {
 
 impl ChunkReader {
     /// The next chunk, or `None` at EOF.
-    pub async fn next<R: AsyncRead + Unpin>(&mut self, reader: &mut R) -> io::Result<Option<Bytes>> {
-        let mut first = [0u8; WAIT_READ];
-        let n = reader.read(&mut first).await?;
-        if n == 0 {
-            return Ok(None);
+    pub async fn next<R: ReadySource>(&mut self, reader: &R) -> io::Result<Option<Bytes>> {
+        loop {
+            reader.readable().await?;
+            let mut buf = BytesMut::with_capacity(self.size);
+            match reader.try_read_buf(&mut buf) {
+                Ok(0) => return Ok(None),
+                Ok(n) => {
+                    if n >= self.size {
+                        self.size = (self.size * 2).min(MAX_READ);
+                    }
+                    return Ok(Some(buf.freeze()));
+                }
+                // A stale readiness: wait again (the buffer goes).
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
         }
-        if n < WAIT_READ {
-            // A small message (a request, an echo): nothing more to gather.
-            return Ok(Some(Bytes::copy_from_slice(&first[..n])));
-        }
-        let mut buf = BytesMut::with_capacity(self.size);
-        buf.extend_from_slice(&first);
-        // Whatever else is already readable, without waiting for more (EOF shows on the next call).
-        let mut more = std::pin::pin!(reader.read_buf(&mut buf));
-        poll_fn(|cx| match more.as_mut().poll(cx) {
-            Poll::Ready(r) => Poll::Ready(r),
-            Poll::Pending => Poll::Ready(Ok(0)),
-        })
-        .await?;
-        if buf.len() >= self.size {
-            self.size = (self.size * 2).min(MAX_READ);
-        }
-        Ok(Some(buf.freeze()))
     }
 }
 
@@ -91,16 +106,16 @@ pub struct TransferError {
 }
 
 /// Relays between `stream` and a local reader/writer pair until both directions are done.
-pub(crate) async fn relay<R, W>(stream: H2Stream, mut reader: R, mut writer: W) -> Result<TransferStats, TransferError>
+pub(crate) async fn relay<R, W>(stream: H2Stream, reader: R, mut writer: W) -> Result<TransferStats, TransferError>
 where
-    R: AsyncRead + Unpin,
+    R: ReadySource,
     W: AsyncWrite + Unpin,
 {
     let H2Stream { mut recv, mut send } = stream;
     let mut stats = TransferStats::default();
     let result = tokio::try_join!(
         tunnel_to_local(&mut recv, &mut writer, &mut stats.received),
-        local_to_tunnel(&mut reader, &mut send, &mut stats.sent),
+        local_to_tunnel(&reader, &mut send, &mut stats.sent),
     );
     match result {
         Ok(_) => {
@@ -130,7 +145,7 @@ async fn tunnel_to_local<W: AsyncWrite + Unpin>(
     writer.shutdown().await
 }
 
-async fn local_to_tunnel<R: AsyncRead + Unpin>(reader: &mut R, send: &mut SendHalf, count: &mut u64) -> io::Result<()> {
+async fn local_to_tunnel<R: ReadySource>(reader: &R, send: &mut SendHalf, count: &mut u64) -> io::Result<()> {
     let mut chunks = ChunkReader::default();
     while let Some(mut chunk) = chunks.next(reader).await? {
         while !chunk.is_empty() {
@@ -142,21 +157,17 @@ async fn local_to_tunnel<R: AsyncRead + Unpin>(reader: &mut R, send: &mut SendHa
     poll_fn(|cx| send.poll_finish(cx)).await
 }
 
-/// Relays between two plain byte streams (say, a captured connection and its delivery on the
-/// same node) until both directions are done, with TCP's half-close: one side's EOF shuts the
-/// other's write side. Returns the bytes moved `a -> b` and `b -> a`. Buffers as
-/// [`ChunkReader`]: none while the connection is idle.
-pub async fn relay_plain<A, B>(a: A, b: B) -> io::Result<(u64, u64)>
-where
-    A: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
-{
-    let (mut a_read, mut a_write) = tokio::io::split(a);
-    let (mut b_read, mut b_write) = tokio::io::split(b);
-    tokio::try_join!(pipe(&mut a_read, &mut b_write), pipe(&mut b_read, &mut a_write))
+/// Relays between two TCP connections (say, a captured connection and its delivery on the same
+/// node) until both directions are done, with TCP's half-close: one side's EOF shuts the other's
+/// write side. Returns the bytes moved `a -> b` and `b -> a`. Buffers as [`ChunkReader`]: none
+/// while the connection is idle.
+pub async fn relay_plain(mut a: TcpStream, mut b: TcpStream) -> io::Result<(u64, u64)> {
+    let (a_read, mut a_write) = a.split();
+    let (b_read, mut b_write) = b.split();
+    tokio::try_join!(pipe(&a_read, &mut b_write), pipe(&b_read, &mut a_write))
 }
 
-async fn pipe<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(reader: &mut R, writer: &mut W) -> io::Result<u64> {
+async fn pipe<R: ReadySource, W: AsyncWrite + Unpin>(reader: &R, writer: &mut W) -> io::Result<u64> {
     let mut chunks = ChunkReader::default();
     let mut count = 0;
     while let Some(chunk) = chunks.next(reader).await? {
@@ -169,7 +180,10 @@ async fn pipe<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(reader: &mut R, write
 
 #[cfg(test)]
 mod tests {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _, duplex};
+    use tokio::{
+        io::{AsyncReadExt as _, AsyncWriteExt as _},
+        net::TcpListener,
+    };
 
     use super::*;
 
@@ -177,48 +191,62 @@ mod tests {
         (0..len).map(|i| (i * 31 % 251) as u8).collect()
     }
 
+    /// A connected pair of loopback sockets.
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (a, b) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (a.unwrap(), b.unwrap().0)
+    }
+
     #[tokio::test]
-    async fn small_messages_come_alone_and_bulk_chunks_grow_to_the_cap() {
-        let (mut w, mut r) = duplex(4 << 20);
+    async fn chunks_carry_every_byte_in_order_and_grow_to_the_cap() {
+        let (mut w, r) = pair().await;
         let mut chunks = ChunkReader::default();
         w.write_all(b"ping").await.unwrap();
-        assert_eq!(chunks.next(&mut r).await.unwrap().unwrap(), &b"ping"[..]);
-        let data = pattern(3 << 20);
-        w.write_all(&data).await.unwrap();
-        drop(w);
-        let (mut got, mut sizes) = (Vec::new(), Vec::new());
-        while let Some(c) = chunks.next(&mut r).await.unwrap() {
-            sizes.push(c.len());
+        assert_eq!(chunks.next(&r).await.unwrap().unwrap(), &b"ping"[..]);
+        let data = pattern(8 << 20);
+        let sent = data.clone();
+        let writer = tokio::spawn(async move {
+            w.write_all(&sent).await.unwrap();
+            w.shutdown().await.unwrap();
+        });
+        let (mut got, mut largest) = (Vec::new(), 0);
+        while let Some(c) = chunks.next(&r).await.unwrap() {
+            assert!(c.len() <= MAX_READ);
+            largest = largest.max(c.len());
             got.extend_from_slice(&c);
         }
+        writer.await.unwrap();
         assert_eq!(got, data, "bytes in order, none lost");
-        assert_eq!(sizes[0], MIN_READ, "{sizes:?}");
-        assert_eq!(*sizes.iter().max().unwrap(), MAX_READ, "chunks grow while reads fill them: {sizes:?}");
+        assert!(largest > MIN_READ, "chunks grow while reads fill them (largest {largest})");
     }
 
     #[tokio::test]
     async fn relay_plain_carries_both_ways_with_half_close() {
-        let (client, relay_a) = duplex(64 << 10);
-        let (relay_b, server) = duplex(64 << 10);
+        let (mut client, relay_a) = pair().await;
+        let (relay_b, mut server) = pair().await;
         let relay = tokio::spawn(relay_plain(relay_a, relay_b));
         let request = pattern(1 << 20);
-        let (mut client_r, mut client_w) = tokio::io::split(client);
-        let (mut server_r, mut server_w) = tokio::io::split(server);
         let sent = request.clone();
-        let writer = tokio::spawn(async move {
+        let (mut client_r, mut client_w) = client.split();
+        let send = async {
             client_w.write_all(&sent).await.unwrap();
             // Half-close: the server sees EOF and still answers.
             client_w.shutdown().await.unwrap();
-        });
-        let mut received = Vec::new();
-        server_r.read_to_end(&mut received).await.unwrap();
+        };
+        let serve = async {
+            let mut received = Vec::new();
+            server.read_to_end(&mut received).await.unwrap();
+            server.write_all(b"done").await.unwrap();
+            server.shutdown().await.unwrap();
+            received
+        };
+        let ((), received) = tokio::join!(send, serve);
         assert_eq!(received, request);
-        server_w.write_all(b"done").await.unwrap();
-        server_w.shutdown().await.unwrap();
         let mut answer = Vec::new();
         client_r.read_to_end(&mut answer).await.unwrap();
         assert_eq!(answer, b"done");
-        writer.await.unwrap();
         assert_eq!(relay.await.unwrap().unwrap(), (1 << 20, 4));
     }
 }

@@ -29,6 +29,8 @@ use tokio::sync::watch;
 use tracing::{Instrument, debug, debug_span};
 use warden_identity::Identity;
 
+use tokio::net::TcpStream;
+
 use crate::client::{Conn, Lease, OpenError, Registry, dial};
 use crate::copy::{TransferError, TransferStats, relay};
 use crate::error::ConnectError;
@@ -190,24 +192,12 @@ impl Tunnel {
         self.lease.conn.id
     }
 
-    /// Relays between this tunnel and `local` (e.g. the application's socket) until both directions
-    /// are done, with half-close in both directions. `sent` counts bytes from `local` into the
-    /// tunnel, `received` bytes from the tunnel to `local`.
-    pub async fn relay<S>(self, local: S) -> Result<TransferStats, TransferError>
-    where
-        S: AsyncRead + AsyncWrite + Unpin,
-    {
-        let (reader, writer) = tokio::io::split(local);
-        self.relay_halves(reader, writer).await
-    }
-
-    /// [`relay`](Self::relay) with the local side already split (e.g. `TcpStream::into_split`).
-    pub async fn relay_halves<R, W>(self, reader: R, writer: W) -> Result<TransferStats, TransferError>
-    where
-        R: AsyncRead + Unpin,
-        W: AsyncWrite + Unpin,
-    {
+    /// Relays between this tunnel and `local` (the application's connection) until both
+    /// directions are done, with half-close in both directions. `sent` counts bytes from `local`
+    /// into the tunnel, `received` bytes from the tunnel to `local`.
+    pub async fn relay(self, local: TcpStream) -> Result<TransferStats, TransferError> {
         let Tunnel { stream, lease } = self;
+        let (reader, writer) = local.into_split();
         let result = relay(stream, reader, writer).await;
         drop(lease);
         result

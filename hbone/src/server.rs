@@ -27,7 +27,6 @@ use bytes::Bytes;
 use h2::RecvStream;
 use h2::server::SendResponse;
 use http::{HeaderMap, Method, Response, StatusCode};
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -127,12 +126,9 @@ impl InboundRequest {
 
 /// The caller's decision for each tunnel, and its record of how it ended.
 pub trait Inbound: Send + Sync + 'static {
-    /// The connection to the workload (usually a `TcpStream` the handler connected).
-    type Upstream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
-
     /// Authorizes the request and opens the upstream, or refuses. The client receives 200 only once
     /// this returns an upstream.
-    fn open(&self, request: &InboundRequest) -> impl Future<Output = Result<Self::Upstream, Refusal>> + Send;
+    fn open(&self, request: &InboundRequest) -> impl Future<Output = Result<TcpStream, Refusal>> + Send;
 
     /// Called once an accepted tunnel is over (both directions done, or failed), with its byte
     /// counts, e.g. for metrics and access logs.
@@ -142,9 +138,7 @@ pub trait Inbound: Send + Sync + 'static {
 }
 
 impl<T: Inbound> Inbound for Arc<T> {
-    type Upstream = T::Upstream;
-
-    fn open(&self, request: &InboundRequest) -> impl Future<Output = Result<Self::Upstream, Refusal>> + Send {
+    fn open(&self, request: &InboundRequest) -> impl Future<Output = Result<TcpStream, Refusal>> + Send {
         (**self).open(request)
     }
 
@@ -414,7 +408,7 @@ async fn serve_stream<T, I: Inbound>(
             }
         };
         debug!("tunnel open");
-        let (reader, writer) = tokio::io::split(upstream);
+        let (reader, writer) = upstream.into_split();
         let result = relay(H2Stream::new(send, body), reader, writer).await;
         match &result {
             Ok(stats) => debug!(received = stats.received, sent = stats.sent, "tunnel closed"),

@@ -56,8 +56,6 @@ pub struct Handler {
 }
 
 impl Inbound for Handler {
-    type Upstream = TcpStream;
-
     async fn open(&self, req: &InboundRequest) -> Result<TcpStream, Refusal> {
         // One snapshot for the whole request (an owned `Arc`: nothing is borrowed across awaits).
         let view = self.view.borrow().clone();

@@ -182,8 +182,6 @@ impl Recorder {
 }
 
 impl Inbound for Recorder {
-    type Upstream = TcpStream;
-
     async fn open(&self, request: &InboundRequest) -> Result<TcpStream, Refusal> {
         self.requests.lock().unwrap().push(request.clone());
         let decision = self.decision.lock().unwrap().clone();
