@@ -148,7 +148,13 @@ pub fn build(
         endpoints.push((l.ifindex, EndpointInfo { endpoint_id: *endpoint_id, identity, ip: w.ip.octets(), flags }));
     }
     Ok(Desired {
-        state: NodeState { ipcache: ipcache.into_iter().collect(), endpoints, policy: compiled.policy, capture },
+        state: NodeState {
+            ipcache: ipcache.into_iter().collect(),
+            endpoints,
+            policy: compiled.policy,
+            capture,
+            fast_path: false,
+        },
         identity_names: compiled.identities,
         policy_names: compiled.policy_names,
         valid_until: compiled.valid_until,
@@ -254,7 +260,9 @@ fn log_desired(d: &Desired) {
 /// Read and compile the source's current inputs.
 fn snapshot(source: &mut dyn Source, cfg: &AgentConfig, record: &mut NodeRecord) -> Result<Desired, BuildError> {
     let inputs = source.read()?;
-    build(inputs, &cfg.trust_domain, cfg.mesh.as_ref().map(|m| m.capture), record)
+    let mut d = build(inputs, &cfg.trust_domain, cfg.mesh.as_ref().map(|m| m.capture), record)?;
+    d.state.fast_path = cfg.mesh.as_ref().is_some_and(|m| m.fast_path);
+    Ok(d)
 }
 
 fn mesh_view(d: &Desired, cfg: &AgentConfig) -> crate::mesh::View {
@@ -280,6 +288,19 @@ pub async fn run(cfg: AgentConfig, mut source: Box<dyn Source>) -> anyhow::Resul
         .map(|c| crate::certs::WorkloadCerts::serve(c, &cfg.trust_domain, cert_metrics))
         .transpose()?;
     let mut dp = Datapath::load(&cfg.pin_dir)?;
+    // The fast path files the agent's own sockets from its own cgroup; without that, it stays off.
+    let mut cfg = cfg;
+    if let Some(m) = cfg.mesh.as_mut().filter(|m| m.fast_path) {
+        match dp.attach_agent(&m.cgroup_root) {
+            Ok(cgroup) => tracing::info!(cgroup = %cgroup.display(), "same-node fast path on"),
+            Err(e) => {
+                tracing::warn!("same-node fast path off: {e}");
+                m.fast_path = false;
+            }
+        }
+    }
+    let mut desired = desired;
+    desired.state.fast_path = cfg.mesh.as_ref().is_some_and(|m| m.fast_path);
     // The mesh serves before the first commit turns capture on: once the committed generation is
     // visible, the listeners are up.
     let mesh = match (&cfg.mesh, &certs) {

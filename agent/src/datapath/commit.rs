@@ -13,7 +13,8 @@
 use aya::maps::lpm_trie::Key;
 use ipnet::Ipv4Net;
 use warden_common::{
-    Config, EndpointInfo, EndpointKey, IPCACHE_SLOT_BITS, IpcacheAddr, PolicyKey, PolicyValue, RemoteInfo,
+    CONFIG_FAST_PATH, Config, EndpointInfo, EndpointKey, IPCACHE_SLOT_BITS, IpcacheAddr, PolicyKey, PolicyValue,
+    RemoteInfo,
 };
 
 use super::maps::Maps;
@@ -28,6 +29,8 @@ pub struct NodeState {
     pub policy: Vec<(PolicyKey, PolicyValue)>,
     /// The node agent's outbound listener, when the node runs the mesh.
     pub capture: Option<std::net::SocketAddrV4>,
+    /// The same-node fast path is on (`CONFIG_FAST_PATH`).
+    pub fast_path: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -112,7 +115,8 @@ pub fn commit(maps: &mut Maps, state: &NodeState, inactive_clean: &mut bool) -> 
     }
 
     let (capture_addr, capture_port) = state.capture.map_or(([0; 4], 0), |a| (a.ip().octets(), a.port()));
-    let config = Config { generation: next, flags: 0, capture_addr, capture_port, _pad: 0 };
+    let flags = if state.fast_path && state.capture.is_some() { CONFIG_FAST_PATH } else { 0 };
+    let config = Config { generation: next, flags, capture_addr, capture_port, _pad: 0 };
     maps.config.set(0, config, 0).map_err(CommitError::Flip)?;
 
     clear_slot(maps, current.active_slot())?;
