@@ -18,7 +18,7 @@ use std::{
 
 use warden_agent::datapath::{Maps, maps::fast_path_counters};
 use warden_common::{FastpathCounter, HOOK_TUNNEL};
-use warden_tests::{Lab, Spec, require_root, write_policies};
+use warden_tests::{Lab, Probe, Spec, probe_bin, require_root, write_policies};
 
 const PORT: u16 = 8080;
 /// The helper's sink in `b`.
@@ -203,6 +203,62 @@ fn without_the_fast_path_the_same_connection_takes_tcp() {
     assert_eq!((c.sockets, c.redirected_bytes), (0, 0), "nothing filed, nothing redirected: {c:?}");
     let tc = tc_tunnel_bytes(&lab) - tc_before;
     assert!(tc >= 2 * SIZE, "TC counted {tc} bytes on the mesh's hops; the data took the veths");
+}
+
+/// `b` refuses `a` as well.
+const DENY_A: (&str, &str) = (
+    "deny-a.yaml",
+    "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: b-deny-a, namespace: team}
+spec:
+  selector: {matchLabels: {app: b}}
+  action: DENY
+  rules:
+  - from: [{source: {principals: [cluster.local/ns/team/sa/a]}}]
+",
+);
+
+/// An established a -> b connection, then a policy that denies it: the connection stops, with
+/// the fast path as without it (TC decides the flow again under the new generation; the fast
+/// path's sockets fall back to TCP at their next send, so TC sees their bytes).
+fn policy_change_stops_an_established_connection(tag: &str, net: u8, switch: &str) -> (Probe, FastpathCounter) {
+    let mut lab = node(tag, net, &[switch]);
+    let args = ["hold", &format!("{}:{PORT}", ip(net, 3)), "--seconds", "4", "--interval-ms", "50"].map(String::from);
+    let mut hold = lab
+        .command_in("a", &probe_bin(), &args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("warden-probe hold");
+    let mut stderr = BufReader::new(hold.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "established", "the held connection opened:\n{}", log(&lab));
+    // Some round trips first, on the fast path when it is on.
+    std::thread::sleep(Duration::from_millis(400));
+    let before = lab.generation();
+    write_policies(&lab.dir.join("policies"), &[POLICIES[0], DENY_A]).unwrap();
+    lab.wait_generation_change(before, Duration::from_secs(10)).expect("the agent commits the change");
+    let out = hold.wait_with_output().expect("hold");
+    let p: Probe = serde_json::from_slice(&out.stdout).expect("hold's report");
+    (p, counters(&lab))
+}
+
+#[test]
+fn a_policy_change_stops_an_established_connection_as_without_the_fast_path() {
+    if !require_root("a_policy_change_stops_an_established_connection_as_without_the_fast_path") {
+        return;
+    }
+    let (on, c) = policy_change_stops_an_established_connection("fppon", 83, "--fast-path");
+    assert!(on.round_trips.unwrap_or(0) > 0, "round trips before the change: {on:?}");
+    assert_ne!(on.result, "allowed", "the denied connection stops with the fast path: {on:?}");
+    assert!(c.redirected_msgs > 0 && c.fallbacks > 0, "it took the fast path, then fell back to TCP: {c:?}");
+    let (off, c) = policy_change_stops_an_established_connection("fppoff", 84, "--no-fast-path");
+    assert!(off.round_trips.unwrap_or(0) > 0, "round trips before the change: {off:?}");
+    assert_ne!(off.result, "allowed", "the denied connection stops without the fast path: {off:?}");
+    assert_eq!(c.redirected_msgs, 0, "{c:?}");
+    assert_eq!(on.result, off.result, "the same outcome: {on:?} / {off:?}");
 }
 
 /// The two ends of the transfer, run by the tests above inside workloads (`WARDEN_FASTPATH_HELPER`):
