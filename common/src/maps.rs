@@ -289,7 +289,8 @@ pub struct FastpathCounter {
     /// Sends redirected to the peer socket, and their bytes.
     pub redirected_msgs: u64,
     pub redirected_bytes: u64,
-    /// Sockets whose first send found no peer: TCP for their life.
+    /// Sockets whose first send took TCP, for their life: no peer filed yet, or the switch off or
+    /// a new generation committed since the socket was filed.
     pub no_peer: u64,
     /// Redirecting sockets that fell back to TCP (policy committed, switch off, peer gone).
     pub fallbacks: u64,
