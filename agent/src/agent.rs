@@ -154,6 +154,7 @@ pub fn build(
             policy: compiled.policy,
             capture,
             events: false,
+            fast_path: false,
         },
         identity_names: compiled.identities,
         policy_names: compiled.policy_names,
@@ -263,6 +264,7 @@ fn snapshot(source: &mut dyn Source, cfg: &AgentConfig, record: &mut NodeRecord)
     let mut desired = build(inputs, &cfg.trust_domain, cfg.mesh.as_ref().map(|m| m.capture), record)?;
     // The kernel writes flow events only for the access log, their one reader.
     desired.state.events = cfg.telemetry.access_log != crate::telemetry::AccessLogFormat::Off;
+    desired.state.fast_path = cfg.mesh.as_ref().is_some_and(|m| m.fast_path);
     Ok(desired)
 }
 
@@ -289,6 +291,19 @@ pub async fn run(cfg: AgentConfig, mut source: Box<dyn Source>) -> anyhow::Resul
         .map(|c| crate::certs::WorkloadCerts::serve(c, &cfg.trust_domain, cert_metrics))
         .transpose()?;
     let mut dp = Datapath::load(&cfg.pin_dir)?;
+    // The fast path files the agent's own sockets from its own cgroup; without that, it stays off.
+    let mut cfg = cfg;
+    if let Some(m) = cfg.mesh.as_mut().filter(|m| m.fast_path) {
+        match dp.attach_agent(&m.cgroup_root) {
+            Ok(cgroup) => tracing::info!(cgroup = %cgroup.display(), "same-node fast path on"),
+            Err(e) => {
+                tracing::warn!("same-node fast path off: {e}");
+                m.fast_path = false;
+            }
+        }
+    }
+    let mut desired = desired;
+    desired.state.fast_path = cfg.mesh.as_ref().is_some_and(|m| m.fast_path);
     // The mesh serves before the first commit turns capture on: once the committed generation is
     // visible, the listeners are up.
     let mesh = match (&cfg.mesh, &certs) {

@@ -28,4 +28,7 @@ pub mod defaults {
     pub const STATE_DIR: &str = "/run/warden";
     pub const TRUST_DOMAIN: &str = "cluster.local";
     pub const ROOT_NAMESPACE: &str = "istio-system";
+    /// Whether the mesh's same-node fast path is on without `--fast-path`/`--no-fast-path`
+    /// (decided by `cargo xtask bench mtls`; see docs/mesh.md).
+    pub const FAST_PATH: bool = false;
 }

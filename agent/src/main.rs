@@ -87,6 +87,15 @@ enum Command {
         /// gateway), port 15001.
         #[arg(long, default_value = "169.254.1.1:15001")]
         capture_addr: std::net::SocketAddrV4,
+        /// With --mesh: the same-node fast path. The sockets of a same-node hop (a workload and
+        /// the agent) exchange bytes through each other's receive queue (sock_ops + sk_msg)
+        /// instead of TCP/IP and the veth; the agent still relays and authorizes. Needs the agent
+        /// in its own cgroup (its pod's).
+        #[arg(long, env = "WARDEN_FAST_PATH", overrides_with = "no_fast_path")]
+        fast_path: bool,
+        /// With --mesh: no fast path (also turns it off for connections already using it).
+        #[arg(long, overrides_with = "fast_path")]
+        no_fast_path: bool,
     },
     /// Print the live maps: per workload, its policy entries and counters; the identity cache.
     Maps {
@@ -173,6 +182,8 @@ fn main() -> ExitCode {
             admin_addr,
             mesh,
             capture_addr,
+            fast_path,
+            no_fast_path,
         } => {
             warden_agent::memory::limit_arenas();
             init_logging(log_format);
@@ -186,7 +197,13 @@ fn main() -> ExitCode {
                 _ => None,
             };
             let certs = ca.map(|source| warden_agent::certs::CertsConfig { source, admin_addr });
-            let mesh = mesh.then(|| warden_agent::mesh::MeshConfig { capture: capture_addr, ..Default::default() });
+            let fast_path = !no_fast_path && (fast_path || defaults::FAST_PATH);
+            let mesh = mesh.then(|| warden_agent::mesh::MeshConfig {
+                capture: capture_addr,
+                fast_path,
+                cgroup_root: cgroup_root.clone().unwrap_or_else(warden_agent::source::kube::node::default_cgroup_root),
+                ..Default::default()
+            });
             let cfg = agent::AgentConfig { pin_dir, state_dir, trust_domain, telemetry, certs, mesh };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

@@ -38,8 +38,20 @@ pub mod names {
     /// LRU hash: [`super::SockAddr`] (the workload's address and source port) -> [`super::OrigDst`].
     /// Where the node agent finds a captured connection's original destination when it accepts it.
     pub const ORIG_DST: &str = "warden_orig_dst_v1";
+    /// Sock hash: [`super::SockKey`] (a socket's own 4-tuple) -> socket. The same-node fast
+    /// path's sockets (see `ebpf/src/fastpath.rs`); its sk_msg program is attached to it.
+    pub const FASTPATH_SOCKS: &str = "warden_fastpath_socks_v1";
+    /// Socket storage: [`super::FastpathSock`] per socket of [`FASTPATH_SOCKS`]: whether its sends
+    /// are redirected, decided once at its first send.
+    pub const FASTPATH_STATE: &str = "warden_fastpath_state_v1";
+    /// Per-CPU array[1] of [`super::FastpathCounter`]: what the fast path did.
+    pub const FASTPATH_COUNTERS: &str = "warden_fastpath_counters_v1";
+    /// LRU hash: [`super::SockKey`] -> committed generation. Active ends added to
+    /// [`FASTPATH_SOCKS`] whose passive end has not reached ESTABLISHED yet; the passive end
+    /// takes its entry out (sock_ops cannot look a socket up in the sock hash itself).
+    pub const FASTPATH_ACTIVE: &str = "warden_fastpath_active_v1";
 
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 16] = [
         CONFIG,
         IPCACHE,
         IPCACHE_HOSTS,
@@ -52,6 +64,10 @@ pub mod names {
         SOCKETS,
         CAPTURED,
         ORIG_DST,
+        FASTPATH_SOCKS,
+        FASTPATH_STATE,
+        FASTPATH_COUNTERS,
+        FASTPATH_ACTIVE,
     ];
 }
 
@@ -68,6 +84,8 @@ pub mod capacity {
     pub const EVENTS_BYTES: u32 = 1 << 20;
     /// Captured connections between `connect()` and the agent's `accept()`.
     pub const CAPTURED: u32 = 65_536;
+    /// Sockets of the same-node fast path (two per hop: the workload's and the agent's).
+    pub const FASTPATH_SOCKS: u32 = 65_536;
 }
 
 /// Socket marks (`SO_MARK`, `skb->mark`) warden uses, within [`MARK_MASK`]. Only a process with
@@ -146,7 +164,7 @@ pub struct Config {
     /// Incremented on every committed state; `generation & 1` is the active slot. 0 means no
     /// state was ever committed, and every packet is dropped with [`crate::DropReason::NoState`].
     pub generation: u32,
-    /// `CONFIG_*` bits.
+    /// `CONFIG_*` switches.
     pub flags: u32,
     /// The node agent's outbound listener, where `connect()`s of meshed workloads to meshed
     /// destinations are redirected (network-order address, host-order port). Port 0: no capture.
@@ -168,7 +186,16 @@ impl Config {
     pub const fn events(&self) -> bool {
         self.flags & CONFIG_EVENTS != 0
     }
+
+    pub const fn fast_path(&self) -> bool {
+        self.flags & CONFIG_FAST_PATH != 0
+    }
 }
+
+/// [`Config::flags`]: the same-node fast path is on. Read by sock_ops (whether to add sockets to
+/// [`names::FASTPATH_SOCKS`]) and by sk_msg at every send (off: every socket falls back to TCP for
+/// good, which is safe at any moment; see `ebpf/src/fastpath.rs`).
+pub const CONFIG_FAST_PATH: u32 = 1 << 1;
 
 /// The data part of an identity-cache LPM key: the slot byte, then the IPv4 address in network
 /// order. The LPM prefix length counts the slot's 8 bits first, so a /24 is stored as 32.
@@ -218,6 +245,78 @@ pub struct OrigDst {
     pub endpoint_id: u32,
     /// The committed generation the capture was decided under.
     pub generation: u32,
+}
+
+/// A TCP socket's 4-tuple as the socket itself sees it: its own address and port first (network
+/// order addresses, host order ports). The key of [`names::FASTPATH_SOCKS`]; a socket's peer on the
+/// node is filed under the same tuple reversed. 12 bytes, no implicit padding.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    pub local_addr: [u8; 4],
+    pub remote_addr: [u8; 4],
+    pub local_port: u16,
+    pub remote_port: u16,
+}
+
+impl SockKey {
+    /// The key of the socket at the other end of the connection.
+    pub const fn reversed(&self) -> SockKey {
+        SockKey {
+            local_addr: self.remote_addr,
+            remote_addr: self.local_addr,
+            local_port: self.remote_port,
+            remote_port: self.local_port,
+        }
+    }
+}
+
+/// [`FastpathSock::decision`]: no send yet.
+pub const FASTPATH_UNDECIDED: u8 = 0;
+/// [`FastpathSock::decision`]: sends go to the peer socket's receive queue (while the generation
+/// holds and the switch is on).
+pub const FASTPATH_REDIRECT: u8 = 1;
+/// [`FastpathSock::decision`]: sends take TCP, for the socket's life.
+pub const FASTPATH_PASS: u8 = 2;
+
+/// The fast path's per-socket state: the decision made at the socket's first send, and the
+/// committed generation it was made under. 8 bytes, no implicit padding.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FastpathSock {
+    pub generation: u32,
+    /// `FASTPATH_*`.
+    pub decision: u8,
+    pub _pad: [u8; 3],
+}
+
+/// What the fast path did, per CPU. 48 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FastpathCounter {
+    /// Sockets added to the sock hash at ESTABLISHED.
+    pub sockets: u64,
+    /// Sends redirected to the peer socket, and their bytes.
+    pub redirected_msgs: u64,
+    pub redirected_bytes: u64,
+    /// Sockets whose first send took TCP, for their life: no peer filed yet, or the switch off or
+    /// a new generation committed since the socket was filed.
+    pub no_peer: u64,
+    /// Redirecting sockets that fell back to TCP (policy committed, switch off, peer gone).
+    pub fallbacks: u64,
+    /// Sends that took TCP from a socket of the sock hash.
+    pub passed_msgs: u64,
+}
+
+impl FastpathCounter {
+    pub fn add(&mut self, o: &FastpathCounter) {
+        self.sockets += o.sockets;
+        self.redirected_msgs += o.redirected_msgs;
+        self.redirected_bytes += o.redirected_bytes;
+        self.no_peer += o.no_peer;
+        self.fallbacks += o.fallbacks;
+        self.passed_msgs += o.passed_msgs;
+    }
 }
 
 /// Key of the endpoint map: a local workload's host-side veth, per slot.
@@ -532,6 +631,9 @@ mod pod {
     unsafe impl aya::Pod for super::SockVerdict {}
     unsafe impl aya::Pod for super::SockAddr {}
     unsafe impl aya::Pod for super::OrigDst {}
+    unsafe impl aya::Pod for super::SockKey {}
+    unsafe impl aya::Pod for super::FastpathSock {}
+    unsafe impl aya::Pod for super::FastpathCounter {}
 }
 
 #[cfg(test)]
@@ -556,6 +658,19 @@ mod tests {
         assert_eq!(size_of::<CounterKey>(), 16);
         assert_eq!(size_of::<Counter>(), 48);
         assert_eq!(size_of::<FlowEvent>(), 40);
+        assert_eq!(size_of::<SockKey>(), 12);
+        assert_eq!(size_of::<FastpathSock>(), 8);
+        assert_eq!(size_of::<FastpathCounter>(), 48);
+    }
+
+    #[test]
+    fn sock_key_reversed_is_the_peer_and_round_trips() {
+        let client =
+            SockKey { local_addr: [10, 0, 1, 2], remote_addr: [169, 254, 1, 1], local_port: 40000, remote_port: 15001 };
+        let agent = client.reversed();
+        assert_eq!(agent.local_addr, [169, 254, 1, 1]);
+        assert_eq!((agent.local_port, agent.remote_port), (15001, 40000));
+        assert_eq!(agent.reversed(), client);
     }
 
     #[test]

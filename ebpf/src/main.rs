@@ -8,12 +8,15 @@
 //! | `warden_to_wl`   | TCX egress of the host-side veth  | packets entering the workload (ingress) |
 //! | `warden_connect4`| cgroup/connect4 on the workload   | `connect()`: EPERM at once when denied  |
 //! | `warden_sock_out`| cgroup_skb/egress on the workload | sends on a denied flow fail with EPERM  |
-//! | `warden_sockops` | sock_ops on a meshed workload     | a captured socket's source port         |
+//! | `warden_sockops` | sock_ops on a meshed workload and | a captured socket's source port; the    |
+//! |                  | on the node agent's own cgroup    | fast path's sockets at ESTABLISHED      |
+//! | `warden_fastpath`| sk_msg on `warden_fastpath_socks` | a send: to the peer socket, or TCP      |
 #![no_std]
 #![no_main]
 
 mod capture;
 mod enforce;
+mod fastpath;
 mod maps;
 mod packet;
 mod socket;
@@ -23,8 +26,8 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
     },
-    macros::{cgroup_skb, cgroup_sock_addr, classifier, sock_ops},
-    programs::{SkBuffContext, SockAddrContext, SockOpsContext, TcContext},
+    macros::{cgroup_skb, cgroup_sock_addr, classifier, sk_msg, sock_ops},
+    programs::{SkBuffContext, SkMsgContext, SockAddrContext, SockOpsContext, TcContext},
 };
 use warden_common::{
     Direction, DropReason, EVENT_CLOSED, EVENT_DECIDED, EndpointInfo, HOOK_CONNECT, HOOK_TC, HOOK_TUNNEL, MARK_MASK,
@@ -63,12 +66,21 @@ pub fn warden_connect4(ctx: SockAddrContext) -> i32 {
     o.value.is_allow() as i32
 }
 
-/// sock_ops on a meshed workload's cgroup: files a captured connection's original destination
-/// under its source port. Always 1 (no opinion on the socket's options).
+/// sock_ops on a meshed workload's cgroup and on the node agent's: files a captured connection's
+/// original destination under its source port, and the same-node fast path's sockets in its sock
+/// hash. Always 1 (no opinion on the socket's options).
 #[sock_ops]
 pub fn warden_sockops(ctx: SockOpsContext) -> u32 {
     capture::on_sock_op(&ctx);
+    fastpath::on_sock_op(&ctx);
     1
+}
+
+/// sk_msg on the fast path's sock hash: a send of a filed socket goes to its peer socket's receive
+/// queue, or over TCP. Always `SK_PASS`: never drops a send.
+#[sk_msg]
+pub fn warden_fastpath(ctx: SkMsgContext) -> u32 {
+    fastpath::on_msg(&ctx)
 }
 
 /// cgroup_skb/egress on the workload's cgroup: 1 sends, 0 drops and fails the send with EPERM.

@@ -4,15 +4,18 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_NO_COMMON_LRU, BPF_F_NO_PREALLOC},
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuHashMap, RingBuf, SkStorage, lpm_trie::Key},
+    btf_maps::{
+        Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, SkStorage, SockHash, lpm_trie::Key,
+    },
     macros::btf_map,
 };
 use warden_common::{
-    Config, Counter, CounterKey, EndpointInfo, EndpointKey, FlowEvent, FlowKey, FlowValue, IpcacheAddr, OrigDst,
-    PolicyKey, PolicyValue, RemoteInfo, SockAddr, SockVerdict,
+    Config, Counter, CounterKey, EndpointInfo, EndpointKey, FastpathCounter, FastpathSock, FlowEvent, FlowKey,
+    FlowValue, IpcacheAddr, OrigDst, PolicyKey, PolicyValue, RemoteInfo, SockAddr, SockKey, SockVerdict,
     capacity::{
         CAPTURED as CAPTURED_CAP, CGROUPS as CGROUPS_CAP, COUNTERS as COUNTERS_CAP, ENDPOINTS as ENDPOINTS_CAP,
-        EVENTS_BYTES, FLOWS as FLOWS_CAP, IPCACHE as IPCACHE_CAP, POLICY as POLICY_CAP,
+        EVENTS_BYTES, FASTPATH_SOCKS as FASTPATH_SOCKS_CAP, FLOWS as FLOWS_CAP, IPCACHE as IPCACHE_CAP,
+        POLICY as POLICY_CAP,
     },
 };
 
@@ -67,6 +70,23 @@ pub static CAPTURED: LruHashMap<u64, OrigDst, { CAPTURED_CAP as usize }> = LruHa
 /// Captured connections by the workload's (address, source port), for the agent's `accept()`.
 #[btf_map(name = "warden_orig_dst_v1")]
 pub static ORIG_DST: LruHashMap<SockAddr, OrigDst, { CAPTURED_CAP as usize }> = LruHashMap::new();
+
+/// The same-node fast path's sockets by their own 4-tuple; `warden_fastpath` (sk_msg) is attached
+/// to it.
+#[btf_map(name = "warden_fastpath_socks_v1")]
+pub static FASTPATH_SOCKS: SockHash<SockKey, { FASTPATH_SOCKS_CAP as usize }> = SockHash::new();
+
+/// The fast path's decision per socket of `FASTPATH_SOCKS` (created when the socket is added).
+#[btf_map(name = "warden_fastpath_state_v1")]
+pub static FASTPATH_STATE: SkStorage<FastpathSock> = SkStorage::new();
+
+/// Active ends of the fast path waiting for their passive end (which takes the entry out).
+#[btf_map(name = "warden_fastpath_active_v1")]
+pub static FASTPATH_ACTIVE: LruHashMap<SockKey, u32, { FASTPATH_SOCKS_CAP as usize }> = LruHashMap::new();
+
+/// What the fast path did.
+#[btf_map(name = "warden_fastpath_counters_v1")]
+pub static FASTPATH_COUNTERS: PerCpuArray<FastpathCounter, 1> = PerCpuArray::new();
 
 #[inline(always)]
 pub fn ipcache_key(slot: u8, addr: [u8; 4]) -> Key<IpcacheAddr> {

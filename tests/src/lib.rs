@@ -32,6 +32,9 @@ use serde::Deserialize;
 pub mod fixtures;
 pub mod kapi;
 
+/// The agent's cgroup under the lab's cgroup (no workload has this name).
+pub const AGENT_CGROUP: &str = "node-agent";
+
 /// Gateway address every workload routes through (present on every host-side veth).
 pub const GATEWAY: &str = "169.254.1.1";
 
@@ -474,9 +477,14 @@ impl Lab {
     /// Write the workload file and start `warden agent --mesh` on `policies`, issuing certificates
     /// from the CA directory `ca` (one for all nodes of a cluster); waits until it has committed.
     pub fn start_mesh_agent(&mut self, policies: &Path, ca: &Path) -> anyhow::Result<u32> {
+        self.start_mesh_agent_with(policies, ca, &[])
+    }
+
+    /// As [`Lab::start_mesh_agent`], with more agent arguments (e.g. `--fast-path`).
+    pub fn start_mesh_agent_with(&mut self, policies: &Path, ca: &Path, extra: &[&str]) -> anyhow::Result<u32> {
         fs::write(self.workloads_path(), self.workload_file())?;
         let path = |p: &Path| p.display().to_string();
-        let args = vec![
+        let mut args: Vec<String> = vec![
             "--workloads".into(),
             path(&self.workloads_path()),
             "--policies".into(),
@@ -485,6 +493,7 @@ impl Lab {
             "--ca-dir".into(),
             path(ca),
         ];
+        args.extend(extra.iter().map(|a| a.to_string()));
         self.start_agent_with(&args)
     }
 
@@ -507,7 +516,17 @@ impl Lab {
     /// lab's agent log.
     fn spawn_agent_with(&self, args: &[OsString]) -> anyhow::Result<Child> {
         let log = fs::OpenOptions::new().create(true).append(true).open(self.agent_log())?;
-        Command::new("nsenter")
+        // The agent's own cgroup, as a DaemonSet pod has one: the mesh's fast path attaches to it
+        // (never to the root cgroup).
+        let cgroup = self.agent_cgroup();
+        fs::create_dir_all(&cgroup).with_context(|| format!("creating cgroup {}", cgroup.display()))?;
+        let procs = cgroup.join("cgroup.procs");
+        let mut command = Command::new("nsenter");
+        // SAFETY: the closure only opens and writes a file (async-signal-safe syscalls).
+        unsafe {
+            command.pre_exec(move || fs::OpenOptions::new().write(true).open(&procs)?.write_all(b"0"));
+        }
+        command
             .arg(format!("--net=/run/netns/{}", self.node))
             .arg("--")
             .arg(warden_bin())
@@ -521,6 +540,11 @@ impl Lab {
             .stderr(log)
             .spawn()
             .context("starting the agent")
+    }
+
+    /// The cgroup the node's agent runs in (`<lab cgroup>/node-agent`).
+    pub fn agent_cgroup(&self) -> PathBuf {
+        self.cgroup_dir.join(AGENT_CGROUP)
     }
 
     /// Move workload `name` to a new cgroup `leaf` beside its own (e.g. kubelet's `pod<uid>`):

@@ -13,7 +13,8 @@
 use aya::maps::lpm_trie::Key;
 use ipnet::Ipv4Net;
 use warden_common::{
-    CONFIG_EVENTS, Config, EndpointInfo, EndpointKey, IPCACHE_SLOT_BITS, IpcacheAddr, PolicyKey, PolicyValue,
+    CONFIG_EVENTS, CONFIG_FAST_PATH, Config, EndpointInfo, EndpointKey, IPCACHE_SLOT_BITS, IpcacheAddr, PolicyKey,
+    PolicyValue,
     RemoteInfo,
 };
 
@@ -31,6 +32,8 @@ pub struct NodeState {
     pub capture: Option<std::net::SocketAddrV4>,
     /// The kernel writes access-log events (someone reads them).
     pub events: bool,
+    /// The same-node fast path is on (`CONFIG_FAST_PATH`).
+    pub fast_path: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -115,7 +118,8 @@ pub fn commit(maps: &mut Maps, state: &NodeState, inactive_clean: &mut bool) -> 
     }
 
     let (capture_addr, capture_port) = state.capture.map_or(([0; 4], 0), |a| (a.ip().octets(), a.port()));
-    let flags = if state.events { CONFIG_EVENTS } else { 0 };
+    let flags = if state.events { CONFIG_EVENTS } else { 0 }
+        | if state.fast_path && state.capture.is_some() { CONFIG_FAST_PATH } else { 0 };
     let config = Config { generation: next, flags, capture_addr, capture_port, _pad: 0 };
     maps.config.set(0, config, 0).map_err(CommitError::Flip)?;
 

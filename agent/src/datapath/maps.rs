@@ -3,10 +3,10 @@
 
 use std::path::Path;
 
-use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuHashMap};
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuHashMap};
 use warden_common::{
-    Config, Counter, CounterKey, EndpointInfo, EndpointKey, FlowKey, FlowValue, IpcacheAddr, PolicyKey, PolicyValue,
-    RemoteInfo, names,
+    Config, Counter, CounterKey, EndpointInfo, EndpointKey, FastpathCounter, FlowKey, FlowValue, IpcacheAddr,
+    PolicyKey, PolicyValue, RemoteInfo, names,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -60,4 +60,14 @@ impl Maps {
     pub fn config(&self) -> Config {
         self.config.get(&0, 0).unwrap_or_default()
     }
+}
+
+/// What the same-node fast path did, summed over CPUs (`warden_fastpath_counters_v1`).
+pub fn fast_path_counters(pin_dir: &Path) -> Result<FastpathCounter, MapsError> {
+    let name = names::FASTPATH_COUNTERS;
+    let array: PerCpuArray<MapData, FastpathCounter> = typed!(pin_dir, name);
+    let per_cpu = array.get(&0, 0).map_err(|source| MapsError::Layout { name, source })?;
+    let mut total = FastpathCounter::default();
+    per_cpu.iter().for_each(|c| total.add(c));
+    Ok(total)
 }

@@ -14,9 +14,10 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{CgroupSkb, CgroupSockAddr, SchedClassifier, SockOps},
+    maps::SockHash,
+    programs::{CgroupAttachMode, CgroupSkb, CgroupSockAddr, SchedClassifier, SkMsg, SockOps, sock_ops::SockOpsLink},
 };
-use warden_common::names;
+use warden_common::{SockKey, names};
 
 pub use self::{
     commit::{CommitError, NodeState},
@@ -38,8 +39,27 @@ pub enum LoadError {
     Program { name: &'static str, source: aya::programs::ProgramError },
     #[error("BUG: program {0} missing from the eBPF object")]
     MissingProgram(&'static str),
+    #[error("BUG: map {0} missing from the eBPF object")]
+    MissingMap(&'static str),
     #[error(transparent)]
     Maps(#[from] maps::MapsError),
+    #[error("attaching the fast path's sk_msg program to {map}: {source}")]
+    FastPath { map: &'static str, source: Box<dyn std::error::Error + Send + Sync> },
+}
+
+/// Why the fast path cannot file the agent's own sockets.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentCgroupError {
+    #[error("reading /proc/self/cgroup: {0}")]
+    Read(std::io::Error),
+    #[error("the agent is in no cgroup v2 (no `0::` line in /proc/self/cgroup)")]
+    NoCgroup,
+    #[error("the agent runs in the root cgroup; it needs its own (its pod's) to attach to")]
+    Root,
+    #[error("opening the agent's cgroup {path}: {source}")]
+    Open { path: PathBuf, source: std::io::Error },
+    #[error("attaching sock_ops to the agent's cgroup {path}: {source}")]
+    Attach { path: PathBuf, source: Box<aya::programs::ProgramError> },
 }
 
 pub struct Datapath {
@@ -49,6 +69,9 @@ pub struct Datapath {
     /// The inactive slot is known to be empty (see `commit::commit`). False after loading: an
     /// earlier agent may have died mid-commit.
     inactive_clean: bool,
+    /// sock_ops on the agent's own cgroup (the fast path), for the process's life: the agent's
+    /// sockets die with it, so the link is not pinned.
+    agent_sock_ops: Option<SockOpsLink>,
 }
 
 /// Mount bpffs at `root` unless it already is one.
@@ -99,9 +122,31 @@ impl Datapath {
         load!(CgroupSockAddr, "warden_connect4");
         load!(CgroupSkb, "warden_sock_out");
         load!(SockOps, "warden_sockops");
+        load!(SkMsg, "warden_fastpath");
+        attach_fast_path(&mut ebpf)?;
 
         let maps = Maps::open(pin_dir)?;
-        Ok(Datapath { pin_dir: pin_dir.to_path_buf(), ebpf, maps, inactive_clean: false })
+        Ok(Datapath { pin_dir: pin_dir.to_path_buf(), ebpf, maps, inactive_clean: false, agent_sock_ops: None })
+    }
+
+    /// Attach sock_ops to the agent's own cgroup (from `/proc/self/cgroup`, under `cgroup_root`),
+    /// so the fast path files the agent's sockets at ESTABLISHED, as the kernel files the
+    /// workloads'. Refuses the root cgroup (it would see every socket of the node). Returns the
+    /// cgroup.
+    pub fn attach_agent(&mut self, cgroup_root: &Path) -> Result<PathBuf, AgentCgroupError> {
+        let text = fs::read_to_string("/proc/self/cgroup").map_err(AgentCgroupError::Read)?;
+        let rel = own_cgroup(&text).ok_or(AgentCgroupError::NoCgroup)?;
+        if rel.is_empty() {
+            return Err(AgentCgroupError::Root);
+        }
+        let path = cgroup_root.join(rel);
+        let file = fs::File::open(&path).map_err(|source| AgentCgroupError::Open { path: path.clone(), source })?;
+        let attach_err = |e| AgentCgroupError::Attach { path: path.clone(), source: Box::new(e) };
+        let prog: &mut SockOps =
+            self.ebpf.program_mut("warden_sockops").and_then(|p| p.try_into().ok()).expect("loaded in Datapath::load");
+        let id = prog.attach(&file, CgroupAttachMode::default()).map_err(attach_err)?;
+        self.agent_sock_ops = Some(prog.take_link(id).map_err(attach_err)?);
+        Ok(path)
     }
 
     pub fn commit(&mut self, state: &NodeState) -> Result<u32, CommitError> {
@@ -133,6 +178,29 @@ impl Datapath {
     }
 }
 
+/// Attach the fast path's sk_msg program to its sock hash. The attachment belongs to the (pinned)
+/// map, not to this process: a restarted agent's program replaces it in place.
+fn attach_fast_path(ebpf: &mut Ebpf) -> Result<(), LoadError> {
+    let name = names::FASTPATH_SOCKS;
+    let err = |source: Box<dyn std::error::Error + Send + Sync>| LoadError::FastPath { map: name, source };
+    let map = ebpf.take_map(name).ok_or(LoadError::MissingMap(name))?;
+    let socks: SockHash<_, SockKey> = map.try_into().map_err(|e: aya::maps::MapError| err(Box::new(e)))?;
+    let prog: &mut SkMsg = ebpf
+        .program_mut("warden_fastpath")
+        .and_then(|p| p.try_into().ok())
+        .ok_or(LoadError::MissingProgram("warden_fastpath"))?;
+    let id = prog.attach(socks.fd()).map_err(|e| err(Box::new(e)))?;
+    // Dropping the link would detach the program; the map keeps it for as long as it exists.
+    std::mem::forget(prog.take_link(id).map_err(|e| err(Box::new(e)))?);
+    Ok(())
+}
+
+/// The process's cgroup v2 path (relative, without the leading '/') from `/proc/self/cgroup`;
+/// empty for the root cgroup.
+fn own_cgroup(proc_self_cgroup: &str) -> Option<&str> {
+    proc_self_cgroup.lines().find_map(|l| l.strip_prefix("0::")).map(|p| p.trim().trim_start_matches('/'))
+}
+
 /// A cgroup v2 directory's id is its inode number.
 pub fn cgroup_id(path: &Path) -> std::io::Result<u64> {
     use std::os::unix::fs::MetadataExt;
@@ -154,4 +222,17 @@ pub fn remove_pins(pin_dir: &Path) {
         }
     }
     let _ = fs::remove_dir(pin_dir);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::own_cgroup;
+
+    #[test]
+    fn own_cgroup_reads_the_unified_line() {
+        let hybrid = "12:pids:/user.slice\n1:name=systemd:/user.slice/x.scope\n0::/warden-mx1/node-agent\n";
+        assert_eq!(own_cgroup(hybrid), Some("warden-mx1/node-agent"));
+        assert_eq!(own_cgroup("0::/\n"), Some(""), "the root cgroup");
+        assert_eq!(own_cgroup("3:cpu:/a\n"), None, "cgroup v1 only");
+    }
 }

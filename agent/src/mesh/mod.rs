@@ -37,11 +37,22 @@ pub struct MeshConfig {
     pub capture: SocketAddrV4,
     /// The HBONE port (15008).
     pub hbone_port: u16,
+    /// The same-node fast path (`ebpf/src/fastpath.rs`): sockets of a same-node hop exchange bytes
+    /// through their receive queues instead of TCP/IP and the veth.
+    pub fast_path: bool,
+    /// The cgroup v2 hierarchy holding the agent's own cgroup (the fast path files the agent's
+    /// sockets from there).
+    pub cgroup_root: std::path::PathBuf,
 }
 
 impl Default for MeshConfig {
     fn default() -> Self {
-        MeshConfig { capture: SocketAddrV4::new(Ipv4Addr::new(169, 254, 1, 1), 15001), hbone_port: 15008 }
+        MeshConfig {
+            capture: SocketAddrV4::new(Ipv4Addr::new(169, 254, 1, 1), 15001),
+            hbone_port: 15008,
+            fast_path: false,
+            cgroup_root: crate::source::kube::node::default_cgroup_root(),
+        }
     }
 }
 
