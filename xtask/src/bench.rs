@@ -9,7 +9,7 @@
 //! real agent and policy compiler: the server's ALLOW policy names many remote identities and
 //! ports, and the client's entry is one of them); (c) iptables chains of 1, 1k and 10k rules
 //! (conntrack ESTABLISHED first, the client's rule last) and an nftables verdict map of 100k
-//! elements. Each is printed as a ratio to (a), measured just before it. With
+//! elements. Each is printed as a ratio to (a), measured just before and just after it. With
 //! `kernel.bpf_stats_enabled=1`, the warden runs also report each program's in-kernel cost per
 //! packet (run_time_ns / run_cnt) and per connection.
 //!
@@ -36,6 +36,8 @@ const IPERF_PORT: u16 = 5201;
 const SECONDS: u64 = 3;
 /// Repetitions per figure; the median is reported.
 const REPEAT: usize = 5;
+/// Repetitions of each baseline on either side of a configuration.
+const BRACKET: usize = 3;
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 2);
 const SERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 3);
 /// Ports named by the generated policy; the client uses the first.
@@ -141,7 +143,12 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// The median of `REPEAT` measurements.
 fn measure(lab: &Lab) -> anyhow::Result<Figures> {
-    let runs = (0..REPEAT).map(|_| measure_once(lab)).collect::<anyhow::Result<Vec<_>>>()?;
+    measure_n(lab, REPEAT)
+}
+
+/// The median of `n` measurements.
+fn measure_n(lab: &Lab, n: usize) -> anyhow::Result<Figures> {
+    let runs = (0..n).map(|_| measure_once(lab)).collect::<anyhow::Result<Vec<_>>>()?;
     let (mut bulk, mut churn) = (Stats::new(), Stats::new());
     for r in &runs {
         delta(&Stats::new(), &r.bulk, &mut bulk);
@@ -288,6 +295,12 @@ pub fn l4(only: Option<&str>) -> anyhow::Result<()> {
     let mut lab = Lab::up(TAG, &specs)?;
     let client = lab.member("client").netns.clone();
     run(&["ip", "netns", "exec", &client, "sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65535"])?;
+    // The client closes first, so TIME-WAIT sockets pile up at the client: at 12k connections a
+    // second, every port towards the server is in TIME-WAIT within seconds, and connect()'s search
+    // for a free port then costs more than anything measured here, and more the more churn came
+    // before (which biased whichever run of a pair went second). Reusing TIME-WAIT ports for new
+    // outgoing connections (RFC 7323 timestamps keep that safe) takes the search out of every row.
+    run(&["ip", "netns", "exec", &client, "sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"])?;
     let mut iperf = lab
         .command_in("server", "iperf3".as_ref(), &["-s".into(), "-p".into(), IPERF_PORT.to_string()])
         .stdout(Stdio::null())
@@ -295,15 +308,23 @@ pub fn l4(only: Option<&str>) -> anyhow::Result<()> {
         .spawn()?;
     std::thread::sleep(Duration::from_millis(300));
 
-    // Each configuration is paired with a baseline measured just before it (nothing installed),
-    // and its ratios are to that baseline: the machine's drift over a ten-minute run (2 shared
-    // vCPUs) would otherwise be larger than the effects measured.
+    // Each configuration is bracketed by baselines (nothing installed) measured just before and
+    // just after it, and its ratios are to their mean: the machine's drift over a ten-minute run
+    // (2 shared vCPUs) would otherwise be larger than the effects measured, and a baseline on one
+    // side only would lend the configuration whatever changes in one direction over time.
     let mut rows: Vec<(String, Figures)> = Vec::new();
     let mut paired: Vec<(f64, f64)> = Vec::new();
     let baseline = |lab: &Lab, paired: &mut Vec<(f64, f64)>| -> anyhow::Result<()> {
-        eprintln!("bench: (a) no programs");
-        let b = measure(lab)?;
-        paired.push((b.gbps, b.conn_per_s));
+        eprintln!("bench: (a) no programs, before");
+        let before = measure_n(lab, BRACKET)?;
+        paired.push((before.gbps, before.conn_per_s));
+        Ok(())
+    };
+    let baseline_after = |lab: &Lab, paired: &mut Vec<(f64, f64)>| -> anyhow::Result<()> {
+        eprintln!("bench: (a) no programs, after");
+        let after = measure_n(lab, BRACKET)?;
+        let before = paired.last_mut().expect("a baseline before");
+        *before = ((before.0 + after.gbps) / 2.0, (before.1 + after.conn_per_s) / 2.0);
         Ok(())
     };
 
@@ -330,6 +351,7 @@ pub fn l4(only: Option<&str>) -> anyhow::Result<()> {
         let _ = Command::new(warden_tests::warden_bin()).args(["cleanup", "--pin-dir"]).arg(&lab.pin_dir).status();
         let _ = fs::remove_dir_all(&lab.state_dir);
         let _ = fs::write(lab.workloads_path(), lab.workload_file());
+        baseline_after(&lab, &mut paired)?;
     }
 
     for rules in if runs("iptables") { vec![1usize, 1_000, 10_000] } else { vec![] } {
@@ -338,6 +360,7 @@ pub fn l4(only: Option<&str>) -> anyhow::Result<()> {
         iptables_chain(&lab, rules)?;
         rows.push((format!("(c) iptables, {rules} rules"), measure(&lab)?));
         iptables_flush(&lab);
+        baseline_after(&lab, &mut paired)?;
     }
     if runs("nftables") {
         eprintln!("bench: (c) nftables verdict map, 100000 elements");
@@ -345,11 +368,12 @@ pub fn l4(only: Option<&str>) -> anyhow::Result<()> {
         nft_vmap(&lab, 100_000)?;
         rows.push(("(c) nftables vmap, 100000".into(), measure(&lab)?));
         let _ = in_node(&lab, &["nft", "delete", "table", "inet", "wardenbench"]);
+        baseline_after(&lab, &mut paired)?;
     }
     let _ = iperf.kill();
     let _ = iperf.wait();
     println!(
-        "\nL4 datapath benchmark (median of {REPEAT} x {SECONDS}s per figure; each ratio is to the baseline (a) measured just before)"
+        "\nL4 datapath benchmark (median of {REPEAT} x {SECONDS}s per figure; each ratio is to the baseline (a), the mean of the medians of {BRACKET} runs just before and {BRACKET} just after)"
     );
     println!(
         "{:<44} {:>10} {:>7} {:>12} {:>7}   {:>16}",

@@ -250,9 +250,19 @@ impl Cluster {
         let mut n2 = Lab::up(TAGS[1], &specs2)?;
         let mut n3 = Lab::up(TAGS[2], &specs3)?;
         Lab::wire(&mut n1, &mut n2)?;
+        // Whoever closes first keeps the TIME-WAIT socket: the clients, and on the warden rows also
+        // the agent's last hop (it relays the client's FIN). At thousands of connections a second to
+        // one server, every port is in TIME-WAIT within seconds and connect()'s port search then
+        // costs more than anything measured (the rate fell tenfold in a second repeat). Every
+        // namespace that connects reuses TIME-WAIT ports (RFC 7323 timestamps keep that safe), the
+        // direct rows' clients as much as the agents'.
         for (lab, client) in [(&n1, "client"), (&n1, "client-plain"), (&n3, "client")] {
             let netns = lab.member(client).netns.clone();
             run(&["ip", "netns", "exec", &netns, "sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65535"])?;
+            run(&["ip", "netns", "exec", &netns, "sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"])?;
+        }
+        for lab in [&n1, &n2, &n3] {
+            run(&["ip", "netns", "exec", &lab.node, "sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"])?;
         }
         // One CA for the cluster, as in tests/tests/mesh.rs.
         let ca = n1.dir.join("ca");
