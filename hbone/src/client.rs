@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use crate::wire::Wire;
+use crate::wire::{Wire, batch_writes};
 use bytes::Bytes;
 use h2::client::SendRequest;
 use http::StatusCode;
@@ -207,10 +207,12 @@ pub(crate) async fn dial<C: ClientTls>(
     // The server is authenticated by its SPIFFE identity; the name only has to be well-formed
     // (an IP address sends no SNI).
     let server_name = ServerName::IpAddress(node.ip().into());
-    let tls_stream = timeout_at(deadline, TlsConnector::from(client_alpn(config)).connect(server_name, Wire::new(tcp)))
-        .await
-        .map_err(|_| timed_out("TLS handshake"))?
-        .map_err(|e| ConnectError::Handshake { key: Box::new(key.clone()), source: Arc::new(e) })?;
+    let mut tls_stream =
+        timeout_at(deadline, TlsConnector::from(client_alpn(config)).connect(server_name, Wire::new(tcp)))
+            .await
+            .map_err(|_| timed_out("TLS handshake"))?
+            .map_err(|e| ConnectError::Handshake { key: Box::new(key.clone()), source: Arc::new(e) })?;
+    batch_writes(tls_stream.get_mut().1);
     let peer = Peer::of(tls_stream.get_ref().1).ok_or(ConnectError::NoServerIdentity { node })?;
     if !key.expected.is_empty() && !key.expected.contains(&peer.identity) {
         return Err(ConnectError::UnexpectedServerIdentity { key: Box::new(key.clone()), presented: peer.identity });

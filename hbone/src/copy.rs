@@ -24,11 +24,16 @@ use tokio::{
 
 use crate::stream::{H2Stream, RecvHalf, SendHalf};
 
-/// First read size of the local -> tunnel direction.
-const MIN_READ: usize = 16 * 1024;
+/// TLS record payload (the most rustls puts in one record).
+const RECORD: usize = 16 * 1024;
+/// HTTP/2 frame head.
+const FRAME_HEAD: usize = 9;
+/// First read size of the local -> tunnel direction: one record, less the DATA frame's head.
+const MIN_READ: usize = RECORD - FRAME_HEAD;
 /// Largest read size: big enough to amortise per-read and per-frame costs, small enough to keep
-/// per-tunnel memory bounded.
-const MAX_READ: usize = 256 * 1024;
+/// per-tunnel memory bounded. Sixteen records, less the frame head: a full chunk sent as one
+/// DATA frame fills whole TLS records, with no 9-byte record (and packet) left over.
+pub(crate) const MAX_READ: usize = 16 * RECORD - FRAME_HEAD;
 /// A socket that can wait for data without a buffer, then read what is there without waiting.
 pub trait ReadySource {
     fn readable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send;
@@ -51,7 +56,7 @@ ready_source!(TcpStream, OwnedReadHalf, ReadHalf<'_>);
 
 /// Reads a socket in chunks whose buffer is allocated only once data is there: it waits for
 /// readiness with no buffer, then reads what is available into a buffer sized by the recent
-/// chunks (doubling from 16 KiB to 256 KiB while reads fill it). A thousand idle connections hold
+/// chunks (doubling from 16 KiB to 256 KiB, less a frame head, while reads fill it). A thousand idle connections hold
 /// no read buffers, and a bulk transfer moves up to 256 KiB per system call.
 #[derive(Debug)]
 pub struct ChunkReader {
@@ -74,7 +79,7 @@ impl ChunkReader {
                 Ok(0) => return Ok(None),
                 Ok(n) => {
                     if n >= self.size {
-                        self.size = (self.size * 2).min(MAX_READ);
+                        self.size = ((self.size + FRAME_HEAD) * 2 - FRAME_HEAD).min(MAX_READ);
                     }
                     return Ok(Some(buf.freeze()));
                 }

@@ -22,7 +22,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::wire::Wire;
+use crate::wire::{Wire, batch_writes};
 use bytes::Bytes;
 use h2::RecvStream;
 use h2::server::SendResponse;
@@ -260,10 +260,11 @@ where
         debug!(error = %e, "cannot set TCP_NODELAY");
     }
     let config = shared.tls.config(local).await.map_err(|source| AcceptError::TlsConfig { local, source })?;
-    let tls = timeout(options.handshake_timeout, TlsAcceptor::from(server_alpn(config)).accept(Wire::new(tcp)))
+    let mut tls = timeout(options.handshake_timeout, TlsAcceptor::from(server_alpn(config)).accept(Wire::new(tcp)))
         .await
         .map_err(|_| AcceptError::Timeout { remote, local, stage: "TLS handshake", after: options.handshake_timeout })?
         .map_err(|source| AcceptError::Handshake { remote, local, source })?;
+    batch_writes(tls.get_mut().1);
     let peer = Peer::of(tls.get_ref().1).ok_or(AcceptError::NoClientIdentity { remote })?;
     debug!(peer = %peer.identity, "TLS handshake done");
 

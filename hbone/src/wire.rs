@@ -6,6 +6,12 @@
 //! more. The buffer is released whenever it is drained and the socket has nothing more (an idle
 //! connection holds none). Writes go straight to the socket (rustls already writes all its
 //! pending records in one vectored write).
+//!
+//! How much goes into one write is set on the TLS connection ([`batch_writes`]): rustls buffers
+//! at most 64 KiB of records by default, so a 256 KiB DATA frame left as four writes of 65,624
+//! bytes, each of which TCP sent as a full 64 KiB segment and a 464-byte runt, and the frame's
+//! last 9 bytes as a record and a packet of their own. With room for a whole frame, one write
+//! carries it, and TCP cuts it into full segments but for one tail.
 
 use std::{
     io,
@@ -20,6 +26,15 @@ use tokio::{
 
 /// One read from the socket.
 const GULP: usize = 64 * 1024;
+
+/// TLS records rustls may hold unsent: room for the largest DATA frame the relay sends
+/// ([`crate::copy::MAX_READ`] plus its frame head) and its record overhead, with margin.
+pub(crate) const TLS_SEND_BUFFER: usize = 512 * 1024;
+
+/// Lets one write to the TLS connection carry a whole DATA frame ([`TLS_SEND_BUFFER`]).
+pub(crate) fn batch_writes<D>(conn: &mut rustls::ConnectionCommon<D>) {
+    conn.set_buffer_limit(Some(TLS_SEND_BUFFER));
+}
 
 #[derive(Debug)]
 pub struct Wire {
