@@ -31,4 +31,6 @@ pub mod defaults {
     /// Whether the mesh's same-node fast path is on without `--fast-path`/`--no-fast-path`
     /// (decided by `cargo xtask bench mtls`; see docs/mesh.md).
     pub const FAST_PATH: bool = false;
+    /// Threads of the agent's async runtime (ztunnel's default is 2 as well).
+    pub const WORKER_THREADS: u16 = 2;
 }

@@ -96,6 +96,10 @@ enum Command {
         /// With --mesh: no fast path (also turns it off for connections already using it).
         #[arg(long, overrides_with = "fast_path")]
         no_fast_path: bool,
+        /// Threads of the agent's async runtime (the mesh's relays, the control loop, telemetry),
+        /// as ztunnel's `ZTUNNEL_WORKER_THREADS`.
+        #[arg(long, env = "WARDEN_WORKER_THREADS", default_value_t = defaults::WORKER_THREADS, value_parser = clap::value_parser!(u16).range(1..=64))]
+        worker_threads: u16,
     },
     /// Print the live maps: per workload, its policy entries and counters; the identity cache.
     Maps {
@@ -184,8 +188,9 @@ fn main() -> ExitCode {
             capture_addr,
             fast_path,
             no_fast_path,
+            worker_threads,
         } => {
-            warden_agent::memory::limit_arenas();
+            warden_agent::memory::limit_arenas(worker_threads.into());
             init_logging(log_format);
             let options = warden_authz::Options { root_namespace, ..Default::default() };
             let telemetry = telemetry::TelemetryConfig { metrics_addr, ready_addr, access_log, ..Default::default() };
@@ -206,7 +211,7 @@ fn main() -> ExitCode {
             });
             let cfg = agent::AgentConfig { pin_dir, state_dir, trust_domain, telemetry, certs, mesh };
             tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
+                .worker_threads(worker_threads.into())
                 .enable_all()
                 .build()
                 .map_err(anyhow::Error::from)

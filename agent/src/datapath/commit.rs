@@ -14,8 +14,7 @@ use aya::maps::lpm_trie::Key;
 use ipnet::Ipv4Net;
 use warden_common::{
     CONFIG_EVENTS, CONFIG_FAST_PATH, Config, EndpointInfo, EndpointKey, IPCACHE_SLOT_BITS, IpcacheAddr, PolicyKey,
-    PolicyValue,
-    RemoteInfo,
+    PolicyValue, RemoteInfo,
 };
 
 use super::maps::Maps;
