@@ -2,9 +2,9 @@
 //!
 //! rustls pulls ciphertext in reads of at most 4 KiB, up to one record (16 KiB) at a time, so a
 //! bulk transfer straight off a socket costs four `recvfrom` per record. [`Wire`] reads the
-//! socket into a 64 KiB buffer and serves rustls from it: one system call for four records or
-//! more. The buffer is released whenever it is drained and the socket has nothing more (an idle
-//! connection holds none). Writes go straight to the socket (rustls already writes all its
+//! socket into a 256 KiB buffer (the relay's largest DATA frame) and serves rustls from it: one
+//! system call for sixteen records or more. The buffer is released whenever it is drained and the
+//! socket has nothing more (an idle connection holds none). Writes go straight to the socket (rustls already writes all its
 //! pending records in one vectored write).
 //!
 //! How much goes into one write is set on the TLS connection ([`batch_writes`]): rustls buffers
@@ -25,7 +25,7 @@ use tokio::{
 };
 
 /// One read from the socket.
-const GULP: usize = 64 * 1024;
+const GULP: usize = 256 * 1024;
 
 /// TLS records rustls may hold unsent: room for the largest DATA frame the relay sends
 /// ([`crate::copy::MAX_READ`] plus its frame head) and its record overhead, with margin.
