@@ -190,7 +190,7 @@ fn main() -> ExitCode {
             no_fast_path,
             worker_threads,
         } => {
-            warden_agent::memory::limit_arenas(worker_threads.into());
+            warden_agent::memory::single_arena();
             init_logging(log_format);
             let options = warden_authz::Options { root_namespace, ..Default::default() };
             let telemetry = telemetry::TelemetryConfig { metrics_addr, ready_addr, access_log, ..Default::default() };

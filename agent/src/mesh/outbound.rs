@@ -102,7 +102,7 @@ impl Outbound {
                 let _ = stream.shutdown().await;
                 return;
             }
-            match deliver::connect(*client.ip(), dst).await {
+            match Box::pin(deliver::connect(*client.ip(), dst)).await {
                 Ok(upstream) => {
                     // Chunks of up to 256 KiB as over HBONE (tokio's 8 KiB copy buffers cost a system
                     // call pair per 8 KiB), allocated only while data flows.
@@ -118,7 +118,9 @@ impl Outbound {
         let node = SocketAddr::V4(SocketAddrV4::new(*dst.ip(), self.hbone_port));
         let key = Key::new(source.identity.clone(), node, vec![target.identity.clone()]);
         let request = ConnectRequest::new(SocketAddr::V4(dst)).forwarded_for(SocketAddr::V4(client));
-        match self.pool.connect(&key, request).await {
+        // Boxed: dialling a new HBONE connection (TCP, TLS, HTTP/2 handshakes) is a large future,
+        // and inline it would stay part of this task for the connection's whole life.
+        match Box::pin(self.pool.connect(&key, request)).await {
             Ok(tunnel) => match tunnel.relay(stream).await {
                 Ok(stats) => carried(&self.metrics, Reporter::Source, &source, &target, &stats),
                 Err(e) => tracing::debug!(destination = %dst, "tunnel ended with an error: {e}"),
