@@ -100,6 +100,11 @@ enum Command {
         /// as ztunnel's `ZTUNNEL_WORKER_THREADS`.
         #[arg(long, env = "WARDEN_WORKER_THREADS", default_value_t = defaults::WORKER_THREADS, value_parser = clap::value_parser!(u16).range(1..=64))]
         worker_threads: u16,
+        /// TCP from the node's own network stack (kubelet's probes, hostNetwork pods) to a local
+        /// workload: allowed without policy (as Istio ambient and Cilium), or decided by the
+        /// node's address like any peer.
+        #[arg(long, env = "WARDEN_NODE_PROBES", value_enum, default_value = "allow")]
+        node_probes: agent::NodeProbes,
     },
     /// Print the live maps: per workload, its policy entries and counters; the identity cache.
     Maps {
@@ -189,6 +194,7 @@ fn main() -> ExitCode {
             fast_path,
             no_fast_path,
             worker_threads,
+            node_probes,
         } => {
             warden_agent::memory::limit_arenas(worker_threads.into());
             init_logging(log_format);
@@ -209,7 +215,7 @@ fn main() -> ExitCode {
                 cgroup_root: cgroup_root.clone().unwrap_or_else(warden_agent::source::kube::node::default_cgroup_root),
                 ..Default::default()
             });
-            let cfg = agent::AgentConfig { pin_dir, state_dir, trust_domain, telemetry, certs, mesh };
+            let cfg = agent::AgentConfig { pin_dir, state_dir, trust_domain, telemetry, certs, mesh, node_probes };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(worker_threads.into())
                 .enable_all()

@@ -54,11 +54,25 @@ fn b_ip(net: u8) -> Ipv4Addr {
 }
 
 fn cluster(tag: &str, net: u8, policies: &[(&str, &str)]) -> Cluster {
-    let mut plain = Spec::new("team", "p", Ipv4Addr::new(10, net, 1, 4), &[]);
-    plain.labels.push(("istio.io/dataplane-mode".into(), "none".into()));
-    let n1 =
-        vec![Spec::new("team", "a", a_ip(net), &[]), Spec::new("team", "c", Ipv4Addr::new(10, net, 1, 3), &[]), plain];
-    let n2 = vec![Spec::new("team", "b", b_ip(net), &[PORT, OTHER_PORT])];
+    cluster_with(tag, net, policies, &[])
+}
+
+/// A workload out of the mesh (ambient's opt-out label): it talks plaintext.
+fn plain(name: &str, ip: Ipv4Addr, ports: &[u16]) -> Spec {
+    let mut s = Spec::new("team", name, ip, ports);
+    s.labels.push(("istio.io/dataplane-mode".into(), "none".into()));
+    s
+}
+
+/// [`cluster`], with `more` workloads on node 2.
+fn cluster_with(tag: &str, net: u8, policies: &[(&str, &str)], more: &[Spec]) -> Cluster {
+    let n1 = vec![
+        Spec::new("team", "a", a_ip(net), &[]),
+        Spec::new("team", "c", Ipv4Addr::new(10, net, 1, 3), &[]),
+        plain("p", Ipv4Addr::new(10, net, 1, 4), &[]),
+    ];
+    let mut n2 = vec![Spec::new("team", "b", b_ip(net), &[PORT, OTHER_PORT])];
+    n2.extend_from_slice(more);
     let mut n1 = Lab::up(&format!("{tag}1"), &n1).expect("node 1 up");
     let mut n2 = Lab::up(&format!("{tag}2"), &n2).expect("node 2 up");
     Lab::wire(&mut n1, &mut n2).expect("wire");
@@ -341,4 +355,200 @@ fn a_tunnel_claiming_another_workloads_address_is_refused() {
     assert!(err.is_denied(), "refused as unauthorized: {err}");
     assert!(honest.is_ok(), "c under its own address is served: {honest:?}\n{}", log(&c.n2));
     assert!(log(&c.n2).contains("not a workload of the peer"), "node 2 says why:\n{}", log(&c.n2));
+}
+
+/// `q` (node 2, namespace `shop`, out of the mesh) takes connections from `a` only.
+const Q_ALLOW_A: &str = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: q-allow-a, namespace: shop}
+spec:
+  selector: {matchLabels: {app: q}}
+  action: ALLOW
+  rules:
+  - from: [{source: {principals: [cluster.local/ns/team/sa/a]}}]
+";
+
+/// A policy that selects no workload: committing it re-decides every cached flow, changes nothing.
+const UNRELATED: &str = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: unrelated, namespace: team}
+spec:
+  selector: {matchLabels: {app: nobody}}
+  action: DENY
+  rules:
+  - from: [{source: {principals: [cluster.local/ns/team/sa/nobody]}}]
+";
+
+/// What the agent's last hop does (`agent/src/mesh/deliver.rs`), by hand in `lab`'s node
+/// namespace: a transparent socket bound to `client`, marked `MARK_TUNNEL`, connecting to
+/// `server`. The server's greeting, or why there was none.
+fn marked_connect(lab: &Lab, client: Ipv4Addr, server: std::net::SocketAddrV4) -> std::io::Result<String> {
+    use std::{
+        io::{BufRead as _, BufReader},
+        os::fd::FromRawFd as _,
+    };
+    fn check(rc: libc::c_int) -> std::io::Result<()> {
+        if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+    }
+    fn set<T>(fd: libc::c_int, level: libc::c_int, name: libc::c_int, v: &T) -> std::io::Result<()> {
+        // SAFETY: `v` is a valid option value of its own size.
+        check(unsafe {
+            libc::setsockopt(fd, level, name, (v as *const T).cast(), std::mem::size_of::<T>() as libc::socklen_t)
+        })
+    }
+    fn sockaddr(a: std::net::SocketAddrV4) -> libc::sockaddr_in {
+        libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: a.port().to_be(),
+            sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(a.ip().octets()) },
+            sin_zero: [0; 8],
+        }
+    }
+    in_netns(&lab.node, || {
+        // SAFETY: socket(2) has no preconditions; the stream owns (and closes) the descriptor.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: a fresh socket this function owns.
+        let stream = unsafe { std::net::TcpStream::from_raw_fd(fd) };
+        set(fd, libc::SOL_IP, libc::IP_TRANSPARENT, &1 as &libc::c_int)?;
+        set(fd, libc::SOL_SOCKET, libc::SO_MARK, &(warden_common::MARK_TUNNEL as libc::c_int))?;
+        // A blocking connect() gives up after SO_SNDTIMEO.
+        set(fd, libc::SOL_SOCKET, libc::SO_SNDTIMEO, &libc::timeval { tv_sec: 1, tv_usec: 0 })?;
+        let (local, remote) = (sockaddr(std::net::SocketAddrV4::new(client, 0)), sockaddr(server));
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        // SAFETY: valid addresses of the given length.
+        check(unsafe { libc::bind(fd, (&local as *const libc::sockaddr_in).cast(), len) })?;
+        // SAFETY: as above.
+        check(unsafe { libc::connect(fd, (&remote as *const libc::sockaddr_in).cast(), len) })?;
+        stream.set_read_timeout(Some(Duration::from_secs(1)))?;
+        let mut hello = String::new();
+        BufReader::new(stream).read_line(&mut hello)?;
+        Ok(hello.trim_end().to_string())
+    })
+}
+
+/// Counter rows of `workload` (`namespace/name`) in `warden maps`: (reason, opened, packets).
+fn counter_rows(lab: &Lab, workload: &str) -> Vec<(String, u64, u64)> {
+    lab.counters_of(workload)
+        .into_iter()
+        .map(|c| {
+            (c["reason"].as_str().unwrap().to_string(), c["opened"].as_u64().unwrap(), c["packets"].as_u64().unwrap())
+        })
+        .collect()
+}
+
+/// Packets `workload` counted under `reason`.
+fn packets_with(lab: &Lab, workload: &str, reason: &str) -> u64 {
+    counter_rows(lab, workload).iter().filter(|(r, _, _)| r == reason).map(|(_, _, p)| p).sum()
+}
+
+#[test]
+fn the_nodes_own_probes_reach_its_workloads_and_nothing_else_does() {
+    if !require_root("the_nodes_own_probes_reach_its_workloads_and_nothing_else_does") {
+        return;
+    }
+    let net = 75;
+    let q_ip = Ipv4Addr::new(10, net, 2, 3);
+    let c_ip = Ipv4Addr::new(10, net, 1, 3);
+    // Node 2: b (meshed, STRICT, denies c), q (out of the mesh in namespace shop, which is not
+    // STRICT: its ALLOW policy names a only), r (a plaintext client out of the mesh).
+    let mut q = plain("q", q_ip, &[PORT]);
+    q.namespace = "shop".into();
+    let more = [q, plain("r", Ipv4Addr::new(10, net, 2, 4), &[])];
+    let mut policies = POLICIES.to_vec();
+    policies.push(("q-allow-a.yaml", Q_ALLOW_A));
+    let mut c = cluster_with("mnp", net, &policies, &more);
+    let targets = [("team/b", b_ip(net)), ("shop/q", q_ip)];
+
+    // Kubelet's probes: from node 2's own network namespace, to b (STRICT: plaintext is refused)
+    // and q (its ALLOW policy names only a). Both answer.
+    for (name, ip) in targets {
+        let p = c.n2.probe_from_node(ip, PORT);
+        assert_eq!(p.result, "allowed", "node 2's probe of {name}: {p:?}\n{}", log(&c.n2));
+    }
+    // The node's connection outlives a commit: its replies are decided again as the node's flow.
+    let hold_args = ["hold", &format!("{}:{PORT}", b_ip(net)), "--seconds", "3", "--interval-ms", "50"];
+    let mut hold =
+        c.n2.node_command(warden_tests::probe_bin().to_str().unwrap(), &hold_args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("warden-probe hold");
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(hold.stderr.take().unwrap()), &mut line).unwrap();
+    assert_eq!(line.trim(), "established", "node 2 holds a connection to b");
+    std::thread::sleep(Duration::from_millis(300));
+    let mut recommitted = policies.clone();
+    recommitted.push(("unrelated.yaml", UNRELATED));
+    set_policies(&mut c.n2, &recommitted);
+    let held: warden_tests::Probe = serde_json::from_slice(&hold.wait_with_output().unwrap().stdout).unwrap();
+    assert_eq!(held.result, "allowed", "the held probe connection survives a commit: {held:?}");
+    assert!(held.round_trips.unwrap_or(0) > 20, "{held:?}");
+
+    // The same connection from anywhere else is refused:
+    for (name, ip) in targets {
+        // from node 1's own stack, across the wire (received on node 2's wire interface);
+        let p = c.n1.probe_from_node(ip, PORT);
+        assert_ne!(p.result, "allowed", "node 1 -> {name} across the wire: {p:?}");
+        // from a workload of node 2, in its cgroup (connect4) and outside it (TC alone: its
+        // packets are forwarded from its veth);
+        assert_eq!(c.n2.probe_addr("r", ip, PORT).result, "eperm", "r -> {name}");
+        let p = c.n2.probe_uncaged("r", ip, PORT);
+        assert_ne!(p.result, "allowed", "r -> {name} from outside its cgroup: {p:?}");
+        // from a workload of node 1, in plaintext.
+        let p = c.n1.probe_addr("p", ip, PORT);
+        assert_ne!(p.result, "allowed", "p -> {name}: {p:?}");
+    }
+    // The agent's last hop also comes from the node's own stack, but marked: it is decided by the
+    // identity of the address it carries, never exempt. As a it reaches b; as c, b's DENY and
+    // q's ALLOW refuse it.
+    let b = std::net::SocketAddrV4::new(b_ip(net), PORT);
+    let q = std::net::SocketAddrV4::new(q_ip, PORT);
+    let hello = marked_connect(&c.n2, a_ip(net), b).expect("a marked delivery as a reaches b");
+    assert!(hello.contains(&format!("from {}:", a_ip(net))), "b sees a: {hello}");
+    assert!(marked_connect(&c.n2, c_ip, b).is_err(), "a marked delivery as c is refused by b-deny-c");
+    assert!(marked_connect(&c.n2, c_ip, q).is_err(), "a marked delivery as c is refused by q-allow-a");
+
+    // Counted by name: in the maps, the metrics (not as Istio connections) and the access log.
+    for (name, _) in targets {
+        let rows = counter_rows(&c.n2, name);
+        let opened: u64 = rows.iter().filter(|(r, _, _)| r == "node_local").map(|(_, o, _)| o).sum();
+        assert!(opened >= 1, "{name}'s node_local connections in warden maps: {rows:?}");
+    }
+    assert!(packets_with(&c.n2, "team/b", "policy_deny") > 0, "the marked delivery as c was denied by policy");
+    let m2 = metrics(&c.n2);
+    for (namespace, name) in [("team", "b"), ("shop", "q")] {
+        let needle =
+            format!("warden_exemptions_total{{reason=\"node_local\",workload=\"{name}\",namespace=\"{namespace}\"");
+        assert!(m2.lines().any(|l| l.starts_with(&needle) && !l.ends_with(" 0")), "{needle} in:\n{m2}");
+    }
+    assert!(
+        !m2.lines().any(|l| l.starts_with("istio_tcp_connections_opened_total")
+            && l.contains("source_principal=\"unknown\"")
+            && l.contains("response_flags=\"-\"")),
+        "the node's probes are not Istio connections:\n{m2}"
+    );
+    let access = log(&c.n2);
+    assert!(
+        access.lines().any(|l| l.contains("event=open")
+            && l.contains("reason=node_local")
+            && l.contains(&format!("dst={}:{PORT}", b_ip(net)))),
+        "the access log names the exemption:\n{access}"
+    );
+
+    // Switched off: the node is decided by its address like any peer.
+    let ca = c.n1.dir.join("ca");
+    let dir = c.n2.dir.join("policies");
+    c.n2.kill_agent(libc::SIGTERM);
+    c.n2.start_mesh_agent_with(&dir, &ca, &["--node-probes", "deny"]).expect("agent with --node-probes deny");
+    let strict = packets_with(&c.n2, "team/b", "plaintext_strict");
+    let default_deny = packets_with(&c.n2, "shop/q", "policy_default_deny");
+    for (name, ip) in targets {
+        let p = c.n2.probe_from_node(ip, PORT);
+        assert_ne!(p.result, "allowed", "with --node-probes deny, node 2's probe of {name}: {p:?}");
+    }
+    assert!(packets_with(&c.n2, "team/b", "plaintext_strict") > strict, "b refuses the node as plaintext");
+    assert!(packets_with(&c.n2, "shop/q", "policy_default_deny") > default_deny, "q's ALLOW policy refuses the node");
 }
