@@ -54,7 +54,7 @@ fn b_ip(net: u8) -> Ipv4Addr {
 }
 
 fn cluster(tag: &str, net: u8, policies: &[(&str, &str)]) -> Cluster {
-    cluster_with(tag, net, policies, &[])
+    cluster_with(tag, net, policies, &[], &[])
 }
 
 /// A workload out of the mesh (ambient's opt-out label): it talks plaintext.
@@ -64,15 +64,16 @@ fn plain(name: &str, ip: Ipv4Addr, ports: &[u16]) -> Spec {
     s
 }
 
-/// [`cluster`], with `more` workloads on node 2.
-fn cluster_with(tag: &str, net: u8, policies: &[(&str, &str)], more: &[Spec]) -> Cluster {
-    let n1 = vec![
+/// [`cluster`], with `more1` workloads on node 1 and `more2` on node 2.
+fn cluster_with(tag: &str, net: u8, policies: &[(&str, &str)], more1: &[Spec], more2: &[Spec]) -> Cluster {
+    let mut n1 = vec![
         Spec::new("team", "a", a_ip(net), &[]),
         Spec::new("team", "c", Ipv4Addr::new(10, net, 1, 3), &[]),
         plain("p", Ipv4Addr::new(10, net, 1, 4), &[]),
     ];
+    n1.extend_from_slice(more1);
     let mut n2 = vec![Spec::new("team", "b", b_ip(net), &[PORT, OTHER_PORT])];
-    n2.extend_from_slice(more);
+    n2.extend_from_slice(more2);
     let mut n1 = Lab::up(&format!("{tag}1"), &n1).expect("node 1 up");
     let mut n2 = Lab::up(&format!("{tag}2"), &n2).expect("node 2 up");
     Lab::wire(&mut n1, &mut n2).expect("wire");
@@ -178,13 +179,12 @@ fn cross_node_traffic_is_mutual_tls_and_authorized_by_principal() {
         "node 1 reports a -> b as source over mTLS:\n{m1}"
     );
     assert!(
-        // (The kernel's series name a remote peer by principal; its workload name is known only
-        // for workloads of this node.)
         series(
             &m2,
             "istio_tcp_connections_opened_total",
             &[
                 "reporter=\"destination\"",
+                "source_workload=\"a\"",
                 "source_principal=\"spiffe://cluster.local/ns/team/sa/a\"",
                 "destination_workload=\"b\"",
                 mtls
@@ -459,7 +459,7 @@ fn the_nodes_own_probes_reach_its_workloads_and_nothing_else_does() {
     let more = [q, plain("r", Ipv4Addr::new(10, net, 2, 4), &[])];
     let mut policies = POLICIES.to_vec();
     policies.push(("q-allow-a.yaml", Q_ALLOW_A));
-    let mut c = cluster_with("mnp", net, &policies, &more);
+    let mut c = cluster_with("mnp", net, &policies, &[], &more);
     let targets = [("team/b", b_ip(net)), ("shop/q", q_ip)];
 
     // Kubelet's probes: from node 2's own network namespace, to b (STRICT: plaintext is refused)
@@ -469,16 +469,9 @@ fn the_nodes_own_probes_reach_its_workloads_and_nothing_else_does() {
         assert_eq!(p.result, "allowed", "node 2's probe of {name}: {p:?}\n{}", log(&c.n2));
     }
     // The node's connection outlives a commit: its replies are decided again as the node's flow.
-    let hold_args = ["hold", &format!("{}:{PORT}", b_ip(net)), "--seconds", "3", "--interval-ms", "50"];
-    let mut hold =
-        c.n2.node_command(warden_tests::probe_bin().to_str().unwrap(), &hold_args)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("warden-probe hold");
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(hold.stderr.take().unwrap()), &mut line).unwrap();
-    assert_eq!(line.trim(), "established", "node 2 holds a connection to b");
+    let args = hold_args(b_ip(net), PORT, 3);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let hold = established(c.n2.node_command(warden_tests::probe_bin().to_str().unwrap(), &args), "node 2 -> b");
     std::thread::sleep(Duration::from_millis(300));
     let mut recommitted = policies.clone();
     recommitted.push(("unrelated.yaml", UNRELATED));
@@ -551,4 +544,152 @@ fn the_nodes_own_probes_reach_its_workloads_and_nothing_else_does() {
     }
     assert!(packets_with(&c.n2, "team/b", "plaintext_strict") > strict, "b refuses the node as plaintext");
     assert!(packets_with(&c.n2, "shop/q", "policy_default_deny") > default_deny, "q's ALLOW policy refuses the node");
+}
+
+/// The value of the series of `metric` whose labels include every one of `labels` (0 if none).
+fn sample(text: &str, metric: &str, labels: &[&str]) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{metric}{{")) && labels.iter().all(|n| l.contains(n)))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum()
+}
+
+/// `warden-probe hold`'s arguments: a line to `ip`:`port` and back every 50 ms for `seconds`.
+fn hold_args(ip: Ipv4Addr, port: u16, seconds: u64) -> Vec<String> {
+    ["hold", &format!("{ip}:{port}"), "--seconds", &seconds.to_string(), "--interval-ms", "50"]
+        .map(String::from)
+        .to_vec()
+}
+
+/// Spawn a `warden-probe hold` `command`; returns once its connection is established.
+fn established(mut command: std::process::Command, what: &str) -> Child {
+    use std::process::Stdio;
+    let mut child = command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("warden-probe hold");
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stderr.take().unwrap()), &mut line).unwrap();
+    assert_eq!(line.trim(), "established", "{what}: the held connection did not open");
+    child
+}
+
+/// `warden-probe hold` to `ip`:`port` from workload `from` for `seconds`, once established.
+fn hold_from(lab: &Lab, from: &str, ip: Ipv4Addr, port: u16, seconds: u64) -> Child {
+    let command = lab.command_in(from, &warden_tests::probe_bin(), &hold_args(ip, port, seconds));
+    established(command, &format!("{from} -> {ip}:{port}\n{}", log(lab)))
+}
+
+#[test]
+fn the_destination_side_names_cross_node_callers_live_and_once() {
+    if !require_root("the_destination_side_names_cross_node_callers_live_and_once") {
+        return;
+    }
+    let net = 76;
+    // a2 on node 1 runs as a's service account: the same identity, another workload. The kernel,
+    // which counts by identity, cannot tell them apart; the destination agent can.
+    let mut a2 = Spec::new("team", "a2", Ipv4Addr::new(10, net, 1, 5), &[]);
+    a2.service_account = "a".into();
+    // s: a server on node 1, for a delivery on the same node.
+    let s_ip = Ipv4Addr::new(10, net, 1, 6);
+    let c = cluster_with("mnm", net, POLICIES, &[a2, Spec::new("team", "s", s_ip, &[PORT])], &[]);
+    let holds = [("a", hold_from(&c.n1, "a", b_ip(net), PORT, 4)), ("a2", hold_from(&c.n1, "a2", b_ip(net), PORT, 4))];
+    let dst = |name: &str| {
+        [
+            "reporter=\"destination\"".to_string(),
+            format!("source_workload=\"{name}\""),
+            "source_principal=\"spiffe://cluster.local/ns/team/sa/a\"".into(),
+            "destination_workload=\"b\"".into(),
+            "connection_security_policy=\"mutual_tls\"".into(),
+            "response_flags=\"-\"".into(),
+        ]
+    };
+    let value = |m: &str, metric: &str, name: &str| {
+        let labels = dst(name);
+        sample(m, metric, &labels.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    // Live, while both connections are open: named after each caller, growing between scrapes.
+    std::thread::sleep(Duration::from_millis(800));
+    let early = metrics(&c.n2);
+    std::thread::sleep(Duration::from_millis(800));
+    let late = metrics(&c.n2);
+    for name in ["a", "a2"] {
+        assert_eq!(value(&late, "istio_tcp_connections_opened_total", name), 1, "{name} opened once:\n{late}");
+        assert_eq!(value(&late, "istio_tcp_connections_closed_total", name), 0, "{name} is still open:\n{late}");
+        let (before, after) = (
+            value(&early, "istio_tcp_received_bytes_total", name),
+            value(&late, "istio_tcp_received_bytes_total", name),
+        );
+        assert!(0 < before && before < after, "{name}'s request bytes grow while it lasts: {before} then {after}");
+        let (before, after) =
+            (value(&early, "istio_tcp_sent_bytes_total", name), value(&late, "istio_tcp_sent_bytes_total", name));
+        assert!(0 < before && before < after, "{name}'s response bytes grow while it lasts: {before} then {after}");
+    }
+    // Closed: exact payload totals, on both sides, counted once.
+    let mut want = Vec::new();
+    for (name, h) in holds {
+        let p: warden_tests::Probe = serde_json::from_slice(&h.wait_with_output().unwrap().stdout).unwrap();
+        assert_eq!(p.result, "allowed", "{name}'s held connection: {p:?}");
+        let n = p.round_trips.unwrap();
+        let request: u64 = (0..n).map(|i| format!("ping {i}\n").len() as u64).sum();
+        let greeting = format!("hello {PORT} from {}\n", p.seen_as.unwrap()).len() as u64;
+        want.push((name, request, request + greeting));
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let m2 = loop {
+        let m = metrics(&c.n2);
+        if want.iter().all(|(name, _, _)| value(&m, "istio_tcp_connections_closed_total", name) == 1) {
+            break m;
+        }
+        assert!(std::time::Instant::now() < deadline, "the closes are reported:\n{m}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let m1 = metrics(&c.n1);
+    for (name, request, response) in want {
+        assert_eq!(value(&m2, "istio_tcp_received_bytes_total", name), request, "{name}'s request bytes at b");
+        assert_eq!(value(&m2, "istio_tcp_sent_bytes_total", name), response, "{name}'s response bytes at b");
+        let src = [
+            "reporter=\"source\"".to_string(),
+            format!("source_workload=\"{name}\""),
+            "destination_workload=\"b\"".into(),
+        ];
+        let src: Vec<&str> = src.iter().map(String::as_str).collect();
+        assert_eq!(sample(&m1, "istio_tcp_received_bytes_total", &src), request, "node 1 agrees on {name}'s request");
+        assert_eq!(sample(&m1, "istio_tcp_sent_bytes_total", &src), response, "and on its response");
+    }
+    // Once: the two connections are all the destination side of b has (no series from the
+    // kernel's count of the last hop, which would name the identity's workload "unknown").
+    let all = ["reporter=\"destination\"", "destination_workload=\"b\"", "response_flags=\"-\""];
+    assert_eq!(sample(&m2, "istio_tcp_connections_opened_total", &all), 2, "{m2}");
+    assert!(
+        !m2.lines().any(|l| l.contains("reporter=\"destination\"") && l.contains("source_workload=\"unknown\"")),
+        "{m2}"
+    );
+
+    // The same on one node: a -> s is delivered by node 1's agent, which reports both sides.
+    let message = "same node";
+    let p = c.n1.echo("a", s_ip, PORT, message);
+    assert_eq!(p.result, "allowed", "a -> s: {p:?}\n{}", log(&c.n1));
+    let request = message.len() as u64 + 1;
+    let response = format!("hello {PORT} from {}\n", p.seen_as.unwrap()).len() as u64 + request;
+    let side = |reporter: &str| {
+        [format!("reporter=\"{reporter}\""), "source_workload=\"a\"".into(), "destination_workload=\"s\"".into()]
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = metrics(&c.n1);
+        let totals = |reporter: &str| {
+            let l = side(reporter);
+            let l: Vec<&str> = l.iter().map(String::as_str).collect();
+            [
+                sample(&m, "istio_tcp_connections_opened_total", &l),
+                sample(&m, "istio_tcp_connections_closed_total", &l),
+                sample(&m, "istio_tcp_received_bytes_total", &l),
+                sample(&m, "istio_tcp_sent_bytes_total", &l),
+            ]
+        };
+        let (src, dst) = (totals("source"), totals("destination"));
+        if src == [1, 1, request, response] && dst == src {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "a -> s once on both sides: {src:?} {dst:?}\n{m}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

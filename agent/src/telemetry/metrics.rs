@@ -17,7 +17,10 @@
 //! read to the series its key names now. Series therefore only ever grow, whatever the maps or
 //! the names do; after an agent restart they start again from the kernel's totals.
 
-use std::{collections::HashMap, sync::Mutex};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -143,12 +146,17 @@ pub fn derive(key: &CounterKey, c: &Counter, names: &Names, security: SecurityPo
     // The mesh's flows: the last hop of an mTLS connection is reported as mutual TLS; a captured
     // connection's first hop (to the agent) is left to the agent, which knows its destination.
     let security = if key.hook == HOOK_TUNNEL { SecurityPolicy::MutualTls } else { security };
-    if key.hook == HOOK_TUNNEL && direction == Direction::Egress {
+    let allowed = key.verdict == Verdict::Allow as u8;
+    // The agent reports both sides of the connections it carries, with the workloads it knows
+    // (a tunnel's source is the workload of the proven identity that owns the forwarded address,
+    // which the kernel, counting by identity, cannot name): a captured connection's hop to the
+    // agent and its delivery to the workload add nothing here. The kernel's refusals of a
+    // delivery stay, as the agent cannot see them.
+    if key.hook == HOOK_TUNNEL && (direction == Direction::Egress || allowed) {
         return Contribution::default();
     }
     let local = names.local(key.endpoint_id);
     let remote = names.remote(key.remote_identity);
-    let allowed = key.verdict == Verdict::Allow as u8;
     let connect = key.hook == HOOK_CONNECT;
     let (reporter, src, dst) = match direction {
         Direction::Ingress => ("destination", &remote, &local),
@@ -248,9 +256,13 @@ fn add<L: Clone + std::hash::Hash + Eq>(f: &Family<L, PromCounter>, l: &L, v: u6
     }
 }
 
+/// A source of live counts, polled before every scrape is encoded.
+type LiveSource = Arc<dyn Fn() + Send + Sync>;
+
 /// Istio's TCP series and the policy denials. The kernel's counters feed them through
 /// [`TrafficMetrics::update`]; the mesh records the connections the agent carries itself through
-/// a clone ([`TrafficMetrics::recorder`]), into the same series.
+/// a clone ([`TrafficMetrics::recorder`]), into the same series, and may register live sources
+/// ([`TcpRecorder::on_scrape`]) that bring open connections' counts up to date at each scrape.
 #[derive(Clone, Default)]
 pub struct TcpRecorder {
     opened: Family<TcpLabels, PromCounter>,
@@ -258,6 +270,7 @@ pub struct TcpRecorder {
     received: Family<TcpLabels, PromCounter>,
     sent: Family<TcpLabels, PromCounter>,
     denials: Family<DenialLabels, PromCounter>,
+    live: Arc<Mutex<Vec<LiveSource>>>,
 }
 
 impl TcpRecorder {
@@ -272,12 +285,28 @@ impl TcpRecorder {
     pub fn denials(&self, labels: &DenialLabels, n: u64) {
         add(&self.denials, labels, n);
     }
+    /// Call `poll` before every scrape is encoded (it adds the growth of open connections).
+    pub fn on_scrape(&self, poll: impl Fn() + Send + Sync + 'static) {
+        self.live.lock().unwrap_or_else(|e| e.into_inner()).push(Arc::new(poll));
+    }
+    /// Run the live sources.
+    pub fn poll_live(&self) {
+        let sources = self.live.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for poll in sources {
+            poll();
+        }
+    }
 }
 
 impl TrafficMetrics {
     /// A recorder writing into these metrics' series.
     pub fn recorder(&self) -> TcpRecorder {
         self.tcp.clone()
+    }
+
+    /// Bring the live sources' series up to date (before a scrape is encoded).
+    pub fn poll_live(&self) {
+        self.tcp.poll_live();
     }
 
     /// Create the metrics and register them under [`ISTIO_PREFIX`] and [`WARDEN_PREFIX`].

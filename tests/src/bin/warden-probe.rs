@@ -6,7 +6,8 @@
 //!   `{"result": "allowed"|"eperm"|"timeout"|"refused"|"error", "ms": .., "detail": ..}` and exits 0.
 //!   `allowed` means the server's greeting arrived, so both directions passed.
 //! - `hold IP:PORT --seconds S [--interval-ms N]`: keeps one connection and sends a line every
-//!   interval; prints `{"result": .., "round_trips": n, "failed_after_ms": ..}`.
+//!   interval (`ping <i>`, echoed back); prints `{"result": .., "round_trips": n, "seen_as": ..,
+//!   "failed_after_ms": ..}`.
 //! - `rate IP:PORT --seconds S [--threads T]`: opens, greets and closes connections back to back
 //!   (closing with RST so no TIME_WAIT piles up); prints `{"result": "allowed", "connections": n,
 //!   "per_second": r, "errors": e}`.
@@ -140,10 +141,11 @@ fn main() {
             let seconds = flag("--seconds", 3);
             let interval = Duration::from_millis(flag("--interval-ms", 100));
             let start = Instant::now();
-            let mut r = match connect(addr, Duration::from_millis(1500)) {
+            let (mut r, greeting) = match connect_greeted(addr, Duration::from_millis(1500)) {
                 Ok(r) => r,
                 Err(e) => return report(classify(&e), start, &e.to_string(), serde_json::json!({"round_trips": 0})),
             };
+            let seen = greeting.rsplit(' ').next().unwrap_or("").to_string();
             // Tell the caller the connection is up, so it can change policy while we hold it.
             eprintln!("established");
             let mut n = 0u64;
@@ -172,7 +174,7 @@ fn main() {
                 }
                 std::thread::sleep(interval);
             }
-            report("allowed", start, "", serde_json::json!({"round_trips": n}));
+            report("allowed", start, "", serde_json::json!({"round_trips": n, "seen_as": seen}));
         }
         Some("rate") => {
             let addr: SocketAddr = args[1].parse().expect("IP:PORT");
