@@ -79,24 +79,27 @@ impl WorkloadCerts {
                 (Arc::new(LocalCaClient(Arc::new(ca))), bundle)
             }
             CaSource::Remote { url, root_cert, token_file } => {
+                // The CRL, when the CA publishes one, next to the root (both keys of the CA's
+                // root ConfigMap in a cluster); both are watched.
+                let crl = root_cert.with_file_name(CRL_FILE);
                 let bundle = Arc::new(
-                    TrustBundle::from_files(root_cert, None, td)
+                    TrustBundle::from_files(root_cert, crl.exists().then_some(crl.as_path()), td)
                         .map_err(|e| CertsError::Trust { path: root_cert.clone(), reason: e.to_string() })?,
                 );
-                bundle.clone().spawn_file_watcher(root_cert.clone(), None, DEFAULT_TRUST_RELOAD_INTERVAL);
-                let token = match token_file {
-                    Some(p) => Some(
-                        std::fs::read_to_string(p)
-                            .map_err(|source| CertsError::Token { path: p.clone(), source })?
-                            .trim()
-                            .to_string(),
-                    ),
-                    None => None,
-                };
+                bundle.clone().spawn_file_watcher(root_cert.clone(), Some(crl), DEFAULT_TRUST_RELOAD_INTERVAL);
                 let ca_id = ca_server_identity(trust_domain).map_err(|e| CertsError::Identity(e.to_string()))?;
                 let verifier = Arc::new(SpiffeVerifier::new(bundle.clone(), clock.clone()).expecting(vec![ca_id]));
-                let client = GrpcCaClient::new_tls(url, token, verifier)
+                let client = GrpcCaClient::new_tls(url, None, verifier)
                     .map_err(|e| CertsError::Client { url: url.clone(), reason: e.to_string() })?;
+                // Read before every request: a projected service-account token is replaced by the
+                // kubelet before it expires. It must be readable now (a typo stops the agent).
+                let client = match token_file {
+                    Some(p) => {
+                        std::fs::read(p).map_err(|source| CertsError::Token { path: p.clone(), source })?;
+                        client.with_token_file(p)
+                    }
+                    None => client,
+                };
                 (Arc::new(client), bundle)
             }
         };

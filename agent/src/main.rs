@@ -159,7 +159,18 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Policy { command } => return warden_authz::cli::run_policy(command),
         Command::Authz { command: AuthzCommand::Check(args) } => return warden_authz::cli::run_authz_check(args),
-        Command::Ca { command } => return warden_identity::cli::run_ca(command),
+        Command::Ca { command } => {
+            use warden_identity::cli::CaCommand;
+            if let CaCommand::Serve { kubernetes, .. } = &command {
+                // The CA logs each issuance and refusal.
+                init_logging(Output::Text);
+                // In a cluster it authenticates node agents through the API server (kubeca).
+                if *kubernetes {
+                    return warden_agent::kubeca::run(command);
+                }
+            }
+            return warden_identity::cli::run_ca(command);
+        }
         Command::Certs(args) => {
             return match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                 Ok(rt) => rt.block_on(warden_identity::cli::run_certs(&args)),

@@ -74,7 +74,7 @@ impl Mesh {
         view: View,
         metrics: crate::telemetry::metrics::TcpRecorder,
     ) -> anyhow::Result<Mesh> {
-        routing::install(cfg.hbone_port)?;
+        routing::install(cfg.hbone_port, *cfg.capture.ip())?;
         let (tx, rx) = watch::channel(Arc::new(view));
         let tls = SecretManagerTls::new(certs.secrets().clone(), CompliancePolicy::from_env()?);
 
