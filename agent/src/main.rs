@@ -79,6 +79,11 @@ enum Command {
         /// Admin endpoint: `GET /certs` (read by `warden certs`).
         #[arg(long, default_value = "127.0.0.1:15000")]
         admin_addr: std::net::SocketAddr,
+        /// Lifetime requested for workload certificates (Istio's SECRET_TTL), renewed at half of
+        /// it: `90s`, `30m`, `24h`.
+        #[arg(long, env = "WARDEN_WORKLOAD_CERT_TTL", default_value = warden_agent::certs::DEFAULT_CERT_TTL,
+              value_parser = warden_agent::certs::parse_ttl)]
+        workload_cert_ttl: std::time::Duration,
         /// Run the mTLS data plane: capture meshed workloads' outbound TCP, carry it over HBONE
         /// (mutual TLS 1.3, port 15008) and enforce PeerAuthentication. Needs a CA.
         #[arg(long, env = "WARDEN_MESH", requires = "ca")]
@@ -200,6 +205,7 @@ fn main() -> ExitCode {
             ca_root_cert,
             ca_token_file,
             admin_addr,
+            workload_cert_ttl,
             mesh,
             capture_addr,
             fast_path,
@@ -218,7 +224,8 @@ fn main() -> ExitCode {
                 }
                 _ => None,
             };
-            let certs = ca.map(|source| warden_agent::certs::CertsConfig { source, admin_addr });
+            let certs =
+                ca.map(|source| warden_agent::certs::CertsConfig { source, admin_addr, cert_ttl: workload_cert_ttl });
             let fast_path = !no_fast_path && (fast_path || defaults::FAST_PATH);
             let mesh = mesh.then(|| warden_agent::mesh::MeshConfig {
                 capture: capture_addr,

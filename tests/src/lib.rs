@@ -616,6 +616,19 @@ impl Lab {
         probe_result(c)
     }
 
+    /// `warden certs -o json` of the agent in this lab's node namespace (its admin endpoint is on
+    /// the node's loopback), if it answers.
+    pub fn certs(&self) -> Option<serde_json::Value> {
+        let out = self
+            .node_command(
+                warden_bin().to_str()?,
+                &["certs", "-o", "json", "--admin-url", "http://127.0.0.1:15000/certs"],
+            )
+            .output()
+            .ok()?;
+        out.status.success().then(|| serde_json::from_slice(&out.stdout).ok()).flatten()
+    }
+
     /// The counter rows `warden maps --output json` shows for `workload` (`namespace/name`).
     pub fn counters_of(&self, workload: &str) -> Vec<serde_json::Value> {
         let maps = self.warden(&["maps", "--output", "json"]).expect("warden maps");

@@ -472,18 +472,6 @@ fn each_daemonset_capability_is_needed() {
     assert_eq!(endpoints(&maps(&lab)), ["team/a"]);
 }
 
-/// `warden certs -o json` of the agent in `lab`'s node namespace, if it answers.
-fn certs(lab: &Lab) -> Option<serde_json::Value> {
-    let out = lab
-        .node_command(
-            warden_tests::warden_bin().to_str().unwrap(),
-            &["certs", "-o", "json", "--admin-url", "http://127.0.0.1:15000/certs"],
-        )
-        .output()
-        .ok()?;
-    out.status.success().then(|| serde_json::from_slice(&out.stdout).ok()).flatten()
-}
-
 #[test]
 fn the_daemonsets_mesh_gets_its_certificates_from_the_cluster_ca_with_its_capabilities() {
     if !require_root("the_daemonsets_mesh_gets_its_certificates_from_the_cluster_ca_with_its_capabilities") {
@@ -532,7 +520,8 @@ fn the_daemonsets_mesh_gets_its_certificates_from_the_cluster_ca_with_its_capabi
     let want: Vec<String> = ["a", "b", "c"].iter().map(|w| format!("spiffe://cluster.local/ns/team/sa/{w}")).collect();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let valid: Vec<String> = certs(&lab)
+        let valid: Vec<String> = lab
+            .certs()
             .map(|v| {
                 v["certificates"]
                     .as_array()

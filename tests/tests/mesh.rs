@@ -54,7 +54,7 @@ fn b_ip(net: u8) -> Ipv4Addr {
 }
 
 fn cluster(tag: &str, net: u8, policies: &[(&str, &str)]) -> Cluster {
-    cluster_with(tag, net, policies, &[], &[])
+    cluster_with(tag, net, policies, &[], &[], &[])
 }
 
 /// A workload out of the mesh (ambient's opt-out label): it talks plaintext.
@@ -64,8 +64,15 @@ fn plain(name: &str, ip: Ipv4Addr, ports: &[u16]) -> Spec {
     s
 }
 
-/// [`cluster`], with `more1` workloads on node 1 and `more2` on node 2.
-fn cluster_with(tag: &str, net: u8, policies: &[(&str, &str)], more1: &[Spec], more2: &[Spec]) -> Cluster {
+/// [`cluster`], with `more1` workloads on node 1 and `more2` on node 2, and more agent arguments.
+fn cluster_with(
+    tag: &str,
+    net: u8,
+    policies: &[(&str, &str)],
+    more1: &[Spec],
+    more2: &[Spec],
+    agent_args: &[&str],
+) -> Cluster {
     let mut n1 = vec![
         Spec::new("team", "a", a_ip(net), &[]),
         Spec::new("team", "c", Ipv4Addr::new(10, net, 1, 3), &[]),
@@ -84,7 +91,8 @@ fn cluster_with(tag: &str, net: u8, policies: &[(&str, &str)], more1: &[Spec], m
     for lab in [&mut n1, &mut n2] {
         let dir = lab.dir.join("policies");
         write_policies(&dir, policies).unwrap();
-        start_mesh_agent(lab, &dir, &ca);
+        lab.start_mesh_agent_with(&dir, &ca, agent_args)
+            .unwrap_or_else(|e| panic!("{}: agent: {e}\n{}", lab.tag, log(lab)));
     }
     Cluster { n1, n2 }
 }
@@ -459,7 +467,7 @@ fn the_nodes_own_probes_reach_its_workloads_and_nothing_else_does() {
     let more = [q, plain("r", Ipv4Addr::new(10, net, 2, 4), &[])];
     let mut policies = POLICIES.to_vec();
     policies.push(("q-allow-a.yaml", Q_ALLOW_A));
-    let mut c = cluster_with("mnp", net, &policies, &[], &more);
+    let mut c = cluster_with("mnp", net, &policies, &[], &more, &[]);
     let targets = [("team/b", b_ip(net)), ("shop/q", q_ip)];
 
     // Kubelet's probes: from node 2's own network namespace, to b (STRICT: plaintext is refused)
@@ -561,6 +569,13 @@ fn hold_args(ip: Ipv4Addr, port: u16, seconds: u64) -> Vec<String> {
         .to_vec()
 }
 
+/// The serial of the certificate the agent of `lab` holds for `identity` now (`warden certs`).
+fn serial(lab: &Lab, identity: &str) -> Option<String> {
+    let v = lab.certs()?;
+    let cert = v["certificates"].as_array()?.iter().find(|c| c["identity"] == identity)?;
+    (cert["state"] == "VALID").then(|| cert["serial"].as_str().map(String::from)).flatten()
+}
+
 /// Spawn a `warden-probe hold` `command`; returns once its connection is established.
 fn established(mut command: std::process::Command, what: &str) -> Child {
     use std::process::Stdio;
@@ -589,7 +604,7 @@ fn the_destination_side_names_cross_node_callers_live_and_once() {
     a2.service_account = "a".into();
     // s: a server on node 1, for a delivery on the same node.
     let s_ip = Ipv4Addr::new(10, net, 1, 6);
-    let c = cluster_with("mnm", net, POLICIES, &[a2, Spec::new("team", "s", s_ip, &[PORT])], &[]);
+    let c = cluster_with("mnm", net, POLICIES, &[a2, Spec::new("team", "s", s_ip, &[PORT])], &[], &[]);
     let holds = [("a", hold_from(&c.n1, "a", b_ip(net), PORT, 4)), ("a2", hold_from(&c.n1, "a2", b_ip(net), PORT, 4))];
     let dst = |name: &str| {
         [
@@ -691,5 +706,66 @@ fn the_destination_side_names_cross_node_callers_live_and_once() {
         }
         assert!(std::time::Instant::now() < deadline, "a -> s once on both sides: {src:?} {dst:?}\n{m}");
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn certificates_rotate_on_both_nodes_during_a_long_transfer_that_never_drops() {
+    if !require_root("certificates_rotate_on_both_nodes_during_a_long_transfer_that_never_drops") {
+        return;
+    }
+    let net = 77;
+    // 80 s certificates are renewed every 3 to 10 s ((80 - 60) / 2 after issuance, less up to 5 %
+    // of their 140 s lifetime of jitter): several rotations on each node during the transfer.
+    let d = Spec::new("team", "d", Ipv4Addr::new(10, net, 1, 5), &[]);
+    let c = cluster_with("mrot", net, POLICIES, &[d], &[], &["--workload-cert-ttl", "80s"]);
+    let (a, b) = ("spiffe://cluster.local/ns/team/sa/a", "spiffe://cluster.local/ns/team/sa/b");
+    // 20 s of lines from a to b and back, each compared byte for byte, on one connection. (A line
+    // fits one segment: the probe does not set TCP_NODELAY, so a longer one would wait on Nagle
+    // and delayed ACKs for 40 ms a round trip.)
+    const SECONDS: u64 = 20;
+    const LINE: usize = 1400;
+    let mut args = hold_args(b_ip(net), PORT, SECONDS);
+    // (The probe reads the first of repeated flags.)
+    let interval = args.iter().position(|a| a == "--interval-ms").unwrap() + 1;
+    args[interval] = "1".into();
+    args.extend(["--line-bytes".into(), LINE.to_string()]);
+    let hold = established(c.n1.command_in("a", &warden_tests::probe_bin(), &args), "a -> b");
+    let (mut seen_a, mut seen_b) = (Vec::new(), Vec::new());
+    let deadline = std::time::Instant::now() + Duration::from_secs(SECONDS - 1);
+    while std::time::Instant::now() < deadline {
+        for (seen, lab, id) in [(&mut seen_a, &c.n1, a), (&mut seen_b, &c.n2, b)] {
+            if let Some(s) = serial(lab, id).filter(|s| seen.last() != Some(s)) {
+                seen.push(s);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let p: warden_tests::Probe = serde_json::from_slice(&hold.wait_with_output().unwrap().stdout).unwrap();
+    // Every line came back intact, on the one connection, to the end.
+    assert_eq!(p.result, "allowed", "the transfer across the rotations: {p:?}\n{}\n{}", log(&c.n1), log(&c.n2));
+    let lines = p.round_trips.unwrap();
+    assert!(lines > 2000, "{lines} lines of {LINE} bytes in {SECONDS} s");
+    eprintln!("{lines} lines of {LINE} bytes each way; a's serials {seen_a:?}, b's {seen_b:?}");
+    assert!(seen_a.len() >= 2, "a's certificate rotated on node 1 during the transfer: {seen_a:?}");
+    assert!(seen_b.len() >= 2, "b's certificate rotated on node 2 during the transfer: {seen_b:?}");
+    // One connection, counted once at b with every byte (the request is the lines sent).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let labels = ["reporter=\"destination\"", "source_workload=\"a\"", "destination_workload=\"b\""];
+    loop {
+        let m = metrics(&c.n2);
+        if sample(&m, "istio_tcp_connections_closed_total", &labels) == 1 {
+            assert_eq!(sample(&m, "istio_tcp_connections_opened_total", &labels), 1, "{m}");
+            assert_eq!(sample(&m, "istio_tcp_received_bytes_total", &labels), lines * LINE as u64, "{m}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the transfer's close is reported:\n{m}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // After the rotations: a new connection of a, and one of d (a new HBONE connection, whose
+    // handshake presents and verifies the certificates current now on both nodes).
+    for from in ["a", "d"] {
+        let p = c.n1.echo(from, b_ip(net), PORT, "after the rotations");
+        assert_eq!((p.result.as_str(), p.intact), ("allowed", Some(true)), "{from} -> b: {p:?}\n{}", log(&c.n2));
     }
 }
