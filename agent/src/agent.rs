@@ -38,6 +38,24 @@ pub struct AgentConfig {
     pub certs: Option<crate::certs::CertsConfig>,
     /// The mTLS data plane (capture, HBONE); none: L4 enforcement only.
     pub mesh: Option<crate::mesh::MeshConfig>,
+    /// Whether TCP from the node's own stack (kubelet's probes) to its workloads is exempt from
+    /// policy, in the kernel (`--node-probes`).
+    pub node_probes: NodeProbes,
+}
+
+/// `warden agent --node-probes`: what the kernel does with a TCP connection that the node's own
+/// network stack opens to one of its workloads (kubelet's readiness and liveness probes come from
+/// the node's network namespace). See docs/mesh.md, "Kubelet probes and the node".
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum NodeProbes {
+    /// Allowed without policy, counted with reason `node_local` (Istio ambient exempts probes,
+    /// Cilium allows the host by default). Every process in the node's network namespace,
+    /// hostNetwork pods included, is "the node".
+    #[default]
+    Allow,
+    /// Decided by the node's address like any peer: an ALLOW policy must name it, and STRICT
+    /// refuses it as plaintext.
+    Deny,
 }
 
 /// Why a set of inputs could not become a node state. Nothing was applied.
@@ -155,6 +173,7 @@ pub fn build(
             capture,
             events: false,
             fast_path: false,
+            node_exempt: false,
         },
         identity_names: compiled.identities,
         policy_names: compiled.policy_names,
@@ -265,6 +284,7 @@ fn snapshot(source: &mut dyn Source, cfg: &AgentConfig, record: &mut NodeRecord)
     // The kernel writes flow events only for the access log, their one reader.
     desired.state.events = cfg.telemetry.access_log != crate::telemetry::AccessLogFormat::Off;
     desired.state.fast_path = cfg.mesh.as_ref().is_some_and(|m| m.fast_path);
+    desired.state.node_exempt = cfg.node_probes == NodeProbes::Allow;
     Ok(desired)
 }
 

@@ -5,12 +5,12 @@
 //! The CA is either in-process (`--ca-dir`: a single-node lab; a broken CA directory stops the
 //! agent) or Istio's CA API over TLS (`--ca-addr` with `--ca-root-cert` and `--ca-token-file`).
 
-use std::{collections::BTreeSet, path::PathBuf, sync::Arc};
+use std::{collections::BTreeSet, path::PathBuf, sync::Arc, time::Duration};
 
 use crate::telemetry::server::{Handler, Reply, serve};
 use warden_identity::{
     Identity,
-    ca::{CRL_FILE, CaConfig, CertificateAuthority, ROOT_CERT_FILE},
+    ca::{CLOCK_SKEW_ALLOWANCE, CRL_FILE, CaConfig, CertificateAuthority, DEFAULT_WORKLOAD_CERT_TTL, ROOT_CERT_FILE},
     clock::{Clock, SystemClock},
     metrics::Metrics,
     server::ca_server_identity,
@@ -24,7 +24,46 @@ pub struct CertsConfig {
     pub source: CaSource,
     /// The admin endpoint serving `GET /certs` (default `127.0.0.1:15000`: local only).
     pub admin_addr: std::net::SocketAddr,
+    /// The lifetime requested for workload certificates (`--workload-cert-ttl`, Istio's
+    /// `SECRET_TTL`); each is renewed at half of it (see [`parse_ttl`]).
+    pub cert_ttl: Duration,
 }
+
+/// The shortest `--workload-cert-ttl`: a certificate's lifetime starts [`CLOCK_SKEW_ALLOWANCE`]
+/// before it is issued, and it is renewed at half its lifetime, so a TTL `T` is renewed
+/// `(T - 60 s) / 2` after issuance; below this it would be due again at once.
+pub const MIN_CERT_TTL: Duration = Duration::from_secs(CLOCK_SKEW_ALLOWANCE.as_secs() + 10);
+
+/// `--workload-cert-ttl`: a number with a unit, `s`, `m` or `h` (`90s`, `30m`, `24h`), at least
+/// [`MIN_CERT_TTL`].
+pub fn parse_ttl(text: &str) -> Result<Duration, String> {
+    let unit = |u: &str| match u {
+        "s" => Some(1),
+        "m" => Some(60),
+        "h" => Some(3600),
+        _ => None,
+    };
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (n, u) = text.split_at(split);
+    let secs = match (n.parse::<u64>(), unit(u)) {
+        (Ok(n), Some(u)) => n.saturating_mul(u),
+        _ => return Err(format!("{text:?} is not a duration: a number and s, m or h (90s, 30m, 24h)")),
+    };
+    let ttl = Duration::from_secs(secs);
+    if ttl < MIN_CERT_TTL {
+        return Err(format!(
+            "{text:?} is too short: at least {}s (a certificate's lifetime starts {}s before issuance and it \
+             is renewed at half of it)",
+            MIN_CERT_TTL.as_secs(),
+            CLOCK_SKEW_ALLOWANCE.as_secs()
+        ));
+    }
+    Ok(ttl)
+}
+
+/// [`CertsConfig::cert_ttl`]'s default, as text for the flag.
+pub const DEFAULT_CERT_TTL: &str = "24h";
+const _: () = assert!(DEFAULT_WORKLOAD_CERT_TTL.as_secs() == 24 * 3600, "DEFAULT_CERT_TTL says 24h");
 
 /// Where certificates come from.
 #[derive(Clone, Debug)]
@@ -59,8 +98,18 @@ pub struct WorkloadCerts {
 }
 
 impl WorkloadCerts {
-    /// Start the secret manager (and its rotation loop) on `source`.
+    /// Start the secret manager (and its rotation loop) on `source`, with 24 h certificates.
     pub fn start(source: &CaSource, trust_domain: &str, metrics: Option<Metrics>) -> Result<WorkloadCerts, CertsError> {
+        Self::start_with_ttl(source, trust_domain, metrics, DEFAULT_WORKLOAD_CERT_TTL)
+    }
+
+    /// [`WorkloadCerts::start`], requesting `cert_ttl`.
+    pub fn start_with_ttl(
+        source: &CaSource,
+        trust_domain: &str,
+        metrics: Option<Metrics>,
+        cert_ttl: Duration,
+    ) -> Result<WorkloadCerts, CertsError> {
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let td = vec![trust_domain.to_string()];
         let (ca, bundle): (Arc<dyn CaClient>, Arc<TrustBundle>) = match source {
@@ -79,28 +128,32 @@ impl WorkloadCerts {
                 (Arc::new(LocalCaClient(Arc::new(ca))), bundle)
             }
             CaSource::Remote { url, root_cert, token_file } => {
+                // The CRL, when the CA publishes one, next to the root (both keys of the CA's
+                // root ConfigMap in a cluster); both are watched.
+                let crl = root_cert.with_file_name(CRL_FILE);
                 let bundle = Arc::new(
-                    TrustBundle::from_files(root_cert, None, td)
+                    TrustBundle::from_files(root_cert, crl.exists().then_some(crl.as_path()), td)
                         .map_err(|e| CertsError::Trust { path: root_cert.clone(), reason: e.to_string() })?,
                 );
-                bundle.clone().spawn_file_watcher(root_cert.clone(), None, DEFAULT_TRUST_RELOAD_INTERVAL);
-                let token = match token_file {
-                    Some(p) => Some(
-                        std::fs::read_to_string(p)
-                            .map_err(|source| CertsError::Token { path: p.clone(), source })?
-                            .trim()
-                            .to_string(),
-                    ),
-                    None => None,
-                };
+                bundle.clone().spawn_file_watcher(root_cert.clone(), Some(crl), DEFAULT_TRUST_RELOAD_INTERVAL);
                 let ca_id = ca_server_identity(trust_domain).map_err(|e| CertsError::Identity(e.to_string()))?;
                 let verifier = Arc::new(SpiffeVerifier::new(bundle.clone(), clock.clone()).expecting(vec![ca_id]));
-                let client = GrpcCaClient::new_tls(url, token, verifier)
+                let client = GrpcCaClient::new_tls(url, None, verifier)
                     .map_err(|e| CertsError::Client { url: url.clone(), reason: e.to_string() })?;
+                // Read before every request: a projected service-account token is replaced by the
+                // kubelet before it expires. It must be readable now (a typo stops the agent).
+                let client = match token_file {
+                    Some(p) => {
+                        std::fs::read(p).map_err(|source| CertsError::Token { path: p.clone(), source })?;
+                        client.with_token_file(p)
+                    }
+                    None => client,
+                };
                 (Arc::new(client), bundle)
             }
         };
-        let secrets = SecretManager::new(ca, bundle, clock, SecretManagerConfig::default(), metrics);
+        let config = SecretManagerConfig { cert_ttl, ..SecretManagerConfig::default() };
+        let secrets = SecretManager::new(ca, bundle, clock, config, metrics);
         secrets.spawn_rotation();
         Ok(WorkloadCerts { secrets, trust_domain: trust_domain.to_string(), managed: Default::default() })
     }
@@ -111,7 +164,7 @@ impl WorkloadCerts {
         trust_domain: &str,
         metrics: Option<Metrics>,
     ) -> Result<Arc<WorkloadCerts>, CertsError> {
-        let certs = Arc::new(WorkloadCerts::start(&cfg.source, trust_domain, metrics)?);
+        let certs = Arc::new(WorkloadCerts::start_with_ttl(&cfg.source, trust_domain, metrics, cfg.cert_ttl)?);
         let listener = std::net::TcpListener::bind(cfg.admin_addr)
             .and_then(|l| l.set_nonblocking(true).map(|()| l))
             .and_then(tokio::net::TcpListener::from_std)
@@ -174,5 +227,22 @@ impl WorkloadCerts {
     /// `GET /certs`: what `warden certs` shows.
     pub fn snapshot_json(&self) -> String {
         serde_json::to_string_pretty(&warden_identity::cli::certs_snapshot(&self.secrets)).expect("snapshot serializes")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_ttl_is_a_number_and_a_unit_and_long_enough_to_rotate() {
+        assert_eq!(parse_ttl("24h"), Ok(Duration::from_secs(86_400)));
+        assert_eq!(parse_ttl("30m"), Ok(Duration::from_secs(1_800)));
+        assert_eq!(parse_ttl("80s"), Ok(Duration::from_secs(80)));
+        assert_eq!(parse_ttl(DEFAULT_CERT_TTL), Ok(DEFAULT_WORKLOAD_CERT_TTL));
+        for bad in ["", "24", "h", "1d", "-5s", "1.5h", "5 m"] {
+            assert!(parse_ttl(bad).unwrap_err().contains("is not a duration"), "{bad}");
+        }
+        assert!(parse_ttl("60s").unwrap_err().contains("too short"));
     }
 }

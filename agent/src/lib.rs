@@ -9,12 +9,14 @@
 //! | `agent`      | build (validate + compile) and apply; the live reconcile loop           |
 //! | `inspect`    | `warden maps`: the live maps in human terms                             |
 //! | `certs`      | workload certificates (via warden-identity) and the admin `/certs`      |
+//! | `kubeca`     | `warden ca serve --kubernetes`: TokenReview, pods, the root's Secret/ConfigMap |
 //! | `telemetry`  | Istio-compatible metrics, readiness, access logs (`docs/observability.md`) |
 
 pub mod agent;
 pub mod certs;
 pub mod datapath;
 pub mod inspect;
+pub mod kubeca;
 pub mod memory;
 pub mod mesh;
 pub mod record;

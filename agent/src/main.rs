@@ -79,6 +79,11 @@ enum Command {
         /// Admin endpoint: `GET /certs` (read by `warden certs`).
         #[arg(long, default_value = "127.0.0.1:15000")]
         admin_addr: std::net::SocketAddr,
+        /// Lifetime requested for workload certificates (Istio's SECRET_TTL), renewed at half of
+        /// it: `90s`, `30m`, `24h`.
+        #[arg(long, env = "WARDEN_WORKLOAD_CERT_TTL", default_value = warden_agent::certs::DEFAULT_CERT_TTL,
+              value_parser = warden_agent::certs::parse_ttl)]
+        workload_cert_ttl: std::time::Duration,
         /// Run the mTLS data plane: capture meshed workloads' outbound TCP, carry it over HBONE
         /// (mutual TLS 1.3, port 15008) and enforce PeerAuthentication. Needs a CA.
         #[arg(long, env = "WARDEN_MESH", requires = "ca")]
@@ -100,6 +105,11 @@ enum Command {
         /// as ztunnel's `ZTUNNEL_WORKER_THREADS`.
         #[arg(long, env = "WARDEN_WORKER_THREADS", default_value_t = defaults::WORKER_THREADS, value_parser = clap::value_parser!(u16).range(1..=64))]
         worker_threads: u16,
+        /// TCP from the node's own network stack (kubelet's probes, hostNetwork pods) to a local
+        /// workload: allowed without policy (as Istio ambient and Cilium), or decided by the
+        /// node's address like any peer.
+        #[arg(long, env = "WARDEN_NODE_PROBES", value_enum, default_value = "allow")]
+        node_probes: agent::NodeProbes,
     },
     /// Print the live maps: per workload, its policy entries and counters; the identity cache.
     Maps {
@@ -154,7 +164,18 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Policy { command } => return warden_authz::cli::run_policy(command),
         Command::Authz { command: AuthzCommand::Check(args) } => return warden_authz::cli::run_authz_check(args),
-        Command::Ca { command } => return warden_identity::cli::run_ca(command),
+        Command::Ca { command } => {
+            use warden_identity::cli::CaCommand;
+            if let CaCommand::Serve { kubernetes, .. } = &command {
+                // The CA logs each issuance and refusal.
+                init_logging(Output::Text);
+                // In a cluster it authenticates node agents through the API server (kubeca).
+                if *kubernetes {
+                    return warden_agent::kubeca::run(command);
+                }
+            }
+            return warden_identity::cli::run_ca(command);
+        }
         Command::Certs(args) => {
             return match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                 Ok(rt) => rt.block_on(warden_identity::cli::run_certs(&args)),
@@ -184,11 +205,13 @@ fn main() -> ExitCode {
             ca_root_cert,
             ca_token_file,
             admin_addr,
+            workload_cert_ttl,
             mesh,
             capture_addr,
             fast_path,
             no_fast_path,
             worker_threads,
+            node_probes,
         } => {
             warden_agent::memory::single_arena();
             init_logging(log_format);
@@ -201,7 +224,8 @@ fn main() -> ExitCode {
                 }
                 _ => None,
             };
-            let certs = ca.map(|source| warden_agent::certs::CertsConfig { source, admin_addr });
+            let certs =
+                ca.map(|source| warden_agent::certs::CertsConfig { source, admin_addr, cert_ttl: workload_cert_ttl });
             let fast_path = !no_fast_path && (fast_path || defaults::FAST_PATH);
             let mesh = mesh.then(|| warden_agent::mesh::MeshConfig {
                 capture: capture_addr,
@@ -209,7 +233,7 @@ fn main() -> ExitCode {
                 cgroup_root: cgroup_root.clone().unwrap_or_else(warden_agent::source::kube::node::default_cgroup_root),
                 ..Default::default()
             });
-            let cfg = agent::AgentConfig { pin_dir, state_dir, trust_domain, telemetry, certs, mesh };
+            let cfg = agent::AgentConfig { pin_dir, state_dir, trust_domain, telemetry, certs, mesh, node_probes };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(worker_threads.into())
                 .enable_all()

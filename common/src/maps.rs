@@ -190,12 +190,24 @@ impl Config {
     pub const fn fast_path(&self) -> bool {
         self.flags & CONFIG_FAST_PATH != 0
     }
+
+    pub const fn node_exempt(&self) -> bool {
+        self.flags & CONFIG_NODE_EXEMPT != 0
+    }
 }
 
 /// [`Config::flags`]: the same-node fast path is on. Read by sock_ops (whether to add sockets to
 /// [`names::FASTPATH_SOCKS`]) and by sk_msg at every send (off: every socket falls back to TCP for
 /// good, which is safe at any moment; see `ebpf/src/fastpath.rs`).
 pub const CONFIG_FAST_PATH: u32 = 1 << 1;
+
+/// [`Config::flags`]: TCP connections from the node's own network stack to a local workload are
+/// allowed without policy, with reason [`crate::DropReason::NodeLocal`] (kubelet's probes, as
+/// Istio ambient's probe bypass and Cilium's `allow-localhost`). Read by the TC program when it
+/// decides a new flow towards a workload whose packet was not received on any interface
+/// (`skb->ingress_ifindex == 0`) and carries no [`MARK_TUNNEL`]. Clear (also in a zeroed config):
+/// the node is decided by its address like any peer.
+pub const CONFIG_NODE_EXEMPT: u32 = 1 << 2;
 
 /// The data part of an identity-cache LPM key: the slot byte, then the IPv4 address in network
 /// order. The LPM prefix length counts the slot's 8 bits first, so a /24 is stored as 32.
@@ -445,7 +457,8 @@ pub struct PolicyValue {
     pub policy_id: u32,
     /// [`Verdict`] as u8; anything else is treated as a deny.
     pub verdict: u8,
-    /// [`crate::DropReason`] as u8 for a deny, 0 for an allow.
+    /// [`crate::DropReason`] as u8 for a deny; for an allow 0, or the exemption that allowed it
+    /// without policy ([`crate::DropReason::NodeLocal`], decided by the kernel, never compiled).
     pub reason: u8,
     pub _pad: [u8; 2],
 }
@@ -502,6 +515,11 @@ pub const FLOW_CLOSED: u8 = 2;
 /// Flow-cache flag: the flow is the node agent's delivery of an mTLS connection (its packets
 /// towards the workload carry [`MARK_TUNNEL`]); replies are marked [`MARK_TO_AGENT`].
 pub const FLOW_TUNNEL: u8 = 4;
+/// Flow-cache flag: the flow was opened by the node's own network stack (its packets towards the
+/// workload were not received on any interface and carry no mark; see [`CONFIG_NODE_EXEMPT`]). A
+/// packet of the flow's 5-tuple that arrived on an interface is decided afresh, so a forgery
+/// from the wire never inherits the node's exemption.
+pub const FLOW_NODE: u8 = 8;
 
 /// A cached decision. Valid only while `generation` equals the committed generation.
 #[repr(C)]
@@ -516,7 +534,7 @@ pub struct FlowValue {
     pub reason: u8,
     /// `Direction` of the flow (of its first packet), relative to the endpoint.
     pub direction: u8,
-    /// [`FLOW_INITIATOR_LO`], [`FLOW_CLOSED`], [`FLOW_TUNNEL`].
+    /// [`FLOW_INITIATOR_LO`], [`FLOW_CLOSED`], [`FLOW_TUNNEL`], [`FLOW_NODE`].
     pub flags: u8,
 }
 

@@ -4,8 +4,8 @@
 use aya_ebpf::bindings::{BPF_NOEXIST, BPF_RB_NO_WAKEUP};
 use warden_common::{
     Config, Counter, CounterKey, Direction, DropReason, EndpointInfo, EndpointKey, FLOW_CLOSED, FLOW_INITIATOR_LO,
-    FLOW_TUNNEL, FlowEvent, FlowKey, FlowValue, IDENTITY_WORLD, IpcacheAddr, PROTO_TCP, PolicyKey, PolicyValue,
-    RemoteInfo, Verdict,
+    FLOW_NODE, FLOW_TUNNEL, FlowEvent, FlowKey, FlowValue, IDENTITY_WORLD, IpcacheAddr, PROTO_TCP, PolicyKey,
+    PolicyValue, RemoteInfo, Verdict,
     lookup::{PolicyLookup, Query, decide, decide_default},
 };
 
@@ -129,16 +129,18 @@ pub enum Cached {
     Hit(Outcome, *mut FlowValue),
     /// Not decided under this generation; `is_reply` when the packet answers a flow decided
     /// earlier, which is re-decided as that flow; `tunnel` when the flow is (or, for a forward
-    /// packet, claims by its mark to be) the agent's delivery of an mTLS connection.
-    Miss { is_reply: bool, tunnel: bool },
+    /// packet, claims by its mark to be) the agent's delivery of an mTLS connection; `node` when
+    /// the flow was (or, for a forward packet, is being) opened by the node's own stack.
+    Miss { is_reply: bool, tunnel: bool, node: bool },
 }
 
 /// The fast path: one flow-cache lookup, for either direction of the flow. `hook` is the
 /// direction the packet travels relative to the endpoint; `marked`: the packet carries the
-/// agent's tunnel mark (only packets towards the workload can).
+/// agent's tunnel mark (only packets towards the workload can); `node`: the packet comes from
+/// the node's own stack, unmarked (only packets towards the workload are told apart).
 #[inline(always)]
-pub fn cached(cfg: &Config, f: &Flow, hook: Direction, marked: bool) -> Cached {
-    let fresh = Cached::Miss { is_reply: false, tunnel: marked };
+pub fn cached(cfg: &Config, f: &Flow, hook: Direction, marked: bool, node: bool) -> Cached {
+    let fresh = Cached::Miss { is_reply: false, tunnel: marked, node };
     let Some(p) = FLOWS.get_ptr_mut(&f.key) else {
         return fresh;
     };
@@ -152,14 +154,16 @@ pub fn cached(cfg: &Config, f: &Flow, hook: Direction, marked: bool) -> Cached {
         return fresh;
     }
     // A tunneled flow's packets towards the workload all carry the agent's mark, and a plain
-    // flow's none: a packet that differs (a forgery of the flow's 5-tuple from the wire) is
-    // decided afresh, in its own view.
+    // flow's none; a node flow's come from the node's stack, and no other flow's do: a packet
+    // that differs (a forgery of the flow's 5-tuple from the wire) is decided afresh, in its own
+    // view.
     let tunnel = v.flags & FLOW_TUNNEL != 0;
-    if forward && hook == Direction::Ingress && tunnel != marked {
+    let from_node = v.flags & FLOW_NODE != 0;
+    if forward && hook == Direction::Ingress && (tunnel != marked || from_node != node) {
         return fresh;
     }
     if v.generation != cfg.generation {
-        return Cached::Miss { is_reply: !forward, tunnel };
+        return Cached::Miss { is_reply: !forward, tunnel, node: from_node };
     }
     let direction = if v.direction == Direction::Egress as u8 { Direction::Egress } else { Direction::Ingress };
     let value = PolicyValue { policy_id: v.policy_id, verdict: v.verdict, reason: v.reason, _pad: [0; 2] };
@@ -185,7 +189,9 @@ pub enum Cache {
 
 /// The slow path: decide a packet travelling in `dir` relative to endpoint `ep` from the
 /// identity cache and the policy map, and cache the decision for both directions of the flow.
-/// A reply is decided as the flow it answers.
+/// A reply is decided as the flow it answers. A TCP flow the node's own stack opened (`node`) is
+/// allowed without policy while the agent exempts them (`CONFIG_NODE_EXEMPT`).
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub fn decide_new(
     cfg: &Config,
@@ -194,6 +200,7 @@ pub fn decide_new(
     dir: Direction,
     is_reply: bool,
     tunnel: bool,
+    node: bool,
     cache: Cache,
 ) -> Outcome {
     // The remote is the other end whichever way the packet goes.
@@ -215,7 +222,12 @@ pub fn decide_new(
     } else {
         (dir, f.t.dport)
     };
-    let value = policy(slot, ep, qdir, remote_identity, f.t.proto, qport, plaintext_view(ep, qdir, f.t.proto, tunnel));
+    let exempt = node && cfg.node_exempt() && qdir == Direction::Ingress && f.t.proto == PROTO_TCP;
+    let value = if exempt {
+        PolicyValue { reason: DropReason::NodeLocal as u8, ..PolicyValue::allow(0) }
+    } else {
+        policy(slot, ep, qdir, remote_identity, f.t.proto, qport, plaintext_view(ep, qdir, f.t.proto, tunnel))
+    };
     // A meshed workload's connection to the agent's capture listener is the mesh's too (for an
     // egress flow, `remote_addr` and `qport` are where it was sent, whichever way this packet goes).
     let tunnel = tunnel
@@ -235,7 +247,9 @@ pub fn decide_new(
             verdict: value.verdict,
             reason: value.reason,
             direction: qdir as u8,
-            flags: if initiator_lo { FLOW_INITIATOR_LO } else { 0 } | if tunnel { FLOW_TUNNEL } else { 0 },
+            flags: if initiator_lo { FLOW_INITIATOR_LO } else { 0 }
+                | if tunnel { FLOW_TUNNEL } else { 0 }
+                | if node { FLOW_NODE } else { 0 },
         };
         // A failed insert is harmless: the next packet decides again.
         let _ = FLOWS.insert(&f.key, entry, 0);

@@ -125,9 +125,15 @@ fn tc(ctx: &TcContext, ifindex: u32, dir: Direction) -> Result<Option<(Outcome, 
     // workload's marks are cleared as its packets cross into the node.
     // SAFETY: the context's skb pointer is valid for the program's run.
     let marked = dir == Direction::Ingress && unsafe { (*ctx.skb.skb).mark } & MARK_MASK == MARK_TUNNEL;
+    // From the node's own stack (kubelet's probes): a packet the node generated was never received
+    // on an interface, so its `skb_iif` (`ingress_ifindex`) is 0; one forwarded from a workload's
+    // veth or the wire carries that interface. The agent's last hop is local too, but marked.
+    // SAFETY: the context's skb pointer is valid for the program's run.
+    let node = dir == Direction::Ingress && !marked && unsafe { (*ctx.skb.skb).ingress_ifindex } == 0;
     // A SYN opens a new connection: always decided afresh (a reused 5-tuple starts clean).
-    let cache = if syn { Cached::Miss { is_reply: false, tunnel: marked } } else { cached(&cfg, &f, dir, marked) };
-    let (is_reply, tunnel) = match cache {
+    let cache =
+        if syn { Cached::Miss { is_reply: false, tunnel: marked, node } } else { cached(&cfg, &f, dir, marked, node) };
+    let (is_reply, tunnel, node) = match cache {
         Cached::Hit(o, entry) => {
             traffic.closed = t.is_fin_or_rst() && mark_closed(entry);
             if traffic.closed {
@@ -136,13 +142,13 @@ fn tc(ctx: &TcContext, ifindex: u32, dir: Direction) -> Result<Option<(Outcome, 
             to_agent(ctx, &o);
             return Ok(Some((o, traffic)));
         }
-        Cached::Miss { is_reply, tunnel } => (is_reply, tunnel),
+        Cached::Miss { is_reply, tunnel, node } => (is_reply, tunnel, node),
     };
     let ep = endpoint(cfg.active_slot(), ifindex).map_err(|r| (0, r))?;
     if dir == Direction::Egress && t.saddr != ep.ip {
         return Err((ep.endpoint_id, DropReason::SourceSpoof));
     }
-    let o = decide_new(&cfg, &f, &ep, dir, is_reply, tunnel, Cache::Write);
+    let o = decide_new(&cfg, &f, &ep, dir, is_reply, tunnel, node, Cache::Write);
     if !is_reply {
         emit(EVENT_DECIDED, HOOK_TC, &t, false, &o);
     }
@@ -338,10 +344,10 @@ fn sock_out(ctx: &SkBuffContext) -> PolicyValue {
         Err(r) => return PolicyValue::deny(0, r),
     };
     let f = Flow::new(ifindex, t);
-    let value = match cached(&cfg, &f, Direction::Egress, false) {
+    let value = match cached(&cfg, &f, Direction::Egress, false, false) {
         Cached::Hit(o, _) => o.value,
-        Cached::Miss { is_reply, tunnel } => match endpoint(cfg.active_slot(), ifindex) {
-            Ok(ep) => decide_new(&cfg, &f, &ep, Direction::Egress, is_reply, tunnel, Cache::ReadOnly).value,
+        Cached::Miss { is_reply, tunnel, node } => match endpoint(cfg.active_slot(), ifindex) {
+            Ok(ep) => decide_new(&cfg, &f, &ep, Direction::Egress, is_reply, tunnel, node, Cache::ReadOnly).value,
             Err(r) => PolicyValue::deny(0, r),
         },
     };

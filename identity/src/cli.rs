@@ -123,21 +123,64 @@ pub enum CaCommand {
         #[arg(long, default_value = server::DEFAULT_CA_LISTEN_ADDR)]
         listen: SocketAddr,
         /// Token file: one `<token> <node-name>` per line.
-        #[arg(long, required_unless_present = "node_certs")]
+        #[arg(long, required_unless_present_any = ["node_certs", "kubernetes"])]
         token_file: Option<PathBuf>,
         /// Node certificate file: one `<spiffe-id> <node-name>` per line (needs TLS).
         #[arg(long, conflicts_with = "plaintext")]
         node_certs: Option<PathBuf>,
         /// Node workloads file: one `<node-name> <spiffe-id>` per line.
-        #[arg(long)]
-        node_workloads: PathBuf,
+        #[arg(long, required_unless_present = "kubernetes", conflicts_with = "kubernetes")]
+        node_workloads: Option<PathBuf>,
         /// Longest certificate lifetime the CA signs, in hours.
         #[arg(long, default_value_t = ca::DEFAULT_MAX_WORKLOAD_CERT_TTL.as_secs() / 3600)]
         max_ttl_hours: u64,
         /// Serve plaintext h2c instead of TLS (loopback labs only: tokens travel in the clear).
         #[arg(long)]
         plaintext: bool,
+        /// In a Kubernetes cluster (as istiod): node agents authenticate with their
+        /// service-account token (TokenReview; the pod it is bound to names the node), and obtain
+        /// the identities of the pods scheduled on their node. A generated root is kept in the
+        /// Secret `warden-ca-secret` and the root published in the ConfigMap `--root-configmap`.
+        /// Implemented by the `warden` binary.
+        #[arg(long)]
+        kubernetes: bool,
+        /// With --kubernetes, outside the cluster: the API server of this kubeconfig.
+        #[arg(long, requires = "kubernetes")]
+        kubeconfig: Option<PathBuf>,
+        /// With --kubernetes: the namespace holding the root's Secret and ConfigMap (the CA's own).
+        #[arg(long, env = "POD_NAMESPACE", default_value = DEFAULT_KUBE_NAMESPACE)]
+        namespace: String,
+        /// With --kubernetes: a `namespace/service-account` whose tokens authenticate node agents
+        /// (Istio's CA_TRUSTED_NODE_ACCOUNTS); repeat for several.
+        #[arg(long = "trusted-node-account", default_value = DEFAULT_TRUSTED_NODE_ACCOUNT)]
+        trusted_node_accounts: Vec<String>,
+        /// With --kubernetes: the audience node agents' tokens must be issued for.
+        #[arg(long, default_value = DEFAULT_TOKEN_AUDIENCE)]
+        token_audience: String,
+        /// With --kubernetes: the ConfigMap (in --namespace) the root certificate, and the CRL
+        /// when there is one, are published in, for the node agents to mount.
+        #[arg(long, default_value = DEFAULT_ROOT_CONFIGMAP)]
+        root_configmap: String,
     },
+}
+
+/// `warden ca serve --kubernetes`: the CA's namespace by default.
+pub const DEFAULT_KUBE_NAMESPACE: &str = "warden-system";
+/// The node agents' service account (`deploy/daemonset.yaml`).
+pub const DEFAULT_TRUSTED_NODE_ACCOUNT: &str = "warden-system/warden-agent";
+/// The audience of the node agents' projected tokens (Istio's is `istio-ca`).
+pub const DEFAULT_TOKEN_AUDIENCE: &str = "warden-ca";
+/// The ConfigMap holding the root certificate (Istio's is `istio-ca-root-cert`).
+pub const DEFAULT_ROOT_CONFIGMAP: &str = "warden-ca-root-cert";
+
+/// What a caller adds to `warden ca serve`: authentication and authorization it implements
+/// itself (the `warden` binary's Kubernetes support).
+#[derive(Clone)]
+pub struct CaPlugins {
+    /// Tried before the token file and node certificates.
+    pub authenticator: Arc<dyn server::Authenticator>,
+    /// Which identities a node may obtain.
+    pub workloads: Arc<dyn server::NodeWorkloads>,
 }
 
 /// Runs a `warden ca` subcommand; errors are printed to stderr.
@@ -145,7 +188,7 @@ pub fn run_ca(cmd: CaCommand) -> ExitCode {
     let result = match cmd {
         CaCommand::Serve { .. } => {
             tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(CliError::Runtime).and_then(|rt| {
-                rt.block_on(serve_ca(cmd, |addr| println!("warden CA listening on {addr}"), async {
+                rt.block_on(serve_ca(cmd, None, |addr| println!("warden CA listening on {addr}"), async {
                     let _ = tokio::signal::ctrl_c().await;
                 }))
             })
@@ -222,9 +265,11 @@ fn write(path: &Path, contents: &[u8], mode: u32) -> Result<(), CliError> {
     f.write_all(contents).map_err(err)
 }
 
-/// `warden ca serve` until `shutdown`; `on_listen` receives the bound address.
+/// `warden ca serve` until `shutdown`; `on_listen` receives the bound address. `plugins` (needed
+/// with `--kubernetes`) add the caller's authentication and authorization.
 pub async fn serve_ca(
     cmd: CaCommand,
+    plugins: Option<CaPlugins>,
     on_listen: impl FnOnce(SocketAddr),
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), CliError> {
@@ -237,12 +282,21 @@ pub async fn serve_ca(
         node_workloads,
         max_ttl_hours,
         plaintext,
+        kubernetes,
+        ..
     } = cmd
     else {
         return Err(CliError::Usage("not a serve command".into()));
     };
-    if token_file.is_none() && node_certs.is_none() {
-        return Err(CliError::Usage("give --token-file and/or --node-certs".into()));
+    if kubernetes != plugins.is_some() {
+        return Err(CliError::Usage(if kubernetes {
+            "--kubernetes needs the warden binary's Kubernetes support".into()
+        } else {
+            "authentication plugins are given only with --kubernetes".into()
+        }));
+    }
+    if token_file.is_none() && node_certs.is_none() && plugins.is_none() {
+        return Err(CliError::Usage("give --token-file and/or --node-certs, or --kubernetes".into()));
     }
     if plaintext && node_certs.is_some() {
         return Err(CliError::Usage("--node-certs needs TLS; drop --plaintext".into()));
@@ -256,6 +310,9 @@ pub async fn serve_ca(
     // Validate every input before binding: never serve with a broken CA.
     let ca = Arc::new(CertificateAuthority::load_or_init(&dir, config, clock.clone())?);
     let mut authenticators: Vec<Arc<dyn server::Authenticator>> = Vec::new();
+    if let Some(p) = &plugins {
+        authenticators.push(p.authenticator.clone());
+    }
     if let Some(p) = &node_certs {
         authenticators.push(Arc::new(server::NodeCertAuthenticator::from_file(p)?));
     }
@@ -263,7 +320,11 @@ pub async fn serve_ca(
         authenticators.push(Arc::new(TokenFileAuthenticator::from_file(p)?));
     }
     let auth = Arc::new(server::AnyAuthenticator(authenticators));
-    let workloads = Arc::new(StaticNodeWorkloads::from_file(&node_workloads)?);
+    let workloads: Arc<dyn server::NodeWorkloads> = match (&plugins, &node_workloads) {
+        (Some(p), _) => p.workloads.clone(),
+        (None, Some(file)) => Arc::new(StaticNodeWorkloads::from_file(file)?),
+        (None, None) => return Err(CliError::Usage("give --node-workloads, or --kubernetes".into())),
+    };
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = crate::metrics::Metrics::new(&mut registry);
     let service = CaService::new(ca.clone(), auth, workloads, clock.clone(), Some(metrics));

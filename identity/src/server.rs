@@ -1,7 +1,8 @@
 //! Istio's CA API, `istio.v1.auth.IstioCertificateService/CreateCertificate`, served with tonic.
 //!
-//! Every request is (1) authenticated: the [`Authenticator`] maps the caller to a node name (the
-//! lab implementation is a token file; peer certificates are passed too when served over mTLS),
+//! Every request is (1) authenticated: the [`Authenticator`] maps the caller to a node name (a
+//! token file, node certificates when served over mTLS, or, in a cluster, the node agent's
+//! Kubernetes service-account token, implemented by the agent crate),
 //! (2) rate-limited per node, (3) parsed: the CSR must carry exactly one SPIFFE ID of this trust
 //! domain and, if sent, match the `ImpersonatedIdentity` metadata, (4) authorised: the node may
 //! only obtain identities of workloads scheduled on it ([`NodeWorkloads`], implemented by the
@@ -18,7 +19,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use rustls::ServerConfig;
 use rustls_pki_types::CertificateDer;
-use tonic::metadata::MetadataMap;
+/// The request metadata an [`Authenticator`] reads (re-exported for implementors).
+pub use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 
 use crate::ca::{CaError, CertificateAuthority};
@@ -28,7 +30,7 @@ use crate::metrics::Metrics;
 use crate::proto::istio_certificate_service_server::{IstioCertificateService, IstioCertificateServiceServer};
 use crate::proto::{IstioCertificateRequest, IstioCertificateResponse};
 use crate::tls::{CompliancePolicy, SpiffeVerifier, TrustBundle};
-use crate::workload::{IMPERSONATED_IDENTITY_KEY, LocalCaClient, SecretManager, SecretManagerConfig};
+use crate::workload::{BoxFuture, IMPERSONATED_IDENTITY_KEY, LocalCaClient, SecretManager, SecretManagerConfig};
 
 /// Address `warden ca serve` listens on by default (istiod serves its CA on 15012).
 pub const DEFAULT_CA_LISTEN_ADDR: &str = "127.0.0.1:15012";
@@ -109,22 +111,32 @@ pub enum AuthError {
     /// The credentials were not accepted.
     #[error("credentials not accepted")]
     Invalid,
+    /// The credentials could not be checked now (the service that checks them did not answer);
+    /// worth retrying.
+    #[error("credentials cannot be checked now: {0}")]
+    Unavailable(String),
 }
 
 /// Maps a caller to the node it runs on.
 pub trait Authenticator: Send + Sync + fmt::Debug {
     /// `peer_certs` is the verified client chain when the server runs with mTLS.
-    fn authenticate(
-        &self,
-        metadata: &MetadataMap,
-        peer_certs: Option<&[CertificateDer<'static>]>,
-    ) -> Result<String, AuthError>;
+    fn authenticate<'a>(
+        &'a self,
+        metadata: &'a MetadataMap,
+        peer_certs: Option<&'a [CertificateDer<'static>]>,
+    ) -> BoxFuture<'a, Result<String, AuthError>>;
 }
 
-/// The "workloads on this node" source. The agent implements it from its pod cache.
+/// Why [`NodeWorkloads`] could not answer (its source did not); worth retrying.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("cannot tell which workloads run on the node: {0}")]
+pub struct LookupError(pub String);
+
+/// The "workloads on this node" source: a file ([`StaticNodeWorkloads`]) or, in a cluster, the
+/// pods the API server schedules on the node (implemented by the agent crate).
 pub trait NodeWorkloads: Send + Sync + fmt::Debug {
     /// Whether a workload running as `identity` is scheduled on `node`.
-    fn is_on_node(&self, node: &str, identity: &Identity) -> bool;
+    fn is_on_node<'a>(&'a self, node: &'a str, identity: &'a Identity) -> BoxFuture<'a, Result<bool, LookupError>>;
 }
 
 fn read_lines(path: &Path) -> Result<Vec<(usize, Vec<String>)>, ServerError> {
@@ -186,20 +198,20 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-impl Authenticator for TokenFileAuthenticator {
-    fn authenticate(
-        &self,
-        metadata: &MetadataMap,
-        _peer: Option<&[CertificateDer<'static>]>,
-    ) -> Result<String, AuthError> {
-        let header = metadata.get("authorization").ok_or(AuthError::Missing)?;
-        let token = header
-            .to_str()
-            .ok()
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-            .ok_or(AuthError::Missing)?
-            .trim()
-            .as_bytes();
+/// The bearer token of a request (`authorization: Bearer <token>`).
+pub fn bearer_token(metadata: &MetadataMap) -> Result<&str, AuthError> {
+    let header = metadata.get("authorization").ok_or(AuthError::Missing)?;
+    header
+        .to_str()
+        .ok()
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::trim)
+        .ok_or(AuthError::Missing)
+}
+
+impl TokenFileAuthenticator {
+    fn check(&self, metadata: &MetadataMap) -> Result<String, AuthError> {
+        let token = bearer_token(metadata)?.as_bytes();
         let tokens = self.tokens.read().unwrap_or_else(|e| e.into_inner());
         let mut found = None;
         for (t, node) in tokens.iter() {
@@ -208,6 +220,16 @@ impl Authenticator for TokenFileAuthenticator {
             }
         }
         found.ok_or(AuthError::Invalid)
+    }
+}
+
+impl Authenticator for TokenFileAuthenticator {
+    fn authenticate<'a>(
+        &'a self,
+        metadata: &'a MetadataMap,
+        _peer: Option<&'a [CertificateDer<'static>]>,
+    ) -> BoxFuture<'a, Result<String, AuthError>> {
+        Box::pin(std::future::ready(self.check(metadata)))
     }
 }
 
@@ -245,15 +267,21 @@ impl NodeCertAuthenticator {
     }
 }
 
-impl Authenticator for NodeCertAuthenticator {
-    fn authenticate(
-        &self,
-        _metadata: &MetadataMap,
-        peer_certs: Option<&[CertificateDer<'static>]>,
-    ) -> Result<String, AuthError> {
+impl NodeCertAuthenticator {
+    fn check(&self, peer_certs: Option<&[CertificateDer<'static>]>) -> Result<String, AuthError> {
         let leaf = peer_certs.and_then(|c| c.first()).ok_or(AuthError::Missing)?;
         let identity = crate::tls::spiffe_identity(leaf).map_err(|_| AuthError::Invalid)?;
         self.nodes.get(&identity).cloned().ok_or(AuthError::Invalid)
+    }
+}
+
+impl Authenticator for NodeCertAuthenticator {
+    fn authenticate<'a>(
+        &'a self,
+        _metadata: &'a MetadataMap,
+        peer_certs: Option<&'a [CertificateDer<'static>]>,
+    ) -> BoxFuture<'a, Result<String, AuthError>> {
+        Box::pin(std::future::ready(self.check(peer_certs)))
     }
 }
 
@@ -262,21 +290,25 @@ impl Authenticator for NodeCertAuthenticator {
 pub struct AnyAuthenticator(pub Vec<Arc<dyn Authenticator>>);
 
 impl Authenticator for AnyAuthenticator {
-    fn authenticate(
-        &self,
-        metadata: &MetadataMap,
-        peer_certs: Option<&[CertificateDer<'static>]>,
-    ) -> Result<String, AuthError> {
-        let mut err = AuthError::Missing;
-        for a in &self.0 {
-            match a.authenticate(metadata, peer_certs) {
-                Ok(node) => return Ok(node),
-                // Credentials that were sent but refused are the more useful report.
-                Err(AuthError::Invalid) => err = AuthError::Invalid,
-                Err(_) => {}
+    fn authenticate<'a>(
+        &'a self,
+        metadata: &'a MetadataMap,
+        peer_certs: Option<&'a [CertificateDer<'static>]>,
+    ) -> BoxFuture<'a, Result<String, AuthError>> {
+        Box::pin(async move {
+            let mut err = AuthError::Missing;
+            for a in &self.0 {
+                match a.authenticate(metadata, peer_certs).await {
+                    Ok(node) => return Ok(node),
+                    // Credentials that could not be checked, then credentials that were sent but
+                    // refused, are the more useful reports.
+                    Err(e @ AuthError::Unavailable(_)) => err = e,
+                    Err(AuthError::Invalid) if !matches!(err, AuthError::Unavailable(_)) => err = AuthError::Invalid,
+                    Err(_) => {}
+                }
             }
-        }
-        Err(err)
+            Err(err)
+        })
     }
 }
 
@@ -311,9 +343,16 @@ impl StaticNodeWorkloads {
     }
 }
 
-impl NodeWorkloads for StaticNodeWorkloads {
-    fn is_on_node(&self, node: &str, identity: &Identity) -> bool {
+impl StaticNodeWorkloads {
+    /// Whether the table lists `identity` on `node`.
+    pub fn lists(&self, node: &str, identity: &Identity) -> bool {
         self.map.get(node).is_some_and(|ids| ids.contains(identity))
+    }
+}
+
+impl NodeWorkloads for StaticNodeWorkloads {
+    fn is_on_node<'a>(&'a self, node: &'a str, identity: &'a Identity) -> BoxFuture<'a, Result<bool, LookupError>> {
+        Box::pin(std::future::ready(Ok(self.lists(node, identity))))
     }
 }
 
@@ -388,7 +427,7 @@ impl CaService {
         IstioCertificateServiceServer::new(self)
     }
 
-    fn handle(
+    async fn handle(
         &self,
         req: Request<IstioCertificateRequest>,
     ) -> Result<(String, IstioCertificateResponse), (&'static str, Status)> {
@@ -396,10 +435,12 @@ impl CaService {
             .extensions()
             .get::<tonic::transport::server::TlsConnectInfo<tonic::transport::server::TcpConnectInfo>>()
             .and_then(|i| i.peer_certs());
-        let node = self
-            .auth
-            .authenticate(req.metadata(), peer_certs.as_deref().map(Vec::as_slice))
-            .map_err(|e| ("unauthenticated", Status::unauthenticated(format!("authentication failed: {e}"))))?;
+        let node = self.auth.authenticate(req.metadata(), peer_certs.as_deref().map(Vec::as_slice)).await.map_err(
+            |e| match e {
+                AuthError::Unavailable(_) => ("unavailable", Status::unavailable(format!("authentication: {e}"))),
+                e => ("unauthenticated", Status::unauthenticated(format!("authentication failed: {e}"))),
+            },
+        )?;
         if !self.limiter.try_acquire(&node) {
             return Err((
                 "rate_limited",
@@ -422,7 +463,12 @@ impl CaService {
                 )),
             ));
         }
-        if !self.workloads.is_on_node(&node, &csr.identity) {
+        let on_node = self
+            .workloads
+            .is_on_node(&node, &csr.identity)
+            .await
+            .map_err(|e| ("unavailable", Status::unavailable(e.to_string())))?;
+        if !on_node {
             return Err((
                 "denied",
                 Status::permission_denied(format!(
@@ -459,7 +505,7 @@ impl IstioCertificateService for CaService {
     ) -> Result<Response<IstioCertificateResponse>, Status> {
         let start = Instant::now();
         let remote = request.remote_addr();
-        let result = self.handle(request);
+        let result = self.handle(request).await;
         let (label, out) = match result {
             Ok((_node, resp)) => ("issued", Ok(Response::new(resp))),
             Err((label, status)) => {
@@ -584,17 +630,43 @@ mod tests {
         std::fs::write(&p, "# lab tokens\ns3cret-a node-a\ns3cret-b node-b # second\n").unwrap();
         let auth = TokenFileAuthenticator::from_file(&p).unwrap();
         let mut md = MetadataMap::new();
-        assert!(matches!(auth.authenticate(&md, None), Err(AuthError::Missing)));
+        assert!(matches!(auth.check(&md), Err(AuthError::Missing)));
         md.insert("authorization", "Bearer s3cret-b".parse().unwrap());
-        assert_eq!(auth.authenticate(&md, None).unwrap(), "node-b");
+        assert_eq!(auth.check(&md).unwrap(), "node-b");
         md.insert("authorization", "Bearer s3cret-c".parse().unwrap());
-        assert!(matches!(auth.authenticate(&md, None), Err(AuthError::Invalid)));
+        assert!(matches!(auth.check(&md), Err(AuthError::Invalid)));
         std::fs::write(&p, "s3cret-c node-c\n").unwrap();
         auth.reload().unwrap();
-        assert_eq!(auth.authenticate(&md, None).unwrap(), "node-c");
+        assert_eq!(auth.check(&md).unwrap(), "node-c");
         std::fs::write(&p, "lonely\n").unwrap();
         let err = auth.reload().unwrap_err();
         assert!(err.to_string().contains(":1:"), "{err}");
+    }
+
+    #[derive(Debug)]
+    struct Fixed(AuthError);
+
+    impl Authenticator for Fixed {
+        fn authenticate<'a>(
+            &'a self,
+            _metadata: &'a MetadataMap,
+            _peer: Option<&'a [CertificateDer<'static>]>,
+        ) -> BoxFuture<'a, Result<String, AuthError>> {
+            Box::pin(std::future::ready(Err(self.0.clone())))
+        }
+    }
+
+    #[tokio::test]
+    async fn any_authenticator_reports_an_unchecked_credential_before_a_refused_one() {
+        let md = MetadataMap::new();
+        let any = |v: Vec<AuthError>| AnyAuthenticator(v.into_iter().map(|e| Arc::new(Fixed(e)) as _).collect());
+        let down = AuthError::Unavailable("API server down".into());
+        for order in [vec![down.clone(), AuthError::Invalid], vec![AuthError::Invalid, down.clone()]] {
+            let e = any(order).authenticate(&md, None).await.unwrap_err();
+            assert!(matches!(e, AuthError::Unavailable(_)), "{e}");
+        }
+        let e = any(vec![AuthError::Missing, AuthError::Invalid]).authenticate(&md, None).await.unwrap_err();
+        assert!(matches!(e, AuthError::Invalid), "{e}");
     }
 
     #[test]
@@ -604,8 +676,8 @@ mod tests {
         std::fs::write(&p, "node-a spiffe://cluster.local/ns/default/sa/web\n").unwrap();
         let w = StaticNodeWorkloads::from_file(&p).unwrap();
         let web: Identity = "spiffe://cluster.local/ns/default/sa/web".parse().unwrap();
-        assert!(w.is_on_node("node-a", &web));
-        assert!(!w.is_on_node("node-b", &web));
+        assert!(w.lists("node-a", &web));
+        assert!(!w.lists("node-b", &web));
         std::fs::write(&p, "node-a spiffe://cluster.local/ns/default\n").unwrap();
         assert!(StaticNodeWorkloads::from_file(&p).is_err());
     }

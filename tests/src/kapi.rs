@@ -106,11 +106,17 @@ impl ApiServer {
 
     /// A kubeconfig acting as the DaemonSet's service account (impersonation by the admin).
     pub fn agent_kubeconfig(&self) -> PathBuf {
-        let p = self.dir.join("agent-kubeconfig");
+        self.kubeconfig_as("warden-system", "warden-agent")
+    }
+
+    /// A kubeconfig acting as service account `namespace/name` (impersonation by the admin), so
+    /// the RBAC that account is granted is what the client gets.
+    pub fn kubeconfig_as(&self, namespace: &str, name: &str) -> PathBuf {
+        let p = self.dir.join(format!("{namespace}-{name}-kubeconfig"));
         let admin = fs::read_to_string(self.kubeconfig()).unwrap();
         let kc = admin.replace(
             "    token: admin-token\n",
-            "    token: admin-token\n    as: system:serviceaccount:warden-system:warden-agent\n    as-groups: [system:serviceaccounts, system:serviceaccounts:warden-system, system:authenticated]\n",
+            &format!("    token: admin-token\n    as: system:serviceaccount:{namespace}:{name}\n    as-groups: [system:serviceaccounts, system:serviceaccounts:{namespace}, system:authenticated]\n"),
         );
         assert_ne!(kc, admin, "the kubeconfig written by start.sh changed shape");
         fs::write(&p, kc).unwrap();
@@ -186,6 +192,99 @@ impl ApiServer {
             format!("{{\"status\":{{\"phase\":\"Running\",\"podIP\":\"{ip}\",\"podIPs\":[{{\"ip\":\"{ip}\"}}]}}}}");
         self.kubectl(&["patch", "pod", name, "-n", ns, "--subresource=status", "--type=merge", "-p", &status]).unwrap();
         self.kubectl(&["get", "pod", name, "-n", ns, "-o", "jsonpath={.metadata.uid}"]).unwrap()
+    }
+}
+
+impl ApiServer {
+    /// `kubectl create token` for `account` of warden-system, for `audience`, bound to `pod`.
+    pub fn token(&self, account: &str, audience: &str, pod: Option<&str>) -> String {
+        let mut args =
+            vec!["create", "token", account, "-n", "warden-system", "--audience", audience, "--duration", "1h"];
+        if let Some(pod) = pod {
+            args.extend(["--bound-object-kind", "Pod", "--bound-object-name", pod]);
+        }
+        self.kubectl(&args).unwrap().trim().to_string()
+    }
+
+    /// A pod of `account` in warden-system on `node` (nothing runs it: the object is what counts,
+    /// e.g. the node agent's, which its projected token is bound to).
+    pub fn system_pod(&self, name: &str, account: &str, node: &str) {
+        self.apply(&format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: warden-system}}\n\
+             spec: {{nodeName: {node}, serviceAccountName: {account}, containers: [{{name: agent, image: warden:1}}]}}\n"
+        ))
+        .unwrap();
+    }
+
+    /// `data.KEY` of a ConfigMap or Secret (`kind`) of warden-system, decoded; `None` when absent.
+    pub fn data(&self, kind: &str, name: &str, key: &str) -> Option<String> {
+        let path = format!("jsonpath={{.data.{}}}", key.replace('.', "\\."));
+        let v = self.kubectl(&["get", kind, name, "-n", "warden-system", "-o", &path]).ok()?;
+        if v.is_empty() {
+            return None;
+        }
+        if kind != "secret" {
+            return Some(v);
+        }
+        let out =
+            Command::new("base64").args(["-d"]).arg("-").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().ok()?;
+        use std::io::Write as _;
+        out.stdin.as_ref()?.write_all(v.as_bytes()).ok()?;
+        String::from_utf8(out.wait_with_output().ok()?.stdout).ok()
+    }
+
+    /// Poll `data` until it answers.
+    pub fn wait_data(&self, kind: &str, name: &str, key: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(v) = self.data(kind, name, key) {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "{kind} {name} has no {key} after {timeout:?}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+/// `warden ca serve --kubernetes` as deploy/ca runs it, as its own service account (so deploy/'s
+/// RBAC for it is what it gets), in the API server's network namespace; killed on drop.
+pub struct CaProcess(std::process::Child);
+
+impl CaProcess {
+    /// Start on `127.0.0.1:port` with CA directory `dir`; returns once it listens.
+    pub fn start(api: &ApiServer, dir: &std::path::Path, port: u16) -> CaProcess {
+        use std::io::BufRead as _;
+        let kubeconfig = api.kubeconfig_as("warden-system", "warden-ca");
+        let mut child = api
+            .command(crate::warden_bin().to_str().unwrap())
+            .args(["ca", "serve", "--kubernetes", "--kubeconfig"])
+            .arg(&kubeconfig)
+            .arg("--dir")
+            .arg(dir)
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--trusted-node-account", "warden-system/warden-agent"])
+            .env("POD_NAMESPACE", "warden-system")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting the CA");
+        let stderr = child.stderr.take().unwrap();
+        let log = std::thread::spawn(move || {
+            std::io::BufReader::new(stderr).lines().map_while(Result::ok).collect::<Vec<_>>().join("\n")
+        });
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        if !line.contains("listening") {
+            let _ = child.kill();
+            panic!("the CA did not start: {line:?}\n{}", log.join().unwrap());
+        }
+        CaProcess(child)
+    }
+}
+
+impl Drop for CaProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 

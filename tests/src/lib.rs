@@ -593,6 +593,55 @@ impl Lab {
         ))
     }
 
+    /// One connection attempt from the node's own network namespace (as kubelet's probes, or
+    /// any hostNetwork process) to `ip`:`port`.
+    pub fn probe_from_node(&self, ip: Ipv4Addr, port: u16) -> Probe {
+        let args = ["connect".to_string(), format!("{ip}:{port}"), "--timeout-ms".into(), "700".into()];
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{}", self.node)).arg("--").arg(probe_bin()).args(args);
+        probe_result(c)
+    }
+
+    /// One connection attempt from workload `from`'s network namespace by a process outside its
+    /// cgroup (one that escaped it): no cgroup hook sees it, the TC program on the veth decides.
+    pub fn probe_uncaged(&self, from: &str, ip: Ipv4Addr, port: u16) -> Probe {
+        let m = self.member(from);
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{}", m.netns)).arg("--").arg(probe_bin()).args([
+            "connect".to_string(),
+            format!("{ip}:{port}"),
+            "--timeout-ms".into(),
+            "700".into(),
+        ]);
+        probe_result(c)
+    }
+
+    /// `warden certs -o json` of the agent in this lab's node namespace (its admin endpoint is on
+    /// the node's loopback), if it answers.
+    pub fn certs(&self) -> Option<serde_json::Value> {
+        let out = self
+            .node_command(
+                warden_bin().to_str()?,
+                &["certs", "-o", "json", "--admin-url", "http://127.0.0.1:15000/certs"],
+            )
+            .output()
+            .ok()?;
+        out.status.success().then(|| serde_json::from_slice(&out.stdout).ok()).flatten()
+    }
+
+    /// The counter rows `warden maps --output json` shows for `workload` (`namespace/name`).
+    pub fn counters_of(&self, workload: &str) -> Vec<serde_json::Value> {
+        let maps = self.warden(&["maps", "--output", "json"]).expect("warden maps");
+        let v: serde_json::Value = serde_json::from_str(&maps).expect("warden maps prints JSON");
+        v["endpoints"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| e["workload"] == workload)
+            .flat_map(|e| e["counters"].as_array().cloned().unwrap_or_default())
+            .collect()
+    }
+
     /// `warden` CLI against this lab's pins and state.
     pub fn warden(&self, args: &[&str]) -> anyhow::Result<String> {
         let pin = self.pin_dir.display().to_string();

@@ -13,14 +13,7 @@ use warden_tests::{Lab, Spec, require_root, warden_bin, write_policies};
 
 /// `warden certs -o json` run inside the lab's node namespace (where the agent's loopback is).
 fn certs(lab: &Lab) -> Option<serde_json::Value> {
-    let out = Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", lab.node))
-        .arg("--")
-        .arg(warden_bin())
-        .args(["certs", "-o", "json", "--admin-url", "http://127.0.0.1:15000/certs"])
-        .output()
-        .ok()?;
-    out.status.success().then(|| serde_json::from_slice(&out.stdout).ok()).flatten()
+    lab.certs()
 }
 
 fn identities(v: &serde_json::Value) -> Vec<String> {

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use warden_common::{CONFIG_EVENTS, names};
+use warden_common::{CONFIG_EVENTS, CONFIG_NODE_EXEMPT, names};
 use warden_tests::{
     Lab, Probe,
     fixtures::{ALLOW_A_TO_B_8080, DENY_C_TO_A, team},
@@ -70,13 +70,8 @@ fn assert_result(p: &Probe, want: &str, what: &str) {
 
 /// Counter totals of one workload as `warden maps` reports them: (direction, hook, verdict) -> packets.
 fn counters(lab: &Lab, workload: &str) -> Vec<(String, String, String, String, u64)> {
-    let v: serde_json::Value = serde_json::from_str(&lab.warden(&["maps", "--output", "json"]).unwrap()).unwrap();
-    v["endpoints"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["workload"] == workload)
-        .flat_map(|e| e["counters"].as_array().cloned().unwrap_or_default())
+    lab.counters_of(workload)
+        .into_iter()
         .map(|c| {
             (
                 c["direction"].as_str().unwrap().to_string(),
@@ -95,16 +90,7 @@ fn count(lab: &Lab, workload: &str, direction: &str, hook: &str, verdict: &str) 
 
 /// A process in `from`'s network namespace but outside its cgroup: only the TC programs see it.
 fn probe_outside_cgroup(lab: &Lab, from: &str, to: &str, port: u16) -> Probe {
-    let m = lab.member(from);
-    let ip = lab.member(to).spec.ip;
-    let out = std::process::Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", m.netns))
-        .arg("--")
-        .arg(probe_bin())
-        .args(["connect", &format!("{ip}:{port}"), "--timeout-ms", "700"])
-        .output()
-        .unwrap();
-    serde_json::from_slice(&out.stdout).unwrap()
+    lab.probe_uncaged(from, lab.member(to).spec.ip, port)
 }
 
 #[test]
@@ -290,9 +276,11 @@ fn bpftool_reads_pinned_maps_with_field_names() {
     );
     let flows = run(&["bpftool", "map", "dump", "pinned", &pin(names::FLOWS)]).unwrap();
     assert!(flows.contains("\"addr_lo\"") && flows.contains("\"generation\""), "{flows}");
-    // The kernel writes flow events while the access log (on by default) reads them, and only then.
+    // The kernel writes flow events while the access log (on by default) reads them, and only then;
+    // the node's own TCP is exempt by default (`--node-probes allow`).
     let config = || run(&["bpftool", "map", "dump", "pinned", &pin(names::CONFIG)]).unwrap();
-    assert!(config().contains(&format!("\"flags\": {CONFIG_EVENTS}")), "{}", config());
+    let flags = CONFIG_EVENTS | CONFIG_NODE_EXEMPT;
+    assert!(config().contains(&format!("\"flags\": {flags}")), "{}", config());
     // The text view names what the numbers mean.
     let text = lab.warden(&["maps"]).unwrap();
     assert!(
@@ -306,7 +294,8 @@ fn bpftool_reads_pinned_maps_with_field_names() {
     let path = |p: &std::path::Path| p.display().to_string();
     let (workloads, policies) = (path(&lab.workloads_path()), path(&dir));
     lab.start_agent_with(
-        &["--workloads", &workloads, "--policies", &policies, "--access-log", "off"].map(String::from),
+        &["--workloads", &workloads, "--policies", &policies, "--access-log", "off", "--node-probes", "deny"]
+            .map(String::from),
     )
     .unwrap();
     assert!(config().contains("\"flags\": 0"), "{}", config());

@@ -20,7 +20,7 @@ use std::{
 use warden_tests::{
     Lab, Spec,
     fixtures::{ALLOW_A_TO_B_8080, team},
-    kapi::ApiServer,
+    kapi::{ApiServer, CaProcess},
     require_root,
 };
 
@@ -470,4 +470,93 @@ fn each_daemonset_capability_is_needed() {
     let _agent = CappedAgent::spawn(&lab, &DAEMONSET_CAPABILITIES, &args);
     lab.wait_generation_change(before, Duration::from_secs(20)).unwrap();
     assert_eq!(endpoints(&maps(&lab)), ["team/a"]);
+}
+
+#[test]
+fn the_daemonsets_mesh_gets_its_certificates_from_the_cluster_ca_with_its_capabilities() {
+    if !require_root("the_daemonsets_mesh_gets_its_certificates_from_the_cluster_ca_with_its_capabilities") {
+        return;
+    }
+    let node = "node-kmesh";
+    let net = 70;
+    let (mut lab, api) = cluster_lab("kmesh", 16583, node, net);
+    // As a CNI that answers for the pods' gateway by proxy ARP (Calico's 169.254.1.1): the host
+    // veths carry no address, only the pods' /32 routes, so the node does not own the capture
+    // address; the agent makes it local. (Removing a device's last address flushes its routes.)
+    for m in &lab.members {
+        let ip = |args: &[&str]| warden_tests::run(&[&["ip", "-n", lab.node.as_str()], args].concat()).unwrap();
+        ip(&["addr", "del", &format!("{}/32", warden_tests::GATEWAY), "dev", &m.veth]);
+        ip(&["route", "replace", &format!("{}/32", m.spec.ip), "dev", &m.veth]);
+    }
+    // The agent's pod (its projected token is bound to it) and the CA, as deploy/ installs them.
+    api.system_pod("warden-agent-kmesh", "warden-agent", node);
+    let ca_port = 15012;
+    let _ca = CaProcess::start(&api, &lab.dir.join("ca"), ca_port);
+    let root = lab.dir.join("ca-root").join("root-cert.pem");
+    fs::create_dir_all(root.parent().unwrap()).unwrap();
+    fs::write(&root, api.wait_data("configmap", "warden-ca-root-cert", "root-cert.pem", Duration::from_secs(20)))
+        .unwrap();
+    let token = lab.dir.join("warden-ca-token");
+    fs::write(&token, api.token("warden-agent", "warden-ca", Some("warden-agent-kmesh"))).unwrap();
+
+    // The DaemonSet's mesh arguments, with exactly its capabilities.
+    let daemonset = fs::read_to_string(warden_tests::workspace_root().join("deploy/daemonset.yaml")).unwrap();
+    assert!(daemonset.contains("            - --mesh\n"), "deploy/daemonset.yaml runs the mesh");
+    let mut args = agent_args(&api, node);
+    args.extend([
+        "--mesh".into(),
+        "--ca-addr".into(),
+        format!("https://127.0.0.1:{ca_port}"),
+        "--ca-root-cert".into(),
+        root.display().to_string(),
+        "--ca-token-file".into(),
+        token.display().to_string(),
+    ]);
+    let before = lab.generation();
+    let mut agent = CappedAgent::spawn(&lab, &DAEMONSET_CAPABILITIES, &args);
+    lab.wait_generation_change(before, Duration::from_secs(60)).unwrap();
+
+    // Each local workload's certificate, issued by the cluster CA to this node's agent.
+    let want: Vec<String> = ["a", "b", "c"].iter().map(|w| format!("spiffe://cluster.local/ns/team/sa/{w}")).collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let valid: Vec<String> = lab
+            .certs()
+            .map(|v| {
+                v["certificates"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|c| c["state"] == "VALID")
+                    .filter_map(|c| c["identity"].as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if want.iter().all(|w| valid.contains(w)) {
+            break;
+        }
+        assert!(
+            agent.0.try_wait().unwrap().is_none() && Instant::now() < deadline,
+            "valid certificates {valid:?}, want {want:?}\n{}",
+            fs::read_to_string(lab.agent_log()).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The capture address is now the node's (on lo), and a meshed connection is captured and
+    // delivered by the agent.
+    let lo = warden_tests::run(&["ip", "-n", &lab.node, "-4", "addr", "show", "dev", "lo"]).unwrap();
+    assert!(lo.contains(&format!("{}/32", warden_tests::GATEWAY)) && lo.contains("lo:warden"), "{lo}");
+    let b = lab.member("b").spec.ip;
+    let p = lab.echo("c", b, 8080, "through the agent");
+    assert_eq!(p.result, "allowed", "c -> b: {p:?}\n{}", fs::read_to_string(lab.agent_log()).unwrap_or_default());
+    assert_eq!(p.intact, Some(true));
+    let metrics = lab.node_command("curl", &["-sf", "http://127.0.0.1:15020/stats/prometheus"]).output().unwrap();
+    let metrics = String::from_utf8_lossy(&metrics.stdout);
+    assert!(
+        metrics.lines().any(|l| l.starts_with("istio_tcp_connections_opened_total")
+            && l.contains("reporter=\"source\"")
+            && l.contains("source_workload=\"c\"")
+            && l.contains("connection_security_policy=\"mutual_tls\"")),
+        "the agent carried c -> b:\n{metrics}"
+    );
 }

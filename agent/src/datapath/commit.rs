@@ -13,8 +13,8 @@
 use aya::maps::lpm_trie::Key;
 use ipnet::Ipv4Net;
 use warden_common::{
-    CONFIG_EVENTS, CONFIG_FAST_PATH, Config, EndpointInfo, EndpointKey, IPCACHE_SLOT_BITS, IpcacheAddr, PolicyKey,
-    PolicyValue, RemoteInfo,
+    CONFIG_EVENTS, CONFIG_FAST_PATH, CONFIG_NODE_EXEMPT, Config, EndpointInfo, EndpointKey, IPCACHE_SLOT_BITS,
+    IpcacheAddr, PolicyKey, PolicyValue, RemoteInfo,
 };
 
 use super::maps::Maps;
@@ -33,6 +33,9 @@ pub struct NodeState {
     pub events: bool,
     /// The same-node fast path is on (`CONFIG_FAST_PATH`).
     pub fast_path: bool,
+    /// TCP from the node's own stack to its workloads is allowed without policy
+    /// (`CONFIG_NODE_EXEMPT`, `warden agent --node-probes allow`).
+    pub node_exempt: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -118,7 +121,8 @@ pub fn commit(maps: &mut Maps, state: &NodeState, inactive_clean: &mut bool) -> 
 
     let (capture_addr, capture_port) = state.capture.map_or(([0; 4], 0), |a| (a.ip().octets(), a.port()));
     let flags = if state.events { CONFIG_EVENTS } else { 0 }
-        | if state.fast_path && state.capture.is_some() { CONFIG_FAST_PATH } else { 0 };
+        | if state.fast_path && state.capture.is_some() { CONFIG_FAST_PATH } else { 0 }
+        | if state.node_exempt { CONFIG_NODE_EXEMPT } else { 0 };
     let config = Config { generation: next, flags, capture_addr, capture_port, _pad: 0 };
     maps.config.set(0, config, 0).map_err(CommitError::Flip)?;
 

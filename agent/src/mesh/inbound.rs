@@ -19,7 +19,7 @@ use warden_hbone::{
 
 use super::{
     deliver,
-    metrics::{Reporter, refused},
+    metrics::{Deliveries, DeliveryKey, Reporter, refused},
     view::{View, denial_names},
 };
 use crate::telemetry::metrics::TcpRecorder;
@@ -51,6 +51,8 @@ impl ServerTls for WorkloadTls {
 pub struct Handler {
     pub view: watch::Receiver<Arc<View>>,
     pub metrics: TcpRecorder,
+    /// The destination side of the deliveries, named after the proven source workload.
+    pub deliveries: Deliveries,
     /// The agent's own ports, never a tunnel's destination (ztunnel refuses them too).
     pub reserved_ports: Vec<u16>,
 }
@@ -93,12 +95,16 @@ impl Inbound for Handler {
             return Err(Refusal::denied(policy));
         }
         let upstream = deliver::connect(source_ip, dst).await.map_err(|e| Refusal::unreachable(e.to_string()))?;
+        self.deliveries.opened(delivery_key(req), source, target, &upstream);
         let policy = decision.policy.as_deref().unwrap_or("default");
         tracing::debug!(%peer, source = %source_ip, destination = %dst, %workload, %policy, "mTLS connection allowed");
         Ok(upstream)
     }
 
     fn closed(&self, req: &InboundRequest, result: &Result<TransferStats, TransferError>) {
+        let stats = result.as_ref().map_or_else(|e| e.stats, |s| *s);
+        // Through the tunnel to the workload is the request.
+        self.deliveries.closed(&delivery_key(req), stats.received, stats.sent);
         match result {
             Ok(s) => {
                 tracing::debug!(destination = %req.destination, sent = s.sent, received = s.received, "tunnel closed")
@@ -106,4 +112,9 @@ impl Inbound for Handler {
             Err(e) => tracing::debug!(destination = %req.destination, "tunnel failed: {e}"),
         }
     }
+}
+
+/// The delivery of a tunnel: its original client, its destination.
+fn delivery_key(req: &InboundRequest) -> DeliveryKey {
+    DeliveryKey { client: req.forwarded.for_addr(), destination: req.destination }
 }

@@ -1,7 +1,19 @@
-//! Istio's TCP metrics for the connections the agent carries: the source side of captured
-//! connections (the kernel sees only their hop to the agent) and refusals the agent decides. The
-//! destination side of an allowed connection is the kernel's count of the last hop (`tunnel`).
+//! Istio's TCP metrics for the connections the agent carries, both sides, named with the
+//! workloads the agent knows: the source side of captured connections (the kernel sees only their
+//! hop to the agent), the destination side of the connections it delivers ([`Deliveries`], live),
+//! and refusals the agent decides. The kernel, which counts a delivery by the identity of its
+//! source address, cannot name a source workload: identities are per service account, and a
+//! remote workload is not in this node's record. Bytes are TCP payload, as Istio counts them.
 
+use std::{
+    collections::{HashMap, VecDeque},
+    net::SocketAddr,
+    os::fd::{AsRawFd as _, RawFd},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use tokio::net::TcpStream;
 use warden_hbone::TransferStats;
 
 use super::view::MeshWorkload;
@@ -16,7 +28,7 @@ pub enum Reporter {
     Destination,
 }
 
-fn labels(reporter: Reporter, src: &MeshWorkload, dst: &MeshWorkload, flags: &str) -> TcpLabels {
+pub fn labels(reporter: Reporter, src: &MeshWorkload, dst: &MeshWorkload, flags: &str) -> TcpLabels {
     TcpLabels {
         reporter: match reporter {
             Reporter::Source => "source",
@@ -63,5 +75,289 @@ pub fn refused(
             },
             1,
         );
+    }
+}
+
+/// How long a delivery whose socket is gone waits for its close to be reported (the tunnel's
+/// client left before the response, the task was cancelled) before it is closed as it stands.
+const GONE_GRACE: Duration = Duration::from_secs(60);
+/// Deliveries registered between two sweeps of gone ones (bounds what a node nobody scrapes holds).
+const SWEEP_EVERY: u64 = 1024;
+
+/// Which delivery: the original client's address (as the tunnel's `forwarded` header or the
+/// captured socket gives it) and the destination. Metrics only: a client that reuses one for two
+/// streams gets them closed in order.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub struct DeliveryKey {
+    pub client: Option<SocketAddr>,
+    pub destination: SocketAddr,
+}
+
+/// The destination side of the connections the agent delivers to local workloads (the last hop,
+/// `deliver::connect`), counted live: Istio reports a connection's bytes while it lasts, and so
+/// did the kernel's counters this replaces. At each scrape the growth of every open delivery is
+/// read from its socket's own TCP counters (`TCP_INFO`: payload acknowledged by the workload is
+/// the request, payload received from it the response), with no cost on the data path; at its
+/// close the relay's exact totals settle the remainder (bytes the same-node fast path moved
+/// bypass TCP's counters, so they arrive then).
+///
+/// The relay owns the socket. A delivery holds its descriptor number and the socket's cookie,
+/// and reads it only while the number still names that socket (the cookie, read before and
+/// after, is unique to a socket), so a closed and reused descriptor is never misread.
+#[derive(Clone)]
+pub struct Deliveries {
+    rec: TcpRecorder,
+    open: Arc<Mutex<Open>>,
+}
+
+#[derive(Default)]
+struct Open {
+    by_key: HashMap<DeliveryKey, VecDeque<Delivery>>,
+    registered: u64,
+}
+
+struct Delivery {
+    labels: TcpLabels,
+    fd: RawFd,
+    cookie: u64,
+    /// Request and response bytes already in the series.
+    request: u64,
+    response: u64,
+    /// When the socket was first found gone.
+    gone: Option<Instant>,
+}
+
+impl Deliveries {
+    /// Deliveries counted into `rec`'s series, polled before each scrape.
+    pub fn new(rec: &TcpRecorder) -> Deliveries {
+        let d = Deliveries { rec: rec.clone(), open: Arc::default() };
+        let poll = d.clone();
+        rec.on_scrape(move || poll.poll());
+        d
+    }
+
+    /// A delivery from `src` to `dst` is open on `upstream`: one connection opened now.
+    pub fn opened(&self, key: DeliveryKey, src: &MeshWorkload, dst: &MeshWorkload, upstream: &TcpStream) {
+        let labels = labels(Reporter::Destination, src, dst, FLAGS_NONE);
+        self.rec.connection(&labels, &TcpTotals { opened: 1, ..TcpTotals::default() });
+        let fd = upstream.as_raw_fd();
+        let Some(cookie) = socket::cookie(fd) else {
+            // Not a socket the kernel can name: counted at its close only.
+            tracing::debug!(destination = %key.destination, "delivery without a socket cookie; counted at close");
+            self.lock().by_key.entry(key).or_default().push_back(Delivery::gone(labels));
+            return;
+        };
+        let mut open = self.lock();
+        open.by_key.entry(key).or_default().push_back(Delivery {
+            labels,
+            fd,
+            cookie,
+            request: 0,
+            response: 0,
+            gone: None,
+        });
+        open.registered += 1;
+        if open.registered.is_multiple_of(SWEEP_EVERY) {
+            self.sweep(&mut open);
+        }
+    }
+
+    /// The delivery of `key` is over: the relay moved `request` and `response` bytes in all.
+    pub fn closed(&self, key: &DeliveryKey, request: u64, response: u64) {
+        let d = {
+            let mut open = self.lock();
+            let Some(queue) = open.by_key.get_mut(key) else { return };
+            let d = queue.pop_front();
+            if queue.is_empty() {
+                open.by_key.remove(key);
+            }
+            d
+        };
+        if let Some(d) = d {
+            let t = TcpTotals {
+                opened: 0,
+                closed: 1,
+                received_bytes: request.saturating_sub(d.request),
+                sent_bytes: response.saturating_sub(d.response),
+            };
+            self.rec.connection(&d.labels, &t);
+        }
+    }
+
+    /// Add every open delivery's growth since the last poll to its series.
+    pub fn poll(&self) {
+        let mut open = self.lock();
+        for d in open.by_key.values_mut().flatten() {
+            d.poll(&self.rec);
+        }
+        self.sweep(&mut open);
+    }
+
+    /// Close the deliveries whose socket has been gone for [`GONE_GRACE`] without a close.
+    fn sweep(&self, open: &mut Open) {
+        let now = Instant::now();
+        for queue in open.by_key.values_mut() {
+            queue.retain_mut(|d| {
+                if d.gone.is_none() && !d.alive() {
+                    d.gone = Some(now);
+                }
+                let expired = d.gone.is_some_and(|t| now.duration_since(t) >= GONE_GRACE);
+                if expired {
+                    self.rec.connection(&d.labels, &TcpTotals { closed: 1, ..TcpTotals::default() });
+                }
+                !expired
+            });
+        }
+        open.by_key.retain(|_, q| !q.is_empty());
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Open> {
+        self.open.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Delivery {
+    fn gone(labels: TcpLabels) -> Delivery {
+        Delivery { labels, fd: -1, cookie: 0, request: 0, response: 0, gone: Some(Instant::now()) }
+    }
+
+    fn alive(&self) -> bool {
+        self.gone.is_none() && socket::cookie(self.fd) == Some(self.cookie)
+    }
+
+    /// Read the socket's counters (only while it is established: its SYN and FIN occupy a
+    /// sequence number each, which TCP's byte counters include) and add the growth.
+    fn poll(&mut self, rec: &TcpRecorder) {
+        if self.gone.is_some() {
+            return;
+        }
+        let Some(live) = socket::payload(self.fd, self.cookie) else {
+            if !self.alive() {
+                self.gone = Some(Instant::now());
+            }
+            return;
+        };
+        let t = TcpTotals {
+            opened: 0,
+            closed: 0,
+            received_bytes: live.acked.saturating_sub(self.request),
+            sent_bytes: live.received.saturating_sub(self.response),
+        };
+        self.request = self.request.max(live.acked);
+        self.response = self.response.max(live.received);
+        rec.connection(&self.labels, &t);
+    }
+}
+
+/// A TCP socket's own counters, read by descriptor.
+mod socket {
+    use std::os::fd::RawFd;
+
+    /// `SO_COOKIE` (asm-generic/socket.h; not in the libc crate): a socket's unique 64-bit id.
+    const SO_COOKIE: libc::c_int = 57;
+    /// `TCP_ESTABLISHED` of `tcpi_state` (include/net/tcp_states.h; not in the libc crate).
+    const TCP_ESTABLISHED: u8 = 1;
+
+    /// The cookie of the socket `fd` names, if it names one.
+    pub fn cookie(fd: RawFd) -> Option<u64> {
+        if fd < 0 {
+            return None;
+        }
+        let mut v: u64 = 0;
+        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+        // SAFETY: a correctly sized output buffer; an invalid descriptor fails with EBADF.
+        let rc = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, SO_COOKIE, (&mut v as *mut u64).cast(), &mut len) };
+        (rc == 0 && len as usize == std::mem::size_of::<u64>()).then_some(v)
+    }
+
+    /// Payload bytes of an established connection.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct Payload {
+        /// Sent and acknowledged by the peer.
+        pub acked: u64,
+        /// Received in order from the peer.
+        pub received: u64,
+    }
+
+    /// `TCP_INFO` of the socket `fd` names, if it is still the socket of `cookie`, established,
+    /// and actively opened (its acknowledged bytes count the SYN once: Linux's `tcpi_bytes_acked`
+    /// counts every acknowledged sequence number, `tcpi_bytes_received` the data only).
+    pub fn payload(fd: RawFd, cookie: u64) -> Option<Payload> {
+        if self::cookie(fd)? != cookie {
+            return None;
+        }
+        // SAFETY: tcp_info is plain data; zero is a valid value.
+        let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        // SAFETY: a correctly sized output buffer.
+        let rc = unsafe {
+            libc::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, (&mut info as *mut libc::tcp_info).cast(), &mut len)
+        };
+        // Read the cookie again: the descriptor named the same socket all along (a socket, once
+        // closed, never comes back under a number).
+        if rc != 0 || self::cookie(fd)? != cookie || info.tcpi_state != TCP_ESTABLISHED {
+            return None;
+        }
+        // The fields up to tcpi_bytes_received exist since Linux 4.1.
+        let needed = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_received) + std::mem::size_of::<u64>();
+        if (len as usize) < needed {
+            return None;
+        }
+        Some(Payload { acked: info.tcpi_bytes_acked.saturating_sub(1), received: info.tcpi_bytes_received })
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use std::{
+            io::{Read as _, Write as _},
+            net::{TcpListener, TcpStream},
+            os::fd::AsRawFd as _,
+            time::{Duration, Instant},
+        };
+
+        use super::*;
+
+        /// Poll `f` until it returns `want` (acknowledgements arrive asynchronously).
+        fn settles(want: Payload, f: impl Fn() -> Option<Payload>) {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while f() != Some(want) {
+                assert!(Instant::now() < deadline, "{:?} never became {want:?}", f());
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+
+        #[test]
+        fn an_active_opens_counters_are_its_payload_and_a_reused_descriptor_is_never_read() {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            let mut client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+            let (mut server, _) = l.accept().unwrap();
+            let fd = client.as_raw_fd();
+            let c = cookie(fd).expect("a socket has a cookie");
+            assert_ne!(cookie(server.as_raw_fd()), Some(c), "cookies are per socket");
+            // Established, nothing sent: the acknowledged SYN is not payload.
+            settles(Payload { acked: 0, received: 0 }, || payload(fd, c));
+            client.write_all(&[7; 1000]).unwrap();
+            let mut buf = [0; 1000];
+            server.read_exact(&mut buf).unwrap();
+            server.write_all(b"twelve bytes").unwrap();
+            let mut back = [0; 12];
+            client.read_exact(&mut back).unwrap();
+            settles(Payload { acked: 1000, received: 12 }, || payload(fd, c));
+            // A wrong cookie is another socket: not read.
+            assert_eq!(payload(fd, c ^ 1), None);
+            // Half-closed (FIN sent): no longer established, not read (the FIN is not payload).
+            client.shutdown(std::net::Shutdown::Write).unwrap();
+            assert_eq!(server.read(&mut buf).unwrap(), 0);
+            assert_eq!(payload(fd, c), None);
+            // Closed, and the number (the lowest free one, unless another test's thread took it
+            // first) reused by another established socket: never read as the old one.
+            drop(client);
+            let other = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+            let _accepted = l.accept().unwrap();
+            if other.as_raw_fd() == fd {
+                assert!(cookie(fd).is_some_and(|o| o != c), "the number names another socket now");
+            }
+            assert_eq!(payload(fd, c), None);
+        }
     }
 }

@@ -74,17 +74,23 @@ impl Mesh {
         view: View,
         metrics: crate::telemetry::metrics::TcpRecorder,
     ) -> anyhow::Result<Mesh> {
-        routing::install(cfg.hbone_port)?;
+        routing::install(cfg.hbone_port, *cfg.capture.ip())?;
         let (tx, rx) = watch::channel(Arc::new(view));
         let tls = SecretManagerTls::new(certs.secrets().clone(), CompliancePolicy::from_env()?);
 
         let mut reserved = vec![cfg.capture.port(), 15006, cfg.hbone_port];
         reserved.extend(AGENT_PORTS);
         let listener = hbone_listener(cfg.hbone_port)?;
+        let deliveries = metrics::Deliveries::new(&metrics);
         let server = HboneServer::new(
             listener,
             inbound::WorkloadTls { tls: tls.clone(), view: rx.clone() },
-            inbound::Handler { view: rx.clone(), metrics: metrics.clone(), reserved_ports: reserved },
+            inbound::Handler {
+                view: rx.clone(),
+                metrics: metrics.clone(),
+                deliveries: deliveries.clone(),
+                reserved_ports: reserved,
+            },
             ServerOptions::default(),
         );
         tokio::spawn(server.run());
@@ -92,6 +98,7 @@ impl Mesh {
         let outbound = Arc::new(outbound::Outbound {
             view: rx,
             metrics,
+            deliveries,
             orig: outbound::OrigDstMap::open(pin_dir)?,
             pool: Pool::new(tls, PoolOptions::default()),
             hbone_port: cfg.hbone_port,

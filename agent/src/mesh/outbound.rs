@@ -25,7 +25,7 @@ use warden_hbone::{ConnectRequest, Key, Pool, SecretManagerTls, TransferStats, c
 
 use super::{
     deliver,
-    metrics::{Reporter, carried, refused},
+    metrics::{Deliveries, DeliveryKey, Reporter, carried, refused},
     view::{View, denial_names},
 };
 use crate::telemetry::metrics::TcpRecorder;
@@ -53,6 +53,8 @@ impl OrigDstMap {
 pub struct Outbound {
     pub view: watch::Receiver<Arc<View>>,
     pub metrics: TcpRecorder,
+    /// The destination side of same-node deliveries.
+    pub deliveries: Deliveries,
     pub orig: OrigDstMap,
     pub pool: Pool<SecretManagerTls>,
     pub hbone_port: u16,
@@ -104,9 +106,14 @@ impl Outbound {
             }
             match Box::pin(deliver::connect(*client.ip(), dst)).await {
                 Ok(upstream) => {
+                    let key = DeliveryKey { client: Some(SocketAddr::V4(client)), destination: SocketAddr::V4(dst) };
+                    self.deliveries.opened(key, &source, &target, &upstream);
                     // Chunks of up to 256 KiB as over HBONE (tokio's 8 KiB copy buffers cost a system
                     // call pair per 8 KiB), allocated only while data flows.
-                    if let Ok((sent, received)) = relay_plain(stream, upstream).await {
+                    let relayed = relay_plain(stream, upstream).await;
+                    let (sent, received) = relayed.as_ref().map_or((0, 0), |r| *r);
+                    self.deliveries.closed(&key, sent, received);
+                    if relayed.is_ok() {
                         let stats = TransferStats { sent, received };
                         carried(&self.metrics, Reporter::Source, &source, &target, &stats);
                     }

@@ -9,6 +9,7 @@
 //! | `istio_tcp_sent_bytes_total` | [`TcpLabels`]: response direction, destination -> source |
 //! | `warden_policy_denials_total` | [`DenialLabels`]: refusals attributed to the policy by name |
 //! | `warden_drops_total` | [`DropLabels`]: every refusal, by reason |
+//! | `warden_exemptions_total` | [`DropLabels`]: connections allowed without policy, by reason |
 //!
 //! Each counter key is one (workload, remote identity, policy, verdict, reason, direction, hook).
 //! Several keys can land in one label set, and names can change between commits, so the series
@@ -16,7 +17,10 @@
 //! read to the series its key names now. Series therefore only ever grow, whatever the maps or
 //! the names do; after an agent restart they start again from the kernel's totals.
 
-use std::{collections::HashMap, sync::Mutex};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -85,7 +89,8 @@ pub struct DenialLabels {
     pub reason: String,
 }
 
-/// Labels of `warden_drops_total`.
+/// Labels of `warden_drops_total`, and of `warden_exemptions_total` (the reason is then an
+/// exemption's, e.g. `node_local`).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DropLabels {
     pub reason: String,
@@ -102,6 +107,8 @@ pub struct Contribution {
     pub denial: Option<(DenialLabels, u64)>,
     /// Every refusal, whatever refused it.
     pub drop: Option<(DropLabels, u64)>,
+    /// Connections allowed without policy (the node's own, [`DropReason::NodeLocal`]).
+    pub exemption: Option<(DropLabels, u64)>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -128,6 +135,10 @@ fn is_policy_reason(r: Option<DropReason>) -> bool {
 /// - Bytes: `bytes_in` is what was delivered into the workload, so for an ingress flow it is the
 ///   request direction (Istio's received) and for an egress flow the response (Istio's sent).
 /// - Allowed `connect()` calls contribute nothing: the TC hook counts the same connection.
+/// - A connection the kernel allowed without policy (an exemption: the node's own, kubelet's
+///   probes) is counted in `warden_exemptions_total` only, not in Istio's series: Istio ambient
+///   never sees probes (istio-cni steers them around ztunnel), and a STRICT mesh's mTLS coverage
+///   and `WardenNonMtlsTraffic` would otherwise count every probe as plaintext.
 /// - A refused flow is a connection opened and closed at once with `response_flags="DENY"` and no
 ///   bytes: denied SYNs at TC (TCP), denied `connect()` calls (any protocol).
 pub fn derive(key: &CounterKey, c: &Counter, names: &Names, security: SecurityPolicy) -> Contribution {
@@ -135,12 +146,17 @@ pub fn derive(key: &CounterKey, c: &Counter, names: &Names, security: SecurityPo
     // The mesh's flows: the last hop of an mTLS connection is reported as mutual TLS; a captured
     // connection's first hop (to the agent) is left to the agent, which knows its destination.
     let security = if key.hook == HOOK_TUNNEL { SecurityPolicy::MutualTls } else { security };
-    if key.hook == HOOK_TUNNEL && direction == Direction::Egress {
+    let allowed = key.verdict == Verdict::Allow as u8;
+    // The agent reports both sides of the connections it carries, with the workloads it knows
+    // (a tunnel's source is the workload of the proven identity that owns the forwarded address,
+    // which the kernel, counting by identity, cannot name): a captured connection's hop to the
+    // agent and its delivery to the workload add nothing here. The kernel's refusals of a
+    // delivery stay, as the agent cannot see them.
+    if key.hook == HOOK_TUNNEL && (direction == Direction::Egress || allowed) {
         return Contribution::default();
     }
     let local = names.local(key.endpoint_id);
     let remote = names.remote(key.remote_identity);
-    let allowed = key.verdict == Verdict::Allow as u8;
     let connect = key.hook == HOOK_CONNECT;
     let (reporter, src, dst) = match direction {
         Direction::Ingress => ("destination", &remote, &local),
@@ -160,6 +176,15 @@ pub fn derive(key: &CounterKey, c: &Counter, names: &Names, security: SecurityPo
     if allowed {
         if connect {
             return Contribution::default();
+        }
+        if let Some(r) = DropReason::from_u8(key.reason).filter(|r| *r != DropReason::None) {
+            let l = DropLabels {
+                reason: r.name().into(),
+                workload: local.workload.clone(),
+                namespace: local.namespace.clone(),
+                direction: direction.name().into(),
+            };
+            return Contribution { exemption: Some((l, c.opened)), ..Default::default() };
         }
         let (request, response) = match direction {
             Direction::Ingress => (c.bytes_in, c.bytes_out),
@@ -190,7 +215,7 @@ pub fn derive(key: &CounterKey, c: &Counter, names: &Names, security: SecurityPo
         (l, refusals)
     });
     let t = TcpTotals { opened: attempts, closed: attempts, received_bytes: 0, sent_bytes: 0 };
-    Contribution { tcp: Some((labels(FLAGS_DENY), t)), denial, drop: Some((drop, refusals)) }
+    Contribution { tcp: Some((labels(FLAGS_DENY), t)), denial, drop: Some((drop, refusals)), exemption: None }
 }
 
 /// Growth of a counter since `last`; a counter that shrank was recreated and counts from zero.
@@ -220,6 +245,7 @@ pub struct TrafficMetrics {
     /// Istio's TCP series and the policy denials, shared with the mesh's recorder.
     tcp: TcpRecorder,
     drops: Family<DropLabels, PromCounter>,
+    exemptions: Family<DropLabels, PromCounter>,
     /// Each key's totals at the previous read.
     last: Mutex<HashMap<CounterKey, Counter>>,
 }
@@ -230,9 +256,13 @@ fn add<L: Clone + std::hash::Hash + Eq>(f: &Family<L, PromCounter>, l: &L, v: u6
     }
 }
 
+/// A source of live counts, polled before every scrape is encoded.
+type LiveSource = Arc<dyn Fn() + Send + Sync>;
+
 /// Istio's TCP series and the policy denials. The kernel's counters feed them through
 /// [`TrafficMetrics::update`]; the mesh records the connections the agent carries itself through
-/// a clone ([`TrafficMetrics::recorder`]), into the same series.
+/// a clone ([`TrafficMetrics::recorder`]), into the same series, and may register live sources
+/// ([`TcpRecorder::on_scrape`]) that bring open connections' counts up to date at each scrape.
 #[derive(Clone, Default)]
 pub struct TcpRecorder {
     opened: Family<TcpLabels, PromCounter>,
@@ -240,6 +270,7 @@ pub struct TcpRecorder {
     received: Family<TcpLabels, PromCounter>,
     sent: Family<TcpLabels, PromCounter>,
     denials: Family<DenialLabels, PromCounter>,
+    live: Arc<Mutex<Vec<LiveSource>>>,
 }
 
 impl TcpRecorder {
@@ -254,6 +285,17 @@ impl TcpRecorder {
     pub fn denials(&self, labels: &DenialLabels, n: u64) {
         add(&self.denials, labels, n);
     }
+    /// Call `poll` before every scrape is encoded (it adds the growth of open connections).
+    pub fn on_scrape(&self, poll: impl Fn() + Send + Sync + 'static) {
+        self.live.lock().unwrap_or_else(|e| e.into_inner()).push(Arc::new(poll));
+    }
+    /// Run the live sources.
+    pub fn poll_live(&self) {
+        let sources = self.live.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for poll in sources {
+            poll();
+        }
+    }
 }
 
 impl TrafficMetrics {
@@ -262,10 +304,20 @@ impl TrafficMetrics {
         self.tcp.clone()
     }
 
+    /// Bring the live sources' series up to date (before a scrape is encoded).
+    pub fn poll_live(&self) {
+        self.tcp.poll_live();
+    }
+
     /// Create the metrics and register them under [`ISTIO_PREFIX`] and [`WARDEN_PREFIX`].
     pub fn new(registry: &mut Registry, security: SecurityPolicy) -> TrafficMetrics {
-        let m =
-            TrafficMetrics { security, tcp: TcpRecorder::default(), drops: Family::default(), last: Mutex::default() };
+        let m = TrafficMetrics {
+            security,
+            tcp: TcpRecorder::default(),
+            drops: Family::default(),
+            exemptions: Family::default(),
+            last: Mutex::default(),
+        };
         let istio = registry.sub_registry_with_prefix(ISTIO_PREFIX);
         istio.register(
             "tcp_connections_opened",
@@ -294,6 +346,11 @@ impl TrafficMetrics {
             m.tcp.denials.clone(),
         );
         warden.register("drops", "Packets and connect() calls refused by the enforcer, by reason", m.drops.clone());
+        warden.register(
+            "exemptions",
+            "Connections allowed without policy, by reason (node_local: opened by the node's own network stack)",
+            m.exemptions.clone(),
+        );
         m
     }
 
@@ -316,6 +373,9 @@ impl TrafficMetrics {
             }
             if let Some((l, n)) = c.drop {
                 add(&self.drops, &l, n);
+            }
+            if let Some((l, n)) = c.exemption {
+                add(&self.exemptions, &l, n);
             }
         }
         // Keys no longer in the map are forgotten: if one comes back it counts from zero.
@@ -459,6 +519,29 @@ mod tests {
         );
         assert_eq!((t.opened, t.closed), (2, 2));
         assert_eq!(c.denial.unwrap().0.policy, DEFAULT_DENY);
+    }
+
+    #[test]
+    fn a_node_probe_is_an_exemption_not_an_istio_connection() {
+        // b (endpoint 2) accepted 2 probes from the node (the world), allowed without policy.
+        let k = CounterKey {
+            reason: DropReason::NodeLocal as u8,
+            ..key(2, warden_common::IDENTITY_WORLD, Direction::Ingress, Verdict::Allow, DropReason::None, 0, TC)
+        };
+        let c = derive(&k, &Counter { opened: 2, closed: 2, ..traffic() }, &names(), SecurityPolicy::MutualTls);
+        assert_eq!((c.tcp, c.denial, c.drop), (None, None, None), "no Istio series, no refusal");
+        assert_eq!(
+            c.exemption,
+            Some((
+                DropLabels {
+                    reason: "node_local".into(),
+                    workload: "b".into(),
+                    namespace: "team".into(),
+                    direction: "ingress".into()
+                },
+                2
+            ))
+        );
     }
 
     #[test]

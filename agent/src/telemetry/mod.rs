@@ -85,6 +85,7 @@ impl Scrape {
         if path != METRICS_PATH {
             return Reply::not_found(path);
         }
+        self.traffic.poll_live();
         if let Some(map) = self.counters.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
             let snapshot = map.iter().filter_map(Result::ok).map(|(k, per_cpu)| {
                 let mut total = Counter::default();

@@ -143,10 +143,28 @@ fn serve_cmd(tmp: &Path, dir: PathBuf) -> CaCommand {
         listen: "127.0.0.1:0".parse().unwrap(),
         token_file: Some(tmp.join("tokens")),
         node_certs: None,
-        node_workloads: tmp.join("workloads"),
+        node_workloads: Some(tmp.join("workloads")),
         max_ttl_hours: 48,
         plaintext: true,
+        kubernetes: false,
+        kubeconfig: None,
+        namespace: DEFAULT_KUBE_NAMESPACE.into(),
+        trusted_node_accounts: vec![DEFAULT_TRUSTED_NODE_ACCOUNT.into()],
+        token_audience: DEFAULT_TOKEN_AUDIENCE.into(),
+        root_configmap: DEFAULT_ROOT_CONFIGMAP.into(),
     }
+}
+
+#[tokio::test]
+async fn ca_serve_kubernetes_without_its_plugins_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cmd = serve_cmd(tmp.path(), tmp.path().join("ca"));
+    if let CaCommand::Serve { kubernetes, node_workloads, .. } = &mut cmd {
+        *kubernetes = true;
+        *node_workloads = None;
+    }
+    let err = serve_ca(cmd, None, |_| panic!("must not listen"), async {}).await.unwrap_err();
+    assert!(err.to_string().contains("Kubernetes support"), "{err}");
 }
 
 #[tokio::test]
@@ -155,9 +173,10 @@ async fn ca_serve_issues_and_refuses_to_start_with_a_broken_ca() {
     let dir = tmp.path().join("ca");
     let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(serve_ca(serve_cmd(tmp.path(), dir.clone()), move |a| addr_tx.send(a).unwrap(), async {
-        let _ = stop_rx.await;
-    }));
+    let server =
+        tokio::spawn(serve_ca(serve_cmd(tmp.path(), dir.clone()), None, move |a| addr_tx.send(a).unwrap(), async {
+            let _ = stop_rx.await;
+        }));
     let addr = addr_rx.await.unwrap();
     let mut client = crate::proto::istio_certificate_service_client::IstioCertificateServiceClient::connect(format!(
         "http://{addr}"
@@ -177,10 +196,14 @@ async fn ca_serve_issues_and_refuses_to_start_with_a_broken_ca() {
     // Corrupt the CA: serve must fail before listening.
     std::fs::write(dir.join(ca::CERT_CHAIN_FILE), "garbage").unwrap();
     let listened = std::sync::atomic::AtomicBool::new(false);
-    let err =
-        serve_ca(serve_cmd(tmp.path(), dir), |_| listened.store(true, std::sync::atomic::Ordering::SeqCst), async {})
-            .await
-            .unwrap_err();
+    let err = serve_ca(
+        serve_cmd(tmp.path(), dir),
+        None,
+        |_| listened.store(true, std::sync::atomic::Ordering::SeqCst),
+        async {},
+    )
+    .await
+    .unwrap_err();
     assert!(err.to_string().contains(ca::CERT_CHAIN_FILE), "{err}");
     assert!(!listened.load(std::sync::atomic::Ordering::SeqCst));
 }

@@ -79,11 +79,17 @@ impl CaClient for LocalCaClient {
 pub struct GrpcCaClient {
     client: IstioCertificateServiceClient<tonic::transport::Channel>,
     token: Option<String>,
+    /// Read before every request when set (a Kubernetes projected token, which the kubelet
+    /// replaces before it expires); takes the place of `token`.
+    token_file: Option<std::path::PathBuf>,
 }
 
 impl fmt::Debug for GrpcCaClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("GrpcCaClient").field("token", &self.token.as_ref().map(|_| "<redacted>")).finish()
+        f.debug_struct("GrpcCaClient")
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("token_file", &self.token_file)
+            .finish()
     }
 }
 
@@ -96,7 +102,25 @@ impl GrpcCaClient {
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(30))
             .connect_lazy();
-        Ok(Self { client: IstioCertificateServiceClient::new(channel), token })
+        Ok(Self { client: IstioCertificateServiceClient::new(channel), token, token_file: None })
+    }
+
+    /// Send the token in `path`, read again before every request (a Kubernetes projected
+    /// service-account token is rotated by the kubelet), instead of a fixed token.
+    pub fn with_token_file(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.token_file = Some(path.into());
+        self.token = None;
+        self
+    }
+
+    /// The token for the next request.
+    fn current_token(&self) -> Result<Option<String>, CaClientError> {
+        match &self.token_file {
+            Some(path) => std::fs::read_to_string(path).map(|t| Some(t.trim().to_owned())).map_err(|e| {
+                CaClientError::Unavailable { reason: format!("reading the CA token file {}: {e}", path.display()) }
+            }),
+            None => Ok(self.token.clone()),
+        }
     }
 
     /// A client speaking TLS to the CA; the CA's certificate is checked by `verifier` (build it
@@ -132,7 +156,7 @@ impl GrpcCaClient {
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(30))
             .connect_lazy();
-        Ok(Self { client: IstioCertificateServiceClient::new(channel), token })
+        Ok(Self { client: IstioCertificateServiceClient::new(channel), token, token_file: None })
     }
 }
 
@@ -157,7 +181,7 @@ impl CaClient for GrpcCaClient {
                 validity_duration: i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX),
                 metadata: Some(metadata),
             });
-            if let Some(token) = &self.token {
+            if let Some(token) = &self.current_token()? {
                 let value = format!("Bearer {token}")
                     .parse()
                     .map_err(|_| CaClientError::Unavailable { reason: "token is not a valid header value".into() })?;

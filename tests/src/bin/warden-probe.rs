@@ -5,8 +5,9 @@
 //! - `connect IP:PORT [--timeout-ms N]`: one connection attempt; prints one JSON line
 //!   `{"result": "allowed"|"eperm"|"timeout"|"refused"|"error", "ms": .., "detail": ..}` and exits 0.
 //!   `allowed` means the server's greeting arrived, so both directions passed.
-//! - `hold IP:PORT --seconds S [--interval-ms N]`: keeps one connection and sends a line every
-//!   interval; prints `{"result": .., "round_trips": n, "failed_after_ms": ..}`.
+//! - `hold IP:PORT --seconds S [--interval-ms N] [--line-bytes B]`: keeps one connection and sends a
+//!   line every interval (`ping <i>`, padded with letters to B bytes, echoed back and compared);
+//!   prints `{"result": .., "round_trips": n, "seen_as": .., "failed_after_ms": ..}`.
 //! - `rate IP:PORT --seconds S [--threads T]`: opens, greets and closes connections back to back
 //!   (closing with RST so no TIME_WAIT piles up); prints `{"result": "allowed", "connections": n,
 //!   "per_second": r, "errors": e}`.
@@ -139,16 +140,26 @@ fn main() {
             let addr: SocketAddr = args[1].parse().expect("IP:PORT");
             let seconds = flag("--seconds", 3);
             let interval = Duration::from_millis(flag("--interval-ms", 100));
+            // Lines padded to this many bytes (a bulk transfer, each line checked), at least the
+            // `ping <i>` itself.
+            let line_bytes = flag("--line-bytes", 0) as usize;
             let start = Instant::now();
-            let mut r = match connect(addr, Duration::from_millis(1500)) {
+            let (mut r, greeting) = match connect_greeted(addr, Duration::from_millis(1500)) {
                 Ok(r) => r,
                 Err(e) => return report(classify(&e), start, &e.to_string(), serde_json::json!({"round_trips": 0})),
             };
+            let seen = greeting.rsplit(' ').next().unwrap_or("").to_string();
             // Tell the caller the connection is up, so it can change policy while we hold it.
             eprintln!("established");
             let mut n = 0u64;
             while start.elapsed() < Duration::from_secs(seconds) {
-                let line = format!("ping {n}\n");
+                let mut line = format!("ping {n}");
+                if line_bytes > line.len() + 2 {
+                    line.push(' ');
+                    let pad = line_bytes - line.len() - 1;
+                    line.extend((0..pad).map(|i| (b'a' + ((n as usize + i) % 26) as u8) as char));
+                }
+                line.push('\n');
                 let mut back = String::new();
                 let ok = r.get_mut().write_all(line.as_bytes()).and_then(|_| r.read_line(&mut back));
                 match ok {
@@ -172,7 +183,7 @@ fn main() {
                 }
                 std::thread::sleep(interval);
             }
-            report("allowed", start, "", serde_json::json!({"round_trips": n}));
+            report("allowed", start, "", serde_json::json!({"round_trips": n, "seen_as": seen}));
         }
         Some("rate") => {
             let addr: SocketAddr = args[1].parse().expect("IP:PORT");

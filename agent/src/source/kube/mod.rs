@@ -157,21 +157,26 @@ pub enum ConnectError {
     SyncTimeout { timeout: Duration, waiting: String, errors: String },
 }
 
+/// A client for `connection`, and the API server's URL (for messages). Nothing is sent yet.
+pub async fn client(connection: &Connection) -> Result<(Client, String), ConnectError> {
+    let config = match connection {
+        Connection::Kubeconfig(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .map_err(|error| ConnectError::Kubeconfig { path: path.clone(), error })?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|error| ConnectError::Kubeconfig { path: path.clone(), error })?
+        }
+        Connection::InCluster => kube::Config::incluster().map_err(ConnectError::InCluster)?,
+    };
+    let url = config.cluster_url.to_string();
+    Ok((Client::try_from(config).map_err(ConnectError::Client)?, url))
+}
+
 impl KubeSource {
     /// Connect, start the watchers and wait until every one has listed its objects.
     pub async fn connect(cfg: KubeConfig) -> Result<KubeSource, ConnectError> {
-        let config = match &cfg.connection {
-            Connection::Kubeconfig(path) => {
-                let kc = kube::config::Kubeconfig::read_from(path)
-                    .map_err(|error| ConnectError::Kubeconfig { path: path.clone(), error })?;
-                kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-                    .await
-                    .map_err(|error| ConnectError::Kubeconfig { path: path.clone(), error })?
-            }
-            Connection::InCluster => kube::Config::incluster().map_err(ConnectError::InCluster)?,
-        };
-        let url = config.cluster_url.to_string();
-        let client = Client::try_from(config).map_err(ConnectError::Client)?;
+        let (client, url) = client(&cfg.connection).await?;
         let version =
             client.apiserver_version().await.map_err(|error| ConnectError::Unreachable { url: url.clone(), error })?;
         let group = kube::discovery::group(&client, policies::GROUP).await.map_err(|e| match e {
