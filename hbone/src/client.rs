@@ -52,6 +52,9 @@ pub(crate) struct Conn {
     pub(crate) id: u64,
     pub(crate) node: SocketAddr,
     pub(crate) peer: Peer,
+    /// The certificate the connection was opened under ([`ClientTls::certificate`], read before
+    /// the handshake: a rotation during it leaves the connection marked with the older one).
+    pub(crate) certificate: Option<String>,
     sender: SendRequest<Bytes>,
     /// Our own cap on streams per connection (the peer's limit applies too).
     max_streams: usize,
@@ -193,6 +196,7 @@ pub(crate) async fn dial<C: ClientTls>(
     let deadline = Instant::now() + options.connect_timeout;
     let timed_out = |stage| ConnectError::Timeout { node, stage, after: options.connect_timeout };
 
+    let certificate = tls.certificate(&key.source);
     let config = tls
         .config(&key.source, &key.expected)
         .await
@@ -240,6 +244,7 @@ pub(crate) async fn dial<C: ClientTls>(
         id,
         node,
         peer,
+        certificate,
         sender,
         max_streams: options.max_streams_per_connection as usize,
         active: AtomicUsize::new(0),

@@ -12,6 +12,9 @@
 //!   tunnel that was refused by such a connection before reaching the server is retried on a new
 //!   one, so callers do not see a server restart.
 //! - A connection without streams for `idle_timeout` is closed.
+//! - A connection opened under a certificate the source no longer presents (rotated, replaced)
+//!   takes no new tunnels and closes once its tunnels have ended: the new certificate is presented
+//!   from the next tunnel on.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -436,9 +439,18 @@ impl<C: ClientTls> Pool<C> {
     }
 
     fn checkout(&self, key: &Key) -> Checkout {
+        let certificate = self.inner.tls.certificate(&key.source);
         let mut slots = lock(&self.inner.slots);
         let slot = slots.entry(key.clone()).or_default();
-        slot.conns.retain(|c| !c.is_closed());
+        slot.conns.retain(|c| {
+            // Opened under a certificate the source no longer presents: no new tunnels. Its
+            // driver closes it once the tunnels it carries have ended.
+            if certificate.is_some() && c.certificate != certificate && !c.is_closed() {
+                debug!(connection = c.id, key = %key, "source certificate replaced; retiring the connection");
+                c.mark_closed();
+            }
+            !c.is_closed()
+        });
         if let Some(conn) = slot.conns.iter().find(|c| c.try_reserve()) {
             return Checkout::Reserved(Lease::new(conn.clone()));
         }

@@ -51,6 +51,14 @@ pub trait ClientTls: Send + Sync + 'static {
         source: &Identity,
         expected: &[Identity],
     ) -> impl Future<Output = Result<Arc<ClientConfig>, BoxError>> + Send;
+
+    /// What identifies the certificate `source` presents now (its serial), if known. A pooled
+    /// connection that was opened under another one takes no new tunnels: a rotated, replaced or
+    /// revoked certificate stops being presented with the next tunnel, not when the connection
+    /// happens to go idle. `None` (the default) never retires a connection.
+    fn certificate(&self, _source: &Identity) -> Option<String> {
+        None
+    }
 }
 
 /// Both seams on top of a [`SecretManager`]: certificates are fetched (issued if needed) on first
@@ -79,6 +87,10 @@ impl ClientTls for SecretManagerTls {
     async fn config(&self, source: &Identity, expected: &[Identity]) -> Result<Arc<ClientConfig>, BoxError> {
         self.manager.fetch(source).await?;
         Ok(client_alpn(self.manager.client_config(source, self.policy, expected.to_vec())?))
+    }
+
+    fn certificate(&self, source: &Identity) -> Option<String> {
+        self.manager.current_serial(source)
     }
 }
 

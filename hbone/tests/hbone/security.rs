@@ -221,3 +221,51 @@ async fn rotation_during_a_long_transfer_keeps_it_and_new_connections_present_th
         inbound.requests().iter().map(|r| r.connection.peer.certificate.clone()).collect();
     assert_eq!(seen, [der(&first.chain_pem[0]), der(&second.chain_pem[0])]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_certificate_is_presented_from_the_next_tunnel_on_while_open_tunnels_keep_going() {
+    init_tracing();
+    let clock = Arc::new(ManualClock::starting_now());
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Arc::new(CertificateAuthority::load_or_init(dir.path(), CaConfig::default(), clock.clone()).unwrap());
+    let trust = Arc::new(TrustBundle::new(ca.roots().to_vec(), vec![TD.to_owned()]).unwrap());
+    let config = SecretManagerConfig { rotation_jitter: 0.0, ..SecretManagerConfig::default() };
+    let manager = SecretManager::new(Arc::new(LocalCaClient(ca)), trust, clock.clone(), config, None);
+    let tls = SecretManagerTls::new(manager.clone(), CompliancePolicy::Default);
+
+    let inbound = Arc::new(Recorder::default());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let node = NodeTls { tls: tls.clone(), workload: id(SERVER) };
+    tokio::spawn(HboneServer::new(listener, node, inbound.clone(), ServerOptions::default()).run());
+
+    // The default idle timeout (minutes): nothing here waits for a connection to go idle.
+    let pool = Pool::new(tls, PoolOptions::default());
+    let key = Key::new(id(CLIENT), addr, vec![id(SERVER)]);
+    let echo = echo_server().await;
+
+    let held = pool.connect(&key, ConnectRequest::new(echo)).await.unwrap();
+    let old_connection = held.connection_id();
+    let first = manager.fetch(&id(CLIENT)).await.unwrap();
+    clock.set(first.refresh_at);
+    assert!(manager.rotate_due().await.rotated.contains(&id(CLIENT)));
+    let second = manager.fetch(&id(CLIENT)).await.unwrap();
+    assert_ne!(second.serial, first.serial);
+
+    // The next tunnel does not ride the connection opened under the old certificate.
+    let next = pool.connect(&key, ConnectRequest::new(echo)).await.unwrap();
+    assert_ne!(next.connection_id(), old_connection, "a new tunnel went over the pre-rotation connection");
+    let seen: Vec<CertificateDer<'static>> =
+        inbound.requests().iter().map(|r| r.connection.peer.certificate.clone()).collect();
+    assert_eq!(seen, [der(&first.chain_pem[0]), der(&second.chain_pem[0])]);
+    let new_connection = next.connection_id();
+    assert_eq!(round_trip(next, b"new certificate").await, b"new certificate");
+    // Only the new connection takes tunnels now...
+    assert_eq!(pool.stats().connections, 1);
+    let third = pool.connect(&key, ConnectRequest::new(echo)).await.unwrap();
+    assert_eq!(third.connection_id(), new_connection);
+    assert_eq!(round_trip(third, b"pooled").await, b"pooled");
+    // ...and the tunnel opened before the rotation keeps working on the old one.
+    assert_eq!(round_trip(held, b"old tunnel").await, b"old tunnel");
+    assert_eq!(inbound.requests().len(), 3);
+}

@@ -261,6 +261,13 @@ impl SecretManager {
         }
     }
 
+    /// The serial of the certificate `id` presents now, if it has one (never registers `id`, never
+    /// waits). Changes exactly when the certificate is rotated or replaced.
+    pub fn current_serial(&self, id: &Identity) -> Option<String> {
+        let entries = self.inner.entries.read().unwrap_or_else(|e| e.into_inner());
+        entries.get(id)?.current.load().as_ref().map(|c| c.serial.clone())
+    }
+
     /// The swappable certificate of `id` (registers the identity; the rotation loop fills it).
     pub fn cert_slot(&self, id: &Identity) -> Arc<CertSlot> {
         let e = self.entry(id);
