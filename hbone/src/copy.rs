@@ -85,7 +85,11 @@ impl ChunkReader {
             })
             .await;
             match attempt {
-                None => continue,
+                // The socket had nothing after all (its readiness is cleared now), or tokio's
+                // cooperative budget for this poll is spent, and the read will not proceed before
+                // the task yields: yield either way. Waiting for readiness at once would find it
+                // still set in the second case and spin without a system call.
+                None => tokio::task::yield_now().await,
                 Some(Ok(0)) => return Ok(None),
                 Some(Ok(n)) => {
                     if n >= self.size {
@@ -233,6 +237,39 @@ mod tests {
         writer.await.unwrap();
         assert_eq!(got, data, "bytes in order, none lost");
         assert!(largest > MIN_READ, "chunks grow while reads fill them (largest {largest})");
+    }
+
+    /// tokio's cooperative budget makes a read return Pending, without a system call, once a task
+    /// has done enough work in one poll, while the socket's readiness stays set: the reader must
+    /// yield then. Waiting for readiness again at once spun forever (a same-node bulk relay did,
+    /// in `bench mtls`). The poll runs on its own thread, so a spin fails the test, not hangs it.
+    #[test]
+    fn a_spent_budget_makes_the_reader_yield_not_spin() {
+        let (done, result) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let got = rt.block_on(async {
+                let (mut w, mut r) = pair().await;
+                w.write_all(b"ping").await.unwrap();
+                r.readable().await.unwrap();
+                let mut chunks = ChunkReader::default();
+                let mut next = std::pin::pin!(chunks.next(&mut r));
+                let mut first = true;
+                poll_fn(|cx| {
+                    if std::mem::take(&mut first) {
+                        // Spend this poll's budget, then ask for the chunk in the same poll.
+                        while std::pin::pin!(tokio::task::coop::consume_budget()).poll(cx).is_ready() {}
+                        assert!(next.as_mut().poll(cx).is_pending(), "read despite a spent budget");
+                        return Poll::Pending;
+                    }
+                    next.as_mut().poll(cx)
+                })
+                .await
+            });
+            let _ = done.send(got.unwrap().unwrap());
+        });
+        let got = result.recv_timeout(std::time::Duration::from_secs(10)).expect("the reader spun on a spent budget");
+        assert_eq!(got, &b"ping"[..]);
     }
 
     #[tokio::test]
