@@ -25,7 +25,7 @@
 use std::time::Duration;
 
 /// How often free heap pages are returned.
-pub const TRIM_INTERVAL: Duration = Duration::from_secs(5);
+pub const TRIM_INTERVAL: Duration = Duration::from_secs(1);
 
 /// One malloc arena for every thread. Call first in `main`, before any thread starts.
 pub fn single_arena() {

@@ -453,9 +453,9 @@ impl Cluster {
         )
     }
 
-    /// VmRSS of both agents, MiB.
-    fn rss(&self) -> anyhow::Result<[f64; 2]> {
-        Ok([rss_mib(self.agents[0])?, rss_mib(self.agents[1])?])
+    /// Resident memory of both agents.
+    fn rss(&self) -> anyhow::Result<[Rss; 2]> {
+        Ok([Rss::of(self.agents[0])?, Rss::of(self.agents[1])?])
     }
 }
 
@@ -520,14 +520,35 @@ fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     Ok(ticks as f64 / hz as f64)
 }
 
-fn rss_mib(pid: u32) -> anyhow::Result<f64> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).with_context(|| format!("agent pid {pid}"))?;
-    let kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("VmRSS")?;
-    Ok(kib / 1024.0)
+/// An agent's resident memory, MiB.
+#[derive(Clone, Copy)]
+struct Rss {
+    total: f64,
+    anon: f64,
+    file: f64,
+}
+
+impl Rss {
+    fn of(pid: u32) -> anyhow::Result<Rss> {
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).with_context(|| format!("agent pid {pid}"))?;
+        let mib = |field: &str| -> anyhow::Result<f64> {
+            let kib: f64 = status
+                .lines()
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                .with_context(|| format!("{field} of pid {pid}"))?;
+            Ok(kib / 1024.0)
+        };
+        Ok(Rss { total: mib("VmRSS:")?, anon: mib("RssAnon:")?, file: mib("RssFile:")? })
+    }
+}
+
+impl std::fmt::Display for Rss {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Padded as a whole, so table columns line up.
+        let s = format!("{:.1} ({:.1} + {:.1})", self.total, self.anon, self.file);
+        f.pad(&s)
+    }
 }
 
 /// The last lines of a lab's agent log (for errors).
@@ -687,16 +708,20 @@ pub fn mtls() -> anyhow::Result<()> {
             tw.join(" ")
         );
     }
-    let _ = writeln!(out, "\nagent memory (VmRSS, MiB)                  node 1   node 2");
-    let _ = writeln!(out, "{:<40} {:>7.1}  {:>7.1}", "idle, after start (no traffic yet)", idle[0], idle[1]);
     let _ = writeln!(
         out,
-        "{:<40} {:>7.1}  {:>7.1}   (client -> far; {captured} sockets on the capture port, {hbone} HBONE connections)",
+        "\nagent memory, MiB: VmRSS (= RssAnon, the heap and stacks + RssFile, mapped code and libraries)"
+    );
+    let _ = writeln!(out, "{:<40} {:<26} {:<26}", "", "node 1", "node 2");
+    let _ = writeln!(out, "{:<40} {:<26} {:<26}", "idle, after start (no traffic yet)", idle[0], idle[1]);
+    let _ = writeln!(
+        out,
+        "{:<40} {:<26} {:<26} (client -> far; {captured} sockets on the capture port, {hbone} HBONE connections)",
         format!("{open} connections open ({} failed)", held["errors"]),
         holding[0],
         holding[1]
     );
-    let _ = writeln!(out, "{:<40} {:>7.1}  {:>7.1}", "idle, after they closed", after[0], after[1]);
+    let _ = writeln!(out, "{:<40} {:<26} {:<26}", "idle, after they closed", after[0], after[1]);
     if open < HOLD as u64 {
         let _ = writeln!(out, "(only {open} of {HOLD} connections opened: {})", held["error"]);
     }
@@ -728,8 +753,8 @@ pub fn mtls() -> anyhow::Result<()> {
         " µs",
     );
     let _ = writeln!(out, "{:<48} {:<22} {:<22}", "", "node 1", "node 2");
-    let mut rss = |name: String, v: [f64; 2], max: f64| {
-        let cell = |v: f64| format!("{v:.1} MiB {}", verdict(v <= max));
+    let mut rss = |name: String, v: [Rss; 2], max: f64| {
+        let cell = |v: Rss| format!("{:.1} MiB {}", v.total, verdict(v.total <= max));
         let _ = writeln!(out, "{name:<48} {:<22} {:<22}", cell(v[0]), cell(v[1]));
     };
     rss(format!("agent RSS <= {MAX_RSS_IDLE_MIB} MiB idle (no traffic yet)"), idle, MAX_RSS_IDLE_MIB);
