@@ -37,7 +37,7 @@ use warden_common::{
 use crate::{
     enforce::{
         Cache, Cached, Flow, Outcome, Traffic, cached, config, count, decide_new, emit, endpoint, mark_closed,
-        mark_closed_key, plaintext_view, policy, remote,
+        plaintext_view, policy, remote, take_peer_decided,
     },
     maps::CGROUPS,
     packet::{Direct, L3, Loaded, Tuple, parse_ethernet, parse_ipv4},
@@ -117,7 +117,7 @@ fn tc(ctx: &TcContext, ifindex: u32, dir: Direction) -> Result<Option<(Outcome, 
         // Attribute the drop to the endpoint when there is one.
         Err(r) => return Err((endpoint(cfg.active_slot(), ifindex).map_or(0, |e| e.endpoint_id), r)),
     };
-    let f = Flow::new(ifindex, t);
+    let f = Flow::new(t);
     let syn = t.is_syn();
     let mut traffic =
         Traffic { inbound: dir == Direction::Ingress, bytes: ctx.len() as u64, opened: syn, closed: false };
@@ -125,11 +125,20 @@ fn tc(ctx: &TcContext, ifindex: u32, dir: Direction) -> Result<Option<(Outcome, 
     // workload's marks are cleared as its packets cross into the node.
     // SAFETY: the context's skb pointer is valid for the program's run.
     let marked = dir == Direction::Ingress && unsafe { (*ctx.skb.skb).mark } & MARK_MASK == MARK_TUNNEL;
-    // A SYN opens a new connection: always decided afresh (a reused 5-tuple starts clean).
-    let cache = if syn { Cached::Miss { is_reply: false, tunnel: marked } } else { cached(&cfg, &f, dir, marked) };
+    // A SYN leaving its workload opens a new connection: always decided afresh (a reused 5-tuple
+    // starts clean). One entering a workload may find it decided by its sender's veth.
+    let cache = if syn && dir == Direction::Egress {
+        Cached::Miss { is_reply: false, tunnel: marked }
+    } else {
+        cached(&cfg, &f, Some(ifindex), dir, marked, syn)
+    };
     let (is_reply, tunnel) = match cache {
-        Cached::Hit(o, entry) => {
-            traffic.closed = t.is_fin_or_rst() && mark_closed(entry);
+        Cached::Hit(o, end) => {
+            // Decided on the sender's veth: logged here, where the old slow path logged it.
+            if take_peer_decided(end) && !o.reply {
+                emit(EVENT_DECIDED, HOOK_TC, &t, false, &o);
+            }
+            traffic.closed = t.is_fin_or_rst() && mark_closed(end);
             if traffic.closed {
                 emit(EVENT_CLOSED, HOOK_TC, &t, o.reply, &o);
             }
@@ -142,11 +151,12 @@ fn tc(ctx: &TcContext, ifindex: u32, dir: Direction) -> Result<Option<(Outcome, 
     if dir == Direction::Egress && t.saddr != ep.ip {
         return Err((ep.endpoint_id, DropReason::SourceSpoof));
     }
-    let o = decide_new(&cfg, &f, &ep, dir, is_reply, tunnel, Cache::Write);
+    let o = decide_new(&cfg, &f, ifindex, &ep, dir, is_reply, tunnel, Cache::Write);
     if !is_reply {
         emit(EVENT_DECIDED, HOOK_TC, &t, false, &o);
     }
-    traffic.closed = t.is_fin_or_rst() && mark_closed_key(&f.key);
+    // The cached end carries the close (see `decide_new`).
+    traffic.closed = t.is_fin_or_rst();
     if traffic.closed {
         emit(EVENT_CLOSED, HOOK_TC, &t, o.reply, &o);
     }
@@ -337,11 +347,11 @@ fn sock_out(ctx: &SkBuffContext) -> PolicyValue {
         Ok(i) => i,
         Err(r) => return PolicyValue::deny(0, r),
     };
-    let f = Flow::new(ifindex, t);
-    let value = match cached(&cfg, &f, Direction::Egress, false) {
+    let f = Flow::new(t);
+    let value = match cached(&cfg, &f, Some(ifindex), Direction::Egress, false, false) {
         Cached::Hit(o, _) => o.value,
         Cached::Miss { is_reply, tunnel } => match endpoint(cfg.active_slot(), ifindex) {
-            Ok(ep) => decide_new(&cfg, &f, &ep, Direction::Egress, is_reply, tunnel, Cache::ReadOnly).value,
+            Ok(ep) => decide_new(&cfg, &f, ifindex, &ep, Direction::Egress, is_reply, tunnel, Cache::ReadOnly).value,
             Err(r) => PolicyValue::deny(0, r),
         },
     };

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use warden_common::{CONFIG_EVENTS, names};
+use warden_common::{CONFIG_EVENTS, Direction, FLOW_PEER_DECIDED, names};
 use warden_tests::{
     Lab, Probe,
     fixtures::{ALLOW_A_TO_B_8080, DENY_C_TO_A, team},
@@ -155,6 +155,89 @@ fn allowed_flow_passes_denied_flow_gets_eperm_and_tc_drop() {
     // An allowed flow outside the cgroup passes TC too.
     assert_result(&probe_outside_cgroup(&lab, "a", "b", 8080), "allowed", "a -> b:8080 outside the cgroup");
     assert!(count(&lab, "team/b", "ingress", "tc", "ALLOW") > 0);
+}
+
+/// The flow-cache entries of flows between `x` and `y` (addresses), as bpftool dumps them.
+fn flow_entries(lab: &Lab, x: &str, y: &str) -> Vec<serde_json::Value> {
+    let pin = lab.pin_dir.join(names::FLOWS).display().to_string();
+    let dump: serde_json::Value =
+        serde_json::from_str(&run(&["bpftool", "map", "dump", "pinned", &pin, "-j"]).unwrap()).unwrap();
+    let addr = |a: &str| a.parse::<std::net::Ipv4Addr>().unwrap().octets().map(|o| serde_json::json!(o)).to_vec();
+    let ends = [addr(x), addr(y)];
+    dump.as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["formatted"].clone())
+        .filter(|e| {
+            let k = (e["key"]["addr_lo"].as_array().unwrap(), e["key"]["addr_hi"].as_array().unwrap());
+            (k.0 == &ends[0] && k.1 == &ends[1]) || (k.0 == &ends[1] && k.1 == &ends[0])
+        })
+        .collect()
+}
+
+#[test]
+fn same_node_flow_is_decided_once_for_both_veths_and_logged_at_both() {
+    if !require_root("same_node_flow_is_decided_once_for_both_veths_and_logged_at_both") {
+        return;
+    }
+    let mut lab = trio("dponce");
+    let dir = policies(&lab, &[("b.yaml", ALLOW_A_TO_B_8080)]);
+    lab.start_agent(&dir).unwrap();
+    let maps: serde_json::Value = serde_json::from_str(&lab.warden(&["maps", "--output", "json"]).unwrap()).unwrap();
+    let ifindex = |w: &str| {
+        maps["endpoints"].as_array().unwrap().iter().find(|e| e["workload"] == w).unwrap()["ifindex"].as_u64().unwrap()
+    };
+    let (a_ip, b_ip) = (lab.member("a").spec.ip.to_string(), lab.member("b").spec.ip.to_string());
+
+    let held = hold(&lab, "a", "b", 2);
+    // One entry for the connection, holding both ends' decisions: a's egress on a's veth, decided
+    // by its SYN there, and b's ingress on b's veth, decided on a's veth for the same SYN and taken
+    // into use by b's veth when the SYN arrived (no flag left).
+    let entries = flow_entries(&lab, &a_ip, &b_ip);
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    let ends = entries[0]["value"]["ends"].as_array().unwrap();
+    let end = |w: &str| {
+        ends.iter()
+            .find(|e| e["ifindex"].as_u64() == Some(ifindex(w)))
+            .unwrap_or_else(|| panic!("no end of {w}: {ends:?}"))
+    };
+    let (a, b) = (end("team/a"), end("team/b"));
+    assert_eq!((a["direction"].as_u64(), a["verdict"].as_u64()), (Some(Direction::Egress as u64), Some(1)), "{a}");
+    assert_eq!((b["direction"].as_u64(), b["verdict"].as_u64()), (Some(Direction::Ingress as u64), Some(1)), "{b}");
+    assert_ne!(b["policy_id"].as_u64(), Some(0), "b's end names the ALLOW policy: {b}");
+    assert_eq!(b["flags"].as_u64().unwrap() & u64::from(FLOW_PEER_DECIDED), 0, "b's veth took it into use: {b}");
+    assert_result(&finish(held), "allowed", "a -> b held");
+
+    // Both ends' decisions are logged, as when each veth decided its own.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let log = fs::read_to_string(lab.agent_log()).unwrap();
+        let open = |reporter: &str| {
+            log.lines().any(|l| {
+                l.contains("event=open")
+                    && l.contains(&format!("reporter={reporter}"))
+                    && l.contains("hook=tc")
+                    && l.contains(&format!("dst={b_ip}:8080"))
+            })
+        };
+        if open("source") && open("destination") {
+            assert_eq!(
+                log.lines().filter(|l| l.contains("event=open") && l.contains("reporter=destination")).count(),
+                1,
+                "{log}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "both ends' open lines:\n{log}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // A deny on b's side, decided on c's veth (outside c's cgroup, so no connect() refusal), is
+    // still dropped on b's veth and counted there with b's reason.
+    let drops = count(&lab, "team/b", "ingress", "tc", "DENY");
+    assert_result(&probe_outside_cgroup(&lab, "c", "b", 8080), "timeout", "c -> b:8080 is dropped");
+    assert!(count(&lab, "team/b", "ingress", "tc", "DENY") > drops);
+    assert_eq!(count(&lab, "team/c", "egress", "tc", "DENY"), 0, "c's egress is allowed: the drop is b's");
 }
 
 #[test]
