@@ -30,8 +30,8 @@ use aya_ebpf::{
     programs::{SkBuffContext, SkMsgContext, SockAddrContext, SockOpsContext, TcContext},
 };
 use warden_common::{
-    Direction, DropReason, EVENT_CLOSED, EVENT_DECIDED, EndpointInfo, HOOK_CONNECT, HOOK_TC, HOOK_TUNNEL, MARK_MASK,
-    MARK_TO_AGENT, MARK_TUNNEL, PROTO_TCP, PolicyValue, REMOTE_MESHED, SockAddr,
+    Config, Direction, DropReason, EVENT_CLOSED, EVENT_DECIDED, EndpointInfo, HOOK_CONNECT, HOOK_TC, HOOK_TUNNEL,
+    MARK_MASK, MARK_TO_AGENT, MARK_TUNNEL, PROTO_TCP, PolicyValue, REMOTE_MESHED, SockAddr,
 };
 
 use crate::{
@@ -339,26 +339,35 @@ fn sock_out(ctx: &SkBuffContext) -> PolicyValue {
     if t.is_syn() {
         return PolicyValue::allow(0);
     }
-    // The socket's cgroup, not the current task's: retransmits run in softirq context.
-    // SAFETY (both helpers): the context's skb pointer is valid for the program's run.
-    let id = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
-    let anc = |l| unsafe { bpf_skb_ancestor_cgroup_id(ctx.skb.skb, l) };
-    let ifindex = match ifindex_of_cgroup(id, anc) {
-        Ok(i) => i,
-        Err(r) => return PolicyValue::deny(0, r),
-    };
     let f = Flow::new(t);
-    let value = match cached(&cfg, &f, Some(ifindex), Direction::Egress, false, false) {
+    // The decision cached for the end the packet leaves from, by address: finding the workload's
+    // veth first (its cgroup, the cgroup map) would cost more than the rest of the hit. For the
+    // workload's own address it is the decision of its own veth; a packet forging another
+    // address gets that address's decision here, and is dropped as forged on the workload's veth
+    // (TC) whatever this hook answers.
+    let value = match cached(&cfg, &f, None, Direction::Egress, false, false) {
         Cached::Hit(o, _) => o.value,
-        Cached::Miss { is_reply, tunnel } => match endpoint(cfg.active_slot(), ifindex) {
-            Ok(ep) => decide_new(&cfg, &f, ifindex, &ep, Direction::Egress, is_reply, tunnel, Cache::ReadOnly).value,
-            Err(r) => PolicyValue::deny(0, r),
-        },
+        Cached::Miss { is_reply, tunnel } => sock_decide(ctx, &cfg, &f, is_reply, tunnel),
     };
     if let Some(sk) = sk {
         socket::remember(sk, &cfg, t.daddr, t.dport, &value);
     }
     value
+}
+
+/// `sock_out`'s slow path: the workload of the socket's cgroup decides, without caching.
+#[inline(always)]
+fn sock_decide(ctx: &SkBuffContext, cfg: &Config, f: &Flow, is_reply: bool, tunnel: bool) -> PolicyValue {
+    // The socket's cgroup, not the current task's: retransmits run in softirq context.
+    // SAFETY (both helpers): the context's skb pointer is valid for the program's run.
+    let id = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
+    let anc = |l| unsafe { bpf_skb_ancestor_cgroup_id(ctx.skb.skb, l) };
+    match ifindex_of_cgroup(id, anc).and_then(|i| endpoint(cfg.active_slot(), i).map(|ep| (i, ep))) {
+        Ok((ifindex, ep)) => {
+            decide_new(cfg, f, ifindex, &ep, Direction::Egress, is_reply, tunnel, Cache::ReadOnly).value
+        }
+        Err(r) => PolicyValue::deny(0, r),
+    }
 }
 
 #[cfg(not(test))]
