@@ -310,10 +310,6 @@ fn sock_out(ctx: &SkBuffContext) -> PolicyValue {
         Ok(c) => c,
         Err(r) => return PolicyValue::deny(0, r),
     };
-    let sk = socket::tcp_socket(ctx);
-    if let Some(v) = sk.and_then(|sk| socket::cached(&cfg, sk)) {
-        return v;
-    }
     // cgroup_skb sees the packet from its IPv4 header on. Direct access first (one bounds check
     // instead of a helper call per field); headers outside the linear part need the helper.
     // SAFETY: the context's skb pointer is valid for the program's run.
@@ -339,6 +335,10 @@ fn sock_out(ctx: &SkBuffContext) -> PolicyValue {
     if t.is_syn() {
         return PolicyValue::allow(0);
     }
+    let tp = socket::long_lived(ctx);
+    if let Some(v) = tp.and_then(|tp| socket::cached(&cfg, tp, t.daddr, t.dport)) {
+        return v;
+    }
     let f = Flow::new(t);
     // The decision cached for the end the packet leaves from, by address: finding the workload's
     // veth first (its cgroup, the cgroup map) would cost more than the rest of the hit. For the
@@ -349,8 +349,8 @@ fn sock_out(ctx: &SkBuffContext) -> PolicyValue {
         Cached::Hit(o, _) => o.value,
         Cached::Miss { is_reply, tunnel } => sock_decide(ctx, &cfg, &f, is_reply, tunnel),
     };
-    if let Some(sk) = sk {
-        socket::remember(sk, &cfg, t.daddr, t.dport, &value);
+    if let Some(tp) = tp {
+        socket::remember(tp, &cfg, t.daddr, t.dport, &value);
     }
     value
 }
