@@ -240,6 +240,19 @@ fn same_node_flow_is_decided_once_for_both_veths_and_logged_at_both() {
     assert_eq!(count(&lab, "team/c", "egress", "tc", "DENY"), 0, "c's egress is allowed: the drop is b's");
 }
 
+/// A Python script that connects from `src` to `dst`:8080 (addresses) and prints "allowed" or
+/// "blocked <why>".
+fn connect_script(src: &str, dst: &str) -> String {
+    format!(
+        "import socket\ns=socket.socket(); s.settimeout(0.7); s.bind(('{src}',0))\ntry:\n s.connect(('{dst}',8080)); print('allowed')\nexcept Exception as e: print('blocked', e)"
+    )
+}
+
+fn output_of(c: &mut std::process::Command) -> String {
+    let out = c.output().unwrap();
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
 #[test]
 fn forged_source_address_is_dropped() {
     if !require_root("forged_source_address_is_dropped") {
@@ -248,33 +261,42 @@ fn forged_source_address_is_dropped() {
     let mut lab = trio("dpspoof");
     let dir = policies(&lab, &[("b.yaml", ALLOW_A_TO_B_8080)]);
     lab.start_agent(&dir).unwrap();
+    let spoofed = |lab: &Lab| -> u64 {
+        let v: serde_json::Value = serde_json::from_str(&lab.warden(&["maps", "--output", "json"]).unwrap()).unwrap();
+        v["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|e| e["counters"].as_array().cloned().unwrap_or_default())
+            .filter(|c| c["reason"] == "source_spoof")
+            .map(|c| c["packets"].as_u64().unwrap())
+            .sum()
+    };
     // c takes a's address as a second address and connects from it: it would borrow a's
     // identity, which b allows. The veth program sees a source that is not c's and drops it.
     let c = lab.member("c").netns.clone();
     run(&["ip", "netns", "exec", &c, "ip", "addr", "add", "10.66.0.2/32", "dev", "eth0"]).unwrap();
     // Outside c's cgroup, so only the veth program can stop it; b must never see the packet.
     let reached_b = count(&lab, "team/b", "ingress", "tc", "ALLOW");
-    let out = std::process::Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{c}"))
-        .args(["--", "python3", "-c"])
-        .arg("import socket,sys\ns=socket.socket(); s.settimeout(0.7); s.bind(('10.66.0.2',0))\ntry:\n s.connect(('10.66.0.3',8080)); print('allowed')\nexcept Exception as e: print('blocked', e)")
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        text.starts_with("blocked"),
-        "a forged source must not pass: {text} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_str(&lab.warden(&["maps", "--output", "json"]).unwrap()).unwrap();
-    let spoof = v["endpoints"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|e| e["counters"].as_array().cloned().unwrap_or_default())
-        .any(|c| c["reason"] == "source_spoof");
-    assert!(spoof, "the drop is counted with reason source_spoof");
+    let text = output_of(std::process::Command::new("nsenter").arg(format!("--net=/run/netns/{c}")).args([
+        "--",
+        "python3",
+        "-c",
+        &connect_script("10.66.0.2", "10.66.0.3"),
+    ]));
+    assert!(text.starts_with("blocked"), "a forged source must not pass: {text}");
+    let before = spoofed(&lab);
+    assert!(before > 0, "the drop is counted with reason source_spoof");
     assert_eq!(count(&lab, "team/b", "ingress", "tc", "ALLOW"), reached_b, "the forged packet never reached b's veth");
+
+    // Inside c's cgroup, from b's address to a (which accepts anyone): connect() is decided for
+    // c's identity and allowed, so only the veth stops the forged source.
+    run(&["ip", "netns", "exec", &c, "ip", "addr", "del", "10.66.0.2/32", "dev", "eth0"]).unwrap();
+    run(&["ip", "netns", "exec", &c, "ip", "addr", "add", "10.66.0.3/32", "dev", "eth0"]).unwrap();
+    let script = connect_script("10.66.0.3", "10.66.0.2");
+    let text = output_of(&mut lab.command_in("c", "python3".as_ref(), &["-c".into(), script]));
+    assert!(text.starts_with("blocked timed out"), "a forged source must not pass: {text}");
+    assert!(spoofed(&lab) > before, "dropped at c's veth as forged");
 }
 
 #[test]
