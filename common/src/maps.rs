@@ -22,8 +22,8 @@ pub mod names {
     /// Hash: [`super::PolicyKey`] -> [`super::PolicyValue`]. The identity policy.
     pub const POLICY: &str = "warden_policy_v1";
     /// LRU hash: [`super::FlowKey`] -> [`super::FlowValue`]. Decided flows, one entry for both
-    /// directions of a flow on one veth.
-    pub const FLOWS: &str = "warden_flows_v3";
+    /// directions of a flow and, on one node, for both of its ends.
+    pub const FLOWS: &str = "warden_flows_v4";
     /// Per-CPU hash: [`super::CounterKey`] -> [`super::Counter`]. Packets/bytes per decision.
     pub const COUNTERS: &str = "warden_counters_v2";
     /// Ring buffer of [`super::FlowEvent`]: decided new flows (allowed and denied) and closes, for
@@ -476,14 +476,14 @@ impl PolicyValue {
     }
 }
 
-/// A flow as seen on one endpoint's veth (addresses network order, ports host order), with its
-/// two ends in canonical order: the lower (address, port) first. A flow and its replies therefore
-/// share one entry: one insert per new flow, one lookup per packet whichever way it travels.
-/// 20 bytes, no implicit padding.
+/// A flow (addresses network order, ports host order), with its two ends in canonical order: the
+/// lower (address, port) first. A flow and its replies therefore share one entry, and so do the
+/// two veths a flow between two workloads of the node crosses: one insert per new flow, one lookup
+/// per packet whichever way it travels. Each end's decision is kept apart in the value
+/// ([`FlowValue`]), with the veth it belongs to. 16 bytes, no implicit padding.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKey {
-    pub ifindex: u32,
     pub addr_lo: [u8; 4],
     pub addr_hi: [u8; 4],
     pub port_lo: u16,
@@ -493,49 +493,70 @@ pub struct FlowKey {
 }
 
 impl FlowKey {
-    /// The key of a packet from `(saddr, sport)` to `(daddr, dport)` on the veth of `ifindex`, and
-    /// whether the packet's source is the key's lower end.
+    /// The key of a packet from `(saddr, sport)` to `(daddr, dport)`, and whether the packet's
+    /// source is the key's lower end.
     #[inline(always)]
-    pub fn of(ifindex: u32, saddr: [u8; 4], daddr: [u8; 4], sport: u16, dport: u16, proto: u8) -> (FlowKey, bool) {
+    pub fn of(saddr: [u8; 4], daddr: [u8; 4], sport: u16, dport: u16, proto: u8) -> (FlowKey, bool) {
         let (s, d) = (u32::from_be_bytes(saddr), u32::from_be_bytes(daddr));
         let src_lo = s < d || (s == d && sport <= dport);
         let key = if src_lo {
-            FlowKey { ifindex, addr_lo: saddr, addr_hi: daddr, port_lo: sport, port_hi: dport, proto, _pad: [0; 3] }
+            FlowKey { addr_lo: saddr, addr_hi: daddr, port_lo: sport, port_hi: dport, proto, _pad: [0; 3] }
         } else {
-            FlowKey { ifindex, addr_lo: daddr, addr_hi: saddr, port_lo: dport, port_hi: sport, proto, _pad: [0; 3] }
+            FlowKey { addr_lo: daddr, addr_hi: saddr, port_lo: dport, port_hi: sport, proto, _pad: [0; 3] }
         };
         (key, src_lo)
     }
 }
 
-/// Flow-cache flag: the flow's first packet came from the key's lower end (see [`FlowKey`]).
-pub const FLOW_INITIATOR_LO: u8 = 1;
-/// Flow-cache flag: a FIN or RST was seen; the close is counted once.
+/// [`FlowValue::ends`] index of the key's lower end.
+pub const FLOW_END_LO: usize = 0;
+/// [`FlowValue::ends`] index of the key's higher end.
+pub const FLOW_END_HI: usize = 1;
+
+/// Flow-cache flag: a FIN or RST was seen on this end's veth; the close is counted once per end.
 pub const FLOW_CLOSED: u8 = 2;
 /// Flow-cache flag: the flow is the node agent's delivery of an mTLS connection (its packets
 /// towards the workload carry [`MARK_TUNNEL`]); replies are marked [`MARK_TO_AGENT`].
 pub const FLOW_TUNNEL: u8 = 4;
+/// Flow-cache flag: this end was decided on the other end's veth, for a packet on its way here
+/// (two workloads of one node), and this end's veth has not seen a packet of it since. Only such
+/// an end answers a TCP SYN from the cache (every other SYN is decided afresh); the first packet
+/// that uses it clears the flag and is logged as this end's decision.
+pub const FLOW_PEER_DECIDED: u8 = 8;
 /// Flow-cache flag: the flow was opened by the node's own network stack (its packets towards the
 /// workload were not received on any interface and carry no mark; see [`CONFIG_NODE_EXEMPT`]). A
 /// packet of the flow's 5-tuple that arrived on an interface is decided afresh, so a forgery
 /// from the wire never inherits the node's exemption.
-pub const FLOW_NODE: u8 = 8;
+pub const FLOW_NODE: u8 = 16;
 
-/// A cached decision. Valid only while `generation` equals the committed generation.
+/// One end's cached decision: the end's workload (by its veth) and the flow as that workload
+/// sees it. Valid only on that veth and while `generation` equals the committed generation.
+/// 24 bytes, no implicit padding.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct FlowValue {
+pub struct FlowEnd {
+    /// Host veth of the workload at this end; 0 when this end was not decided (not a workload of
+    /// this node, or not seen yet).
+    pub ifindex: u32,
     pub generation: u32,
     pub endpoint_id: u32,
-    /// The remote's identity when the flow was decided (for counters and metrics).
+    /// The other end's identity when the flow was decided (for counters and metrics).
     pub remote_identity: u32,
     pub policy_id: u32,
     pub verdict: u8,
     pub reason: u8,
-    /// `Direction` of the flow (of its first packet), relative to the endpoint.
+    /// `Direction` of the flow relative to this end's workload: egress when it initiated the flow.
     pub direction: u8,
-    /// [`FLOW_INITIATOR_LO`], [`FLOW_CLOSED`], [`FLOW_TUNNEL`], [`FLOW_NODE`].
+    /// [`FLOW_CLOSED`], [`FLOW_TUNNEL`], [`FLOW_PEER_DECIDED`], [`FLOW_NODE`].
     pub flags: u8,
+}
+
+/// A cached flow: the decision of each of its ends, indexed by [`FLOW_END_LO`] and
+/// [`FLOW_END_HI`] (see [`FlowKey`]). 48 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowValue {
+    pub ends: [FlowEnd; 2],
 }
 
 /// The cgroup_skb hook's decision for one connected TCP socket: valid while `generation` is the
@@ -642,6 +663,7 @@ mod pod {
     unsafe impl aya::Pod for super::PolicyKey {}
     unsafe impl aya::Pod for super::PolicyValue {}
     unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowEnd {}
     unsafe impl aya::Pod for super::FlowValue {}
     unsafe impl aya::Pod for super::CounterKey {}
     unsafe impl aya::Pod for super::Counter {}
@@ -670,8 +692,9 @@ mod tests {
         assert_eq!(size_of::<EndpointInfo>(), 16);
         assert_eq!(size_of::<PolicyKey>(), 12);
         assert_eq!(size_of::<PolicyValue>(), 8);
-        assert_eq!(size_of::<FlowKey>(), 20);
-        assert_eq!(size_of::<FlowValue>(), 20);
+        assert_eq!(size_of::<FlowKey>(), 16);
+        assert_eq!(size_of::<FlowEnd>(), 24);
+        assert_eq!(size_of::<FlowValue>(), 48);
         assert_eq!(size_of::<SockVerdict>(), 12);
         assert_eq!(size_of::<CounterKey>(), 16);
         assert_eq!(size_of::<Counter>(), 48);
@@ -695,19 +718,18 @@ mod tests {
     fn flow_key_is_the_same_both_ways() {
         let a = [10, 0, 0, 2];
         let b = [10, 0, 0, 10];
-        let (fwd, fwd_lo) = FlowKey::of(3, a, b, 40000, 80, PROTO_TCP);
-        let (rev, rev_lo) = FlowKey::of(3, b, a, 80, 40000, PROTO_TCP);
+        let (fwd, fwd_lo) = FlowKey::of(a, b, 40000, 80, PROTO_TCP);
+        let (rev, rev_lo) = FlowKey::of(b, a, 80, 40000, PROTO_TCP);
         assert_eq!(fwd, rev);
         assert_ne!(fwd_lo, rev_lo);
         assert!(fwd_lo, "10.0.0.2 orders before 10.0.0.10 as a number, not as text");
         // Same address both ends: the port orders.
-        let (k1, lo1) = FlowKey::of(3, a, a, 5000, 80, PROTO_TCP);
-        let (k2, lo2) = FlowKey::of(3, a, a, 80, 5000, PROTO_TCP);
+        let (k1, lo1) = FlowKey::of(a, a, 5000, 80, PROTO_TCP);
+        let (k2, lo2) = FlowKey::of(a, a, 80, 5000, PROTO_TCP);
         assert_eq!(k1, k2);
         assert!(!lo1 && lo2);
-        // The veth and protocol are part of the flow.
-        assert_ne!(FlowKey::of(4, a, b, 40000, 80, PROTO_TCP).0, fwd);
-        assert_ne!(FlowKey::of(3, a, b, 40000, 80, PROTO_UDP).0, fwd);
+        // The protocol is part of the flow.
+        assert_ne!(FlowKey::of(a, b, 40000, 80, PROTO_UDP).0, fwd);
     }
 
     #[test]

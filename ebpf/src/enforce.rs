@@ -3,9 +3,9 @@
 
 use aya_ebpf::bindings::{BPF_NOEXIST, BPF_RB_NO_WAKEUP};
 use warden_common::{
-    Config, Counter, CounterKey, Direction, DropReason, EndpointInfo, EndpointKey, FLOW_CLOSED, FLOW_INITIATOR_LO,
-    FLOW_NODE, FLOW_TUNNEL, FlowEvent, FlowKey, FlowValue, IDENTITY_WORLD, IpcacheAddr, PROTO_TCP, PolicyKey,
-    PolicyValue, RemoteInfo, Verdict,
+    Config, Counter, CounterKey, Direction, DropReason, EndpointInfo, EndpointKey, FLOW_CLOSED, FLOW_END_HI,
+    FLOW_END_LO, FLOW_NODE, FLOW_PEER_DECIDED, FLOW_TUNNEL, FlowEnd, FlowEvent, FlowKey, FlowValue, IDENTITY_WORLD,
+    IpcacheAddr, PROTO_TCP, PolicyKey, PolicyValue, RemoteInfo, Verdict,
     lookup::{PolicyLookup, Query, decide, decide_default},
 };
 
@@ -114,19 +114,43 @@ pub struct Flow {
 }
 
 impl Flow {
-    /// The flow of a packet seen on the veth (or cgroup) of `ifindex`.
     #[inline(always)]
-    pub fn new(ifindex: u32, t: Tuple) -> Flow {
-        let (key, src_lo) = FlowKey::of(ifindex, t.saddr, t.daddr, t.sport, t.dport, t.proto);
+    pub fn new(t: Tuple) -> Flow {
+        let (key, src_lo) = FlowKey::of(t.saddr, t.daddr, t.sport, t.dport, t.proto);
         Flow { t, key, src_lo }
+    }
+
+    /// The end (`FLOW_END_*`) of the workload a hook acts for when the packet travels in `dir`
+    /// relative to it: the packet's source when it leaves the workload, its destination when it
+    /// enters.
+    #[inline(always)]
+    pub fn end(&self, dir: Direction) -> usize {
+        if self.src_lo == (dir == Direction::Egress) { FLOW_END_LO } else { FLOW_END_HI }
+    }
+}
+
+/// End `end` of the flow-cache entry `p` (constant indices: no bounds check to verify).
+#[inline(always)]
+fn end_of(p: *mut FlowValue, end: usize) -> *mut FlowEnd {
+    // SAFETY: `p` points to a live map value; only an address is computed.
+    unsafe { if end == FLOW_END_LO { &raw mut (*p).ends[FLOW_END_LO] } else { &raw mut (*p).ends[FLOW_END_HI] } }
+}
+
+/// Set end `end` of a flow-cache value (constant indices, as [`end_of`]).
+#[inline(always)]
+fn set_end(v: &mut FlowValue, end: usize, e: FlowEnd) {
+    if end == FLOW_END_LO {
+        v.ends[FLOW_END_LO] = e;
+    } else {
+        v.ends[FLOW_END_HI] = e;
     }
 }
 
 /// What the flow cache knows about a packet.
 pub enum Cached {
     /// Decided under the committed generation: no further lookup is needed. The pointer is the
-    /// entry, for marking the flow closed without a second lookup.
-    Hit(Outcome, *mut FlowValue),
+    /// workload's end of the entry, for marking the flow closed without a second lookup.
+    Hit(Outcome, *mut FlowEnd),
     /// Not decided under this generation; `is_reply` when the packet answers a flow decided
     /// earlier, which is re-decided as that flow; `tunnel` when the flow is (or, for a forward
     /// packet, claims by its mark to be) the agent's delivery of an mTLS connection; `node` when
@@ -134,23 +158,46 @@ pub enum Cached {
     Miss { is_reply: bool, tunnel: bool, node: bool },
 }
 
-/// The fast path: one flow-cache lookup, for either direction of the flow. `hook` is the
-/// direction the packet travels relative to the endpoint; `marked`: the packet carries the
-/// agent's tunnel mark (only packets towards the workload can); `node`: the packet comes from
-/// the node's own stack, unmarked (only packets towards the workload are told apart).
+/// The fast path: one flow-cache lookup, for either direction of the flow and either end.
+/// `ifindex` is the veth of the hook asking (`None` for the cgroup hook, which has no veth and
+/// takes the decision of the end the packet leaves: see `sock_out`); `hook` is the direction the
+/// packet travels relative to that workload; `marked`: the packet carries the agent's tunnel mark
+/// (only packets towards the workload can); `node`: the packet comes from the node's own stack,
+/// unmarked (only packets towards the workload are told apart); `syn`: the packet opens a TCP
+/// connection.
 #[inline(always)]
-pub fn cached(cfg: &Config, f: &Flow, hook: Direction, marked: bool, node: bool) -> Cached {
+#[allow(clippy::too_many_arguments)]
+pub fn cached(
+    cfg: &Config,
+    f: &Flow,
+    ifindex: Option<u32>,
+    hook: Direction,
+    marked: bool,
+    node: bool,
+    syn: bool,
+) -> Cached {
     let fresh = Cached::Miss { is_reply: false, tunnel: marked, node };
     let Some(p) = FLOWS.get_ptr_mut(&f.key) else {
         return fresh;
     };
+    let end = end_of(p, f.end(hook));
     // SAFETY: a valid pointer into the LRU map, read at once.
-    let v = unsafe { *p };
-    let forward = (v.flags & FLOW_INITIATOR_LO != 0) == f.src_lo;
+    let v = unsafe { *end };
+    // An end is decided for one workload: on any other veth (a packet forging this workload's
+    // address, or the other end's) it is no decision at all.
+    if v.ifindex == 0 || ifindex.is_some_and(|i| i != v.ifindex) {
+        return fresh;
+    }
     // Forward packets travel in the flow's direction and replies against it; only an allowed
-    // flow has replies. Anything else (a simultaneous open, a packet forged to look like a
-    // reply, an answer to a denied flow) is decided afresh as a new flow.
-    if forward != (v.direction == hook as u8) || (!forward && v.verdict != Verdict::Allow as u8) {
+    // flow has replies. Anything else (a packet forged to look like a reply, an answer to a
+    // denied flow) is decided afresh as a new flow.
+    let forward = v.direction == hook as u8;
+    if !forward && v.verdict != Verdict::Allow as u8 {
+        return fresh;
+    }
+    // A SYN opens a new connection: decided afresh (a reused 5-tuple starts clean), unless the
+    // sender's veth on this node decided this end for it a moment ago.
+    if syn && (!forward || v.flags & FLOW_PEER_DECIDED == 0) {
         return fresh;
     }
     // A tunneled flow's packets towards the workload all carry the agent's mark, and a plain
@@ -175,27 +222,29 @@ pub fn cached(cfg: &Config, f: &Flow, hook: Direction, marked: bool, node: bool)
         tunnel,
         value,
     };
-    Cached::Hit(o, p)
+    Cached::Hit(o, end)
 }
 
 /// Whether the slow path writes its decision to the flow cache. The TC hooks do; the cgroup_skb
 /// hook, which sees the same packets just before TC, does not: one writer keeps inserts (which
-/// evict in a full LRU map) to one per flow and veth.
+/// evict in a full LRU map) to one per flow.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Cache {
     Write,
     ReadOnly,
 }
 
-/// The slow path: decide a packet travelling in `dir` relative to endpoint `ep` from the
-/// identity cache and the policy map, and cache the decision for both directions of the flow.
-/// A reply is decided as the flow it answers. A TCP flow the node's own stack opened (`node`) is
-/// allowed without policy while the agent exempts them (`CONFIG_NODE_EXEMPT`).
-#[allow(clippy::too_many_arguments)]
+/// The slow path: decide a packet travelling in `dir` relative to endpoint `ep` (on the veth of
+/// `ifindex`) from the identity cache and the policy map, and cache the decision for both
+/// directions of the flow. A reply is decided as the flow it answers. A TCP flow the node's own
+/// stack opened (`node`) is allowed without policy while the agent exempts them
+/// (`CONFIG_NODE_EXEMPT`).
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 pub fn decide_new(
     cfg: &Config,
     f: &Flow,
+    ifindex: u32,
     ep: &EndpointInfo,
     dir: Direction,
     is_reply: bool,
@@ -209,24 +258,13 @@ pub fn decide_new(
         Direction::Egress => f.t.daddr,
     };
     let slot = cfg.active_slot();
-    let remote_identity = remote(slot, remote_addr).identity;
-    // A reply is decided as the flow it answers: the opposite direction, the port it was sent to.
-    let (qdir, qport) = if is_reply {
-        (
-            match dir {
-                Direction::Ingress => Direction::Egress,
-                Direction::Egress => Direction::Ingress,
-            },
-            f.t.sport,
-        )
-    } else {
-        (dir, f.t.dport)
-    };
+    let dst = remote(slot, remote_addr);
+    let (qdir, qport) = query(f, dir, is_reply);
     let exempt = node && cfg.node_exempt() && qdir == Direction::Ingress && f.t.proto == PROTO_TCP;
     let value = if exempt {
         PolicyValue { reason: DropReason::NodeLocal as u8, ..PolicyValue::allow(0) }
     } else {
-        policy(slot, ep, qdir, remote_identity, f.t.proto, qport, plaintext_view(ep, qdir, f.t.proto, tunnel))
+        policy(slot, ep, qdir, dst.identity, f.t.proto, qport, plaintext_view(ep, qdir, f.t.proto, tunnel))
     };
     // A meshed workload's connection to the agent's capture listener is the mesh's too (for an
     // egress flow, `remote_addr` and `qport` are where it was sent, whichever way this packet goes).
@@ -236,45 +274,107 @@ pub fn decide_new(
             && ep.is_meshed()
             && remote_addr == cfg.capture_addr
             && qport == cfg.capture_port);
+    let o = Outcome {
+        endpoint_id: ep.endpoint_id,
+        remote_identity: dst.identity,
+        direction: qdir,
+        reply: is_reply,
+        tunnel,
+        value,
+    };
     if cache == Cache::Write {
-        // The initiator is this packet's source, or for a reply its destination.
-        let initiator_lo = f.src_lo != is_reply;
-        let entry = FlowValue {
-            generation: cfg.generation,
-            endpoint_id: ep.endpoint_id,
-            remote_identity,
-            policy_id: value.policy_id,
-            verdict: value.verdict,
-            reason: value.reason,
-            direction: qdir as u8,
-            flags: if initiator_lo { FLOW_INITIATOR_LO } else { 0 }
-                | if tunnel { FLOW_TUNNEL } else { 0 }
-                | if node { FLOW_NODE } else { 0 },
-        };
+        let mut entry = FlowValue::default();
+        // This packet's close is counted now; the flag keeps later ones from counting again.
+        let closed = if f.t.is_fin_or_rst() { FLOW_CLOSED } else { 0 };
+        let from_node = if node { FLOW_NODE } else { 0 };
+        set_end(&mut entry, f.end(dir), flow_end(cfg, ifindex, &o, closed | from_node));
+        // An allowed packet leaving a workload for another workload of this node (outside the
+        // mesh's tunnel, whose packets go to the agent) meets that workload's veth next: decide
+        // that end now, so its hook finds the flow decided. One insert per flow instead of one
+        // per veth.
+        if dir == Direction::Egress && value.is_allow() && !tunnel && dst.local_ifindex != 0 {
+            // An unknown peer is left undecided: its own hook decides (and drops).
+            if let Ok(peer) = endpoint(slot, dst.local_ifindex) {
+                let p = decide_peer(slot, f, ep, &peer, is_reply);
+                set_end(&mut entry, f.end(Direction::Ingress), flow_end(cfg, dst.local_ifindex, &p, FLOW_PEER_DECIDED));
+            }
+        }
         // A failed insert is harmless: the next packet decides again.
         let _ = FLOWS.insert(&f.key, entry, 0);
     }
-    Outcome { endpoint_id: ep.endpoint_id, remote_identity, direction: qdir, reply: is_reply, tunnel, value }
+    o
 }
 
-/// Mark a cached flow closed. True the first time, so a connection's close is counted once
-/// whichever side ends it.
+/// The policy query of a packet travelling in `dir`: a flow is decided in its own direction on
+/// the port it was sent to, so a reply is decided as the flow it answers (the opposite
+/// direction, the port it came from).
 #[inline(always)]
-pub fn mark_closed(entry: *mut FlowValue) -> bool {
+fn query(f: &Flow, dir: Direction, is_reply: bool) -> (Direction, u16) {
+    match (dir, is_reply) {
+        (_, false) => (dir, f.t.dport),
+        (Direction::Ingress, true) => (Direction::Egress, f.t.sport),
+        (Direction::Egress, true) => (Direction::Ingress, f.t.sport),
+    }
+}
+
+/// The decision of `peer`, the workload of this node that a packet from `ep` (leaving it, source
+/// address checked) is on its way to, exactly as the hook on the peer's veth would make it: the
+/// packet enters the peer, without the mesh's tunnel mark, from `ep`'s identity (an endpoint's
+/// identity is its address's, which is how the identity cache answers for that address).
+#[inline(always)]
+fn decide_peer(slot: u8, f: &Flow, ep: &EndpointInfo, peer: &EndpointInfo, is_reply: bool) -> Outcome {
+    let (qdir, qport) = query(f, Direction::Ingress, is_reply);
+    let value = policy(slot, peer, qdir, ep.identity, f.t.proto, qport, plaintext_view(peer, qdir, f.t.proto, false));
+    Outcome {
+        endpoint_id: peer.endpoint_id,
+        remote_identity: ep.identity,
+        direction: qdir,
+        reply: is_reply,
+        tunnel: false,
+        value,
+    }
+}
+
+/// The flow-cache end of outcome `o` for the workload on `ifindex`, with `flags` besides the
+/// tunnel flag.
+#[inline(always)]
+fn flow_end(cfg: &Config, ifindex: u32, o: &Outcome, flags: u8) -> FlowEnd {
+    FlowEnd {
+        ifindex,
+        generation: cfg.generation,
+        endpoint_id: o.endpoint_id,
+        remote_identity: o.remote_identity,
+        policy_id: o.value.policy_id,
+        verdict: o.value.verdict,
+        reason: o.value.reason,
+        direction: o.direction as u8,
+        flags: flags | if o.tunnel { FLOW_TUNNEL } else { 0 },
+    }
+}
+
+/// Mark a cached end closed. True the first time, so a connection's close is counted once per
+/// end whichever side ends it.
+#[inline(always)]
+pub fn mark_closed(end: *mut FlowEnd) -> bool {
     // SAFETY: a valid pointer into the LRU map; a racing close can at worst count twice.
-    let v = unsafe { &mut *entry };
+    let v = unsafe { &mut *end };
     let first = v.flags & FLOW_CLOSED == 0;
     v.flags |= FLOW_CLOSED;
     first
 }
 
-/// [`mark_closed`] for a flow just decided on the slow path.
+/// Take an end decided on the other end's veth ([`FLOW_PEER_DECIDED`]) into use. True the first
+/// time, when the packet is logged as that end's decision (as its own slow path would have).
 #[inline(always)]
-pub fn mark_closed_key(key: &FlowKey) -> bool {
-    match FLOWS.get_ptr_mut(key) {
-        Some(p) => mark_closed(p),
-        None => false,
+pub fn take_peer_decided(end: *mut FlowEnd) -> bool {
+    // SAFETY: a valid pointer into the LRU map. Written only when set, so the packets that follow
+    // do not dirty the entry; a racing packet can at worst log the decision twice.
+    let v = unsafe { &mut *end };
+    let first = v.flags & FLOW_PEER_DECIDED != 0;
+    if first {
+        v.flags &= !FLOW_PEER_DECIDED;
     }
+    first
 }
 
 /// Emit an access-log event for the flow of `t` (`reply`: `t` travels against the flow, whose

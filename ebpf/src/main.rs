@@ -30,14 +30,14 @@ use aya_ebpf::{
     programs::{SkBuffContext, SkMsgContext, SockAddrContext, SockOpsContext, TcContext},
 };
 use warden_common::{
-    Direction, DropReason, EVENT_CLOSED, EVENT_DECIDED, EndpointInfo, HOOK_CONNECT, HOOK_TC, HOOK_TUNNEL, MARK_MASK,
-    MARK_TO_AGENT, MARK_TUNNEL, PROTO_TCP, PolicyValue, REMOTE_MESHED, SockAddr,
+    Config, Direction, DropReason, EVENT_CLOSED, EVENT_DECIDED, EndpointInfo, HOOK_CONNECT, HOOK_TC, HOOK_TUNNEL,
+    MARK_MASK, MARK_TO_AGENT, MARK_TUNNEL, PROTO_TCP, PolicyValue, REMOTE_MESHED, SockAddr,
 };
 
 use crate::{
     enforce::{
         Cache, Cached, Flow, Outcome, Traffic, cached, config, count, decide_new, emit, endpoint, mark_closed,
-        mark_closed_key, plaintext_view, policy, remote,
+        plaintext_view, policy, remote, take_peer_decided,
     },
     maps::CGROUPS,
     packet::{Direct, L3, Loaded, Tuple, parse_ethernet, parse_ipv4},
@@ -117,7 +117,7 @@ fn tc(ctx: &TcContext, ifindex: u32, dir: Direction) -> Result<Option<(Outcome, 
         // Attribute the drop to the endpoint when there is one.
         Err(r) => return Err((endpoint(cfg.active_slot(), ifindex).map_or(0, |e| e.endpoint_id), r)),
     };
-    let f = Flow::new(ifindex, t);
+    let f = Flow::new(t);
     let syn = t.is_syn();
     let mut traffic =
         Traffic { inbound: dir == Direction::Ingress, bytes: ctx.len() as u64, opened: syn, closed: false };
@@ -130,12 +130,20 @@ fn tc(ctx: &TcContext, ifindex: u32, dir: Direction) -> Result<Option<(Outcome, 
     // veth or the wire carries that interface. The agent's last hop is local too, but marked.
     // SAFETY: the context's skb pointer is valid for the program's run.
     let node = dir == Direction::Ingress && !marked && unsafe { (*ctx.skb.skb).ingress_ifindex } == 0;
-    // A SYN opens a new connection: always decided afresh (a reused 5-tuple starts clean).
-    let cache =
-        if syn { Cached::Miss { is_reply: false, tunnel: marked, node } } else { cached(&cfg, &f, dir, marked, node) };
+    // A SYN leaving its workload opens a new connection: always decided afresh (a reused 5-tuple
+    // starts clean). One entering a workload may find it decided by its sender's veth.
+    let cache = if syn && dir == Direction::Egress {
+        Cached::Miss { is_reply: false, tunnel: marked, node }
+    } else {
+        cached(&cfg, &f, Some(ifindex), dir, marked, node, syn)
+    };
     let (is_reply, tunnel, node) = match cache {
-        Cached::Hit(o, entry) => {
-            traffic.closed = t.is_fin_or_rst() && mark_closed(entry);
+        Cached::Hit(o, end) => {
+            // Decided on the sender's veth: logged here, where the old slow path logged it.
+            if take_peer_decided(end) && !o.reply {
+                emit(EVENT_DECIDED, HOOK_TC, &t, false, &o);
+            }
+            traffic.closed = t.is_fin_or_rst() && mark_closed(end);
             if traffic.closed {
                 emit(EVENT_CLOSED, HOOK_TC, &t, o.reply, &o);
             }
@@ -148,11 +156,12 @@ fn tc(ctx: &TcContext, ifindex: u32, dir: Direction) -> Result<Option<(Outcome, 
     if dir == Direction::Egress && t.saddr != ep.ip {
         return Err((ep.endpoint_id, DropReason::SourceSpoof));
     }
-    let o = decide_new(&cfg, &f, &ep, dir, is_reply, tunnel, node, Cache::Write);
+    let o = decide_new(&cfg, &f, ifindex, &ep, dir, is_reply, tunnel, node, Cache::Write);
     if !is_reply {
         emit(EVENT_DECIDED, HOOK_TC, &t, false, &o);
     }
-    traffic.closed = t.is_fin_or_rst() && mark_closed_key(&f.key);
+    // The cached end carries the close (see `decide_new`).
+    traffic.closed = t.is_fin_or_rst();
     if traffic.closed {
         emit(EVENT_CLOSED, HOOK_TC, &t, o.reply, &o);
     }
@@ -306,10 +315,6 @@ fn sock_out(ctx: &SkBuffContext) -> PolicyValue {
         Ok(c) => c,
         Err(r) => return PolicyValue::deny(0, r),
     };
-    let sk = socket::tcp_socket(ctx);
-    if let Some(v) = sk.and_then(|sk| socket::cached(&cfg, sk)) {
-        return v;
-    }
     // cgroup_skb sees the packet from its IPv4 header on. Direct access first (one bounds check
     // instead of a helper call per field); headers outside the linear part need the helper.
     // SAFETY: the context's skb pointer is valid for the program's run.
@@ -335,26 +340,39 @@ fn sock_out(ctx: &SkBuffContext) -> PolicyValue {
     if t.is_syn() {
         return PolicyValue::allow(0);
     }
+    let tp = socket::long_lived(ctx);
+    if let Some(v) = tp.and_then(|tp| socket::cached(&cfg, tp, t.daddr, t.dport)) {
+        return v;
+    }
+    let f = Flow::new(t);
+    // The decision cached for the end the packet leaves from, by address: finding the workload's
+    // veth first (its cgroup, the cgroup map) would cost more than the rest of the hit. For the
+    // workload's own address it is the decision of its own veth; a packet forging another
+    // address gets that address's decision here, and is dropped as forged on the workload's veth
+    // (TC) whatever this hook answers.
+    let value = match cached(&cfg, &f, None, Direction::Egress, false, false, false) {
+        Cached::Hit(o, _) => o.value,
+        Cached::Miss { is_reply, tunnel, .. } => sock_decide(ctx, &cfg, &f, is_reply, tunnel),
+    };
+    if let Some(tp) = tp {
+        socket::remember(tp, &cfg, t.daddr, t.dport, &value);
+    }
+    value
+}
+
+/// `sock_out`'s slow path: the workload of the socket's cgroup decides, without caching.
+#[inline(always)]
+fn sock_decide(ctx: &SkBuffContext, cfg: &Config, f: &Flow, is_reply: bool, tunnel: bool) -> PolicyValue {
     // The socket's cgroup, not the current task's: retransmits run in softirq context.
     // SAFETY (both helpers): the context's skb pointer is valid for the program's run.
     let id = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
     let anc = |l| unsafe { bpf_skb_ancestor_cgroup_id(ctx.skb.skb, l) };
-    let ifindex = match ifindex_of_cgroup(id, anc) {
-        Ok(i) => i,
-        Err(r) => return PolicyValue::deny(0, r),
-    };
-    let f = Flow::new(ifindex, t);
-    let value = match cached(&cfg, &f, Direction::Egress, false, false) {
-        Cached::Hit(o, _) => o.value,
-        Cached::Miss { is_reply, tunnel, node } => match endpoint(cfg.active_slot(), ifindex) {
-            Ok(ep) => decide_new(&cfg, &f, &ep, Direction::Egress, is_reply, tunnel, node, Cache::ReadOnly).value,
-            Err(r) => PolicyValue::deny(0, r),
-        },
-    };
-    if let Some(sk) = sk {
-        socket::remember(sk, &cfg, t.daddr, t.dport, &value);
+    match ifindex_of_cgroup(id, anc).and_then(|i| endpoint(cfg.active_slot(), i).map(|ep| (i, ep))) {
+        Ok((ifindex, ep)) => {
+            decide_new(cfg, f, ifindex, &ep, Direction::Egress, is_reply, tunnel, false, Cache::ReadOnly).value
+        }
+        Err(r) => PolicyValue::deny(0, r),
     }
-    value
 }
 
 #[cfg(not(test))]

@@ -44,10 +44,10 @@ pub static CGROUPS: HashMap<u64, u32, { CGROUPS_CAP as usize }> = HashMap::new()
 #[btf_map(name = "warden_policy_v1")]
 pub static POLICY: HashMap<PolicyKey, PolicyValue, { POLICY_CAP as usize }> = HashMap::new();
 
-/// Flow cache: decisions of flows (and their replies) per endpoint, valid for one generation.
-/// Per-CPU LRU lists (`BPF_F_NO_COMMON_LRU`): under connection churn every insert into a full
+/// Flow cache: decisions of flows (and their replies), per end of the flow that is a workload of
+/// this node, each valid for one generation. Per-CPU LRU lists (`BPF_F_NO_COMMON_LRU`): under connection churn every insert into a full
 /// map evicts, and the common list would take a global lock for it.
-#[btf_map(name = "warden_flows_v3")]
+#[btf_map(name = "warden_flows_v4")]
 pub static FLOWS: LruHashMap<FlowKey, FlowValue, { FLOWS_CAP as usize }, { BPF_F_NO_COMMON_LRU as usize }> =
     LruHashMap::new();
 

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use warden_common::{CONFIG_EVENTS, CONFIG_NODE_EXEMPT, names};
+use warden_common::{CONFIG_EVENTS, CONFIG_NODE_EXEMPT, Direction, FLOW_PEER_DECIDED, names};
 use warden_tests::{
     Lab, Probe,
     fixtures::{ALLOW_A_TO_B_8080, DENY_C_TO_A, team},
@@ -143,6 +143,102 @@ fn allowed_flow_passes_denied_flow_gets_eperm_and_tc_drop() {
     assert!(count(&lab, "team/b", "ingress", "tc", "ALLOW") > 0);
 }
 
+/// The flow-cache entries of flows between `x` and `y` (addresses), as bpftool dumps them.
+fn flow_entries(lab: &Lab, x: &str, y: &str) -> Vec<serde_json::Value> {
+    let pin = lab.pin_dir.join(names::FLOWS).display().to_string();
+    let dump: serde_json::Value =
+        serde_json::from_str(&run(&["bpftool", "map", "dump", "pinned", &pin, "-j"]).unwrap()).unwrap();
+    let addr = |a: &str| a.parse::<std::net::Ipv4Addr>().unwrap().octets().map(|o| serde_json::json!(o)).to_vec();
+    let ends = [addr(x), addr(y)];
+    dump.as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["formatted"].clone())
+        .filter(|e| {
+            let k = (e["key"]["addr_lo"].as_array().unwrap(), e["key"]["addr_hi"].as_array().unwrap());
+            (k.0 == &ends[0] && k.1 == &ends[1]) || (k.0 == &ends[1] && k.1 == &ends[0])
+        })
+        .collect()
+}
+
+#[test]
+fn same_node_flow_is_decided_once_for_both_veths_and_logged_at_both() {
+    if !require_root("same_node_flow_is_decided_once_for_both_veths_and_logged_at_both") {
+        return;
+    }
+    let mut lab = trio("dponce");
+    let dir = policies(&lab, &[("b.yaml", ALLOW_A_TO_B_8080)]);
+    lab.start_agent(&dir).unwrap();
+    let maps: serde_json::Value = serde_json::from_str(&lab.warden(&["maps", "--output", "json"]).unwrap()).unwrap();
+    let ifindex = |w: &str| {
+        maps["endpoints"].as_array().unwrap().iter().find(|e| e["workload"] == w).unwrap()["ifindex"].as_u64().unwrap()
+    };
+    let (a_ip, b_ip) = (lab.member("a").spec.ip.to_string(), lab.member("b").spec.ip.to_string());
+
+    let held = hold(&lab, "a", "b", 2);
+    // One entry for the connection, holding both ends' decisions: a's egress on a's veth, decided
+    // by its SYN there, and b's ingress on b's veth, decided on a's veth for the same SYN and taken
+    // into use by b's veth when the SYN arrived (no flag left).
+    let entries = flow_entries(&lab, &a_ip, &b_ip);
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    let ends = entries[0]["value"]["ends"].as_array().unwrap();
+    let end = |w: &str| {
+        ends.iter()
+            .find(|e| e["ifindex"].as_u64() == Some(ifindex(w)))
+            .unwrap_or_else(|| panic!("no end of {w}: {ends:?}"))
+    };
+    let (a, b) = (end("team/a"), end("team/b"));
+    assert_eq!((a["direction"].as_u64(), a["verdict"].as_u64()), (Some(Direction::Egress as u64), Some(1)), "{a}");
+    assert_eq!((b["direction"].as_u64(), b["verdict"].as_u64()), (Some(Direction::Ingress as u64), Some(1)), "{b}");
+    assert_ne!(b["policy_id"].as_u64(), Some(0), "b's end names the ALLOW policy: {b}");
+    assert_eq!(b["flags"].as_u64().unwrap() & u64::from(FLOW_PEER_DECIDED), 0, "b's veth took it into use: {b}");
+    assert_result(&finish(held), "allowed", "a -> b held");
+
+    // Both ends' decisions are logged, as when each veth decided its own.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let log = fs::read_to_string(lab.agent_log()).unwrap();
+        let open = |reporter: &str| {
+            log.lines().any(|l| {
+                l.contains("event=open")
+                    && l.contains(&format!("reporter={reporter}"))
+                    && l.contains("hook=tc")
+                    && l.contains(&format!("dst={b_ip}:8080"))
+            })
+        };
+        if open("source") && open("destination") {
+            assert_eq!(
+                log.lines().filter(|l| l.contains("event=open") && l.contains("reporter=destination")).count(),
+                1,
+                "{log}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "both ends' open lines:\n{log}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // A deny on b's side, decided on c's veth (outside c's cgroup, so no connect() refusal), is
+    // still dropped on b's veth and counted there with b's reason.
+    let drops = count(&lab, "team/b", "ingress", "tc", "DENY");
+    assert_result(&probe_outside_cgroup(&lab, "c", "b", 8080), "timeout", "c -> b:8080 is dropped");
+    assert!(count(&lab, "team/b", "ingress", "tc", "DENY") > drops);
+    assert_eq!(count(&lab, "team/c", "egress", "tc", "DENY"), 0, "c's egress is allowed: the drop is b's");
+}
+
+/// A Python script that connects from `src` to `dst`:8080 (addresses) and prints "allowed" or
+/// "blocked <why>".
+fn connect_script(src: &str, dst: &str) -> String {
+    format!(
+        "import socket\ns=socket.socket(); s.settimeout(0.7); s.bind(('{src}',0))\ntry:\n s.connect(('{dst}',8080)); print('allowed')\nexcept Exception as e: print('blocked', e)"
+    )
+}
+
+fn output_of(c: &mut std::process::Command) -> String {
+    let out = c.output().unwrap();
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
 #[test]
 fn forged_source_address_is_dropped() {
     if !require_root("forged_source_address_is_dropped") {
@@ -151,33 +247,42 @@ fn forged_source_address_is_dropped() {
     let mut lab = trio("dpspoof");
     let dir = policies(&lab, &[("b.yaml", ALLOW_A_TO_B_8080)]);
     lab.start_agent(&dir).unwrap();
+    let spoofed = |lab: &Lab| -> u64 {
+        let v: serde_json::Value = serde_json::from_str(&lab.warden(&["maps", "--output", "json"]).unwrap()).unwrap();
+        v["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|e| e["counters"].as_array().cloned().unwrap_or_default())
+            .filter(|c| c["reason"] == "source_spoof")
+            .map(|c| c["packets"].as_u64().unwrap())
+            .sum()
+    };
     // c takes a's address as a second address and connects from it: it would borrow a's
     // identity, which b allows. The veth program sees a source that is not c's and drops it.
     let c = lab.member("c").netns.clone();
     run(&["ip", "netns", "exec", &c, "ip", "addr", "add", "10.66.0.2/32", "dev", "eth0"]).unwrap();
     // Outside c's cgroup, so only the veth program can stop it; b must never see the packet.
     let reached_b = count(&lab, "team/b", "ingress", "tc", "ALLOW");
-    let out = std::process::Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{c}"))
-        .args(["--", "python3", "-c"])
-        .arg("import socket,sys\ns=socket.socket(); s.settimeout(0.7); s.bind(('10.66.0.2',0))\ntry:\n s.connect(('10.66.0.3',8080)); print('allowed')\nexcept Exception as e: print('blocked', e)")
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        text.starts_with("blocked"),
-        "a forged source must not pass: {text} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_str(&lab.warden(&["maps", "--output", "json"]).unwrap()).unwrap();
-    let spoof = v["endpoints"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|e| e["counters"].as_array().cloned().unwrap_or_default())
-        .any(|c| c["reason"] == "source_spoof");
-    assert!(spoof, "the drop is counted with reason source_spoof");
+    let text = output_of(std::process::Command::new("nsenter").arg(format!("--net=/run/netns/{c}")).args([
+        "--",
+        "python3",
+        "-c",
+        &connect_script("10.66.0.2", "10.66.0.3"),
+    ]));
+    assert!(text.starts_with("blocked"), "a forged source must not pass: {text}");
+    let before = spoofed(&lab);
+    assert!(before > 0, "the drop is counted with reason source_spoof");
     assert_eq!(count(&lab, "team/b", "ingress", "tc", "ALLOW"), reached_b, "the forged packet never reached b's veth");
+
+    // Inside c's cgroup, from b's address to a (which accepts anyone): connect() is decided for
+    // c's identity and allowed, so only the veth stops the forged source.
+    run(&["ip", "netns", "exec", &c, "ip", "addr", "del", "10.66.0.2/32", "dev", "eth0"]).unwrap();
+    run(&["ip", "netns", "exec", &c, "ip", "addr", "add", "10.66.0.3/32", "dev", "eth0"]).unwrap();
+    let script = connect_script("10.66.0.3", "10.66.0.2");
+    let text = output_of(&mut lab.command_in("c", "python3".as_ref(), &["-c".into(), script]));
+    assert!(text.starts_with("blocked timed out"), "a forged source must not pass: {text}");
+    assert!(spoofed(&lab) > before, "dropped at c's veth as forged");
 }
 
 #[test]

@@ -53,6 +53,10 @@ enum Task {
         /// `iptables`, `nftables` (for quick iterations; the README's figures come from a full run).
         #[arg(long, value_parser = ["warden", "iptables", "nftables"])]
         only: Option<String>,
+        /// `l4` only: of the warden configurations, run only one with about this many policy
+        /// entries (access log off).
+        #[arg(long)]
+        entries: Option<usize>,
     },
     /// `bench mtls`'s clients, which it runs inside lab workloads (no setup, no build).
     #[command(hide = true)]
@@ -130,9 +134,11 @@ fn main() -> ExitCode {
         Task::Lab { action } if action == "down" => lab::down(),
         Task::Lab { .. } => cargo_build(false).and_then(|()| lab::up()),
         Task::Test { args } => test(&args),
-        Task::Bench { which, only: Some(_) } if which == "mtls" => bail!("--only applies to `bench l4`"),
+        Task::Bench { which, only, entries } if which == "mtls" && (only.is_some() || entries.is_some()) => {
+            bail!("--only and --entries apply to `bench l4`")
+        }
         Task::Bench { which, .. } if which == "mtls" => cargo_build(true).and_then(|()| bench_mtls::mtls()),
-        Task::Bench { only, .. } => cargo_build(true).and_then(|()| bench::l4(only.as_deref())),
+        Task::Bench { only, entries, .. } => cargo_build(true).and_then(|()| bench::l4(only.as_deref(), entries)),
         Task::BenchClient { args } => bench_mtls::client(&args),
     });
     match r {
