@@ -30,12 +30,14 @@ use std::{
     os::fd::{FromRawFd as _, OwnedFd, RawFd},
     process::{Command, Stdio},
     sync::atomic::{AtomicBool, Ordering},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
 use warden_common::names;
 use warden_tests::{Lab, Spec, probe_bin, run};
+
+use crate::process::cpu_seconds;
 
 const TAG: &str = "bench";
 const PORT: u16 = 8080;
@@ -381,6 +383,9 @@ pub fn l4(only: Option<&str>, entries: Option<usize>) -> anyhow::Result<()> {
     // side only would lend the configuration whatever changes in one direction over time.
     let mut rows: Vec<(String, Figures)> = Vec::new();
     let mut paired: Vec<(f64, f64)> = Vec::new();
+    // The agent's own CPU (utime + stime per second of wall time) during each warden ratio pass:
+    // whatever it spends there is taken from the two CPUs the workloads share.
+    let mut agent_load: Vec<f64> = Vec::new();
     let baseline = |lab: &Lab, paired: &mut Vec<(f64, f64)>| -> anyhow::Result<()> {
         eprintln!("bench: (a) no programs, before");
         let before = measure_n(lab, BRACKET, None)?;
@@ -406,12 +411,14 @@ pub fn l4(only: Option<&str>, entries: Option<usize>) -> anyhow::Result<()> {
         unsafe { std::env::set_var("WARDEN_ACCESS_LOG", access_log) };
         let policies = warden_inputs(&lab, entries)?;
         baseline(&lab, &mut paired)?;
-        lab.start_agent(&policies)?;
+        let agent = lab.start_agent(&policies)?;
         let maps = lab.warden(&["maps", "--output", "json"])?;
         let v: serde_json::Value = serde_json::from_str(&maps)?;
         let actual: usize =
             v["endpoints"].as_array().into_iter().flatten().map(|e| e["policy"].as_array().map_or(0, Vec::len)).sum();
+        let (cpu0, t0) = (cpu_seconds(agent)?, Instant::now());
         let mut f = measure(&lab)?;
+        let agent_cpu = (cpu_seconds(agent)? - cpu0) / t0.elapsed().as_secs_f64();
         eprintln!("bench: (b) warden, {entries} policy entries, access log {access_log}: with bpf_stats");
         let stats = BpfStats::enable()?;
         let s = measure_n(&lab, STATS_REPEAT, Some(config_map_id(&lab)?))?;
@@ -419,6 +426,7 @@ pub fn l4(only: Option<&str>, entries: Option<usize>) -> anyhow::Result<()> {
         (f.bulk, f.churn, f.connections) = (s.bulk, s.churn, s.connections);
         let log = if access_log == "off" { String::new() } else { format!(", access log {access_log}") };
         rows.push((format!("(b) warden, {actual} entries{log}"), f));
+        agent_load.push(agent_cpu);
         lab.kill_agent(libc::SIGKILL);
         let _ = Command::new(warden_tests::warden_bin()).args(["cleanup", "--pin-dir"]).arg(&lab.pin_dir).status();
         let _ = fs::remove_dir_all(&lab.state_dir);
@@ -481,6 +489,10 @@ pub fn l4(only: Option<&str>, entries: Option<usize>) -> anyhow::Result<()> {
     println!("\nIn-kernel cost per connection (all programs, connection churn; the same pass):");
     for (name, f) in rows.iter().filter(|(n, _)| n.starts_with("(b)")) {
         println!("{:<44} {}", name, per_connection(f));
+    }
+    println!("\nThe agent process's own CPU during each ratio pass (utime + stime / wall time):");
+    for ((name, _), load) in rows.iter().filter(|(n, _)| n.starts_with("(b)")).zip(&agent_load) {
+        println!("{:<44} {:.2} ms/s ({:.3}% of one CPU)", name, load * 1e3, load * 100.0);
     }
     drop(lab);
     Ok(())

@@ -52,6 +52,8 @@ use std::{
 use anyhow::{Context as _, bail};
 use warden_tests::{Lab, Spec, probe_bin, run};
 
+use crate::process::cpu_seconds;
+
 const TAGS: [&str; 3] = ["bmtls1", "bmtls2", "bmtls3"];
 const NAMESPACE: &str = "bench";
 /// `warden-probe serve` (greeting, then echo) on every server.
@@ -506,18 +508,6 @@ fn agent_pid(lab: &Lab) -> anyhow::Result<u32> {
         .filter_map(|p| p.parse().ok())
         .find(|p| fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "warden"))
         .with_context(|| format!("no warden process in {}", lab.node))
-}
-
-/// utime + stime of process `pid` (all its threads), seconds.
-fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after `(comm)`: state is field 3, utime 14, stime 15.
-    let rest = stat.rsplit_once(") ").context("malformed /proc/PID/stat")?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f.get(11).context("utime")?.parse::<u64>()? + f.get(12).context("stime")?.parse::<u64>()?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    Ok(ticks as f64 / hz as f64)
 }
 
 /// An agent's resident memory, MiB.

@@ -13,6 +13,7 @@
 mod bench;
 mod bench_mtls;
 mod lab;
+mod process;
 mod setup;
 
 use std::process::{Command, ExitCode};

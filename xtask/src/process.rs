@@ -1,0 +1,17 @@
+//! What the benchmarks read about a process from `/proc`.
+
+use std::fs;
+
+use anyhow::Context as _;
+
+/// utime + stime of process `pid` (all its threads), seconds.
+pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after `(comm)`: state is field 3, utime 14, stime 15.
+    let rest = stat.rsplit_once(") ").context("malformed /proc/PID/stat")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11).context("utime")?.parse::<u64>()? + f.get(12).context("stime")?.parse::<u64>()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    Ok(ticks as f64 / hz as f64)
+}
