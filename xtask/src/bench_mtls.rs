@@ -52,7 +52,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use warden_tests::{Lab, Spec, probe_bin, run};
 
-use crate::process::cpu_seconds;
+use crate::process::{cpu_seconds, machine_busy_seconds};
 
 const TAGS: [&str; 3] = ["bmtls1", "bmtls2", "bmtls3"];
 const NAMESPACE: &str = "bench";
@@ -168,6 +168,9 @@ struct Figures {
     /// Bytes received by the iperf3 servers, and the agents' CPU seconds meanwhile.
     bytes: f64,
     bulk_cpu: f64,
+    /// The whole machine's busy CPU seconds during the iperf3 runs (both ends, the agents, the
+    /// kernel's softirq work wherever it is charged).
+    bulk_machine_cpu: f64,
     p50_us: Vec<f64>,
     p99_us: Vec<f64>,
     conn_per_s: Vec<f64>,
@@ -193,6 +196,7 @@ struct Summary {
     conn_per_s: f64,
     conn_ratio: f64,
     cpu_s_per_gb: f64,
+    machine_cpu_s_per_gb: f64,
     cpu_us_per_conn: f64,
 }
 
@@ -208,6 +212,7 @@ impl Summary {
             conn_per_s: median(&f.conn_per_s),
             conn_ratio: median(&f.conn_per_s) / median(&base.conn_per_s),
             cpu_s_per_gb: f.bulk_cpu / (f.bytes / 1e9),
+            machine_cpu_s_per_gb: f.bulk_machine_cpu / (f.bytes / 1e9),
             cpu_us_per_conn: f.churn_cpu / f.connections as f64 * 1e6,
         }
     }
@@ -374,13 +379,13 @@ impl Cluster {
 
     fn throughput(&self, row: &Row, f: &mut Figures) -> anyhow::Result<()> {
         let args = ["-c", &row.ip.to_string(), "-p", &IPERF_PORT.to_string(), "-t", &SECONDS.to_string(), "-J"];
-        let cpu0 = self.agent_cpu()?;
+        let (cpu0, machine0) = (self.agent_cpu()?, machine_busy_seconds()?);
         let out = self
             .client_node(row)
             .command_in(row.client, "iperf3".as_ref(), &args.map(String::from))
             .output()
             .context("iperf3")?;
-        let cpu1 = self.agent_cpu()?;
+        let (cpu1, machine1) = (self.agent_cpu()?, machine_busy_seconds()?);
         let v: serde_json::Value = serde_json::from_slice(&out.stdout)
             .with_context(|| format!("{}: iperf3 JSON; stderr {}", row.name, String::from_utf8_lossy(&out.stderr)))?;
         if let Some(e) = v["error"].as_str() {
@@ -394,6 +399,7 @@ impl Cluster {
         f.gbps.push(received["bits_per_second"].as_f64().context("iperf3 result")? / 1e9);
         f.bytes += received["bytes"].as_f64().context("iperf3 bytes")?;
         f.bulk_cpu += cpu1 - cpu0;
+        f.bulk_machine_cpu += machine1 - machine0;
         Ok(())
     }
 
@@ -626,7 +632,7 @@ pub fn mtls() -> anyhow::Result<()> {
     }
     let _ = writeln!(
         out,
-        "\n{:<28} {:>7} {:>6} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6} {:>9} {:>11}",
+        "\n{:<28} {:>7} {:>6} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6} {:>9} {:>11} {:>10}",
         "configuration",
         "Gbit/s",
         "ratio",
@@ -637,13 +643,14 @@ pub fn mtls() -> anyhow::Result<()> {
         "conn/s",
         "ratio",
         "CPU s/GB",
-        "CPU µs/conn"
+        "CPU µs/conn",
+        "node s/GB"
     );
     for (row, s) in ROWS.iter().zip(&summary) {
         let added = |v: f64| if row.meshed { format!("{v:.1}") } else { "-".into() };
         let _ = writeln!(
             out,
-            "{:<28} {:>7.2} {:>6.2} {:>8.1} {:>8.1} {:>8} {:>8} {:>8.0} {:>6.2} {:>9.3} {:>11.1}",
+            "{:<28} {:>7.2} {:>6.2} {:>8.1} {:>8.1} {:>8} {:>8} {:>8.0} {:>6.2} {:>9.3} {:>11.1} {:>10.3}",
             row.name,
             s.gbps,
             s.gbps_ratio,
@@ -655,12 +662,14 @@ pub fn mtls() -> anyhow::Result<()> {
             s.conn_ratio,
             s.cpu_s_per_gb,
             s.cpu_us_per_conn,
+            s.machine_cpu_s_per_gb,
         );
     }
     let _ = writeln!(
         out,
         "(ratios and added latency against the direct row of the same path, (1) or (3); CPU: utime + stime of all agents during the iperf3 \
-         runs per GB received, and during the rate runs per connection)"
+         runs per GB received, and during the rate runs per connection; node s/GB: busy time of all CPUs (user, system, irq, softirq) during the \
+         iperf3 runs per GB received, both ends and the agents, wherever the kernel charges its softirq work)"
     );
     let errors: Vec<String> = ROWS
         .iter()

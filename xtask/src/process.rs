@@ -15,3 +15,18 @@ pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     Ok(ticks as f64 / hz as f64)
 }
+
+/// Busy time of all the machine's CPUs so far, seconds: user, nice, system, irq and softirq from
+/// `/proc/stat` (guest time is inside user; idle, iowait and steal are not the machine's work).
+/// Whatever runs, in whichever process or softirq context the kernel charges it.
+pub fn machine_busy_seconds() -> anyhow::Result<f64> {
+    let stat = fs::read_to_string("/proc/stat")?;
+    let cpu = stat.lines().next().filter(|l| l.starts_with("cpu ")).context("no cpu line in /proc/stat")?;
+    let f: Vec<u64> = cpu.split_whitespace().skip(1).map(str::parse).collect::<Result<_, _>>()?;
+    let [user, nice, system, _idle, _iowait, irq, softirq, ..] = f[..] else {
+        anyhow::bail!("short cpu line in /proc/stat: {cpu}");
+    };
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    Ok((user + nice + system + irq + softirq) as f64 / hz as f64)
+}
