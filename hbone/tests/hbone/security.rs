@@ -146,26 +146,44 @@ impl ServerTls for NodeTls {
     }
 }
 
+/// A CA on a manual clock, a secret manager that rotates on demand, and an HBONE server (as
+/// `SERVER`, recording what it accepts) using that manager's certificates.
+struct Rotating {
+    clock: Arc<ManualClock>,
+    manager: SecretManager,
+    tls: SecretManagerTls,
+    inbound: Arc<Recorder>,
+    addr: SocketAddr,
+    _ca_dir: tempfile::TempDir,
+}
+
+impl Rotating {
+    async fn start() -> Rotating {
+        init_tracing();
+        let clock = Arc::new(ManualClock::starting_now());
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Arc::new(CertificateAuthority::load_or_init(dir.path(), CaConfig::default(), clock.clone()).unwrap());
+        let trust = Arc::new(TrustBundle::new(ca.roots().to_vec(), vec![TD.to_owned()]).unwrap());
+        let config = SecretManagerConfig { rotation_jitter: 0.0, ..SecretManagerConfig::default() };
+        let manager = SecretManager::new(Arc::new(LocalCaClient(ca)), trust, clock.clone(), config, None);
+        let tls = SecretManagerTls::new(manager.clone(), CompliancePolicy::Default);
+
+        let inbound = Arc::new(Recorder::default());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let node = NodeTls { tls: tls.clone(), workload: id(SERVER) };
+        tokio::spawn(HboneServer::new(listener, node, inbound.clone(), ServerOptions::default()).run());
+        Rotating { clock, manager, tls, inbound, addr, _ca_dir: dir }
+    }
+}
+
 fn der(pem: &str) -> CertificateDer<'static> {
     CertificateDer::from_pem_slice(pem.as_bytes()).expect("PEM certificate")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotation_during_a_long_transfer_keeps_it_and_new_connections_present_the_new_certificate() {
-    init_tracing();
-    let clock = Arc::new(ManualClock::starting_now());
-    let dir = tempfile::tempdir().unwrap();
-    let ca = Arc::new(CertificateAuthority::load_or_init(dir.path(), CaConfig::default(), clock.clone()).unwrap());
-    let trust = Arc::new(TrustBundle::new(ca.roots().to_vec(), vec![TD.to_owned()]).unwrap());
-    let config = SecretManagerConfig { rotation_jitter: 0.0, ..SecretManagerConfig::default() };
-    let manager = SecretManager::new(Arc::new(LocalCaClient(ca)), trust, clock.clone(), config, None);
-    let tls = SecretManagerTls::new(manager.clone(), CompliancePolicy::Default);
-
-    let inbound = Arc::new(Recorder::default());
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let node = NodeTls { tls: tls.clone(), workload: id(SERVER) };
-    tokio::spawn(HboneServer::new(listener, node, inbound.clone(), ServerOptions::default()).run());
+    let Rotating { clock, manager, tls, inbound, addr, _ca_dir } = Rotating::start().await;
 
     let options = PoolOptions { idle_timeout: Duration::from_millis(200), ..PoolOptions::default() };
     let pool = Pool::new(tls, options);
@@ -224,20 +242,7 @@ async fn rotation_during_a_long_transfer_keeps_it_and_new_connections_present_th
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotated_certificate_is_presented_from_the_next_tunnel_on_while_open_tunnels_keep_going() {
-    init_tracing();
-    let clock = Arc::new(ManualClock::starting_now());
-    let dir = tempfile::tempdir().unwrap();
-    let ca = Arc::new(CertificateAuthority::load_or_init(dir.path(), CaConfig::default(), clock.clone()).unwrap());
-    let trust = Arc::new(TrustBundle::new(ca.roots().to_vec(), vec![TD.to_owned()]).unwrap());
-    let config = SecretManagerConfig { rotation_jitter: 0.0, ..SecretManagerConfig::default() };
-    let manager = SecretManager::new(Arc::new(LocalCaClient(ca)), trust, clock.clone(), config, None);
-    let tls = SecretManagerTls::new(manager.clone(), CompliancePolicy::Default);
-
-    let inbound = Arc::new(Recorder::default());
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let node = NodeTls { tls: tls.clone(), workload: id(SERVER) };
-    tokio::spawn(HboneServer::new(listener, node, inbound.clone(), ServerOptions::default()).run());
+    let Rotating { clock, manager, tls, inbound, addr, _ca_dir } = Rotating::start().await;
 
     // The default idle timeout (minutes): nothing here waits for a connection to go idle.
     let pool = Pool::new(tls, PoolOptions::default());
