@@ -387,8 +387,14 @@ impl Lab {
 
     /// The workload file describing this lab.
     pub fn workload_file(&self) -> String {
+        self.workload_file_without(&[])
+    }
+
+    /// The workload file describing this lab but for the members named in `unmanaged`, which the
+    /// agent then never sees: no programs on their veths or cgroups.
+    pub fn workload_file_without(&self, unmanaged: &[&str]) -> String {
         let mut s = String::from("workloads:\n");
-        for m in &self.members {
+        for m in self.members.iter().filter(|m| !unmanaged.contains(&m.spec.name.as_str())) {
             let labels: Vec<String> = m.spec.labels.iter().map(|(k, v)| format!("{k}: {v}")).collect();
             s += &format!(
                 "  - name: {}\n    namespace: {}\n    serviceAccount: {}\n    labels: {{{}}}\n    ip: {}\n    veth: {}\n    cgroup: {}\n",

@@ -11,6 +11,13 @@
 //! (conntrack ESTABLISHED first, the client's rule last) and an nftables verdict map of 100k
 //! elements. Each is printed as a ratio to (a), measured just before and just after it.
 //!
+//! Each warden configuration also gets a paired pass: a second client and server on the same
+//! node that the agent is never told about (no programs on their veths or cgroups) take turns
+//! with the enforced pair, one run each per round, and the median of the rounds' ratios is
+//! printed beside the bracketed one. The same pass with no agent at all (A/A) shows the
+//! pairing's own noise. The agent enables TCX hooks node-wide, which the bare pair then passes
+//! through too: a few nanoseconds per packet that favour warden's paired figure.
+//!
 //! The ratios are measured with the kernel's BPF run-time accounting off, as in production: with
 //! it on, every program run pays two clock reads and a per-CPU stats update that the baseline and
 //! the iptables rows never pay. Each warden configuration then gets a second, separate pass with
@@ -52,6 +59,23 @@ const BRACKET: usize = 3;
 const STATS_REPEAT: usize = 2;
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 2);
 const SERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 3);
+/// Rounds of the paired pass (see [`paired_pass`]).
+const PAIRED_ROUNDS: usize = 8;
+
+/// A client workload and the server it measures against.
+#[derive(Clone, Copy)]
+struct Pair {
+    client: &'static str,
+    server: Ipv4Addr,
+}
+
+/// The pair the configurations apply to.
+const ENFORCED: Pair = Pair { client: "client", server: SERVER_IP };
+/// A second pair on the same node that the agent is never told about: no programs on its veths
+/// or cgroups, whatever runs. iptables and nftables rules would apply to it too, so only the
+/// warden rows are paired with it.
+const BARE: Pair = Pair { client: "client-bare", server: Ipv4Addr::new(10, 88, 0, 5) };
+const BARE_MEMBERS: [&str; 2] = ["client-bare", "server-bare"];
 /// Ports named by the generated policy; the client uses the first.
 const POLICY_PORTS: u16 = 10;
 
@@ -96,7 +120,7 @@ fn per_packet(s: &Stats) -> String {
 
 /// One throughput and one churn phase; `programs`: collect the run-time statistics of the warden
 /// programs that read this configuration map (see [`config_map_id`]).
-fn measure_once(lab: &Lab, programs: Option<u64>) -> anyhow::Result<Figures> {
+fn measure_once(lab: &Lab, pair: Pair, programs: Option<u64>) -> anyhow::Result<Figures> {
     if programs.is_none() && stats_sysctl_on() {
         STATS_ON_IN_RATIOS.store(true, Ordering::Relaxed);
     }
@@ -104,11 +128,11 @@ fn measure_once(lab: &Lab, programs: Option<u64>) -> anyhow::Result<Figures> {
     let s0 = prog_stats(programs);
     let out = lab
         .command_in(
-            "client",
+            pair.client,
             "iperf3".as_ref(),
             &[
                 "-c".into(),
-                SERVER_IP.to_string(),
+                pair.server.to_string(),
                 "-p".into(),
                 IPERF_PORT.to_string(),
                 "-t".into(),
@@ -127,11 +151,11 @@ fn measure_once(lab: &Lab, programs: Option<u64>) -> anyhow::Result<Figures> {
     delta(&s0, &s1, &mut bulk);
     let out = lab
         .command_in(
-            "client",
+            pair.client,
             &probe_bin(),
             &[
                 "rate".into(),
-                format!("{SERVER_IP}:{PORT}"),
+                format!("{}:{PORT}", pair.server),
                 "--seconds".into(),
                 SECONDS.to_string(),
                 "--threads".into(),
@@ -165,7 +189,7 @@ fn measure(lab: &Lab) -> anyhow::Result<Figures> {
 
 /// The median of `n` measurements.
 fn measure_n(lab: &Lab, n: usize, programs: Option<u64>) -> anyhow::Result<Figures> {
-    let runs = (0..n).map(|_| measure_once(lab, programs)).collect::<anyhow::Result<Vec<_>>>()?;
+    let runs = (0..n).map(|_| measure_once(lab, ENFORCED, programs)).collect::<anyhow::Result<Vec<_>>>()?;
     let (mut bulk, mut churn) = (Stats::new(), Stats::new());
     for r in &runs {
         delta(&Stats::new(), &r.bulk, &mut bulk);
@@ -178,6 +202,26 @@ fn measure_n(lab: &Lab, n: usize, programs: Option<u64>) -> anyhow::Result<Figur
         churn,
         connections: runs.iter().map(|f| f.connections).sum(),
     })
+}
+
+/// The paired pass: `PAIRED_ROUNDS` rounds, each one run on the bare pair and one on the
+/// enforced pair, back to back, in alternating order. The drift of a shared machine moves both
+/// runs of a round alike, so the median of the rounds' ratios (throughput, connection rate) is
+/// steadier than ratios of figures taken minutes apart.
+fn paired_pass(lab: &Lab) -> anyhow::Result<(f64, f64)> {
+    let (mut gbps, mut conn) = (Vec::new(), Vec::new());
+    for round in 0..PAIRED_ROUNDS {
+        let (bare, enforced) = if round % 2 == 0 {
+            let b = measure_once(lab, BARE, None)?;
+            (b, measure_once(lab, ENFORCED, None)?)
+        } else {
+            let e = measure_once(lab, ENFORCED, None)?;
+            (measure_once(lab, BARE, None)?, e)
+        };
+        gbps.push(enforced.gbps / bare.gbps);
+        conn.push(enforced.conn_per_s / bare.conn_per_s);
+    }
+    Ok((median(gbps), median(conn)))
 }
 
 /// Nanoseconds all programs ran per connection made (the whole in-kernel price of a connection),
@@ -266,7 +310,7 @@ fn prog_stats(config: Option<u64>) -> BTreeMap<String, (u64, u64)> {
 /// identities (plus the client) times `POLICY_PORTS` ports.
 fn warden_inputs(lab: &Lab, entries: usize) -> anyhow::Result<std::path::PathBuf> {
     let (k, ports) = if entries <= 1 { (0, 1) } else { (entries / POLICY_PORTS as usize - 1, POLICY_PORTS) };
-    let mut wl = lab.workload_file();
+    let mut wl = lab.workload_file_without(&BARE_MEMBERS);
     let mut principals = vec!["cluster.local/ns/bench/sa/client".to_string()];
     for i in 0..k {
         let ip = peer_ip(i);
@@ -360,21 +404,29 @@ pub fn l4(only: Option<&str>, entries: Option<usize>) -> anyhow::Result<()> {
     let specs = [
         Spec::new("bench", "client", CLIENT_IP, &[]),
         Spec { ports: vec![PORT, PORT + 1], ..Spec::new("bench", "server", SERVER_IP, &[]) },
+        Spec::new("bench", BARE.client, Ipv4Addr::new(10, 88, 0, 4), &[]),
+        Spec { ports: vec![PORT, PORT + 1], ..Spec::new("bench", "server-bare", BARE.server, &[]) },
     ];
     let mut lab = Lab::up(TAG, &specs)?;
-    let client = lab.member("client").netns.clone();
-    run(&["ip", "netns", "exec", &client, "sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65535"])?;
+    for client in [ENFORCED.client, BARE.client] {
+        let netns = lab.member(client).netns.clone();
+        run(&["ip", "netns", "exec", &netns, "sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65535"])?;
+        run(&["ip", "netns", "exec", &netns, "sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"])?;
+    }
     // The client closes first, so TIME-WAIT sockets pile up at the client: at 12k connections a
     // second, every port towards the server is in TIME-WAIT within seconds, and connect()'s search
     // for a free port then costs more than anything measured here, and more the more churn came
     // before (which biased whichever run of a pair went second). Reusing TIME-WAIT ports for new
     // outgoing connections (RFC 7323 timestamps keep that safe) takes the search out of every row.
-    run(&["ip", "netns", "exec", &client, "sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"])?;
-    let mut iperf = lab
-        .command_in("server", "iperf3".as_ref(), &["-s".into(), "-p".into(), IPERF_PORT.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
+    let mut iperfs = ["server", "server-bare"]
+        .map(|server| {
+            lab.command_in(server, "iperf3".as_ref(), &["-s".into(), "-p".into(), IPERF_PORT.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+        })
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()?;
     std::thread::sleep(Duration::from_millis(300));
 
     // Each configuration is bracketed by baselines (nothing installed) measured just before and
@@ -382,20 +434,22 @@ pub fn l4(only: Option<&str>, entries: Option<usize>) -> anyhow::Result<()> {
     // (2 shared vCPUs) would otherwise be larger than the effects measured, and a baseline on one
     // side only would lend the configuration whatever changes in one direction over time.
     let mut rows: Vec<(String, Figures)> = Vec::new();
-    let mut paired: Vec<(f64, f64)> = Vec::new();
+    let mut brackets: Vec<(f64, f64)> = Vec::new();
     // The agent's own CPU (utime + stime per second of wall time) during each warden ratio pass:
     // whatever it spends there is taken from the two CPUs the workloads share.
     let mut agent_load: Vec<f64> = Vec::new();
-    let baseline = |lab: &Lab, paired: &mut Vec<(f64, f64)>| -> anyhow::Result<()> {
+    // Each warden configuration's paired ratios (throughput, connection rate): see `paired_pass`.
+    let mut paired_ratios: Vec<(f64, f64)> = Vec::new();
+    let baseline = |lab: &Lab, brackets: &mut Vec<(f64, f64)>| -> anyhow::Result<()> {
         eprintln!("bench: (a) no programs, before");
         let before = measure_n(lab, BRACKET, None)?;
-        paired.push((before.gbps, before.conn_per_s));
+        brackets.push((before.gbps, before.conn_per_s));
         Ok(())
     };
-    let baseline_after = |lab: &Lab, paired: &mut Vec<(f64, f64)>| -> anyhow::Result<()> {
+    let baseline_after = |lab: &Lab, brackets: &mut Vec<(f64, f64)>| -> anyhow::Result<()> {
         eprintln!("bench: (a) no programs, after");
         let after = measure_n(lab, BRACKET, None)?;
-        let before = paired.last_mut().expect("a baseline before");
+        let before = brackets.last_mut().expect("a baseline before");
         *before = ((before.0 + after.gbps) / 2.0, (before.1 + after.conn_per_s) / 2.0);
         Ok(())
     };
@@ -405,12 +459,19 @@ pub fn l4(only: Option<&str>, entries: Option<usize>) -> anyhow::Result<()> {
         Some(n) => vec![(n, "off")],
         None => vec![(1usize, "off"), (1_000, "off"), (100_000, "off"), (100_000, "text")],
     };
+    // The pairing's own noise and the pairs' asymmetry: the same pass with no agent at all.
+    let aa = if warden_configs.is_empty() {
+        None
+    } else {
+        eprintln!("bench: (a) no programs, paired pass on both pairs (A/A)");
+        Some(paired_pass(&lab)?)
+    };
     for (entries, access_log) in warden_configs {
         eprintln!("bench: (b) warden, {entries} policy entries, access log {access_log}");
         // SAFETY: no other thread runs; the agent started next inherits the setting.
         unsafe { std::env::set_var("WARDEN_ACCESS_LOG", access_log) };
         let policies = warden_inputs(&lab, entries)?;
-        baseline(&lab, &mut paired)?;
+        baseline(&lab, &mut brackets)?;
         let agent = lab.start_agent(&policies)?;
         let maps = lab.warden(&["maps", "--output", "json"])?;
         let v: serde_json::Value = serde_json::from_str(&maps)?;
@@ -419,6 +480,8 @@ pub fn l4(only: Option<&str>, entries: Option<usize>) -> anyhow::Result<()> {
         let (cpu0, t0) = (cpu_seconds(agent)?, Instant::now());
         let mut f = measure(&lab)?;
         let agent_cpu = (cpu_seconds(agent)? - cpu0) / t0.elapsed().as_secs_f64();
+        eprintln!("bench: (b) warden, {entries} policy entries, access log {access_log}: paired with the bare pair");
+        paired_ratios.push(paired_pass(&lab)?);
         eprintln!("bench: (b) warden, {entries} policy entries, access log {access_log}: with bpf_stats");
         let stats = BpfStats::enable()?;
         let s = measure_n(&lab, STATS_REPEAT, Some(config_map_id(&lab)?))?;
@@ -430,28 +493,30 @@ pub fn l4(only: Option<&str>, entries: Option<usize>) -> anyhow::Result<()> {
         lab.kill_agent(libc::SIGKILL);
         let _ = Command::new(warden_tests::warden_bin()).args(["cleanup", "--pin-dir"]).arg(&lab.pin_dir).status();
         let _ = fs::remove_dir_all(&lab.state_dir);
-        let _ = fs::write(lab.workloads_path(), lab.workload_file());
-        baseline_after(&lab, &mut paired)?;
+        let _ = fs::write(lab.workloads_path(), lab.workload_file_without(&BARE_MEMBERS));
+        baseline_after(&lab, &mut brackets)?;
     }
 
     for rules in if runs("iptables") { vec![1usize, 1_000, 10_000] } else { vec![] } {
         eprintln!("bench: (c) iptables, {rules} rules");
-        baseline(&lab, &mut paired)?;
+        baseline(&lab, &mut brackets)?;
         iptables_chain(&lab, rules)?;
         rows.push((format!("(c) iptables, {rules} rules"), measure(&lab)?));
         iptables_flush(&lab);
-        baseline_after(&lab, &mut paired)?;
+        baseline_after(&lab, &mut brackets)?;
     }
     if runs("nftables") {
         eprintln!("bench: (c) nftables verdict map, 100000 elements");
-        baseline(&lab, &mut paired)?;
+        baseline(&lab, &mut brackets)?;
         nft_vmap(&lab, 100_000)?;
         rows.push(("(c) nftables vmap, 100000".into(), measure(&lab)?));
         let _ = in_node(&lab, &["nft", "delete", "table", "inet", "wardenbench"]);
-        baseline_after(&lab, &mut paired)?;
+        baseline_after(&lab, &mut brackets)?;
     }
-    let _ = iperf.kill();
-    let _ = iperf.wait();
+    for iperf in &mut iperfs {
+        let _ = iperf.kill();
+        let _ = iperf.wait();
+    }
     let stats_note = if STATS_ON_IN_RATIOS.load(Ordering::Relaxed) {
         "; WARNING: something turned kernel.bpf_stats_enabled on during it"
     } else {
@@ -464,7 +529,7 @@ pub fn l4(only: Option<&str>, entries: Option<usize>) -> anyhow::Result<()> {
         "{:<44} {:>10} {:>7} {:>12} {:>7}   {:>16}",
         "configuration", "Gbit/s", "ratio", "conn/s", "ratio", "(a) Gbit/s conn/s"
     );
-    for ((name, f), (bg, bc)) in rows.iter().zip(&paired) {
+    for ((name, f), (bg, bc)) in rows.iter().zip(&brackets) {
         println!(
             "{:<44} {:>10.2} {:>7.2} {:>12.0} {:>7.2}   {:>8.2} {:>7.0}",
             name,
@@ -489,6 +554,15 @@ pub fn l4(only: Option<&str>, entries: Option<usize>) -> anyhow::Result<()> {
     println!("\nIn-kernel cost per connection (all programs, connection churn; the same pass):");
     for (name, f) in rows.iter().filter(|(n, _)| n.starts_with("(b)")) {
         println!("{:<44} {}", name, per_connection(f));
+    }
+    println!(
+        "\nPaired with a bare pair on the same node (no programs), {PAIRED_ROUNDS} rounds of one run each, alternating order; median of the rounds' ratios:"
+    );
+    if let Some((g, c)) = aa {
+        println!("{:<44} throughput {g:.3}   connection rate {c:.3}", "(a) no agent: A/A, the pairing's own noise");
+    }
+    for ((name, _), (g, c)) in rows.iter().filter(|(n, _)| n.starts_with("(b)")).zip(&paired_ratios) {
+        println!("{name:<44} throughput {g:.3}   connection rate {c:.3}");
     }
     println!("\nThe agent process's own CPU during each ratio pass (utime + stime / wall time):");
     for ((name, _), load) in rows.iter().filter(|(n, _)| n.starts_with("(b)")).zip(&agent_load) {
