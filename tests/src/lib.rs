@@ -548,6 +548,12 @@ impl Lab {
             .context("starting the agent")
     }
 
+    /// The process id of the agent this lab started, if it has one (`nsenter` execs the agent in
+    /// place, so the child's id is the agent's).
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(Child::id)
+    }
+
     /// The cgroup the node's agent runs in (`<lab cgroup>/node-agent`).
     pub fn agent_cgroup(&self) -> PathBuf {
         self.cgroup_dir.join(AGENT_CGROUP)

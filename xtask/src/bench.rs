@@ -472,7 +472,8 @@ pub fn l4(only: Option<&str>, entries: Option<usize>) -> anyhow::Result<()> {
         unsafe { std::env::set_var("WARDEN_ACCESS_LOG", access_log) };
         let policies = warden_inputs(&lab, entries)?;
         baseline(&lab, &mut brackets)?;
-        let agent = lab.start_agent(&policies)?;
+        lab.start_agent(&policies)?;
+        let agent = lab.agent_pid().context("the agent just started has no process")?;
         let maps = lab.warden(&["maps", "--output", "json"])?;
         let v: serde_json::Value = serde_json::from_str(&maps)?;
         let actual: usize =

@@ -280,7 +280,8 @@ impl Cluster {
             lab.start_mesh_agent_with(&policies, &ca, &[switch])
                 .with_context(|| format!("{}: starting the mesh agent", lab.tag))?;
         }
-        let agents = [agent_pid(&n1)?, agent_pid(&n2)?, agent_pid(&n3)?];
+        let pid = |lab: &Lab| lab.agent_pid().with_context(|| format!("{}: no agent process", lab.tag));
+        let agents = [pid(&n1)?, pid(&n2)?, pid(&n3)?];
         let mut iperf = Vec::new();
         for (lab, server) in [(&n1, "near"), (&n1, "near-plain"), (&n2, "far"), (&n2, "far-plain"), (&n3, "near")] {
             let child = lab
@@ -504,16 +505,6 @@ fn count_sockets(lab: &Lab, filter: &[&str]) -> anyhow::Result<usize> {
 /// The release build of this binary (the clients run as `xtask bench-client`).
 fn xtask_bin() -> PathBuf {
     warden_tests::workspace_root().join("target/release/xtask")
-}
-
-/// The `warden` process in the lab's node namespace (the lab starts it through `nsenter`, which
-/// execs it in place).
-fn agent_pid(lab: &Lab) -> anyhow::Result<u32> {
-    let pids = run(&["ip", "netns", "pids", &lab.node])?;
-    pids.split_whitespace()
-        .filter_map(|p| p.parse().ok())
-        .find(|p| fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "warden"))
-        .with_context(|| format!("no warden process in {}", lab.node))
 }
 
 /// An agent's resident memory, MiB.
