@@ -6,7 +6,7 @@
 //! remote workload is not in this node's record. Bytes are TCP payload, as Istio counts them.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::SocketAddr,
     os::fd::{AsRawFd as _, RawFd},
     sync::{Arc, Mutex},
@@ -118,18 +118,18 @@ pub struct Deliveries {
 struct Open {
     by_key: HashMap<DeliveryKey, Vec<Delivery>>,
     /// Label sets in use, shared; one is dropped when the sweep finds no delivery holds it.
-    labels: HashMap<Arc<TcpLabels>, ()>,
+    labels: HashSet<Arc<TcpLabels>>,
     registered: u64,
 }
 
 impl Open {
     /// The shared copy of `labels`.
     fn intern(&mut self, labels: TcpLabels) -> Arc<TcpLabels> {
-        if let Some((shared, ())) = self.labels.get_key_value(&labels) {
+        if let Some(shared) = self.labels.get(&labels) {
             return shared.clone();
         }
         let shared = Arc::new(labels);
-        self.labels.insert(shared.clone(), ());
+        self.labels.insert(shared.clone());
         shared
     }
 
@@ -163,16 +163,15 @@ impl Deliveries {
         let labels = labels(Reporter::Destination, src, dst, FLAGS_NONE);
         self.rec.connection(&labels, &TcpTotals { opened: 1, ..TcpTotals::default() });
         let fd = upstream.as_raw_fd();
-        let Some(cookie) = socket::cookie(fd) else {
+        let cookie = socket::cookie(fd);
+        let mut open = self.lock();
+        let labels = open.intern(labels);
+        let Some(cookie) = cookie else {
             // Not a socket the kernel can name: counted at its close only.
             tracing::debug!(destination = %key.destination, "delivery without a socket cookie; counted at close");
-            let mut open = self.lock();
-            let labels = open.intern(labels);
             open.push(key, Delivery::gone(labels));
             return;
         };
-        let mut open = self.lock();
-        let labels = open.intern(labels);
         open.push(key, Delivery { labels, fd, cookie, request: 0, response: 0, gone: None });
         open.registered += 1;
         if open.registered.is_multiple_of(SWEEP_EVERY) {
@@ -227,7 +226,7 @@ impl Deliveries {
             });
         }
         open.by_key.retain(|_, q| !q.is_empty());
-        open.labels.retain(|labels, ()| Arc::strong_count(labels) > 1);
+        open.labels.retain(|labels| Arc::strong_count(labels) > 1);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Open> {
