@@ -40,7 +40,7 @@ use crate::{
         plaintext_view, policy, remote, take_peer_decided,
     },
     maps::CGROUPS,
-    packet::{Direct, L3, Loaded, Tuple, parse_ethernet, parse_ipv4},
+    packet::{Direct, L3, Loaded, Tuple, parse_ethernet, parse_ipv4, tcp_has_payload},
 };
 
 /// TCX ingress on the host-side veth: packets the workload sends.
@@ -326,6 +326,7 @@ fn sock_out(ctx: &SkBuffContext) -> PolicyValue {
     } else {
         Err(DropReason::Malformed)
     };
+    let direct_ok = direct.is_ok();
     let t = match direct {
         Ok(t) => t,
         Err(DropReason::Malformed) => match parse_ipv4(&Loaded(ctx), 0) {
@@ -339,6 +340,24 @@ fn sock_out(ctx: &SkBuffContext) -> PolicyValue {
     // would be a third slow path per connection for no new answer.
     if t.is_syn() {
         return PolicyValue::allow(0);
+    }
+    // Only a send can fail with EPERM. A TCP segment without data (an ACK, a FIN, a RST) is the
+    // stack's own, sent outside any `send()` that could report it, and TC decides it on the
+    // workload's veth next whatever this hook answers: deciding it here too would cost a
+    // flow-cache lookup for nothing (all but one segment of a short request, every ACK of a bulk
+    // receiver).
+    if t.proto == PROTO_TCP {
+        let len = ctx.len();
+        let data = if direct_ok {
+            tcp_has_payload(&Direct { data, data_end }, 0, len)
+        } else {
+            tcp_has_payload(&Loaded(ctx), 0, len)
+        };
+        match data {
+            Ok(true) => {}
+            Ok(false) => return PolicyValue::allow(0),
+            Err(r) => return PolicyValue::deny(0, r),
+        }
     }
     let tp = socket::long_lived(ctx);
     if let Some(v) = tp.and_then(|tp| socket::cached(&cfg, tp, t.daddr, t.dport)) {
