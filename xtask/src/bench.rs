@@ -11,12 +11,16 @@
 //! (conntrack ESTABLISHED first, the client's rule last) and an nftables verdict map of 100k
 //! elements. Each is printed as a ratio to (a), measured just before and just after it.
 //!
-//! Each warden configuration also gets a paired pass: a second client and server on the same
-//! node that the agent is never told about (no programs on their veths or cgroups) take turns
-//! with the enforced pair, one run each per round, and the median of the rounds' ratios is
-//! printed beside the bracketed one. The same pass with no agent at all (A/A) shows the
-//! pairing's own noise. The agent enables TCX hooks node-wide, which the bare pair then passes
-//! through too: a few nanoseconds per packet that favour warden's paired figure.
+//! Each warden configuration also gets a crossover pass. The lab has two like pairs of client and
+//! server on the node, and the agent is told about one of them at a time (the other has no
+//! programs on its veths or cgroups). The pairs take turns, one run each per round: first with
+//! pair one enforced, then, after the agent has moved its programs to pair two, with pair two
+//! enforced. The estimate is the geometric mean of the two halves' median ratios: whatever
+//! makes one pair faster than the other on a given boot (up to 4% here, either way) multiplies
+//! one half's ratio and divides the other's, so it cancels. The same pass with no agent at all
+//! shows the pairs' own difference and the estimator's noise. The agent enables TCX hooks
+//! node-wide, which the bare pair then passes through too: a few nanoseconds per packet that
+//! favour warden's paired figure.
 //!
 //! The ratios are measured with the kernel's BPF run-time accounting off, as in production: with
 //! it on, every program run pays two clock reads and a per-CPU stats update that the baseline and
@@ -44,7 +48,7 @@ use anyhow::{Context as _, bail};
 use warden_common::names;
 use warden_tests::{Lab, Spec, probe_bin, run};
 
-use crate::process::cpu_seconds;
+use crate::{attached, process::cpu_seconds};
 
 const TAG: &str = "bench";
 const PORT: u16 = 8080;
@@ -59,23 +63,33 @@ const BRACKET: usize = 3;
 const STATS_REPEAT: usize = 2;
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 2);
 const SERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 3);
-/// Rounds of the paired pass (see [`paired_pass`]).
+/// Rounds of each half of the crossover pass (see [`crossover_pass`]).
 const PAIRED_ROUNDS: usize = 8;
 
 /// A client workload and the server it measures against.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq)]
 struct Pair {
     client: &'static str,
+    server_name: &'static str,
     server: Ipv4Addr,
 }
 
-/// The pair the configurations apply to.
-const ENFORCED: Pair = Pair { client: "client", server: SERVER_IP };
-/// A second pair on the same node that the agent is never told about: no programs on its veths
-/// or cgroups, whatever runs. iptables and nftables rules would apply to it too, so only the
-/// warden rows are paired with it.
-const BARE: Pair = Pair { client: "client-bare", server: Ipv4Addr::new(10, 88, 0, 5) };
-const BARE_MEMBERS: [&str; 2] = ["client-bare", "server-bare"];
+impl Pair {
+    fn members(&self) -> [&'static str; 2] {
+        [self.client, self.server_name]
+    }
+    /// The other pair of the lab.
+    fn other(&self) -> Pair {
+        if *self == PAIR_ONE { PAIR_TWO } else { PAIR_ONE }
+    }
+}
+
+/// The pair the bracketed ratios and the per-program costs are measured on.
+const PAIR_ONE: Pair = Pair { client: "client", server_name: "server", server: SERVER_IP };
+/// A second pair of the same kind on the same node, for the crossover pass. At any moment the
+/// agent knows one of the two pairs; the other has no programs on its veths or cgroups. iptables
+/// and nftables rules would apply to both, so only the warden rows are paired.
+const PAIR_TWO: Pair = Pair { client: "client2", server_name: "server2", server: Ipv4Addr::new(10, 88, 0, 5) };
 /// Ports named by the generated policy; the client uses the first.
 const POLICY_PORTS: u16 = 10;
 
@@ -189,7 +203,7 @@ fn measure(lab: &Lab) -> anyhow::Result<Figures> {
 
 /// The median of `n` measurements.
 fn measure_n(lab: &Lab, n: usize, programs: Option<u64>) -> anyhow::Result<Figures> {
-    let runs = (0..n).map(|_| measure_once(lab, ENFORCED, programs)).collect::<anyhow::Result<Vec<_>>>()?;
+    let runs = (0..n).map(|_| measure_once(lab, PAIR_ONE, programs)).collect::<anyhow::Result<Vec<_>>>()?;
     let (mut bulk, mut churn) = (Stats::new(), Stats::new());
     for r in &runs {
         delta(&Stats::new(), &r.bulk, &mut bulk);
@@ -204,24 +218,87 @@ fn measure_n(lab: &Lab, n: usize, programs: Option<u64>) -> anyhow::Result<Figur
     })
 }
 
-/// The paired pass: `PAIRED_ROUNDS` rounds, each one run on the bare pair and one on the
-/// enforced pair, back to back, in alternating order. The drift of a shared machine moves both
-/// runs of a round alike, so the median of the rounds' ratios (throughput, connection rate) is
-/// steadier than ratios of figures taken minutes apart.
-fn paired_pass(lab: &Lab) -> anyhow::Result<(f64, f64)> {
+/// Ratios (throughput, connection rate) of one pair to another.
+#[derive(Clone, Copy)]
+struct Ratios {
+    gbps: f64,
+    conn: f64,
+}
+
+/// One half of a crossover pass: `PAIRED_ROUNDS` rounds, each one run on `a` and one on `b`,
+/// back to back, in alternating order; the medians of the rounds' ratios a / b. The drift of a
+/// shared machine moves both runs of a round alike, so these are steadier than ratios of
+/// figures taken minutes apart.
+fn paired_half(lab: &Lab, a: Pair, b: Pair) -> anyhow::Result<Ratios> {
     let (mut gbps, mut conn) = (Vec::new(), Vec::new());
     for round in 0..PAIRED_ROUNDS {
-        let (bare, enforced) = if round % 2 == 0 {
-            let b = measure_once(lab, BARE, None)?;
-            (b, measure_once(lab, ENFORCED, None)?)
+        let (fa, fb) = if round % 2 == 0 {
+            let fb = measure_once(lab, b, None)?;
+            (measure_once(lab, a, None)?, fb)
         } else {
-            let e = measure_once(lab, ENFORCED, None)?;
-            (measure_once(lab, BARE, None)?, e)
+            let fa = measure_once(lab, a, None)?;
+            (fa, measure_once(lab, b, None)?)
         };
-        gbps.push(enforced.gbps / bare.gbps);
-        conn.push(enforced.conn_per_s / bare.conn_per_s);
+        gbps.push(fa.gbps / fb.gbps);
+        conn.push(fa.conn_per_s / fb.conn_per_s);
     }
-    Ok((median(gbps), median(conn)))
+    Ok(Ratios { gbps: median(gbps), conn: median(conn) })
+}
+
+/// What a crossover pass found: the estimate, and each half's median ratio (enforced / bare;
+/// with no agent, pair one / pair two and then pair two / pair one).
+struct Crossover {
+    estimate: Ratios,
+    first: Ratios,
+    second: Ratios,
+}
+
+impl Crossover {
+    /// The geometric mean of the halves: a difference between the pairs themselves multiplies
+    /// one half and divides the other.
+    fn of(first: Ratios, second: Ratios) -> Crossover {
+        let estimate = Ratios { gbps: (first.gbps * second.gbps).sqrt(), conn: (first.conn * second.conn).sqrt() };
+        Crossover { estimate, first, second }
+    }
+}
+
+/// The crossover pass. With no agent (`agent` false): pair one against pair two, then pair two
+/// against pair one. With the agent enforcing pair one: pair one against the bare pair two; then
+/// the agent is given a workload file with pair two in pair one's place (`workloads_two`),
+/// commits it, and pair two, now enforced, runs against the bare pair one. Each swap is checked
+/// with bpftool: the benchmark stops rather than compare two enforced pairs, or two bare ones.
+fn crossover_pass(lab: &mut Lab, workloads_two: Option<&str>) -> anyhow::Result<Crossover> {
+    let first = paired_half(lab, PAIR_ONE, PAIR_TWO)?;
+    if let Some(wl) = workloads_two {
+        let before = lab.generation();
+        fs::write(lab.workloads_path(), wl)?;
+        lab.wait_generation_change(before, Duration::from_secs(60))?;
+        check_enforced(lab, PAIR_TWO)?;
+    }
+    let second = paired_half(lab, PAIR_TWO, PAIR_ONE)?;
+    Ok(Crossover::of(first, second))
+}
+
+/// Fail unless warden's programs are attached to both veths and cgroups of `enforced` and to
+/// none of the other pair's.
+fn check_enforced(lab: &Lab, enforced: Pair) -> anyhow::Result<()> {
+    for pair in [enforced, enforced.other()] {
+        for name in pair.members() {
+            let m = lab.member(name);
+            let found = (attached::tcx_ingress(&lab.node, &m.veth)?, attached::cgroup_connect4(&m.cgroup)?);
+            let want = if pair == enforced { (1, 1) } else { (0, 0) };
+            if found != want {
+                bail!(
+                    "{name}: {} program(s) at its veth's TCX ingress and {} at its cgroup's connect4, expected {} and {}",
+                    found.0,
+                    found.1,
+                    want.0,
+                    want.1
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Nanoseconds all programs ran per connection made (the whole in-kernel price of a connection),
@@ -306,18 +383,22 @@ fn prog_stats(config: Option<u64>) -> BTreeMap<String, (u64, u64)> {
     out
 }
 
-/// Workloads and policy for a warden run with about `entries` policy entries: `k` remote
-/// identities (plus the client) times `POLICY_PORTS` ports.
-fn warden_inputs(lab: &Lab, entries: usize) -> anyhow::Result<std::path::PathBuf> {
-    let (k, ports) = if entries <= 1 { (0, 1) } else { (entries / POLICY_PORTS as usize - 1, POLICY_PORTS) };
-    let mut wl = lab.workload_file_without(&BARE_MEMBERS);
-    let mut principals = vec!["cluster.local/ns/bench/sa/client".to_string()];
+/// Inputs of a warden configuration with about `entries` policy entries: `k` remote identities
+/// (plus the two clients) times `POLICY_PORTS` ports. Writes the policy and the workload file with
+/// pair one enforced; returns the policy directory and the workload file with pair two enforced
+/// instead (for the crossover pass). Both servers carry `app: server`, so one policy serves either.
+fn warden_inputs(lab: &Lab, entries: usize) -> anyhow::Result<(std::path::PathBuf, String)> {
+    let (k, ports) = if entries <= 1 { (0, 1) } else { (entries / POLICY_PORTS as usize - 2, POLICY_PORTS) };
+    let mut peers = String::new();
+    let mut principals: Vec<String> =
+        [PAIR_ONE, PAIR_TWO].iter().map(|p| format!("cluster.local/ns/bench/sa/{}", p.client)).collect();
     for i in 0..k {
         let ip = peer_ip(i);
-        let _ = writeln!(wl, "  - {{name: peer-{i}, namespace: peers, serviceAccount: peer-{i}, ip: {ip}}}");
+        let _ = writeln!(peers, "  - {{name: peer-{i}, namespace: peers, serviceAccount: peer-{i}, ip: {ip}}}");
         principals.push(format!("cluster.local/ns/peers/sa/peer-{i}"));
     }
-    fs::write(lab.workloads_path(), wl)?;
+    let workloads = |enforced: Pair| lab.workload_file_without(&enforced.other().members()) + &peers;
+    fs::write(lab.workloads_path(), workloads(PAIR_ONE))?;
     let port_list: Vec<String> = (0..ports).map(|p| format!("\"{}\"", PORT + p)).collect();
     let mut policy = String::from(
         "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: server-access, namespace: bench}\nspec:\n  selector: {matchLabels: {app: server}}\n  action: ALLOW\n  rules:\n  - from:\n    - source:\n        principals:\n",
@@ -328,7 +409,7 @@ fn warden_inputs(lab: &Lab, entries: usize) -> anyhow::Result<std::path::PathBuf
     let _ = writeln!(policy, "    to:\n    - operation:\n        ports: [{}, \"{IPERF_PORT}\"]", port_list.join(", "));
     let dir = lab.dir.join(format!("policies-{entries}"));
     warden_tests::write_policies(&dir, &[("server.yaml", &policy)])?;
-    Ok(dir)
+    Ok((dir, workloads(PAIR_TWO)))
 }
 
 /// The address of generated peer `i` (10.90.0.0 upwards), the same in every configuration.
@@ -404,11 +485,15 @@ pub fn l4(only: Option<&str>, entries: Option<usize>) -> anyhow::Result<()> {
     let specs = [
         Spec::new("bench", "client", CLIENT_IP, &[]),
         Spec { ports: vec![PORT, PORT + 1], ..Spec::new("bench", "server", SERVER_IP, &[]) },
-        Spec::new("bench", BARE.client, Ipv4Addr::new(10, 88, 0, 4), &[]),
-        Spec { ports: vec![PORT, PORT + 1], ..Spec::new("bench", "server-bare", BARE.server, &[]) },
+        Spec::new("bench", PAIR_TWO.client, Ipv4Addr::new(10, 88, 0, 4), &[]),
+        Spec {
+            ports: vec![PORT, PORT + 1],
+            labels: vec![("app".into(), "server".into())],
+            ..Spec::new("bench", PAIR_TWO.server_name, PAIR_TWO.server, &[])
+        },
     ];
     let mut lab = Lab::up(TAG, &specs)?;
-    for client in [ENFORCED.client, BARE.client] {
+    for client in [PAIR_ONE.client, PAIR_TWO.client] {
         let netns = lab.member(client).netns.clone();
         run(&["ip", "netns", "exec", &netns, "sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65535"])?;
         run(&["ip", "netns", "exec", &netns, "sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"])?;
@@ -418,7 +503,7 @@ pub fn l4(only: Option<&str>, entries: Option<usize>) -> anyhow::Result<()> {
     // for a free port then costs more than anything measured here, and more the more churn came
     // before (which biased whichever run of a pair went second). Reusing TIME-WAIT ports for new
     // outgoing connections (RFC 7323 timestamps keep that safe) takes the search out of every row.
-    let mut iperfs = ["server", "server-bare"]
+    let mut iperfs = [PAIR_ONE.server_name, PAIR_TWO.server_name]
         .map(|server| {
             lab.command_in(server, "iperf3".as_ref(), &["-s".into(), "-p".into(), IPERF_PORT.to_string()])
                 .stdout(Stdio::null())
@@ -438,8 +523,8 @@ pub fn l4(only: Option<&str>, entries: Option<usize>) -> anyhow::Result<()> {
     // The agent's own CPU (utime + stime per second of wall time) during each warden ratio pass:
     // whatever it spends there is taken from the two CPUs the workloads share.
     let mut agent_load: Vec<f64> = Vec::new();
-    // Each warden configuration's paired ratios (throughput, connection rate): see `paired_pass`.
-    let mut paired_ratios: Vec<(f64, f64)> = Vec::new();
+    // Each warden configuration's crossover pass: see `crossover_pass`.
+    let mut crossovers: Vec<Crossover> = Vec::new();
     let baseline = |lab: &Lab, brackets: &mut Vec<(f64, f64)>| -> anyhow::Result<()> {
         eprintln!("bench: (a) no programs, before");
         let before = measure_n(lab, BRACKET, None)?;
@@ -463,14 +548,14 @@ pub fn l4(only: Option<&str>, entries: Option<usize>) -> anyhow::Result<()> {
     let aa = if warden_configs.is_empty() {
         None
     } else {
-        eprintln!("bench: (a) no programs, paired pass on both pairs (A/A)");
-        Some(paired_pass(&lab)?)
+        eprintln!("bench: (a) no programs, crossover pass on both pairs (A/A)");
+        Some(crossover_pass(&mut lab, None)?)
     };
     for (entries, access_log) in warden_configs {
         eprintln!("bench: (b) warden, {entries} policy entries, access log {access_log}");
         // SAFETY: no other thread runs; the agent started next inherits the setting.
         unsafe { std::env::set_var("WARDEN_ACCESS_LOG", access_log) };
-        let policies = warden_inputs(&lab, entries)?;
+        let (policies, workloads_two) = warden_inputs(&lab, entries)?;
         baseline(&lab, &mut brackets)?;
         lab.start_agent(&policies)?;
         let agent = lab.agent_pid().context("the agent just started has no process")?;
@@ -481,12 +566,13 @@ pub fn l4(only: Option<&str>, entries: Option<usize>) -> anyhow::Result<()> {
         let (cpu0, t0) = (cpu_seconds(agent)?, Instant::now());
         let mut f = measure(&lab)?;
         let agent_cpu = (cpu_seconds(agent)? - cpu0) / t0.elapsed().as_secs_f64();
-        eprintln!("bench: (b) warden, {entries} policy entries, access log {access_log}: paired with the bare pair");
-        paired_ratios.push(paired_pass(&lab)?);
         eprintln!("bench: (b) warden, {entries} policy entries, access log {access_log}: with bpf_stats");
         let stats = BpfStats::enable()?;
         let s = measure_n(&lab, STATS_REPEAT, Some(config_map_id(&lab)?))?;
         drop(stats);
+        eprintln!("bench: (b) warden, {entries} policy entries, access log {access_log}: crossover pass");
+        check_enforced(&lab, PAIR_ONE)?;
+        crossovers.push(crossover_pass(&mut lab, Some(&workloads_two))?);
         (f.bulk, f.churn, f.connections) = (s.bulk, s.churn, s.connections);
         let log = if access_log == "off" { String::new() } else { format!(", access log {access_log}") };
         rows.push((format!("(b) warden, {actual} entries{log}"), f));
@@ -494,7 +580,6 @@ pub fn l4(only: Option<&str>, entries: Option<usize>) -> anyhow::Result<()> {
         lab.kill_agent(libc::SIGKILL);
         let _ = Command::new(warden_tests::warden_bin()).args(["cleanup", "--pin-dir"]).arg(&lab.pin_dir).status();
         let _ = fs::remove_dir_all(&lab.state_dir);
-        let _ = fs::write(lab.workloads_path(), lab.workload_file_without(&BARE_MEMBERS));
         baseline_after(&lab, &mut brackets)?;
     }
 
@@ -557,13 +642,23 @@ pub fn l4(only: Option<&str>, entries: Option<usize>) -> anyhow::Result<()> {
         println!("{:<44} {}", name, per_connection(f));
     }
     println!(
-        "\nPaired with a bare pair on the same node (no programs), {PAIRED_ROUNDS} rounds of one run each, alternating order; median of the rounds' ratios:"
+        "\nCrossover: two like pairs on the node take turns, one run each per round, alternating order; {PAIRED_ROUNDS} rounds with pair one enforced and pair two bare, then {PAIRED_ROUNDS} with the agent moved to pair two; each half is the median of its rounds' ratios (enforced / bare), the estimate their geometric mean:"
     );
-    if let Some((g, c)) = aa {
-        println!("{:<44} throughput {g:.3}   connection rate {c:.3}", "(a) no agent: A/A, the pairing's own noise");
+    println!(
+        "{:<44} {:>10} {:>8} {:>8}   {:>10} {:>8} {:>8}",
+        "", "throughput", "half 1", "half 2", "conn rate", "half 1", "half 2"
+    );
+    let line = |name: &str, x: &Crossover| {
+        println!(
+            "{name:<44} {:>10.3} {:>8.3} {:>8.3}   {:>10.3} {:>8.3} {:>8.3}",
+            x.estimate.gbps, x.first.gbps, x.second.gbps, x.estimate.conn, x.first.conn, x.second.conn
+        );
+    };
+    if let Some(x) = &aa {
+        line("(a) no agent: one / two, then two / one", x);
     }
-    for ((name, _), (g, c)) in rows.iter().filter(|(n, _)| n.starts_with("(b)")).zip(&paired_ratios) {
-        println!("{name:<44} throughput {g:.3}   connection rate {c:.3}");
+    for ((name, _), x) in rows.iter().filter(|(n, _)| n.starts_with("(b)")).zip(&crossovers) {
+        line(name, x);
     }
     println!("\nThe agent process's own CPU during each ratio pass (utime + stime / wall time):");
     for ((name, _), load) in rows.iter().filter(|(n, _)| n.starts_with("(b)")).zip(&agent_load) {

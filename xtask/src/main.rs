@@ -10,6 +10,7 @@
 //! | `bench l4`    | the L4 datapath benchmark (see `bench.rs`)                                |
 //! | `bench mtls`  | the mTLS data plane against direct TCP (see `bench_mtls.rs`)              |
 
+mod attached;
 mod bench;
 mod bench_mtls;
 mod lab;
