@@ -7,7 +7,8 @@
 //! | `warden_from_wl` | TCX ingress of the host-side veth | packets leaving the workload (egress)   |
 //! | `warden_to_wl`   | TCX egress of the host-side veth  | packets entering the workload (ingress) |
 //! | `warden_connect4`| cgroup/connect4 on the workload   | `connect()`: EPERM at once when denied  |
-//! | `warden_sock_out`| cgroup_skb/egress on the workload | sends on a denied flow fail with EPERM  |
+//! | `warden_sock_out`| cgroup_skb/egress on the workload | data of a denied flow: EPERM for UDP,   |
+//! |                  |                                   | dropped in the workload for TCP         |
 //! | `warden_sockops` | sock_ops on a meshed workload and | a captured socket's source port; the    |
 //! |                  | on the node agent's own cgroup    | fast path's sockets at ESTABLISHED      |
 //! | `warden_fastpath`| sk_msg on `warden_fastpath_socks` | a send: to the peer socket, or TCP      |
@@ -83,7 +84,8 @@ pub fn warden_fastpath(ctx: SkMsgContext) -> u32 {
     fastpath::on_msg(&ctx)
 }
 
-/// cgroup_skb/egress on the workload's cgroup: 1 sends, 0 drops and fails the send with EPERM.
+/// cgroup_skb/egress on the workload's cgroup: 1 sends, 0 drops (a UDP send then fails with
+/// EPERM).
 #[cgroup_skb(egress)]
 pub fn warden_sock_out(ctx: SkBuffContext) -> i32 {
     // Counted by the TC hook that sees the same packet next; counting here would double it.
@@ -341,11 +343,12 @@ fn sock_out(ctx: &SkBuffContext) -> PolicyValue {
     if t.is_syn() {
         return PolicyValue::allow(0);
     }
-    // Only a send can fail with EPERM. A TCP segment without data (an ACK, a FIN, a RST) is the
-    // stack's own, sent outside any `send()` that could report it, and TC decides it on the
-    // workload's veth next whatever this hook answers: deciding it here too would cost a
-    // flow-cache lookup for nothing (all but one segment of a short request, every ACK of a bulk
-    // receiver).
+    // What this hook adds to TC is for data: a denied UDP send fails with EPERM, and a denied TCP
+    // segment is dropped before it leaves the workload (TCP keeps it queued; `send()` reports
+    // nothing). A TCP segment without data (an ACK, a FIN, an RST) is the stack's own, and TC
+    // decides it on the workload's veth next whatever this hook answers: deciding it here too
+    // would cost a flow-cache lookup for nothing (all but one segment of a short request, every
+    // ACK of a bulk receiver).
     if t.proto == PROTO_TCP {
         let len = ctx.len();
         let data = if direct_ok {
