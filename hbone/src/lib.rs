@@ -29,6 +29,10 @@
 //!   tunnel throughput close to plain TCP.
 //! - Session resumption is off on both sides (a resumed session would skip the expiry and
 //!   revocation checks of the identity crate's verifier).
+//! - A connection outlives its handshake, so each side checks its peer's certificate again
+//!   ([`ServerTls::recheck`], [`ClientTls::recheck`]): the server before every stream and every
+//!   second (expired: 401 and GOAWAY; revoked: the connection ends with its streams), the pool
+//!   before it reuses a connection (expired or revoked: retired).
 //!
 //! # Modules, one concern each
 //!

@@ -29,7 +29,7 @@ use std::time::Duration;
 use http::{HeaderValue, Method, Request, Uri, Version};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
-use tracing::{Instrument, debug, debug_span};
+use tracing::{Instrument, debug, debug_span, info};
 use warden_identity::Identity;
 
 use tokio::net::TcpStream;
@@ -447,6 +447,13 @@ impl<C: ClientTls> Pool<C> {
             // driver closes it once the tunnels it carries have ended.
             if certificate.is_some() && c.certificate != certificate && !c.is_closed() {
                 debug!(connection = c.id, key = %key, "source certificate replaced; retiring the connection");
+                c.mark_closed();
+            }
+            // The server's certificate expired or was revoked since the handshake: the same.
+            if !c.is_closed()
+                && let Err(e) = self.inner.tls.recheck(&c.peer)
+            {
+                info!(connection = c.id, key = %key, error = %e, "server certificate lapsed; retiring the connection");
                 c.mark_closed();
             }
             !c.is_closed()

@@ -13,6 +13,12 @@
 //! status code, an upstream gets 200 and the relay (see [`crate::copy`]), whose byte counts are
 //! reported to [`Inbound::closed`].
 //!
+//! The client's certificate is checked again before every stream and every `recheck_interval`
+//! ([`ServerTls::recheck`]), since a connection outlives the handshake that verified it: once the
+//! certificate has expired, new streams are refused (401) and the connection gets GOAWAY, while
+//! the streams already open finish; once it is revoked, the connection and all its streams end
+//! (GOAWAY `INADEQUATE_SECURITY`).
+//!
 //! Shutdown ([`HboneServer::serve_until`]): stop accepting, send GOAWAY on every connection so
 //! clients open new tunnels elsewhere, let open streams finish for `drain_timeout`, then drop them.
 
@@ -35,19 +41,22 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tracing::{Instrument, debug, info, info_span, warn};
 use warden_identity::Identity;
+use warden_identity::tls::VerifyError;
 
 use crate::copy::{TransferError, TransferStats, relay};
 use crate::error::{AcceptError, Refusal};
 use crate::protocol::{
     DEFAULT_CONNECT_TIMEOUT, DEFAULT_PING_INTERVAL, DEFAULT_PING_TIMEOUT, DEFAULT_SERVER_MAX_CONCURRENT_STREAMS,
     FORWARDED, FlowControl, Forwarded, SERVER_MAX_HEADER_LIST_SIZE, SERVER_MAX_SEND_BUFFER, STATUS_BAD_REQUEST,
-    STATUS_OK, TRACEPARENT,
+    STATUS_DENIED, STATUS_OK, TRACEPARENT,
 };
 use crate::stream::{H2Stream, keepalive};
 use crate::tls::{Peer, ServerTls, server_alpn};
 
 /// How long open streams may run after shutdown starts (ztunnel's default termination deadline).
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often an open connection's client certificate is checked again when no stream asks.
+pub const DEFAULT_RECHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// Pause after an accept error such as EMFILE, so the loop does not spin.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
 
@@ -66,6 +75,8 @@ pub struct ServerOptions {
     pub ping_interval: Duration,
     /// An unanswered PING closes the connection after this long.
     pub ping_timeout: Duration,
+    /// How often the client's certificate is checked again between streams.
+    pub recheck_interval: Duration,
 }
 
 impl Default for ServerOptions {
@@ -77,6 +88,7 @@ impl Default for ServerOptions {
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             ping_interval: DEFAULT_PING_INTERVAL,
             ping_timeout: DEFAULT_PING_TIMEOUT,
+            recheck_interval: DEFAULT_RECHECK_INTERVAL,
         }
     }
 }
@@ -302,11 +314,24 @@ async fn run_connection<T: ServerTls, I: Inbound>(
     let mut streams = JoinSet::new();
     let keepalive = keepalive(conn.ping_pong(), options.ping_interval, options.ping_timeout);
     tokio::pin!(keepalive);
+    let mut recheck = tokio::time::interval(options.recheck_interval);
+    recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut draining = false;
     loop {
         tokio::select! {
             accepted = conn.accept() => match accepted {
-                Some(Ok((request, respond))) => {
+                Some(Ok((request, mut respond))) => {
+                    if let Err(e) = shared.tls.recheck(&peer.peer) {
+                        info!(error = %e, "tunnel refused: the client certificate no longer stands");
+                        if let Err(e) = respond.send_response(status_response(STATUS_DENIED), true) {
+                            debug!(error = %e, "cannot send the refusal");
+                        }
+                        if lapsed(&mut conn, &mut draining, e) {
+                            end_now(&mut conn, &mut streams, options.ping_timeout).await;
+                            break;
+                        }
+                        continue;
+                    }
                     streams.spawn(serve_stream(shared.clone(), peer.clone(), request, respond).in_current_span());
                 }
                 Some(Err(e)) => {
@@ -319,6 +344,14 @@ async fn run_connection<T: ServerTls, I: Inbound>(
                 }
             },
             Some(done) = streams.join_next(), if !streams.is_empty() => report_panic(done, "stream"),
+            _ = recheck.tick() => {
+                if let Err(e) = shared.tls.recheck(&peer.peer)
+                    && lapsed(&mut conn, &mut draining, e)
+                {
+                    end_now(&mut conn, &mut streams, options.ping_timeout).await;
+                    break;
+                }
+            }
             _ = drain.changed(), if !draining => {
                 debug!("draining: GOAWAY");
                 draining = true;
@@ -344,6 +377,30 @@ async fn run_connection<T: ServerTls, I: Inbound>(
     {
         streams.shutdown().await;
     }
+}
+
+/// What a client certificate that no longer stands does to its connection: an expired one gets
+/// GOAWAY (no new streams; the open ones finish), a revoked one ends the connection now
+/// (`true`: the caller drops its streams).
+fn lapsed(conn: &mut ServerConnection, draining: &mut bool, e: VerifyError) -> bool {
+    if matches!(e, VerifyError::Revoked { .. }) {
+        warn!(error = %e, "client certificate revoked; closing the HBONE connection and its streams");
+        conn.abrupt_shutdown(h2::Reason::INADEQUATE_SECURITY);
+        return true;
+    }
+    if !*draining {
+        info!(error = %e, "client certificate no longer valid; GOAWAY, open streams finish");
+        *draining = true;
+        conn.graceful_shutdown();
+    }
+    false
+}
+
+/// Drops every stream of a connection that has sent GOAWAY, and lets the GOAWAY reach the client
+/// (for up to `wait`) before the connection goes.
+async fn end_now(conn: &mut ServerConnection, streams: &mut JoinSet<()>, wait: Duration) {
+    streams.abort_all();
+    let _ = timeout(wait, poll_fn(|cx| conn.poll_closed(cx))).await;
 }
 
 /// The destination of a well-formed HBONE request.

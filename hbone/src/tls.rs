@@ -21,7 +21,7 @@ use std::sync::Arc;
 use rustls::pki_types::CertificateDer;
 use rustls::{ClientConfig, ServerConfig};
 use warden_identity::Identity;
-use warden_identity::tls::{CompliancePolicy, spiffe_identity};
+use warden_identity::tls::{CompliancePolicy, Validity, VerifyError, spiffe_identity};
 use warden_identity::workload::SecretManager;
 
 use crate::error::{AcceptError, BoxError};
@@ -39,6 +39,12 @@ pub trait ServerTls: Send + Sync + 'static {
     fn handshake_failed(&self, error: &AcceptError) {
         let _ = error;
     }
+
+    /// Whether the client's certificate, verified at the connection's handshake, still stands
+    /// now: not expired, not revoked since. Asked before every new stream and every
+    /// `recheck_interval`: a connection whose client certificate expired takes no new streams
+    /// (GOAWAY; the open ones finish), one whose certificate was revoked ends with its streams.
+    fn recheck(&self, peer: &Peer) -> Result<(), VerifyError>;
 }
 
 /// The source of client TLS configurations, consulted once per new pooled connection.
@@ -59,6 +65,11 @@ pub trait ClientTls: Send + Sync + 'static {
     fn certificate(&self, _source: &Identity) -> Option<String> {
         None
     }
+
+    /// Whether the server's certificate, verified at the connection's handshake, still stands
+    /// now (not expired, not revoked since). A pooled connection whose server certificate lapsed
+    /// takes no new tunnels.
+    fn recheck(&self, peer: &Peer) -> Result<(), VerifyError>;
 }
 
 /// Both seams on top of a [`SecretManager`]: certificates are fetched (issued if needed) on first
@@ -81,6 +92,12 @@ impl SecretManagerTls {
         self.manager.fetch(id).await?;
         Ok(server_alpn(self.manager.server_config(id, self.policy)?))
     }
+
+    /// [`ServerTls::recheck`] and [`ClientTls::recheck`]: `peer`'s certificate against the
+    /// manager's trust bundle (its CRLs as they are now), at the manager's clock.
+    pub fn recheck(&self, peer: &Peer) -> Result<(), VerifyError> {
+        self.manager.trust_bundle().recheck(&peer.validity, self.manager.clock().now())
+    }
 }
 
 impl ClientTls for SecretManagerTls {
@@ -91,6 +108,10 @@ impl ClientTls for SecretManagerTls {
 
     fn certificate(&self, source: &Identity) -> Option<String> {
         self.manager.current_serial(source)
+    }
+
+    fn recheck(&self, peer: &Peer) -> Result<(), VerifyError> {
+        SecretManagerTls::recheck(self, peer)
     }
 }
 
@@ -125,6 +146,8 @@ pub struct Peer {
     pub identity: Identity,
     /// Its leaf certificate (e.g. to log the serial).
     pub certificate: CertificateDer<'static>,
+    /// What re-checking that certificate later needs (see [`ServerTls::recheck`]).
+    pub validity: Validity,
 }
 
 impl Peer {
@@ -133,7 +156,8 @@ impl Peer {
     pub(crate) fn of(conn: &rustls::CommonState) -> Option<Peer> {
         let leaf = conn.peer_certificates()?.first()?;
         let identity = spiffe_identity(leaf).ok()?;
-        Some(Peer { identity, certificate: leaf.clone().into_owned() })
+        let validity = Validity::of(leaf).ok()?;
+        Some(Peer { identity, certificate: leaf.clone().into_owned(), validity })
     }
 }
 
@@ -145,6 +169,10 @@ impl<T: ServerTls> ServerTls for Arc<T> {
     fn handshake_failed(&self, error: &AcceptError) {
         (**self).handshake_failed(error);
     }
+
+    fn recheck(&self, peer: &Peer) -> Result<(), VerifyError> {
+        (**self).recheck(peer)
+    }
 }
 
 impl<T: ClientTls> ClientTls for Arc<T> {
@@ -154,5 +182,13 @@ impl<T: ClientTls> ClientTls for Arc<T> {
         expected: &[Identity],
     ) -> impl Future<Output = Result<Arc<ClientConfig>, BoxError>> + Send {
         (**self).config(source, expected)
+    }
+
+    fn certificate(&self, source: &Identity) -> Option<String> {
+        (**self).certificate(source)
+    }
+
+    fn recheck(&self, peer: &Peer) -> Result<(), VerifyError> {
+        (**self).recheck(peer)
     }
 }

@@ -346,6 +346,19 @@ impl TrustBundle {
         self.state.load().crl_this_update
     }
 
+    /// Whether a certificate verified at a handshake still stands at `now`: not expired, and not
+    /// on the CRLs as they are now. A connection outlives the moment its peer was verified; the
+    /// chain was checked then, and this re-checks what changes with time, for the leaf.
+    pub fn recheck(&self, leaf: &Validity, now: SystemTime) -> Result<(), VerifyError> {
+        if now > leaf.not_after {
+            return Err(VerifyError::Expired { not_after: rfc3339(leaf.not_after), now: rfc3339(now) });
+        }
+        if self.state.load().revoked.contains_key(&leaf.serial) {
+            return Err(VerifyError::Revoked { serial: serial_hex(&leaf.serial) });
+        }
+        Ok(())
+    }
+
     /// Number of revoked serials across all CRLs.
     pub fn revoked_count(&self) -> usize {
         self.state.load().revoked.len()
@@ -429,6 +442,36 @@ impl TrustState {
             crl_this_update: self.crl_this_update,
             trust_domains: self.trust_domains.clone(),
         }
+    }
+}
+
+/// What [`TrustBundle::recheck`] needs of a certificate, read from it once: its serial and the
+/// end of its validity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Validity {
+    serial: Vec<u8>,
+    not_after: SystemTime,
+}
+
+impl Validity {
+    /// The validity of `cert`.
+    pub fn of(cert: &CertificateDer<'_>) -> Result<Validity, VerifyError> {
+        let (_, x) =
+            X509Certificate::from_der(cert.as_ref()).map_err(|e| VerifyError::Malformed { reason: e.to_string() })?;
+        Ok(Validity {
+            serial: normalise_serial(x.raw_serial()),
+            not_after: SystemTime::from(x.validity().not_after.to_datetime()),
+        })
+    }
+
+    /// The certificate's notAfter.
+    pub fn not_after(&self) -> SystemTime {
+        self.not_after
+    }
+
+    /// The serial, lower-case hex (as `warden certs` shows it).
+    pub fn serial(&self) -> String {
+        serial_hex(&self.serial)
     }
 }
 

@@ -45,6 +45,10 @@ impl ServerTls for WorkloadTls {
         };
         self.tls.server_config(&identity).await
     }
+
+    fn recheck(&self, peer: &warden_hbone::Peer) -> Result<(), warden_identity::tls::VerifyError> {
+        self.tls.recheck(peer)
+    }
 }
 
 /// Authorizes and delivers tunneled connections.

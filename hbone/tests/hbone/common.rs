@@ -15,11 +15,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use warden_hbone::{
-    AcceptError, BoxError, ClientTls, HboneServer, Inbound, InboundRequest, Key, Pool, PoolOptions, Refusal,
+    AcceptError, BoxError, ClientTls, HboneServer, Inbound, InboundRequest, Key, Peer, Pool, PoolOptions, Refusal,
     ServerOptions, ServerTls, TransferError, TransferStats,
 };
 use warden_identity::ca::{CaConfig, CertificateAuthority};
-use warden_identity::tls::{CertSlot, CompliancePolicy, SpiffeVerifier, TrustBundle, certified_key};
+use warden_identity::tls::{CertSlot, CompliancePolicy, SpiffeVerifier, TrustBundle, VerifyError, certified_key};
 use warden_identity::workload::generate_key_and_csr;
 use warden_identity::{Clock, Identity, ManualClock};
 
@@ -84,15 +84,23 @@ pub fn slot(clock: Arc<dyn Clock>, issued: &Issued) -> Arc<CertSlot> {
 /// One server configuration for every connection; records what happened.
 pub struct TestServerTls {
     config: Arc<ServerConfig>,
+    bundle: Arc<TrustBundle>,
+    clock: Arc<dyn Clock>,
     pub handshakes: AtomicUsize,
     pub failures: Mutex<Vec<String>>,
 }
 
 impl TestServerTls {
     pub fn new(bundle: Arc<TrustBundle>, clock: Arc<dyn Clock>, cert: Arc<CertSlot>) -> Arc<Self> {
-        let verifier = Arc::new(SpiffeVerifier::new(bundle, clock));
+        let verifier = Arc::new(SpiffeVerifier::new(bundle.clone(), clock.clone()));
         let config = warden_identity::tls::server_config(CompliancePolicy::Default, verifier, cert).expect("config");
-        Arc::new(Self { config: Arc::new(config), handshakes: AtomicUsize::new(0), failures: Mutex::new(Vec::new()) })
+        Arc::new(Self {
+            config: Arc::new(config),
+            bundle,
+            clock,
+            handshakes: AtomicUsize::new(0),
+            failures: Mutex::new(Vec::new()),
+        })
     }
 
     pub fn failures(&self) -> Vec<String> {
@@ -108,6 +116,10 @@ impl ServerTls for TestServerTls {
 
     fn handshake_failed(&self, error: &AcceptError) {
         self.failures.lock().unwrap().push(error.to_string());
+    }
+
+    fn recheck(&self, peer: &Peer) -> Result<(), VerifyError> {
+        self.bundle.recheck(&peer.validity, self.clock.now())
     }
 }
 
@@ -145,6 +157,10 @@ impl ClientTls for TestClientTls {
         }
         let config = warden_identity::tls::client_config(CompliancePolicy::Default, Arc::new(verifier), cert)?;
         Ok(Arc::new(config))
+    }
+
+    fn recheck(&self, peer: &Peer) -> Result<(), VerifyError> {
+        self.bundle.recheck(&peer.validity, self.clock.now())
     }
 }
 

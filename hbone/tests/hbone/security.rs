@@ -9,11 +9,11 @@ use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use tokio::net::TcpListener;
 use warden_hbone::{
-    BoxError, ConnectError, ConnectRequest, HboneServer, Key, Pool, PoolOptions, SecretManagerTls, ServerOptions,
-    ServerTls,
+    BoxError, ConnectError, ConnectRequest, HboneServer, Key, Peer, Pool, PoolOptions, SecretManagerTls, ServerOptions,
+    ServerTls, Tunnel,
 };
 use warden_identity::ca::{CaConfig, CertificateAuthority};
-use warden_identity::tls::{CompliancePolicy, TrustBundle};
+use warden_identity::tls::{CompliancePolicy, TrustBundle, VerifyError};
 use warden_identity::workload::{LocalCaClient, SecretManager, SecretManagerConfig};
 use warden_identity::{Clock, Identity, ManualClock};
 
@@ -91,6 +91,127 @@ async fn a_revoked_client_certificate_is_refused() {
     assert!(failures[0].contains(&format!("serial {} is revoked", client_cert.serial)), "{failures:?}");
 }
 
+/// One echo exchange on an open tunnel, which stays open.
+async fn echo_once(tunnel: &mut Tunnel, data: &[u8]) -> std::io::Result<Vec<u8>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tunnel.write_all(data).await?;
+    tunnel.flush().await?;
+    let mut back = vec![0; data.len()];
+    tokio::time::timeout(Duration::from_secs(5), tunnel.read_exact(&mut back))
+        .await
+        .map_err(|_| std::io::Error::other("no echo within 5 s"))??;
+    Ok(back)
+}
+
+/// A server of `pki` (bundle `server_bundle`, the CA's clock, re-checking open connections every
+/// `recheck`), an echo upstream, and a pool presenting `client_cert`.
+async fn recheck_setup(
+    pki: &Pki,
+    server_bundle: Arc<TrustBundle>,
+    client_cert: &Issued,
+    recheck: Duration,
+) -> (Server, SocketAddr, Pool<Arc<TestClientTls>>, Key) {
+    init_tracing();
+    let clock: Arc<dyn Clock> = pki.clock.clone();
+    let cert = pki.issue(&id(SERVER), DAY);
+    let tls = TestServerTls::new(server_bundle, clock.clone(), slot(clock, &cert));
+    let options = ServerOptions { recheck_interval: recheck, ..ServerOptions::default() };
+    let server = Server::start(tls, options).await;
+    let pool = pool_with(pki, pki.bundle(), client_cert);
+    let key = Key::new(id(CLIENT), server.addr, vec![id(SERVER)]);
+    (server, echo_server().await, pool, key)
+}
+
+#[tokio::test]
+async fn a_client_certificate_that_expires_on_an_open_connection_gets_no_new_tunnels_there() {
+    let pki = Pki::new();
+    let client_cert = pki.issue(&id(CLIENT), Duration::from_secs(3600));
+    // Only the check before each stream acts here: the periodic one waits an hour.
+    let (server, echo, pool, key) = recheck_setup(&pki, pki.bundle(), &client_cert, Duration::from_secs(3600)).await;
+    let mut open = pool.connect(&key, ConnectRequest::new(echo)).await.expect("valid now");
+    assert_eq!(echo_once(&mut open, b"before").await.unwrap(), b"before");
+
+    // Two hours on: the connection is still up, its client certificate has expired. The pool
+    // (whose server certificate is still valid) asks for a tunnel on it; the server refuses it.
+    pki.clock.advance(Duration::from_secs(2 * 3600));
+    let err = pool.connect(&key, ConnectRequest::new(echo)).await.unwrap_err();
+    assert!(err.is_denied(), "{err}");
+    assert_eq!(server.inbound.requests().len(), 1, "the handler never saw the refused request");
+    // The tunnel opened before the expiry carries on, as TLS would (it was authorized then).
+    assert_eq!(echo_once(&mut open, b"after").await.unwrap(), b"after");
+    // The connection got GOAWAY: the next tunnel needs a new one, whose handshake fails (the
+    // client's slot no longer presents its expired certificate).
+    let err = eventually_err(&pool, &key, echo).await;
+    assert!(matches!(err, ConnectError::SetupFailed { .. }), "{err}");
+    let failures = eventually(|| Some(server.tls.failures()).filter(|f| !f.is_empty())).await;
+    assert!(failures[0].contains("peer sent no certificates"), "{failures:?}");
+    assert_eq!(server.tls.handshakes.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
+
+/// Connects until the attempt fails with something other than a refused stream.
+async fn eventually_err(pool: &Pool<Arc<TestClientTls>>, key: &Key, dst: SocketAddr) -> ConnectError {
+    for _ in 0..100 {
+        match pool.connect(key, ConnectRequest::new(dst)).await {
+            Err(e) if !e.is_denied() => return e,
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    panic!("every connection attempt was a refused stream or succeeded");
+}
+
+#[tokio::test]
+async fn a_client_certificate_revoked_on_an_open_connection_ends_it_and_its_tunnels() {
+    let pki = Pki::new();
+    let client_cert = pki.issue(&id(CLIENT), DAY);
+    let server_bundle = pki.bundle();
+    let (server, echo, pool, key) =
+        recheck_setup(&pki, server_bundle.clone(), &client_cert, Duration::from_millis(50)).await;
+    let mut open = pool.connect(&key, ConnectRequest::new(echo)).await.expect("valid now");
+    assert_eq!(echo_once(&mut open, b"before").await.unwrap(), b"before");
+
+    pki.ca.revoke(&client_cert.serial).unwrap();
+    server_bundle.set_crls(vec![pki.ca.crl().unwrap()]).unwrap();
+    // Within a few re-check intervals the open tunnel ends: its next exchange fails (reset or EOF).
+    let mut ended = false;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if echo_once(&mut open, b"x").await.is_err() {
+            ended = true;
+            break;
+        }
+    }
+    assert!(ended, "the tunnel of a revoked client kept relaying");
+    // And no new tunnel gets through: not on that connection (gone), not on a new one.
+    let err = eventually_err(&pool, &key, echo).await;
+    assert!(matches!(err, ConnectError::SetupFailed { .. }), "{err}");
+    let failures = eventually(|| Some(server.tls.failures()).filter(|f| !f.is_empty())).await;
+    assert!(failures[0].contains(&format!("serial {} is revoked", client_cert.serial)), "{failures:?}");
+}
+
+#[tokio::test]
+async fn a_pooled_connection_whose_server_certificate_expired_takes_no_new_tunnels() {
+    let pki = Pki::new();
+    init_tracing();
+    let clock: Arc<dyn Clock> = pki.clock.clone();
+    // The server's certificate lasts an hour; the client's a day.
+    let server_cert = pki.issue(&id(SERVER), Duration::from_secs(3600));
+    let tls = TestServerTls::new(pki.bundle(), clock.clone(), slot(clock, &server_cert));
+    let server = Server::start(tls, ServerOptions::default()).await;
+    let pool = pool_with(&pki, pki.bundle(), &pki.issue(&id(CLIENT), DAY));
+    let key = Key::new(id(CLIENT), server.addr, vec![id(SERVER)]);
+    let echo = echo_server().await;
+    let mut open = pool.connect(&key, ConnectRequest::new(echo)).await.expect("valid now");
+    assert_eq!(echo_once(&mut open, b"before").await.unwrap(), b"before");
+
+    pki.clock.advance(Duration::from_secs(2 * 3600));
+    // The pool retires the connection instead of reusing it, and dials a new one, whose handshake
+    // fails (the server's slot no longer presents its expired certificate).
+    let err = pool.connect(&key, ConnectRequest::new(echo)).await.unwrap_err();
+    assert!(matches!(err, ConnectError::Handshake { .. }), "{err}");
+    assert_eq!(server.tls.handshakes.load(std::sync::atomic::Ordering::SeqCst), 2, "a second handshake");
+    assert_eq!(server.inbound.requests().len(), 1, "no tunnel on the old connection");
+}
+
 #[tokio::test]
 async fn a_server_outside_the_expected_identities_is_refused() {
     let pki = Pki::new();
@@ -143,6 +264,10 @@ struct NodeTls {
 impl ServerTls for NodeTls {
     async fn config(&self, _local: SocketAddr) -> Result<Arc<ServerConfig>, BoxError> {
         self.tls.server_config(&self.workload).await
+    }
+
+    fn recheck(&self, peer: &Peer) -> Result<(), VerifyError> {
+        self.tls.recheck(peer)
     }
 }
 

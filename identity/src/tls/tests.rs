@@ -469,3 +469,27 @@ fn intermediate_ca_chain_verifies_to_the_enterprise_root_and_its_crl_applies() {
     let err = handshake(c, s).unwrap_err();
     assert!(err.contains(&format!("serial {serial} is revoked")), "{err}");
 }
+
+#[test]
+fn recheck_sees_expiry_and_revocation_after_the_handshake() {
+    let clock = Arc::new(ManualClock::starting_now());
+    let pki = Pki::new(&clock, TD);
+    let (ck, serial) = pki.issue("default", "client", Duration::from_secs(3600));
+    let bundle = pki.bundle();
+    let validity = Validity::of(&ck.cert[0]).unwrap();
+    assert_eq!(validity.serial(), serial);
+    assert!(bundle.recheck(&validity, clock.now()).is_ok());
+
+    // Expiry: the same certificate, an hour and a second later.
+    let later = clock.now() + Duration::from_secs(3601);
+    let err = bundle.recheck(&validity, later).unwrap_err();
+    assert!(matches!(err, VerifyError::Expired { .. }), "{err}");
+
+    // Revocation: the bundle's CRLs as they are now, not as they were at the handshake.
+    let root_path = pki.ca.dir().join(crate::ca::ROOT_CERT_FILE);
+    let crl_path = pki.ca.dir().join(crate::ca::CRL_FILE);
+    pki.ca.revoke(&serial).unwrap();
+    bundle.reload_files(&root_path, Some(&crl_path)).unwrap();
+    let err = bundle.recheck(&validity, clock.now()).unwrap_err();
+    assert!(matches!(&err, VerifyError::Revoked { serial: s } if *s == serial), "{err}");
+}
