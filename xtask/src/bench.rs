@@ -63,7 +63,7 @@ const BRACKET: usize = 3;
 const STATS_REPEAT: usize = 2;
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 2);
 const SERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 3);
-/// Rounds of each half of the crossover pass (see [`crossover_pass`]).
+/// Rounds of each half of the crossover pass (see [`crossover_pass`]); even (see [`paired_half`]).
 const PAIRED_ROUNDS: usize = 8;
 
 /// A client workload and the server it measures against.
@@ -191,9 +191,12 @@ fn measure_once(lab: &Lab, pair: Pair, programs: Option<u64>) -> anyhow::Result<
     })
 }
 
+/// The median; of an even number of values, the mean of the middle two (the upper one alone
+/// would favour whichever side a bimodal set's upper half is).
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    let n = v.len();
+    if n.is_multiple_of(2) { (v[n / 2 - 1] + v[n / 2]) / 2.0 } else { v[n / 2] }
 }
 
 /// The median of `REPEAT` measurements.
@@ -226,9 +229,11 @@ struct Ratios {
 }
 
 /// One half of a crossover pass: `PAIRED_ROUNDS` rounds, each one run on `a` and one on `b`,
-/// back to back, in alternating order; the medians of the rounds' ratios a / b. The drift of a
-/// shared machine moves both runs of a round alike, so these are steadier than ratios of
-/// figures taken minutes apart.
+/// back to back, in alternating order (b a, a b, b a, ...). The drift of a shared machine moves
+/// both runs of a round alike, so their ratio a / b is steadier than ratios of figures taken
+/// minutes apart. Whichever run of a round comes first, or follows a run of its own pair, may
+/// have an edge: consecutive rounds give that edge once to each pair, so each two rounds count
+/// as the geometric mean of their ratios, and the half's figure is the median of those.
 fn paired_half(lab: &Lab, a: Pair, b: Pair) -> anyhow::Result<Ratios> {
     let (mut gbps, mut conn) = (Vec::new(), Vec::new());
     for round in 0..PAIRED_ROUNDS {
@@ -242,7 +247,16 @@ fn paired_half(lab: &Lab, a: Pair, b: Pair) -> anyhow::Result<Ratios> {
         gbps.push(fa.gbps / fb.gbps);
         conn.push(fa.conn_per_s / fb.conn_per_s);
     }
-    Ok(Ratios { gbps: median(gbps), conn: median(conn) })
+    eprintln!(
+        "bench:   {} / {} per round: throughput {}; connection rate {}",
+        a.client,
+        b.client,
+        gbps.iter().map(|r| format!("{r:.3}")).collect::<Vec<_>>().join(" "),
+        conn.iter().map(|r| format!("{r:.3}")).collect::<Vec<_>>().join(" ")
+    );
+    let two_by_two =
+        |v: &[f64]| median(v.chunks(2).map(|c| c.iter().product::<f64>().powf(1.0 / c.len() as f64)).collect());
+    Ok(Ratios { gbps: two_by_two(&gbps), conn: two_by_two(&conn) })
 }
 
 /// What a crossover pass found: the estimate, and each half's median ratio (enforced / bare;
@@ -642,7 +656,7 @@ pub fn l4(only: Option<&str>, entries: Option<usize>) -> anyhow::Result<()> {
         println!("{:<44} {}", name, per_connection(f));
     }
     println!(
-        "\nCrossover: two like pairs on the node take turns, one run each per round, alternating order; {PAIRED_ROUNDS} rounds with pair one enforced and pair two bare, then {PAIRED_ROUNDS} with the agent moved to pair two; each half is the median of its rounds' ratios (enforced / bare), the estimate their geometric mean:"
+        "\nCrossover: two like pairs on the node take turns, one run each per round, alternating order; {PAIRED_ROUNDS} rounds with pair one enforced and pair two bare, then {PAIRED_ROUNDS} with the agent moved to pair two; each half is the median of its rounds' ratios (enforced / bare; each two rounds, b a then a b, as one), the estimate the halves' geometric mean:"
     );
     println!(
         "{:<44} {:>10} {:>8} {:>8}   {:>10} {:>8} {:>8}",
