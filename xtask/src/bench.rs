@@ -276,11 +276,12 @@ impl Crossover {
     }
 }
 
-/// The crossover pass. With no agent (`agent` false): pair one against pair two, then pair two
-/// against pair one. With the agent enforcing pair one: pair one against the bare pair two; then
-/// the agent is given a workload file with pair two in pair one's place (`workloads_two`),
-/// commits it, and pair two, now enforced, runs against the bare pair one. Each swap is checked
-/// with bpftool: the benchmark stops rather than compare two enforced pairs, or two bare ones.
+/// The crossover pass. With no agent (`workloads_two` is `None`): pair one against pair two, then
+/// pair two against pair one. With the agent enforcing pair one: pair one against the bare pair
+/// two; then the agent is given a workload file with pair two in pair one's place
+/// (`workloads_two`), commits it, and pair two, now enforced, runs against the bare pair one. The
+/// swap is checked with `BPF_PROG_QUERY` ([`check_enforced`]): the benchmark stops rather than
+/// compare two enforced pairs, or two bare ones.
 fn crossover_pass(lab: &mut Lab, workloads_two: Option<&str>) -> anyhow::Result<Crossover> {
     let first = paired_half(lab, PAIR_ONE, PAIR_TWO)?;
     if let Some(wl) = workloads_two {
