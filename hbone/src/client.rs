@@ -30,7 +30,8 @@ use tokio::sync::{Notify, oneshot, watch};
 use tokio::time::{Instant, sleep_until, timeout_at};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
-use tracing::{Instrument, debug, info_span};
+use tracing::{Instrument, debug, info_span, warn};
+use warden_identity::tls::VerifyError;
 
 use crate::error::ConnectError;
 use crate::pool::{Key, PoolOptions};
@@ -183,7 +184,11 @@ pub(crate) enum OpenError {
     Refused(StatusCode),
 }
 
+/// Whether a connection's server certificate still stands ([`ClientTls::recheck`]), for its driver.
+pub(crate) type Recheck = Arc<dyn Fn(&Peer) -> Result<(), VerifyError> + Send + Sync>;
+
 /// Opens a connection for `key` and starts its driver.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn dial<C: ClientTls>(
     tls: &C,
     key: &Key,
@@ -191,6 +196,7 @@ pub(crate) async fn dial<C: ClientTls>(
     id: u64,
     registry: Arc<dyn Registry>,
     pool_gone: watch::Receiver<()>,
+    recheck: Recheck,
 ) -> Result<Arc<Conn>, ConnectError> {
     let node = key.node;
     let deadline = Instant::now() + options.connect_timeout;
@@ -253,7 +259,7 @@ pub(crate) async fn dial<C: ClientTls>(
         activity: Notify::new(),
     });
     let (ready_tx, ready_rx) = oneshot::channel();
-    let driver = Driver { conn: conn.clone(), registry, pool_gone, options: options.clone() };
+    let driver = Driver { conn: conn.clone(), registry, pool_gone, options: options.clone(), recheck };
     let span = info_span!("hbone_conn", id, %node, peer = %conn.peer.identity, source = %key.source);
     tokio::spawn(driver.run(connection, ready_tx).instrument(span));
 
@@ -278,6 +284,7 @@ struct Driver {
     registry: Arc<dyn Registry>,
     pool_gone: watch::Receiver<()>,
     options: PoolOptions,
+    recheck: Recheck,
 }
 
 enum Setup {
@@ -327,6 +334,8 @@ impl Driver {
 
         let keepalive = keepalive(ping, self.options.ping_interval, self.options.ping_timeout);
         tokio::pin!(keepalive);
+        let mut recheck = tokio::time::interval(self.options.recheck_interval);
+        recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut pool_open = true;
         loop {
             // Once the pool is gone, nothing new will use this connection: close it when idle.
@@ -343,6 +352,14 @@ impl Driver {
                 failure = &mut keepalive => {
                     debug!(%failure, "server unresponsive; closing the HBONE connection");
                     break;
+                }
+                // An expired server certificate only retires the connection (the pool's checkout);
+                // a revoked one ends it and its tunnels, as the server does with a revoked client.
+                _ = recheck.tick() => {
+                    if let Err(e @ VerifyError::Revoked { .. }) = (self.recheck)(&self.conn.peer) {
+                        warn!(error = %e, "server certificate revoked; closing the HBONE connection and its tunnels");
+                        break;
+                    }
                 }
                 () = self.conn.activity.notified() => {
                     if self.conn.is_closed() && self.conn.active() == 0 {

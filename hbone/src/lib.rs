@@ -32,7 +32,8 @@
 //! - A connection outlives its handshake, so each side checks its peer's certificate again
 //!   ([`ServerTls::recheck`], [`ClientTls::recheck`]): the server before every stream and every
 //!   second (expired: 401 and GOAWAY; revoked: the connection ends with its streams), the pool
-//!   before it reuses a connection (expired or revoked: retired).
+//!   before it reuses a connection (expired: retired) and every second (revoked: the connection
+//!   ends with its tunnels).
 //!
 //! # Modules, one concern each
 //!

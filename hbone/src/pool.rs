@@ -34,12 +34,13 @@ use warden_identity::Identity;
 
 use tokio::net::TcpStream;
 
-use crate::client::{Conn, Lease, OpenError, Registry, dial};
+use crate::client::{Conn, Lease, OpenError, Recheck, Registry, dial};
 use crate::copy::{TransferError, TransferStats, relay};
 use crate::error::ConnectError;
 use crate::protocol::{
     BAGGAGE, DEFAULT_CONNECT_TIMEOUT, DEFAULT_PING_INTERVAL, DEFAULT_PING_TIMEOUT, DEFAULT_POOL_IDLE_TIMEOUT,
-    DEFAULT_POOL_MAX_STREAMS_PER_CONNECTION, FORWARDED, FlowControl, Forwarded, TRACEPARENT, TraceParent,
+    DEFAULT_POOL_MAX_STREAMS_PER_CONNECTION, DEFAULT_RECHECK_INTERVAL, FORWARDED, FlowControl, Forwarded, TRACEPARENT,
+    TraceParent,
 };
 use crate::stream::H2Stream;
 use crate::tls::ClientTls;
@@ -62,6 +63,9 @@ pub struct PoolOptions {
     pub ping_interval: Duration,
     /// An unanswered PING closes the connection after this long.
     pub ping_timeout: Duration,
+    /// How often an open connection's server certificate is checked again (revoked: the
+    /// connection ends with its tunnels).
+    pub recheck_interval: Duration,
 }
 
 impl Default for PoolOptions {
@@ -73,6 +77,7 @@ impl Default for PoolOptions {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             ping_interval: DEFAULT_PING_INTERVAL,
             ping_timeout: DEFAULT_PING_TIMEOUT,
+            recheck_interval: DEFAULT_RECHECK_INTERVAL,
         }
     }
 }
@@ -472,7 +477,11 @@ impl<C: ClientTls> Pool<C> {
     async fn dial(&self, key: &Key) -> Result<Arc<Conn>, ConnectError> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let registry = Arc::new(SlotRegistry { slots: Arc::downgrade(&self.inner.slots), key: key.clone() });
-        let result = dial(&self.inner.tls, key, &self.inner.options, id, registry, self.inner.alive.clone()).await;
+        // The driver asks the pool's TLS source, while the pool lives.
+        let inner = Arc::downgrade(&self.inner);
+        let recheck: Recheck = Arc::new(move |peer| inner.upgrade().map_or(Ok(()), |i| i.tls.recheck(peer)));
+        let result =
+            dial(&self.inner.tls, key, &self.inner.options, id, registry, self.inner.alive.clone(), recheck).await;
         match &result {
             Ok(_) => debug!(id, key = %key, "opened HBONE connection"),
             Err(e) => debug!(key = %key, error = %e, "cannot open HBONE connection"),

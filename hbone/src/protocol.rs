@@ -52,6 +52,9 @@ pub const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(10);
 /// A PING unanswered for this long tears the connection down (ztunnel: 20 s).
 pub const DEFAULT_PING_TIMEOUT: Duration = Duration::from_secs(20);
+/// How often each side of an open connection checks its peer's certificate again (see
+/// [`crate::ServerTls::recheck`]).
+pub const DEFAULT_RECHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// Bound on the TCP connect, TLS handshake and HTTP/2 SETTINGS exchange (ztunnel: 10 s).
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest header block a server accepts (ztunnel's server: 64 KiB; HBONE headers are few).

@@ -46,17 +46,15 @@ use warden_identity::tls::VerifyError;
 use crate::copy::{TransferError, TransferStats, relay};
 use crate::error::{AcceptError, Refusal};
 use crate::protocol::{
-    DEFAULT_CONNECT_TIMEOUT, DEFAULT_PING_INTERVAL, DEFAULT_PING_TIMEOUT, DEFAULT_SERVER_MAX_CONCURRENT_STREAMS,
-    FORWARDED, FlowControl, Forwarded, SERVER_MAX_HEADER_LIST_SIZE, SERVER_MAX_SEND_BUFFER, STATUS_BAD_REQUEST,
-    STATUS_DENIED, STATUS_OK, TRACEPARENT,
+    DEFAULT_CONNECT_TIMEOUT, DEFAULT_PING_INTERVAL, DEFAULT_PING_TIMEOUT, DEFAULT_RECHECK_INTERVAL,
+    DEFAULT_SERVER_MAX_CONCURRENT_STREAMS, FORWARDED, FlowControl, Forwarded, SERVER_MAX_HEADER_LIST_SIZE,
+    SERVER_MAX_SEND_BUFFER, STATUS_BAD_REQUEST, STATUS_DENIED, STATUS_OK, TRACEPARENT,
 };
 use crate::stream::{H2Stream, keepalive};
 use crate::tls::{Peer, ServerTls, server_alpn};
 
 /// How long open streams may run after shutdown starts (ztunnel's default termination deadline).
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
-/// How often an open connection's client certificate is checked again when no stream asks.
-pub const DEFAULT_RECHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// Pause after an accept error such as EMFILE, so the loop does not spin.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
 

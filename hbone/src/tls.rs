@@ -67,8 +67,9 @@ pub trait ClientTls: Send + Sync + 'static {
     }
 
     /// Whether the server's certificate, verified at the connection's handshake, still stands
-    /// now (not expired, not revoked since). A pooled connection whose server certificate lapsed
-    /// takes no new tunnels.
+    /// now (not expired, not revoked since). Asked before a pooled connection takes a tunnel and
+    /// every `recheck_interval`: a connection whose server certificate lapsed takes no new
+    /// tunnels, and one whose certificate was revoked ends with its tunnels.
     fn recheck(&self, peer: &Peer) -> Result<(), VerifyError>;
 }
 

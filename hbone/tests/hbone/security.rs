@@ -213,6 +213,41 @@ async fn a_pooled_connection_whose_server_certificate_expired_takes_no_new_tunne
 }
 
 #[tokio::test]
+async fn a_server_certificate_revoked_on_an_open_connection_ends_it_and_its_tunnels() {
+    let pki = Pki::new();
+    init_tracing();
+    let clock: Arc<dyn Clock> = pki.clock.clone();
+    let server_cert = pki.issue(&id(SERVER), DAY);
+    let tls = TestServerTls::new(pki.bundle(), clock.clone(), slot(clock.clone(), &server_cert));
+    let server = Server::start(tls, ServerOptions::default()).await;
+    let client_bundle = pki.bundle();
+    let client_tls = TestClientTls::new(client_bundle.clone(), clock.clone())
+        .with(id(CLIENT), slot(clock, &pki.issue(&id(CLIENT), DAY)));
+    let options = PoolOptions { recheck_interval: Duration::from_millis(50), ..PoolOptions::default() };
+    let pool = Pool::new(Arc::new(client_tls), options);
+    let key = Key::new(id(CLIENT), server.addr, vec![id(SERVER)]);
+    let echo = echo_server().await;
+    let mut open = pool.connect(&key, ConnectRequest::new(echo)).await.expect("valid now");
+    assert_eq!(echo_once(&mut open, b"before").await.unwrap(), b"before");
+
+    pki.ca.revoke(&server_cert.serial).unwrap();
+    client_bundle.set_crls(vec![pki.ca.crl().unwrap()]).unwrap();
+    let mut ended = false;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if echo_once(&mut open, b"x").await.is_err() {
+            ended = true;
+            break;
+        }
+    }
+    assert!(ended, "the tunnel to a revoked server kept relaying");
+    // A new connection's handshake refuses the revoked server certificate.
+    let err = pool.connect(&key, ConnectRequest::new(echo)).await.unwrap_err();
+    assert!(matches!(err, ConnectError::Handshake { .. }), "{err}");
+    assert!(err.to_string().contains(&format!("serial {} is revoked", server_cert.serial)), "{err}");
+}
+
+#[tokio::test]
 async fn a_server_outside_the_expected_identities_is_refused() {
     let pki = Pki::new();
     let server = server_of(&pki, pki.clock.clone()).await;
