@@ -94,9 +94,24 @@ fn port_name(proto: u8, port: u16) -> String {
     }
 }
 
-/// Read the live maps under `pin_dir`, named through the record in `state_dir`.
+/// Attempts at a consistent read before giving up.
+const READ_ATTEMPTS: usize = 20;
+
+/// Read the live maps under `pin_dir`, named through the record in `state_dir`. A commit that
+/// flips the generation meanwhile clears the slot being read (and may rewrite the record): the
+/// read is taken again until the generation is the same before and after it.
 pub fn read(pin_dir: &Path, state_dir: &Path) -> anyhow::Result<MapsView> {
     let maps = Maps::open(pin_dir)?;
+    for _ in 0..READ_ATTEMPTS {
+        let view = read_once(&maps, state_dir)?;
+        if maps.config().generation == view.generation {
+            return Ok(view);
+        }
+    }
+    anyhow::bail!("the agent committed a new generation during each of {READ_ATTEMPTS} reads of the maps; try again")
+}
+
+fn read_once(maps: &Maps, state_dir: &Path) -> anyhow::Result<MapsView> {
     let record = NodeRecord::load(state_dir)?;
     let config = maps.config();
     let slot = config.active_slot();
