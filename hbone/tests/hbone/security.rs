@@ -8,6 +8,7 @@ use rustls::ServerConfig;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use tokio::net::TcpListener;
+use warden_hbone::protocol::DEFAULT_RECHECK_INTERVAL;
 use warden_hbone::{
     BoxError, ConnectError, ConnectRequest, HboneServer, Key, Peer, Pool, PoolOptions, SecretManagerTls, ServerOptions,
     ServerTls, Tunnel,
@@ -171,16 +172,8 @@ async fn a_client_certificate_revoked_on_an_open_connection_ends_it_and_its_tunn
 
     pki.ca.revoke(&client_cert.serial).unwrap();
     server_bundle.set_crls(vec![pki.ca.crl().unwrap()]).unwrap();
-    // Within a few re-check intervals the open tunnel ends: its next exchange fails (reset or EOF).
-    let mut ended = false;
-    for _ in 0..50 {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        if echo_once(&mut open, b"x").await.is_err() {
-            ended = true;
-            break;
-        }
-    }
-    assert!(ended, "the tunnel of a revoked client kept relaying");
+    // Within a few re-check intervals the open tunnel ends.
+    assert!(ends_soon(&mut open).await, "the tunnel of a revoked client kept relaying");
     // And no new tunnel gets through: not on that connection (gone), not on a new one.
     let err = eventually_err(&pool, &key, echo).await;
     assert!(matches!(err, ConnectError::SetupFailed { .. }), "{err}");
@@ -188,20 +181,48 @@ async fn a_client_certificate_revoked_on_an_open_connection_ends_it_and_its_tunn
     assert!(failures[0].contains(&format!("serial {} is revoked", client_cert.serial)), "{failures:?}");
 }
 
-#[tokio::test]
-async fn a_pooled_connection_whose_server_certificate_expired_takes_no_new_tunnels() {
-    let pki = Pki::new();
+/// Whether an open tunnel stops relaying within 2.5 s (its next exchange fails: reset or EOF).
+async fn ends_soon(open: &mut Tunnel) -> bool {
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if echo_once(open, b"x").await.is_err() {
+            return true;
+        }
+    }
+    false
+}
+
+/// A server presenting a certificate of `server_ttl` and a pool verifying servers with
+/// `client_bundle`, re-checking its open connections every `recheck`, with one tunnel open through
+/// them to an echo upstream. Returns the server, its certificate, the echo address, the pool, its
+/// key and the open tunnel.
+async fn open_tunnel_to_server(
+    pki: &Pki,
+    server_ttl: Duration,
+    client_bundle: Arc<TrustBundle>,
+    recheck: Duration,
+) -> (Server, Issued, SocketAddr, Pool<Arc<TestClientTls>>, Key, Tunnel) {
     init_tracing();
     let clock: Arc<dyn Clock> = pki.clock.clone();
-    // The server's certificate lasts an hour; the client's a day.
-    let server_cert = pki.issue(&id(SERVER), Duration::from_secs(3600));
-    let tls = TestServerTls::new(pki.bundle(), clock.clone(), slot(clock, &server_cert));
+    let server_cert = pki.issue(&id(SERVER), server_ttl);
+    let tls = TestServerTls::new(pki.bundle(), clock.clone(), slot(clock.clone(), &server_cert));
     let server = Server::start(tls, ServerOptions::default()).await;
-    let pool = pool_with(&pki, pki.bundle(), &pki.issue(&id(CLIENT), DAY));
+    let client_tls =
+        TestClientTls::new(client_bundle, clock.clone()).with(id(CLIENT), slot(clock, &pki.issue(&id(CLIENT), DAY)));
+    let pool = Pool::new(Arc::new(client_tls), PoolOptions { recheck_interval: recheck, ..PoolOptions::default() });
     let key = Key::new(id(CLIENT), server.addr, vec![id(SERVER)]);
     let echo = echo_server().await;
     let mut open = pool.connect(&key, ConnectRequest::new(echo)).await.expect("valid now");
     assert_eq!(echo_once(&mut open, b"before").await.unwrap(), b"before");
+    (server, server_cert, echo, pool, key, open)
+}
+
+#[tokio::test]
+async fn a_pooled_connection_whose_server_certificate_expired_takes_no_new_tunnels() {
+    let pki = Pki::new();
+    // The server's certificate lasts an hour; the client's a day.
+    let (server, _, echo, pool, key, _open) =
+        open_tunnel_to_server(&pki, Duration::from_secs(3600), pki.bundle(), DEFAULT_RECHECK_INTERVAL).await;
 
     pki.clock.advance(Duration::from_secs(2 * 3600));
     // The pool retires the connection instead of reusing it, and dials a new one, whose handshake
@@ -215,32 +236,13 @@ async fn a_pooled_connection_whose_server_certificate_expired_takes_no_new_tunne
 #[tokio::test]
 async fn a_server_certificate_revoked_on_an_open_connection_ends_it_and_its_tunnels() {
     let pki = Pki::new();
-    init_tracing();
-    let clock: Arc<dyn Clock> = pki.clock.clone();
-    let server_cert = pki.issue(&id(SERVER), DAY);
-    let tls = TestServerTls::new(pki.bundle(), clock.clone(), slot(clock.clone(), &server_cert));
-    let server = Server::start(tls, ServerOptions::default()).await;
     let client_bundle = pki.bundle();
-    let client_tls = TestClientTls::new(client_bundle.clone(), clock.clone())
-        .with(id(CLIENT), slot(clock, &pki.issue(&id(CLIENT), DAY)));
-    let options = PoolOptions { recheck_interval: Duration::from_millis(50), ..PoolOptions::default() };
-    let pool = Pool::new(Arc::new(client_tls), options);
-    let key = Key::new(id(CLIENT), server.addr, vec![id(SERVER)]);
-    let echo = echo_server().await;
-    let mut open = pool.connect(&key, ConnectRequest::new(echo)).await.expect("valid now");
-    assert_eq!(echo_once(&mut open, b"before").await.unwrap(), b"before");
+    let (_server, server_cert, echo, pool, key, mut open) =
+        open_tunnel_to_server(&pki, DAY, client_bundle.clone(), Duration::from_millis(50)).await;
 
     pki.ca.revoke(&server_cert.serial).unwrap();
     client_bundle.set_crls(vec![pki.ca.crl().unwrap()]).unwrap();
-    let mut ended = false;
-    for _ in 0..50 {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        if echo_once(&mut open, b"x").await.is_err() {
-            ended = true;
-            break;
-        }
-    }
-    assert!(ended, "the tunnel to a revoked server kept relaying");
+    assert!(ends_soon(&mut open).await, "the tunnel to a revoked server kept relaying");
     // A new connection's handshake refuses the revoked server certificate.
     let err = pool.connect(&key, ConnectRequest::new(echo)).await.unwrap_err();
     assert!(matches!(err, ConnectError::Handshake { .. }), "{err}");
