@@ -464,11 +464,6 @@ impl Validity {
         })
     }
 
-    /// The certificate's notAfter.
-    pub fn not_after(&self) -> SystemTime {
-        self.not_after
-    }
-
     /// The serial, lower-case hex (as `warden certs` shows it).
     pub fn serial(&self) -> String {
         serial_hex(&self.serial)

@@ -191,6 +191,11 @@ fn measure_once(lab: &Lab, pair: Pair, programs: Option<u64>) -> anyhow::Result<
     })
 }
 
+/// The geometric mean (of ratios: one that doubles and one that halves cancel).
+fn geometric_mean(v: &[f64]) -> f64 {
+    v.iter().product::<f64>().powf(1.0 / v.len() as f64)
+}
+
 /// The median; of an even number of values, the mean of the middle two (the upper one alone
 /// would favour whichever side a bimodal set's upper half is).
 fn median(mut v: Vec<f64>) -> f64 {
@@ -254,8 +259,7 @@ fn paired_half(lab: &Lab, a: Pair, b: Pair) -> anyhow::Result<Ratios> {
         gbps.iter().map(|r| format!("{r:.3}")).collect::<Vec<_>>().join(" "),
         conn.iter().map(|r| format!("{r:.3}")).collect::<Vec<_>>().join(" ")
     );
-    let two_by_two =
-        |v: &[f64]| median(v.chunks(2).map(|c| c.iter().product::<f64>().powf(1.0 / c.len() as f64)).collect());
+    let two_by_two = |v: &[f64]| median(v.chunks(2).map(geometric_mean).collect());
     Ok(Ratios { gbps: two_by_two(&gbps), conn: two_by_two(&conn) })
 }
 
@@ -271,7 +275,10 @@ impl Crossover {
     /// The geometric mean of the halves: a difference between the pairs themselves multiplies
     /// one half and divides the other.
     fn of(first: Ratios, second: Ratios) -> Crossover {
-        let estimate = Ratios { gbps: (first.gbps * second.gbps).sqrt(), conn: (first.conn * second.conn).sqrt() };
+        let estimate = Ratios {
+            gbps: geometric_mean(&[first.gbps, second.gbps]),
+            conn: geometric_mean(&[first.conn, second.conn]),
+        };
         Crossover { estimate, first, second }
     }
 }

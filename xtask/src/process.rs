@@ -11,9 +11,7 @@ pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     let rest = stat.rsplit_once(") ").context("malformed /proc/PID/stat")?.1;
     let f: Vec<&str> = rest.split_whitespace().collect();
     let ticks: u64 = f.get(11).context("utime")?.parse::<u64>()? + f.get(12).context("stime")?.parse::<u64>()?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    Ok(ticks as f64 / hz as f64)
+    Ok(seconds(ticks))
 }
 
 /// Busy time of all the machine's CPUs so far, seconds: user, nice, system, irq and softirq from
@@ -26,7 +24,12 @@ pub fn machine_busy_seconds() -> anyhow::Result<f64> {
     let [user, nice, system, _idle, _iowait, irq, softirq, ..] = f[..] else {
         anyhow::bail!("short cpu line in /proc/stat: {cpu}");
     };
+    Ok(seconds(user + nice + system + irq + softirq))
+}
+
+/// Clock ticks (`USER_HZ`, the unit of `/proc`'s CPU times) as seconds.
+fn seconds(ticks: u64) -> f64 {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    Ok((user + nice + system + irq + softirq) as f64 / hz as f64)
+    ticks as f64 / hz as f64
 }
