@@ -20,7 +20,7 @@
 //! one half's ratio and divides the other's, so it cancels. The same pass with no agent at all
 //! shows the pairs' own difference and the estimator's noise. The agent enables TCX hooks
 //! node-wide, which the bare pair then passes through too: a few nanoseconds per packet that
-//! favour warden's paired figure.
+//! favour warden's paired figure. Each estimate comes with a 95% bootstrap interval.
 //!
 //! The ratios are measured with the kernel's BPF run-time accounting off, as in production: with
 //! it on, every program run pays two clock reads and a per-CPU stats update that the baseline and
@@ -64,7 +64,12 @@ const STATS_REPEAT: usize = 2;
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 2);
 const SERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 3);
 /// Rounds of each half of the crossover pass (see [`crossover_pass`]); even (see [`paired_half`]).
-const PAIRED_ROUNDS: usize = 8;
+const PAIRED_ROUNDS: usize = 12;
+/// The issue's target for warden at 100k policy entries: this share of the baseline (a), for
+/// throughput and for connection rate.
+const TARGET_RATIO: f64 = 0.95;
+/// Resamples of the crossover's bootstrap interval (see [`Estimate::of`]).
+const RESAMPLES: usize = 4000;
 
 /// A client workload and the server it measures against.
 #[derive(Clone, Copy, PartialEq)]
@@ -226,11 +231,11 @@ fn measure_n(lab: &Lab, n: usize, programs: Option<u64>) -> anyhow::Result<Figur
     })
 }
 
-/// Ratios (throughput, connection rate) of one pair to another.
-#[derive(Clone, Copy)]
-struct Ratios {
-    gbps: f64,
-    conn: f64,
+/// One crossover half's ratios (enforced / bare, or pair / pair), one value per two rounds (see
+/// [`paired_half`]).
+struct Half {
+    gbps: Vec<f64>,
+    conn: Vec<f64>,
 }
 
 /// One half of a crossover pass: `PAIRED_ROUNDS` rounds, each one run on `a` and one on `b`,
@@ -238,8 +243,8 @@ struct Ratios {
 /// both runs of a round alike, so their ratio a / b is steadier than ratios of figures taken
 /// minutes apart. Whichever run of a round comes first, or follows a run of its own pair, may
 /// have an edge: consecutive rounds give that edge once to each pair, so each two rounds count
-/// as the geometric mean of their ratios, and the half's figure is the median of those.
-fn paired_half(lab: &Lab, a: Pair, b: Pair) -> anyhow::Result<Ratios> {
+/// as one value, the geometric mean of their ratios.
+fn paired_half(lab: &Lab, a: Pair, b: Pair) -> anyhow::Result<Half> {
     let (mut gbps, mut conn) = (Vec::new(), Vec::new());
     for round in 0..PAIRED_ROUNDS {
         let (fa, fb) = if round % 2 == 0 {
@@ -252,34 +257,85 @@ fn paired_half(lab: &Lab, a: Pair, b: Pair) -> anyhow::Result<Ratios> {
         gbps.push(fa.gbps / fb.gbps);
         conn.push(fa.conn_per_s / fb.conn_per_s);
     }
+    let show = |v: &[f64]| v.iter().map(|r| format!("{r:.3}")).collect::<Vec<_>>().join(" ");
     eprintln!(
         "bench:   {} / {} per round: throughput {}; connection rate {}",
         a.client,
         b.client,
-        gbps.iter().map(|r| format!("{r:.3}")).collect::<Vec<_>>().join(" "),
-        conn.iter().map(|r| format!("{r:.3}")).collect::<Vec<_>>().join(" ")
+        show(&gbps),
+        show(&conn)
     );
-    let two_by_two = |v: &[f64]| median(v.chunks(2).map(geometric_mean).collect());
-    Ok(Ratios { gbps: two_by_two(&gbps), conn: two_by_two(&conn) })
+    let two_by_two = |v: &[f64]| v.chunks(2).map(geometric_mean).collect();
+    Ok(Half { gbps: two_by_two(&gbps), conn: two_by_two(&conn) })
 }
 
-/// What a crossover pass found: the estimate, and each half's median ratio (enforced / bare;
-/// with no agent, pair one / pair two and then pair two / pair one).
+/// A crossover estimate of one figure: each half's median, their geometric mean (a difference
+/// between the pairs themselves multiplies one half and divides the other), and a 95% bootstrap
+/// interval of that mean.
+struct Estimate {
+    value: f64,
+    first: f64,
+    second: f64,
+    low: f64,
+    high: f64,
+}
+
+impl Estimate {
+    /// The interval resamples each half's values with replacement, `RESAMPLES` times, and takes
+    /// the 2.5th and 97.5th percentiles of the estimates (a fixed seed: the same values always
+    /// give the same interval).
+    fn of(first: &[f64], second: &[f64]) -> Estimate {
+        let (m1, m2) = (median(first.to_vec()), median(second.to_vec()));
+        let mut rng = Xorshift(0x9e37_79b9_7f4a_7c15);
+        let mut resample = |v: &[f64]| median((0..v.len()).map(|_| v[rng.below(v.len())]).collect());
+        let mut estimates: Vec<f64> =
+            (0..RESAMPLES).map(|_| geometric_mean(&[resample(first), resample(second)])).collect();
+        estimates.sort_by(f64::total_cmp);
+        Estimate {
+            value: geometric_mean(&[m1, m2]),
+            first: m1,
+            second: m2,
+            low: estimates[RESAMPLES * 25 / 1000],
+            high: estimates[RESAMPLES * 975 / 1000 - 1],
+        }
+    }
+}
+
+/// Where a crossover estimate stands against [`TARGET_RATIO`]: met when its whole 95% interval is
+/// at or above it, not met when all of it is below, and otherwise not shown either way.
+fn verdict(e: &Estimate) -> String {
+    let state = if e.low >= TARGET_RATIO {
+        "met"
+    } else if e.high < TARGET_RATIO {
+        "NOT MET"
+    } else {
+        "NOT SHOWN (the interval spans the target)"
+    };
+    format!("{:.3} [{:.3}, {:.3}]: {state}", e.value, e.low, e.high)
+}
+
+/// A small deterministic generator for the bootstrap (xorshift64).
+struct Xorshift(u64);
+
+impl Xorshift {
+    /// A value in `0..n`.
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 % n as u64) as usize
+    }
+}
+
+/// What a crossover pass found: throughput and connection rate.
 struct Crossover {
-    estimate: Ratios,
-    first: Ratios,
-    second: Ratios,
+    gbps: Estimate,
+    conn: Estimate,
 }
 
 impl Crossover {
-    /// The geometric mean of the halves: a difference between the pairs themselves multiplies
-    /// one half and divides the other.
-    fn of(first: Ratios, second: Ratios) -> Crossover {
-        let estimate = Ratios {
-            gbps: geometric_mean(&[first.gbps, second.gbps]),
-            conn: geometric_mean(&[first.conn, second.conn]),
-        };
-        Crossover { estimate, first, second }
+    fn of(first: &Half, second: &Half) -> Crossover {
+        Crossover { gbps: Estimate::of(&first.gbps, &second.gbps), conn: Estimate::of(&first.conn, &second.conn) }
     }
 }
 
@@ -298,7 +354,7 @@ fn crossover_pass(lab: &mut Lab, workloads_two: Option<&str>) -> anyhow::Result<
         check_enforced(lab, PAIR_TWO)?;
     }
     let second = paired_half(lab, PAIR_TWO, PAIR_ONE)?;
-    Ok(Crossover::of(first, second))
+    Ok(Crossover::of(&first, &second))
 }
 
 /// Fail unless warden's programs are attached to both veths and cgroups of `enforced` and to
@@ -547,6 +603,8 @@ pub fn l4(only: Option<&str>, entries: Option<usize>) -> anyhow::Result<()> {
     let mut agent_load: Vec<f64> = Vec::new();
     // Each warden configuration's crossover pass: see `crossover_pass`.
     let mut crossovers: Vec<Crossover> = Vec::new();
+    // Which of them is the configuration the issue sets a target for (100k entries, no log).
+    let mut target_row: Option<usize> = None;
     let baseline = |lab: &Lab, brackets: &mut Vec<(f64, f64)>| -> anyhow::Result<()> {
         eprintln!("bench: (a) no programs, before");
         let before = measure_n(lab, BRACKET, None)?;
@@ -594,6 +652,9 @@ pub fn l4(only: Option<&str>, entries: Option<usize>) -> anyhow::Result<()> {
         drop(stats);
         eprintln!("bench: (b) warden, {entries} policy entries, access log {access_log}: crossover pass");
         check_enforced(&lab, PAIR_ONE)?;
+        if entries == 100_000 && access_log == "off" {
+            target_row = Some(crossovers.len());
+        }
         crossovers.push(crossover_pass(&mut lab, Some(&workloads_two))?);
         (f.bulk, f.churn, f.connections) = (s.bulk, s.churn, s.connections);
         let log = if access_log == "off" { String::new() } else { format!(", access log {access_log}") };
@@ -664,23 +725,41 @@ pub fn l4(only: Option<&str>, entries: Option<usize>) -> anyhow::Result<()> {
         println!("{:<44} {}", name, per_connection(f));
     }
     println!(
-        "\nCrossover: two like pairs on the node take turns, one run each per round, alternating order; {PAIRED_ROUNDS} rounds with pair one enforced and pair two bare, then {PAIRED_ROUNDS} with the agent moved to pair two; each half is the median of its rounds' ratios (enforced / bare; each two rounds, b a then a b, as one), the estimate the halves' geometric mean:"
+        "\nCrossover: two like pairs on the node take turns, one run each per round, alternating order; {PAIRED_ROUNDS} rounds with pair one enforced and pair two bare, then {PAIRED_ROUNDS} with the agent moved to pair two; each two rounds (b a, then a b) give one value, the geometric mean of their ratios (enforced / bare); each half is the median of its values, the estimate the halves' geometric mean, [low, high] its 95% bootstrap interval:"
     );
     println!(
-        "{:<44} {:>10} {:>8} {:>8}   {:>10} {:>8} {:>8}",
-        "", "throughput", "half 1", "half 2", "conn rate", "half 1", "half 2"
+        "{:<44} {:>10} {:>7} {:>7} {:>15}   {:>9} {:>7} {:>7} {:>15}",
+        "", "throughput", "half 1", "half 2", "95% interval", "conn rate", "half 1", "half 2", "95% interval"
     );
+    let interval = |e: &Estimate| format!("[{:.3}, {:.3}]", e.low, e.high);
     let line = |name: &str, x: &Crossover| {
         println!(
-            "{name:<44} {:>10.3} {:>8.3} {:>8.3}   {:>10.3} {:>8.3} {:>8.3}",
-            x.estimate.gbps, x.first.gbps, x.second.gbps, x.estimate.conn, x.first.conn, x.second.conn
+            "{name:<44} {:>10.3} {:>7.3} {:>7.3} {:>15}   {:>9.3} {:>7.3} {:>7.3} {:>15}",
+            x.gbps.value,
+            x.gbps.first,
+            x.gbps.second,
+            interval(&x.gbps),
+            x.conn.value,
+            x.conn.first,
+            x.conn.second,
+            interval(&x.conn)
         );
     };
     if let Some(x) = &aa {
         line("(a) no agent: one / two, then two / one", x);
     }
-    for ((name, _), x) in rows.iter().filter(|(n, _)| n.starts_with("(b)")).zip(&crossovers) {
+    let warden_rows: Vec<&str> = rows.iter().map(|(n, _)| n.as_str()).filter(|n| n.starts_with("(b)")).collect();
+    for (name, x) in warden_rows.iter().zip(&crossovers) {
         line(name, x);
+    }
+    // The issue's target, judged by the interval: met only when all of it is at or above it.
+    if let Some(i) = target_row {
+        println!(
+            "\ntarget >= {TARGET_RATIO} of (a), {}: throughput {}; connection rate {}",
+            warden_rows[i].trim_start_matches("(b) "),
+            verdict(&crossovers[i].gbps),
+            verdict(&crossovers[i].conn)
+        );
     }
     println!("\nThe agent process's own CPU during each ratio pass (utime + stime / wall time):");
     for ((name, _), load) in rows.iter().filter(|(n, _)| n.starts_with("(b)")).zip(&agent_load) {
@@ -688,4 +767,38 @@ pub fn l4(only: Option<&str>, entries: Option<usize>) -> anyhow::Result<()> {
     }
     drop(lab);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_interval_of_identical_values_is_that_value() {
+        let e = Estimate::of(&[0.97; 6], &[0.97; 6]);
+        assert!((e.value - 0.97).abs() < 1e-12);
+        assert!((e.low - 0.97).abs() < 1e-12 && (e.high - 0.97).abs() < 1e-12);
+    }
+
+    #[test]
+    fn the_interval_holds_the_estimate_and_widens_with_the_spread() {
+        let narrow = Estimate::of(&[0.96, 0.97, 0.98, 0.97, 0.96, 0.98], &[0.97, 0.98, 0.96, 0.97, 0.98, 0.96]);
+        let wide = Estimate::of(&[0.86, 0.97, 1.08, 0.92, 1.02, 0.97], &[0.90, 1.04, 0.97, 0.88, 1.06, 0.97]);
+        for e in [&narrow, &wide] {
+            assert!(e.low <= e.value && e.value <= e.high, "{} [{}, {}]", e.value, e.low, e.high);
+        }
+        assert!(wide.high - wide.low > 2.0 * (narrow.high - narrow.low));
+        // The halves' geometric mean: a pair that runs 4% faster in one half and 4% slower in the
+        // other cancels.
+        let skewed = Estimate::of(&[0.97 * 1.04; 4], &[0.97 / 1.04; 4]);
+        assert!((skewed.value - 0.97).abs() < 1e-12);
+    }
+
+    #[test]
+    fn a_target_is_met_only_when_the_whole_interval_clears_it() {
+        let e = |value, low, high| Estimate { value, first: value, second: value, low, high };
+        assert!(verdict(&e(0.97, 0.95, 0.99)).ends_with(": met"));
+        assert!(verdict(&e(0.96, 0.94, 0.99)).contains("NOT SHOWN"));
+        assert!(verdict(&e(0.93, 0.92, 0.949)).contains("NOT MET"));
+    }
 }
