@@ -21,7 +21,7 @@ use std::sync::Arc;
 use rustls::pki_types::CertificateDer;
 use rustls::{ClientConfig, ServerConfig};
 use warden_identity::Identity;
-use warden_identity::tls::{CompliancePolicy, Validity, VerifyError, spiffe_identity};
+use warden_identity::tls::{CompliancePolicy, Validity, VerifyError, identity_and_validity};
 use warden_identity::workload::SecretManager;
 
 use crate::error::{AcceptError, BoxError};
@@ -156,8 +156,7 @@ impl Peer {
     /// verified during the handshake; this only reads it.
     pub(crate) fn of(conn: &rustls::CommonState) -> Option<Peer> {
         let leaf = conn.peer_certificates()?.first()?;
-        let identity = spiffe_identity(leaf).ok()?;
-        let validity = Validity::of(leaf).ok()?;
+        let (identity, validity) = identity_and_validity(leaf).ok()?;
         Some(Peer { identity, certificate: leaf.clone().into_owned(), validity })
     }
 }

@@ -456,12 +456,14 @@ pub struct Validity {
 impl Validity {
     /// The validity of `cert`.
     pub fn of(cert: &CertificateDer<'_>) -> Result<Validity, VerifyError> {
-        let (_, x) =
-            X509Certificate::from_der(cert.as_ref()).map_err(|e| VerifyError::Malformed { reason: e.to_string() })?;
-        Ok(Validity {
+        Ok(Validity::of_parsed(&parse(cert)?))
+    }
+
+    fn of_parsed(x: &X509Certificate<'_>) -> Validity {
+        Validity {
             serial: normalise_serial(x.raw_serial()),
             not_after: SystemTime::from(x.validity().not_after.to_datetime()),
-        })
+        }
     }
 
     /// The serial, lower-case hex (as `warden certs` shows it).
@@ -472,9 +474,20 @@ impl Validity {
 
 /// Extracts the single SPIFFE identity of a certificate.
 pub fn spiffe_identity(cert: &CertificateDer<'_>) -> Result<Identity, VerifyError> {
+    identity_of(&parse(cert)?)
+}
+
+/// The single SPIFFE identity of a certificate and its [`Validity`], from one parse (what a
+/// connection keeps of its verified peer).
+pub fn identity_and_validity(cert: &CertificateDer<'_>) -> Result<(Identity, Validity), VerifyError> {
+    let x = parse(cert)?;
+    Ok((identity_of(&x)?, Validity::of_parsed(&x)))
+}
+
+fn parse<'a>(cert: &'a CertificateDer<'_>) -> Result<X509Certificate<'a>, VerifyError> {
     let (_, x) =
         X509Certificate::from_der(cert.as_ref()).map_err(|e| VerifyError::Malformed { reason: e.to_string() })?;
-    identity_of(&x)
+    Ok(x)
 }
 
 fn identity_of(x: &X509Certificate<'_>) -> Result<Identity, VerifyError> {

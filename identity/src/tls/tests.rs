@@ -479,6 +479,11 @@ fn recheck_sees_expiry_and_revocation_after_the_handshake() {
     let validity = Validity::of(&ck.cert[0]).unwrap();
     assert_eq!(validity.serial(), serial);
     assert!(bundle.recheck(&validity, clock.now()).is_ok());
+    // What a connection keeps of its peer, from one parse: the same identity and validity.
+    let (identity, kept) = identity_and_validity(&ck.cert[0]).unwrap();
+    assert_eq!(identity, spiffe_identity(&ck.cert[0]).unwrap());
+    assert_eq!(identity.to_string(), "spiffe://cluster.local/ns/default/sa/client");
+    assert_eq!(kept, validity);
 
     // Expiry: the same certificate, an hour and a second later.
     let later = clock.now() + Duration::from_secs(3601);
