@@ -63,8 +63,9 @@ const BRACKET: usize = 3;
 const STATS_REPEAT: usize = 2;
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 2);
 const SERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 3);
-/// Rounds of each half of the crossover pass (see [`crossover_pass`]); even (see [`paired_half`]).
-const PAIRED_ROUNDS: usize = 12;
+/// Rounds of each half of the crossover pass (see [`crossover_pass`]) unless `--rounds` says
+/// otherwise; even (see [`paired_half`]).
+pub const PAIRED_ROUNDS: usize = 12;
 /// The target for warden at 100k policy entries: this share of the baseline (a), for
 /// throughput and for connection rate.
 const TARGET_RATIO: f64 = 0.95;
@@ -238,15 +239,15 @@ struct Half {
     conn: Vec<f64>,
 }
 
-/// One half of a crossover pass: `PAIRED_ROUNDS` rounds, each one run on `a` and one on `b`,
+/// One half of a crossover pass: `rounds` rounds, each one run on `a` and one on `b`,
 /// back to back, in alternating order (b a, a b, b a, ...). The drift of a shared machine moves
 /// both runs of a round alike, so their ratio a / b is steadier than ratios of figures taken
 /// minutes apart. Whichever run of a round comes first, or follows a run of its own pair, may
 /// have an edge: consecutive rounds give that edge once to each pair, so each two rounds count
 /// as one value, the geometric mean of their ratios.
-fn paired_half(lab: &Lab, a: Pair, b: Pair) -> anyhow::Result<Half> {
+fn paired_half(lab: &Lab, a: Pair, b: Pair, rounds: usize) -> anyhow::Result<Half> {
     let (mut gbps, mut conn) = (Vec::new(), Vec::new());
-    for round in 0..PAIRED_ROUNDS {
+    for round in 0..rounds {
         let (fa, fb) = if round % 2 == 0 {
             let fb = measure_once(lab, b, None)?;
             (measure_once(lab, a, None)?, fb)
@@ -345,15 +346,15 @@ impl Crossover {
 /// (`workloads_two`), commits it, and pair two, now enforced, runs against the bare pair one. The
 /// swap is checked with `BPF_PROG_QUERY` ([`check_enforced`]): the benchmark stops rather than
 /// compare two enforced pairs, or two bare ones.
-fn crossover_pass(lab: &mut Lab, workloads_two: Option<&str>) -> anyhow::Result<Crossover> {
-    let first = paired_half(lab, PAIR_ONE, PAIR_TWO)?;
+fn crossover_pass(lab: &mut Lab, workloads_two: Option<&str>, rounds: usize) -> anyhow::Result<Crossover> {
+    let first = paired_half(lab, PAIR_ONE, PAIR_TWO, rounds)?;
     if let Some(wl) = workloads_two {
         let before = lab.generation();
         fs::write(lab.workloads_path(), wl)?;
         lab.wait_generation_change(before, Duration::from_secs(60))?;
         check_enforced(lab, PAIR_TWO)?;
     }
-    let second = paired_half(lab, PAIR_TWO, PAIR_ONE)?;
+    let second = paired_half(lab, PAIR_TWO, PAIR_ONE, rounds)?;
     Ok(Crossover::of(&first, &second))
 }
 
@@ -546,7 +547,11 @@ fn nft_vmap(lab: &Lab, elements: usize) -> anyhow::Result<()> {
 
 /// `only`: one kind of configuration besides the baseline; `entries`: one warden configuration
 /// (that many policy entries, access log off). Both are for quick iterations.
-pub fn l4(only: Option<&str>, entries: Option<usize>) -> anyhow::Result<()> {
+/// `rounds`: of each crossover half (even; more rounds, a narrower interval).
+pub fn l4(only: Option<&str>, entries: Option<usize>, rounds: usize) -> anyhow::Result<()> {
+    if rounds < 2 || !rounds.is_multiple_of(2) {
+        bail!("--rounds {rounds}: the crossover counts rounds two by two, so it needs an even number, at least 2");
+    }
     let runs = |kind: &str| only.is_none_or(|o| o == kind);
     let release = warden_tests::workspace_root().join("target/release");
     // SAFETY: set before any thread is spawned; the lab helpers read these to find the binaries.
@@ -629,7 +634,7 @@ pub fn l4(only: Option<&str>, entries: Option<usize>) -> anyhow::Result<()> {
         None
     } else {
         eprintln!("bench: (a) no programs, crossover pass on both pairs (A/A)");
-        Some(crossover_pass(&mut lab, None)?)
+        Some(crossover_pass(&mut lab, None, rounds)?)
     };
     for (entries, access_log) in warden_configs {
         eprintln!("bench: (b) warden, {entries} policy entries, access log {access_log}");
@@ -655,7 +660,7 @@ pub fn l4(only: Option<&str>, entries: Option<usize>) -> anyhow::Result<()> {
         if entries == 100_000 && access_log == "off" {
             target_row = Some(crossovers.len());
         }
-        crossovers.push(crossover_pass(&mut lab, Some(&workloads_two))?);
+        crossovers.push(crossover_pass(&mut lab, Some(&workloads_two), rounds)?);
         (f.bulk, f.churn, f.connections) = (s.bulk, s.churn, s.connections);
         let log = if access_log == "off" { String::new() } else { format!(", access log {access_log}") };
         rows.push((format!("(b) warden, {actual} entries{log}"), f));
@@ -725,7 +730,7 @@ pub fn l4(only: Option<&str>, entries: Option<usize>) -> anyhow::Result<()> {
         println!("{:<44} {}", name, per_connection(f));
     }
     println!(
-        "\nCrossover: two like pairs on the node take turns, one run each per round, alternating order; {PAIRED_ROUNDS} rounds with pair one enforced and pair two bare, then {PAIRED_ROUNDS} with the agent moved to pair two; each two rounds (b a, then a b) give one value, the geometric mean of their ratios (enforced / bare); each half is the median of its values, the estimate the halves' geometric mean, [low, high] its 95% bootstrap interval:"
+        "\nCrossover: two like pairs on the node take turns, one run each per round, alternating order; {rounds} rounds with pair one enforced and pair two bare, then {rounds} with the agent moved to pair two; each two rounds (b a, then a b) give one value, the geometric mean of their ratios (enforced / bare); each half is the median of its values, the estimate the halves' geometric mean, [low, high] its 95% bootstrap interval:"
     );
     println!(
         "{:<44} {:>10} {:>7} {:>7} {:>15}   {:>9} {:>7} {:>7} {:>15}",

@@ -59,6 +59,10 @@ enum Task {
         /// entries (access log off).
         #[arg(long)]
         entries: Option<usize>,
+        /// `l4` only: rounds of each half of the crossover pass (even). More rounds take longer
+        /// and narrow the estimates' 95% intervals (about 4x the rounds for half the width).
+        #[arg(long, default_value_t = bench::PAIRED_ROUNDS)]
+        rounds: usize,
     },
     /// `bench mtls`'s clients, which it runs inside lab workloads (no setup, no build).
     #[command(hide = true)]
@@ -136,11 +140,15 @@ fn main() -> ExitCode {
         Task::Lab { action } if action == "down" => lab::down(),
         Task::Lab { .. } => cargo_build(false).and_then(|()| lab::up()),
         Task::Test { args } => test(&args),
-        Task::Bench { which, only, entries } if which == "mtls" && (only.is_some() || entries.is_some()) => {
-            bail!("--only and --entries apply to `bench l4`")
+        Task::Bench { which, only, entries, rounds }
+            if which == "mtls" && (only.is_some() || entries.is_some() || rounds != bench::PAIRED_ROUNDS) =>
+        {
+            bail!("--only, --entries and --rounds apply to `bench l4`")
         }
         Task::Bench { which, .. } if which == "mtls" => cargo_build(true).and_then(|()| bench_mtls::mtls()),
-        Task::Bench { only, entries, .. } => cargo_build(true).and_then(|()| bench::l4(only.as_deref(), entries)),
+        Task::Bench { only, entries, rounds, .. } => {
+            cargo_build(true).and_then(|()| bench::l4(only.as_deref(), entries, rounds))
+        }
         Task::BenchClient { args } => bench_mtls::client(&args),
     });
     match r {
