@@ -65,7 +65,7 @@ const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 2);
 const SERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 3);
 /// Rounds of each half of the crossover pass (see [`crossover_pass`]) unless `--rounds` says
 /// otherwise; even (see [`paired_half`]).
-pub const PAIRED_ROUNDS: usize = 12;
+const PAIRED_ROUNDS: usize = 12;
 /// The issue's target for warden at 100k policy entries: this share of the baseline (a), for
 /// throughput and for connection rate.
 const TARGET_RATIO: f64 = 0.95;
@@ -547,8 +547,10 @@ fn nft_vmap(lab: &Lab, elements: usize) -> anyhow::Result<()> {
 
 /// `only`: one kind of configuration besides the baseline; `entries`: one warden configuration
 /// (that many policy entries, access log off). Both are for quick iterations.
-/// `rounds`: of each crossover half (even; more rounds, a narrower interval).
-pub fn l4(only: Option<&str>, entries: Option<usize>, rounds: usize) -> anyhow::Result<()> {
+/// `rounds`: of each crossover half (even; more rounds, a narrower interval; [`PAIRED_ROUNDS`]
+/// when not given).
+pub fn l4(only: Option<&str>, entries: Option<usize>, rounds: Option<usize>) -> anyhow::Result<()> {
+    let rounds = rounds.unwrap_or(PAIRED_ROUNDS);
     if rounds < 2 || !rounds.is_multiple_of(2) {
         bail!("--rounds {rounds}: the crossover counts rounds two by two, so it needs an even number, at least 2");
     }
@@ -608,8 +610,6 @@ pub fn l4(only: Option<&str>, entries: Option<usize>, rounds: usize) -> anyhow::
     let mut agent_load: Vec<f64> = Vec::new();
     // Each warden configuration's crossover pass: see `crossover_pass`.
     let mut crossovers: Vec<Crossover> = Vec::new();
-    // Which of them is the configuration the issue sets a target for (100k entries, no log).
-    let mut target_row: Option<usize> = None;
     let baseline = |lab: &Lab, brackets: &mut Vec<(f64, f64)>| -> anyhow::Result<()> {
         eprintln!("bench: (a) no programs, before");
         let before = measure_n(lab, BRACKET, None)?;
@@ -629,6 +629,9 @@ pub fn l4(only: Option<&str>, entries: Option<usize>, rounds: usize) -> anyhow::
         Some(n) => vec![(n, "off")],
         None => vec![(1usize, "off"), (1_000, "off"), (100_000, "off"), (100_000, "text")],
     };
+    // The configuration the issue sets a target for (100k entries, no log), if it runs: its index
+    // here is its crossover's too (one per configuration, in order).
+    let target_row = warden_configs.iter().position(|&(entries, log)| entries == 100_000 && log == "off");
     // The pairing's own noise and the pairs' asymmetry: the same pass with no agent at all.
     let aa = if warden_configs.is_empty() {
         None
@@ -657,9 +660,6 @@ pub fn l4(only: Option<&str>, entries: Option<usize>, rounds: usize) -> anyhow::
         drop(stats);
         eprintln!("bench: (b) warden, {entries} policy entries, access log {access_log}: crossover pass");
         check_enforced(&lab, PAIR_ONE)?;
-        if entries == 100_000 && access_log == "off" {
-            target_row = Some(crossovers.len());
-        }
         crossovers.push(crossover_pass(&mut lab, Some(&workloads_two), rounds)?);
         (f.bulk, f.churn, f.connections) = (s.bulk, s.churn, s.connections);
         let log = if access_log == "off" { String::new() } else { format!(", access log {access_log}") };
