@@ -29,9 +29,6 @@ pub mod names {
     /// Ring buffer of [`super::FlowEvent`]: decided new flows (allowed and denied) and closes, for
     /// access logs. Written on the slow path only; a full buffer drops events, never packets.
     pub const EVENTS: &str = "warden_events_v1";
-    /// Socket storage: [`super::SockVerdict`] per TCP socket of a workload. The cgroup_skb hook's
-    /// verdict cache: one socket-local lookup instead of a cgroup, packet and flow-cache walk.
-    pub const SOCKETS: &str = "warden_sockets_v1";
     /// LRU hash: socket cookie (u64) -> [`super::OrigDst`]. A captured `connect()`'s original
     /// destination, from `connect4` until the socket has its source port.
     pub const CAPTURED: &str = "warden_captured_v1";
@@ -51,7 +48,7 @@ pub mod names {
     /// takes its entry out (sock_ops cannot look a socket up in the sock hash itself).
     pub const FASTPATH_ACTIVE: &str = "warden_fastpath_active_v1";
 
-    pub const ALL: [&str; 16] = [
+    pub const ALL: [&str; 15] = [
         CONFIG,
         IPCACHE,
         IPCACHE_HOSTS,
@@ -61,7 +58,6 @@ pub mod names {
         FLOWS,
         COUNTERS,
         EVENTS,
-        SOCKETS,
         CAPTURED,
         ORIG_DST,
         FASTPATH_SOCKS,
@@ -559,19 +555,6 @@ pub struct FlowValue {
     pub ends: [FlowEnd; 2],
 }
 
-/// The cgroup_skb hook's decision for one connected TCP socket: valid while `generation` is the
-/// committed one and the socket's peer is still `(daddr, dport)`. 12 bytes, no implicit padding.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct SockVerdict {
-    pub generation: u32,
-    /// The peer the decision was made for: network-order address, host-order port.
-    pub daddr: [u8; 4],
-    pub dport: u16,
-    pub verdict: u8,
-    pub reason: u8,
-}
-
 /// Counter key: traffic per (workload, remote identity, deciding policy, verdict, reason, flow
 /// direction, hook). The remote identity makes Istio's per-peer TCP metrics derivable.
 #[repr(C)]
@@ -668,7 +651,6 @@ mod pod {
     unsafe impl aya::Pod for super::CounterKey {}
     unsafe impl aya::Pod for super::Counter {}
     unsafe impl aya::Pod for super::FlowEvent {}
-    unsafe impl aya::Pod for super::SockVerdict {}
     unsafe impl aya::Pod for super::SockAddr {}
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::SockKey {}
@@ -695,7 +677,6 @@ mod tests {
         assert_eq!(size_of::<FlowKey>(), 16);
         assert_eq!(size_of::<FlowEnd>(), 24);
         assert_eq!(size_of::<FlowValue>(), 48);
-        assert_eq!(size_of::<SockVerdict>(), 12);
         assert_eq!(size_of::<CounterKey>(), 16);
         assert_eq!(size_of::<Counter>(), 48);
         assert_eq!(size_of::<FlowEvent>(), 40);

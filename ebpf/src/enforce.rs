@@ -322,7 +322,7 @@ fn query(f: &Flow, dir: Direction, is_reply: bool) -> (Direction, u16) {
 /// packet enters the peer, without the mesh's tunnel mark, from `ep`'s identity (an endpoint's
 /// identity is its address's, which is how the identity cache answers for that address).
 #[inline(always)]
-fn decide_peer(slot: u8, f: &Flow, ep: &EndpointInfo, peer: &EndpointInfo, is_reply: bool) -> Outcome {
+pub fn decide_peer(slot: u8, f: &Flow, ep: &EndpointInfo, peer: &EndpointInfo, is_reply: bool) -> Outcome {
     let (qdir, qport) = query(f, Direction::Ingress, is_reply);
     let value = policy(slot, peer, qdir, ep.identity, f.t.proto, qport, plaintext_view(peer, qdir, f.t.proto, false));
     Outcome {

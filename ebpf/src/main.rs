@@ -7,8 +7,8 @@
 //! | `warden_from_wl` | TCX ingress of the host-side veth | packets leaving the workload (egress)   |
 //! | `warden_to_wl`   | TCX egress of the host-side veth  | packets entering the workload (ingress) |
 //! | `warden_connect4`| cgroup/connect4 on the workload   | `connect()`: EPERM at once when denied  |
-//! | `warden_sock_out`| cgroup_skb/egress on the workload | data of a denied flow: EPERM for UDP,   |
-//! |                  |                                   | dropped in the workload for TCP         |
+//! | `warden_sock_out`| cgroup_skb/egress on the workload | a UDP (non-TCP) send: EPERM at once     |
+//! |                  |                                   | when denied; TCP is TC's alone          |
 //! | `warden_sockops` | sock_ops on a meshed workload and | a captured socket's source port; the    |
 //! |                  | on the node agent's own cgroup    | fast path's sockets at ESTABLISHED      |
 //! | `warden_fastpath`| sk_msg on `warden_fastpath_socks` | a send: to the peer socket, or TCP      |
@@ -20,7 +20,6 @@ mod enforce;
 mod fastpath;
 mod maps;
 mod packet;
-mod socket;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
@@ -37,11 +36,11 @@ use warden_common::{
 
 use crate::{
     enforce::{
-        Cache, Cached, Flow, Outcome, Traffic, cached, config, count, decide_new, emit, endpoint, mark_closed,
-        plaintext_view, policy, remote, take_peer_decided,
+        Cache, Cached, Flow, Outcome, Traffic, cached, config, count, decide_new, decide_peer, emit, endpoint,
+        mark_closed, plaintext_view, policy, remote, take_peer_decided,
     },
     maps::CGROUPS,
-    packet::{Direct, L3, Loaded, Tuple, parse_ethernet, parse_ipv4, tcp_has_payload},
+    packet::{Direct, L3, Loaded, Packet as _, Tuple, parse_ethernet, parse_ipv4},
 };
 
 /// TCX ingress on the host-side veth: packets the workload sends.
@@ -85,7 +84,7 @@ pub fn warden_fastpath(ctx: SkMsgContext) -> u32 {
 }
 
 /// cgroup_skb/egress on the workload's cgroup: 1 sends, 0 drops (a UDP send then fails with
-/// EPERM).
+/// EPERM, as a denied `connect()` does).
 #[cgroup_skb(egress)]
 pub fn warden_sock_out(ctx: SkBuffContext) -> i32 {
     // Counted by the TC hook that sees the same packet next; counting here would double it.
@@ -308,27 +307,46 @@ fn connect4(ctx: &SockAddrContext) -> (Outcome, Tuple) {
     }
 }
 
-/// An IPv4 header without options and the first 14 bytes of a TCP header (ports and flags).
-const MIN_L3_L4: usize = 20 + 14;
+/// An IPv4 header without options, and the offset of its protocol byte.
+const IPV4_MIN_HDR: usize = 20;
+const IPV4_PROTO_OFFSET: usize = 9;
+/// A UDP header (and the ports of any other header the parser reads).
+const UDP_HDR: usize = 8;
 
 #[inline(always)]
 fn sock_out(ctx: &SkBuffContext) -> PolicyValue {
+    // cgroup_skb sees the packet from its IPv4 header on. Direct access first (one bounds check
+    // instead of a helper call per field); headers outside the linear part need the helper. Each
+    // header is checked as one range first: the verifier then knows its fields are inside the
+    // packet (a one-byte check at offset 0 compiles to a form it cannot use).
+    // SAFETY: the context's skb pointer is valid for the program's run.
+    let (data, data_end) = unsafe { ((*ctx.skb.skb).data as usize, (*ctx.skb.skb).data_end as usize) };
+    let proto = if data + IPV4_MIN_HDR <= data_end {
+        // SAFETY: inside the packet (checked above).
+        unsafe { *((data + IPV4_PROTO_OFFSET) as *const u8) }
+    } else {
+        match Loaded(ctx).read::<u8>(IPV4_PROTO_OFFSET) {
+            Ok(p) => p,
+            Err(r) => return PolicyValue::deny(0, r),
+        }
+    };
+    // TCP is TC's alone: `connect()` was decided before the first segment (EPERM when denied),
+    // and TC decides every segment on the workload's veth next, whatever this hook answers.
+    // Deciding each segment here too gave no new answer and cost a bulk transfer a lookup per
+    // segment on the sender's CPU.
+    if proto == PROTO_TCP {
+        return PolicyValue::allow(0);
+    }
+    // What this hook adds to TC: a denied UDP (or other) send fails with EPERM at once.
     let cfg = match config() {
         Ok(c) => c,
         Err(r) => return PolicyValue::deny(0, r),
     };
-    // cgroup_skb sees the packet from its IPv4 header on. Direct access first (one bounds check
-    // instead of a helper call per field); headers outside the linear part need the helper.
-    // SAFETY: the context's skb pointer is valid for the program's run.
-    let (data, data_end) = unsafe { ((*ctx.skb.skb).data as usize, (*ctx.skb.skb).data_end as usize) };
-    // The minimal header is checked as one range first: the verifier then knows every field of
-    // it is inside the packet (a one-byte check at offset 0 compiles to a form it cannot use).
-    let direct = if data + MIN_L3_L4 <= data_end {
+    let direct = if data + IPV4_MIN_HDR + UDP_HDR <= data_end {
         parse_ipv4(&Direct { data, data_end }, 0)
     } else {
         Err(DropReason::Malformed)
     };
-    let direct_ok = direct.is_ok();
     let t = match direct {
         Ok(t) => t,
         Err(DropReason::Malformed) => match parse_ipv4(&Loaded(ctx), 0) {
@@ -337,63 +355,66 @@ fn sock_out(ctx: &SkBuffContext) -> PolicyValue {
         },
         Err(r) => return PolicyValue::deny(0, r),
     };
-    // A connection's first packet: `connect()` was decided a moment ago (EPERM when denied), and
-    // TC decides the SYN next, and caches it for the packets that follow; deciding it here too
-    // would be a third slow path per connection for no new answer.
-    if t.is_syn() {
-        return PolicyValue::allow(0);
-    }
-    // What this hook adds to TC is for data: a denied UDP send fails with EPERM, and a denied TCP
-    // segment is dropped before it leaves the workload (TCP keeps it queued; `send()` reports
-    // nothing). A TCP segment without data (an ACK, a FIN, an RST) is the stack's own, and TC
-    // decides it on the workload's veth next whatever this hook answers: deciding it here too
-    // would cost a flow-cache lookup for nothing (all but one segment of a short request, every
-    // ACK of a bulk receiver).
-    if t.proto == PROTO_TCP {
-        let len = ctx.len();
-        let data = if direct_ok {
-            tcp_has_payload(&Direct { data, data_end }, 0, len)
-        } else {
-            tcp_has_payload(&Loaded(ctx), 0, len)
-        };
-        match data {
-            Ok(true) => {}
-            Ok(false) => return PolicyValue::allow(0),
-            Err(r) => return PolicyValue::deny(0, r),
-        }
-    }
-    let tp = socket::long_lived(ctx);
-    if let Some(v) = tp.and_then(|tp| socket::cached(&cfg, tp, t.daddr, t.dport)) {
-        return v;
-    }
     let f = Flow::new(t);
     // The decision cached for the end the packet leaves from, by address: finding the workload's
     // veth first (its cgroup, the cgroup map) would cost more than the rest of the hit. For the
     // workload's own address it is the decision of its own veth; a packet forging another
     // address gets that address's decision here, and is dropped as forged on the workload's veth
-    // (TC) whatever this hook answers.
-    let value = match cached(&cfg, &f, None, Direction::Egress, false, false, false) {
-        Cached::Hit(o, _) => o.value,
-        Cached::Miss { is_reply, tunnel, .. } => sock_decide(ctx, &cfg, &f, is_reply, tunnel),
+    // (TC) whatever this hook answers. A reply answers a flow its peer sent, allowed on both
+    // ends; a packet the sender may send must also be one a peer on this node may receive, as
+    // `connect4` asks.
+    let own = match cached(&cfg, &f, None, Direction::Egress, false, false, false) {
+        Cached::Hit(o, _) if o.reply || !o.value.is_allow() => return o.value,
+        Cached::Hit(..) => None,
+        Cached::Miss { is_reply, tunnel, .. } => match sender(ctx, &cfg) {
+            Ok((ifindex, ep)) => {
+                let o = decide_new(&cfg, &f, ifindex, &ep, Direction::Egress, is_reply, tunnel, false, Cache::ReadOnly);
+                if is_reply || !o.value.is_allow() {
+                    return o.value;
+                }
+                Some(ep)
+            }
+            Err(r) => return PolicyValue::deny(0, r),
+        },
     };
-    if let Some(tp) = tp {
-        socket::remember(tp, &cfg, t.daddr, t.dport, &value);
-    }
-    value
+    local_peer(ctx, &cfg, &f, own)
 }
 
-/// `sock_out`'s slow path: the workload of the socket's cgroup decides, without caching.
+/// The workload of the socket's cgroup (the socket's, not the current task's: retransmits run in
+/// softirq context): its host veth and endpoint.
 #[inline(always)]
-fn sock_decide(ctx: &SkBuffContext, cfg: &Config, f: &Flow, is_reply: bool, tunnel: bool) -> PolicyValue {
-    // The socket's cgroup, not the current task's: retransmits run in softirq context.
+fn sender(ctx: &SkBuffContext, cfg: &Config) -> Result<(u32, EndpointInfo), DropReason> {
     // SAFETY (both helpers): the context's skb pointer is valid for the program's run.
     let id = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
     let anc = |l| unsafe { bpf_skb_ancestor_cgroup_id(ctx.skb.skb, l) };
-    match ifindex_of_cgroup(id, anc).and_then(|i| endpoint(cfg.active_slot(), i).map(|ep| (i, ep))) {
-        Ok((ifindex, ep)) => {
-            decide_new(cfg, f, ifindex, &ep, Direction::Egress, is_reply, tunnel, false, Cache::ReadOnly).value
-        }
-        Err(r) => PolicyValue::deny(0, r),
+    ifindex_of_cgroup(id, anc).and_then(|i| endpoint(cfg.active_slot(), i).map(|ep| (i, ep)))
+}
+
+/// The verdict of the workload of this node that a packet the sender may send is addressed to
+/// (allow when it is elsewhere: its own node decides). `own`: the sender's endpoint when the
+/// caller has it already.
+#[inline(always)]
+fn local_peer(ctx: &SkBuffContext, cfg: &Config, f: &Flow, own: Option<EndpointInfo>) -> PolicyValue {
+    let slot = cfg.active_slot();
+    let dst = remote(slot, f.t.daddr);
+    if dst.local_ifindex == 0 {
+        return PolicyValue::allow(0);
+    }
+    // Decided by the sender's veth (TC) for the flow's earlier packets.
+    if let Cached::Hit(o, _) = cached(cfg, f, Some(dst.local_ifindex), Direction::Ingress, false, false, false) {
+        return o.value;
+    }
+    let ep = match own {
+        Some(ep) => ep,
+        None => match sender(ctx, cfg) {
+            Ok((_, ep)) => ep,
+            Err(r) => return PolicyValue::deny(0, r),
+        },
+    };
+    match endpoint(slot, dst.local_ifindex) {
+        Ok(peer) => decide_peer(slot, f, &ep, &peer, false).value,
+        // An unknown peer: its own hook drops the packet.
+        Err(_) => PolicyValue::allow(0),
     }
 }
 

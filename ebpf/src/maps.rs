@@ -11,7 +11,7 @@ use aya_ebpf::{
 };
 use warden_common::{
     Config, Counter, CounterKey, EndpointInfo, EndpointKey, FastpathCounter, FastpathSock, FlowEvent, FlowKey,
-    FlowValue, IpcacheAddr, OrigDst, PolicyKey, PolicyValue, RemoteInfo, SockAddr, SockKey, SockVerdict,
+    FlowValue, IpcacheAddr, OrigDst, PolicyKey, PolicyValue, RemoteInfo, SockAddr, SockKey,
     capacity::{
         CAPTURED as CAPTURED_CAP, CGROUPS as CGROUPS_CAP, COUNTERS as COUNTERS_CAP, ENDPOINTS as ENDPOINTS_CAP,
         EVENTS_BYTES, FASTPATH_SOCKS as FASTPATH_SOCKS_CAP, FLOWS as FLOWS_CAP, IPCACHE as IPCACHE_CAP,
@@ -58,10 +58,6 @@ pub static COUNTERS: PerCpuHashMap<CounterKey, Counter, { COUNTERS_CAP as usize 
 /// Access-log events: decided new flows and closes (slow path only).
 #[btf_map(name = "warden_events_v1")]
 pub static EVENTS: RingBuf<FlowEvent, { EVENTS_BYTES as usize }> = RingBuf::new();
-
-/// The cgroup_skb hook's per-socket verdict cache (connected TCP sockets of workloads).
-#[btf_map(name = "warden_sockets_v1")]
-pub static SOCKETS: SkStorage<SockVerdict> = SkStorage::new();
 
 /// Captured `connect()`s by socket cookie, until the socket has its source port.
 #[btf_map(name = "warden_captured_v1")]

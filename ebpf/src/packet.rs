@@ -119,12 +119,3 @@ pub fn parse_ipv4(p: &impl Packet, l3: usize) -> Result<Tuple, DropReason> {
     let tcp_flags = if proto == PROTO_TCP { p.read::<u8>(l4 + 13)? } else { 0 };
     Ok(Tuple { saddr, daddr, sport, dport, proto, tcp_flags })
 }
-
-/// Whether the TCP segment of an IPv4 packet starting at `l3` bytes into the buffer, `len` bytes
-/// long from there (GSO: the whole super-packet), carries data: its length beyond both headers.
-#[inline(always)]
-pub fn tcp_has_payload(p: &impl Packet, l3: usize, len: u32) -> Result<bool, DropReason> {
-    let ihl = ((p.read::<u8>(l3)? & 0x0f) as u32) * 4;
-    let doff = ((p.read::<u8>(l3 + ihl as usize + 12)? >> 4) as u32) * 4;
-    Ok(len > ihl + doff)
-}

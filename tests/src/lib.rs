@@ -605,6 +605,30 @@ impl Lab {
         ))
     }
 
+    /// One UDP datagram from `from` to `to`:`port` by an unconnected socket, and its echo: `eperm`
+    /// when the send itself fails.
+    pub fn probe_udp(&self, from: &str, to: &str, port: u16) -> Probe {
+        let ip = self.member(to).spec.ip;
+        probe_result(self.command_in(
+            from,
+            &probe_bin(),
+            &["udp".into(), format!("{ip}:{port}"), "--timeout-ms".into(), "700".into()],
+        ))
+    }
+
+    /// As [`Lab::probe_udp`], by a process in `from`'s network namespace outside its cgroup.
+    pub fn probe_udp_uncaged(&self, from: &str, to: &str, port: u16) -> Probe {
+        let (m, ip) = (self.member(from), self.member(to).spec.ip);
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{}", m.netns)).arg("--").arg(probe_bin()).args([
+            "udp".to_string(),
+            format!("{ip}:{port}"),
+            "--timeout-ms".into(),
+            "700".into(),
+        ]);
+        probe_result(c)
+    }
+
     /// One connection attempt from the node's own network namespace (as kubelet's probes, or
     /// any hostNetwork process) to `ip`:`port`.
     pub fn probe_from_node(&self, ip: Ipv4Addr, port: u16) -> Probe {

@@ -143,6 +143,36 @@ fn allowed_flow_passes_denied_flow_gets_eperm_and_tc_drop() {
     assert!(count(&lab, "team/b", "ingress", "tc", "ALLOW") > 0);
 }
 
+/// UDP has no `connect()` to refuse when sent with `sendto`: the cgroup_skb hook fails a denied
+/// send with EPERM, and TC drops it from a process outside the cgroup. An allowed datagram gets
+/// its echo.
+#[test]
+fn denied_udp_send_gets_eperm_and_tc_drop() {
+    if !require_root("denied_udp_send_gets_eperm_and_tc_drop") {
+        return;
+    }
+    let mut lab = trio("dpudp");
+    let dir = policies(&lab, &[("b.yaml", ALLOW_A_TO_B_8080), ("a.yaml", DENY_C_TO_A)]);
+    lab.start_agent(&dir).unwrap();
+
+    // b's ALLOW names TCP/8080 only (Istio's ports are TCP ports): UDP from a is refused.
+    let p = lab.probe_udp("a", "b", 8080);
+    assert_result(&p, "eperm", "a -> b udp/8080 (b's ALLOW names TCP ports)");
+    assert!(p.ms < 200, "EPERM must be immediate, took {} ms", p.ms);
+    // A DENY without ports refuses every protocol.
+    assert_result(&lab.probe_udp("c", "a", 8080), "eperm", "c -> a udp (a-deny-c)");
+    // c is selected by no policy and a's DENY names only c: b -> c and b -> a pass, both ways.
+    assert_result(&lab.probe_udp("b", "c", 8080), "allowed", "b -> c udp");
+    assert_result(&lab.probe_udp("b", "a", 8080), "allowed", "b -> a udp");
+    assert!(count(&lab, "team/a", "ingress", "tc", "ALLOW") > 0, "{:?}", counters(&lab, "team/a"));
+
+    // Outside the cgroup, the same denied datagram leaves the socket and is dropped on the veth.
+    let drops = count(&lab, "team/a", "ingress", "tc", "DENY");
+    assert_result(&lab.probe_udp_uncaged("c", "a", 8080), "timeout", "c -> a udp outside the cgroup");
+    let after = count(&lab, "team/a", "ingress", "tc", "DENY");
+    assert!(after > drops, "the TC drop is counted ({drops} -> {after})");
+}
+
 /// The flow-cache entries of flows between `x` and `y` (addresses), as bpftool dumps them.
 fn flow_entries(lab: &Lab, x: &str, y: &str) -> Vec<serde_json::Value> {
     let pin = lab.pin_dir.join(names::FLOWS).display().to_string();

@@ -1,10 +1,12 @@
 //! `warden-probe`: the lab's traffic tool, run inside workload network namespaces and cgroups.
 //!
 //! - `serve PORT...`: accept on every port; each connection gets `hello <port>\n`, then every
-//!   line it sends is echoed back.
+//!   line it sends is echoed back. Each port also echoes UDP datagrams.
 //! - `connect IP:PORT [--timeout-ms N]`: one connection attempt; prints one JSON line
 //!   `{"result": "allowed"|"eperm"|"timeout"|"refused"|"error", "ms": .., "detail": ..}` and exits 0.
 //!   `allowed` means the server's greeting arrived, so both directions passed.
+//! - `udp IP:PORT [--timeout-ms N]`: one datagram from an unconnected socket (`sendto`), and its
+//!   echo; prints `{"result": "allowed"|"eperm"|"timeout"|..}`. `eperm` is the send failing at once.
 //! - `hold IP:PORT --seconds S [--interval-ms N] [--line-bytes B]`: keeps one connection and sends a
 //!   line every interval (`ping <i>`, padded with letters to B bytes, echoed back and compared);
 //!   prints `{"result": .., "round_trips": n, "seen_as": .., "failed_after_ms": ..}`.
@@ -14,12 +16,19 @@
 
 use std::{
     io::{BufRead, BufReader, ErrorKind, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
     time::{Duration, Instant},
 };
 
 fn serve(ports: &[u16]) -> ! {
     for &port in ports {
+        let u = UdpSocket::bind(("0.0.0.0", port)).unwrap_or_else(|e| panic!("bind udp {port}: {e}"));
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while let Ok((n, from)) = u.recv_from(&mut buf) {
+                let _ = u.send_to(&buf[..n], from);
+            }
+        });
         let l = TcpListener::bind(("0.0.0.0", port)).unwrap_or_else(|e| panic!("bind {port}: {e}"));
         std::thread::spawn(move || {
             for conn in l.incoming().flatten() {
@@ -112,6 +121,22 @@ fn main() {
             let start = Instant::now();
             match connect(addr, Duration::from_millis(flag("--timeout-ms", 1500))) {
                 Ok(_) => report("allowed", start, "", serde_json::json!({})),
+                Err(e) => report(classify(&e), start, &e.to_string(), serde_json::json!({})),
+            }
+        }
+        Some("udp") => {
+            let addr: SocketAddr = args[1].parse().expect("IP:PORT");
+            let start = Instant::now();
+            let result = UdpSocket::bind("0.0.0.0:0").and_then(|u| {
+                u.set_read_timeout(Some(Duration::from_millis(flag("--timeout-ms", 1500))))?;
+                u.send_to(b"warden-udp", addr)?;
+                let mut buf = [0u8; 64];
+                let (n, _) = u.recv_from(&mut buf)?;
+                Ok(&buf[..n] == b"warden-udp")
+            });
+            match result {
+                Ok(true) => report("allowed", start, "", serde_json::json!({})),
+                Ok(false) => report("error", start, "the echo differs", serde_json::json!({})),
                 Err(e) => report(classify(&e), start, &e.to_string(), serde_json::json!({})),
             }
         }
