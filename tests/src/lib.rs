@@ -598,35 +598,18 @@ impl Lab {
     }
 
     pub fn probe_addr(&self, from: &str, ip: Ipv4Addr, port: u16) -> Probe {
-        probe_result(self.command_in(
-            from,
-            &probe_bin(),
-            &["connect".into(), format!("{ip}:{port}"), "--timeout-ms".into(), "700".into()],
-        ))
+        probe_result(self.command_in(from, &probe_bin(), &probe_args("connect", ip, port)))
     }
 
     /// One UDP datagram from `from` to `to`:`port` by an unconnected socket, and its echo: `eperm`
     /// when the send itself fails.
     pub fn probe_udp(&self, from: &str, to: &str, port: u16) -> Probe {
-        let ip = self.member(to).spec.ip;
-        probe_result(self.command_in(
-            from,
-            &probe_bin(),
-            &["udp".into(), format!("{ip}:{port}"), "--timeout-ms".into(), "700".into()],
-        ))
+        probe_result(self.command_in(from, &probe_bin(), &probe_args("udp", self.member(to).spec.ip, port)))
     }
 
     /// As [`Lab::probe_udp`], by a process in `from`'s network namespace outside its cgroup.
     pub fn probe_udp_uncaged(&self, from: &str, to: &str, port: u16) -> Probe {
-        let (m, ip) = (self.member(from), self.member(to).spec.ip);
-        let mut c = Command::new("nsenter");
-        c.arg(format!("--net=/run/netns/{}", m.netns)).arg("--").arg(probe_bin()).args([
-            "udp".to_string(),
-            format!("{ip}:{port}"),
-            "--timeout-ms".into(),
-            "700".into(),
-        ]);
-        probe_result(c)
+        self.uncaged(from, probe_args("udp", self.member(to).spec.ip, port))
     }
 
     /// One connection attempt from the node's own network namespace (as kubelet's probes, or
@@ -641,14 +624,13 @@ impl Lab {
     /// One connection attempt from workload `from`'s network namespace by a process outside its
     /// cgroup (one that escaped it): no cgroup hook sees it, the TC program on the veth decides.
     pub fn probe_uncaged(&self, from: &str, ip: Ipv4Addr, port: u16) -> Probe {
-        let m = self.member(from);
+        self.uncaged(from, probe_args("connect", ip, port))
+    }
+
+    /// `warden-probe args` in workload `from`'s network namespace, outside its cgroup.
+    fn uncaged(&self, from: &str, args: [String; 4]) -> Probe {
         let mut c = Command::new("nsenter");
-        c.arg(format!("--net=/run/netns/{}", m.netns)).arg("--").arg(probe_bin()).args([
-            "connect".to_string(),
-            format!("{ip}:{port}"),
-            "--timeout-ms".into(),
-            "700".into(),
-        ]);
+        c.arg(format!("--net=/run/netns/{}", self.member(from).netns)).arg("--").arg(probe_bin()).args(args);
         probe_result(c)
     }
 
@@ -784,6 +766,11 @@ impl Drop for AgentProcess {
 }
 
 /// Run a `warden-probe` command and parse its one JSON line.
+/// `warden-probe`'s arguments for one `connect` or `udp` probe of `ip`:`port`.
+fn probe_args(kind: &str, ip: Ipv4Addr, port: u16) -> [String; 4] {
+    [kind.into(), format!("{ip}:{port}"), "--timeout-ms".into(), "700".into()]
+}
+
 fn probe_result(mut command: Command) -> Probe {
     let out = command.output().expect("running warden-probe");
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
