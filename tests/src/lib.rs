@@ -615,9 +615,11 @@ impl Lab {
     /// One connection attempt from the node's own network namespace (as kubelet's probes, or
     /// any hostNetwork process) to `ip`:`port`.
     pub fn probe_from_node(&self, ip: Ipv4Addr, port: u16) -> Probe {
-        let args = ["connect".to_string(), format!("{ip}:{port}"), "--timeout-ms".into(), "700".into()];
         let mut c = Command::new("nsenter");
-        c.arg(format!("--net=/run/netns/{}", self.node)).arg("--").arg(probe_bin()).args(args);
+        c.arg(format!("--net=/run/netns/{}", self.node))
+            .arg("--")
+            .arg(probe_bin())
+            .args(probe_args("connect", ip, port));
         probe_result(c)
     }
 
@@ -765,12 +767,12 @@ impl Drop for AgentProcess {
     }
 }
 
-/// Run a `warden-probe` command and parse its one JSON line.
 /// `warden-probe`'s arguments for one `connect` or `udp` probe of `ip`:`port`.
 fn probe_args(kind: &str, ip: Ipv4Addr, port: u16) -> [String; 4] {
     [kind.into(), format!("{ip}:{port}"), "--timeout-ms".into(), "700".into()]
 }
 
+/// Run a `warden-probe` command and parse its one JSON line.
 fn probe_result(mut command: Command) -> Probe {
     let out = command.output().expect("running warden-probe");
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
