@@ -159,23 +159,14 @@ pub enum Cached {
 }
 
 /// The fast path: one flow-cache lookup, for either direction of the flow and either end.
-/// `ifindex` is the veth of the hook asking (`None` for the cgroup hook, which has no veth and
-/// takes the decision of the end the packet leaves: see `sock_out`); `hook` is the direction the
-/// packet travels relative to that workload; `marked`: the packet carries the agent's tunnel mark
-/// (only packets towards the workload can); `node`: the packet comes from the node's own stack,
+/// `ifindex` is the veth of the workload the hook asks for; `hook` is the direction the packet
+/// travels relative to that workload; `marked`: the packet carries the agent's tunnel mark (only
+/// packets towards the workload can); `node`: the packet comes from the node's own stack,
 /// unmarked (only packets towards the workload are told apart); `syn`: the packet opens a TCP
 /// connection.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub fn cached(
-    cfg: &Config,
-    f: &Flow,
-    ifindex: Option<u32>,
-    hook: Direction,
-    marked: bool,
-    node: bool,
-    syn: bool,
-) -> Cached {
+pub fn cached(cfg: &Config, f: &Flow, ifindex: u32, hook: Direction, marked: bool, node: bool, syn: bool) -> Cached {
     let fresh = Cached::Miss { is_reply: false, tunnel: marked, node };
     let Some(p) = FLOWS.get_ptr_mut(&f.key) else {
         return fresh;
@@ -185,7 +176,7 @@ pub fn cached(
     let v = unsafe { *end };
     // An end is decided for one workload: on any other veth (a packet forging this workload's
     // address, or the other end's) it is no decision at all.
-    if v.ifindex == 0 || ifindex.is_some_and(|i| i != v.ifindex) {
+    if v.ifindex == 0 || v.ifindex != ifindex {
         return fresh;
     }
     // Forward packets travel in the flow's direction and replies against it; only an allowed
@@ -225,9 +216,9 @@ pub fn cached(
     Cached::Hit(o, end)
 }
 
-/// Whether the slow path writes its decision to the flow cache. The TC hooks do; the cgroup_skb
-/// hook, which sees the same packets just before TC, does not: one writer keeps inserts (which
-/// evict in a full LRU map) to one per flow.
+/// Whether the slow path writes its decision to the flow cache. The TC hooks do; the sendmsg4
+/// hook, which decides a datagram just before TC sees it, does not: one writer keeps inserts
+/// (which evict in a full LRU map) to one per flow.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Cache {
     Write,

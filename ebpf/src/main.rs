@@ -7,8 +7,8 @@
 //! | `warden_from_wl` | TCX ingress of the host-side veth | packets leaving the workload (egress)   |
 //! | `warden_to_wl`   | TCX egress of the host-side veth  | packets entering the workload (ingress) |
 //! | `warden_connect4`| cgroup/connect4 on the workload   | `connect()`: EPERM at once when denied  |
-//! | `warden_sock_out`| cgroup_skb/egress on the workload | a UDP (non-TCP) send: EPERM at once     |
-//! |                  |                                   | when denied; TCP is TC's alone          |
+//! | `warden_sendmsg4`| cgroup/sendmsg4 on the workload   | a UDP send with an address: EPERM at    |
+//! |                  |                                   | once when denied                        |
 //! | `warden_sockops` | sock_ops on a meshed workload and | a captured socket's source port; the    |
 //! |                  | on the node agent's own cgroup    | fast path's sockets at ESTABLISHED      |
 //! | `warden_fastpath`| sk_msg on `warden_fastpath_socks` | a send: to the peer socket, or TCP      |
@@ -23,15 +23,13 @@ mod packet;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    helpers::{
-        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
-    },
-    macros::{cgroup_skb, cgroup_sock_addr, classifier, sk_msg, sock_ops},
-    programs::{SkBuffContext, SkMsgContext, SockAddrContext, SockOpsContext, TcContext},
+    helpers::{bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id},
+    macros::{cgroup_sock_addr, classifier, sk_msg, sock_ops},
+    programs::{SkMsgContext, SockAddrContext, SockOpsContext, TcContext},
 };
 use warden_common::{
-    Config, Direction, DropReason, EVENT_CLOSED, EVENT_DECIDED, EndpointInfo, HOOK_CONNECT, HOOK_TC, HOOK_TUNNEL,
-    MARK_MASK, MARK_TO_AGENT, MARK_TUNNEL, PROTO_TCP, PolicyValue, REMOTE_MESHED, SockAddr,
+    Direction, DropReason, EVENT_CLOSED, EVENT_DECIDED, EndpointInfo, HOOK_CONNECT, HOOK_TC, HOOK_TUNNEL, MARK_MASK,
+    MARK_TO_AGENT, MARK_TUNNEL, PROTO_TCP, REMOTE_MESHED, SockAddr,
 };
 
 use crate::{
@@ -40,7 +38,7 @@ use crate::{
         mark_closed, plaintext_view, policy, remote, take_peer_decided,
     },
     maps::CGROUPS,
-    packet::{Direct, L3, Loaded, Packet as _, Tuple, parse_ethernet, parse_ipv4},
+    packet::{Direct, L3, Tuple, parse_ethernet},
 };
 
 /// TCX ingress on the host-side veth: packets the workload sends.
@@ -83,12 +81,19 @@ pub fn warden_fastpath(ctx: SkMsgContext) -> u32 {
     fastpath::on_msg(&ctx)
 }
 
-/// cgroup_skb/egress on the workload's cgroup: 1 sends, 0 drops (a UDP send then fails with
-/// EPERM, as a denied `connect()` does).
-#[cgroup_skb(egress)]
-pub fn warden_sock_out(ctx: SkBuffContext) -> i32 {
-    // Counted by the TC hook that sees the same packet next; counting here would double it.
-    sock_out(&ctx).is_allow() as i32
+/// cgroup/sendmsg4 on the workload's cgroup: a UDP send with an address (`sendto`, `sendmsg`).
+/// 1 sends, 0 fails it with EPERM, as a denied `connect()` fails. A connected UDP socket's sends
+/// were decided at its `connect()`; TC decides every datagram on the veth next either way.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn warden_sendmsg4(ctx: SockAddrContext) -> i32 {
+    let (o, t) = sendmsg4(&ctx);
+    // An allowed send is counted by TC, as its datagram crosses the veth; a refused one never
+    // becomes a packet, and is counted as a refused `connect()` is.
+    if !o.value.is_allow() {
+        count(&o, HOOK_CONNECT, &Traffic { inbound: false, bytes: 0, opened: false, closed: false });
+        emit(EVENT_DECIDED, HOOK_CONNECT, &t, false, &o);
+    }
+    o.value.is_allow() as i32
 }
 
 #[inline(always)]
@@ -136,7 +141,7 @@ fn tc(ctx: &TcContext, ifindex: u32, dir: Direction) -> Result<Option<(Outcome, 
     let cache = if syn && dir == Direction::Egress {
         Cached::Miss { is_reply: false, tunnel: marked, node }
     } else {
-        cached(&cfg, &f, Some(ifindex), dir, marked, node, syn)
+        cached(&cfg, &f, ifindex, dir, marked, node, syn)
     };
     let (is_reply, tunnel, node) = match cache {
         Cached::Hit(o, end) => {
@@ -208,6 +213,16 @@ fn ifindex_of_cgroup(id: u64, ancestor: impl Fn(i32) -> u64) -> Result<u32, Drop
     Err(DropReason::UnknownEndpoint)
 }
 
+/// The workload of the current task's cgroup (the hook runs in the calling process): its host
+/// veth and endpoint.
+#[inline(always)]
+fn current_endpoint(slot: u8) -> Result<(u32, EndpointInfo), DropReason> {
+    // SAFETY (both helpers): no pointer arguments.
+    let id = unsafe { bpf_get_current_cgroup_id() };
+    let ifindex = ifindex_of_cgroup(id, |l| unsafe { bpf_get_current_ancestor_cgroup_id(l) })?;
+    endpoint(slot, ifindex).map(|ep| (ifindex, ep))
+}
+
 /// A connect() is allowed when the workload may send to the destination and, if the destination
 /// is a workload on this node, that workload may receive from it.
 #[inline(always)]
@@ -231,12 +246,8 @@ fn connect4(ctx: &SockAddrContext) -> (Outcome, Tuple) {
         Err(r) => return (Outcome::drop(0, Direction::Egress, r), key),
     };
     let slot = cfg.active_slot();
-    // SAFETY (both helpers): no pointer arguments.
-    let id = unsafe { bpf_get_current_cgroup_id() };
-    let ep = match ifindex_of_cgroup(id, |l| unsafe { bpf_get_current_ancestor_cgroup_id(l) })
-        .and_then(|i| endpoint(slot, i))
-    {
-        Ok(e) => e,
+    let ep = match current_endpoint(slot) {
+        Ok((_, e)) => e,
         Err(r) => return (Outcome::drop(0, Direction::Egress, r), key),
     };
     key.saddr = ep.ip;
@@ -307,115 +318,59 @@ fn connect4(ctx: &SockAddrContext) -> (Outcome, Tuple) {
     }
 }
 
-/// An IPv4 header without options, and the offset of its protocol byte.
-const IPV4_MIN_HDR: usize = 20;
-const IPV4_PROTO_OFFSET: usize = 9;
-/// A UDP header (and the ports of any other header the parser reads).
-const UDP_HDR: usize = 8;
-
+/// A UDP send is decided as [`connect4`] decides a `connect()` (the sender's egress, then a
+/// local destination's ingress), unless it answers a flow its peer sent: TC has that flow in the
+/// cache, and a reply goes through as a reply.
 #[inline(always)]
-fn sock_out(ctx: &SkBuffContext) -> PolicyValue {
-    // cgroup_skb sees the packet from its IPv4 header on. Direct access first (one bounds check
-    // instead of a helper call per field); headers outside the linear part need the helper. Each
-    // header is checked as one range first: the verifier then knows its fields are inside the
-    // packet (a one-byte check at offset 0 compiles to a form it cannot use).
-    // SAFETY: the context's skb pointer is valid for the program's run.
-    let (data, data_end) = unsafe { ((*ctx.skb.skb).data as usize, (*ctx.skb.skb).data_end as usize) };
-    let proto = if data + IPV4_MIN_HDR <= data_end {
-        // SAFETY: inside the packet (checked above).
-        unsafe { *((data + IPV4_PROTO_OFFSET) as *const u8) }
-    } else {
-        match Loaded(ctx).read::<u8>(IPV4_PROTO_OFFSET) {
-            Ok(p) => p,
-            Err(r) => return PolicyValue::deny(0, r),
-        }
+fn sendmsg4(ctx: &SockAddrContext) -> (Outcome, Tuple) {
+    // SAFETY: the context pointer is valid for the program's run; `sk` is the sending socket,
+    // bound by now (`inet_send_prepare` binds a port before the hook runs).
+    let (user_ip4, user_port, proto, sport) = unsafe {
+        let sa = &*ctx.sock_addr;
+        (sa.user_ip4, sa.user_port, sa.protocol as u8, (*sa.__bindgen_anon_1.sk).src_port as u16)
     };
-    // TCP is TC's alone: `connect()` was decided before the first segment (EPERM when denied),
-    // and TC decides every segment on the workload's veth next, whatever this hook answers.
-    // Deciding each segment here too gave no new answer and cost a bulk transfer a lookup per
-    // segment on the sender's CPU.
-    if proto == PROTO_TCP {
-        return PolicyValue::allow(0);
-    }
-    // What this hook adds to TC: a denied UDP (or other) send fails with EPERM at once.
+    let mut t = Tuple {
+        saddr: [0; 4],
+        daddr: user_ip4.to_ne_bytes(),
+        sport,
+        dport: u16::from_be(user_port as u16),
+        proto,
+        tcp_flags: 0,
+    };
     let cfg = match config() {
         Ok(c) => c,
-        Err(r) => return PolicyValue::deny(0, r),
+        Err(r) => return (Outcome::drop(0, Direction::Egress, r), t),
     };
-    let direct = if data + IPV4_MIN_HDR + UDP_HDR <= data_end {
-        parse_ipv4(&Direct { data, data_end }, 0)
-    } else {
-        Err(DropReason::Malformed)
-    };
-    let t = match direct {
-        Ok(t) => t,
-        Err(DropReason::Malformed) => match parse_ipv4(&Loaded(ctx), 0) {
-            Ok(t) => t,
-            Err(r) => return PolicyValue::deny(0, r),
-        },
-        Err(r) => return PolicyValue::deny(0, r),
-    };
-    let f = Flow::new(t);
-    // The decision cached for the end the packet leaves from, by address: finding the workload's
-    // veth first (its cgroup, the cgroup map) would cost more than the rest of the hit. For the
-    // workload's own address it is the decision of its own veth; a packet forging another
-    // address gets that address's decision here, and is dropped as forged on the workload's veth
-    // (TC) whatever this hook answers. A reply answers a flow its peer sent, allowed on both
-    // ends; a packet the sender may send must also be one a peer on this node may receive, as
-    // `connect4` asks.
-    let own = match cached(&cfg, &f, None, Direction::Egress, false, false, false) {
-        Cached::Hit(o, _) if o.reply || !o.value.is_allow() => return o.value,
-        Cached::Hit(..) => None,
-        Cached::Miss { is_reply, tunnel, .. } => match sender(ctx, &cfg) {
-            Ok((ifindex, ep)) => {
-                let o = decide_new(&cfg, &f, ifindex, &ep, Direction::Egress, is_reply, tunnel, false, Cache::ReadOnly);
-                if is_reply || !o.value.is_allow() {
-                    return o.value;
-                }
-                Some(ep)
-            }
-            Err(r) => return PolicyValue::deny(0, r),
-        },
-    };
-    local_peer(ctx, &cfg, &f, own)
-}
-
-/// The workload of the socket's cgroup (the socket's, not the current task's: retransmits run in
-/// softirq context): its host veth and endpoint.
-#[inline(always)]
-fn sender(ctx: &SkBuffContext, cfg: &Config) -> Result<(u32, EndpointInfo), DropReason> {
-    // SAFETY (both helpers): the context's skb pointer is valid for the program's run.
-    let id = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
-    let anc = |l| unsafe { bpf_skb_ancestor_cgroup_id(ctx.skb.skb, l) };
-    ifindex_of_cgroup(id, anc).and_then(|i| endpoint(cfg.active_slot(), i).map(|ep| (i, ep)))
-}
-
-/// The verdict of the workload of this node that a packet the sender may send is addressed to
-/// (allow when it is elsewhere: its own node decides). `own`: the sender's endpoint when the
-/// caller has it already.
-#[inline(always)]
-fn local_peer(ctx: &SkBuffContext, cfg: &Config, f: &Flow, own: Option<EndpointInfo>) -> PolicyValue {
     let slot = cfg.active_slot();
-    let dst = remote(slot, f.t.daddr);
+    let (ifindex, ep) = match current_endpoint(slot) {
+        Ok(v) => v,
+        Err(r) => return (Outcome::drop(0, Direction::Egress, r), t),
+    };
+    t.saddr = ep.ip;
+    let f = Flow::new(t);
+    let own = match cached(&cfg, &f, ifindex, Direction::Egress, false, false, false) {
+        Cached::Hit(o, _) => o,
+        Cached::Miss { is_reply, tunnel, .. } => {
+            decide_new(&cfg, &f, ifindex, &ep, Direction::Egress, is_reply, tunnel, false, Cache::ReadOnly)
+        }
+    };
+    if own.reply || !own.value.is_allow() {
+        return (own, t);
+    }
+    // A datagram the sender may send must also be one a workload of this node may receive.
+    let dst = remote(slot, t.daddr);
     if dst.local_ifindex == 0 {
-        return PolicyValue::allow(0);
+        return (own, t);
     }
-    // Decided by the sender's veth (TC) for the flow's earlier packets.
-    if let Cached::Hit(o, _) = cached(cfg, f, Some(dst.local_ifindex), Direction::Ingress, false, false, false) {
-        return o.value;
-    }
-    let ep = match own {
-        Some(ep) => ep,
-        None => match sender(ctx, cfg) {
-            Ok((_, ep)) => ep,
-            Err(r) => return PolicyValue::deny(0, r),
+    let peer = match cached(&cfg, &f, dst.local_ifindex, Direction::Ingress, false, false, false) {
+        Cached::Hit(o, _) => o,
+        Cached::Miss { .. } => match endpoint(slot, dst.local_ifindex) {
+            Ok(peer) => decide_peer(slot, &f, &ep, &peer, false),
+            // An unknown peer: its own hook drops the datagram.
+            Err(_) => return (own, t),
         },
     };
-    match endpoint(slot, dst.local_ifindex) {
-        Ok(peer) => decide_peer(slot, f, &ep, &peer, false).value,
-        // An unknown peer: its own hook drops the packet.
-        Err(_) => PolicyValue::allow(0),
-    }
+    if peer.value.is_allow() { (own, t) } else { (peer, t) }
 }
 
 #[cfg(not(test))]

@@ -70,17 +70,6 @@ impl Packet for Direct {
     }
 }
 
-/// Reads through `bpf_skb_load_bytes`: for headers beyond the linear part of an skb, which direct
-/// access cannot reach.
-pub struct Loaded<'a>(pub &'a aya_ebpf::programs::SkBuffContext);
-
-impl Packet for Loaded<'_> {
-    #[inline(always)]
-    fn read<T: Copy>(&self, offset: usize) -> Result<T, DropReason> {
-        self.0.load::<T>(offset).map_err(|_| DropReason::Malformed)
-    }
-}
-
 /// Parse an Ethernet frame (TC hooks).
 #[inline(always)]
 pub fn parse_ethernet(p: &impl Packet) -> Result<L3, DropReason> {

@@ -143,7 +143,7 @@ fn allowed_flow_passes_denied_flow_gets_eperm_and_tc_drop() {
     assert!(count(&lab, "team/b", "ingress", "tc", "ALLOW") > 0);
 }
 
-/// UDP has no `connect()` to refuse when sent with `sendto`: the cgroup_skb hook fails a denied
+/// UDP has no `connect()` to refuse when sent with `sendto`: the cgroup/sendmsg4 hook fails a denied
 /// send with EPERM, and TC drops it from a process outside the cgroup. An allowed datagram gets
 /// its echo.
 #[test]
@@ -474,8 +474,16 @@ fn killed_agent_keeps_enforcing_and_restart_adopts_without_gap() {
             results
         })
     };
+    // A pin of a hook an older agent attached and this one retired (cgroup_skb/egress, pinned as
+    // `sock_egress`) is released when the workload is adopted.
+    let retired = lab.pin_dir.join("links/team/c/sock_egress");
+    let config_pin = lab.pin_dir.join(names::CONFIG);
+    run(&["bpftool", "map", "pin", "pinned", &config_pin.display().to_string(), &retired.display().to_string()])
+        .unwrap();
+    assert!(retired.exists());
     std::thread::sleep(Duration::from_millis(300));
     lab.start_agent(&dir).unwrap();
+    assert!(!retired.exists(), "the retired hook's pin is released on adoption");
     let results = prober.join().unwrap();
     assert!(!results.is_empty());
     assert!(results.iter().all(|r| r != "allowed"), "a denied flow got through around the restart: {results:?}");

@@ -13,8 +13,7 @@ use std::{
 use aya::{
     Ebpf,
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, LinkOrder, SchedClassifier, SockOps,
-        TcAttachType,
+        CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, SockOps, TcAttachType,
         links::{FdLink, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
     },
@@ -31,22 +30,22 @@ pub enum Hook {
     TcToWorkload,
     /// cgroup/connect4 (`warden_connect4`).
     Connect4,
-    /// cgroup_skb/egress (`warden_sock_out`).
-    SockEgress,
+    /// cgroup/sendmsg4 (`warden_sendmsg4`).
+    Sendmsg4,
     /// sock_ops (`warden_sockops`), on meshed workloads only: captured sockets' source ports.
     SockOps,
 }
 
 impl Hook {
     pub const ALL: [Hook; 5] =
-        [Hook::TcFromWorkload, Hook::TcToWorkload, Hook::Connect4, Hook::SockEgress, Hook::SockOps];
+        [Hook::TcFromWorkload, Hook::TcToWorkload, Hook::Connect4, Hook::Sendmsg4, Hook::SockOps];
 
     pub const fn pin_name(self) -> &'static str {
         match self {
             Hook::TcFromWorkload => "tc_from_workload",
             Hook::TcToWorkload => "tc_to_workload",
             Hook::Connect4 => "connect4",
-            Hook::SockEgress => "sock_egress",
+            Hook::Sendmsg4 => "sendmsg4",
             Hook::SockOps => "sock_ops",
         }
     }
@@ -56,11 +55,16 @@ impl Hook {
             Hook::TcFromWorkload => "warden_from_wl",
             Hook::TcToWorkload => "warden_to_wl",
             Hook::Connect4 => "warden_connect4",
-            Hook::SockEgress => "warden_sock_out",
+            Hook::Sendmsg4 => "warden_sendmsg4",
             Hook::SockOps => "warden_sockops",
         }
     }
 }
+
+/// Pins of hooks that earlier versions attached and this one does not: released when a workload
+/// is attached (an agent adopting an older agent's pins) or detached. `sock_egress` was
+/// cgroup_skb/egress, replaced by cgroup/sendmsg4.
+const RETIRED_PINS: [&str; 1] = ["sock_egress"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {
@@ -117,7 +121,10 @@ pub fn attach(ebpf: &mut Ebpf, pin_dir: &Path, key: &str, local: &Local, meshed:
                 source,
             })?;
             attach_cgroup(ebpf, &dir, key, Hook::Connect4, &file, cg)?;
-            attach_cgroup(ebpf, &dir, key, Hook::SockEgress, &file, cg)?;
+            attach_cgroup(ebpf, &dir, key, Hook::Sendmsg4, &file, cg)?;
+            for retired in RETIRED_PINS {
+                release(&dir.join(retired));
+            }
             if meshed {
                 attach_cgroup(ebpf, &dir, key, Hook::SockOps, &file, cg)?;
             } else {
@@ -126,8 +133,9 @@ pub fn attach(ebpf: &mut Ebpf, pin_dir: &Path, key: &str, local: &Local, meshed:
         }
         None => {
             // The workload has no cgroup (any more): drop cgroup links it may have had.
-            for hook in [Hook::Connect4, Hook::SockEgress, Hook::SockOps] {
-                release(&dir.join(hook.pin_name()));
+            let cgroup_hooks = [Hook::Connect4, Hook::Sendmsg4, Hook::SockOps].map(Hook::pin_name);
+            for pin in cgroup_hooks.into_iter().chain(RETIRED_PINS) {
+                release(&dir.join(pin));
             }
         }
     }
@@ -209,9 +217,8 @@ fn attach_cgroup(
         }};
     }
     let new: FdLink = match hook {
-        Hook::Connect4 => link!(CgroupSockAddr, cgroup.as_fd(), CgroupAttachMode::default()),
         Hook::SockOps => link!(SockOps, cgroup.as_fd(), CgroupAttachMode::default()),
-        _ => link!(CgroupSkb, cgroup.as_fd(), CgroupSkbAttachType::Egress, CgroupAttachMode::default()),
+        _ => link!(CgroupSockAddr, cgroup.as_fd(), CgroupAttachMode::default()),
     };
     // The new link is attached; only now release the old one.
     release(&path);
@@ -231,8 +238,8 @@ fn release(path: &Path) {
 /// Detach every hook of a workload and remove its pins.
 pub fn detach(pin_dir: &Path, key: &str) {
     let dir = workload_dir(pin_dir, key);
-    for hook in Hook::ALL {
-        release(&dir.join(hook.pin_name()));
+    for pin in Hook::ALL.map(Hook::pin_name).into_iter().chain(RETIRED_PINS) {
+        release(&dir.join(pin));
     }
     let _ = fs::remove_dir(&dir);
     if let Some(ns) = dir.parent() {

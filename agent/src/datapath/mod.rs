@@ -15,7 +15,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::SockHash,
-    programs::{CgroupAttachMode, CgroupSkb, CgroupSockAddr, SchedClassifier, SkMsg, SockOps, sock_ops::SockOpsLink},
+    programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, SkMsg, SockOps, sock_ops::SockOpsLink},
 };
 use warden_common::{SockKey, names};
 
@@ -120,7 +120,7 @@ impl Datapath {
         load!(SchedClassifier, "warden_from_wl");
         load!(SchedClassifier, "warden_to_wl");
         load!(CgroupSockAddr, "warden_connect4");
-        load!(CgroupSkb, "warden_sock_out");
+        load!(CgroupSockAddr, "warden_sendmsg4");
         load!(SockOps, "warden_sockops");
         load!(SkMsg, "warden_fastpath");
         attach_fast_path(&mut ebpf)?;
