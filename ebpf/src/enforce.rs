@@ -158,62 +158,81 @@ pub enum Cached {
     Miss { is_reply: bool, tunnel: bool, node: bool },
 }
 
-/// The fast path: one flow-cache lookup, for either direction of the flow and either end.
-/// `ifindex` is the veth of the workload the hook asks for; `hook` is the direction the packet
-/// travels relative to that workload; `marked`: the packet carries the agent's tunnel mark (only
-/// packets towards the workload can); `node`: the packet comes from the node's own stack,
-/// unmarked (only packets towards the workload are told apart); `syn`: the packet opens a TCP
-/// connection.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-pub fn cached(cfg: &Config, f: &Flow, ifindex: u32, hook: Direction, marked: bool, node: bool, syn: bool) -> Cached {
-    let fresh = Cached::Miss { is_reply: false, tunnel: marked, node };
-    let Some(p) = FLOWS.get_ptr_mut(&f.key) else {
-        return fresh;
-    };
-    let end = end_of(p, f.end(hook));
-    // SAFETY: a valid pointer into the LRU map, read at once.
-    let v = unsafe { *end };
-    // An end is decided for one workload: on any other veth (a packet forging this workload's
-    // address, or the other end's) it is no decision at all.
-    if v.ifindex == 0 || v.ifindex != ifindex {
-        return fresh;
+/// A flow's entry in the flow cache, looked up once and asked for either end.
+pub struct FlowEntry(Option<*mut FlowValue>);
+
+impl FlowEntry {
+    #[inline(always)]
+    pub fn lookup(f: &Flow) -> FlowEntry {
+        FlowEntry(FLOWS.get_ptr_mut(&f.key))
     }
-    // Forward packets travel in the flow's direction and replies against it; only an allowed
-    // flow has replies. Anything else (a packet forged to look like a reply, an answer to a
-    // denied flow) is decided afresh as a new flow.
-    let forward = v.direction == hook as u8;
-    if !forward && v.verdict != Verdict::Allow as u8 {
-        return fresh;
+
+    /// The fast path: the decision the entry holds for one end of the flow, in either direction.
+    /// `ifindex` is the veth of the workload the hook asks for; `hook` is the direction the
+    /// packet travels relative to that workload; `marked`: the packet carries the agent's tunnel
+    /// mark (only packets towards the workload can); `node`: the packet comes from the node's
+    /// own stack, unmarked (only packets towards the workload are told apart); `syn`: the packet
+    /// opens a TCP connection.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    pub fn decision(
+        &self,
+        cfg: &Config,
+        f: &Flow,
+        ifindex: u32,
+        hook: Direction,
+        marked: bool,
+        node: bool,
+        syn: bool,
+    ) -> Cached {
+        let fresh = Cached::Miss { is_reply: false, tunnel: marked, node };
+        let Some(p) = self.0 else {
+            return fresh;
+        };
+        let end = end_of(p, f.end(hook));
+        // SAFETY: a valid pointer into the LRU map, read at once.
+        let v = unsafe { *end };
+        // An end is decided for one workload: on any other veth (a packet forging this workload's
+        // address, or the other end's) it is no decision at all.
+        if v.ifindex == 0 || v.ifindex != ifindex {
+            return fresh;
+        }
+        // Forward packets travel in the flow's direction and replies against it; only an allowed
+        // flow has replies. Anything else (a packet forged to look like a reply, an answer to a
+        // denied flow) is decided afresh as a new flow.
+        let forward = v.direction == hook as u8;
+        if !forward && v.verdict != Verdict::Allow as u8 {
+            return fresh;
+        }
+        // A SYN opens a new connection: decided afresh (a reused 5-tuple starts clean), unless the
+        // sender's veth on this node decided this end for it a moment ago.
+        if syn && (!forward || v.flags & FLOW_PEER_DECIDED == 0) {
+            return fresh;
+        }
+        // A tunneled flow's packets towards the workload all carry the agent's mark, and a plain
+        // flow's none; a node flow's come from the node's stack, and no other flow's do: a packet
+        // that differs (a forgery of the flow's 5-tuple from the wire) is decided afresh, in its own
+        // view.
+        let tunnel = v.flags & FLOW_TUNNEL != 0;
+        let from_node = v.flags & FLOW_NODE != 0;
+        if forward && hook == Direction::Ingress && (tunnel != marked || from_node != node) {
+            return fresh;
+        }
+        if v.generation != cfg.generation {
+            return Cached::Miss { is_reply: !forward, tunnel, node: from_node };
+        }
+        let direction = if v.direction == Direction::Egress as u8 { Direction::Egress } else { Direction::Ingress };
+        let value = PolicyValue { policy_id: v.policy_id, verdict: v.verdict, reason: v.reason, _pad: [0; 2] };
+        let o = Outcome {
+            endpoint_id: v.endpoint_id,
+            remote_identity: v.remote_identity,
+            direction,
+            reply: !forward,
+            tunnel,
+            value,
+        };
+        Cached::Hit(o, end)
     }
-    // A SYN opens a new connection: decided afresh (a reused 5-tuple starts clean), unless the
-    // sender's veth on this node decided this end for it a moment ago.
-    if syn && (!forward || v.flags & FLOW_PEER_DECIDED == 0) {
-        return fresh;
-    }
-    // A tunneled flow's packets towards the workload all carry the agent's mark, and a plain
-    // flow's none; a node flow's come from the node's stack, and no other flow's do: a packet
-    // that differs (a forgery of the flow's 5-tuple from the wire) is decided afresh, in its own
-    // view.
-    let tunnel = v.flags & FLOW_TUNNEL != 0;
-    let from_node = v.flags & FLOW_NODE != 0;
-    if forward && hook == Direction::Ingress && (tunnel != marked || from_node != node) {
-        return fresh;
-    }
-    if v.generation != cfg.generation {
-        return Cached::Miss { is_reply: !forward, tunnel, node: from_node };
-    }
-    let direction = if v.direction == Direction::Egress as u8 { Direction::Egress } else { Direction::Ingress };
-    let value = PolicyValue { policy_id: v.policy_id, verdict: v.verdict, reason: v.reason, _pad: [0; 2] };
-    let o = Outcome {
-        endpoint_id: v.endpoint_id,
-        remote_identity: v.remote_identity,
-        direction,
-        reply: !forward,
-        tunnel,
-        value,
-    };
-    Cached::Hit(o, end)
 }
 
 /// Whether the slow path writes its decision to the flow cache. The TC hooks do; the sendmsg4

@@ -34,7 +34,7 @@ use warden_common::{
 
 use crate::{
     enforce::{
-        Cache, Cached, Flow, Outcome, Traffic, cached, config, count, decide_new, decide_peer, emit, endpoint,
+        Cache, Cached, Flow, FlowEntry, Outcome, Traffic, config, count, decide_new, decide_peer, emit, endpoint,
         mark_closed, plaintext_view, policy, remote, take_peer_decided,
     },
     maps::CGROUPS,
@@ -141,7 +141,7 @@ fn tc(ctx: &TcContext, ifindex: u32, dir: Direction) -> Result<Option<(Outcome, 
     let cache = if syn && dir == Direction::Egress {
         Cached::Miss { is_reply: false, tunnel: marked, node }
     } else {
-        cached(&cfg, &f, ifindex, dir, marked, node, syn)
+        FlowEntry::lookup(&f).decision(&cfg, &f, ifindex, dir, marked, node, syn)
     };
     let (is_reply, tunnel, node) = match cache {
         Cached::Hit(o, end) => {
@@ -348,7 +348,9 @@ fn sendmsg4(ctx: &SockAddrContext) -> (Outcome, Tuple) {
     };
     t.saddr = ep.ip;
     let f = Flow::new(t);
-    let own = match cached(&cfg, &f, ifindex, Direction::Egress, false, false, false) {
+    // One lookup for both ends: the sender's, then a local destination's.
+    let entry = FlowEntry::lookup(&f);
+    let own = match entry.decision(&cfg, &f, ifindex, Direction::Egress, false, false, false) {
         Cached::Hit(o, _) => o,
         Cached::Miss { is_reply, tunnel, .. } => {
             decide_new(&cfg, &f, ifindex, &ep, Direction::Egress, is_reply, tunnel, false, Cache::ReadOnly)
@@ -362,7 +364,7 @@ fn sendmsg4(ctx: &SockAddrContext) -> (Outcome, Tuple) {
     if dst.local_ifindex == 0 {
         return (own, t);
     }
-    let peer = match cached(&cfg, &f, dst.local_ifindex, Direction::Ingress, false, false, false) {
+    let peer = match entry.decision(&cfg, &f, dst.local_ifindex, Direction::Ingress, false, false, false) {
         Cached::Hit(o, _) => o,
         Cached::Miss { .. } => match endpoint(slot, dst.local_ifindex) {
             Ok(peer) => decide_peer(slot, &f, &ep, &peer, false),
