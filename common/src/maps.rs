@@ -572,6 +572,8 @@ pub struct CounterKey {
 }
 
 pub const HOOK_TC: u8 = 0;
+/// The socket-layer hooks: `connect()` (connect4, allowed and refused) and refused UDP sends
+/// (sendmsg4; an allowed one is counted at TC, as its datagram crosses the veth).
 pub const HOOK_CONNECT: u8 = 1;
 /// The TC hook, for a flow of the mesh: the agent's delivery of an mTLS connection (ingress) or a
 /// workload's captured connection to the agent (egress; the agent reports the source side).
@@ -607,7 +609,8 @@ pub struct FlowEvent {
     pub _pad: [u8; 2],
 }
 
-/// Per-CPU traffic counters. For [`HOOK_CONNECT`], `packets_out` counts `connect()` calls.
+/// Per-CPU traffic counters. For [`HOOK_CONNECT`], `packets_out` counts calls (`connect()`, a
+/// refused UDP send).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counter {

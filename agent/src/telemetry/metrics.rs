@@ -140,7 +140,8 @@ fn is_policy_reason(r: Option<DropReason>) -> bool {
 ///   never sees probes (istio-cni steers them around ztunnel), and a STRICT mesh's mTLS coverage
 ///   and `WardenNonMtlsTraffic` would otherwise count every probe as plaintext.
 /// - A refused flow is a connection opened and closed at once with `response_flags="DENY"` and no
-///   bytes: denied SYNs at TC (TCP), denied `connect()` calls (any protocol).
+///   bytes: denied SYNs at TC (TCP), denied `connect()` calls (any protocol), refused UDP
+///   sends (sendmsg4).
 pub fn derive(key: &CounterKey, c: &Counter, names: &Names, security: SecurityPolicy) -> Contribution {
     let direction = Direction::from_u8(key.direction).unwrap_or(Direction::Ingress);
     // The mesh's flows: the last hop of an mTLS connection is reported as mutual TLS; a captured
