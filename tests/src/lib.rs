@@ -615,12 +615,7 @@ impl Lab {
     /// One connection attempt from the node's own network namespace (as kubelet's probes, or
     /// any hostNetwork process) to `ip`:`port`.
     pub fn probe_from_node(&self, ip: Ipv4Addr, port: u16) -> Probe {
-        let mut c = Command::new("nsenter");
-        c.arg(format!("--net=/run/netns/{}", self.node))
-            .arg("--")
-            .arg(probe_bin())
-            .args(probe_args("connect", ip, port));
-        probe_result(c)
+        probe_in_netns(&self.node, probe_args("connect", ip, port))
     }
 
     /// One connection attempt from workload `from`'s network namespace by a process outside its
@@ -631,9 +626,7 @@ impl Lab {
 
     /// `warden-probe args` in workload `from`'s network namespace, outside its cgroup.
     fn uncaged(&self, from: &str, args: [String; 4]) -> Probe {
-        let mut c = Command::new("nsenter");
-        c.arg(format!("--net=/run/netns/{}", self.member(from).netns)).arg("--").arg(probe_bin()).args(args);
-        probe_result(c)
+        probe_in_netns(&self.member(from).netns, args)
     }
 
     /// `warden certs -o json` of the agent in this lab's node namespace (its admin endpoint is on
@@ -765,6 +758,13 @@ impl Drop for AgentProcess {
             let _ = c.wait();
         }
     }
+}
+
+/// `warden-probe args` in network namespace `netns`, in the caller's cgroup (no workload's).
+fn probe_in_netns(netns: &str, args: [String; 4]) -> Probe {
+    let mut c = Command::new("nsenter");
+    c.arg(format!("--net=/run/netns/{netns}")).arg("--").arg(probe_bin()).args(args);
+    probe_result(c)
 }
 
 /// `warden-probe`'s arguments for one `connect` or `udp` probe of `ip`:`port`.

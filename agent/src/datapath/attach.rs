@@ -97,12 +97,12 @@ pub fn pinned_workloads(pin_dir: &Path) -> Vec<String> {
         .collect()
 }
 
-/// Attach (or re-attach after a restart) every hook of a local workload.
 /// Whether the workload's sock_ops link (the mesh's) is pinned.
 pub fn has_sock_ops(pin_dir: &Path, key: &str) -> bool {
     workload_dir(pin_dir, key).join(Hook::SockOps.pin_name()).exists()
 }
 
+/// Attach (or re-attach after a restart) every hook of a local workload.
 pub fn attach(ebpf: &mut Ebpf, pin_dir: &Path, key: &str, local: &Local, meshed: bool) -> Result<(), AttachError> {
     let dir = workload_dir(pin_dir, key);
     fs::create_dir_all(&dir).map_err(|e| AttachError::Pin {
@@ -122,9 +122,6 @@ pub fn attach(ebpf: &mut Ebpf, pin_dir: &Path, key: &str, local: &Local, meshed:
             })?;
             attach_cgroup(ebpf, &dir, key, Hook::Connect4, &file, cg)?;
             attach_cgroup(ebpf, &dir, key, Hook::Sendmsg4, &file, cg)?;
-            for retired in RETIRED_PINS {
-                release(&dir.join(retired));
-            }
             if meshed {
                 attach_cgroup(ebpf, &dir, key, Hook::SockOps, &file, cg)?;
             } else {
@@ -133,11 +130,14 @@ pub fn attach(ebpf: &mut Ebpf, pin_dir: &Path, key: &str, local: &Local, meshed:
         }
         None => {
             // The workload has no cgroup (any more): drop cgroup links it may have had.
-            let cgroup_hooks = [Hook::Connect4, Hook::Sendmsg4, Hook::SockOps].map(Hook::pin_name);
-            for pin in cgroup_hooks.into_iter().chain(RETIRED_PINS) {
-                release(&dir.join(pin));
+            for hook in [Hook::Connect4, Hook::Sendmsg4, Hook::SockOps] {
+                release(&dir.join(hook.pin_name()));
             }
         }
+    }
+    // Only now, with their successors attached.
+    for retired in RETIRED_PINS {
+        release(&dir.join(retired));
     }
     Ok(())
 }
