@@ -593,8 +593,8 @@ fn hold_from(lab: &Lab, from: &str, ip: Ipv4Addr, port: u16, seconds: u64) -> Ch
 }
 
 #[test]
-fn the_destination_side_names_cross_node_callers_live_and_once() {
-    if !require_root("the_destination_side_names_cross_node_callers_live_and_once") {
+fn both_sides_count_cross_node_connections_live_and_once() {
+    if !require_root("both_sides_count_cross_node_connections_live_and_once") {
         return;
     }
     let net = 76;
@@ -620,22 +620,44 @@ fn the_destination_side_names_cross_node_callers_live_and_once() {
         let labels = dst(name);
         sample(m, metric, &labels.iter().map(String::as_str).collect::<Vec<_>>())
     };
-    // Live, while both connections are open: named after each caller, growing between scrapes.
+    let src = |name: &str| {
+        ["reporter=\"source\"".to_string(), format!("source_workload=\"{name}\""), "destination_workload=\"b\"".into()]
+    };
+    let src_value = |m: &str, metric: &str, name: &str| {
+        let labels = src(name);
+        sample(m, metric, &labels.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    // Live, while both connections are open, on both sides (node 2 names each caller it proved,
+    // node 1 each workload it captured): opened once, not closed, bytes growing between scrapes.
     std::thread::sleep(Duration::from_millis(800));
-    let early = metrics(&c.n2);
+    let (early, early1) = (metrics(&c.n2), metrics(&c.n1));
     std::thread::sleep(Duration::from_millis(800));
-    let late = metrics(&c.n2);
+    let (late, late1) = (metrics(&c.n2), metrics(&c.n1));
     for name in ["a", "a2"] {
-        assert_eq!(value(&late, "istio_tcp_connections_opened_total", name), 1, "{name} opened once:\n{late}");
-        assert_eq!(value(&late, "istio_tcp_connections_closed_total", name), 0, "{name} is still open:\n{late}");
-        let (before, after) = (
-            value(&early, "istio_tcp_received_bytes_total", name),
-            value(&late, "istio_tcp_received_bytes_total", name),
-        );
-        assert!(0 < before && before < after, "{name}'s request bytes grow while it lasts: {before} then {after}");
-        let (before, after) =
-            (value(&early, "istio_tcp_sent_bytes_total", name), value(&late, "istio_tcp_sent_bytes_total", name));
-        assert!(0 < before && before < after, "{name}'s response bytes grow while it lasts: {before} then {after}");
+        for (side, value, early, late) in [
+            ("destination", &value as &dyn Fn(&str, &str, &str) -> u64, &early, &late),
+            ("source", &src_value, &early1, &late1),
+        ] {
+            assert_eq!(
+                value(late, "istio_tcp_connections_opened_total", name),
+                1,
+                "{side}: {name} opened once:\n{late}"
+            );
+            assert_eq!(
+                value(late, "istio_tcp_connections_closed_total", name),
+                0,
+                "{side}: {name} is still open:\n{late}"
+            );
+            for (metric, what) in
+                [("istio_tcp_received_bytes_total", "request"), ("istio_tcp_sent_bytes_total", "response")]
+            {
+                let (before, after) = (value(early, metric, name), value(late, metric, name));
+                assert!(
+                    0 < before && before < after,
+                    "{side}: {name}'s {what} bytes grow while it lasts: {before} then {after}"
+                );
+            }
+        }
     }
     // Closed: exact payload totals, on both sides, counted once.
     let mut want = Vec::new();
@@ -648,26 +670,28 @@ fn the_destination_side_names_cross_node_callers_live_and_once() {
         want.push((name, request, request + greeting));
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let m2 = loop {
-        let m = metrics(&c.n2);
-        if want.iter().all(|(name, _, _)| value(&m, "istio_tcp_connections_closed_total", name) == 1) {
-            break m;
+    let (m2, m1) = loop {
+        let (m, m1) = (metrics(&c.n2), metrics(&c.n1));
+        if want.iter().all(|(name, _, _)| {
+            value(&m, "istio_tcp_connections_closed_total", name) == 1
+                && src_value(&m1, "istio_tcp_connections_closed_total", name) == 1
+        }) {
+            break (m, m1);
         }
-        assert!(std::time::Instant::now() < deadline, "the closes are reported:\n{m}");
+        assert!(std::time::Instant::now() < deadline, "the closes are reported:\n{m}\n{m1}");
         std::thread::sleep(Duration::from_millis(100));
     };
-    let m1 = metrics(&c.n1);
     for (name, request, response) in want {
         assert_eq!(value(&m2, "istio_tcp_received_bytes_total", name), request, "{name}'s request bytes at b");
         assert_eq!(value(&m2, "istio_tcp_sent_bytes_total", name), response, "{name}'s response bytes at b");
-        let src = [
-            "reporter=\"source\"".to_string(),
-            format!("source_workload=\"{name}\""),
-            "destination_workload=\"b\"".into(),
-        ];
-        let src: Vec<&str> = src.iter().map(String::as_str).collect();
-        assert_eq!(sample(&m1, "istio_tcp_received_bytes_total", &src), request, "node 1 agrees on {name}'s request");
-        assert_eq!(sample(&m1, "istio_tcp_sent_bytes_total", &src), response, "and on its response");
+        assert_eq!(
+            src_value(&m1, "istio_tcp_received_bytes_total", name),
+            request,
+            "node 1 agrees on {name}'s request"
+        );
+        assert_eq!(src_value(&m1, "istio_tcp_sent_bytes_total", name), response, "and on its response");
+        assert_eq!(src_value(&m1, "istio_tcp_connections_opened_total", name), 1, "node 1 opened {name} once");
+        assert_eq!(src_value(&m1, "istio_tcp_connections_closed_total", name), 1, "and closed it once");
     }
     // Once: the two connections are all the destination side of b has (no series from the
     // kernel's count of the last hop, which would name the identity's workload "unknown").

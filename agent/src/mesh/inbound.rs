@@ -19,7 +19,7 @@ use warden_hbone::{
 
 use super::{
     deliver,
-    metrics::{Deliveries, DeliveryKey, Reporter, refused},
+    metrics::{ConnKey, LiveConnections, Reporter, refused},
     view::{View, denial_names},
 };
 use crate::telemetry::metrics::TcpRecorder;
@@ -56,7 +56,7 @@ pub struct Handler {
     pub view: watch::Receiver<Arc<View>>,
     pub metrics: TcpRecorder,
     /// The destination side of the deliveries, named after the proven source workload.
-    pub deliveries: Deliveries,
+    pub deliveries: LiveConnections,
     /// The agent's own ports, never a tunnel's destination (ztunnel refuses them too).
     pub reserved_ports: Vec<u16>,
 }
@@ -119,6 +119,6 @@ impl Inbound for Handler {
 }
 
 /// The delivery of a tunnel: its original client, its destination.
-fn delivery_key(req: &InboundRequest) -> DeliveryKey {
-    DeliveryKey { client: req.forwarded.for_addr(), destination: req.destination }
+fn delivery_key(req: &InboundRequest) -> ConnKey {
+    ConnKey { client: req.forwarded.for_addr(), destination: req.destination }
 }

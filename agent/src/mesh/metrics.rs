@@ -1,7 +1,7 @@
 //! Istio's TCP metrics for the connections the agent carries, both sides, named with the
-//! workloads the agent knows: the source side of captured connections (the kernel sees only their
-//! hop to the agent), the destination side of the connections it delivers ([`Deliveries`], live),
-//! and refusals the agent decides. The kernel, which counts a delivery by the identity of its
+//! workloads the agent knows and counted live ([`LiveConnections`]): the source side of captured
+//! connections (the kernel sees only their hop to the agent), the destination side of the
+//! connections it delivers, and refusals the agent decides. The kernel, which counts a delivery by the identity of its
 //! source address, cannot name a source workload: identities are per service account, and a
 //! remote workload is not in this node's record. Bytes are TCP payload, as Istio counts them.
 
@@ -14,7 +14,6 @@ use std::{
 };
 
 use tokio::net::TcpStream;
-use warden_hbone::TransferStats;
 
 use super::view::MeshWorkload;
 use crate::telemetry::metrics::{
@@ -46,12 +45,6 @@ pub fn labels(reporter: Reporter, src: &MeshWorkload, dst: &MeshWorkload, flags:
     }
 }
 
-/// A connection carried from `src` to `dst`: `stats.sent` is the request direction.
-pub fn carried(rec: &TcpRecorder, reporter: Reporter, src: &MeshWorkload, dst: &MeshWorkload, stats: &TransferStats) {
-    let t = TcpTotals { opened: 1, closed: 1, received_bytes: stats.sent, sent_bytes: stats.received };
-    rec.connection(&labels(reporter, src, dst, FLAGS_NONE), &t);
-}
-
 /// A connection refused by `policy` for `reason` (a drop reason's name), attributed to the
 /// destination workload.
 pub fn refused(
@@ -78,46 +71,83 @@ pub fn refused(
     }
 }
 
-/// How long a delivery whose socket is gone waits for its close to be reported (the tunnel's
+/// How long a connection whose socket is gone waits for its close to be reported (the tunnel's
 /// client left before the response, the task was cancelled) before it is closed as it stands.
 const GONE_GRACE: Duration = Duration::from_secs(60);
-/// Deliveries registered between two sweeps of gone ones (bounds what a node nobody scrapes holds).
+/// Connections registered between two sweeps of gone ones (bounds what a node nobody scrapes
+/// holds).
 const SWEEP_EVERY: u64 = 1024;
 
-/// Which delivery: the original client's address (as the tunnel's `forwarded` header or the
+/// Which connection: the original client's address (as the tunnel's `forwarded` header or the
 /// captured socket gives it) and the destination. Metrics only: a client that reuses one for two
 /// streams gets them closed in order.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
-pub struct DeliveryKey {
+pub struct ConnKey {
     pub client: Option<SocketAddr>,
     pub destination: SocketAddr,
 }
 
-/// The destination side of the connections the agent delivers to local workloads (the last hop,
-/// `deliver::connect`), counted live: Istio reports a connection's bytes while it lasts, and so
-/// did the kernel's counters this replaces. At each scrape the growth of every open delivery is
-/// read from its socket's own TCP counters (`TCP_INFO`: payload acknowledged by the workload is
-/// the request, payload received from it the response), with no cost on the data path; at its
-/// close the relay's exact totals settle the remainder (bytes the same-node fast path moved
-/// bypass TCP's counters, so they arrive then).
+/// Which of the agent's two sockets of a carried connection is read: it says which side reports
+/// the connection and which of the socket's counters is the request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum End {
+    /// The captured socket from the source workload, accepted on the capture port: the source
+    /// side. Payload received from the workload is the request.
+    Captured,
+    /// The agent's socket to the destination workload (`deliver::connect`): the destination side.
+    /// Payload the workload acknowledged is the request.
+    Delivered,
+}
+
+impl End {
+    fn reporter(self) -> Reporter {
+        match self {
+            End::Captured => Reporter::Source,
+            End::Delivered => Reporter::Destination,
+        }
+    }
+
+    /// `(request, response)` of a socket's payload counters.
+    fn split(self, p: socket::Payload) -> (u64, u64) {
+        match self {
+            End::Captured => (p.received, p.acked),
+            End::Delivered => (p.acked, p.received),
+        }
+    }
+
+    fn opened(self) -> socket::Opened {
+        match self {
+            End::Captured => socket::Opened::Passive,
+            End::Delivered => socket::Opened::Active,
+        }
+    }
+}
+
+/// One side of the connections the agent carries, counted live: Istio reports a connection's
+/// bytes while it lasts. A connection is opened when it is registered; at each scrape the growth
+/// of every open one is read from the agent's socket at that side's workload, from the socket's
+/// own TCP counters (`TCP_INFO`; [`End`] says which is the request), with no cost on the data
+/// path; at its close the relay's exact totals settle the remainder (bytes the same-node fast
+/// path moved bypass TCP's counters, so they arrive then).
 ///
-/// The relay owns the socket. A delivery holds its descriptor number and the socket's cookie,
+/// The relay owns the socket. A connection holds its descriptor number and the socket's cookie,
 /// and reads it only while the number still names that socket (the cookie, read before and
 /// after, is unique to a socket), so a closed and reused descriptor is never misread.
 #[derive(Clone)]
-pub struct Deliveries {
+pub struct LiveConnections {
     rec: TcpRecorder,
+    end: End,
     open: Arc<Mutex<Open>>,
 }
 
-/// Open deliveries, in the order they were opened per key. Memory per open connection is what
-/// `bench mtls`'s 1,000-connection figure weighs: a key almost always has one delivery (a
-/// one-element `Vec`, not a `VecDeque`'s four slots), and the deliveries between one pair of
+/// Open connections, in the order they were opened per key. Memory per open connection is what
+/// `bench mtls`'s 1,000-connection figure weighs: a key almost always has one connection (a
+/// one-element `Vec`, not a `VecDeque`'s four slots), and the connections between one pair of
 /// workloads share one label set.
 #[derive(Default)]
 struct Open {
-    by_key: HashMap<DeliveryKey, Vec<Delivery>>,
-    /// Label sets in use, shared; one is dropped when the sweep finds no delivery holds it.
+    by_key: HashMap<ConnKey, Vec<Live>>,
+    /// Label sets in use, shared; one is dropped when the sweep finds no connection holds it.
     labels: HashSet<Arc<TcpLabels>>,
     registered: u64,
 }
@@ -133,12 +163,12 @@ impl Open {
         shared
     }
 
-    fn push(&mut self, key: DeliveryKey, d: Delivery) {
-        self.by_key.entry(key).or_insert_with(|| Vec::with_capacity(1)).push(d);
+    fn push(&mut self, key: ConnKey, c: Live) {
+        self.by_key.entry(key).or_insert_with(|| Vec::with_capacity(1)).push(c);
     }
 }
 
-struct Delivery {
+struct Live {
     labels: Arc<TcpLabels>,
     fd: RawFd,
     cookie: u64,
@@ -149,78 +179,77 @@ struct Delivery {
     gone: Option<Instant>,
 }
 
-impl Deliveries {
-    /// Deliveries counted into `rec`'s series, polled before each scrape.
-    pub fn new(rec: &TcpRecorder) -> Deliveries {
-        let d = Deliveries { rec: rec.clone(), open: Arc::default() };
-        let poll = d.clone();
+impl LiveConnections {
+    /// `end`'s side of the connections, counted into `rec`'s series, polled before each scrape.
+    pub fn new(rec: &TcpRecorder, end: End) -> LiveConnections {
+        let c = LiveConnections { rec: rec.clone(), end, open: Arc::default() };
+        let poll = c.clone();
         rec.on_scrape(move || poll.poll());
-        d
+        c
     }
 
-    /// A delivery from `src` to `dst` is open on `upstream`: one connection opened now.
-    pub fn opened(&self, key: DeliveryKey, src: &MeshWorkload, dst: &MeshWorkload, upstream: &TcpStream) {
-        let labels = labels(Reporter::Destination, src, dst, FLAGS_NONE);
+    /// A connection from `src` to `dst` is open, and `socket` is the agent's socket at this
+    /// side's workload: one connection opened now.
+    pub fn opened(&self, key: ConnKey, src: &MeshWorkload, dst: &MeshWorkload, socket: &TcpStream) {
+        let labels = labels(self.end.reporter(), src, dst, FLAGS_NONE);
         self.rec.connection(&labels, &TcpTotals { opened: 1, ..TcpTotals::default() });
-        let fd = upstream.as_raw_fd();
+        let fd = socket.as_raw_fd();
         let cookie = socket::cookie(fd);
         let mut open = self.lock();
         let labels = open.intern(labels);
         let Some(cookie) = cookie else {
             // Not a socket the kernel can name: counted at its close only.
-            tracing::debug!(destination = %key.destination, "delivery without a socket cookie; counted at close");
-            open.push(key, Delivery::gone(labels));
+            tracing::debug!(destination = %key.destination, end = ?self.end, "connection without a socket cookie; counted at close");
+            open.push(key, Live::gone(labels));
             return;
         };
-        open.push(key, Delivery { labels, fd, cookie, request: 0, response: 0, gone: None });
+        open.push(key, Live { labels, fd, cookie, request: 0, response: 0, gone: None });
         open.registered += 1;
         if open.registered.is_multiple_of(SWEEP_EVERY) {
             self.sweep(&mut open);
         }
     }
 
-    /// The delivery of `key` is over: the relay moved `request` and `response` bytes in all.
-    pub fn closed(&self, key: &DeliveryKey, request: u64, response: u64) {
-        let d = {
+    /// The connection of `key` is over: the relay moved `request` and `response` bytes in all.
+    pub fn closed(&self, key: &ConnKey, request: u64, response: u64) {
+        let c = {
             let mut open = self.lock();
             let Some(queue) = open.by_key.get_mut(key).filter(|q| !q.is_empty()) else { return };
-            let d = queue.remove(0);
+            let c = queue.remove(0);
             if queue.is_empty() {
                 open.by_key.remove(key);
             }
-            Some(d)
+            c
         };
-        if let Some(d) = d {
-            let t = TcpTotals {
-                opened: 0,
-                closed: 1,
-                received_bytes: request.saturating_sub(d.request),
-                sent_bytes: response.saturating_sub(d.response),
-            };
-            self.rec.connection(&d.labels, &t);
-        }
+        let t = TcpTotals {
+            opened: 0,
+            closed: 1,
+            received_bytes: request.saturating_sub(c.request),
+            sent_bytes: response.saturating_sub(c.response),
+        };
+        self.rec.connection(&c.labels, &t);
     }
 
-    /// Add every open delivery's growth since the last poll to its series.
+    /// Add every open connection's growth since the last poll to its series.
     pub fn poll(&self) {
         let mut open = self.lock();
-        for d in open.by_key.values_mut().flatten() {
-            d.poll(&self.rec);
+        for c in open.by_key.values_mut().flatten() {
+            c.poll(&self.rec, self.end);
         }
         self.sweep(&mut open);
     }
 
-    /// Close the deliveries whose socket has been gone for [`GONE_GRACE`] without a close.
+    /// Close the connections whose socket has been gone for [`GONE_GRACE`] without a close.
     fn sweep(&self, open: &mut Open) {
         let now = Instant::now();
         for queue in open.by_key.values_mut() {
-            queue.retain_mut(|d| {
-                if d.gone.is_none() && !d.alive() {
-                    d.gone = Some(now);
+            queue.retain_mut(|c| {
+                if c.gone.is_none() && !c.alive() {
+                    c.gone = Some(now);
                 }
-                let expired = d.gone.is_some_and(|t| now.duration_since(t) >= GONE_GRACE);
+                let expired = c.gone.is_some_and(|t| now.duration_since(t) >= GONE_GRACE);
                 if expired {
-                    self.rec.connection(&d.labels, &TcpTotals { closed: 1, ..TcpTotals::default() });
+                    self.rec.connection(&c.labels, &TcpTotals { closed: 1, ..TcpTotals::default() });
                 }
                 !expired
             });
@@ -234,9 +263,9 @@ impl Deliveries {
     }
 }
 
-impl Delivery {
-    fn gone(labels: Arc<TcpLabels>) -> Delivery {
-        Delivery { labels, fd: -1, cookie: 0, request: 0, response: 0, gone: Some(Instant::now()) }
+impl Live {
+    fn gone(labels: Arc<TcpLabels>) -> Live {
+        Live { labels, fd: -1, cookie: 0, request: 0, response: 0, gone: Some(Instant::now()) }
     }
 
     fn alive(&self) -> bool {
@@ -245,24 +274,25 @@ impl Delivery {
 
     /// Read the socket's counters (only while it is established: its SYN and FIN occupy a
     /// sequence number each, which TCP's byte counters include) and add the growth.
-    fn poll(&mut self, rec: &TcpRecorder) {
+    fn poll(&mut self, rec: &TcpRecorder, end: End) {
         if self.gone.is_some() {
             return;
         }
-        let Some(live) = socket::payload(self.fd, self.cookie) else {
+        let Some(live) = socket::payload(self.fd, self.cookie, end.opened()) else {
             if !self.alive() {
                 self.gone = Some(Instant::now());
             }
             return;
         };
+        let (request, response) = end.split(live);
         let t = TcpTotals {
             opened: 0,
             closed: 0,
-            received_bytes: live.acked.saturating_sub(self.request),
-            sent_bytes: live.received.saturating_sub(self.response),
+            received_bytes: request.saturating_sub(self.request),
+            sent_bytes: response.saturating_sub(self.response),
         };
-        self.request = self.request.max(live.acked);
-        self.response = self.response.max(live.received);
+        self.request = self.request.max(request);
+        self.response = self.response.max(response);
         rec.connection(&self.labels, &t);
     }
 }
@@ -288,6 +318,14 @@ mod socket {
         (rc == 0 && len as usize == std::mem::size_of::<u64>()).then_some(v)
     }
 
+    /// How the socket's connection was opened: an active open's acknowledged bytes include its
+    /// SYN, a passive open's do not (the child socket starts with its SYN-ACK acknowledged).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Opened {
+        Active,
+        Passive,
+    }
+
     /// Payload bytes of an established connection.
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub struct Payload {
@@ -297,10 +335,10 @@ mod socket {
         pub received: u64,
     }
 
-    /// `TCP_INFO` of the socket `fd` names, if it is still the socket of `cookie`, established,
-    /// and actively opened (its acknowledged bytes count the SYN once: Linux's `tcpi_bytes_acked`
-    /// counts every acknowledged sequence number, `tcpi_bytes_received` the data only).
-    pub fn payload(fd: RawFd, cookie: u64) -> Option<Payload> {
+    /// `TCP_INFO` of the socket `fd` names, if it is still the socket of `cookie` and
+    /// established. Linux's `tcpi_bytes_acked` counts every acknowledged sequence number, so an
+    /// active open's counts its SYN once; `tcpi_bytes_received` counts the data only.
+    pub fn payload(fd: RawFd, cookie: u64, opened: Opened) -> Option<Payload> {
         if self::cookie(fd)? != cookie {
             return None;
         }
@@ -321,7 +359,11 @@ mod socket {
         if (len as usize) < needed {
             return None;
         }
-        Some(Payload { acked: info.tcpi_bytes_acked.saturating_sub(1), received: info.tcpi_bytes_received })
+        let syn = match opened {
+            Opened::Active => 1,
+            Opened::Passive => 0,
+        };
+        Some(Payload { acked: info.tcpi_bytes_acked.saturating_sub(syn), received: info.tcpi_bytes_received })
     }
 
     #[cfg(test)]
@@ -345,28 +387,32 @@ mod socket {
         }
 
         #[test]
-        fn an_active_opens_counters_are_its_payload_and_a_reused_descriptor_is_never_read() {
+        fn an_established_sockets_counters_are_its_payload_and_a_reused_descriptor_is_never_read() {
             let l = TcpListener::bind("127.0.0.1:0").unwrap();
             let mut client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
             let (mut server, _) = l.accept().unwrap();
             let fd = client.as_raw_fd();
             let c = cookie(fd).expect("a socket has a cookie");
-            assert_ne!(cookie(server.as_raw_fd()), Some(c), "cookies are per socket");
-            // Established, nothing sent: the acknowledged SYN is not payload.
-            settles(Payload { acked: 0, received: 0 }, || payload(fd, c));
+            let (sfd, sc) = (server.as_raw_fd(), cookie(server.as_raw_fd()).unwrap());
+            assert_ne!(sc, c, "cookies are per socket");
+            // Established, nothing sent: neither end's SYN is payload.
+            settles(Payload { acked: 0, received: 0 }, || payload(fd, c, Opened::Active));
+            settles(Payload { acked: 0, received: 0 }, || payload(sfd, sc, Opened::Passive));
             client.write_all(&[7; 1000]).unwrap();
             let mut buf = [0; 1000];
             server.read_exact(&mut buf).unwrap();
             server.write_all(b"twelve bytes").unwrap();
             let mut back = [0; 12];
             client.read_exact(&mut back).unwrap();
-            settles(Payload { acked: 1000, received: 12 }, || payload(fd, c));
+            settles(Payload { acked: 1000, received: 12 }, || payload(fd, c, Opened::Active));
+            settles(Payload { acked: 12, received: 1000 }, || payload(sfd, sc, Opened::Passive));
             // A wrong cookie is another socket: not read.
-            assert_eq!(payload(fd, c ^ 1), None);
+            assert_eq!(payload(fd, c ^ 1, Opened::Active), None);
             // Half-closed (FIN sent): no longer established, not read (the FIN is not payload).
             client.shutdown(std::net::Shutdown::Write).unwrap();
             assert_eq!(server.read(&mut buf).unwrap(), 0);
-            assert_eq!(payload(fd, c), None);
+            assert_eq!(payload(fd, c, Opened::Active), None);
+            assert_eq!(payload(sfd, sc, Opened::Passive), None, "the peer's FIN arrived: CLOSE_WAIT");
             // Closed, and the number (the lowest free one, unless another test's thread took it
             // first) reused by another established socket: never read as the old one.
             drop(client);
@@ -375,7 +421,7 @@ mod socket {
             if other.as_raw_fd() == fd {
                 assert!(cookie(fd).is_some_and(|o| o != c), "the number names another socket now");
             }
-            assert_eq!(payload(fd, c), None);
+            assert_eq!(payload(fd, c, Opened::Active), None);
         }
     }
 }

@@ -81,7 +81,8 @@ impl Mesh {
         let mut reserved = vec![cfg.capture.port(), 15006, cfg.hbone_port];
         reserved.extend(AGENT_PORTS);
         let listener = hbone_listener(cfg.hbone_port)?;
-        let deliveries = metrics::Deliveries::new(&metrics);
+        let deliveries = metrics::LiveConnections::new(&metrics, metrics::End::Delivered);
+        let captures = metrics::LiveConnections::new(&metrics, metrics::End::Captured);
         let server = HboneServer::new(
             listener,
             inbound::WorkloadTls { tls: tls.clone(), view: rx.clone() },
@@ -98,6 +99,7 @@ impl Mesh {
         let outbound = Arc::new(outbound::Outbound {
             view: rx,
             metrics,
+            captures,
             deliveries,
             orig: outbound::OrigDstMap::open(pin_dir)?,
             pool: Pool::new(tls, PoolOptions::default()),

@@ -21,11 +21,11 @@ use tokio::{
 };
 use warden_authz::Verdict;
 use warden_common::{OrigDst, SockAddr, names};
-use warden_hbone::{ConnectRequest, Key, Pool, SecretManagerTls, TransferStats, copy::relay_plain};
+use warden_hbone::{ConnectRequest, Key, Pool, SecretManagerTls, copy::relay_plain};
 
 use super::{
     deliver,
-    metrics::{Deliveries, DeliveryKey, Reporter, carried, refused},
+    metrics::{ConnKey, LiveConnections, Reporter, refused},
     view::{View, denial_names},
 };
 use crate::telemetry::metrics::TcpRecorder;
@@ -53,8 +53,10 @@ impl OrigDstMap {
 pub struct Outbound {
     pub view: watch::Receiver<Arc<View>>,
     pub metrics: TcpRecorder,
+    /// The source side of every captured connection.
+    pub captures: LiveConnections,
     /// The destination side of same-node deliveries.
-    pub deliveries: Deliveries,
+    pub deliveries: LiveConnections,
     pub orig: OrigDstMap,
     pub pool: Pool<SecretManagerTls>,
     pub hbone_port: u16,
@@ -88,6 +90,7 @@ impl Outbound {
         let view = self.view.borrow().clone();
         let source = view.workload(*client.ip()).filter(|w| w.is_local() && w.meshed).cloned();
         let target = view.workload(*dst.ip()).filter(|w| w.meshed).cloned();
+        let key = ConnKey { client: Some(SocketAddr::V4(client)), destination: SocketAddr::V4(dst) };
         let (Some(source), Some(target)) = (source, target) else {
             tracing::warn!(%client, destination = %dst, "captured connection between workloads the mesh does not serve; refused");
             return;
@@ -106,32 +109,33 @@ impl Outbound {
             }
             match Box::pin(deliver::connect(*client.ip(), dst)).await {
                 Ok(upstream) => {
-                    let key = DeliveryKey { client: Some(SocketAddr::V4(client)), destination: SocketAddr::V4(dst) };
+                    self.captures.opened(key, &source, &target, &stream);
                     self.deliveries.opened(key, &source, &target, &upstream);
                     // Chunks of up to 256 KiB as over HBONE (tokio's 8 KiB copy buffers cost a system
                     // call pair per 8 KiB), allocated only while data flows.
-                    let relayed = relay_plain(stream, upstream).await;
-                    let (sent, received) = relayed.as_ref().map_or((0, 0), |r| *r);
-                    self.deliveries.closed(&key, sent, received);
-                    if relayed.is_ok() {
-                        let stats = TransferStats { sent, received };
-                        carried(&self.metrics, Reporter::Source, &source, &target, &stats);
-                    }
+                    let (request, response) = relay_plain(stream, upstream).await.unwrap_or_default();
+                    self.captures.closed(&key, request, response);
+                    self.deliveries.closed(&key, request, response);
                 }
                 Err(e) => tracing::info!(destination = %dst, "delivery failed: {e}"),
             }
             return;
         }
         let node = SocketAddr::V4(SocketAddrV4::new(*dst.ip(), self.hbone_port));
-        let key = Key::new(source.identity.clone(), node, vec![target.identity.clone()]);
+        let pool_key = Key::new(source.identity.clone(), node, vec![target.identity.clone()]);
         let request = ConnectRequest::new(SocketAddr::V4(dst)).forwarded_for(SocketAddr::V4(client));
         // Boxed: dialling a new HBONE connection (TCP, TLS, HTTP/2 handshakes) is a large future,
         // and inline it would stay part of this task for the connection's whole life.
-        match Box::pin(self.pool.connect(&key, request)).await {
-            Ok(tunnel) => match tunnel.relay(stream).await {
-                Ok(stats) => carried(&self.metrics, Reporter::Source, &source, &target, &stats),
-                Err(e) => tracing::debug!(destination = %dst, "tunnel ended with an error: {e}"),
-            },
+        match Box::pin(self.pool.connect(&pool_key, request)).await {
+            Ok(tunnel) => {
+                self.captures.opened(key, &source, &target, &stream);
+                let stats = tunnel.relay(stream).await.unwrap_or_else(|e| {
+                    tracing::debug!(destination = %dst, "tunnel ended with an error: {e}");
+                    e.stats
+                });
+                // What the tunnel sent is the request.
+                self.captures.closed(&key, stats.sent, stats.received);
+            }
             Err(e) => {
                 if e.is_denied() {
                     refused(&self.metrics, Reporter::Source, &source, &target, "remote", "policy_deny");
