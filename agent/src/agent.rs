@@ -344,8 +344,8 @@ pub async fn run(cfg: AgentConfig, mut source: Box<dyn Source>) -> anyhow::Resul
         c.sync_workloads(&desired.workloads).await;
     }
     tracing::info!(generation, source = %source.describe(), workloads = desired.workloads.len(), entries = desired.state.policy.len(), "committed; enforcing");
-    // Start-up is done: its code need not stay mapped (`memory::release_startup_code`).
-    match crate::memory::release_startup_code() {
+    // Start-up is done: its code need not stay mapped (`memory::release_code`).
+    match crate::memory::release_code() {
         Ok(bytes) => tracing::debug!(bytes, "start-up code released from the resident set"),
         Err(e) => tracing::debug!("start-up code stays resident: {e}"),
     }

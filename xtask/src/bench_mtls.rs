@@ -33,7 +33,8 @@
 //!   2 threads, [`SECONDS`] s; and the agents' CPU per connection.
 //!
 //! Then the agents' resident memory (`VmRSS`): idle before any traffic, with [`HOLD`] connections
-//! open through the mesh across nodes (`bench-client hold`), and idle again after they close.
+//! open through the mesh across nodes (`bench-client hold`), and idle again [`IDLE_AFTER`] after
+//! they close.
 //!
 //! The table shows each figure beside its target, met or not, then every repeat's values and the
 //! TIME-WAIT sockets in the server's node namespace as each rate run starts (a warden row's last
@@ -74,6 +75,10 @@ const ROUND_TRIPS: usize = 20_000;
 const HOLD: usize = 1_000;
 /// How long an idle agent is left before its memory is read.
 const SETTLE: Duration = Duration::from_secs(2);
+/// How long the agents are left idle after the held connections close before their memory is
+/// read: past the agent's quiet time (`memory::QUIET_FOR`, 5 s, after which it releases the
+/// code its traffic mapped) and one more tick of its trimmer.
+const IDLE_AFTER: Duration = Duration::from_secs(8);
 
 /// The targets beside the figures.
 const MIN_THROUGHPUT_RATIO: f64 = 0.45;
@@ -597,7 +602,7 @@ pub fn mtls() -> anyhow::Result<()> {
         (cluster.sockets(&cluster.n1, "sport", CAPTURE_PORT)?, cluster.sockets(&cluster.n1, "dport", HBONE_PORT)?);
     drop(holder.stdin.take());
     let _ = holder.wait();
-    std::thread::sleep(SETTLE);
+    std::thread::sleep(IDLE_AFTER);
     let after = cluster.rss()?;
     let open = held["open"].as_u64().unwrap_or(0);
 
@@ -711,7 +716,13 @@ pub fn mtls() -> anyhow::Result<()> {
         holding[0],
         holding[1]
     );
-    let _ = writeln!(out, "{:<40} {:<26} {:<26}", "idle, after they closed", after[0], after[1]);
+    let _ = writeln!(
+        out,
+        "{:<40} {:<26} {:<26}",
+        format!("idle, {} s after they closed", IDLE_AFTER.as_secs()),
+        after[0],
+        after[1]
+    );
     if open < HOLD as u64 {
         let _ = writeln!(out, "(only {open} of {HOLD} connections opened: {})", held["error"]);
     }

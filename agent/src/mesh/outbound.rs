@@ -113,6 +113,7 @@ impl Outbound {
                     self.deliveries.opened(key, &source, &target, &upstream);
                     // Chunks of up to 256 KiB as over HBONE (tokio's 8 KiB copy buffers cost a system
                     // call pair per 8 KiB), allocated only while data flows.
+                    // A failed relay reports no totals: it closes with the bytes polled so far.
                     let (request, response) = relay_plain(stream, upstream).await.unwrap_or_default();
                     self.captures.closed(&key, request, response);
                     self.deliveries.closed(&key, request, response);
