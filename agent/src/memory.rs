@@ -17,8 +17,8 @@
 //! The executable is the other half. Start-up runs code that never runs again (argument parsing,
 //! loading and verifying the eBPF object, compiling policy, issuing certificates), and the kernel
 //! maps 64 KiB around every page it faults in: a started agent has some 12 MiB of its 17 MiB of
-//! code mapped, against about 2 MiB of heap. [`release_code`] unmaps the executable's
-//! read-only pages from the agent's page tables once start-up is done. They stay in the page
+//! code mapped, against about 2 MiB of heap. [`release_code`] unmaps the read-only pages of the
+//! executable and its libraries from the agent's page tables once start-up is done. They stay in the page
 //! cache: code that runs later is mapped again on first use, at the cost of a minor fault, so the
 //! resident set then holds the code the agent actually runs.
 //!
@@ -95,7 +95,7 @@ pub fn cpu_time() -> Duration {
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
-/// Trim every [`TRIM_INTERVAL`], and release the executable's code once the agent has gone quiet
+/// Trim every [`TRIM_INTERVAL`], and release code ([`release_code`]) once the agent has gone quiet
 /// after a busy spell, both on the blocking pool (a trim walks every arena under its lock, a
 /// release reads `/proc/self/smaps`: a millisecond or so, but not on a worker thread).
 pub fn spawn_trimmer() {
