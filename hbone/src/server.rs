@@ -39,7 +39,7 @@ use tokio::task::JoinSet;
 use tokio::time::timeout;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, debug_span, info, info_span, warn};
 use warden_identity::Identity;
 use warden_identity::tls::VerifyError;
 
@@ -439,17 +439,21 @@ async fn serve_stream<T, I: Inbound>(
     let forwarded = parts.headers.get(FORWARDED).and_then(|v| v.to_str().ok()).map(Forwarded::parse);
     let request =
         InboundRequest { connection, destination, forwarded: forwarded.unwrap_or_default(), headers: parts.headers };
-    let span = info_span!(
+    // A debug span: at info level no span exists per tunnel (a registry slot held and its fields
+    // formatted for each, and an enter and exit at every poll of the relay), and the info events
+    // below name the tunnel themselves.
+    let span = debug_span!(
         "tunnel",
         dst = %destination,
         src = ?request.forwarded.for_addr(),
         trace = request.header(TRACEPARENT).unwrap_or("")
     );
+    let (dst, src) = (destination, request.forwarded.for_addr());
     async {
         let upstream = match shared.inbound.open(&request).await {
             Ok(upstream) => upstream,
             Err(refusal) => {
-                info!(%refusal, status = refusal.status().as_u16(), "tunnel refused");
+                info!(%dst, ?src, %refusal, status = refusal.status().as_u16(), "tunnel refused");
                 if let Err(e) = respond.send_response(status_response(refusal.status()), true) {
                     debug!(error = %e, "cannot send the refusal");
                 }
@@ -468,7 +472,7 @@ async fn serve_stream<T, I: Inbound>(
         let result = relay(H2Stream::new(send, body), reader, writer).await;
         match &result {
             Ok(stats) => debug!(received = stats.received, sent = stats.sent, "tunnel closed"),
-            Err(e) => info!(error = %e, "tunnel failed"),
+            Err(e) => info!(%dst, ?src, error = %e, "tunnel failed"),
         }
         shared.inbound.closed(&request, &result);
     }

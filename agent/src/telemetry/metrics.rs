@@ -290,6 +290,11 @@ impl TcpRecorder {
     pub fn on_scrape(&self, poll: impl Fn() + Send + Sync + 'static) {
         self.live.lock().unwrap_or_else(|e| e.into_inner()).push(Arc::new(poll));
     }
+    /// The closed connections counted under `labels` so far.
+    #[cfg(test)]
+    pub fn closed_total(&self, labels: &TcpLabels) -> u64 {
+        self.closed.get_or_create(labels).get()
+    }
     /// Run the live sources.
     pub fn poll_live(&self) {
         let sources = self.live.lock().unwrap_or_else(|e| e.into_inner()).clone();
