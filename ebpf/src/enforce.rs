@@ -262,13 +262,37 @@ pub fn decide_new(
     node: bool,
     cache: Cache,
 ) -> Outcome {
-    // The remote is the other end whichever way the packet goes.
-    let remote_addr = match dir {
+    let dst = remote(cfg.active_slot(), remote_addr(f, dir));
+    decide_new_with(cfg, f, ifindex, ep, dir, is_reply, tunnel, node, cache, &dst)
+}
+
+/// The remote end of a flow whichever way its packet goes.
+#[inline(always)]
+pub fn remote_addr(f: &Flow, dir: Direction) -> [u8; 4] {
+    match dir {
         Direction::Ingress => f.t.saddr,
         Direction::Egress => f.t.daddr,
-    };
+    }
+}
+
+/// [`decide_new`] with the remote end's identity-cache entry already looked up (`dst`, for
+/// [`remote_addr`]).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub fn decide_new_with(
+    cfg: &Config,
+    f: &Flow,
+    ifindex: u32,
+    ep: &EndpointInfo,
+    dir: Direction,
+    is_reply: bool,
+    tunnel: bool,
+    node: bool,
+    cache: Cache,
+    dst: &RemoteInfo,
+) -> Outcome {
+    let remote_addr = remote_addr(f, dir);
     let slot = cfg.active_slot();
-    let dst = remote(slot, remote_addr);
     let (qdir, qport) = query(f, dir, is_reply);
     let exempt = node && cfg.node_exempt() && qdir == Direction::Ingress && f.t.proto == PROTO_TCP;
     let value = if exempt {

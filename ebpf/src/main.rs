@@ -34,8 +34,8 @@ use warden_common::{
 
 use crate::{
     enforce::{
-        Cache, Cached, Flow, FlowEntry, Outcome, Traffic, config, count, decide_new, decide_peer, emit, endpoint,
-        mark_closed, plaintext_view, policy, remote, take_peer_decided,
+        Cache, Cached, Flow, FlowEntry, Outcome, Traffic, config, count, decide_new, decide_new_with, decide_peer,
+        emit, endpoint, mark_closed, plaintext_view, policy, remote, take_peer_decided,
     },
     maps::CGROUPS,
     packet::{Direct, L3, Tuple, parse_ethernet},
@@ -348,19 +348,40 @@ fn sendmsg4(ctx: &SockAddrContext) -> (Outcome, Tuple) {
     };
     t.saddr = ep.ip;
     let f = Flow::new(t);
-    // One lookup for both ends: the sender's, then a local destination's.
+    // One lookup for both ends: the sender's, then a local destination's. The destination's
+    // identity-cache entry is looked up once too, and only when a step needs it (not for a reply
+    // the cache already allowed).
     let entry = FlowEntry::lookup(&f);
+    let dst;
     let own = match entry.decision(&cfg, &f, ifindex, Direction::Egress, false, false, false) {
-        Cached::Hit(o, _) => o,
+        Cached::Hit(o, _) => {
+            if o.reply || !o.value.is_allow() {
+                return (o, t);
+            }
+            dst = remote(slot, t.daddr);
+            o
+        }
         Cached::Miss { is_reply, tunnel, .. } => {
-            decide_new(&cfg, &f, ifindex, &ep, Direction::Egress, is_reply, tunnel, false, Cache::ReadOnly)
+            dst = remote(slot, t.daddr);
+            let o = decide_new_with(
+                &cfg,
+                &f,
+                ifindex,
+                &ep,
+                Direction::Egress,
+                is_reply,
+                tunnel,
+                false,
+                Cache::ReadOnly,
+                &dst,
+            );
+            if o.reply || !o.value.is_allow() {
+                return (o, t);
+            }
+            o
         }
     };
-    if own.reply || !own.value.is_allow() {
-        return (own, t);
-    }
     // A datagram the sender may send must also be one a workload of this node may receive.
-    let dst = remote(slot, t.daddr);
     if dst.local_ifindex == 0 {
         return (own, t);
     }
