@@ -244,28 +244,6 @@ pub enum Cache {
     ReadOnly,
 }
 
-/// The slow path: decide a packet travelling in `dir` relative to endpoint `ep` (on the veth of
-/// `ifindex`) from the identity cache and the policy map, and cache the decision for both
-/// directions of the flow. A reply is decided as the flow it answers. A TCP flow the node's own
-/// stack opened (`node`) is allowed without policy while the agent exempts them
-/// (`CONFIG_NODE_EXEMPT`).
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-pub fn decide_new(
-    cfg: &Config,
-    f: &Flow,
-    ifindex: u32,
-    ep: &EndpointInfo,
-    dir: Direction,
-    is_reply: bool,
-    tunnel: bool,
-    node: bool,
-    cache: Cache,
-) -> Outcome {
-    let dst = remote(cfg.active_slot(), remote_addr(f, dir));
-    decide_new_with(cfg, f, ifindex, ep, dir, is_reply, tunnel, node, cache, &dst)
-}
-
 /// The remote end of a flow whichever way its packet goes.
 #[inline(always)]
 pub fn remote_addr(f: &Flow, dir: Direction) -> [u8; 4] {
@@ -275,11 +253,15 @@ pub fn remote_addr(f: &Flow, dir: Direction) -> [u8; 4] {
     }
 }
 
-/// [`decide_new`] with the remote end's identity-cache entry already looked up (`dst`, for
-/// [`remote_addr`]).
+/// The slow path, given `dst`, the identity-cache entry of the flow's remote end
+/// ([`remote_addr`]; the caller looks it up, as it may need it again): decide a packet
+/// travelling in `dir` relative to endpoint `ep` (on the veth of `ifindex`) from the policy map,
+/// and cache the decision for both directions of the flow. A reply is decided as the flow it
+/// answers. A TCP flow the node's own stack opened (`node`) is allowed without policy while the
+/// agent exempts them (`CONFIG_NODE_EXEMPT`).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub fn decide_new_with(
+pub fn decide_new(
     cfg: &Config,
     f: &Flow,
     ifindex: u32,

@@ -34,8 +34,8 @@ use warden_common::{
 
 use crate::{
     enforce::{
-        Cache, Cached, Flow, FlowEntry, Outcome, Traffic, config, count, decide_new, decide_new_with, decide_peer,
-        emit, endpoint, mark_closed, plaintext_view, policy, remote, take_peer_decided,
+        Cache, Cached, Flow, FlowEntry, Outcome, Traffic, config, count, decide_new, decide_peer, emit, endpoint,
+        mark_closed, plaintext_view, policy, remote, remote_addr, take_peer_decided,
     },
     maps::CGROUPS,
     packet::{Direct, L3, Tuple, parse_ethernet},
@@ -162,7 +162,8 @@ fn tc(ctx: &TcContext, ifindex: u32, dir: Direction) -> Result<Option<(Outcome, 
     if dir == Direction::Egress && t.saddr != ep.ip {
         return Err((ep.endpoint_id, DropReason::SourceSpoof));
     }
-    let o = decide_new(&cfg, &f, ifindex, &ep, dir, is_reply, tunnel, node, Cache::Write);
+    let dst = remote(cfg.active_slot(), remote_addr(&f, dir));
+    let o = decide_new(&cfg, &f, ifindex, &ep, dir, is_reply, tunnel, node, Cache::Write, &dst);
     if !is_reply {
         emit(EVENT_DECIDED, HOOK_TC, &t, false, &o);
     }
@@ -352,35 +353,19 @@ fn sendmsg4(ctx: &SockAddrContext) -> (Outcome, Tuple) {
     // identity-cache entry is looked up once too, and only when a step needs it (not for a reply
     // the cache already allowed).
     let entry = FlowEntry::lookup(&f);
-    let dst;
-    let own = match entry.decision(&cfg, &f, ifindex, Direction::Egress, false, false, false) {
-        Cached::Hit(o, _) => {
-            if o.reply || !o.value.is_allow() {
-                return (o, t);
-            }
-            dst = remote(slot, t.daddr);
-            o
-        }
+    let (own, dst) = match entry.decision(&cfg, &f, ifindex, Direction::Egress, false, false, false) {
+        Cached::Hit(o, _) if o.reply || !o.value.is_allow() => return (o, t),
+        Cached::Hit(o, _) => (o, remote(slot, t.daddr)),
         Cached::Miss { is_reply, tunnel, .. } => {
-            dst = remote(slot, t.daddr);
-            let o = decide_new_with(
-                &cfg,
-                &f,
-                ifindex,
-                &ep,
-                Direction::Egress,
-                is_reply,
-                tunnel,
-                false,
-                Cache::ReadOnly,
-                &dst,
-            );
-            if o.reply || !o.value.is_allow() {
-                return (o, t);
-            }
-            o
+            let dst = remote(slot, t.daddr);
+            let o =
+                decide_new(&cfg, &f, ifindex, &ep, Direction::Egress, is_reply, tunnel, false, Cache::ReadOnly, &dst);
+            (o, dst)
         }
     };
+    if own.reply || !own.value.is_allow() {
+        return (own, t);
+    }
     // A datagram the sender may send must also be one a workload of this node may receive.
     if dst.local_ifindex == 0 {
         return (own, t);
