@@ -310,6 +310,9 @@ pub async fn run(cfg: AgentConfig, mut source: Box<dyn Source>) -> anyhow::Resul
         .as_ref()
         .map(|c| crate::certs::WorkloadCerts::serve(c, &cfg.trust_domain, cert_metrics))
         .transpose()?;
+    if let Some(m) = &cfg.mesh {
+        m.check()?;
+    }
     let mut dp = Datapath::load(&cfg.pin_dir)?;
     // The fast path files the agent's own sockets from its own cgroup; without that, it stays off.
     let mut cfg = cfg;

@@ -101,6 +101,11 @@ enum Command {
         /// With --mesh: no fast path (also turns it off for connections already using it).
         #[arg(long, overrides_with = "fast_path")]
         no_fast_path: bool,
+        /// With --mesh: the TCP congestion control of the agent's sockets to workloads of this
+        /// node (a veth hop, where pacing only costs timer work); `inherit` keeps the node's
+        /// default. Connections between nodes always keep the node's default.
+        #[arg(long, env = "WARDEN_LOCAL_CONGESTION_CONTROL", default_value = warden_agent::mesh::local_hop::DEFAULT)]
+        local_congestion_control: warden_agent::mesh::local_hop::LocalCongestion,
         /// Threads of the agent's async runtime (the mesh's relays, the control loop, telemetry),
         /// as ztunnel's `ZTUNNEL_WORKER_THREADS`.
         #[arg(long, env = "WARDEN_WORKER_THREADS", default_value_t = defaults::WORKER_THREADS, value_parser = clap::value_parser!(u16).range(1..=64))]
@@ -210,6 +215,7 @@ fn main() -> ExitCode {
             capture_addr,
             fast_path,
             no_fast_path,
+            local_congestion_control,
             worker_threads,
             node_probes,
         } => {
@@ -230,6 +236,7 @@ fn main() -> ExitCode {
             let mesh = mesh.then(|| warden_agent::mesh::MeshConfig {
                 capture: capture_addr,
                 fast_path,
+                local_congestion: local_congestion_control,
                 cgroup_root: cgroup_root.clone().unwrap_or_else(warden_agent::source::kube::node::default_cgroup_root),
                 ..Default::default()
             });

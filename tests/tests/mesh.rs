@@ -793,3 +793,79 @@ fn certificates_rotate_on_both_nodes_during_a_long_transfer_that_never_drops() {
         assert_eq!((p.result.as_str(), p.intact), ("allowed", Some(true)), "{from} -> b: {p:?}\n{}", log(&c.n2));
     }
 }
+
+/// The congestion-control algorithms of node `lab`'s established sockets that `ss` `filter`
+/// selects, one per socket.
+fn congestion_of(lab: &Lab, filter: &str) -> Vec<String> {
+    let out = lab.node_command("ss", &["-Htin", "state", "established", filter]).output().expect("ss");
+    let text = String::from_utf8_lossy(&out.stdout);
+    // Each socket is a line of addresses, then an indented line of TCP_INFO opening with the
+    // algorithm's name.
+    text.lines()
+        .filter(|l| l.starts_with(char::is_whitespace))
+        .filter_map(|l| l.split_whitespace().next().map(String::from))
+        .collect()
+}
+
+#[test]
+fn the_agents_hops_to_local_workloads_use_its_congestion_control_and_the_wire_the_nodes() {
+    if !require_root("the_agents_hops_to_local_workloads_use_its_congestion_control_and_the_wire_the_nodes") {
+        return;
+    }
+    let net = 77;
+    // An algorithm other than the nodes' default, so each socket shows whose choice it took.
+    let default = fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control").unwrap().trim().to_string();
+    let local = if default == "reno" { "cubic" } else { "reno" };
+    let s_ip = Ipv4Addr::new(10, net, 1, 6);
+    let c = cluster_with(
+        "mcc",
+        net,
+        POLICIES,
+        &[Spec::new("team", "s", s_ip, &[PORT])],
+        &[],
+        &["--local-congestion-control", local],
+    );
+    for lab in [&c.n1, &c.n2] {
+        let netns_default = lab.node_command("sysctl", &["-n", "net.ipv4.tcp_congestion_control"]).output().unwrap();
+        assert_eq!(String::from_utf8_lossy(&netns_default.stdout).trim(), default, "{}: the node's default", lab.tag);
+    }
+    let far = hold_from(&c.n1, "a", b_ip(net), PORT, 3);
+    let near = hold_from(&c.n1, "c", s_ip, PORT, 3);
+    let b = format!("dst {}:{PORT}", b_ip(net));
+    let s = format!("dst {s_ip}:{PORT}");
+    let sockets = [
+        // Node 1: the two captured connections (accepted on 15001) and the same-node delivery to
+        // s: local hops. The HBONE connection to node 2: the node's default.
+        (&c.n1, "sport = :15001", local, 2),
+        (&c.n1, s.as_str(), local, 1),
+        (&c.n1, "dport = :15008", default.as_str(), 1),
+        // Node 2: the HBONE connection (accepted on 15008), and the delivery to b.
+        (&c.n2, "sport = :15008", default.as_str(), 1),
+        (&c.n2, b.as_str(), local, 1),
+    ];
+    for (lab, filter, want, count) in sockets {
+        let got = congestion_of(lab, filter);
+        assert_eq!(
+            got,
+            vec![want.to_string(); count],
+            "{}: `{filter}` (local hops {local}, the node's default {default})",
+            lab.tag
+        );
+    }
+    for (name, h) in [("a -> b", far), ("c -> s", near)] {
+        let p: warden_tests::Probe = serde_json::from_slice(&h.wait_with_output().unwrap().stdout).unwrap();
+        assert_eq!(p.result, "allowed", "{name}: {p:?}");
+    }
+
+    // A name the kernel does not have stops the agent at start, naming the option.
+    let mut n3 = Lab::up("mcc3", &[Spec::new("team", "x", Ipv4Addr::new(10, net, 3, 2), &[PORT])]).unwrap();
+    let dir = n3.dir.join("policies");
+    write_policies(&dir, &[]).unwrap();
+    let err = n3.start_mesh_agent_with(&dir, &c.n1.dir.join("ca"), &["--local-congestion-control", "nosuchalgo"]);
+    assert!(err.is_err(), "the agent must not start");
+    let log = log(&n3);
+    assert!(
+        log.contains("--local-congestion-control nosuchalgo: the kernel refused it") && log.contains("available:"),
+        "{log}"
+    );
+}

@@ -13,6 +13,8 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpSocket, TcpStream};
 use warden_common::MARK_TUNNEL;
 
+use super::local_hop::LocalCongestion;
+
 /// `IP_BIND_ADDRESS_NO_PORT` (not wrapped by socket2).
 fn bind_address_no_port(socket: &Socket) -> std::io::Result<()> {
     use std::os::fd::AsRawFd as _;
@@ -30,9 +32,15 @@ fn bind_address_no_port(socket: &Socket) -> std::io::Result<()> {
     if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
 }
 
-/// Connect to `workload` as `client` (port chosen by the kernel).
-pub async fn connect(client: std::net::Ipv4Addr, workload: SocketAddrV4) -> std::io::Result<TcpStream> {
+/// Connect to `workload` as `client` (port chosen by the kernel), with the local hops' congestion
+/// control.
+pub async fn connect(
+    client: std::net::Ipv4Addr,
+    workload: SocketAddrV4,
+    congestion: LocalCongestion,
+) -> std::io::Result<TcpStream> {
     let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    congestion.apply(&socket)?;
     socket.set_ip_transparent_v4(true)?;
     socket.set_mark(MARK_TUNNEL)?;
     socket.set_tcp_nodelay(true)?;

@@ -19,6 +19,7 @@ use warden_hbone::{
 
 use super::{
     deliver,
+    local_hop::LocalCongestion,
     metrics::{ConnKey, LiveConnections, Reporter, refused},
     view::{View, denial_names},
 };
@@ -59,6 +60,7 @@ pub struct Handler {
     pub deliveries: LiveConnections,
     /// The agent's own ports, never a tunnel's destination (ztunnel refuses them too).
     pub reserved_ports: Vec<u16>,
+    pub local_congestion: LocalCongestion,
 }
 
 impl Inbound for Handler {
@@ -98,7 +100,9 @@ impl Inbound for Handler {
             tracing::info!(%peer, source = %source_ip, destination = %dst, %workload, %policy, "mTLS connection denied");
             return Err(Refusal::denied(policy));
         }
-        let upstream = deliver::connect(source_ip, dst).await.map_err(|e| Refusal::unreachable(e.to_string()))?;
+        let upstream = deliver::connect(source_ip, dst, self.local_congestion)
+            .await
+            .map_err(|e| Refusal::unreachable(e.to_string()))?;
         self.deliveries.opened(delivery_key(req), source, target, &upstream);
         let policy = decision.policy.as_deref().unwrap_or("default");
         tracing::debug!(%peer, source = %source_ip, destination = %dst, %workload, %policy, "mTLS connection allowed");

@@ -7,11 +7,13 @@
 //! | `outbound`  | the capture listener (15001): original destination, HBONE to the peer   |
 //! | `inbound`   | the HBONE server (15008): authorize, deliver to the workload            |
 //! | `deliver`   | the last hop: a transparent, marked socket to the local workload        |
+//! | `local_hop` | the congestion control of the hops to workloads of this node            |
 //! | `view`      | the snapshot of workloads and policies a connection is handled against  |
 //! | `metrics`   | Istio's TCP metrics for the connections the agent carries               |
 
 mod deliver;
 mod inbound;
+pub mod local_hop;
 mod metrics;
 mod outbound;
 pub mod routing;
@@ -43,6 +45,8 @@ pub struct MeshConfig {
     /// The cgroup v2 hierarchy holding the agent's own cgroup (the fast path files the agent's
     /// sockets from there).
     pub cgroup_root: std::path::PathBuf,
+    /// The congestion control of the agent's sockets to workloads of this node.
+    pub local_congestion: local_hop::LocalCongestion,
 }
 
 impl Default for MeshConfig {
@@ -52,7 +56,15 @@ impl Default for MeshConfig {
             hbone_port: 15008,
             fast_path: false,
             cgroup_root: crate::source::kube::node::default_cgroup_root(),
+            local_congestion: local_hop::LocalCongestion::default(),
         }
+    }
+}
+
+impl MeshConfig {
+    /// What the kernel must accept of this configuration, checked before the agent touches it.
+    pub fn check(&self) -> anyhow::Result<()> {
+        self.local_congestion.check()
     }
 }
 
@@ -91,6 +103,7 @@ impl Mesh {
                 metrics: metrics.clone(),
                 deliveries: deliveries.clone(),
                 reserved_ports: reserved,
+                local_congestion: cfg.local_congestion,
             },
             ServerOptions::default(),
         );
@@ -104,8 +117,9 @@ impl Mesh {
             orig: outbound::OrigDstMap::open(pin_dir)?,
             pool: Pool::new(tls, PoolOptions::default()),
             hbone_port: cfg.hbone_port,
+            local_congestion: cfg.local_congestion,
         });
-        tokio::spawn(outbound.run(capture_listener(cfg.capture)?));
+        tokio::spawn(outbound.run(capture_listener(cfg.capture, cfg.local_congestion)?));
         tracing::info!(capture = %cfg.capture, hbone = cfg.hbone_port, "mesh: capturing and serving HBONE");
         Ok(Mesh { view: tx })
     }
@@ -124,9 +138,13 @@ fn hbone_listener(port: u16) -> std::io::Result<TcpListener> {
 }
 
 /// The capture listener. `IP_FREEBIND`: the gateway address exists only once a workload's veth
-/// carries it, and the agent may start first.
-fn capture_listener(addr: SocketAddrV4) -> std::io::Result<TcpListener> {
-    listener(addr, |s| s.set_freebind_v4(true))
+/// carries it, and the agent may start first. The connections it accepts inherit its congestion
+/// control.
+fn capture_listener(addr: SocketAddrV4, congestion: local_hop::LocalCongestion) -> std::io::Result<TcpListener> {
+    listener(addr, |s| {
+        s.set_freebind_v4(true)?;
+        congestion.apply(s)
+    })
 }
 
 /// A non-blocking listener on `addr`, with `option` set before the bind.

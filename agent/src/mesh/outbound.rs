@@ -25,6 +25,7 @@ use warden_hbone::{ConnectRequest, Key, Pool, SecretManagerTls, copy::relay_plai
 
 use super::{
     deliver,
+    local_hop::LocalCongestion,
     metrics::{ConnKey, LiveConnections, Reporter, refused},
     view::{View, denial_names},
 };
@@ -60,6 +61,8 @@ pub struct Outbound {
     pub orig: OrigDstMap,
     pub pool: Pool<SecretManagerTls>,
     pub hbone_port: u16,
+    /// For same-node deliveries.
+    pub local_congestion: LocalCongestion,
 }
 
 impl Outbound {
@@ -107,7 +110,7 @@ impl Outbound {
                 let _ = stream.shutdown().await;
                 return;
             }
-            match Box::pin(deliver::connect(*client.ip(), dst)).await {
+            match Box::pin(deliver::connect(*client.ip(), dst, self.local_congestion)).await {
                 Ok(upstream) => {
                     self.captures.opened(key, &source, &target, &stream);
                     self.deliveries.opened(key, &source, &target, &upstream);
