@@ -39,6 +39,10 @@
 //! The table shows each figure beside its target, met or not, then every repeat's values and the
 //! TIME-WAIT sockets in the server's node namespace as each rate run starts (a warden row's last
 //! hop is the agent's own connection, so its TIME-WAIT stays on the node, not in the client).
+//!
+//! `BENCH_MTLS_HOLD=FILE cargo xtask bench mtls` measures nothing: it sets the cluster up, prints
+//! each workload's network namespace and cgroup and each agent's pid, creates FILE and holds the
+//! cluster until FILE is removed (for `perf` and runs by hand on the benchmark's own paths).
 
 use std::{
     fmt::Write as _,
@@ -577,6 +581,21 @@ pub fn mtls() -> anyhow::Result<()> {
         eprintln!("bench mtls: {}: {}", row.name, paths.last().unwrap());
     }
 
+    // For profiling by hand: the cluster as the benchmark measures it, held until the file is
+    // removed.
+    if let Ok(flag) = std::env::var("BENCH_MTLS_HOLD") {
+        for lab in [&cluster.n1, &cluster.n2, &cluster.n3] {
+            for m in &lab.members {
+                eprintln!("HOLD {} {} netns={} cgroup={}", lab.tag, m.spec.name, m.netns, m.cgroup.display());
+            }
+            eprintln!("HOLD {} node={} agent={}", lab.tag, lab.node, lab.agent_pid().unwrap_or(0));
+        }
+        fs::write(&flag, "")?;
+        while fs::metadata(&flag).is_ok() {
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        return Ok(());
+    }
     let mut figures: Vec<Figures> = ROWS.iter().map(|_| Figures::default()).collect();
     for rep in 1..=REPEAT {
         for (row, f) in ROWS.iter().zip(&mut figures) {
