@@ -312,6 +312,7 @@ pub async fn run(cfg: AgentConfig, mut source: Box<dyn Source>) -> anyhow::Resul
         .transpose()?;
     if let Some(m) = &cfg.mesh {
         m.check()?;
+        tracing::info!(records = ?warden_identity::tls::RecordCipher::for_this_cpu(), "mesh: TLS record cipher (AES-GCM)");
     }
     let mut dp = Datapath::load(&cfg.pin_dir)?;
     // The fast path files the agent's own sockets from its own cgroup; without that, it stays off.

@@ -1,6 +1,7 @@
 //! rustls mTLS configurations for workload identities.
 //!
-//! - TLS 1.3 only, AES-GCM suites only, aws-lc-rs provider.
+//! - TLS 1.3 only, AES-GCM suites only; aws-lc-rs for key exchange and signatures, the record
+//!   layer's AES-GCM from aws-lc or ring, whichever is faster on the CPU ([`RecordCipher`]).
 //! - `COMPLIANCE_POLICY=pqc` restricts key exchange to the hybrid `X25519MLKEM768` group, so a
 //!   peer that cannot negotiate it fails the handshake.
 //! - Peers are verified by [`SpiffeVerifier`]: chain to the current [`TrustBundle`] (several
@@ -196,8 +197,13 @@ impl From<VerifyError> for rustls::Error {
     }
 }
 
-/// The crypto provider for a policy: aws-lc-rs, TLS 1.3 AES-GCM suites, policy's groups.
+/// The crypto provider for a policy: aws-lc-rs, the policy's groups, and TLS 1.3 AES-GCM suites
+/// from whichever library is faster on this CPU ([`RecordCipher`]).
 pub fn crypto_provider(policy: CompliancePolicy) -> Arc<CryptoProvider> {
+    provider_with(policy, RecordCipher::for_this_cpu())
+}
+
+fn provider_with(policy: CompliancePolicy, records: RecordCipher) -> Arc<CryptoProvider> {
     let base = aws_lc_rs::default_provider();
     let kx_groups = match policy {
         CompliancePolicy::Default => {
@@ -205,14 +211,7 @@ pub fn crypto_provider(policy: CompliancePolicy) -> Arc<CryptoProvider> {
         }
         CompliancePolicy::Pqc => vec![aws_lc_rs::kx_group::X25519MLKEM768],
     };
-    Arc::new(CryptoProvider {
-        cipher_suites: vec![
-            aws_lc_rs::cipher_suite::TLS13_AES_256_GCM_SHA384,
-            aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256,
-        ],
-        kx_groups,
-        ..base
-    })
+    Arc::new(CryptoProvider { cipher_suites: records.suites(), kx_groups, ..base })
 }
 
 struct TrustState {
@@ -767,7 +766,15 @@ pub fn server_config(
     verifier: Arc<SpiffeVerifier>,
     certs: Arc<dyn ResolvesServerCert>,
 ) -> Result<ServerConfig, TlsError> {
-    let mut config = ServerConfig::builder_with_provider(crypto_provider(policy))
+    server_config_with(crypto_provider(policy), verifier, certs)
+}
+
+fn server_config_with(
+    provider: Arc<CryptoProvider>,
+    verifier: Arc<SpiffeVerifier>,
+    certs: Arc<dyn ResolvesServerCert>,
+) -> Result<ServerConfig, TlsError> {
+    let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(certs);
@@ -783,7 +790,15 @@ pub fn client_config(
     verifier: Arc<SpiffeVerifier>,
     certs: Arc<dyn ResolvesClientCert>,
 ) -> Result<ClientConfig, TlsError> {
-    let mut config = ClientConfig::builder_with_provider(crypto_provider(policy))
+    client_config_with(crypto_provider(policy), verifier, certs)
+}
+
+fn client_config_with(
+    provider: Arc<CryptoProvider>,
+    verifier: Arc<SpiffeVerifier>,
+    certs: Arc<dyn ResolvesClientCert>,
+) -> Result<ClientConfig, TlsError> {
+    let mut config = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         // "dangerous" only because rustls cannot know the verifier is sound: this one verifies the
         // chain, expiry, revocation and SPIFFE identity instead of a DNS name.
@@ -816,6 +831,9 @@ pub fn certified_key(chain_pem: &[String], key_pkcs8_der: Vec<u8>) -> Result<Cer
     ck.keys_match()?;
     Ok(ck)
 }
+
+mod suites;
+pub use suites::RecordCipher;
 
 #[cfg(test)]
 mod tests;
