@@ -512,6 +512,7 @@ fn bad_input_is_refused_with_file_and_field_and_the_last_good_state_keeps_runnin
     assert!(a.wait_exit(Duration::from_secs(10)).is_some_and(|s| !s.success()), "the agent must refuse to start");
     let log = fs::read_to_string(lab.agent_log()).unwrap();
     assert!(log.contains("workloads.yaml: workloads[2].veth: no interface \"nosuchveth\" on this node"), "{log}");
+    assert!(!log.contains('\u{1b}'), "a log that is not a terminal has no colour codes:\n{log}");
     assert!(!lab.pin_dir.join("links").exists(), "nothing was attached");
     fs::write(lab.workloads_path(), lab.workload_file()).unwrap();
 
