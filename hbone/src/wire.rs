@@ -3,9 +3,13 @@
 //! rustls pulls ciphertext in reads of at most 4 KiB, up to one record (16 KiB) at a time, so a
 //! bulk transfer straight off a socket costs four `recvfrom` per record. [`Wire`] reads the
 //! socket into a 256 KiB buffer (the relay's largest DATA frame) and serves rustls from it: one
-//! system call for sixteen records or more. The buffer is released whenever it is drained and the
-//! socket has nothing more (an idle connection holds none). Writes go straight to the socket (rustls already writes all its
-//! pending records in one vectored write).
+//! system call for sixteen records or more. Small messages (a request, an echo, a stream's
+//! opening) are read straight into rustls's buffer: the gulp buffer is taken only once a read
+//! fills what rustls asked for, so more is likely waiting, and released whenever it is drained and
+//! the socket has nothing more (an idle connection holds none). It is never zeroed: the socket
+//! reads into its spare capacity. Both matter: allocating and zeroing 256 KiB for each small
+//! message was a tenth of the agents' CPU in a connection-rate run. Writes go straight to the
+//! socket (rustls already writes all its pending records in one vectored write).
 //!
 //! How much goes into one write is set on the TLS connection ([`batch_writes`]): rustls buffers
 //! at most 64 KiB of records by default, so a 256 KiB DATA frame left as four writes of 65,624
@@ -19,6 +23,7 @@ use std::{
     task::{Context, Poll},
 };
 
+use bytes::{Buf as _, BytesMut};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::TcpStream,
@@ -39,43 +44,51 @@ pub(crate) fn batch_writes<D>(conn: &mut rustls::ConnectionCommon<D>) {
 #[derive(Debug)]
 pub struct Wire {
     tcp: TcpStream,
-    /// `GULP` bytes while reading, empty while idle.
-    buf: Vec<u8>,
-    /// Unread bytes are `buf[pos..end]`.
-    pos: usize,
-    end: usize,
+    /// The bytes read and not yet served. No capacity while small messages arrive or the
+    /// connection is idle; `GULP` while a stream of data is read.
+    buf: BytesMut,
 }
 
 impl Wire {
     pub fn new(tcp: TcpStream) -> Wire {
-        Wire { tcp, buf: Vec::new(), pos: 0, end: 0 }
+        Wire { tcp, buf: BytesMut::new() }
+    }
+
+    /// Capacity held for reading (0 between bursts).
+    #[cfg(test)]
+    fn held(&self) -> usize {
+        self.buf.capacity()
     }
 }
 
 impl AsyncRead for Wire {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.pos == this.end {
-            // A read as large as the buffer goes straight to the caller.
-            if out.remaining() >= GULP {
-                return Pin::new(&mut this.tcp).poll_read(cx, out);
-            }
-            if this.buf.is_empty() {
-                this.buf = vec![0; GULP];
-            }
-            let mut gulp = ReadBuf::new(&mut this.buf);
-            let polled = Pin::new(&mut this.tcp).poll_read(cx, &mut gulp);
-            let filled = gulp.filled().len();
-            (this.pos, this.end) = (0, filled);
-            if filled == 0 || !matches!(polled, Poll::Ready(Ok(()))) {
-                // EOF, nothing there yet, or an error: hold no memory meanwhile.
-                this.buf = Vec::new();
+        if this.buf.is_empty() {
+            // Not streaming, or a read as large as the gulp: straight into the caller's buffer.
+            if this.buf.capacity() == 0 || out.remaining() >= GULP {
+                let wanted = out.remaining();
+                let polled = Pin::new(&mut this.tcp).poll_read(cx, out);
+                if matches!(polled, Poll::Ready(Ok(()))) && wanted < GULP && out.remaining() == 0 {
+                    // It filled what was asked for: more is likely waiting, so gulp from now on.
+                    this.buf = BytesMut::with_capacity(GULP);
+                }
                 return polled;
             }
+            this.buf.clear();
+            this.buf.reserve(GULP);
+            match tokio_util::io::poll_read_buf(Pin::new(&mut this.tcp), cx, &mut this.buf) {
+                Poll::Ready(Ok(n)) if n > 0 => {}
+                // EOF, nothing there yet, or an error: hold no memory meanwhile.
+                polled => {
+                    this.buf = BytesMut::new();
+                    return polled.map_ok(|_| ());
+                }
+            }
         }
-        let n = out.remaining().min(this.end - this.pos);
-        out.put_slice(&this.buf[this.pos..this.pos + n]);
-        this.pos += n;
+        let n = out.remaining().min(this.buf.len());
+        out.put_slice(&this.buf[..n]);
+        this.buf.advance(n);
         Poll::Ready(Ok(()))
     }
 }
@@ -103,5 +116,62 @@ impl AsyncWrite for Wire {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::{
+        io::{AsyncReadExt as _, AsyncWriteExt as _},
+        net::TcpListener,
+    };
+
+    use super::*;
+
+    async fn pair() -> (TcpStream, Wire) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (client, accepted) = tokio::join!(TcpStream::connect(listener.local_addr().unwrap()), listener.accept());
+        (client.unwrap(), Wire::new(accepted.unwrap().0))
+    }
+
+    /// Reads `len` bytes in 4 KiB reads, as rustls does; returns them and the most capacity held.
+    async fn read_as_rustls(wire: &mut Wire, len: usize) -> (Vec<u8>, usize) {
+        let (mut got, mut held) = (Vec::with_capacity(len), 0);
+        let mut chunk = [0u8; 4096];
+        while got.len() < len {
+            let n = wire.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "EOF after {} of {len} bytes", got.len());
+            got.extend_from_slice(&chunk[..n]);
+            held = held.max(wire.held());
+        }
+        (got, held)
+    }
+
+    #[tokio::test]
+    async fn small_messages_take_no_buffer_and_a_stream_is_gulped_intact_then_released() {
+        let (mut peer, mut wire) = pair().await;
+        for round in 0..3u8 {
+            peer.write_all(&[round; 100]).await.unwrap();
+            let (got, held) = read_as_rustls(&mut wire, 100).await;
+            assert_eq!(got, [round; 100]);
+            assert_eq!(held, 0, "a 100-byte message must not take the gulp buffer");
+        }
+
+        let data: Vec<u8> = (0..4 * GULP as u32).map(|i| (i % 251) as u8).collect();
+        let writer = tokio::spawn(async move {
+            peer.write_all(&data).await.unwrap();
+            (peer, data)
+        });
+        let (got, held) = read_as_rustls(&mut wire, 4 * GULP).await;
+        let (mut peer, data) = writer.await.unwrap();
+        assert!(got == data, "the stream arrived altered");
+        assert_eq!(held, GULP, "a stream is read in gulps");
+
+        // Drained and nothing more: the next read finds the socket empty and lets the buffer go.
+        let pending = tokio::time::timeout(std::time::Duration::from_millis(50), wire.read(&mut [0u8; 4096])).await;
+        assert!(pending.is_err(), "nothing was sent");
+        assert_eq!(wire.held(), 0, "an idle connection holds no buffer");
+        peer.shutdown().await.unwrap();
+        assert_eq!(wire.read(&mut [0u8; 4096]).await.unwrap(), 0, "EOF");
     }
 }
