@@ -45,7 +45,8 @@ pub(crate) fn batch_writes<D>(conn: &mut rustls::ConnectionCommon<D>) {
 pub struct Wire {
     tcp: TcpStream,
     /// The bytes read and not yet served. No capacity while small messages arrive or the
-    /// connection is idle; `GULP` while a stream of data is read.
+    /// connection is idle (released); while a stream of data is read, one `GULP` allocation,
+    /// reclaimed whole each time it is drained.
     buf: BytesMut,
 }
 
@@ -75,8 +76,7 @@ impl AsyncRead for Wire {
                 }
                 return polled;
             }
-            this.buf.clear();
-            this.buf.reserve(GULP);
+            debug_assert_eq!(this.buf.capacity(), GULP, "a drained buffer is reclaimed whole");
             match tokio_util::io::poll_read_buf(Pin::new(&mut this.tcp), cx, &mut this.buf) {
                 Poll::Ready(Ok(n)) if n > 0 => {}
                 // EOF, nothing there yet, or an error: hold no memory meanwhile.
@@ -89,6 +89,12 @@ impl AsyncRead for Wire {
         let n = out.remaining().min(this.buf.len());
         out.put_slice(&this.buf[..n]);
         this.buf.advance(n);
+        if this.buf.is_empty() {
+            // Drained: take the whole allocation back for the next gulp (no copy, no allocation).
+            // Only a released buffer has no capacity, so a gulp served to its last byte does not
+            // look like the end of a stream.
+            this.buf.reserve(GULP);
+        }
         Poll::Ready(Ok(()))
     }
 }
@@ -134,15 +140,16 @@ mod tests {
         (client.unwrap(), Wire::new(accepted.unwrap().0))
     }
 
-    /// Reads `len` bytes in 4 KiB reads, as rustls does; returns them and the most capacity held.
-    async fn read_as_rustls(wire: &mut Wire, len: usize) -> (Vec<u8>, usize) {
-        let (mut got, mut held) = (Vec::with_capacity(len), 0);
+    /// Reads `len` bytes in 4 KiB reads, as rustls does; returns them and the capacity held after
+    /// each read.
+    async fn read_as_rustls(wire: &mut Wire, len: usize) -> (Vec<u8>, Vec<usize>) {
+        let (mut got, mut held) = (Vec::with_capacity(len), Vec::new());
         let mut chunk = [0u8; 4096];
         while got.len() < len {
             let n = wire.read(&mut chunk).await.unwrap();
             assert!(n > 0, "EOF after {} of {len} bytes", got.len());
             got.extend_from_slice(&chunk[..n]);
-            held = held.max(wire.held());
+            held.push(wire.held());
         }
         (got, held)
     }
@@ -154,7 +161,7 @@ mod tests {
             peer.write_all(&[round; 100]).await.unwrap();
             let (got, held) = read_as_rustls(&mut wire, 100).await;
             assert_eq!(got, [round; 100]);
-            assert_eq!(held, 0, "a 100-byte message must not take the gulp buffer");
+            assert_eq!(held, [0], "a 100-byte message must not take the gulp buffer");
         }
 
         let data: Vec<u8> = (0..4 * GULP as u32).map(|i| (i % 251) as u8).collect();
@@ -165,7 +172,11 @@ mod tests {
         let (got, held) = read_as_rustls(&mut wire, 4 * GULP).await;
         let (mut peer, data) = writer.await.unwrap();
         assert!(got == data, "the stream arrived altered");
-        assert_eq!(held, GULP, "a stream is read in gulps");
+        // Once taken, the buffer is kept until the stream pauses: a gulp served to its last byte
+        // is read into again, not given up and taken anew.
+        let taken = held.iter().position(|&h| h > 0).expect("a stream is read in gulps");
+        assert_eq!(held[taken], GULP, "a stream is read in gulps");
+        assert!(held[taken..].iter().all(|&h| h > 0), "capacity after each read: {held:?}");
 
         // Drained and nothing more: the next read finds the socket empty and lets the buffer go.
         let pending = tokio::time::timeout(std::time::Duration::from_millis(50), wire.read(&mut [0u8; 4096])).await;
