@@ -5,17 +5,24 @@
 //! --no-fast-path` and one CA, no policies (everything allowed, so only the data plane is
 //! measured). Node 1 holds the clients `client` (meshed) and `client-plain` (labelled
 //! `istio.io/dataplane-mode: none`) and the servers `near` (meshed) and `near-plain`; node 2 the
-//! servers `far` and `far-plain`. A third node, alone, runs its agent with `--fast-path` and holds
-//! `client` and `near` again (the fast path is a node's switch, so its row needs its own node).
-//! Every server runs `warden-probe serve` and `iperf3 -s`. The rows:
+//! servers `far` and `far-plain`. Nodes 3 and 4, wired to each other, run their agents with
+//! `--fast-path` and hold `client` and `near`, and `far` (the fast path is a node's switch, so its
+//! rows need their own nodes). Every server runs `warden-probe serve` and `iperf3 -s`. The rows:
 //!
-//! | row                        | client -> server           | path                                          |
-//! |----------------------------|----------------------------|-----------------------------------------------|
-//! | (1) direct TCP, same node  | client-plain -> near-plain | routed by node 1                              |
-//! | (2) warden, same node      | client -> near             | captured, authorized, delivered by agent 1    |
-//! | (2f) warden + fast path    | client -> near on node 3   | as (2), agent 3, bytes through the sock hash  |
-//! | (3) direct TCP, cross node | client-plain -> far-plain  | routed over the wire                          |
-//! | (4) warden, cross node     | client -> far              | agent 1 -> HBONE (mTLS 1.3, 15008) -> agent 2 |
+//! | row                          | client -> server            | path                                          |
+//! |------------------------------|-----------------------------|-----------------------------------------------|
+//! | (1) direct TCP, same node    | client-plain -> near-plain  | routed by node 1                              |
+//! | (2) warden, same node        | client -> near              | captured, authorized, delivered by agent 1    |
+//! | (2f) warden + fast path      | client -> near on node 3    | as (2), agent 3, bytes through the sock hash  |
+//! | (3) direct TCP, cross node   | client-plain -> far-plain   | routed over the wire                          |
+//! | (4) warden, cross node       | client -> far               | agent 1 -> HBONE (mTLS 1.3, 15008) -> agent 2 |
+//! | (4f) warden + fast path      | client (3) -> far (4)       | as (4), agents 3 and 4; their hops to their own workloads through the sock hash |
+//! | (5) TCP relay pair, cross    | client-plain -> far-plain   | plain TCP through a relay in node 1's namespace and one in node 2's |
+//!
+//! Row (5) is the reference for the cross-node rows: the least any pair of user-space proxies does
+//! on that path (a thread per direction, read and write, no TLS, no HTTP/2, no event loop). What it
+//! adds to row (3) is the price of the two extra hops on this machine; what row (4) adds to it is
+//! warden's own.
 //!
 //! The direct rows run with both agents up and warden's programs on every veth (the workloads are
 //! only out of the mesh), so they pay warden's L4 datapath too and a ratio isolates the mesh.
@@ -59,7 +66,7 @@ use warden_tests::{Lab, Spec, probe_bin, run};
 
 use crate::process::{cpu_seconds, machine_busy_seconds};
 
-const TAGS: [&str; 3] = ["bmtls1", "bmtls2", "bmtls3"];
+const TAGS: [&str; 4] = ["bmtls1", "bmtls2", "bmtls3", "bmtls4"];
 const NAMESPACE: &str = "bench";
 /// `warden-probe serve` (greeting, then echo) on every server.
 const PORT: u16 = 8080;
@@ -101,74 +108,55 @@ const fn node2(host: u8) -> Ipv4Addr {
 const fn node3(host: u8) -> Ipv4Addr {
     Ipv4Addr::new(10, 61, 3, host)
 }
+const fn node4(host: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 61, 4, host)
+}
+/// A node's address on every host veth, as its workloads see it (`warden_tests::GATEWAY`): where
+/// row (5)'s client finds node 1's relay.
+const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+/// The relays' read buffer (the largest read warden's relay makes, too).
+const RELAY_BUFFER: usize = 256 * 1024;
 
-/// One row: a client on node 1 and a server on node 1 or 2.
+/// One row: a client and a server, and the path between them.
 struct Row {
     name: &'static str,
     client: &'static str,
     server: &'static str,
+    /// Where the client connects: the server, or for the relay row node 1's relay.
     ip: Ipv4Addr,
     meshed: bool,
-    /// The server is on node 2.
+    /// The server is on another node (node 2, or node 4 for the fast path's pair).
     cross: bool,
-    /// Client and server are on node 3, whose agent runs the fast path.
+    /// Client and server are on the fast path's nodes (3, and 4 across).
     fast: bool,
+    /// Plain TCP through [`relay`]s on nodes 1 and 2, no TLS, no HTTP/2: what two user-space
+    /// hops cost on this machine, whoever runs them.
+    relay: bool,
     /// The direct row this row is compared with.
     base: usize,
 }
 
-const ROWS: [Row; 5] = [
+const fn row(name: &'static str, client: &'static str, server: &'static str, ip: Ipv4Addr, base: usize) -> Row {
+    Row { name, client, server, ip, meshed: false, cross: false, fast: false, relay: false, base }
+}
+
+const ROWS: [Row; 7] = [
+    row("(1) direct TCP, same node", "client-plain", "near-plain", node1(5), 0),
+    Row { meshed: true, ..row("(2) warden, same node", "client", "near", node1(4), 0) },
+    Row { meshed: true, fast: true, ..row("(2f) warden + fast path", "client", "near", node3(4), 0) },
+    Row { cross: true, ..row("(3) direct TCP, cross node", "client-plain", "far-plain", node2(3), 3) },
+    Row { meshed: true, cross: true, ..row("(4) warden, cross node", "client", "far", node2(2), 3) },
     Row {
-        name: "(1) direct TCP, same node",
-        client: "client-plain",
-        server: "near-plain",
-        ip: node1(5),
-        meshed: false,
-        cross: false,
-        fast: false,
-        base: 0,
-    },
-    Row {
-        name: "(2) warden, same node",
-        client: "client",
-        server: "near",
-        ip: node1(4),
         meshed: true,
-        cross: false,
-        fast: false,
-        base: 0,
-    },
-    Row {
-        name: "(2f) warden + fast path",
-        client: "client",
-        server: "near",
-        ip: node3(4),
-        meshed: true,
-        cross: false,
+        cross: true,
         fast: true,
-        base: 0,
+        ..row("(4f) warden + fast path, cross", "client", "far", node4(2), 3)
     },
-    Row {
-        name: "(3) direct TCP, cross node",
-        client: "client-plain",
-        server: "far-plain",
-        ip: node2(3),
-        meshed: false,
-        cross: true,
-        fast: false,
-        base: 3,
-    },
-    Row {
-        name: "(4) warden, cross node",
-        client: "client",
-        server: "far",
-        ip: node2(2),
-        meshed: true,
-        cross: true,
-        fast: false,
-        base: 3,
-    },
+    Row { cross: true, relay: true, ..row("(5) TCP relay pair, cross", "client-plain", "far-plain", GATEWAY, 3) },
 ];
+
+/// Index of row (4) in [`ROWS`] (the memory figures hold its connections).
+const CROSS: usize = 4;
 
 /// What the repeats of one row measured.
 #[derive(Default)]
@@ -240,10 +228,13 @@ fn median(v: &[f64]) -> f64 {
 struct Cluster {
     n1: Lab,
     n2: Lab,
-    /// The fast path's node.
+    /// The fast path's nodes, wired to each other.
     n3: Lab,
-    /// The agent processes of nodes 1, 2 and 3.
-    agents: [u32; 3],
+    n4: Lab,
+    /// The agent processes of nodes 1 to 4.
+    agents: [u32; 4],
+    /// Row (5)'s relays, in the node namespaces of nodes 1 and 2.
+    relays: [Child; 2],
     iperf: Vec<Child>,
 }
 
@@ -262,10 +253,13 @@ impl Cluster {
         ];
         let specs2 = [Spec::new(NAMESPACE, "far", node2(2), &[PORT]), plain("far-plain", node2(3), &[PORT])];
         let specs3 = [Spec::new(NAMESPACE, "client", node3(2), &[]), Spec::new(NAMESPACE, "near", node3(4), &[PORT])];
+        let specs4 = [Spec::new(NAMESPACE, "far", node4(2), &[PORT])];
         let mut n1 = Lab::up(TAGS[0], &specs1)?;
         let mut n2 = Lab::up(TAGS[1], &specs2)?;
         let mut n3 = Lab::up(TAGS[2], &specs3)?;
+        let mut n4 = Lab::up(TAGS[3], &specs4)?;
         Lab::wire(&mut n1, &mut n2)?;
+        Lab::wire(&mut n3, &mut n4)?;
         // Whoever closes first keeps the TIME-WAIT socket: the clients, and on the warden rows also
         // the agent's last hop (it relays the client's FIN). At thousands of connections a second to
         // one server, every port is in TIME-WAIT within seconds and connect()'s port search then
@@ -277,22 +271,36 @@ impl Cluster {
             run(&["ip", "netns", "exec", &netns, "sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65535"])?;
             run(&["ip", "netns", "exec", &netns, "sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"])?;
         }
-        for lab in [&n1, &n2, &n3] {
+        for lab in [&n1, &n2, &n3, &n4] {
             run(&["ip", "netns", "exec", &lab.node, "sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"])?;
         }
         // One CA for the cluster, as in tests/tests/mesh.rs.
         let ca = n1.dir.join("ca");
         fs::create_dir_all(&ca)?;
-        for (lab, switch) in [(&mut n1, "--no-fast-path"), (&mut n2, "--no-fast-path"), (&mut n3, "--fast-path")] {
+        for (lab, switch) in [
+            (&mut n1, "--no-fast-path"),
+            (&mut n2, "--no-fast-path"),
+            (&mut n3, "--fast-path"),
+            (&mut n4, "--fast-path"),
+        ] {
             let policies = lab.dir.join("policies");
             warden_tests::write_policies(&policies, &[])?;
             lab.start_mesh_agent_with(&policies, &ca, &[switch])
                 .with_context(|| format!("{}: starting the mesh agent", lab.tag))?;
         }
         let pid = |lab: &Lab| lab.agent_pid().with_context(|| format!("{}: no agent process", lab.tag));
-        let agents = [pid(&n1)?, pid(&n2)?, pid(&n3)?];
+        let agents = [pid(&n1)?, pid(&n2)?, pid(&n3)?, pid(&n4)?];
+        debug_assert_eq!(GATEWAY.to_string(), warden_tests::GATEWAY);
+        // Row (5): node 1's relay takes the client's connection on the ports the servers use and
+        // connects over the wire to node 2's, which connects to far-plain.
+        let far_plain = ROWS[3].ip;
+        let wire = |lab: &Lab| lab.wire.clone().map(|(_, ip)| ip).context("the node is not wired");
+        let to = |ip: Ipv4Addr| [PORT, IPERF_PORT].map(|port| format!("0.0.0.0:{port}={ip}:{port}"));
+        let relays = [relay(&n1, &to(wire(&n2)?))?, relay(&n2, &to(far_plain))?];
         let mut iperf = Vec::new();
-        for (lab, server) in [(&n1, "near"), (&n1, "near-plain"), (&n2, "far"), (&n2, "far-plain"), (&n3, "near")] {
+        for (lab, server) in
+            [(&n1, "near"), (&n1, "near-plain"), (&n2, "far"), (&n2, "far-plain"), (&n3, "near"), (&n4, "far")]
+        {
             let child = lab
                 .command_in(server, "iperf3".as_ref(), &["-s".into(), "-p".into(), IPERF_PORT.to_string()])
                 .stdout(Stdio::null())
@@ -302,7 +310,7 @@ impl Cluster {
             iperf.push(child);
         }
         std::thread::sleep(Duration::from_millis(300));
-        Ok(Cluster { n1, n2, n3, agents, iperf })
+        Ok(Cluster { n1, n2, n3, n4, agents, relays, iperf })
     }
 
     /// The node of `row`'s client.
@@ -310,11 +318,26 @@ impl Cluster {
         if row.fast { &self.n3 } else { &self.n1 }
     }
 
-    /// The agents' CPU seconds so far (all three processes, all threads, user and system; the
-    /// agents a row does not use are idle).
-    fn agent_cpu(&self) -> anyhow::Result<f64> {
+    /// The node of `row`'s server.
+    fn server_node(&self, row: &Row) -> &Lab {
+        match (row.cross, row.fast) {
+            (false, _) => self.client_node(row),
+            (true, false) => &self.n2,
+            (true, true) => &self.n4,
+        }
+    }
+
+    /// The CPU seconds so far of what relays `row`'s bytes: the agents (all four processes, all
+    /// threads, user and system; those a row does not use are idle), or row (5)'s relays.
+    fn proxy_cpu(&self, row: &Row) -> anyhow::Result<f64> {
         let mut s = 0.0;
-        for (pid, lab) in self.agents.iter().zip([&self.n1, &self.n2, &self.n3]) {
+        if row.relay {
+            for r in &self.relays {
+                s += cpu_seconds(r.id()).with_context(|| format!("relay pid {}", r.id()))?;
+            }
+            return Ok(s);
+        }
+        for (pid, lab) in self.agents.iter().zip([&self.n1, &self.n2, &self.n3, &self.n4]) {
             s += cpu_seconds(*pid)
                 .with_context(|| format!("agent of {} (pid {pid}); log: {}", lab.tag, log_tail(lab)))?;
         }
@@ -357,6 +380,7 @@ impl Cluster {
         let (mut holder, v) = self.hold(row, 1)?;
         let node = self.client_node(row);
         let (captured, hbone) = (self.sockets(node, "sport", CAPTURE_PORT)?, self.sockets(node, "dport", HBONE_PORT)?);
+        let relayed = (self.sockets(&self.n1, "sport", PORT)?, self.sockets(&self.n2, "sport", PORT)?);
         let redirected = fast_path_redirected(&self.n3)? - redirected;
         drop(holder.stdin.take());
         let _ = holder.wait();
@@ -371,31 +395,48 @@ impl Cluster {
             );
         }
         if row.meshed && row.cross && hbone == 0 {
-            bail!("{}: captured, but no HBONE connection from node 1 to {HBONE_PORT}", row.name);
+            bail!("{}: captured, but no HBONE connection from {} to {HBONE_PORT}", row.name, node.tag);
+        }
+        if row.relay != (relayed.0 > 0 && relayed.1 > 0) {
+            bail!(
+                "{}: {} and {} connections accepted by the relays of nodes 1 and 2; expected relay={}",
+                row.name,
+                relayed.0,
+                relayed.1,
+                row.relay
+            );
         }
         if row.fast != (redirected > 0) {
             bail!("{}: {redirected} bytes through the fast path's sock hash; expected fast={}", row.name, row.fast);
         }
         Ok(match (row.meshed, row.cross, row.fast) {
+            (false, _, _) if row.relay => {
+                "not captured (plain TCP), through a relay in node 1's namespace and one in node 2's".into()
+            }
             (false, _, _) => "not captured (plain TCP)".into(),
             (true, false, false) => format!("captured by agent 1 ({CAPTURE_PORT}), delivered on the node"),
             (true, false, true) => format!(
                 "captured by agent 3 ({CAPTURE_PORT}), delivered on the node; the greeting took the sock hash \
                  ({redirected} bytes redirected)"
             ),
-            (true, true, _) => format!("captured by agent 1 ({CAPTURE_PORT}), HBONE to {}:{HBONE_PORT}", row.ip),
+            (true, true, false) => format!("captured by agent 1 ({CAPTURE_PORT}), HBONE to {}:{HBONE_PORT}", row.ip),
+            (true, true, true) => format!(
+                "captured by agent 3 ({CAPTURE_PORT}), HBONE to {}:{HBONE_PORT}; the greeting took the sock hash \
+                 ({redirected} bytes redirected)",
+                row.ip
+            ),
         })
     }
 
     fn throughput(&self, row: &Row, f: &mut Figures) -> anyhow::Result<()> {
         let args = ["-c", &row.ip.to_string(), "-p", &IPERF_PORT.to_string(), "-t", &SECONDS.to_string(), "-J"];
-        let (cpu0, machine0) = (self.agent_cpu()?, machine_busy_seconds()?);
+        let (cpu0, machine0) = (self.proxy_cpu(row)?, machine_busy_seconds()?);
         let out = self
             .client_node(row)
             .command_in(row.client, "iperf3".as_ref(), &args.map(String::from))
             .output()
             .context("iperf3")?;
-        let (cpu1, machine1) = (self.agent_cpu()?, machine_busy_seconds()?);
+        let (cpu1, machine1) = (self.proxy_cpu(row)?, machine_busy_seconds()?);
         let v: serde_json::Value = serde_json::from_slice(&out.stdout)
             .with_context(|| format!("{}: iperf3 JSON; stderr {}", row.name, String::from_utf8_lossy(&out.stderr)))?;
         if let Some(e) = v["error"].as_str() {
@@ -443,12 +484,11 @@ impl Cluster {
         ];
         // Connections the node that delivers to the server closed first linger there in TIME-WAIT
         // (shown: they make the next runs' port allocation dearer).
-        let node = if row.cross { &self.n2 } else { self.client_node(row) };
-        f.time_wait.push(count_sockets(node, &["state", "time-wait"])?);
-        let cpu0 = self.agent_cpu()?;
+        f.time_wait.push(count_sockets(self.server_node(row), &["state", "time-wait"])?);
+        let cpu0 = self.proxy_cpu(row)?;
         let out =
             self.client_node(row).command_in(row.client, &probe_bin(), &args).output().context("warden-probe rate")?;
-        let cpu1 = self.agent_cpu()?;
+        let cpu1 = self.proxy_cpu(row)?;
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("probe rate JSON")?;
         let (n, errors) = (v["connections"].as_u64().unwrap_or(0), v["errors"].as_u64().unwrap_or(0));
         if n == 0 {
@@ -463,12 +503,12 @@ impl Cluster {
 
     /// The last lines of the agents' logs (for errors).
     fn logs(&self) -> String {
-        format!(
-            "node 1 agent {}\nnode 2 agent {}\nnode 3 agent {}",
-            log_tail(&self.n1),
-            log_tail(&self.n2),
-            log_tail(&self.n3)
-        )
+        [&self.n1, &self.n2, &self.n3, &self.n4]
+            .iter()
+            .enumerate()
+            .map(|(i, lab)| format!("node {} agent {}", i + 1, log_tail(lab)))
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     /// Resident memory of both agents.
@@ -479,7 +519,7 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        for c in &mut self.iperf {
+        for c in self.iperf.iter_mut().chain(&mut self.relays) {
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -584,7 +624,7 @@ pub fn mtls() -> anyhow::Result<()> {
     // For profiling by hand: the cluster as the benchmark measures it, held until the file is
     // removed.
     if let Ok(flag) = std::env::var("BENCH_MTLS_HOLD") {
-        for lab in [&cluster.n1, &cluster.n2, &cluster.n3] {
+        for lab in [&cluster.n1, &cluster.n2, &cluster.n3, &cluster.n4] {
             for m in &lab.members {
                 eprintln!("HOLD {} {} netns={} cgroup={}", lab.tag, m.spec.name, m.netns, m.cgroup.display());
             }
@@ -613,7 +653,7 @@ pub fn mtls() -> anyhow::Result<()> {
     }
 
     eprintln!("bench mtls: {HOLD} connections open through the mesh, cross node");
-    let far = &ROWS[4];
+    let far = &ROWS[CROSS];
     let (mut holder, held) = cluster.hold(far, HOLD)?;
     std::thread::sleep(SETTLE);
     let holding = cluster.rss()?;
@@ -643,11 +683,11 @@ pub fn mtls() -> anyhow::Result<()> {
          ratios isolate the mesh"
     );
     for (row, path) in ROWS.iter().zip(&paths) {
-        let _ = writeln!(out, "  {:<28} {} -> {} ({}): {path}", row.name, row.client, row.server, row.ip);
+        let _ = writeln!(out, "  {:<31} {} -> {} ({}): {path}", row.name, row.client, row.server, row.ip);
     }
     let _ = writeln!(
         out,
-        "\n{:<28} {:>7} {:>6} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6} {:>9} {:>11} {:>10}",
+        "\n{:<31} {:>7} {:>6} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6} {:>9} {:>11} {:>10}",
         "configuration",
         "Gbit/s",
         "ratio",
@@ -662,10 +702,10 @@ pub fn mtls() -> anyhow::Result<()> {
         "node s/GB"
     );
     for (row, s) in ROWS.iter().zip(&summary) {
-        let added = |v: f64| if row.meshed { format!("{v:.1}") } else { "-".into() };
+        let added = |v: f64| if row.meshed || row.relay { format!("{v:.1}") } else { "-".into() };
         let _ = writeln!(
             out,
-            "{:<28} {:>7.2} {:>6.2} {:>8.1} {:>8.1} {:>8} {:>8} {:>8.0} {:>6.2} {:>9.3} {:>11.1} {:>10.3}",
+            "{:<31} {:>7.2} {:>6.2} {:>8.1} {:>8.1} {:>8} {:>8} {:>8.0} {:>6.2} {:>9.3} {:>11.1} {:>10.3}",
             row.name,
             s.gbps,
             s.gbps_ratio,
@@ -682,8 +722,8 @@ pub fn mtls() -> anyhow::Result<()> {
     }
     let _ = writeln!(
         out,
-        "(ratios and added latency against the direct row of the same path, (1) or (3); CPU: utime + stime of all agents during the iperf3 \
-         runs per GB received, and during the rate runs per connection; node s/GB: busy time of all CPUs (user, system, irq, softirq) during the \
+        "(ratios and added latency against the direct row of the same path, (1) or (3); CPU: utime + stime of all agents (row (5): of both \
+         relays) during the iperf3 runs per GB received, and during the rate runs per connection; node s/GB: busy time of all CPUs (user, system, irq, softirq) during the \
          iperf3 runs per GB received, both ends and the agents, wherever the kernel charges its softirq work)"
     );
     let errors: Vec<String> = ROWS
@@ -746,12 +786,20 @@ pub fn mtls() -> anyhow::Result<()> {
         let _ = writeln!(out, "(only {open} of {HOLD} connections opened: {})", held["error"]);
     }
 
-    let (same, fast, cross) = (&summary[1], &summary[2], &summary[4]);
-    let _ =
-        writeln!(out, "\n{:<48} {:<22} {:<22} {:<22}", "target", "(2) same node", "(2f) + fast path", "(4) cross node");
+    let columns = [1, 2, CROSS, CROSS + 1, CROSS + 2];
+    let _ = writeln!(
+        out,
+        "\n{:<48} {:<22} {:<22} {:<22} {:<22} {:<22}",
+        "target", "(2) same node", "(2f) + fast path", "(4) cross node", "(4f) + fast path", "(5) relay pair, no TLS"
+    );
     let mut target = |name: String, figure: fn(&Summary) -> f64, met: &dyn Fn(f64) -> bool, unit: &str| {
-        let cell = |s: &Summary| format!("{:.2}{unit} {}", figure(s), verdict(met(figure(s))));
-        let _ = writeln!(out, "{name:<48} {:<22} {:<22} {:<22}", cell(same), cell(fast), cell(cross));
+        let cells: Vec<String> = columns
+            .iter()
+            .map(|&i| {
+                format!("{:<22}", format!("{:.2}{unit} {}", figure(&summary[i]), verdict(met(figure(&summary[i])))))
+            })
+            .collect();
+        let _ = writeln!(out, "{name:<48} {}", cells.join(" ").trim_end());
     };
     target(
         format!("throughput >= {:.0}% of direct TCP", MIN_THROUGHPUT_RATIO * 100.0),
@@ -792,6 +840,7 @@ pub fn mtls() -> anyhow::Result<()> {
 ///   greeting, `MESSAGE`-byte lines echoed back one at a time; prints the percentiles as JSON.
 /// - `hold IP:PORT [--count N]`: opens N connections (each greeted), prints `{"open": n, "errors":
 ///   e, "error": first}`, and holds them until stdin closes.
+/// - `relay LISTEN=TARGET...`: row (5)'s relay, run in a node's namespace (see [`serve_relay`]).
 pub fn client(args: &[String]) -> anyhow::Result<()> {
     let flag = |name: &str, default: usize| -> anyhow::Result<usize> {
         match args.iter().position(|a| a == name) {
@@ -806,7 +855,11 @@ pub fn client(args: &[String]) -> anyhow::Result<()> {
             latency(addr.parse().context("IP:PORT")?, flag("--warmup", WARMUP)?, flag("--count", ROUND_TRIPS)?)
         }
         [mode, addr, ..] if mode == "hold" => hold(addr.parse().context("IP:PORT")?, flag("--count", HOLD)?),
-        _ => bail!("usage: bench-client latency IP:PORT [--warmup N] [--count N] | hold IP:PORT [--count N]"),
+        [mode, pairs @ ..] if mode == "relay" && !pairs.is_empty() => serve_relay(pairs),
+        _ => bail!(
+            "usage: bench-client latency IP:PORT [--warmup N] [--count N] | hold IP:PORT [--count N] | relay \
+             LISTEN=TARGET..."
+        ),
     }
 }
 
@@ -871,4 +924,83 @@ fn hold(addr: SocketAddr, count: usize) -> anyhow::Result<()> {
     let _ = std::io::stdin().read_to_end(&mut Vec::new());
     drop(open);
     Ok(())
+}
+
+/// Start `bench-client relay` in `lab`'s node namespace, forwarding each `LISTEN=TARGET`; returns
+/// once it listens.
+fn relay(lab: &Lab, pairs: &[String]) -> anyhow::Result<Child> {
+    let mut args = vec!["bench-client", "relay"];
+    args.extend(pairs.iter().map(String::as_str));
+    let mut child = lab
+        .node_command(&xtask_bin().display().to_string(), &args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting the relay")?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().context("relay stdout")?).read_line(&mut line)?;
+    if line.trim() != "listening" {
+        let _ = child.kill();
+        bail!("{}: the relay did not start (said {line:?})", lab.tag);
+    }
+    Ok(child)
+}
+
+/// The least a user-space relay does: per connection, a thread per direction reading up to
+/// [`RELAY_BUFFER`] and writing it on, the peer's EOF passed on as a half-close; no TLS, no HTTP/2,
+/// no event loop. Prints `listening` once every port is bound.
+fn serve_relay(pairs: &[String]) -> anyhow::Result<()> {
+    let mut listeners = Vec::new();
+    for pair in pairs {
+        let (listen, target) = pair.split_once('=').with_context(|| format!("{pair:?}: expected LISTEN=TARGET"))?;
+        let target: SocketAddr = target.parse().with_context(|| format!("{pair:?}: TARGET"))?;
+        let listener = std::net::TcpListener::bind(listen).with_context(|| format!("{pair:?}: binding {listen}"))?;
+        listeners.push((listener, target));
+    }
+    println!("listening");
+    std::io::stdout().flush()?;
+    let accepting: Vec<_> = listeners
+        .into_iter()
+        .map(|(listener, target)| {
+            std::thread::spawn(move || {
+                for client in listener.incoming().flatten() {
+                    std::thread::spawn(move || relay_connection(client, target));
+                }
+            })
+        })
+        .collect();
+    for a in accepting {
+        let _ = a.join();
+    }
+    Ok(())
+}
+
+fn relay_connection(client: TcpStream, target: SocketAddr) {
+    let Ok(server) = TcpStream::connect(target) else { return };
+    let (Ok(client2), Ok(server2)) = (client.try_clone(), server.try_clone()) else { return };
+    for s in [&client, &server] {
+        let _ = s.set_nodelay(true);
+    }
+    let upstream = std::thread::spawn(move || pump(client2, server2));
+    pump(server, client);
+    let _ = upstream.join();
+}
+
+/// Copy `from` to `to` until EOF (then half-close `to`) or an error.
+fn pump(mut from: TcpStream, mut to: TcpStream) {
+    let mut buf = vec![0; RELAY_BUFFER];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) | Err(_) => {
+                let _ = to.shutdown(std::net::Shutdown::Write);
+                return;
+            }
+            Ok(n) => {
+                if to.write_all(&buf[..n]).is_err() {
+                    let _ = from.shutdown(std::net::Shutdown::Read);
+                    return;
+                }
+            }
+        }
+    }
 }
