@@ -961,18 +961,19 @@ fn serve_relay(pairs: &[String]) -> anyhow::Result<()> {
     std::io::stdout().flush()?;
     let accepting: Vec<_> = listeners
         .into_iter()
-        .map(|(listener, target)| {
-            std::thread::spawn(move || {
-                for client in listener.incoming().flatten() {
-                    std::thread::spawn(move || relay_connection(client, target));
-                }
-            })
-        })
+        .map(|(listener, target)| std::thread::spawn(move || relay_from(listener, target)))
         .collect();
     for a in accepting {
         let _ = a.join();
     }
     Ok(())
+}
+
+/// Relay every connection `listener` accepts to `target`.
+fn relay_from(listener: std::net::TcpListener, target: SocketAddr) {
+    for client in listener.incoming().flatten() {
+        std::thread::spawn(move || relay_connection(client, target));
+    }
 }
 
 fn relay_connection(client: TcpStream, target: SocketAddr) {
@@ -1002,5 +1003,51 @@ fn pump(mut from: TcpStream, mut to: TcpStream) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        io::{Read as _, Write as _},
+        net::{Shutdown, TcpListener, TcpStream},
+        thread,
+    };
+
+    /// Row (5)'s relay moves a stream intact both ways and passes a half-close on, so the other
+    /// direction can still finish (what iperf3 and the echo rely on).
+    #[test]
+    fn the_relay_moves_both_directions_intact_and_passes_a_half_close_on() {
+        // The server reverses each byte's bits, returns everything once the client half-closes,
+        // then closes.
+        let server = TcpListener::bind("127.0.0.1:0").unwrap();
+        let target = server.local_addr().unwrap();
+        thread::spawn(move || {
+            let (mut s, _) = server.accept().unwrap();
+            let mut got = Vec::new();
+            s.read_to_end(&mut got).unwrap();
+            let back: Vec<u8> = got.iter().map(|b| b.reverse_bits()).collect();
+            s.write_all(&back).unwrap();
+        });
+        let relay = TcpListener::bind("127.0.0.1:0").unwrap();
+        let at = relay.local_addr().unwrap();
+        thread::spawn(move || super::relay_from(relay, target));
+
+        let sent: Vec<u8> = (0..3 * super::RELAY_BUFFER + 12_345).map(|i| (i * 7 % 251) as u8).collect();
+        let mut c = TcpStream::connect(at).unwrap();
+        // A half-close the relay does not pass on leaves the server waiting: fail, do not hang.
+        c.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+        let writer = {
+            let (mut c, sent) = (c.try_clone().unwrap(), sent.clone());
+            thread::spawn(move || {
+                c.write_all(&sent).unwrap();
+                c.shutdown(Shutdown::Write).unwrap();
+            })
+        };
+        let mut back = Vec::new();
+        c.read_to_end(&mut back).unwrap();
+        writer.join().unwrap();
+        assert_eq!(back.len(), sent.len());
+        assert!(back.iter().zip(&sent).all(|(b, s)| *b == s.reverse_bits()), "the bytes came back altered");
     }
 }
