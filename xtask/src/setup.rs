@@ -9,6 +9,11 @@ use anyhow::{Context as _, bail};
 pub const EBPF_TOOLCHAIN: &str = "nightly-2026-06-15";
 pub const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// hyper-h2, the HTTP/2 stack of the HBONE interop tests' independent peer
+/// (`hbone/tests/hbone/peer.py`), in a virtual environment of the machine's Python 3 under
+/// `target/` (the tests find it there, or at `WARDEN_INTEROP_PYTHON`).
+const H2_VERSION: &str = "4.3.0";
+const INTEROP_VENV: &str = "target/interop-venv";
 
 /// Debian packages: LLVM 22 for bpf-linker, bpftool, iproute2 for the lab, iptables/nftables and
 /// iperf3 for the L4 benchmark's comparisons, Prometheus for the observability tests, tcpdump for
@@ -127,7 +132,29 @@ pub fn setup() -> anyhow::Result<()> {
     if !Path::new("/sys/kernel/btf/vmlinux").exists() {
         eprintln!("setup: WARNING: no /sys/kernel/btf/vmlinux; the kernel lacks BTF and the datapath will not load");
     }
-    Ok(())
+    interop_peer()
+}
+
+/// The HBONE interop peer's Python environment ([`H2_VERSION`] in [`INTEROP_VENV`]).
+fn interop_peer() -> anyhow::Result<()> {
+    let venv = warden_tests::workspace_root().join(INTEROP_VENV);
+    let python = venv.join("bin/python3");
+    let check = format!("import sys, h2; sys.exit(h2.__version__ != '{H2_VERSION}')");
+    if ok(Command::new(&python).args(["-c", &check])) {
+        return Ok(());
+    }
+    sh(Command::new("python3").args(["-m", "venv"]).arg(&venv), &format!("python3 -m venv {}", venv.display()))?;
+    sh(
+        Command::new(&python).args([
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+            &format!("h2=={H2_VERSION}"),
+        ]),
+        &format!("pip install h2=={H2_VERSION} (the HBONE interop peer)"),
+    )
 }
 
 /// The real Kubernetes API server the integration tests run against: built from Debian's source

@@ -48,7 +48,7 @@ pub struct Issued {
 
 /// A CA with its own clock and trust bundle.
 pub struct Pki {
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     pub ca: CertificateAuthority,
     pub clock: Arc<ManualClock>,
 }
@@ -58,7 +58,7 @@ impl Pki {
         let clock = Arc::new(ManualClock::starting_now());
         let dir = tempfile::tempdir().expect("tempdir");
         let ca = CertificateAuthority::load_or_init(dir.path(), CaConfig::default(), clock.clone()).expect("CA");
-        Pki { _dir: dir, ca, clock }
+        Pki { dir, ca, clock }
     }
 
     pub fn issue(&self, identity: &Identity, ttl: Duration) -> Issued {
@@ -66,6 +66,23 @@ impl Pki {
         let cert = self.ca.sign_csr(&csr, Some(ttl)).expect("signed");
         let key = Arc::new(certified_key(&cert.chain_pem, key.serialize_der()).expect("certified key"));
         Issued { key, serial: cert.serial, not_after: cert.not_after }
+    }
+
+    /// A certificate for `identity` as PEM files in `dir` (for peers outside this process):
+    /// the chain and the PKCS #8 key.
+    pub fn issue_pem(&self, identity: &Identity, dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+        let (key, csr) = generate_key_and_csr(identity).expect("key");
+        let cert = self.ca.sign_csr(&csr, Some(DAY)).expect("signed");
+        let name = identity.to_string().replace(['/', ':'], "_");
+        let (cert_file, key_file) = (dir.join(format!("{name}.crt")), dir.join(format!("{name}.key")));
+        std::fs::write(&cert_file, cert.chain_pem.concat()).expect("write the chain");
+        std::fs::write(&key_file, key.serialize_pem()).expect("write the key");
+        (cert_file, key_file)
+    }
+
+    /// The CA's trust bundle as a PEM file.
+    pub fn roots_pem(&self) -> std::path::PathBuf {
+        self.dir.path().join(warden_identity::ca::ROOT_CERT_FILE)
     }
 
     /// A fresh trust bundle trusting this CA.
