@@ -365,6 +365,86 @@ fn a_tunnel_claiming_another_workloads_address_is_refused() {
     assert!(log(&c.n2).contains("not a workload of the peer"), "node 2 says why:\n{}", log(&c.n2));
 }
 
+/// A node whose HBONE stack is not warden's, as a ztunnel node would be: the interop peer
+/// (`hbone/tests/hbone/peer.py`: OpenSSL and hyper-h2) on node 1, holding c's certificate from
+/// the cluster's CA, tunnels to b through node 2's agent. b sees c's address; once b denies c by
+/// principal, the same tunnel is refused with 401.
+#[test]
+fn an_independent_hbone_peer_is_served_and_authorized_by_its_certificate() {
+    if !require_root("an_independent_hbone_peer_is_served_and_authorized_by_its_certificate") {
+        return;
+    }
+    use std::sync::Arc;
+    use warden_identity::{
+        Identity, SystemClock,
+        ca::{CaConfig, CertificateAuthority},
+        workload::generate_key_and_csr,
+    };
+
+    let net = 78;
+    let mut c = cluster("mio", net, &[]);
+    let c_ip = Ipv4Addr::new(10, net, 1, 3);
+    let files = c.n1.dir.join("peer");
+    fs::create_dir_all(&files).unwrap();
+    let ca = CertificateAuthority::load_or_init(&c.n1.dir.join("ca"), CaConfig::default(), Arc::new(SystemClock))
+        .expect("the cluster's CA");
+    let (key, csr) = generate_key_and_csr(&Identity::spiffe("cluster.local", "team", "c").unwrap()).unwrap();
+    let cert = ca.sign_csr(&csr, None).expect("c's certificate");
+    fs::write(files.join("c.crt"), cert.chain_pem.concat()).unwrap();
+    fs::write(files.join("c.key"), key.serialize_pem()).unwrap();
+    let roots = c.n1.dir.join("ca").join(warden_identity::ca::ROOT_CERT_FILE);
+
+    let python = std::env::var_os("WARDEN_INTEROP_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| warden_tests::workspace_root().join("target/interop-venv/bin/python3"));
+    assert!(python.exists(), "{}: no Python for the interop peer; `cargo xtask setup` creates it", python.display());
+    let tunnel = |c: &Cluster| -> serde_json::Value {
+        let peer = warden_tests::workspace_root().join("hbone/tests/hbone/peer.py");
+        let args: Vec<String> = vec![
+            peer.display().to_string(),
+            "client".into(),
+            "--connect".into(),
+            format!("{}:15008", b_ip(net)),
+            "--authority".into(),
+            format!("{}:{PORT}", b_ip(net)),
+            "--forwarded".into(),
+            format!("for=\"{c_ip}:40000\""),
+            "--send".into(),
+            "ping from an independent peer\n".into(),
+            "--cert".into(),
+            files.join("c.crt").display().to_string(),
+            "--key".into(),
+            files.join("c.key").display().to_string(),
+            "--ca".into(),
+            roots.display().to_string(),
+        ];
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = c.n1.node_command(&python.display().to_string(), &args).output().expect("run the peer");
+        assert!(out.status.success(), "peer: {}\nnode 2:\n{}", String::from_utf8_lossy(&out.stderr), log(&c.n2));
+        serde_json::from_slice(&out.stdout).expect("the peer's JSON")
+    };
+
+    let v = tunnel(&c);
+    assert_eq!(v["status"], "200", "{v}\nnode 2:\n{}", log(&c.n2));
+    assert_eq!(v["tls"], "TLSv1.3", "{v}");
+    assert_eq!(
+        v["peer"],
+        serde_json::json!(["spiffe://cluster.local/ns/team/sa/b"]),
+        "node 2 presents b's identity: {v}"
+    );
+    let received = v["received"].as_str().unwrap_or_default();
+    // The source IP is kept (the port is the agent's own, as with ztunnel).
+    let (greeting, echo) = received.split_once('\n').unwrap_or_default();
+    assert!(greeting.starts_with(&format!("hello {PORT} from {c_ip}:")), "b sees c's own address: {v}");
+    assert_eq!(echo, "ping from an independent peer\n", "{v}");
+
+    set_policies(&mut c.n2, POLICIES);
+    let v = tunnel(&c);
+    assert_eq!(v["status"], "401", "b denies c by principal: {v}\nnode 2:\n{}", log(&c.n2));
+    assert_eq!(v["echoed"], 0, "{v}");
+    assert!(log(&c.n2).contains("b-deny-c"), "node 2 names the deciding policy:\n{}", log(&c.n2));
+}
+
 /// `q` (node 2, namespace `shop`, out of the mesh) takes connections from `a` only.
 const Q_ALLOW_A: &str = "apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy

@@ -1,10 +1,12 @@
 """An HBONE peer on stacks independent of warden's: Python's ssl (OpenSSL) for mutual TLS 1.3 and
 hyper-h2 for HTTP/2. warden's interop tests run it against warden's HBONE server and client.
 
-    peer.py client --connect HOST:PORT --authority IP:PORT --bytes N --cert C --key K --ca CA
-        Opens one HBONE tunnel (CONNECT, :authority IP:PORT), sends N bytes, half-closes (END_STREAM),
-        reads until the peer's END_STREAM; prints one JSON line: the status, the bytes that came
-        back and whether they were the ones sent, and the TLS session.
+    peer.py client --connect HOST:PORT --authority IP:PORT (--bytes N | --send TEXT)
+                   [--forwarded VALUE] --cert C --key K --ca CA
+        Opens one HBONE tunnel (CONNECT, :authority IP:PORT, and a `forwarded` header if given),
+        sends N bytes of a pattern or TEXT, half-closes (END_STREAM), reads until the peer's
+        END_STREAM; prints one JSON line: the status, the bytes that came back and whether they
+        were the ones sent (with --send: the text that came back), and the TLS session.
 
     peer.py server --listen HOST:PORT --cert C --key K --ca CA
         Prints {"listening": PORT}. Serves HBONE connections one at a time: a CONNECT stream is
@@ -105,12 +107,18 @@ def addr(text):
 
 
 def client(args):
-    payload = bytes((i * 7 + i // 4096) % 251 for i in range(args.bytes))
-    tls = tls_context(False, args).wrap_socket(socket.create_connection(addr(args.connect)))
+    if args.send is not None:
+        payload = args.send.encode()
+    else:
+        payload = bytes((i * 7 + i // 4096) % 251 for i in range(args.bytes))
+    tls = tls_context(False, args).wrap_socket(socket.create_connection(addr(args.connect), timeout=10))
     conn = h2.connection.H2Connection(config(True))
     conn.initiate_connection()
     stream = conn.get_next_available_stream_id()
-    conn.send_headers(stream, [(":method", "CONNECT"), (":authority", args.authority)])
+    headers = [(":method", "CONNECT"), (":authority", args.authority)]
+    if args.forwarded:
+        headers.append(("forwarded", args.forwarded))
+    conn.send_headers(stream, headers)
     flush(tls, conn)
     status, reset, ended, half_closed = None, None, False, False
     pending, echoed = bytearray(), bytearray()
@@ -137,6 +145,8 @@ def client(args):
                 half_closed = True
         flush(tls, conn)
     report = {"status": status, "reset": reset, "ended": ended, "echoed": len(echoed), "intact": bytes(echoed) == payload}
+    if args.send is not None:
+        report["received"] = echoed.decode("utf-8", "replace")
     report.update(session(tls))
     print(json.dumps(report), flush=True)
     tls.close()
@@ -219,7 +229,10 @@ def main():
     c = sub.choices["client"]
     c.add_argument("--connect", required=True)
     c.add_argument("--authority", required=True)
-    c.add_argument("--bytes", type=int, default=0)
+    what = c.add_mutually_exclusive_group(required=True)
+    what.add_argument("--bytes", type=int)
+    what.add_argument("--send")
+    c.add_argument("--forwarded")
     sub.choices["server"].add_argument("--listen", default="127.0.0.1:0")
     args = parser.parse_args()
     client(args) if args.mode == "client" else server(args)
