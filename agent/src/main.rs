@@ -107,9 +107,10 @@ enum Command {
         #[arg(long, env = "WARDEN_LOCAL_CONGESTION_CONTROL", default_value = warden_agent::mesh::local_hop::DEFAULT)]
         local_congestion_control: warden_agent::mesh::local_hop::LocalCongestion,
         /// Threads of the agent's async runtime (the mesh's relays, the control loop, telemetry),
-        /// as ztunnel's `ZTUNNEL_WORKER_THREADS`.
-        #[arg(long, env = "WARDEN_WORKER_THREADS", default_value_t = defaults::WORKER_THREADS, value_parser = clap::value_parser!(u16).range(1..=64))]
-        worker_threads: u16,
+        /// as ztunnel's `ZTUNNEL_WORKER_THREADS`. Default: half the CPUs the agent may use, at
+        /// least 1, at most 2.
+        #[arg(long, env = "WARDEN_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=64))]
+        worker_threads: Option<u16>,
         /// TCP from the node's own network stack (kubelet's probes, hostNetwork pods) to a local
         /// workload: allowed without policy (as Istio ambient and Cilium), or decided by the
         /// node's address like any peer.
@@ -243,6 +244,9 @@ fn main() -> ExitCode {
                 ..Default::default()
             });
             let cfg = agent::AgentConfig { pin_dir, state_dir, trust_domain, telemetry, certs, mesh, node_probes };
+            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let worker_threads = worker_threads.unwrap_or_else(|| defaults::worker_threads(cpus));
+            tracing::info!(worker_threads, cpus, "async runtime");
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(worker_threads.into())
                 .enable_all()

@@ -101,6 +101,12 @@ fn allowed_flow_passes_denied_flow_gets_eperm_and_tc_drop() {
     let mut lab = trio("dpbasic");
     let dir = policies(&lab, &[("b.yaml", ALLOW_A_TO_B_8080)]);
     lab.start_agent(&dir).unwrap();
+    // Without --worker-threads, the runtime is sized to the machine (half its CPUs, 1 to 2). (Its
+    // threads cannot be counted: tokio names its blocking-pool threads as its workers.)
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    let sized = format!("async runtime worker_threads={} cpus={cpus}", warden_agent::defaults::worker_threads(cpus));
+    let log = fs::read_to_string(lab.agent_log()).unwrap();
+    assert!(log.contains(&sized), "expected {sized:?} in the agent's log:\n{log}");
 
     assert_result(&lab.probe("a", "b", 8080), "allowed", "a -> b:8080 is allowed by b-access");
     // Counted per remote identity: one connection opened and closed, bytes both ways, attributed
