@@ -43,6 +43,29 @@ pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
 }
 
+/// The HBONE interop peer's Python environment, relative to the repository root: `cargo xtask
+/// setup` creates it with hyper-h2 (`hbone/tests/hbone/peer.py` runs in it).
+pub const INTEROP_VENV: &str = "target/interop-venv";
+
+/// The Python that runs the HBONE interop peer: `WARDEN_INTEROP_PYTHON`, or [`INTEROP_VENV`]'s.
+pub fn interop_python() -> PathBuf {
+    let path = std::env::var_os("WARDEN_INTEROP_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join(INTEROP_VENV).join("bin/python3"));
+    assert!(
+        path.exists(),
+        "{}: no Python for the interop peer; `cargo xtask setup` creates it (or set WARDEN_INTEROP_PYTHON to a \
+         python3 with hyper-h2)",
+        path.display()
+    );
+    path
+}
+
+/// The HBONE interop peer (OpenSSL and hyper-h2).
+pub fn interop_peer() -> PathBuf {
+    workspace_root().join("hbone/tests/hbone/peer.py")
+}
+
 /// `env` if set, else the binary in the target directory (debug first).
 fn find_bin(name: &str, env: &str) -> Option<PathBuf> {
     if let Some(p) = std::env::var_os(env) {

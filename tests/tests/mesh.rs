@@ -394,14 +394,10 @@ fn an_independent_hbone_peer_is_served_and_authorized_by_its_certificate() {
     fs::write(files.join("c.key"), key.serialize_pem()).unwrap();
     let roots = c.n1.dir.join("ca").join(warden_identity::ca::ROOT_CERT_FILE);
 
-    let python = std::env::var_os("WARDEN_INTEROP_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| warden_tests::workspace_root().join("target/interop-venv/bin/python3"));
-    assert!(python.exists(), "{}: no Python for the interop peer; `cargo xtask setup` creates it", python.display());
+    let python = warden_tests::interop_python();
     let tunnel = |c: &Cluster| -> serde_json::Value {
-        let peer = warden_tests::workspace_root().join("hbone/tests/hbone/peer.py");
         let args: Vec<String> = vec![
-            peer.display().to_string(),
+            warden_tests::interop_peer().display().to_string(),
             "client".into(),
             "--connect".into(),
             format!("{}:15008", b_ip(net)),

@@ -356,15 +356,8 @@ impl Cluster {
     /// Hold `count` connections from `row`'s client to its server; returns the holder once they are
     /// open (closing its stdin releases them) and what it reported.
     fn hold(&self, row: &Row, count: usize) -> anyhow::Result<(Child, serde_json::Value)> {
-        let mut child = self
-            .client(row, &["hold".into(), format!("{}:{PORT}", row.ip), "--count".into(), count.to_string()])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("bench-client hold")?;
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().context("holder stdout")?).read_line(&mut line)?;
+        let args = ["hold".into(), format!("{}:{PORT}", row.ip), "--count".into(), count.to_string()];
+        let (child, line) = spawn_until_first_line(self.client(row, &args).stdin(Stdio::piped()), "bench-client hold")?;
         let v: serde_json::Value =
             serde_json::from_str(&line).with_context(|| format!("bench-client hold reported {line:?}"))?;
         Ok((child, v))
@@ -931,19 +924,25 @@ fn hold(addr: SocketAddr, count: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Spawn `command` (its stderr inherited) and wait for the first line it prints: a client's
+/// report, or a server saying it is ready.
+fn spawn_until_first_line(command: &mut std::process::Command, what: &str) -> anyhow::Result<(Child, String)> {
+    let mut child =
+        command.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().with_context(|| format!("starting {what}"))?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().context("piped stdout")?)
+        .read_line(&mut line)
+        .with_context(|| format!("reading {what}"))?;
+    Ok((child, line))
+}
+
 /// Start `bench-client relay` in `lab`'s node namespace, forwarding each `LISTEN=TARGET`; returns
 /// once it listens.
 fn relay(lab: &Lab, pairs: &[String]) -> anyhow::Result<Child> {
     let mut args = vec!["bench-client", "relay"];
     args.extend(pairs.iter().map(String::as_str));
-    let mut child = lab
-        .node_command(&xtask_bin().display().to_string(), &args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .context("starting the relay")?;
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().context("relay stdout")?).read_line(&mut line)?;
+    let (mut child, line) =
+        spawn_until_first_line(&mut lab.node_command(&xtask_bin().display().to_string(), &args), "bench-client relay")?;
     if line.trim() != "listening" {
         let _ = child.kill();
         bail!("{}: the relay did not start (said {line:?})", lab.tag);

@@ -10,10 +10,9 @@ pub const EBPF_TOOLCHAIN: &str = "nightly-2026-06-15";
 pub const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// hyper-h2, the HTTP/2 stack of the HBONE interop tests' independent peer
-/// (`hbone/tests/hbone/peer.py`), in a virtual environment of the machine's Python 3 under
-/// `target/` (the tests find it there, or at `WARDEN_INTEROP_PYTHON`).
+/// (`hbone/tests/hbone/peer.py`), in a virtual environment of the machine's Python 3
+/// (`warden_tests::INTEROP_VENV`; the tests find it there, or at `WARDEN_INTEROP_PYTHON`).
 const H2_VERSION: &str = "4.3.0";
-const INTEROP_VENV: &str = "target/interop-venv";
 
 /// Debian packages: LLVM 22 for bpf-linker, bpftool, iproute2 for the lab, iptables/nftables and
 /// iperf3 for the L4 benchmark's comparisons, Prometheus for the observability tests, tcpdump for
@@ -135,9 +134,9 @@ pub fn setup() -> anyhow::Result<()> {
     interop_peer()
 }
 
-/// The HBONE interop peer's Python environment ([`H2_VERSION`] in [`INTEROP_VENV`]).
+/// The HBONE interop peer's Python environment ([`H2_VERSION`] in `warden_tests::INTEROP_VENV`).
 fn interop_peer() -> anyhow::Result<()> {
-    let venv = warden_tests::workspace_root().join(INTEROP_VENV);
+    let venv = warden_tests::workspace_root().join(warden_tests::INTEROP_VENV);
     let python = venv.join("bin/python3");
     let check = format!("import sys, h2; sys.exit(h2.__version__ != '{H2_VERSION}')");
     if ok(Command::new(&python).args(["-c", &check])) {

@@ -22,6 +22,7 @@ use crate::common::*;
 const PEER: &str = "independent-peer";
 const MIB: usize = 1024 * 1024;
 
+/// As `warden_tests::interop_python` (this crate cannot use warden-tests, which depends on it).
 fn python() -> PathBuf {
     let path = std::env::var_os("WARDEN_INTEROP_PYTHON")
         .map(PathBuf::from)
