@@ -29,9 +29,11 @@ pub mod names {
     /// Ring buffer of [`super::FlowEvent`]: decided new flows (allowed and denied) and closes, for
     /// access logs. Written on the slow path only; a full buffer drops events, never packets.
     pub const EVENTS: &str = "warden_events_v1";
-    /// LRU hash: socket cookie (u64) -> [`super::OrigDst`]. A captured `connect()`'s original
-    /// destination, from `connect4` until the socket has its source port.
-    pub const CAPTURED: &str = "warden_captured_v1";
+    /// Socket storage: [`super::Captured`] per captured socket, for the socket's life. Written by
+    /// `connect4`; read by sock_ops, which files it in [`ORIG_DST`] once the source port exists,
+    /// and by `getpeername4`, which answers the original destination instead of the agent's
+    /// listener.
+    pub const CAPTURED: &str = "warden_captured_v2";
     /// LRU hash: [`super::SockAddr`] (the workload's address and source port) -> [`super::OrigDst`].
     /// Where the node agent finds a captured connection's original destination when it accepts it.
     pub const ORIG_DST: &str = "warden_orig_dst_v1";
@@ -65,6 +67,11 @@ pub mod names {
         FASTPATH_COUNTERS,
         FASTPATH_ACTIVE,
     ];
+
+    /// Pins of maps an earlier version used and this one does not, removed when the agent loads.
+    /// `warden_captured_v1` was an LRU hash by socket cookie, emptied as each socket got its
+    /// source port.
+    pub const RETIRED: [&str; 1] = ["warden_captured_v1"];
 }
 
 /// Map capacities. The policy map holds two slots, so its capacity is twice the entries one
@@ -253,6 +260,17 @@ pub struct OrigDst {
     pub endpoint_id: u32,
     /// The committed generation the capture was decided under.
     pub generation: u32,
+}
+
+/// A captured socket's record ([`names::CAPTURED`]): where its `connect()` was going, and where
+/// `connect4` sent it instead. 24 bytes, no implicit padding.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Captured {
+    pub orig: OrigDst,
+    /// The agent's capture listener. `getpeername()` answers `orig.dst` only while the socket's
+    /// peer is this address: never for a socket that was connected elsewhere since.
+    pub via: SockAddr,
 }
 
 /// A TCP socket's 4-tuple as the socket itself sees it: its own address and port first (network
@@ -656,6 +674,7 @@ mod pod {
     unsafe impl aya::Pod for super::FlowEvent {}
     unsafe impl aya::Pod for super::SockAddr {}
     unsafe impl aya::Pod for super::OrigDst {}
+    unsafe impl aya::Pod for super::Captured {}
     unsafe impl aya::Pod for super::SockKey {}
     unsafe impl aya::Pod for super::FastpathSock {}
     unsafe impl aya::Pod for super::FastpathCounter {}
@@ -673,6 +692,7 @@ mod tests {
         assert_eq!(size_of::<RemoteInfo>(), 12);
         assert_eq!(size_of::<SockAddr>(), 8);
         assert_eq!(size_of::<OrigDst>(), 16);
+        assert_eq!(size_of::<Captured>(), 24);
         assert_eq!(size_of::<EndpointKey>(), 8);
         assert_eq!(size_of::<EndpointInfo>(), 16);
         assert_eq!(size_of::<PolicyKey>(), 12);

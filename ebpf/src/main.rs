@@ -2,16 +2,18 @@
 //! decision path in [`enforce`], counts, and maps the outcome to the hook's return code. Every
 //! error becomes a drop (fail closed).
 //!
-//! | program          | hook                              | sees                                    |
-//! |------------------|-----------------------------------|-----------------------------------------|
-//! | `warden_from_wl` | TCX ingress of the host-side veth | packets leaving the workload (egress)   |
-//! | `warden_to_wl`   | TCX egress of the host-side veth  | packets entering the workload (ingress) |
-//! | `warden_connect4`| cgroup/connect4 on the workload   | `connect()`: EPERM at once when denied  |
-//! | `warden_sendmsg4`| cgroup/sendmsg4 on the workload   | a UDP send with an address: EPERM at    |
-//! |                  |                                   | once when denied                        |
-//! | `warden_sockops` | sock_ops on a meshed workload and | a captured socket's source port; the    |
-//! |                  | on the node agent's own cgroup    | fast path's sockets at ESTABLISHED      |
-//! | `warden_fastpath`| sk_msg on `warden_fastpath_socks` | a send: to the peer socket, or TCP      |
+//! | program               | hook                                | sees                                    |
+//! |-----------------------|-------------------------------------|-----------------------------------------|
+//! | `warden_from_wl`      | TCX ingress of the host-side veth   | packets leaving the workload (egress)   |
+//! | `warden_to_wl`        | TCX egress of the host-side veth    | packets entering the workload (ingress) |
+//! | `warden_connect4`     | cgroup/connect4 on the workload     | `connect()`: EPERM at once when denied  |
+//! | `warden_sendmsg4`     | cgroup/sendmsg4 on the workload     | a UDP send with an address: EPERM at    |
+//! |                       |                                     | once when denied                        |
+//! | `warden_getpeername4` | cgroup/getpeername4 on the workload | a captured socket's peer: the original  |
+//! |                       |                                     | destination, not the agent's listener   |
+//! | `warden_sockops`      | sock_ops on a meshed workload and   | a captured socket's source port; the    |
+//! |                       | on the node agent's own cgroup      | fast path's sockets at ESTABLISHED      |
+//! | `warden_fastpath`     | sk_msg on `warden_fastpath_socks`   | a send: to the peer socket, or TCP      |
 #![no_std]
 #![no_main]
 
@@ -62,6 +64,14 @@ pub fn warden_connect4(ctx: SockAddrContext) -> i32 {
         emit(EVENT_DECIDED, HOOK_CONNECT, &t, false, &o);
     }
     o.value.is_allow() as i32
+}
+
+/// cgroup/getpeername4 on the workload's cgroup: a captured socket's peer is the destination its
+/// `connect()` named (the kernel would answer the agent's capture listener). Always 1.
+#[cgroup_sock_addr(getpeername4)]
+pub fn warden_getpeername4(ctx: SockAddrContext) -> i32 {
+    capture::restore_peer(&ctx);
+    1
 }
 
 /// sock_ops on a meshed workload's cgroup and on the node agent's: files a captured connection's

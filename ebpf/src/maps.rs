@@ -10,8 +10,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use warden_common::{
-    Config, Counter, CounterKey, EndpointInfo, EndpointKey, FastpathCounter, FastpathSock, FlowEvent, FlowKey,
-    FlowValue, IpcacheAddr, OrigDst, PolicyKey, PolicyValue, RemoteInfo, SockAddr, SockKey,
+    Captured, Config, Counter, CounterKey, EndpointInfo, EndpointKey, FastpathCounter, FastpathSock, FlowEvent,
+    FlowKey, FlowValue, IpcacheAddr, OrigDst, PolicyKey, PolicyValue, RemoteInfo, SockAddr, SockKey,
     capacity::{
         CAPTURED as CAPTURED_CAP, CGROUPS as CGROUPS_CAP, COUNTERS as COUNTERS_CAP, ENDPOINTS as ENDPOINTS_CAP,
         EVENTS_BYTES, FASTPATH_SOCKS as FASTPATH_SOCKS_CAP, FLOWS as FLOWS_CAP, IPCACHE as IPCACHE_CAP,
@@ -59,9 +59,9 @@ pub static COUNTERS: PerCpuHashMap<CounterKey, Counter, { COUNTERS_CAP as usize 
 #[btf_map(name = "warden_events_v1")]
 pub static EVENTS: RingBuf<FlowEvent, { EVENTS_BYTES as usize }> = RingBuf::new();
 
-/// Captured `connect()`s by socket cookie, until the socket has its source port.
-#[btf_map(name = "warden_captured_v1")]
-pub static CAPTURED: LruHashMap<u64, OrigDst, { CAPTURED_CAP as usize }> = LruHashMap::new();
+/// A captured socket's original destination, for the socket's life (freed with it).
+#[btf_map(name = "warden_captured_v2")]
+pub static CAPTURED: SkStorage<Captured> = SkStorage::new();
 
 /// Captured connections by the workload's (address, source port), for the agent's `accept()`.
 #[btf_map(name = "warden_orig_dst_v1")]

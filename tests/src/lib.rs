@@ -174,6 +174,9 @@ pub struct Probe {
     /// `echo`: the client's address as the server saw it.
     #[serde(default)]
     pub seen_as: Option<String>,
+    /// `echo`: the server's address as the client's socket names it (`getpeername`).
+    #[serde(default)]
+    pub peer: Option<String>,
     /// `echo`: the bytes came back intact.
     #[serde(default)]
     pub intact: Option<bool>,

@@ -487,9 +487,16 @@ fn killed_agent_keeps_enforcing_and_restart_adopts_without_gap() {
     run(&["bpftool", "map", "pin", "pinned", &config_pin.display().to_string(), &retired.display().to_string()])
         .unwrap();
     assert!(retired.exists());
+    // Likewise a map an older agent pinned and this one no longer uses.
+    let retired_map = lab.pin_dir.join(names::RETIRED[0]);
+    run(&["bpftool", "map", "pin", "pinned", &config_pin.display().to_string(), &retired_map.display().to_string()])
+        .unwrap();
+    assert!(retired_map.exists());
     std::thread::sleep(Duration::from_millis(300));
     lab.start_agent(&dir).unwrap();
     assert!(!retired.exists(), "the retired hook's pin is released on adoption");
+    assert!(!retired_map.exists(), "the retired map's pin is removed at load");
+    assert!(config_pin.exists(), "only the retired pin goes");
     let results = prober.join().unwrap();
     assert!(!results.is_empty());
     assert!(results.iter().all(|r| r != "allowed"), "a denied flow got through around the restart: {results:?}");

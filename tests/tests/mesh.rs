@@ -139,6 +139,9 @@ fn cross_node_traffic_is_mutual_tls_and_authorized_by_principal() {
     // The receiving application sees the client's own address (the agents preserve it).
     let seen = p.seen_as.clone().unwrap_or_default();
     assert!(seen.starts_with(&format!("{}:", a_ip(net))), "b sees a's address, not a proxy's: {seen}");
+    // And a's socket names b as its peer, not the agent's capture listener (getpeername4).
+    let to_b = format!("{}:{PORT}", b_ip(net));
+    assert_eq!(p.peer.as_deref(), Some(to_b.as_str()), "a's socket names b as its peer: {p:?}");
 
     let wire = fs::read(&pcap).expect("capture file");
     assert!(!wire.is_empty(), "tcpdump captured nothing");
@@ -782,6 +785,8 @@ fn both_sides_count_cross_node_connections_live_and_once() {
     let message = "same node";
     let p = c.n1.echo("a", s_ip, PORT, message);
     assert_eq!(p.result, "allowed", "a -> s: {p:?}\n{}", log(&c.n1));
+    let to_s = format!("{s_ip}:{PORT}");
+    assert_eq!(p.peer.as_deref(), Some(to_s.as_str()), "a's socket names s as its peer: {p:?}");
     let request = message.len() as u64 + 1;
     let response = format!("hello {PORT} from {}\n", p.seen_as.unwrap()).len() as u64 + request;
     let side = |reporter: &str| {

@@ -21,7 +21,7 @@ use aya::{
 
 use crate::workloads::Local;
 
-/// The four hooks of a workload, named as their pins are.
+/// The hooks of a workload, named as their pins are.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Hook {
     /// TCX ingress of the host veth (`warden_from_wl`): the workload's egress.
@@ -32,13 +32,17 @@ pub enum Hook {
     Connect4,
     /// cgroup/sendmsg4 (`warden_sendmsg4`).
     Sendmsg4,
+    /// cgroup/getpeername4 (`warden_getpeername4`): a captured socket's peer as it connected.
+    /// On every workload, so a connection captured before the workload left the mesh still
+    /// answers its destination.
+    Getpeername4,
     /// sock_ops (`warden_sockops`), on meshed workloads only: captured sockets' source ports.
     SockOps,
 }
 
 impl Hook {
-    pub const ALL: [Hook; 5] =
-        [Hook::TcFromWorkload, Hook::TcToWorkload, Hook::Connect4, Hook::Sendmsg4, Hook::SockOps];
+    pub const ALL: [Hook; 6] =
+        [Hook::TcFromWorkload, Hook::TcToWorkload, Hook::Connect4, Hook::Sendmsg4, Hook::Getpeername4, Hook::SockOps];
 
     pub const fn pin_name(self) -> &'static str {
         match self {
@@ -46,6 +50,7 @@ impl Hook {
             Hook::TcToWorkload => "tc_to_workload",
             Hook::Connect4 => "connect4",
             Hook::Sendmsg4 => "sendmsg4",
+            Hook::Getpeername4 => "getpeername4",
             Hook::SockOps => "sock_ops",
         }
     }
@@ -56,6 +61,7 @@ impl Hook {
             Hook::TcToWorkload => "warden_to_wl",
             Hook::Connect4 => "warden_connect4",
             Hook::Sendmsg4 => "warden_sendmsg4",
+            Hook::Getpeername4 => "warden_getpeername4",
             Hook::SockOps => "warden_sockops",
         }
     }
@@ -122,6 +128,7 @@ pub fn attach(ebpf: &mut Ebpf, pin_dir: &Path, key: &str, local: &Local, meshed:
             })?;
             attach_cgroup(ebpf, &dir, key, Hook::Connect4, &file, cg)?;
             attach_cgroup(ebpf, &dir, key, Hook::Sendmsg4, &file, cg)?;
+            attach_cgroup(ebpf, &dir, key, Hook::Getpeername4, &file, cg)?;
             if meshed {
                 attach_cgroup(ebpf, &dir, key, Hook::SockOps, &file, cg)?;
             } else {
@@ -130,7 +137,7 @@ pub fn attach(ebpf: &mut Ebpf, pin_dir: &Path, key: &str, local: &Local, meshed:
         }
         None => {
             // The workload has no cgroup (any more): drop cgroup links it may have had.
-            for hook in [Hook::Connect4, Hook::Sendmsg4, Hook::SockOps] {
+            for hook in [Hook::Connect4, Hook::Sendmsg4, Hook::Getpeername4, Hook::SockOps] {
                 release(&dir.join(hook.pin_name()));
             }
         }

@@ -121,9 +121,16 @@ impl Datapath {
         load!(SchedClassifier, "warden_to_wl");
         load!(CgroupSockAddr, "warden_connect4");
         load!(CgroupSockAddr, "warden_sendmsg4");
+        load!(CgroupSockAddr, "warden_getpeername4");
         load!(SockOps, "warden_sockops");
         load!(SkMsg, "warden_fastpath");
         attach_fast_path(&mut ebpf)?;
+
+        // An earlier version's maps, now unused: their pins go (programs still attached to an
+        // older link keep their map until the link is replaced).
+        for retired in names::RETIRED {
+            let _ = fs::remove_file(pin_dir.join(retired));
+        }
 
         let maps = Maps::open(pin_dir)?;
         Ok(Datapath { pin_dir: pin_dir.to_path_buf(), ebpf, maps, inactive_clean: false, agent_sock_ops: None })

@@ -7,6 +7,9 @@
 //!   `allowed` means the server's greeting arrived, so both directions passed.
 //! - `udp IP:PORT [--timeout-ms N]`: one datagram from an unconnected socket (`sendto`), and its
 //!   echo; prints `{"result": "allowed"|"eperm"|"timeout"|..}`. `eperm` is the send failing at once.
+//! - `echo IP:PORT [MESSAGE] [--timeout-ms N]`: one line there and back; prints `{"result": ..,
+//!   "seen_as": <the client's address as the server saw it>, "peer": <the server's address as the
+//!   client's socket names it (getpeername)>, "intact": <the line came back unchanged>}`.
 //! - `hold IP:PORT --seconds S [--interval-ms N] [--line-bytes B]`: keeps one connection and sends a
 //!   line every interval (`ping <i>`, padded with letters to B bytes, echoed back and compared);
 //!   prints `{"result": .., "round_trips": n, "seen_as": .., "failed_after_ms": ..}`.
@@ -148,15 +151,17 @@ fn main() {
             let start = Instant::now();
             let timeout = Duration::from_millis(flag("--timeout-ms", 2000));
             let result = connect_greeted(addr, timeout).and_then(|(mut r, greeting)| {
+                let peer = r.get_ref().peer_addr()?;
                 r.get_mut().write_all(format!("{message}\n").as_bytes())?;
                 let mut back = String::new();
                 r.read_line(&mut back)?;
-                Ok((greeting, back.trim_end() == message))
+                Ok((greeting, peer, back.trim_end() == message))
             });
             match result {
-                Ok((greeting, intact)) => {
+                Ok((greeting, peer, intact)) => {
                     let seen = greeting.rsplit(' ').next().unwrap_or("").to_string();
-                    report("allowed", start, "", serde_json::json!({"seen_as": seen, "intact": intact}))
+                    let extra = serde_json::json!({"seen_as": seen, "peer": peer.to_string(), "intact": intact});
+                    report("allowed", start, "", extra)
                 }
                 Err(e) => report(classify(&e), start, &e.to_string(), serde_json::json!({})),
             }
