@@ -18,7 +18,10 @@ use aya_ebpf::{
 };
 use warden_common::{Captured, Config, OrigDst, SockAddr};
 
-use crate::maps::{CAPTURED, ORIG_DST};
+use crate::{
+    maps::{CAPTURED, ORIG_DST},
+    sock_addr::{self, Family},
+};
 
 #[inline(always)]
 fn captured_map() -> *mut core::ffi::c_void {
@@ -40,7 +43,7 @@ unsafe fn record<S>(sk: *mut S, create: bool) -> *mut Captured {
 /// Redirect the `connect()` of `ctx` to the agent, remembering `dst`. False when the record
 /// cannot be written: the caller then refuses the connection (fail closed).
 #[inline(always)]
-pub fn redirect(ctx: &SockAddrContext, cfg: &Config, endpoint_id: u32, dst: SockAddr) -> bool {
+pub fn redirect(ctx: &SockAddrContext, family: Family, cfg: &Config, endpoint_id: u32, dst: SockAddr) -> bool {
     let via = SockAddr { addr: cfg.capture_addr, port: cfg.capture_port, _pad: 0 };
     // SAFETY: the context pointer is valid for the program's run; connect4's socket is a full one.
     let rec = unsafe { record((*ctx.sock_addr).__bindgen_anon_1.sk, true) };
@@ -50,13 +53,7 @@ pub fn redirect(ctx: &SockAddrContext, cfg: &Config, endpoint_id: u32, dst: Sock
     // SAFETY: a valid pointer into the socket's storage. A socket that connects again (after a
     // failed attempt) has its record overwritten.
     unsafe { *rec = Captured { orig: OrigDst { dst, endpoint_id, generation: cfg.generation }, via } };
-    // SAFETY: the context pointer is valid for the program's run; these fields are writable in
-    // connect4.
-    unsafe {
-        let sa = &mut *ctx.sock_addr;
-        sa.user_ip4 = u32::from_ne_bytes(via.addr);
-        sa.user_port = u32::from(via.port.to_be());
-    }
+    sock_addr::set(ctx, family, via);
     true
 }
 
@@ -85,24 +82,19 @@ pub fn on_sock_op(ctx: &SockOpsContext) {
     let _ = ORIG_DST.insert(&src, &orig, 0);
 }
 
-/// getpeername4: a captured socket's peer is the destination its `connect()` named. Any other
+/// getpeername4/6: a captured socket's peer is the destination its `connect()` named. Any other
 /// socket's answer is left as the kernel gave it.
 #[inline(always)]
-pub fn restore_peer(ctx: &SockAddrContext) {
+pub fn restore_peer(ctx: &SockAddrContext, family: Family) {
     // SAFETY: the context pointer is valid for the program's run; a getpeername socket is a full
     // one.
     let rec = unsafe { record((*ctx.sock_addr).__bindgen_anon_1.sk, false) };
     if rec.is_null() {
         return;
     }
-    // SAFETY: a valid pointer into the socket's storage; the context pointer is valid for the
-    // program's run, and these fields are readable and writable in getpeername4.
-    unsafe {
-        let Captured { orig, via } = *rec;
-        let sa = &mut *ctx.sock_addr;
-        if sa.user_ip4 == u32::from_ne_bytes(via.addr) && sa.user_port == u32::from(via.port.to_be()) {
-            sa.user_ip4 = u32::from_ne_bytes(orig.dst.addr);
-            sa.user_port = u32::from(orig.dst.port.to_be());
-        }
+    // SAFETY: a valid pointer into the socket's storage.
+    let Captured { orig, via } = unsafe { *rec };
+    if sock_addr::get(ctx, family) == Some(via) {
+        sock_addr::set(ctx, family, orig.dst);
     }
 }

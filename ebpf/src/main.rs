@@ -6,11 +6,14 @@
 //! |-----------------------|-------------------------------------|-----------------------------------------|
 //! | `warden_from_wl`      | TCX ingress of the host-side veth   | packets leaving the workload (egress)   |
 //! | `warden_to_wl`        | TCX egress of the host-side veth    | packets entering the workload (ingress) |
-//! | `warden_connect4`     | cgroup/connect4 on the workload     | `connect()`: EPERM at once when denied  |
+//! | `warden_connect4`     | cgroup/connect4 on the workload     | `connect()`: EPERM at once when denied; |
+//! |                       |                                     | a meshed destination: to the agent      |
 //! | `warden_sendmsg4`     | cgroup/sendmsg4 on the workload     | a UDP send with an address: EPERM at    |
 //! |                       |                                     | once when denied                        |
 //! | `warden_getpeername4` | cgroup/getpeername4 on the workload | a captured socket's peer: the original  |
 //! |                       |                                     | destination, not the agent's listener   |
+//! | `warden_connect6`,    | connect6, getpeername6              | the same for a dual-stack socket and a  |
+//! | `warden_getpeername6` |                                     | v4-mapped address (`::ffff:a.b.c.d`)    |
 //! | `warden_sockops`      | sock_ops on a meshed workload and   | a captured socket's source port; the    |
 //! |                       | on the node agent's own cgroup      | fast path's sockets at ESTABLISHED      |
 //! | `warden_fastpath`     | sk_msg on `warden_fastpath_socks`   | a send: to the peer socket, or TCP      |
@@ -22,6 +25,7 @@ mod enforce;
 mod fastpath;
 mod maps;
 mod packet;
+mod sock_addr;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
@@ -41,6 +45,7 @@ use crate::{
     },
     maps::CGROUPS,
     packet::{Direct, L3, Tuple, parse_ethernet},
+    sock_addr::Family,
 };
 
 /// TCX ingress on the host-side veth: packets the workload sends.
@@ -58,7 +63,20 @@ pub fn warden_to_wl(ctx: TcContext) -> i32 {
 /// cgroup/connect4 on the workload's cgroup: 1 lets `connect()` proceed, 0 fails it with EPERM.
 #[cgroup_sock_addr(connect4)]
 pub fn warden_connect4(ctx: SockAddrContext) -> i32 {
-    let (o, t) = connect4(&ctx);
+    on_connect(&ctx, Family::Inet)
+}
+
+/// cgroup/connect6 on the workload's cgroup: a dual-stack socket's `connect()` to a v4-mapped
+/// address, decided and captured as connect4 decides an IPv4 one. Native IPv6 is left to TC.
+#[cgroup_sock_addr(connect6)]
+pub fn warden_connect6(ctx: SockAddrContext) -> i32 {
+    on_connect(&ctx, Family::Inet6)
+}
+
+#[inline(always)]
+fn on_connect(ctx: &SockAddrContext, family: Family) -> i32 {
+    let Some(dst) = sock_addr::get(ctx, family) else { return 1 };
+    let (o, t) = connect4(ctx, family, dst);
     count(&o, HOOK_CONNECT, &Traffic { inbound: false, bytes: 0, opened: false, closed: false });
     if !o.value.is_allow() {
         emit(EVENT_DECIDED, HOOK_CONNECT, &t, false, &o);
@@ -70,7 +88,14 @@ pub fn warden_connect4(ctx: SockAddrContext) -> i32 {
 /// `connect()` named (the kernel would answer the agent's capture listener). Always 1.
 #[cgroup_sock_addr(getpeername4)]
 pub fn warden_getpeername4(ctx: SockAddrContext) -> i32 {
-    capture::restore_peer(&ctx);
+    capture::restore_peer(&ctx, Family::Inet);
+    1
+}
+
+/// cgroup/getpeername6: the same for a dual-stack socket captured through connect6.
+#[cgroup_sock_addr(getpeername6)]
+pub fn warden_getpeername6(ctx: SockAddrContext) -> i32 {
+    capture::restore_peer(&ctx, Family::Inet6);
     1
 }
 
@@ -94,9 +119,13 @@ pub fn warden_fastpath(ctx: SkMsgContext) -> u32 {
 /// cgroup/sendmsg4 on the workload's cgroup: a UDP send with an address (`sendto`, `sendmsg`).
 /// 1 sends, 0 fails it with EPERM, as a denied `connect()` fails. A connected UDP socket's sends
 /// were decided at its `connect()`; TC decides every datagram on the veth next either way.
+///
+/// A dual-stack socket's send to a v4-mapped address comes here too: `udpv6_sendmsg` hands it to
+/// `udp_sendmsg` as IPv4 before any IPv6 hook runs.
 #[cgroup_sock_addr(sendmsg4)]
 pub fn warden_sendmsg4(ctx: SockAddrContext) -> i32 {
-    let (o, t) = sendmsg4(&ctx);
+    let Some(to) = sock_addr::get(&ctx, Family::Inet) else { return 1 };
+    let (o, t) = sendmsg4(&ctx, to);
     // An allowed send is counted by TC, as its datagram crosses the veth; a refused one never
     // becomes a packet, and is counted as a refused `connect()` is.
     if !o.value.is_allow() {
@@ -234,24 +263,14 @@ fn current_endpoint(slot: u8) -> Result<(u32, EndpointInfo), DropReason> {
     endpoint(slot, ifindex).map(|ep| (ifindex, ep))
 }
 
-/// A connect() is allowed when the workload may send to the destination and, if the destination
-/// is a workload on this node, that workload may receive from it.
+/// A connect() to `to` is allowed when the workload may send to the destination and, if the
+/// destination is a workload on this node, that workload may receive from it.
 #[inline(always)]
-fn connect4(ctx: &SockAddrContext) -> (Outcome, Tuple) {
+fn connect4(ctx: &SockAddrContext, family: Family, to: SockAddr) -> (Outcome, Tuple) {
     // SAFETY: the context pointer is valid for the program's run.
-    let (user_ip4, user_port, proto) = unsafe {
-        let sa = &*ctx.sock_addr;
-        (sa.user_ip4, sa.user_port, sa.protocol as u8)
-    };
+    let proto = unsafe { (*ctx.sock_addr).protocol as u8 };
     // The source port is not chosen yet at connect().
-    let mut key = Tuple {
-        saddr: [0; 4],
-        daddr: user_ip4.to_ne_bytes(),
-        sport: 0,
-        dport: u16::from_be(user_port as u16),
-        proto,
-        tcp_flags: 0,
-    };
+    let mut key = Tuple { saddr: [0; 4], daddr: to.addr, sport: 0, dport: to.port, proto, tcp_flags: 0 };
     let cfg = match config() {
         Ok(c) => c,
         Err(r) => return (Outcome::drop(0, Direction::Egress, r), key),
@@ -290,10 +309,7 @@ fn connect4(ctx: &SockAddrContext) -> (Outcome, Tuple) {
     let dst_meshed = if local { peer.is_meshed() } else { dst.flags & REMOTE_MESHED != 0 };
     let captured = proto == PROTO_TCP && cfg.capture_port != 0 && ep.is_meshed() && dst_meshed && key.daddr != ep.ip;
     // Redirect to the agent; a destination that cannot be filed refuses the connect().
-    let redirect = || {
-        let orig = SockAddr { addr: key.daddr, port: key.dport, _pad: 0 };
-        capture::redirect(ctx, &cfg, ep.endpoint_id, orig)
-    };
+    let redirect = || capture::redirect(ctx, family, &cfg, ep.endpoint_id, to);
     if captured && !local {
         if redirect() {
             return (egress, key);
@@ -333,21 +349,14 @@ fn connect4(ctx: &SockAddrContext) -> (Outcome, Tuple) {
 /// local destination's ingress), unless it answers a flow its peer sent: TC has that flow in the
 /// cache, and a reply goes through as a reply.
 #[inline(always)]
-fn sendmsg4(ctx: &SockAddrContext) -> (Outcome, Tuple) {
+fn sendmsg4(ctx: &SockAddrContext, to: SockAddr) -> (Outcome, Tuple) {
     // SAFETY: the context pointer is valid for the program's run; `sk` is the sending socket,
     // bound by now (`inet_send_prepare` binds a port before the hook runs).
-    let (user_ip4, user_port, proto, sport) = unsafe {
+    let (proto, sport) = unsafe {
         let sa = &*ctx.sock_addr;
-        (sa.user_ip4, sa.user_port, sa.protocol as u8, (*sa.__bindgen_anon_1.sk).src_port as u16)
+        (sa.protocol as u8, (*sa.__bindgen_anon_1.sk).src_port as u16)
     };
-    let mut t = Tuple {
-        saddr: [0; 4],
-        daddr: user_ip4.to_ne_bytes(),
-        sport,
-        dport: u16::from_be(user_port as u16),
-        proto,
-        tcp_flags: 0,
-    };
+    let mut t = Tuple { saddr: [0; 4], daddr: to.addr, sport, dport: to.port, proto, tcp_flags: 0 };
     let cfg = match config() {
         Ok(c) => c,
         Err(r) => return (Outcome::drop(0, Direction::Egress, r), t),

@@ -633,6 +633,15 @@ impl Lab {
         probe_result(self.command_in(from, &probe_bin(), &probe_args("udp", self.member(to).spec.ip, port)))
     }
 
+    /// As [`Lab::probe`] and [`Lab::probe_udp`] (`kind` `connect` or `udp`), from a dual-stack
+    /// socket: `AF_INET6`, to `to`'s v4-mapped address (`::ffff:a.b.c.d`), as Java opens them. The
+    /// kernel runs the IPv6 socket hooks for it, although its packets are IPv4.
+    pub fn probe_dual_stack(&self, kind: &str, from: &str, to: &str, port: u16) -> Probe {
+        let addr = format!("[{}]:{port}", self.member(to).spec.ip.to_ipv6_mapped());
+        let args = [kind.into(), addr, "--timeout-ms".into(), "700".into()];
+        probe_result(self.command_in(from, &probe_bin(), &args))
+    }
+
     /// As [`Lab::probe_udp`], by a process in `from`'s network namespace outside its cgroup.
     pub fn probe_udp_uncaged(&self, from: &str, to: &str, port: u16) -> Probe {
         self.uncaged(from, probe_args("udp", self.member(to).spec.ip, port))

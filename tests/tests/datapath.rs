@@ -127,6 +127,11 @@ fn allowed_flow_passes_denied_flow_gets_eperm_and_tc_drop() {
     assert_result(&p, "eperm", "c -> b:8080 (no ALLOW matches)");
     assert!(p.ms < 200, "EPERM must be immediate, took {} ms", p.ms);
     assert_result(&lab.probe("a", "b", 9090), "eperm", "a -> b:9090 (port not allowed)");
+    // A dual-stack client (AF_INET6 to b's v4-mapped address: cgroup/connect6) is decided alike.
+    let p = lab.probe_dual_stack("connect", "c", "b", 8080);
+    assert_result(&p, "eperm", "c -> b:8080 from a dual-stack socket");
+    assert!(p.ms < 200, "EPERM must be immediate, took {} ms", p.ms);
+    assert_result(&lab.probe_dual_stack("connect", "a", "b", 8080), "allowed", "a -> b:8080, dual-stack");
     // b is selected by an ALLOW policy; a and c are not, so they accept anything.
     assert_result(&lab.probe("b", "a", 8080), "allowed", "b -> a (a has no ALLOW policy)");
 
@@ -167,6 +172,11 @@ fn denied_udp_send_gets_eperm_and_tc_drop() {
     assert!(p.ms < 200, "EPERM must be immediate, took {} ms", p.ms);
     // A DENY without ports refuses every protocol.
     assert_result(&lab.probe_udp("c", "a", 8080), "eperm", "c -> a udp (a-deny-c)");
+    // The same from dual-stack sockets (AF_INET6 to a v4-mapped address, which the kernel sends
+    // as IPv4, through cgroup/sendmsg4).
+    assert_result(&lab.probe_dual_stack("udp", "a", "b", 8080), "eperm", "a -> b udp, dual-stack");
+    assert_result(&lab.probe_dual_stack("udp", "c", "a", 8080), "eperm", "c -> a udp, dual-stack");
+    assert_result(&lab.probe_dual_stack("udp", "b", "c", 8080), "allowed", "b -> c udp, dual-stack");
     // c is selected by no policy and a's DENY names only c: b -> c and b -> a pass, both ways.
     assert_result(&lab.probe_udp("b", "c", 8080), "allowed", "b -> c udp");
     assert_result(&lab.probe_udp("b", "a", 8080), "allowed", "b -> a udp");

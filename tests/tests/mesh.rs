@@ -950,3 +950,60 @@ fn the_agents_hops_to_local_workloads_use_its_congestion_control_and_the_wire_th
         "{log}"
     );
 }
+
+/// A dual-stack client: an `AF_INET6` socket connecting to an IPv4 server through its v4-mapped
+/// address (`::ffff:a.b.c.d`), as Java, and any runtime that opens IPv6 sockets by default, does.
+/// Prints one JSON line: the server's greeting and the socket's peer, or the error.
+const DUAL_STACK_CLIENT: &str = r#"
+import json, socket, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+s.settimeout(3)
+try:
+    s.connect((sys.argv[1], int(sys.argv[2])))
+    greeting = s.makefile("r").readline().strip()
+    host, port = s.getpeername()[:2]
+    print(json.dumps({"greeting": greeting, "peer": f"[{host}]:{port}"}))
+except OSError as e:
+    print(json.dumps({"error": type(e).__name__, "detail": str(e)}))
+"#;
+
+fn dual_stack(lab: &Lab, from: &str, ip: Ipv4Addr, port: u16) -> serde_json::Value {
+    let args = ["-c".into(), DUAL_STACK_CLIENT.into(), format!("::ffff:{ip}"), port.to_string()];
+    let out = lab.command_in(from, Path::new("/usr/bin/python3"), &args).output().expect("python3");
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!("{e}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    })
+}
+
+/// The kernel runs cgroup/connect6, not connect4, for a v4-mapped destination, and a socket's
+/// getpeername goes through getpeername6. Capture and policy must hold there too, or a dual-stack
+/// client would talk plaintext to its peer (and a STRICT peer would drop it).
+#[test]
+fn a_dual_stack_client_is_captured_and_authorized_as_an_ipv4_one() {
+    if !require_root("a_dual_stack_client_is_captured_and_authorized_as_an_ipv4_one") {
+        return;
+    }
+    let net = 79;
+    let c = cluster("m6", net, POLICIES);
+    let (tcpdump, pcap) = capture(&c.n1);
+    // b is STRICT: only a connection the agents carried over mTLS reaches it.
+    let v = dual_stack(&c.n1, "a", b_ip(net), PORT);
+    std::thread::sleep(Duration::from_millis(300));
+    stop(tcpdump);
+    let greeting = v["greeting"].as_str().unwrap_or_default();
+    assert!(
+        greeting.starts_with(&format!("hello {PORT} from {}:", a_ip(net))),
+        "a reaches b over the mesh, seen with its own address: {v}\nnode1:\n{}\nnode2:\n{}",
+        log(&c.n1),
+        log(&c.n2)
+    );
+    assert_eq!(v["peer"], format!("[::ffff:{}]:{PORT}", b_ip(net)), "a's socket names b as its peer: {v}");
+    let wire = fs::read(&pcap).expect("capture file");
+    assert!(contains(&wire, &15008u16.to_be_bytes()), "the connection crossed the wire over HBONE");
+    assert!(!contains(&wire, greeting.as_bytes()), "the greeting crossed the wire in plaintext");
+
+    // DENY by principal holds for a dual-stack client too.
+    let v = dual_stack(&c.n1, "c", b_ip(net), PORT);
+    assert!(v["greeting"].as_str().is_none_or(str::is_empty), "c is denied by principal: {v}");
+    assert!(log(&c.n2).contains("b-deny-c"), "node 2 logs the deciding policy:\n{}", log(&c.n2));
+}

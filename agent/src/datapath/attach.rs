@@ -30,27 +30,47 @@ pub enum Hook {
     TcToWorkload,
     /// cgroup/connect4 (`warden_connect4`).
     Connect4,
-    /// cgroup/sendmsg4 (`warden_sendmsg4`).
+    /// cgroup/connect6 (`warden_connect6`): a dual-stack socket's `connect()` to a v4-mapped
+    /// address, decided and captured as connect4 does.
+    Connect6,
+    /// cgroup/sendmsg4 (`warden_sendmsg4`). The kernel runs it for a dual-stack socket's UDP
+    /// send to a v4-mapped address too (`udpv6_sendmsg` hands those to `udp_sendmsg`).
     Sendmsg4,
     /// cgroup/getpeername4 (`warden_getpeername4`): a captured socket's peer as it connected.
     /// On every workload, so a connection captured before the workload left the mesh still
     /// answers its destination.
     Getpeername4,
+    /// cgroup/getpeername6 (`warden_getpeername6`): the same for a dual-stack socket.
+    Getpeername6,
     /// sock_ops (`warden_sockops`), on meshed workloads only: captured sockets' source ports.
     SockOps,
 }
 
 impl Hook {
-    pub const ALL: [Hook; 6] =
-        [Hook::TcFromWorkload, Hook::TcToWorkload, Hook::Connect4, Hook::Sendmsg4, Hook::Getpeername4, Hook::SockOps];
+    pub const ALL: [Hook; 8] = [
+        Hook::TcFromWorkload,
+        Hook::TcToWorkload,
+        Hook::Connect4,
+        Hook::Connect6,
+        Hook::Sendmsg4,
+        Hook::Getpeername4,
+        Hook::Getpeername6,
+        Hook::SockOps,
+    ];
+
+    /// The hooks on every workload's cgroup (sock_ops is on meshed ones only).
+    pub const SOCK_ADDR: [Hook; 5] =
+        [Hook::Connect4, Hook::Connect6, Hook::Sendmsg4, Hook::Getpeername4, Hook::Getpeername6];
 
     pub const fn pin_name(self) -> &'static str {
         match self {
             Hook::TcFromWorkload => "tc_from_workload",
             Hook::TcToWorkload => "tc_to_workload",
             Hook::Connect4 => "connect4",
+            Hook::Connect6 => "connect6",
             Hook::Sendmsg4 => "sendmsg4",
             Hook::Getpeername4 => "getpeername4",
+            Hook::Getpeername6 => "getpeername6",
             Hook::SockOps => "sock_ops",
         }
     }
@@ -60,8 +80,10 @@ impl Hook {
             Hook::TcFromWorkload => "warden_from_wl",
             Hook::TcToWorkload => "warden_to_wl",
             Hook::Connect4 => "warden_connect4",
+            Hook::Connect6 => "warden_connect6",
             Hook::Sendmsg4 => "warden_sendmsg4",
             Hook::Getpeername4 => "warden_getpeername4",
+            Hook::Getpeername6 => "warden_getpeername6",
             Hook::SockOps => "warden_sockops",
         }
     }
@@ -126,9 +148,9 @@ pub fn attach(ebpf: &mut Ebpf, pin_dir: &Path, key: &str, local: &Local, meshed:
                 path: cg.clone(),
                 source,
             })?;
-            attach_cgroup(ebpf, &dir, key, Hook::Connect4, &file, cg)?;
-            attach_cgroup(ebpf, &dir, key, Hook::Sendmsg4, &file, cg)?;
-            attach_cgroup(ebpf, &dir, key, Hook::Getpeername4, &file, cg)?;
+            for hook in Hook::SOCK_ADDR {
+                attach_cgroup(ebpf, &dir, key, hook, &file, cg)?;
+            }
             if meshed {
                 attach_cgroup(ebpf, &dir, key, Hook::SockOps, &file, cg)?;
             } else {
@@ -137,7 +159,7 @@ pub fn attach(ebpf: &mut Ebpf, pin_dir: &Path, key: &str, local: &Local, meshed:
         }
         None => {
             // The workload has no cgroup (any more): drop cgroup links it may have had.
-            for hook in [Hook::Connect4, Hook::Sendmsg4, Hook::Getpeername4, Hook::SockOps] {
+            for hook in Hook::SOCK_ADDR.into_iter().chain([Hook::SockOps]) {
                 release(&dir.join(hook.pin_name()));
             }
         }

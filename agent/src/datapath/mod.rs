@@ -119,9 +119,9 @@ impl Datapath {
         }
         load!(SchedClassifier, "warden_from_wl");
         load!(SchedClassifier, "warden_to_wl");
-        load!(CgroupSockAddr, "warden_connect4");
-        load!(CgroupSockAddr, "warden_sendmsg4");
-        load!(CgroupSockAddr, "warden_getpeername4");
+        for hook in attach::Hook::SOCK_ADDR {
+            load!(CgroupSockAddr, hook.program());
+        }
         load!(SockOps, "warden_sockops");
         load!(SkMsg, "warden_fastpath");
         attach_fast_path(&mut ebpf)?;

@@ -2,10 +2,12 @@
 //!
 //! - `serve PORT...`: accept on every port; each connection gets `hello <port>\n`, then every
 //!   line it sends is echoed back. Each port also echoes UDP datagrams.
-//! - `connect IP:PORT [--timeout-ms N]`: one connection attempt; prints one JSON line
+//! - `connect IP:PORT [--timeout-ms N]`: one connection attempt (from an `AF_INET6` socket when IP
+//!   is IPv6, e.g. `[::ffff:10.0.0.2]:80`, as a dual-stack client makes it); prints one JSON line
 //!   `{"result": "allowed"|"eperm"|"timeout"|"refused"|"error", "ms": .., "detail": ..}` and exits 0.
 //!   `allowed` means the server's greeting arrived, so both directions passed.
-//! - `udp IP:PORT [--timeout-ms N]`: one datagram from an unconnected socket (`sendto`), and its
+//! - `udp IP:PORT [--timeout-ms N]`: one datagram from an unconnected socket (`sendto`; IPv6 as for
+//!   `connect`), and its
 //!   echo; prints `{"result": "allowed"|"eperm"|"timeout"|..}`. `eperm` is the send failing at once.
 //! - `echo IP:PORT [MESSAGE] [--timeout-ms N]`: one line there and back; prints `{"result": ..,
 //!   "seen_as": <the client's address as the server saw it>, "peer": <the server's address as the
@@ -130,7 +132,9 @@ fn main() {
         Some("udp") => {
             let addr: SocketAddr = args[1].parse().expect("IP:PORT");
             let start = Instant::now();
-            let result = UdpSocket::bind("0.0.0.0:0").and_then(|u| {
+            // An IPv6 address (v4-mapped: a dual-stack client) sends from an AF_INET6 socket.
+            let any = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" };
+            let result = UdpSocket::bind(any).and_then(|u| {
                 u.set_read_timeout(Some(Duration::from_millis(flag("--timeout-ms", 1500))))?;
                 u.send_to(b"warden-udp", addr)?;
                 let mut buf = [0u8; 64];
