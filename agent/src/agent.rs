@@ -14,7 +14,8 @@ use std::{
 
 use ipnet::Ipv4Net;
 use warden_common::{
-    Direction, EP_MESHED, EndpointInfo, IDENTITY_ANY, IDENTITY_WORLD, PROTO_ANY, REMOTE_MESHED, RemoteInfo,
+    Direction, EP_MESHED, EndpointInfo, IDENTITY_ANY, IDENTITY_WORLD, PROTO_ANY, REMOTE_MESHED, REMOTE_SERVICE,
+    RemoteInfo,
 };
 
 use crate::{
@@ -70,6 +71,8 @@ pub enum BuildError {
 /// A validated, compiled set of inputs, ready to apply.
 pub struct Desired {
     pub workloads: Vec<Workload>,
+    /// The Services the mesh carries connections to.
+    pub services: Vec<crate::services::Service>,
     /// The policies, for the mesh's authorization of mTLS connections.
     pub policies: std::sync::Arc<warden_authz::PolicySet>,
     pub state: NodeState,
@@ -86,7 +89,7 @@ pub fn build(
     capture: Option<SocketAddrV4>,
     record: &mut NodeRecord,
 ) -> Result<Desired, BuildError> {
-    let Inputs { workloads, policies } = inputs;
+    let Inputs { workloads, services, policies } = inputs;
 
     let authz_workloads: Vec<warden_authz::Workload> = workloads
         .iter()
@@ -138,6 +141,18 @@ pub fn build(
         let identity = identity_of(w.ip);
         ipcache.insert(Ipv4Net::from(w.ip), RemoteInfo { identity, local_ifindex: 0, flags: REMOTE_MESHED });
     }
+    // A Service's virtual address with a meshed pod behind it is captured as a meshed workload's
+    // is; the agent picks the pod.
+    for s in &services {
+        if workloads.iter().any(|w| meshed(w) && s.selects(w)) {
+            let info = RemoteInfo {
+                identity: identity_of(s.cluster_ip),
+                local_ifindex: 0,
+                flags: REMOTE_MESHED | REMOTE_SERVICE,
+            };
+            ipcache.insert(Ipv4Net::from(s.cluster_ip), info);
+        }
+    }
     // Endpoint directions whose policy is the default entry alone (egress, always: Istio has no
     // egress authorization) get a flag that saves the kernel three lookups per new flow.
     let mut specific: BTreeSet<(u32, Direction, bool)> = BTreeSet::new();
@@ -180,6 +195,7 @@ pub fn build(
         valid_until: compiled.valid_until,
         warnings: compiled.warnings,
         workloads,
+        services,
         policies: std::sync::Arc::new(policies),
     })
 }
@@ -289,7 +305,7 @@ fn snapshot(source: &mut dyn Source, cfg: &AgentConfig, record: &mut NodeRecord)
 }
 
 fn mesh_view(d: &Desired, cfg: &AgentConfig) -> crate::mesh::View {
-    crate::mesh::View::new(&d.workloads, d.policies.clone(), &cfg.trust_domain)
+    crate::mesh::View::new(&d.workloads, &d.services, d.policies.clone(), &cfg.trust_domain)
 }
 
 /// Run the agent until SIGTERM/SIGINT. The first snapshot must succeed (the agent does not start

@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr, path::Path};
 use serde::Serialize;
 use warden_common::{
     Direction, DropReason, HOOK_CONNECT, HOOK_TUNNEL, IDENTITY_ANY, IPCACHE_SLOT_BITS, POLICY_ID_NONE, PROTO_ANY,
-    PROTO_ICMP, PROTO_TCP, PROTO_UDP, Verdict,
+    PROTO_ICMP, PROTO_TCP, PROTO_UDP, REMOTE_MESHED, REMOTE_SERVICE, Verdict,
 };
 
 use crate::{datapath::Maps, record::NodeRecord};
@@ -70,6 +70,10 @@ pub struct IpcacheView {
     pub identity: u32,
     pub name: String,
     pub local_ifindex: u32,
+    /// In the mesh: a meshed workload, or a Service with meshed pods.
+    pub meshed: bool,
+    /// A Service's virtual address: the agent picks one of its meshed pods.
+    pub service: bool,
 }
 
 fn verdict_name(v: u8) -> &'static str {
@@ -234,6 +238,8 @@ fn read_once(maps: &Maps, state_dir: &Path) -> anyhow::Result<MapsView> {
                 identity: v.identity,
                 name: identity(v.identity),
                 local_ifindex: v.local_ifindex,
+                meshed: v.flags & REMOTE_MESHED != 0,
+                service: v.flags & REMOTE_SERVICE != 0,
             }
         })
         .collect();
@@ -294,14 +300,21 @@ pub fn render(v: &MapsView) -> String {
             }
         }
     }
-    let _ = writeln!(s, "\nIDENTITY CACHE\n  {:<20} {:>9}  {:<8} NAME", "CIDR", "IDENTITY", "IFINDEX");
+    let _ = writeln!(s, "\nIDENTITY CACHE\n  {:<20} {:>9}  {:<8} {:<14} NAME", "CIDR", "IDENTITY", "IFINDEX", "MESH");
     for i in &v.ipcache {
+        let mesh = match (i.meshed, i.service) {
+            (true, true) => "service, meshed",
+            (true, false) => "meshed",
+            (false, true) => "service",
+            (false, false) => "-",
+        };
         let _ = writeln!(
             s,
-            "  {:<20} {:>9}  {:<8} {}",
+            "  {:<20} {:>9}  {:<8} {:<14} {}",
             i.cidr,
             i.identity,
             if i.local_ifindex == 0 { "-".to_string() } else { i.local_ifindex.to_string() },
+            mesh,
             i.name
         );
     }

@@ -20,6 +20,7 @@ pub mod kubeca;
 pub mod memory;
 pub mod mesh;
 pub mod record;
+pub mod services;
 pub mod source;
 pub mod telemetry;
 pub mod workloads;

@@ -9,6 +9,8 @@
 //!     ip: 10.0.1.5
 //!     veth: wd-payment        # host-side veth; omit for a workload on another node
 //!     cgroup: /sys/fs/cgroup/unified/warden-lab/payment-processor   # optional
+//!     ports: {http: 8080}     # named container ports, for Services' named targetPorts; optional
+//! services: []                # optional; see `crate::services`
 //! ```
 //! Loading checks everything it can before anything is applied: YAML shape, unknown fields,
 //! duplicate names and addresses, that each veth exists on this node and each cgroup is a cgroup
@@ -23,10 +25,14 @@ use std::{
 
 use serde::Deserialize;
 
+use crate::services::{self, Service};
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct File {
     workloads: Vec<Entry>,
+    #[serde(default)]
+    services: Vec<services::Entry>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -42,6 +48,8 @@ struct Entry {
     cgroup: Option<PathBuf>,
     #[serde(default)]
     services: Vec<String>,
+    #[serde(default)]
+    ports: BTreeMap<String, u16>,
 }
 
 /// A workload as the agent uses it.
@@ -54,6 +62,8 @@ pub struct Workload {
     pub ip: Ipv4Addr,
     /// Services (in the workload's namespace) selecting it, for policies bound by `targetRefs`.
     pub services: Vec<String>,
+    /// Named container ports (name -> number), for Services' named target ports.
+    pub ports: BTreeMap<String, u16>,
     /// Present for workloads enforced on this node.
     pub local: Option<Local>,
 }
@@ -143,8 +153,15 @@ impl Links for HostLinks {
     }
 }
 
+/// What a workload file describes.
+#[derive(Debug)]
+pub struct Loaded {
+    pub workloads: Vec<Workload>,
+    pub services: Vec<Service>,
+}
+
 /// Read and validate a workload file. All-or-nothing: any error returns every error found.
-pub fn load(path: &Path, links: &dyn Links) -> Result<Vec<Workload>, WorkloadErrors> {
+pub fn load(path: &Path, links: &dyn Links) -> Result<Loaded, WorkloadErrors> {
     let err = |entry: String, field: &str, reason: String| FieldError {
         file: path.to_path_buf(),
         entry,
@@ -225,10 +242,54 @@ pub fn load(path: &Path, links: &dyn Links) -> Result<Vec<Workload>, WorkloadErr
             if let Some(prev) = ips.insert(ip, i) {
                 errors.push(err(entry.clone(), "ip", format!("{ip} is already used by workloads[{prev}]")));
             }
-            out.push(Workload { name, namespace, service_account, labels: e.labels, ip, services: e.services, local });
+            for (port, n) in &e.ports {
+                if !services::is_port_name(port) || *n == 0 {
+                    errors.push(err(
+                        entry.clone(),
+                        &format!("ports.{port}"),
+                        format!("{port:?}: {n} is not a named port"),
+                    ));
+                }
+            }
+            let (labels, services, ports) = (e.labels, e.services, e.ports);
+            out.push(Workload { name, namespace, service_account, labels, ip, services, ports, local });
         }
     }
-    if errors.is_empty() { Ok(out) } else { Err(WorkloadErrors(errors)) }
+    let mut svcs: Vec<Service> = Vec::new();
+    for (i, e) in file.services.into_iter().enumerate() {
+        let entry = format!("services[{i}]");
+        match e.validate(is_dns_label) {
+            Ok(s) => {
+                if let Some(prev) = svcs.iter().position(|p| p.key() == s.key()) {
+                    errors.push(err(entry, "name", format!("{} is already defined by services[{prev}]", s.key())));
+                } else if let Some(prev) = svcs.iter().position(|p| p.cluster_ip == s.cluster_ip) {
+                    errors.push(err(
+                        entry,
+                        "clusterIP",
+                        format!("{} is already used by services[{prev}]", s.cluster_ip),
+                    ));
+                } else if let Some(w) = ips.get(&s.cluster_ip) {
+                    errors.push(err(entry, "clusterIP", format!("{} is the address of workloads[{w}]", s.cluster_ip)));
+                } else {
+                    svcs.push(s);
+                }
+            }
+            Err(problems) => {
+                errors.extend(problems.into_iter().map(|(field, reason)| err(entry.clone(), &field, reason)))
+            }
+        }
+    }
+    if !errors.is_empty() {
+        return Err(WorkloadErrors(errors));
+    }
+    // A workload is selected by the Services of the file too (for `targetRefs` and metrics).
+    for w in &mut out {
+        let selecting: Vec<String> = svcs.iter().filter(|s| s.selects(w)).map(|s| s.name.clone()).collect();
+        w.services.extend(selecting);
+        w.services.sort();
+        w.services.dedup();
+    }
+    Ok(Loaded { workloads: out, services: svcs })
 }
 
 fn is_dns_label(s: &str) -> bool {
@@ -255,6 +316,10 @@ mod tests {
     }
 
     fn load_str(yaml: &str) -> Result<Vec<Workload>, WorkloadErrors> {
+        load_all(yaml).map(|l| l.workloads)
+    }
+
+    fn load_all(yaml: &str) -> Result<Loaded, WorkloadErrors> {
         let dir = std::env::temp_dir().join(format!("warden-wl-{}-{}", std::process::id(), yaml.len()));
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("workloads.yaml");
@@ -287,6 +352,29 @@ mod tests {
         assert!(text.contains("workloads[2].name: \"B\" is not a DNS-1123 label"), "{text}");
         assert!(text.contains("workloads[2].serviceAccount: is required"), "{text}");
         assert!(text.contains("workloads.yaml"), "{text}");
+    }
+
+    #[test]
+    fn services_select_their_pods_and_are_checked_against_the_workloads() {
+        let l = load_all(
+            "workloads:\n- {name: a, namespace: ns, serviceAccount: sa, ip: 10.0.0.1, labels: {app: a}, ports: {http: 8080}}\n- {name: b, namespace: ns, serviceAccount: sa, ip: 10.0.0.2, labels: {app: b}}\nservices:\n- {name: a-svc, namespace: ns, clusterIP: 10.96.0.1, selector: {app: a}, ports: [{port: 80, targetPort: http}]}\n",
+        )
+        .unwrap();
+        assert_eq!(l.services.len(), 1);
+        assert_eq!(l.workloads[0].services, ["a-svc"], "selected by the file's Service");
+        assert!(l.workloads[1].services.is_empty());
+        assert_eq!(l.services[0].target_port(80, &l.workloads[0]), Some(8080));
+
+        let e = load_all(
+            "workloads:\n- {name: a, namespace: ns, serviceAccount: sa, ip: 10.0.0.1, ports: {Bad_Name: 1}}\nservices:\n- {name: s, namespace: ns, clusterIP: 10.0.0.1, selector: {app: a}, ports: [{port: 80}]}\n- {name: t, namespace: ns, clusterIP: 10.96.0.9, ports: [{port: 80, targetPort: -1}]}\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("workloads[0].ports.Bad_Name: \"Bad_Name\": 1 is not a named port"), "{e}");
+        assert!(e.contains("services[0].clusterIP: 10.0.0.1 is the address of workloads[0]"), "{e}");
+        assert!(e.contains("services[1].selector: is required"), "{e}");
+        assert!(e.contains("services[1].ports[0].targetPort: -1 is not a port (1-65535)"), "{e}");
+        assert!(e.contains("workloads.yaml"), "{e}");
     }
 
     #[test]

@@ -241,6 +241,10 @@ pub struct RemoteInfo {
 
 /// [`RemoteInfo::flags`]: the address is a workload in the mesh, reached over HBONE.
 pub const REMOTE_MESHED: u32 = 1 << 0;
+/// [`RemoteInfo::flags`]: the address is a Service's virtual address (with [`REMOTE_MESHED`]:
+/// some of its pods are meshed, and the agent picks one). For inspection; the programs read
+/// [`REMOTE_MESHED`] alone.
+pub const REMOTE_SERVICE: u32 = 1 << 1;
 
 /// An IPv4 socket address: network-order address, host-order port. 8 bytes, no implicit padding.
 #[repr(C)]

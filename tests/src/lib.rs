@@ -195,6 +195,8 @@ pub struct Lab {
     pub remote: Vec<Spec>,
     /// The node's end of the wire to another node: (interface, address).
     pub wire: Option<(String, Ipv4Addr)>,
+    /// Entries of the workload file's `services` list (YAML flow mappings).
+    pub services: Vec<String>,
     servers: Vec<Child>,
     agent: Option<Child>,
 }
@@ -228,6 +230,7 @@ impl Lab {
             cgroup_dir: cgroup_dir.clone(),
             remote: Vec::new(),
             wire: None,
+            services: Vec::new(),
             servers: Vec::new(),
             agent: None,
         };
@@ -443,6 +446,12 @@ impl Lab {
                 labels.join(", "),
                 r.ip
             );
+        }
+        if !self.services.is_empty() {
+            s += "services:\n";
+            for svc in &self.services {
+                s += &format!("  - {svc}\n");
+            }
         }
         s
     }

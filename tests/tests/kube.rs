@@ -559,4 +559,28 @@ fn the_daemonsets_mesh_gets_its_certificates_from_the_cluster_ca_with_its_capabi
             && l.contains("connection_security_policy=\"mutual_tls\"")),
         "the agent carried c -> b:\n{metrics}"
     );
+
+    // Through a Service: the API server gives it a ClusterIP; the lab has no kube-proxy, so only
+    // the mesh's capture can reach b behind it (port 80 -> b's 8080).
+    let before = lab.generation();
+    api.apply(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: b-svc, namespace: team}\n\
+         spec: {selector: {app: b}, ports: [{port: 80, targetPort: 8080}]}\n",
+    )
+    .unwrap();
+    let vip: Ipv4Addr = api
+        .kubectl(&["-n", "team", "get", "service", "b-svc", "-o", "jsonpath={.spec.clusterIP}"])
+        .unwrap()
+        .parse()
+        .unwrap();
+    lab.wait_generation_change(before, Duration::from_secs(10)).unwrap();
+    let p = lab.echo("c", vip, 80, "through the service");
+    assert_eq!(
+        p.result,
+        "allowed",
+        "c -> b-svc ({vip}:80): {p:?}\n{}",
+        fs::read_to_string(lab.agent_log()).unwrap_or_default()
+    );
+    assert_eq!(p.intact, Some(true));
+    assert_eq!(p.peer, Some(format!("{vip}:80")), "c's socket names the Service: {p:?}");
 }

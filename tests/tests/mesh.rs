@@ -1007,3 +1007,72 @@ fn a_dual_stack_client_is_captured_and_authorized_as_an_ipv4_one() {
     assert!(v["greeting"].as_str().is_none_or(str::is_empty), "c is denied by principal: {v}");
     assert!(log(&c.n2).contains("b-deny-c"), "node 2 logs the deciding policy:\n{}", log(&c.n2));
 }
+
+/// Give both nodes the workload file's `services` and wait for their agents to commit it.
+fn set_services(c: &mut Cluster, services: &[String]) {
+    for lab in [&mut c.n1, &mut c.n2] {
+        let before = lab.generation();
+        lab.services = services.to_vec();
+        fs::write(lab.workloads_path(), lab.workload_file()).unwrap();
+        lab.wait_generation_change(before, Duration::from_secs(15))
+            .unwrap_or_else(|e| panic!("{}: {e}\n{}", lab.tag, log(lab)));
+    }
+}
+
+/// Clients usually reach their peers through a Service's virtual address (a ClusterIP, which
+/// kube-proxy DNATs only after the socket hooks have run). A meshed client's connection to a
+/// Service with meshed pods is captured, and the agent carries it to one of those pods over HBONE
+/// (or delivers it on the node), on the pod's target port, authorized as a direct one. The lab has
+/// no kube-proxy: a connection the mesh did not capture would reach nothing at all.
+#[test]
+fn a_connection_to_a_services_address_reaches_a_meshed_pod_over_the_mesh() {
+    if !require_root("a_connection_to_a_services_address_reaches_a_meshed_pod_over_the_mesh") {
+        return;
+    }
+    let net = 80;
+    let s_ip = Ipv4Addr::new(10, net, 1, 6);
+    let mut c = cluster_with("msv", net, POLICIES, &[Spec::new("team", "s", s_ip, &[PORT])], &[], &[]);
+    let (b_vip, s_vip) = (Ipv4Addr::new(10, 96, net, 1), Ipv4Addr::new(10, 96, net, 2));
+    set_services(
+        &mut c,
+        &[
+            format!(
+                "{{name: b-svc, namespace: team, clusterIP: {b_vip}, selector: {{app: b}}, ports: [{{port: 80, targetPort: {PORT}}}]}}"
+            ),
+            format!(
+                "{{name: s-svc, namespace: team, clusterIP: {s_vip}, selector: {{app: s}}, ports: [{{port: 80, targetPort: {PORT}}}]}}"
+            ),
+        ],
+    );
+    // `warden maps` shows the Service's address as captured.
+    let maps: serde_json::Value = serde_json::from_str(&c.n1.warden(&["maps", "--output", "json"]).unwrap()).unwrap();
+    let vip = maps["ipcache"].as_array().unwrap().iter().find(|e| e["cidr"] == format!("{b_vip}/32")).cloned();
+    assert!(vip.as_ref().is_some_and(|e| e["meshed"] == true && e["service"] == true), "{vip:?}\n{maps}");
+    let (tcpdump, pcap) = capture(&c.n1);
+    let p = c.n1.echo("a", b_vip, 80, "through the service");
+    std::thread::sleep(Duration::from_millis(300));
+    stop(tcpdump);
+    assert_eq!(p.result, "allowed", "a -> b-svc:80: {p:?}\nnode1:\n{}\nnode2:\n{}", log(&c.n1), log(&c.n2));
+    assert_eq!(p.intact, Some(true), "{p:?}");
+    let seen = p.seen_as.clone().unwrap_or_default();
+    assert!(seen.starts_with(&format!("{}:", a_ip(net))), "b sees a's own address: {p:?}");
+    assert_eq!(p.peer, Some(format!("{b_vip}:80")), "a's socket names the Service it connected to: {p:?}");
+    let wire = fs::read(&pcap).expect("capture file");
+    assert!(contains(&wire, &15008u16.to_be_bytes()), "carried over HBONE");
+    assert!(!contains(&wire, b"through the service"), "the payload crossed the wire in plaintext");
+
+    // Authorized as a direct connection: b still refuses c by principal.
+    let p = c.n1.echo("c", b_vip, 80, "from c");
+    assert_ne!(p.result, "allowed", "c -> b-svc is denied by principal: {p:?}");
+    assert!(log(&c.n2).contains("b-deny-c"), "node 2 logs the deciding policy:\n{}", log(&c.n2));
+
+    // A Service whose pod is on the same node: delivered by node 1's agent.
+    let p = c.n1.echo("a", s_vip, 80, "same node");
+    assert_eq!(p.result, "allowed", "a -> s-svc:80: {p:?}\n{}", log(&c.n1));
+    assert_eq!(p.peer, Some(format!("{s_vip}:80")), "{p:?}");
+
+    // A port the Service does not have: refused by the agent, and said why.
+    let p = c.n1.echo("a", b_vip, 81, "no such port");
+    assert_ne!(p.result, "allowed", "b-svc has no port 81: {p:?}");
+    assert!(log(&c.n1).contains("no meshed pod of the service serves this port"), "{}", log(&c.n1));
+}

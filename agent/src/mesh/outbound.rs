@@ -92,7 +92,24 @@ impl Outbound {
         // One snapshot for the whole connection.
         let view = self.view.borrow().clone();
         let source = view.workload(*client.ip()).filter(|w| w.is_local() && w.meshed).cloned();
-        let target = view.workload(*dst.ip()).filter(|w| w.meshed).cloned();
+        let (dst, target) = match view.workload(*dst.ip()) {
+            Some(w) => (dst, Some(w.clone()).filter(|w| w.meshed)),
+            // A Service's address: one of its meshed pods, on the port it serves the Service port on.
+            None => match view.service_backend(*dst.ip(), dst.port()) {
+                Some((service, pod, port)) => {
+                    let to = SocketAddrV4::new(pod.workload.ip, port);
+                    tracing::debug!(service = %service.key(), address = %dst, pod = %pod.workload.key(), %to, "service");
+                    (to, Some(pod))
+                }
+                None => {
+                    if let Some(s) = view.services.get(dst.ip()) {
+                        tracing::warn!(%client, service = %s.service.key(), destination = %dst, "no meshed pod of the service serves this port; refused");
+                        return;
+                    }
+                    (dst, None)
+                }
+            },
+        };
         let key = ConnKey { client: Some(SocketAddr::V4(client)), destination: SocketAddr::V4(dst) };
         let (Some(source), Some(target)) = (source, target) else {
             tracing::warn!(%client, destination = %dst, "captured connection between workloads the mesh does not serve; refused");

@@ -1,12 +1,20 @@
-//! What the mesh knows of the cluster: every workload by address, and the policies. Replaced
-//! as a whole at every commit, so a connection is handled against one consistent snapshot.
+//! What the mesh knows of the cluster: every workload by address, the Services in front of them,
+//! and the policies. Replaced as a whole at every commit, so a connection is handled against one
+//! consistent snapshot.
 
-use std::{collections::HashMap, net::Ipv4Addr, sync::Arc};
+use std::{
+    collections::HashMap,
+    net::Ipv4Addr,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
 
 use warden_authz::{Decision, Destination, Peer, PolicySet, Request};
 use warden_identity::Identity;
 
-use crate::workloads::Workload;
+use crate::{services::Service, workloads::Workload};
 
 /// A workload as the mesh sees it.
 #[derive(Debug)]
@@ -32,10 +40,20 @@ pub fn denial_names(d: &Decision) -> (String, &'static str) {
     }
 }
 
+/// A Service as the mesh sees it: its meshed pods, taken in turn.
+#[derive(Debug)]
+pub struct MeshService {
+    pub service: Service,
+    pub backends: Vec<Arc<MeshWorkload>>,
+    next: AtomicUsize,
+}
+
 /// One snapshot.
 #[derive(Debug)]
 pub struct View {
     pub by_ip: HashMap<Ipv4Addr, Arc<MeshWorkload>>,
+    /// Services by virtual address.
+    pub services: HashMap<Ipv4Addr, MeshService>,
     pub policies: Arc<PolicySet>,
 }
 
@@ -43,7 +61,7 @@ impl View {
     /// The snapshot of `workloads` and `policies`. A workload whose identity cannot be formed
     /// (an invalid name) is left out: the mesh does not serve it, so nothing reaches it through
     /// the agent.
-    pub fn new(workloads: &[Workload], policies: Arc<PolicySet>, trust_domain: &str) -> View {
+    pub fn new(workloads: &[Workload], services: &[Service], policies: Arc<PolicySet>, trust_domain: &str) -> View {
         let mut by_ip = HashMap::with_capacity(workloads.len());
         for w in workloads {
             match Identity::spiffe(trust_domain, &w.namespace, &w.service_account) {
@@ -54,11 +72,34 @@ impl View {
                 Err(e) => tracing::warn!(workload = %w.key(), "left out of the mesh: no SPIFFE identity: {e}"),
             }
         }
-        View { by_ip, policies }
+        let services = services
+            .iter()
+            .map(|s| {
+                let mut backends: Vec<Arc<MeshWorkload>> =
+                    by_ip.values().filter(|w| w.meshed && s.selects(&w.workload)).cloned().collect();
+                backends.sort_by_key(|w| w.workload.ip);
+                (s.cluster_ip, MeshService { service: s.clone(), backends, next: AtomicUsize::new(0) })
+            })
+            .collect();
+        View { by_ip, services, policies }
     }
 
     pub fn workload(&self, ip: Ipv4Addr) -> Option<&Arc<MeshWorkload>> {
         self.by_ip.get(&ip)
+    }
+
+    /// For a connection to Service address `vip` on `port`: the next of its meshed pods that
+    /// serves that port, and the port it serves it on. Pods out of the mesh are not chosen (the
+    /// agent reaches pods over HBONE only). `None` when the address is no Service's, or no
+    /// meshed pod serves the port.
+    pub fn service_backend(&self, vip: Ipv4Addr, port: u16) -> Option<(&Service, Arc<MeshWorkload>, u16)> {
+        let s = self.services.get(&vip)?;
+        let n = s.backends.len();
+        let start = s.next.fetch_add(1, Ordering::Relaxed);
+        (0..n).map(|i| &s.backends[(start + i) % n]).find_map(|b| {
+            let target = s.service.target_port(port, &b.workload)?;
+            Some((&s.service, b.clone(), target))
+        })
     }
 
     /// Authorize a TCP connection from the proven `source` identity at `source_ip` to local

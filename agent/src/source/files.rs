@@ -51,9 +51,9 @@ impl Source for FileSource {
     fn read(&mut self) -> Result<Inputs, SourceError> {
         // Fingerprint first: a change made while reading is seen by the next poll.
         self.seen = self.fingerprint();
-        let workloads = workloads::load(&self.workloads, &HostLinks)?;
+        let workloads::Loaded { workloads, services } = workloads::load(&self.workloads, &HostLinks)?;
         let policies = warden_authz::load_paths_with(&[&self.policies], &self.options)?;
-        Ok(Inputs { workloads, policies })
+        Ok(Inputs { workloads, services, policies })
     }
 
     fn describe(&self) -> String {

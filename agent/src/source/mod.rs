@@ -10,6 +10,7 @@ use crate::workloads::Workload;
 /// A complete, validated snapshot of the inputs.
 pub struct Inputs {
     pub workloads: Vec<Workload>,
+    pub services: Vec<crate::services::Service>,
     pub policies: warden_authz::PolicySet,
 }
 

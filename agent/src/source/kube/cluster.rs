@@ -98,10 +98,22 @@ impl Compact for Pod {
         compact_meta(&mut self.metadata);
         self.metadata.annotations = None;
         if let Some(spec) = &self.spec {
+            // Of the containers, only their named ports (Services' named target ports); a
+            // container without one is not kept at all.
+            let containers = spec
+                .containers
+                .iter()
+                .filter_map(|c| {
+                    let named: Vec<_> = c.ports.iter().flatten().filter(|p| p.name.is_some()).cloned().collect();
+                    (!named.is_empty())
+                        .then(|| k8s_openapi::api::core::v1::Container { ports: Some(named), ..Default::default() })
+                })
+                .collect();
             self.spec = Some(k8s_openapi::api::core::v1::PodSpec {
                 node_name: spec.node_name.clone(),
                 host_network: spec.host_network,
                 service_account_name: spec.service_account_name.clone(),
+                containers,
                 ..Default::default()
             });
         }
@@ -129,8 +141,12 @@ impl Compact for Service {
         compact_meta(&mut self.metadata);
         self.metadata.annotations = None;
         if let Some(spec) = &self.spec {
-            self.spec =
-                Some(k8s_openapi::api::core::v1::ServiceSpec { selector: spec.selector.clone(), ..Default::default() });
+            self.spec = Some(k8s_openapi::api::core::v1::ServiceSpec {
+                selector: spec.selector.clone(),
+                cluster_ip: spec.cluster_ip.clone(),
+                ports: spec.ports.clone(),
+                ..Default::default()
+            });
         }
         self.status = None;
     }
@@ -186,13 +202,64 @@ pub fn pod_workload(pod: &Pod, services: &[&Service]) -> Result<Workload, Skip> 
         .map(|s| s.name_any())
         .collect();
     selecting.sort();
-    Ok(Workload { name: pod.name_any(), namespace, service_account, labels, ip, services: selecting, local: None })
+    // Named TCP container ports (Kubernetes' default protocol is TCP).
+    let ports = spec
+        .into_iter()
+        .flat_map(|s| &s.containers)
+        .flat_map(|c| c.ports.iter().flatten())
+        .filter(|p| p.protocol.as_deref().is_none_or(|p| p == "TCP"))
+        .filter_map(|p| Some((p.name.clone()?, u16::try_from(p.container_port).ok()?)))
+        .collect();
+    Ok(Workload {
+        name: pod.name_any(),
+        namespace,
+        service_account,
+        labels,
+        ip,
+        services: selecting,
+        ports,
+        local: None,
+    })
+}
+
+/// The Service as the mesh carries it, or `None` for one it does not: headless (no cluster IP),
+/// IPv6-only, without a selector (hand-made endpoints), or without a TCP port.
+pub fn mesh_service(svc: &Service) -> Option<crate::services::Service> {
+    use crate::services::{ServicePort, TargetPort};
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    let spec = svc.spec.as_ref()?;
+    let cluster_ip = spec.cluster_ip.as_deref()?.parse::<Ipv4Addr>().ok()?;
+    let selector: BTreeMap<String, String> = spec.selector.clone().unwrap_or_default();
+    if selector.is_empty() {
+        return None;
+    }
+    let ports: Vec<ServicePort> = spec
+        .ports
+        .iter()
+        .flatten()
+        .filter(|p| p.protocol.as_deref().is_none_or(|p| p == "TCP"))
+        .filter_map(|p| {
+            let port = u16::try_from(p.port).ok()?;
+            let target = match &p.target_port {
+                None => TargetPort::Number(port),
+                Some(IntOrString::Int(n)) => TargetPort::Number(u16::try_from(*n).ok()?),
+                Some(IntOrString::String(name)) => TargetPort::Name(name.clone()),
+            };
+            Some(ServicePort { port, target })
+        })
+        .collect();
+    if ports.is_empty() {
+        return None;
+    }
+    Some(crate::services::Service { name: svc.name_any(), namespace: svc.namespace()?, cluster_ip, ports, selector })
 }
 
 /// The workloads of the cluster as this node enforces them, and the local pods whose veth or
 /// cgroup could not be found yet (retried while any remain).
 pub struct NodeView {
     pub workloads: Vec<Workload>,
+    /// The enrolled namespaces' Services the mesh carries.
+    pub services: Vec<crate::services::Service>,
     pub unresolved: Vec<String>,
 }
 
@@ -247,7 +314,9 @@ pub fn node_view(
     }
     let mut workloads: Vec<Workload> = by_ip.into_values().collect();
     workloads.sort_by_key(|w| w.key());
-    NodeView { workloads, unresolved }
+    let mut services: Vec<crate::services::Service> = services.iter().filter_map(|s| mesh_service(s)).collect();
+    services.sort_by_key(|s| s.key());
+    NodeView { workloads, services, unresolved }
 }
 
 #[cfg(test)]
@@ -282,6 +351,59 @@ mod tests {
             "status": {"phase": "Running", "podIP": ip},
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn services_keep_their_address_and_tcp_ports_and_pods_their_named_ports_through_compaction() {
+        let mut s: Service = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "ledger", "namespace": "ns", "annotations": {"big": "x"}},
+            "spec": {"clusterIP": "10.96.0.10", "selector": {"app": "ledger"}, "type": "ClusterIP",
+                     "ports": [{"port": 80, "targetPort": 8080}, {"port": 443, "targetPort": "https"},
+                               {"port": 9000}, {"port": 53, "protocol": "UDP"}]},
+        }))
+        .unwrap();
+        s.compact();
+        let m = mesh_service(&s).expect("a ClusterIP Service with a selector");
+        assert_eq!((m.key(), m.cluster_ip), ("ns/ledger".to_string(), Ipv4Addr::new(10, 96, 0, 10)));
+        use crate::services::{ServicePort, TargetPort};
+        assert_eq!(
+            m.ports,
+            [
+                ServicePort { port: 80, target: TargetPort::Number(8080) },
+                ServicePort { port: 443, target: TargetPort::Name("https".into()) },
+                ServicePort { port: 9000, target: TargetPort::Number(9000) },
+            ],
+            "TCP ports only; targetPort defaults to the port"
+        );
+        for (what, spec) in [
+            ("headless", serde_json::json!({"clusterIP": "None", "selector": {"app": "x"}, "ports": [{"port": 80}]})),
+            ("no selector", serde_json::json!({"clusterIP": "10.96.0.11", "ports": [{"port": 80}]})),
+            ("IPv6", serde_json::json!({"clusterIP": "fd00::1", "selector": {"app": "x"}, "ports": [{"port": 80}]})),
+            (
+                "UDP only",
+                serde_json::json!({"clusterIP": "10.96.0.12", "selector": {"app": "x"},
+                                           "ports": [{"port": 53, "protocol": "UDP"}]}),
+            ),
+        ] {
+            let s: Service =
+                serde_json::from_value(serde_json::json!({"metadata": {"name": "s", "namespace": "ns"}, "spec": spec}))
+                    .unwrap();
+            assert_eq!(mesh_service(&s), None, "{what}");
+        }
+
+        let mut p: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "l", "namespace": "ns", "labels": {"app": "ledger"}},
+            "spec": {"containers": [
+                {"name": "app", "image": "x", "ports": [{"name": "https", "containerPort": 8443}, {"containerPort": 9}]},
+                {"name": "dns", "image": "y", "ports": [{"name": "dns", "containerPort": 53, "protocol": "UDP"}]}]},
+            "status": {"phase": "Running", "podIP": "10.0.0.7"},
+        }))
+        .unwrap();
+        p.compact();
+        let w = pod_workload(&p, &[&s]).unwrap();
+        assert_eq!(w.ports, [("https".to_string(), 8443)].into(), "named TCP container ports");
+        assert_eq!(m.target_port(443, &w), Some(8443));
+        assert_eq!(w.services, ["ledger"]);
     }
 
     fn svc(ns: &str, name: &str, selector: &[(&str, &str)]) -> Service {

@@ -1,0 +1,269 @@
+//! Kubernetes Services as the mesh uses them: a virtual address and ports in front of the pods
+//! its selector picks.
+//!
+//! A meshed client's `connect()` to a Service's address is captured as one to a pod is: the
+//! kernel's socket hooks see the virtual address, before any DNAT (kube-proxy) or socket-level
+//! translation (a CNI's, attached higher in the cgroup tree) could hide the Service. The agent
+//! then picks one of the Service's meshed pods, maps the Service port to that pod's target port,
+//! and carries the connection to it, as ztunnel does. Without this, a meshed client reaching its
+//! peer through a Service would bypass the mesh: plaintext, and dropped by a STRICT peer.
+//!
+//! In the workload file (the Kubernetes source reads the same from the API):
+//!
+//! ```yaml
+//! services:
+//!   - name: ledger
+//!     namespace: fintech-core
+//!     clusterIP: 10.96.0.10
+//!     selector: {app: ledger}
+//!     ports:
+//!       - {port: 80, targetPort: 8080}   # a number, or a container port's name
+//!       - {port: 443, targetPort: https}
+//! ```
+
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use serde::Deserialize;
+
+use crate::workloads::Workload;
+
+/// A Service the mesh can carry connections to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Service {
+    pub name: String,
+    pub namespace: String,
+    /// The virtual address clients connect to.
+    pub cluster_ip: Ipv4Addr,
+    /// Its TCP ports (the mesh carries TCP only).
+    pub ports: Vec<ServicePort>,
+    /// The labels a pod of the Service's namespace must carry. Never empty: a Service without a
+    /// selector has hand-made endpoints, which the mesh does not follow.
+    pub selector: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePort {
+    pub port: u16,
+    pub target: TargetPort,
+}
+
+/// Where a Service port leads on each pod (Kubernetes' `targetPort`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TargetPort {
+    Number(u16),
+    /// A container port's name: each pod says which number it is.
+    Name(String),
+}
+
+impl Service {
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// Whether `w` is one of the Service's pods.
+    pub fn selects(&self, w: &Workload) -> bool {
+        w.namespace == self.namespace && self.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
+    }
+
+    /// The port `backend` serves Service port `port` on: `None` when the Service has no such
+    /// port, or the backend no container port of the target's name.
+    pub fn target_port(&self, port: u16, backend: &Workload) -> Option<u16> {
+        match &self.ports.iter().find(|p| p.port == port)?.target {
+            TargetPort::Number(n) => Some(*n),
+            TargetPort::Name(name) => backend.ports.get(name).copied(),
+        }
+    }
+}
+
+/// A `services[]` entry of the workload file, as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct Entry {
+    name: Option<String>,
+    namespace: Option<String>,
+    #[serde(rename = "clusterIP")]
+    cluster_ip: Option<String>,
+    #[serde(default)]
+    selector: BTreeMap<String, String>,
+    #[serde(default)]
+    ports: Vec<PortEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct PortEntry {
+    port: Option<u32>,
+    target_port: Option<serde_yaml::Value>,
+    protocol: Option<String>,
+}
+
+/// One problem in a `services[]` entry: (field, reason).
+pub(crate) type Problem = (String, String);
+
+impl Entry {
+    /// The Service this entry describes, or every problem with it. `is_label` checks names.
+    pub(crate) fn validate(self, is_label: impl Fn(&str) -> bool) -> Result<Service, Vec<Problem>> {
+        let mut problems: Vec<Problem> = Vec::new();
+        let label = |v: Option<String>, field: &str, problems: &mut Vec<Problem>| match v {
+            Some(s) if is_label(&s) => Some(s),
+            Some(s) => {
+                problems.push((field.into(), format!("{s:?} is not a DNS-1123 label")));
+                None
+            }
+            None => {
+                problems.push((field.into(), "is required".into()));
+                None
+            }
+        };
+        let name = label(self.name, "name", &mut problems);
+        let namespace = label(self.namespace, "namespace", &mut problems);
+        let cluster_ip = match self.cluster_ip.as_deref().map(str::parse::<Ipv4Addr>) {
+            Some(Ok(ip)) if !ip.is_unspecified() => Some(ip),
+            Some(_) => {
+                let ip = self.cluster_ip.unwrap_or_default();
+                problems.push(("clusterIP".into(), format!("{ip:?} is not an IPv4 address a client can reach")));
+                None
+            }
+            None => {
+                problems.push(("clusterIP".into(), "is required".into()));
+                None
+            }
+        };
+        if self.selector.is_empty() {
+            problems.push(("selector".into(), "is required: the mesh follows a Service's pods by its selector".into()));
+        }
+        if self.ports.is_empty() {
+            problems.push(("ports".into(), "needs at least one port".into()));
+        }
+        let mut ports = Vec::new();
+        for (i, p) in self.ports.into_iter().enumerate() {
+            let at = |f: &str| format!("ports[{i}].{f}");
+            match p.protocol.as_deref() {
+                None | Some("TCP") => {}
+                // Kubernetes' other protocols: valid, but not carried by the mesh.
+                Some("UDP" | "SCTP") => continue,
+                Some(other) => {
+                    problems.push((at("protocol"), format!("{other:?} is not TCP, UDP or SCTP")));
+                    continue;
+                }
+            }
+            let port = match p.port.map(u16::try_from) {
+                Some(Ok(n)) if n > 0 => n,
+                Some(_) => {
+                    problems.push((at("port"), format!("{} is not a port (1-65535)", p.port.unwrap_or_default())));
+                    continue;
+                }
+                None => {
+                    problems.push((at("port"), "is required".into()));
+                    continue;
+                }
+            };
+            if ports.iter().any(|q: &ServicePort| q.port == port) {
+                problems.push((at("port"), format!("{port} is listed twice")));
+                continue;
+            }
+            let target = match p.target_port {
+                // Kubernetes' default: the same number.
+                None => TargetPort::Number(port),
+                Some(serde_yaml::Value::Number(n)) => match n.as_u64().and_then(|n| u16::try_from(n).ok()) {
+                    Some(n) if n > 0 => TargetPort::Number(n),
+                    _ => {
+                        problems.push((at("targetPort"), format!("{n} is not a port (1-65535)")));
+                        continue;
+                    }
+                },
+                Some(serde_yaml::Value::String(s)) if is_port_name(&s) => TargetPort::Name(s),
+                Some(v) => {
+                    problems.push((at("targetPort"), format!("{v:?} is neither a port number nor a port name")));
+                    continue;
+                }
+            };
+            ports.push(ServicePort { port, target });
+        }
+        match (name, namespace, cluster_ip) {
+            (Some(name), Some(namespace), Some(cluster_ip)) if problems.is_empty() => {
+                Ok(Service { name, namespace, cluster_ip, ports, selector: self.selector })
+            }
+            _ => Err(problems),
+        }
+    }
+}
+
+/// A Kubernetes port name (IANA_SVC_NAME): 1-15 lower-case alphanumerics and '-', with a letter.
+pub fn is_port_name(s: &str) -> bool {
+    (1..=15).contains(&s.len())
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes().any(|b| b.is_ascii_lowercase())
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+        && !s.contains("--")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn workload(ns: &str, labels: &[(&str, &str)], ports: &[(&str, u16)]) -> Workload {
+        Workload {
+            name: "w".into(),
+            namespace: ns.into(),
+            service_account: "sa".into(),
+            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            ip: Ipv4Addr::new(10, 0, 0, 1),
+            services: Vec::new(),
+            ports: ports.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            local: None,
+        }
+    }
+
+    fn entry(yaml: &str) -> Entry {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    #[test]
+    fn ports_map_by_number_name_or_default_and_selection_is_by_namespace_and_labels() {
+        let s = entry(
+            "{name: ledger, namespace: ns, clusterIP: 10.96.0.10, selector: {app: ledger},
+              ports: [{port: 80, targetPort: 8080}, {port: 443, targetPort: https}, {port: 9000},
+                      {port: 53, protocol: UDP}]}",
+        )
+        .validate(|_| true)
+        .unwrap();
+        assert_eq!(s.key(), "ns/ledger");
+        assert_eq!(s.ports.len(), 3, "UDP is not carried by the mesh: {s:?}");
+        let pod = workload("ns", &[("app", "ledger"), ("v", "1")], &[("https", 8443)]);
+        assert!(s.selects(&pod));
+        assert!(!s.selects(&workload("other", &[("app", "ledger")], &[])), "another namespace");
+        assert!(!s.selects(&workload("ns", &[("app", "x")], &[])), "other labels");
+        assert_eq!(s.target_port(80, &pod), Some(8080));
+        assert_eq!(s.target_port(443, &pod), Some(8443));
+        assert_eq!(s.target_port(9000, &pod), Some(9000), "targetPort defaults to port");
+        assert_eq!(s.target_port(53, &pod), None, "not a TCP port of the Service");
+        assert_eq!(s.target_port(443, &workload("ns", &[("app", "ledger")], &[])), None, "no port named https");
+    }
+
+    #[test]
+    fn every_problem_names_its_field() {
+        let problems = entry(
+            "{name: Bad, clusterIP: 10.96.0.300, ports: [{port: 0}, {port: 80, targetPort: 70000},
+              {port: 81, targetPort: Not_a_name}, {port: 82, protocol: QUIC}, {port: 83}, {port: 83}]}",
+        )
+        .validate(|s| s.bytes().all(|b| b.is_ascii_lowercase()))
+        .unwrap_err();
+        let text = format!("{problems:?}");
+        for needle in [
+            "(\"name\", \"\\\"Bad\\\" is not a DNS-1123 label\")",
+            "(\"namespace\", \"is required\")",
+            "(\"clusterIP\", \"\\\"10.96.0.300\\\" is not an IPv4 address a client can reach\")",
+            "(\"selector\", \"is required",
+            "(\"ports[0].port\", \"0 is not a port (1-65535)\")",
+            "(\"ports[1].targetPort\", \"70000 is not a port (1-65535)\")",
+            "(\"ports[2].targetPort\", \"String(\\\"Not_a_name\\\") is neither a port number nor a port name\")",
+            "(\"ports[3].protocol\", \"\\\"QUIC\\\" is not TCP, UDP or SCTP\")",
+            "(\"ports[5].port\", \"83 is listed twice\")",
+        ] {
+            assert!(text.contains(needle), "{needle} not in {text}");
+        }
+    }
+}
