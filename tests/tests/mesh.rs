@@ -1076,3 +1076,46 @@ fn a_connection_to_a_services_address_reaches_a_meshed_pod_over_the_mesh() {
     assert_ne!(p.result, "allowed", "b-svc has no port 81: {p:?}");
     assert!(log(&c.n1).contains("no meshed pod of the service serves this port"), "{}", log(&c.n1));
 }
+
+/// A TCP Fast Open client: no `connect()`, the first `sendto(MSG_FASTOPEN)` opens the connection
+/// (the kernel runs connect4 from inside it). Prints the reply line or the error.
+const FAST_OPEN_CLIENT: &str = r#"
+import json, socket, struct, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+# The connection's wait is bounded by the send timeout.
+s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 3, 0))
+try:
+    # Blocking (Python's timeouts make the socket non-blocking, and a Fast Open send without a
+    # cookie then returns EINPROGRESS): it returns once the connection is up and the data sent.
+    s.sendto(b"fast open\n", socket.MSG_FASTOPEN, (sys.argv[1], int(sys.argv[2])))
+    s.settimeout(3)
+    f = s.makefile("r")
+    greeting, echo = f.readline().strip(), f.readline().strip()
+    host, port = s.getpeername()[:2]
+    print(json.dumps({"greeting": greeting, "echo": echo, "peer": f"{host}:{port}"}))
+except OSError as e:
+    print(json.dumps({"error": type(e).__name__, "detail": str(e)}))
+"#;
+
+/// The connection a Fast Open `sendto()` opens is captured as a `connect()`'s is, and its first
+/// bytes arrive.
+#[test]
+fn a_tcp_fast_open_client_is_captured_too() {
+    if !require_root("a_tcp_fast_open_client_is_captured_too") {
+        return;
+    }
+    let net = 83;
+    let c = cluster("mfo", net, POLICIES);
+    let args = ["-c".into(), FAST_OPEN_CLIENT.into(), b_ip(net).to_string(), PORT.to_string()];
+    let out = c.n1.command_in("a", Path::new("/usr/bin/python3"), &args).output().expect("python3");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!("{e}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    });
+    assert!(
+        v["greeting"].as_str().unwrap_or_default().starts_with(&format!("hello {PORT} from {}:", a_ip(net))),
+        "a reaches b (STRICT) over the mesh: {v}\n{}",
+        log(&c.n1)
+    );
+    assert_eq!(v["echo"], "fast open", "the data sent with the SYN arrives: {v}");
+    assert_eq!(v["peer"], format!("{}:{PORT}", b_ip(net)), "{v}");
+}
