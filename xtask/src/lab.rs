@@ -28,6 +28,17 @@ pub fn mesh() -> (Vec<Spec>, Vec<Spec>) {
     (node1, node2)
 }
 
+/// The payment processor's Service, as Kubernetes would give it one: a virtual address in front of
+/// its pod, port 443 to the pod's 8443. The lab has no kube-proxy: only the mesh reaches it.
+const PAYMENTS_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+
+fn payments_service() -> String {
+    format!(
+        "{{name: payments, namespace: fintech-core, clusterIP: {PAYMENTS_VIP}, selector: {{app: payment-processor}}, \
+         ports: [{{port: 443, targetPort: 8443}}]}}"
+    )
+}
+
 fn short(name: &str) -> &str {
     name.split('-').next().unwrap_or(name)
 }
@@ -43,6 +54,7 @@ pub fn up() -> anyhow::Result<()> {
     let ca = n1.dir.join("ca");
     fs::create_dir_all(&ca)?;
     for lab in [&mut n1, &mut n2] {
+        lab.services = vec![payments_service()];
         let generation = lab.start_mesh_agent(&policies, &ca)?;
         eprintln!("lab: {} agent committed generation {generation}", lab.node);
     }
@@ -115,6 +127,18 @@ pub fn up() -> anyhow::Result<()> {
         if has(marker.as_bytes()) { "YES" } else { "no" },
         // TLS 1.3 application-data records on the pooled HBONE connection.
         if has(&[0x17, 0x03, 0x03]) && has(&15008u16.to_be_bytes()) { "yes" } else { "NO" }
+    );
+
+    // Through the payment processor's Service.
+    let p = n1.echo("order-service", PAYMENTS_VIP, 443, "through the payments Service");
+    println!(
+        "\norder-service -> the payments Service {PAYMENTS_VIP}:443 (a virtual address; no kube-proxy in the lab):"
+    );
+    println!(
+        "  answered: {}; carried to payment-processor:8443, which saw the client as {}; the client's socket names {} as its peer",
+        p.intact == Some(true),
+        p.seen_as.as_deref().unwrap_or("?"),
+        p.peer.as_deref().unwrap_or("?")
     );
 
     // The same denied flow from a process outside the workload's cgroup: no connect() hook sees
