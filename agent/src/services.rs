@@ -213,6 +213,7 @@ mod tests {
             ip: Ipv4Addr::new(10, 0, 0, 1),
             services: Vec::new(),
             ports: ports.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            ready: true,
             local: None,
         }
     }

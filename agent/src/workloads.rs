@@ -10,6 +10,7 @@
 //!     veth: wd-payment        # host-side veth; omit for a workload on another node
 //!     cgroup: /sys/fs/cgroup/unified/warden-lab/payment-processor   # optional
 //!     ports: {http: 8080}     # named container ports, for Services' named targetPorts; optional
+//!     ready: true             # serving (Kubernetes' readiness); optional, default true
 //! services: []                # optional; see `crate::services`
 //! ```
 //! Loading checks everything it can before anything is applied: YAML shape, unknown fields,
@@ -50,6 +51,8 @@ struct Entry {
     services: Vec<String>,
     #[serde(default)]
     ports: BTreeMap<String, u16>,
+    /// Kubernetes' endpoint readiness; true unless said otherwise.
+    ready: Option<bool>,
 }
 
 /// A workload as the agent uses it.
@@ -64,6 +67,9 @@ pub struct Workload {
     pub services: Vec<String>,
     /// Named container ports (name -> number), for Services' named target ports.
     pub ports: BTreeMap<String, u16>,
+    /// Serving: ready and not terminating, as Kubernetes decides which pods a Service sends to.
+    /// Only such pods are chosen behind a Service; every workload keeps its identity either way.
+    pub ready: bool,
     /// Present for workloads enforced on this node.
     pub local: Option<Local>,
 }
@@ -251,8 +257,8 @@ pub fn load(path: &Path, links: &dyn Links) -> Result<Loaded, WorkloadErrors> {
                     ));
                 }
             }
-            let (labels, services, ports) = (e.labels, e.services, e.ports);
-            out.push(Workload { name, namespace, service_account, labels, ip, services, ports, local });
+            let (labels, services, ports, ready) = (e.labels, e.services, e.ports, e.ready.unwrap_or(true));
+            out.push(Workload { name, namespace, service_account, labels, ip, services, ports, ready, local });
         }
     }
     let mut svcs: Vec<Service> = Vec::new();
@@ -364,6 +370,10 @@ mod tests {
         assert_eq!(l.workloads[0].services, ["a-svc"], "selected by the file's Service");
         assert!(l.workloads[1].services.is_empty());
         assert_eq!(l.services[0].target_port(80, &l.workloads[0]), Some(8080));
+        assert!(l.workloads[0].ready, "serving unless said otherwise");
+        let l = load_all("workloads:\n- {name: a, namespace: ns, serviceAccount: sa, ip: 10.0.0.1, ready: false}\n")
+            .unwrap();
+        assert!(!l.workloads[0].ready);
 
         let e = load_all(
             "workloads:\n- {name: a, namespace: ns, serviceAccount: sa, ip: 10.0.0.1, ports: {Bad_Name: 1}}\nservices:\n- {name: s, namespace: ns, clusterIP: 10.0.0.1, selector: {app: a}, ports: [{port: 80}]}\n- {name: t, namespace: ns, clusterIP: 10.96.0.9, ports: [{port: 80, targetPort: -1}]}\n",

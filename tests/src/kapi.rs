@@ -188,8 +188,11 @@ impl ApiServer {
             labels.join(", ")
         ))
         .unwrap();
-        let status =
-            format!("{{\"status\":{{\"phase\":\"Running\",\"podIP\":\"{ip}\",\"podIPs\":[{{\"ip\":\"{ip}\"}}]}}}}");
+        // Running and ready, as a kubelet reports a pod whose containers passed their probes.
+        let status = format!(
+            "{{\"status\":{{\"phase\":\"Running\",\"podIP\":\"{ip}\",\"podIPs\":[{{\"ip\":\"{ip}\"}}],\
+             \"conditions\":[{{\"type\":\"Ready\",\"status\":\"True\"}}]}}}}"
+        );
         self.kubectl(&["patch", "pod", name, "-n", ns, "--subresource=status", "--type=merge", "-p", &status]).unwrap();
         self.kubectl(&["get", "pod", name, "-n", ns, "-o", "jsonpath={.metadata.uid}"]).unwrap()
     }

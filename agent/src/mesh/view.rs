@@ -40,7 +40,7 @@ pub fn denial_names(d: &Decision) -> (String, &'static str) {
     }
 }
 
-/// A Service as the mesh sees it: its meshed pods, taken in turn.
+/// A Service as the mesh sees it: its meshed, serving pods, taken in turn.
 #[derive(Debug)]
 pub struct MeshService {
     pub service: Service,
@@ -75,8 +75,12 @@ impl View {
         let services = services
             .iter()
             .map(|s| {
-                let mut backends: Vec<Arc<MeshWorkload>> =
-                    by_ip.values().filter(|w| w.meshed && s.selects(&w.workload)).cloned().collect();
+                // Meshed and serving only: the snapshot is rebuilt when a pod's readiness changes.
+                let mut backends: Vec<Arc<MeshWorkload>> = by_ip
+                    .values()
+                    .filter(|w| w.meshed && w.workload.ready && s.selects(&w.workload))
+                    .cloned()
+                    .collect();
                 backends.sort_by_key(|w| w.workload.ip);
                 (s.cluster_ip, MeshService { service: s.clone(), backends, next: AtomicUsize::new(0) })
             })
@@ -88,10 +92,10 @@ impl View {
         self.by_ip.get(&ip)
     }
 
-    /// For a connection to Service address `vip` on `port`: the next of its meshed pods that
-    /// serves that port, and the port it serves it on. Pods out of the mesh are not chosen (the
-    /// agent reaches pods over HBONE only). `None` when the address is no Service's, or no
-    /// meshed pod serves the port.
+    /// For a connection to Service address `vip` on `port`: the next of its meshed, ready pods
+    /// that serves that port, and the port it serves it on. Pods out of the mesh are not chosen
+    /// (the agent reaches pods over HBONE only), nor pods not ready or terminating. `None` when
+    /// the address is no Service's, or no such pod serves the port.
     pub fn service_backend(&self, vip: Ipv4Addr, port: u16) -> Option<(&Service, Arc<MeshWorkload>, u16)> {
         let s = self.services.get(&vip)?;
         let n = s.backends.len();
@@ -120,5 +124,65 @@ impl View {
             ..Request::default()
         };
         self.policies.evaluate(&req)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::services::{ServicePort, TargetPort};
+
+    fn pod(name: &str, ip: u8, meshed: bool, ready: bool, ports: &[(&str, u16)]) -> Workload {
+        let mut labels = BTreeMap::from([("app".to_string(), "ledger".to_string())]);
+        if !meshed {
+            labels.insert(crate::workloads::DATAPLANE_MODE_LABEL.into(), "none".into());
+        }
+        Workload {
+            name: name.into(),
+            namespace: "ns".into(),
+            service_account: name.into(),
+            labels,
+            ip: Ipv4Addr::new(10, 0, 0, ip),
+            services: Vec::new(),
+            ports: ports.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            ready,
+            local: None,
+        }
+    }
+
+    #[test]
+    fn a_service_sends_to_its_meshed_ready_pods_in_turn_on_their_target_port() {
+        let vip = Ipv4Addr::new(10, 96, 0, 1);
+        let service = Service {
+            name: "ledger".into(),
+            namespace: "ns".into(),
+            cluster_ip: vip,
+            ports: vec![
+                ServicePort { port: 80, target: TargetPort::Number(8080) },
+                ServicePort { port: 443, target: TargetPort::Name("https".into()) },
+            ],
+            selector: BTreeMap::from([("app".to_string(), "ledger".to_string())]),
+        };
+        let workloads = [
+            pod("a", 1, true, true, &[("https", 8443)]),
+            pod("b", 2, true, true, &[]),
+            pod("not-ready", 3, true, false, &[("https", 8443)]),
+            pod("out-of-mesh", 4, false, true, &[("https", 8443)]),
+        ];
+        let view = View::new(
+            &workloads,
+            &[service],
+            Arc::new(PolicySet::from_resources(Vec::new(), &Default::default()).unwrap()),
+            "cluster.local",
+        );
+        let pick = |port| view.service_backend(vip, port).map(|(_, w, p)| (w.workload.name.clone(), p));
+        let picks: Vec<_> = (0..4).map(|_| pick(80).unwrap()).collect();
+        assert_eq!(picks, [("a".into(), 8080), ("b".into(), 8080), ("a".into(), 8080), ("b".into(), 8080)]);
+        // Only a has a container port named https.
+        assert_eq!((0..3).map(|_| pick(443)).collect::<Vec<_>>(), vec![Some(("a".into(), 8443)); 3]);
+        assert_eq!(pick(81), None, "the Service has no port 81");
+        assert!(view.service_backend(Ipv4Addr::new(10, 96, 0, 2), 80).is_none(), "no Service there");
     }
 }

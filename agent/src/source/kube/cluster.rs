@@ -121,6 +121,11 @@ impl Compact for Pod {
             self.status = Some(k8s_openapi::api::core::v1::PodStatus {
                 phase: status.phase.clone(),
                 pod_ip: status.pod_ip.clone(),
+                // Only readiness, for Services.
+                conditions: status
+                    .conditions
+                    .as_ref()
+                    .map(|cs| cs.iter().filter(|c| c.type_ == "Ready").cloned().collect()),
                 ..Default::default()
             });
         }
@@ -210,6 +215,11 @@ pub fn pod_workload(pod: &Pod, services: &[&Service]) -> Result<Workload, Skip> 
         .filter(|p| p.protocol.as_deref().is_none_or(|p| p == "TCP"))
         .filter_map(|p| Some((p.name.clone()?, u16::try_from(p.container_port).ok()?)))
         .collect();
+    // As an EndpointSlice's `serving`: the Ready condition, and not terminating.
+    let ready = pod.metadata.deletion_timestamp.is_none()
+        && status
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
     Ok(Workload {
         name: pod.name_any(),
         namespace,
@@ -218,6 +228,7 @@ pub fn pod_workload(pod: &Pod, services: &[&Service]) -> Result<Workload, Skip> 
         ip,
         services: selecting,
         ports,
+        ready,
         local: None,
     })
 }
@@ -404,6 +415,28 @@ mod tests {
         assert_eq!(w.ports, [("https".to_string(), 8443)].into(), "named TCP container ports");
         assert_eq!(m.target_port(443, &w), Some(8443));
         assert_eq!(w.services, ["ledger"]);
+        assert!(!w.ready, "no Ready condition reported yet");
+    }
+
+    #[test]
+    fn a_pod_serves_when_ready_and_not_terminating() {
+        let with = |ready: &str, terminating: bool| {
+            let mut p = pod("team", "a", Some("10.0.0.2"), &[]);
+            p.status.as_mut().unwrap().conditions = Some(vec![
+                serde_json::from_value(serde_json::json!({"type": "PodScheduled", "status": "True"})).unwrap(),
+                serde_json::from_value(serde_json::json!({"type": "Ready", "status": ready})).unwrap(),
+            ]);
+            if terminating {
+                p.metadata.deletion_timestamp =
+                    Some(serde_json::from_value(serde_json::json!("2026-12-06T00:00:00Z")).unwrap());
+            }
+            p.compact();
+            assert_eq!(p.status.as_ref().unwrap().conditions.as_ref().map(Vec::len), Some(1), "only Ready is kept");
+            pod_workload(&p, &[]).unwrap().ready
+        };
+        assert!(with("True", false));
+        assert!(!with("False", false));
+        assert!(!with("True", true), "terminating");
     }
 
     fn svc(ns: &str, name: &str, selector: &[(&str, &str)]) -> Service {
