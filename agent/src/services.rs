@@ -27,6 +27,38 @@ use serde::Deserialize;
 
 use crate::workloads::Workload;
 
+/// Kubernetes' default cluster domain: a Service's hostname is `<name>.<namespace>.svc.cluster.local`.
+pub const CLUSTER_DOMAIN: &str = "cluster.local";
+
+/// A Service by name, as Istio's metrics label it (`destination_service*`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ServiceRef {
+    pub name: String,
+    pub namespace: String,
+}
+
+impl ServiceRef {
+    /// `<name>.<namespace>.svc.cluster.local`: Istio's `destination_service`, and the `host` of
+    /// an HBONE request's `forwarded` header.
+    pub fn hostname(&self) -> String {
+        format!("{}.{}.svc.{CLUSTER_DOMAIN}", self.name, self.namespace)
+    }
+
+    /// The Service a connection to workload `w` counts against, as ztunnel guesses it for the
+    /// destination side: the one whose hostname the client addressed (`host`) if it is one of
+    /// `w`'s, else `w`'s only Service; none when `w` has several and the client named none.
+    pub fn for_destination(w: &Workload, host: Option<&str>) -> Option<ServiceRef> {
+        let of = |name: &String| ServiceRef { name: name.clone(), namespace: w.namespace.clone() };
+        if let Some(named) = host.and_then(|h| w.services.iter().map(of).find(|s| s.hostname() == h)) {
+            return Some(named);
+        }
+        match w.services.as_slice() {
+            [only] => Some(of(only)),
+            _ => None,
+        }
+    }
+}
+
 /// A Service the mesh can carry connections to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Service {
@@ -59,6 +91,10 @@ impl Service {
     /// `namespace/name`.
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
+    }
+
+    pub fn reference(&self) -> ServiceRef {
+        ServiceRef { name: self.name.clone(), namespace: self.namespace.clone() }
     }
 
     /// Whether `w` is one of the Service's pods.
@@ -242,6 +278,20 @@ mod tests {
         assert_eq!(s.target_port(9000, &pod), Some(9000), "targetPort defaults to port");
         assert_eq!(s.target_port(53, &pod), None, "not a TCP port of the Service");
         assert_eq!(s.target_port(443, &workload("ns", &[("app", "ledger")], &[])), None, "no port named https");
+    }
+
+    #[test]
+    fn the_destination_service_is_the_one_addressed_or_the_only_one() {
+        let mut w = workload("ns", &[], &[]);
+        assert_eq!(ServiceRef::for_destination(&w, None), None, "no Service");
+        w.services = vec!["a".into()];
+        let a = ServiceRef { name: "a".into(), namespace: "ns".into() };
+        assert_eq!(a.hostname(), "a.ns.svc.cluster.local");
+        assert_eq!(ServiceRef::for_destination(&w, None), Some(a.clone()), "the only one");
+        w.services = vec!["a".into(), "b".into()];
+        assert_eq!(ServiceRef::for_destination(&w, None), None, "two, none named");
+        assert_eq!(ServiceRef::for_destination(&w, Some("b.ns.svc.cluster.local")).unwrap().name, "b");
+        assert_eq!(ServiceRef::for_destination(&w, Some("c.ns.svc.cluster.local")), None, "not one of w's");
     }
 
     #[test]

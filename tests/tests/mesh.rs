@@ -191,6 +191,14 @@ fn cross_node_traffic_is_mutual_tls_and_authorized_by_principal() {
     );
     assert!(
         series(
+            &m1,
+            "istio_tcp_connections_opened_total",
+            &["source_workload=\"a\"", "destination_service=\"unknown\""]
+        ),
+        "b is behind no Service here:\n{m1}"
+    );
+    assert!(
+        series(
             &m2,
             "istio_tcp_connections_opened_total",
             &[
@@ -1060,6 +1068,25 @@ fn a_connection_to_a_services_address_reaches_a_meshed_pod_over_the_mesh() {
     let wire = fs::read(&pcap).expect("capture file");
     assert!(contains(&wire, &15008u16.to_be_bytes()), "carried over HBONE");
     assert!(!contains(&wire, b"through the service"), "the payload crossed the wire in plaintext");
+    // Both sides count it against the Service (Istio's destination_service labels): node 1 knows
+    // it was addressed, node 2 reads it from the tunnel's `forwarded: host=`.
+    let svc = [
+        "destination_service=\"b-svc.team.svc.cluster.local\"",
+        "destination_service_name=\"b-svc\"",
+        "destination_service_namespace=\"team\"",
+    ];
+    for (lab, reporter) in [(&c.n1, "source"), (&c.n2, "destination")] {
+        let m = metrics(lab);
+        let reporter = format!("reporter=\"{reporter}\"");
+        assert!(
+            m.lines().any(|l| l.starts_with("istio_tcp_connections_opened_total")
+                && l.contains(&reporter)
+                && l.contains("source_workload=\"a\"")
+                && svc.iter().all(|n| l.contains(n))),
+            "{}: {reporter} counts a -> b-svc:\n{m}",
+            lab.tag
+        );
+    }
 
     // Authorized as a direct connection: b still refuses c by principal.
     let p = c.n1.echo("c", b_vip, 80, "from c");

@@ -17,6 +17,8 @@ use warden_hbone::{
     BoxError, Inbound, InboundRequest, Refusal, SecretManagerTls, ServerTls, TransferError, TransferStats,
 };
 
+use crate::services::ServiceRef;
+
 use super::{
     deliver,
     local_hop::LocalCongestion,
@@ -94,16 +96,17 @@ impl Inbound for Handler {
         };
         let decision = view.authorize(peer, source_ip, target, dst.port());
         let workload = target.workload.key();
+        let service = ServiceRef::for_destination(&target.workload, req.forwarded.host.as_deref());
         if decision.decision == Verdict::Deny {
             let (policy, reason) = denial_names(&decision);
-            refused(&self.metrics, Reporter::Destination, source, target, &policy, reason);
+            refused(&self.metrics, Reporter::Destination, source, target, service.as_ref(), &policy, reason);
             tracing::info!(%peer, source = %source_ip, destination = %dst, %workload, %policy, "mTLS connection denied");
             return Err(Refusal::denied(policy));
         }
         let upstream = deliver::connect(source_ip, dst, self.local_congestion)
             .await
             .map_err(|e| Refusal::unreachable(e.to_string()))?;
-        self.deliveries.opened(delivery_key(req), source, target, &upstream);
+        self.deliveries.opened(delivery_key(req), source, target, service.as_ref(), &upstream);
         let policy = decision.policy.as_deref().unwrap_or("default");
         tracing::debug!(%peer, source = %source_ip, destination = %dst, %workload, %policy, "mTLS connection allowed");
         Ok(upstream)

@@ -16,6 +16,7 @@ use std::{
 use tokio::net::TcpStream;
 
 use super::view::MeshWorkload;
+use crate::services::ServiceRef;
 use crate::telemetry::metrics::{
     DenialLabels, FLAGS_DENY, FLAGS_NONE, SecurityPolicy, TcpLabels, TcpRecorder, TcpTotals,
 };
@@ -27,7 +28,17 @@ pub enum Reporter {
     Destination,
 }
 
-pub fn labels(reporter: Reporter, src: &MeshWorkload, dst: &MeshWorkload, flags: &str) -> TcpLabels {
+/// The labels of a connection from `src` to `dst`, counted against `service` (the one the client
+/// addressed, or the destination's guess: [`ServiceRef::for_destination`]).
+pub fn labels(
+    reporter: Reporter,
+    src: &MeshWorkload,
+    dst: &MeshWorkload,
+    service: Option<&ServiceRef>,
+    flags: &str,
+) -> TcpLabels {
+    let [destination_service, destination_service_name, destination_service_namespace] =
+        TcpLabels::service_labels(service);
     TcpLabels {
         reporter: match reporter {
             Reporter::Source => "source",
@@ -40,6 +51,9 @@ pub fn labels(reporter: Reporter, src: &MeshWorkload, dst: &MeshWorkload, flags:
         destination_workload: dst.workload.name.clone(),
         destination_workload_namespace: dst.workload.namespace.clone(),
         destination_principal: dst.identity.to_string(),
+        destination_service,
+        destination_service_name,
+        destination_service_namespace,
         connection_security_policy: SecurityPolicy::MutualTls.label().into(),
         response_flags: flags.into(),
     }
@@ -52,11 +66,12 @@ pub fn refused(
     reporter: Reporter,
     src: &MeshWorkload,
     dst: &MeshWorkload,
+    service: Option<&ServiceRef>,
     policy: &str,
     reason: &str,
 ) {
     let t = TcpTotals { opened: 1, closed: 1, received_bytes: 0, sent_bytes: 0 };
-    rec.connection(&labels(reporter, src, dst, FLAGS_DENY), &t);
+    rec.connection(&labels(reporter, src, dst, service, FLAGS_DENY), &t);
     if matches!(reporter, Reporter::Destination) {
         rec.denials(
             &DenialLabels {
@@ -198,8 +213,15 @@ impl LiveConnections {
 
     /// A connection from `src` to `dst` is open, and `socket` is the agent's socket at this
     /// side's workload: one connection opened now.
-    pub fn opened(&self, key: ConnKey, src: &MeshWorkload, dst: &MeshWorkload, socket: &TcpStream) {
-        let labels = labels(self.end.reporter(), src, dst, FLAGS_NONE);
+    pub fn opened(
+        &self,
+        key: ConnKey,
+        src: &MeshWorkload,
+        dst: &MeshWorkload,
+        service: Option<&ServiceRef>,
+        socket: &TcpStream,
+    ) {
+        let labels = labels(self.end.reporter(), src, dst, service, FLAGS_NONE);
         self.rec.connection(&labels, &TcpTotals { opened: 1, ..TcpTotals::default() });
         let fd = socket.as_raw_fd();
         let cookie = socket::cookie(fd);
@@ -321,6 +343,9 @@ mod tests {
             destination_workload: s("b"),
             destination_workload_namespace: s("team"),
             destination_principal: s("spiffe://cluster.local/ns/team/sa/b"),
+            destination_service: s("b.team.svc.cluster.local"),
+            destination_service_name: s("b"),
+            destination_service_namespace: s("team"),
             connection_security_policy: s("mutual_tls"),
             response_flags: s(FLAGS_NONE),
         }

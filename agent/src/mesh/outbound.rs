@@ -23,6 +23,8 @@ use warden_authz::Verdict;
 use warden_common::{OrigDst, SockAddr, names};
 use warden_hbone::{ConnectRequest, Key, Pool, SecretManagerTls, copy::relay_plain};
 
+use crate::services::ServiceRef;
+
 use super::{
     deliver,
     local_hop::LocalCongestion,
@@ -92,21 +94,21 @@ impl Outbound {
         // One snapshot for the whole connection.
         let view = self.view.borrow().clone();
         let source = view.workload(*client.ip()).filter(|w| w.is_local() && w.meshed).cloned();
-        let (dst, target) = match view.workload(*dst.ip()) {
-            Some(w) => (dst, Some(w.clone()).filter(|w| w.meshed)),
+        let (dst, target, addressed) = match view.workload(*dst.ip()) {
+            Some(w) => (dst, Some(w.clone()).filter(|w| w.meshed), None),
             // A Service's address: one of its meshed pods, on the port it serves the Service port on.
             None => match view.service_backend(*dst.ip(), dst.port()) {
                 Some((service, pod, port)) => {
                     let to = SocketAddrV4::new(pod.workload.ip, port);
                     tracing::debug!(service = %service.key(), address = %dst, pod = %pod.workload.key(), %to, "service");
-                    (to, Some(pod))
+                    (to, Some(pod), Some(service.reference()))
                 }
                 None => {
                     if let Some(s) = view.services.get(dst.ip()) {
                         tracing::warn!(%client, service = %s.service.key(), destination = %dst, "no meshed pod of the service serves this port; refused");
                         return;
                     }
-                    (dst, None)
+                    (dst, None, None)
                 }
             },
         };
@@ -115,13 +117,16 @@ impl Outbound {
             tracing::warn!(%client, destination = %dst, "captured connection between workloads the mesh does not serve; refused");
             return;
         };
+        // What the metrics count it against: the Service addressed, or the destination's guess (as
+        // the destination side makes it, from the `host` this side sends).
+        let service = addressed.clone().or_else(|| ServiceRef::for_destination(&target.workload, None));
         if target.is_local() {
             // Same node: no wire to protect; authorize with the source's identity and deliver.
             let decision = view.authorize(&source.identity, *client.ip(), &target, dst.port());
             if decision.decision == Verdict::Deny {
                 let (policy, reason) = denial_names(&decision);
                 for reporter in [Reporter::Source, Reporter::Destination] {
-                    refused(&self.metrics, reporter, &source, &target, &policy, reason);
+                    refused(&self.metrics, reporter, &source, &target, service.as_ref(), &policy, reason);
                 }
                 tracing::info!(source = %source.identity, destination = %dst, %policy, "connection denied");
                 let _ = stream.shutdown().await;
@@ -129,8 +134,8 @@ impl Outbound {
             }
             match Box::pin(deliver::connect(*client.ip(), dst, self.local_congestion)).await {
                 Ok(upstream) => {
-                    self.captures.opened(key, &source, &target, &stream);
-                    self.deliveries.opened(key, &source, &target, &upstream);
+                    self.captures.opened(key, &source, &target, service.as_ref(), &stream);
+                    self.deliveries.opened(key, &source, &target, service.as_ref(), &upstream);
                     // Chunks of up to 256 KiB as over HBONE (tokio's 8 KiB copy buffers cost a system
                     // call pair per 8 KiB), allocated only while data flows.
                     // A failed relay reports no totals: it closes with the bytes polled so far.
@@ -144,12 +149,15 @@ impl Outbound {
         }
         let node = SocketAddr::V4(SocketAddrV4::new(*dst.ip(), self.hbone_port));
         let pool_key = Key::new(source.identity.clone(), node, vec![target.identity.clone()]);
-        let request = ConnectRequest::new(SocketAddr::V4(dst)).forwarded_for(SocketAddr::V4(client));
+        let mut request = ConnectRequest::new(SocketAddr::V4(dst)).forwarded_for(SocketAddr::V4(client));
+        if let Some(s) = &addressed {
+            request = request.service_host(s.hostname());
+        }
         // Boxed: dialling a new HBONE connection (TCP, TLS, HTTP/2 handshakes) is a large future,
         // and inline it would stay part of this task for the connection's whole life.
         match Box::pin(self.pool.connect(&pool_key, request)).await {
             Ok(tunnel) => {
-                self.captures.opened(key, &source, &target, &stream);
+                self.captures.opened(key, &source, &target, service.as_ref(), &stream);
                 let stats = tunnel.relay(stream).await.unwrap_or_else(|e| {
                     tracing::debug!(destination = %dst, "tunnel ended with an error: {e}");
                     e.stats
@@ -159,7 +167,15 @@ impl Outbound {
             }
             Err(e) => {
                 if e.is_denied() {
-                    refused(&self.metrics, Reporter::Source, &source, &target, "remote", "policy_deny");
+                    refused(
+                        &self.metrics,
+                        Reporter::Source,
+                        &source,
+                        &target,
+                        service.as_ref(),
+                        "remote",
+                        "policy_deny",
+                    );
                 }
                 tracing::info!(source = %source.identity, destination = %dst, "tunnel refused: {e}");
             }

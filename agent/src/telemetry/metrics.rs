@@ -71,9 +71,25 @@ pub struct TcpLabels {
     pub destination_workload: String,
     pub destination_workload_namespace: String,
     pub destination_principal: String,
+    /// The Service the connection counts against (`<name>.<namespace>.svc.cluster.local`), its
+    /// name and namespace, or `unknown` (see `ServiceRef::for_destination`).
+    pub destination_service: String,
+    pub destination_service_name: String,
+    pub destination_service_namespace: String,
     pub connection_security_policy: String,
     /// [`FLAGS_NONE`] or [`FLAGS_DENY`].
     pub response_flags: String,
+}
+
+impl TcpLabels {
+    /// `destination_service`, `destination_service_name`, `destination_service_namespace` of
+    /// `service`, or `unknown`.
+    pub fn service_labels(service: Option<&crate::services::ServiceRef>) -> [String; 3] {
+        match service {
+            Some(s) => [s.hostname(), s.name.clone(), s.namespace.clone()],
+            None => [super::names::UNKNOWN.into(), super::names::UNKNOWN.into(), super::names::UNKNOWN.into()],
+        }
+    }
 }
 
 /// Labels of `warden_policy_denials_total`.
@@ -163,6 +179,9 @@ pub fn derive(key: &CounterKey, c: &Counter, names: &Names, security: SecurityPo
         Direction::Ingress => ("destination", &remote, &local),
         Direction::Egress => ("source", &local, &remote),
     };
+    // The kernel's counters name identities, not Services.
+    let [destination_service, destination_service_name, destination_service_namespace] =
+        TcpLabels::service_labels(None);
     let labels = |flags: &str| TcpLabels {
         reporter: reporter.into(),
         source_workload: src.workload.clone(),
@@ -171,6 +190,9 @@ pub fn derive(key: &CounterKey, c: &Counter, names: &Names, security: SecurityPo
         destination_workload: dst.workload.clone(),
         destination_workload_namespace: dst.namespace.clone(),
         destination_principal: dst.principal.clone(),
+        destination_service: destination_service.clone(),
+        destination_service_name: destination_service_name.clone(),
+        destination_service_namespace: destination_service_namespace.clone(),
         connection_security_policy: security.label().into(),
         response_flags: flags.into(),
     };
