@@ -249,12 +249,16 @@ pub fn load(path: &Path, links: &dyn Links) -> Result<Loaded, WorkloadErrors> {
                 errors.push(err(entry.clone(), "ip", format!("{ip} is already used by workloads[{prev}]")));
             }
             for (port, n) in &e.ports {
-                if !services::is_port_name(port) || *n == 0 {
+                let field = format!("ports.{port}");
+                if !services::is_port_name(port) {
                     errors.push(err(
                         entry.clone(),
-                        &format!("ports.{port}"),
-                        format!("{port:?}: {n} is not a named port"),
+                        &field,
+                        format!("{port:?} is not a port name (1-15 of a-z, 0-9, '-')"),
                     ));
+                }
+                if *n == 0 {
+                    errors.push(err(entry.clone(), &field, "0 is not a port (1-65535)".into()));
                 }
             }
             let (labels, services, ports, ready) = (e.labels, e.services, e.ports, e.ready.unwrap_or(true));
@@ -380,7 +384,7 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(e.contains("workloads[0].ports.Bad_Name: \"Bad_Name\": 1 is not a named port"), "{e}");
+        assert!(e.contains("workloads[0].ports.Bad_Name: \"Bad_Name\" is not a port name"), "{e}");
         assert!(e.contains("services[0].clusterIP: 10.0.0.1 is the address of workloads[0]"), "{e}");
         assert!(e.contains("services[1].selector: is required"), "{e}");
         assert!(e.contains("services[1].ports[0].targetPort: -1 is not a port (1-65535)"), "{e}");
