@@ -976,7 +976,12 @@ except OSError as e:
 "#;
 
 fn dual_stack(lab: &Lab, from: &str, ip: Ipv4Addr, port: u16) -> serde_json::Value {
-    let args = ["-c".into(), DUAL_STACK_CLIENT.into(), format!("::ffff:{ip}"), port.to_string()];
+    python_client(lab, from, DUAL_STACK_CLIENT, &[format!("::ffff:{ip}"), port.to_string()])
+}
+
+/// Run a plain Python client `script` with `args` as workload `from`; its one JSON line.
+fn python_client(lab: &Lab, from: &str, script: &str, args: &[String]) -> serde_json::Value {
+    let args: Vec<String> = ["-c".to_string(), script.to_string()].into_iter().chain(args.iter().cloned()).collect();
     let out = lab.command_in(from, Path::new("/usr/bin/python3"), &args).output().expect("python3");
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!("{e}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
@@ -1133,11 +1138,7 @@ fn a_tcp_fast_open_client_is_captured_too() {
     }
     let net = 83;
     let c = cluster("mfo", net, POLICIES);
-    let args = ["-c".into(), FAST_OPEN_CLIENT.into(), b_ip(net).to_string(), PORT.to_string()];
-    let out = c.n1.command_in("a", Path::new("/usr/bin/python3"), &args).output().expect("python3");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!("{e}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-    });
+    let v = python_client(&c.n1, "a", FAST_OPEN_CLIENT, &[b_ip(net).to_string(), PORT.to_string()]);
     assert!(
         v["greeting"].as_str().unwrap_or_default().starts_with(&format!("hello {PORT} from {}:", a_ip(net))),
         "a reaches b (STRICT) over the mesh: {v}\n{}",
