@@ -1061,6 +1061,11 @@ fn a_connection_to_a_services_address_reaches_a_meshed_pod_over_the_mesh() {
     let maps: serde_json::Value = serde_json::from_str(&c.n1.warden(&["maps", "--output", "json"]).unwrap()).unwrap();
     let vip = maps["ipcache"].as_array().unwrap().iter().find(|e| e["cidr"] == format!("{b_vip}/32")).cloned();
     assert!(vip.as_ref().is_some_and(|e| e["meshed"] == true && e["service"] == true), "{vip:?}\n{maps}");
+    let text = c.n1.warden(&["maps"]).unwrap();
+    assert!(
+        text.lines().any(|l| l.trim_start().starts_with(&format!("{b_vip}/32")) && l.contains("service, meshed")),
+        "the identity cache's MESH column:\n{text}"
+    );
     let (tcpdump, pcap) = capture(&c.n1);
     let p = c.n1.echo("a", b_vip, 80, "through the service");
     std::thread::sleep(Duration::from_millis(300));
