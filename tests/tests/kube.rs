@@ -583,4 +583,31 @@ fn the_daemonsets_mesh_gets_its_certificates_from_the_cluster_ca_with_its_capabi
     );
     assert_eq!(p.intact, Some(true));
     assert_eq!(p.peer, Some(format!("{vip}:80")), "c's socket names the Service: {p:?}");
+
+    // b stops being ready (its readiness probe fails): the Service has no serving pod, and the
+    // agent refuses rather than send to it, as kube-proxy would have no endpoint.
+    let before = lab.generation();
+    let not_ready = r#"{"status":{"conditions":[{"type":"Ready","status":"False"}]}}"#;
+    api.kubectl(&["patch", "pod", "b", "-n", "team", "--subresource=status", "--type=merge", "-p", not_ready]).unwrap();
+    lab.wait_generation_change(before, Duration::from_secs(10)).unwrap();
+    let p = lab.echo("c", vip, 80, "to a pod that is not ready");
+    assert_ne!(p.result, "allowed", "no serving pod behind b-svc: {p:?}");
+    let log = fs::read_to_string(lab.agent_log()).unwrap_or_default();
+    assert!(log.contains("no meshed pod of the service serves this port"), "{log}");
+    // Ready again: served again.
+    let before = lab.generation();
+    api.kubectl(&[
+        "patch",
+        "pod",
+        "b",
+        "-n",
+        "team",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        &not_ready.replace("False", "True"),
+    ])
+    .unwrap();
+    lab.wait_generation_change(before, Duration::from_secs(10)).unwrap();
+    assert_eq!(lab.echo("c", vip, 80, "ready again").result, "allowed");
 }
