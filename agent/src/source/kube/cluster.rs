@@ -149,6 +149,7 @@ impl Compact for Service {
             self.spec = Some(k8s_openapi::api::core::v1::ServiceSpec {
                 selector: spec.selector.clone(),
                 cluster_ip: spec.cluster_ip.clone(),
+                cluster_ips: spec.cluster_ips.clone(),
                 ports: spec.ports.clone(),
                 ..Default::default()
             });
@@ -234,12 +235,14 @@ pub fn pod_workload(pod: &Pod, services: &[&Service]) -> Result<Workload, Skip> 
 }
 
 /// The Service as the mesh carries it, or `None` for one it does not: headless (no cluster IP),
-/// IPv6-only, without a selector (hand-made endpoints), or without a TCP port.
+/// IPv6-only, without a selector (hand-made endpoints), or without a TCP port. A dual-stack
+/// Service is carried by its IPv4 cluster IP, whichever family is primary.
 pub fn mesh_service(svc: &Service) -> Option<crate::services::Service> {
     use crate::services::{ServicePort, TargetPort};
     use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
     let spec = svc.spec.as_ref()?;
-    let cluster_ip = spec.cluster_ip.as_deref()?.parse::<Ipv4Addr>().ok()?;
+    let cluster_ip =
+        spec.cluster_ips.iter().flatten().chain(spec.cluster_ip.as_ref()).find_map(|ip| ip.parse::<Ipv4Addr>().ok())?;
     let selector: BTreeMap<String, String> = spec.selector.clone().unwrap_or_default();
     if selector.is_empty() {
         return None;
@@ -375,6 +378,11 @@ mod tests {
         .unwrap();
         s.compact();
         let m = mesh_service(&s).expect("a ClusterIP Service with a selector");
+        let mut dual = s.clone();
+        dual.spec.as_mut().unwrap().cluster_ip = Some("fd00::10".into());
+        dual.spec.as_mut().unwrap().cluster_ips = Some(vec!["fd00::10".into(), "10.96.0.20".into()]);
+        dual.compact();
+        assert_eq!(mesh_service(&dual).unwrap().cluster_ip, Ipv4Addr::new(10, 96, 0, 20), "IPv6 primary, IPv4 second");
         assert_eq!((m.key(), m.cluster_ip), ("ns/ledger".to_string(), Ipv4Addr::new(10, 96, 0, 10)));
         use crate::services::{ServicePort, TargetPort};
         assert_eq!(
@@ -390,6 +398,11 @@ mod tests {
             ("headless", serde_json::json!({"clusterIP": "None", "selector": {"app": "x"}, "ports": [{"port": 80}]})),
             ("no selector", serde_json::json!({"clusterIP": "10.96.0.11", "ports": [{"port": 80}]})),
             ("IPv6", serde_json::json!({"clusterIP": "fd00::1", "selector": {"app": "x"}, "ports": [{"port": 80}]})),
+            (
+                "IPv6, single-stack list",
+                serde_json::json!({"clusterIP": "fd00::1", "clusterIPs": ["fd00::1"], "selector": {"app": "x"},
+                                   "ports": [{"port": 80}]}),
+            ),
             (
                 "UDP only",
                 serde_json::json!({"clusterIP": "10.96.0.12", "selector": {"app": "x"},
