@@ -29,7 +29,7 @@ use super::{
     deliver,
     local_hop::LocalCongestion,
     metrics::{ConnKey, LiveConnections, Reporter, refused},
-    view::{View, denial_names},
+    view::{MeshWorkload, View, denial_names},
 };
 use crate::telemetry::metrics::TcpRecorder;
 
@@ -50,6 +50,34 @@ impl OrigDstMap {
         let orig = map.get(&key, 0).ok()?;
         let _ = map.remove(&key);
         Some(orig)
+    }
+}
+
+/// Where a captured connection to `dst` goes: a workload's address as it is, or a Service's
+/// address resolved to one of its meshed, serving pods, on the port that pod serves the Service
+/// port on (with the Service, for metrics and the tunnel's `host`). `None`, logged, when `dst` is
+/// a Service no such pod serves on that port.
+fn resolve(
+    view: &View,
+    client: SocketAddrV4,
+    dst: SocketAddrV4,
+) -> Option<(SocketAddrV4, Option<Arc<MeshWorkload>>, Option<ServiceRef>)> {
+    if let Some(w) = view.workload(*dst.ip()) {
+        return Some((dst, Some(w.clone()).filter(|w| w.meshed), None));
+    }
+    match view.service_backend(*dst.ip(), dst.port()) {
+        Some((service, pod, port)) => {
+            let to = SocketAddrV4::new(pod.workload.ip, port);
+            tracing::debug!(service = %service.key(), address = %dst, pod = %pod.workload.key(), %to, "service");
+            Some((to, Some(pod), Some(service.reference())))
+        }
+        None => match view.services.get(dst.ip()) {
+            Some(s) => {
+                tracing::warn!(%client, service = %s.service.key(), destination = %dst, "no meshed pod of the service serves this port; refused");
+                None
+            }
+            None => Some((dst, None, None)),
+        },
     }
 }
 
@@ -94,24 +122,7 @@ impl Outbound {
         // One snapshot for the whole connection.
         let view = self.view.borrow().clone();
         let source = view.workload(*client.ip()).filter(|w| w.is_local() && w.meshed).cloned();
-        let (dst, target, addressed) = match view.workload(*dst.ip()) {
-            Some(w) => (dst, Some(w.clone()).filter(|w| w.meshed), None),
-            // A Service's address: one of its meshed pods, on the port it serves the Service port on.
-            None => match view.service_backend(*dst.ip(), dst.port()) {
-                Some((service, pod, port)) => {
-                    let to = SocketAddrV4::new(pod.workload.ip, port);
-                    tracing::debug!(service = %service.key(), address = %dst, pod = %pod.workload.key(), %to, "service");
-                    (to, Some(pod), Some(service.reference()))
-                }
-                None => {
-                    if let Some(s) = view.services.get(dst.ip()) {
-                        tracing::warn!(%client, service = %s.service.key(), destination = %dst, "no meshed pod of the service serves this port; refused");
-                        return;
-                    }
-                    (dst, None, None)
-                }
-            },
-        };
+        let Some((dst, target, addressed)) = resolve(&view, client, dst) else { return };
         let key = ConnKey { client: Some(SocketAddr::V4(client)), destination: SocketAddr::V4(dst) };
         let (Some(source), Some(target)) = (source, target) else {
             tracing::warn!(%client, destination = %dst, "captured connection between workloads the mesh does not serve; refused");
