@@ -99,7 +99,7 @@ impl Service {
 
     /// Whether `w` is one of the Service's pods.
     pub fn selects(&self, w: &Workload) -> bool {
-        w.namespace == self.namespace && self.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
+        w.namespace == self.namespace && selector_matches(&self.selector, &w.labels)
     }
 
     /// The port `backend` serves Service port `port` on: `None` when the Service has no such
@@ -224,6 +224,12 @@ impl Entry {
             _ => Err(problems),
         }
     }
+}
+
+/// Whether a Service's `selector` picks a pod (of its namespace) with `labels`: every pair
+/// matches, and an empty selector picks nothing (such a Service's endpoints are made by hand).
+pub fn selector_matches(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+    !selector.is_empty() && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
 /// A Kubernetes port name (IANA_SVC_NAME): 1-15 lower-case alphanumerics and '-', with a letter.

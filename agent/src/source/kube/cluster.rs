@@ -203,7 +203,7 @@ pub fn pod_workload(pod: &Pod, services: &[&Service]) -> Result<Workload, Skip> 
         .filter(|s| s.namespace().as_deref() == Some(namespace.as_str()))
         .filter(|s| {
             let sel = s.spec.as_ref().and_then(|s| s.selector.as_ref());
-            sel.is_some_and(|sel| !sel.is_empty() && sel.iter().all(|(k, v)| labels.get(k) == Some(v)))
+            sel.is_some_and(|sel| crate::services::selector_matches(sel, &labels))
         })
         .map(|s| s.name_any())
         .collect();
