@@ -19,7 +19,7 @@ use std::{
     ffi::OsString,
     fs,
     io::Write as _,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -646,9 +646,8 @@ impl Lab {
     /// socket: `AF_INET6`, to `to`'s v4-mapped address (`::ffff:a.b.c.d`), as Java opens them. The
     /// kernel runs the IPv6 socket hooks for it, although its packets are IPv4.
     pub fn probe_dual_stack(&self, kind: &str, from: &str, to: &str, port: u16) -> Probe {
-        let addr = format!("[{}]:{port}", self.member(to).spec.ip.to_ipv6_mapped());
-        let args = [kind.into(), addr, "--timeout-ms".into(), "700".into()];
-        probe_result(self.command_in(from, &probe_bin(), &args))
+        let mapped = self.member(to).spec.ip.to_ipv6_mapped();
+        probe_result(self.command_in(from, &probe_bin(), &probe_args(kind, mapped, port)))
     }
 
     /// As [`Lab::probe_udp`], by a process in `from`'s network namespace outside its cgroup.
@@ -811,9 +810,10 @@ fn probe_in_netns(netns: &str, args: [String; 4]) -> Probe {
     probe_result(c)
 }
 
-/// `warden-probe`'s arguments for one `connect` or `udp` probe of `ip`:`port`.
-fn probe_args(kind: &str, ip: Ipv4Addr, port: u16) -> [String; 4] {
-    [kind.into(), format!("{ip}:{port}"), "--timeout-ms".into(), "700".into()]
+/// `warden-probe`'s arguments for one `connect` or `udp` probe of `ip`:`port` (an IPv6 address
+/// makes the probe use an `AF_INET6` socket).
+fn probe_args(kind: &str, ip: impl Into<IpAddr>, port: u16) -> [String; 4] {
+    [kind.into(), SocketAddr::new(ip.into(), port).to_string(), "--timeout-ms".into(), "700".into()]
 }
 
 /// Run a `warden-probe` command and parse its one JSON line.

@@ -171,9 +171,6 @@ fn cross_node_traffic_is_mutual_tls_and_authorized_by_principal() {
     // Istio's metrics, with mutual TLS, on both sides.
     let m1 = metrics(&c.n1);
     let m2 = metrics(&c.n2);
-    let series = |text: &str, name: &str, needles: &[&str]| {
-        text.lines().any(|l| l.starts_with(name) && needles.iter().all(|n| l.contains(n)) && !l.ends_with(" 0"))
-    };
     let mtls = "connection_security_policy=\"mutual_tls\"";
     assert!(
         series(
@@ -223,6 +220,11 @@ fn cross_node_traffic_is_mutual_tls_and_authorized_by_principal() {
         series(&m2, "warden_policy_denials_total", &["policy=\"team/b-deny-c\""]),
         "the denial is attributed to its policy:\n{m2}"
     );
+}
+
+/// Whether `text` (a scrape) has a non-zero series of metric `name` whose line holds every needle.
+fn series(text: &str, name: &str, needles: &[&str]) -> bool {
+    text.lines().any(|l| l.starts_with(name) && needles.iter().all(|n| l.contains(n)) && !l.ends_with(" 0"))
 }
 
 fn metrics(lab: &Lab) -> String {
@@ -1080,19 +1082,17 @@ fn a_connection_to_a_services_address_reaches_a_meshed_pod_over_the_mesh() {
     assert!(!contains(&wire, b"through the service"), "the payload crossed the wire in plaintext");
     // Both sides count it against the Service (Istio's destination_service labels): node 1 knows
     // it was addressed, node 2 reads it from the tunnel's `forwarded: host=`.
-    let svc = [
-        "destination_service=\"b-svc.team.svc.cluster.local\"",
-        "destination_service_name=\"b-svc\"",
-        "destination_service_namespace=\"team\"",
-    ];
-    for (lab, reporter) in [(&c.n1, "source"), (&c.n2, "destination")] {
+    for (lab, reporter) in [(&c.n1, "reporter=\"source\""), (&c.n2, "reporter=\"destination\"")] {
         let m = metrics(lab);
-        let reporter = format!("reporter=\"{reporter}\"");
+        let needles = [
+            reporter,
+            "source_workload=\"a\"",
+            "destination_service=\"b-svc.team.svc.cluster.local\"",
+            "destination_service_name=\"b-svc\"",
+            "destination_service_namespace=\"team\"",
+        ];
         assert!(
-            m.lines().any(|l| l.starts_with("istio_tcp_connections_opened_total")
-                && l.contains(&reporter)
-                && l.contains("source_workload=\"a\"")
-                && svc.iter().all(|n| l.contains(n))),
+            series(&m, "istio_tcp_connections_opened_total", &needles),
             "{}: {reporter} counts a -> b-svc:\n{m}",
             lab.tag
         );
