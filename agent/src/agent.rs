@@ -19,7 +19,7 @@ use warden_common::{
 };
 
 use crate::{
-    datapath::{Datapath, NodeState, attach},
+    datapath::{self, Datapath, NodeState, attach},
     record::{EndpointRecord, NodeRecord},
     source::{Inputs, Source, SourceError},
     workloads::Workload,
@@ -333,9 +333,13 @@ pub async fn run(cfg: AgentConfig, mut source: Box<dyn Source>) -> anyhow::Resul
     let mut dp = Datapath::load(&cfg.pin_dir)?;
     // The fast path files the agent's own sockets from its own cgroup; without that, it stays off.
     let mut cfg = cfg;
+    // It also needs to read a redirected queue's length, or a slow reader's queue would grow
+    // without bound; without either, it stays off.
     if let Some(m) = cfg.mesh.as_mut().filter(|m| m.fast_path) {
-        match dp.attach_agent(&m.cgroup_root) {
-            Ok(cgroup) => tracing::info!(cgroup = %cgroup.display(), "same-node fast path on"),
+        match start_fast_path(&mut dp, &m.cgroup_root) {
+            Ok((cgroup, limit)) => {
+                tracing::info!(cgroup = %cgroup.display(), queue_limit = limit, "same-node fast path on")
+            }
             Err(e) => {
                 tracing::warn!("same-node fast path off: {e}");
                 m.fast_path = false;
@@ -413,3 +417,14 @@ pub async fn run(cfg: AgentConfig, mut source: Box<dyn Source>) -> anyhow::Resul
     tracing::info!("stopping; pinned programs and maps keep enforcing");
     Ok(())
 }
+
+/// The kernel's side of the fast path: the redirected queues' bound ([`datapath::fast_path_kernel`]),
+/// then sock_ops on the agent's own cgroup. Returns the cgroup and the bound.
+fn start_fast_path(dp: &mut Datapath, cgroup_root: &Path) -> Result<(PathBuf, u32), Box<dyn std::error::Error>> {
+    let kernel = datapath::fast_path_kernel(Path::new(datapath::btf::VMLINUX), Path::new(TCP_RMEM))?;
+    dp.set_fast_path_kernel(kernel)?;
+    Ok((dp.attach_agent(cgroup_root)?, kernel.limit))
+}
+
+/// The node's TCP receive buffer sizes (min, default, max).
+const TCP_RMEM: &str = "/proc/sys/net/ipv4/tcp_rmem";

@@ -44,13 +44,21 @@ pub mod names {
     /// are redirected, decided once at its first send.
     pub const FASTPATH_STATE: &str = "warden_fastpath_state_v1";
     /// Per-CPU array[1] of [`super::FastpathCounter`]: what the fast path did.
-    pub const FASTPATH_COUNTERS: &str = "warden_fastpath_counters_v1";
+    pub const FASTPATH_COUNTERS: &str = "warden_fastpath_counters_v2";
     /// LRU hash: [`super::SockKey`] -> committed generation. Active ends added to
     /// [`FASTPATH_SOCKS`] whose passive end has not reached ESTABLISHED yet; the passive end
     /// takes its entry out (sock_ops cannot look a socket up in the sock hash itself).
     pub const FASTPATH_ACTIVE: &str = "warden_fastpath_active_v1";
+    /// LRU hash: [`super::SockKey`] -> the kernel address of that socket (`struct sock *`), for
+    /// each socket of [`FASTPATH_SOCKS`]. The sk_msg program reads the peer socket's redirected
+    /// queue through it ([`super::FastpathKernel`]); a stale entry can only make a socket fall
+    /// back to TCP.
+    pub const FASTPATH_PEERS: &str = "warden_fastpath_peers_v1";
+    /// Array[1] of [`super::FastpathKernel`]: where this kernel keeps a socket's redirected queue
+    /// length, and how long it may grow. Written by the agent before it turns the fast path on.
+    pub const FASTPATH_KERNEL: &str = "warden_fastpath_kernel_v1";
 
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 17] = [
         CONFIG,
         IPCACHE,
         IPCACHE_HOSTS,
@@ -66,12 +74,14 @@ pub mod names {
         FASTPATH_STATE,
         FASTPATH_COUNTERS,
         FASTPATH_ACTIVE,
+        FASTPATH_PEERS,
+        FASTPATH_KERNEL,
     ];
 
     /// Pins of maps an earlier version used and this one does not, removed when the agent loads.
     /// `warden_captured_v1` was an LRU hash by socket cookie, emptied as each socket got its
-    /// source port.
-    pub const RETIRED: [&str; 1] = ["warden_captured_v1"];
+    /// source port. `warden_fastpath_counters_v1` had no `backlog_fallbacks`.
+    pub const RETIRED: [&str; 2] = ["warden_captured_v1", "warden_fastpath_counters_v1"];
 }
 
 /// Map capacities. The policy map holds two slots, so its capacity is twice the entries one
@@ -320,7 +330,7 @@ pub struct FastpathSock {
     pub _pad: [u8; 3],
 }
 
-/// What the fast path did, per CPU. 48 bytes.
+/// What the fast path did, per CPU. 56 bytes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FastpathCounter {
@@ -336,7 +346,36 @@ pub struct FastpathCounter {
     pub fallbacks: u64,
     /// Sends that took TCP from a socket of the sock hash.
     pub passed_msgs: u64,
+    /// Redirecting sockets that fell back to TCP because their peer's redirected queue would have
+    /// grown past [`FastpathKernel::limit`] (its reader is slower than the sender). Not in
+    /// `fallbacks`; a queue that cannot be read counts as no peer.
+    pub backlog_fallbacks: u64,
 }
+
+/// Where a socket's redirected queue length lives in this kernel, found by the agent in the
+/// kernel's BTF (`/sys/kernel/btf/vmlinux`), and the most it may hold. A redirected send is taken
+/// from the sender's buffer and charged to the receiver at once, so nothing makes a sender wait
+/// for a slow reader as TCP's window does: the sk_msg program reads the peer's queue length
+/// (`((struct sk_psock *)(sk->sk_user_data & ~7))->msg_tot_len`) before each redirect, and a
+/// send that would take it past `limit` takes TCP instead, for the socket's life. Offsets of 0:
+/// unknown, and no send is redirected. 16 bytes, no implicit padding.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FastpathKernel {
+    /// `offsetof(struct sock, sk_user_data)`: the socket's `struct sk_psock *`, with flags in
+    /// its low bits, while it is in a sock map.
+    pub sk_user_data: u32,
+    /// `offsetof(struct sk_psock, msg_tot_len)`: the bytes in the socket's redirected queue.
+    pub psock_queued: u32,
+    /// The most a peer's redirected queue may hold after a send: the node's largest TCP receive
+    /// buffer (`net.ipv4.tcp_rmem`'s maximum), what a TCP window would let in flight.
+    pub limit: u32,
+    pub _pad: u32,
+}
+
+/// The low bits of `sk_user_data` that are flags, not the pointer (`SK_USER_DATA_NOCOPY`,
+/// `SK_USER_DATA_BPF`, `SK_USER_DATA_PSOCK` in the kernel's `include/net/sock.h`).
+pub const SK_USER_DATA_FLAGS: u64 = 0b111;
 
 impl FastpathCounter {
     pub fn add(&mut self, o: &FastpathCounter) {
@@ -346,6 +385,7 @@ impl FastpathCounter {
         self.no_peer += o.no_peer;
         self.fallbacks += o.fallbacks;
         self.passed_msgs += o.passed_msgs;
+        self.backlog_fallbacks += o.backlog_fallbacks;
     }
 }
 
@@ -682,6 +722,7 @@ mod pod {
     unsafe impl aya::Pod for super::SockKey {}
     unsafe impl aya::Pod for super::FastpathSock {}
     unsafe impl aya::Pod for super::FastpathCounter {}
+    unsafe impl aya::Pod for super::FastpathKernel {}
 }
 
 #[cfg(test)]
@@ -709,7 +750,8 @@ mod tests {
         assert_eq!(size_of::<FlowEvent>(), 40);
         assert_eq!(size_of::<SockKey>(), 12);
         assert_eq!(size_of::<FastpathSock>(), 8);
-        assert_eq!(size_of::<FastpathCounter>(), 48);
+        assert_eq!(size_of::<FastpathCounter>(), 56);
+        assert_eq!(size_of::<FastpathKernel>(), 16);
     }
 
     #[test]

@@ -25,6 +25,17 @@
 //! good. A redirecting socket may fall back to TCP at any later send (never the other way):
 //! when a new generation is committed (the kernel then decides the flow again on TC, as it does
 //! for every flow after a policy change), when the switch is turned off, or when its peer has gone.
+//!
+//! # Backpressure
+//! A redirected send leaves the sender's buffer at once and is charged to the receiving socket,
+//! so nothing makes a sender wait for a slow reader, as TCP's window does: the reader's queue
+//! would grow until the node's TCP memory ran out and the kernel failed the send with `ENOMEM`.
+//! So before each redirect the program reads the peer's queue length (`sk_psock.msg_tot_len`,
+//! through the peer's `struct sock *` in `FASTPATH_PEERS` and the offsets the agent found in the
+//! kernel's BTF, `FASTPATH_KERNEL`), and a send that would take it past the limit (the node's
+//! largest TCP receive buffer) takes TCP instead, for the socket's life, as any fallback does.
+//! The reads are `bpf_probe_read_kernel`: a peer freed meanwhile reads as garbage or fails, and
+//! the worst either can do is a fallback to TCP, which is always safe.
 
 use core::ptr;
 
@@ -33,17 +44,17 @@ use aya_ebpf::{
         BPF_ANY, BPF_F_INGRESS, BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, bpf_sock, sk_action::SK_PASS,
     },
-    helpers::generated::bpf_sk_storage_get,
+    helpers::{bpf_probe_read_kernel, generated::bpf_sk_storage_get},
     programs::{SkMsgContext, SockOpsContext},
 };
 use warden_common::{
     Config, FASTPATH_PASS, FASTPATH_REDIRECT, FASTPATH_UNDECIDED, FastpathCounter, FastpathSock, MARK_MASK,
-    MARK_TUNNEL, SockKey,
+    MARK_TUNNEL, SK_USER_DATA_FLAGS, SockKey,
 };
 
 use crate::{
     enforce::{config, remote},
-    maps::{FASTPATH_ACTIVE, FASTPATH_COUNTERS, FASTPATH_SOCKS, FASTPATH_STATE},
+    maps::{FASTPATH_ACTIVE, FASTPATH_COUNTERS, FASTPATH_KERNEL, FASTPATH_PEERS, FASTPATH_SOCKS, FASTPATH_STATE},
 };
 
 /// A port as the context's `remote_port` holds it (network order, in the upper half on
@@ -136,6 +147,10 @@ fn add(ctx: &SockOpsContext, sk: *mut bpf_sock, key: &SockKey, cfg: &Config) -> 
     }
     // SAFETY: a valid pointer into the socket's storage.
     unsafe { *state = FastpathSock { generation: cfg.generation, decision: FASTPATH_UNDECIDED, _pad: [0; 3] } };
+    // Where its peer's sends find its queue (before it can receive any).
+    if FASTPATH_PEERS.insert(key, &(sk as u64), 0).is_err() {
+        return false;
+    }
     let mut key = *key;
     // SAFETY: the context pointer is valid for the program's run.
     let ops = unsafe { &mut *ctx.ops };
@@ -144,6 +159,29 @@ fn add(ctx: &SockOpsContext, sk: *mut bpf_sock, key: &SockKey, cfg: &Config) -> 
     }
     counted(|c| c.sockets += 1);
     true
+}
+
+/// How many more bytes the redirected queue of the socket filed under `peer` may take before it
+/// passes the limit. None when the queue cannot be read (no offsets, no address filed, the socket
+/// not in a sock map, a failed read): the sender then takes TCP, as when it has no peer.
+#[inline(always)]
+fn peer_room(peer: &SockKey) -> Option<u64> {
+    let k = FASTPATH_KERNEL.get(0)?;
+    if k.sk_user_data == 0 || k.psock_queued == 0 {
+        return None;
+    }
+    // SAFETY: a value of the map, copied out at once.
+    let sk = *unsafe { FASTPATH_PEERS.get(peer) }?;
+    // SAFETY: probe reads never fault: a freed or reused socket reads as garbage or fails, and
+    // either only sends this socket to TCP.
+    let user_data = unsafe { bpf_probe_read_kernel((sk + u64::from(k.sk_user_data)) as *const u64) }.ok()?;
+    let psock = user_data & !SK_USER_DATA_FLAGS;
+    if psock == 0 {
+        return None;
+    }
+    // SAFETY: as above.
+    let queued = unsafe { bpf_probe_read_kernel((psock + u64::from(k.psock_queued)) as *const u32) }.ok()?;
+    Some(u64::from(k.limit).saturating_sub(u64::from(queued)))
 }
 
 /// sk_msg on `FASTPATH_SOCKS`: redirect a send to the peer socket's receive queue, or let it take
@@ -177,13 +215,26 @@ pub fn on_msg(ctx: &SkMsgContext) -> u32 {
             local_port: remote_port(m.remote_port),
             remote_port: m.local_port as u16,
         };
-        if FASTPATH_SOCKS.redirect_msg(ctx, &mut peer, BPF_F_INGRESS as u64) == SK_PASS as i64 {
-            state.decision = FASTPATH_REDIRECT;
-            counted(|c| {
-                c.redirected_msgs += 1;
-                c.redirected_bytes += u64::from(size);
-            });
-            return SK_PASS;
+        match peer_room(&peer) {
+            Some(room) if u64::from(size) > room => {
+                // The reader is behind by the limit: TCP from here on, whose window makes this
+                // sender wait for it.
+                state.decision = FASTPATH_PASS;
+                counted(|c| {
+                    c.backlog_fallbacks += 1;
+                    c.passed_msgs += 1;
+                });
+                return SK_PASS;
+            }
+            Some(_) if FASTPATH_SOCKS.redirect_msg(ctx, &mut peer, BPF_F_INGRESS as u64) == SK_PASS as i64 => {
+                state.decision = FASTPATH_REDIRECT;
+                counted(|c| {
+                    c.redirected_msgs += 1;
+                    c.redirected_bytes += u64::from(size);
+                });
+                return SK_PASS;
+            }
+            _ => {}
         }
     }
     // TCP from here on, for good.

@@ -10,8 +10,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use warden_common::{
-    Captured, Config, Counter, CounterKey, EndpointInfo, EndpointKey, FastpathCounter, FastpathSock, FlowEvent,
-    FlowKey, FlowValue, IpcacheAddr, OrigDst, PolicyKey, PolicyValue, RemoteInfo, SockAddr, SockKey,
+    Captured, Config, Counter, CounterKey, EndpointInfo, EndpointKey, FastpathCounter, FastpathKernel, FastpathSock,
+    FlowEvent, FlowKey, FlowValue, IpcacheAddr, OrigDst, PolicyKey, PolicyValue, RemoteInfo, SockAddr, SockKey,
     capacity::{
         CAPTURED as CAPTURED_CAP, CGROUPS as CGROUPS_CAP, COUNTERS as COUNTERS_CAP, ENDPOINTS as ENDPOINTS_CAP,
         EVENTS_BYTES, FASTPATH_SOCKS as FASTPATH_SOCKS_CAP, FLOWS as FLOWS_CAP, IPCACHE as IPCACHE_CAP,
@@ -80,8 +80,17 @@ pub static FASTPATH_STATE: SkStorage<FastpathSock> = SkStorage::new();
 #[btf_map(name = "warden_fastpath_active_v1")]
 pub static FASTPATH_ACTIVE: LruHashMap<SockKey, u32, { FASTPATH_SOCKS_CAP as usize }> = LruHashMap::new();
 
+/// Each socket of `FASTPATH_SOCKS`'s kernel address, by its own 4-tuple: where sk_msg finds the
+/// peer socket's redirected queue.
+#[btf_map(name = "warden_fastpath_peers_v1")]
+pub static FASTPATH_PEERS: LruHashMap<SockKey, u64, { FASTPATH_SOCKS_CAP as usize }> = LruHashMap::new();
+
+/// Where this kernel keeps a socket's redirected queue length, and its limit (set by the agent).
+#[btf_map(name = "warden_fastpath_kernel_v1")]
+pub static FASTPATH_KERNEL: Array<FastpathKernel, 1> = Array::new();
+
 /// What the fast path did.
-#[btf_map(name = "warden_fastpath_counters_v1")]
+#[btf_map(name = "warden_fastpath_counters_v2")]
 pub static FASTPATH_COUNTERS: PerCpuArray<FastpathCounter, 1> = PerCpuArray::new();
 
 #[inline(always)]

@@ -48,12 +48,25 @@ fn ip(net: u8, host: u8) -> Ipv4Addr {
 
 /// One meshed node: `a`, `b` (serving [`PORT`]), `c`; the agent started with `agent_args`.
 fn node(tag: &str, net: u8, agent_args: &[&str]) -> Lab {
+    node_with(tag, net, agent_args, &[])
+}
+
+/// [`node`], with `sysctls` (`name=value`) set in the node's network namespace before the agent
+/// starts.
+fn node_with(tag: &str, net: u8, agent_args: &[&str], sysctls: &[&str]) -> Lab {
     let specs = [
         Spec::new("team", "a", ip(net, 2), &[]),
         Spec::new("team", "b", ip(net, 3), &[PORT]),
         Spec::new("team", "c", ip(net, 4), &[]),
     ];
     let mut lab = Lab::up(tag, &specs).expect("node up");
+    for s in sysctls {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &lab.node, "sysctl", "-qw", s])
+            .output()
+            .expect("ip netns exec sysctl");
+        assert!(out.status.success(), "sysctl {s}: {}", String::from_utf8_lossy(&out.stderr));
+    }
     let ca = lab.dir.join("ca");
     fs::create_dir_all(&ca).unwrap();
     let policies = lab.dir.join("policies");
@@ -78,11 +91,12 @@ fn helper_in(lab: &Lab, name: &str, role: &str) -> std::process::Command {
 
 /// Start the sink in `b`; returns once it listens.
 fn sink(lab: &Lab) -> Child {
-    let mut child = helper_in(lab, "b", &format!("sink {SINK_PORT}"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("sink");
+    sink_as(lab, &format!("sink {SINK_PORT}")).0
+}
+
+/// Start a helper in `b` in `role`; returns once it listens, with the lines it prints after that.
+fn sink_as(lab: &Lab, role: &str) -> (Child, std::sync::mpsc::Receiver<String>) {
+    let mut child = helper_in(lab, "b", role).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("sink");
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     loop {
         match lines.next() {
@@ -91,8 +105,13 @@ fn sink(lab: &Lab) -> Child {
             _ => panic!("the sink stopped before listening"),
         }
     }
-    std::thread::spawn(move || lines.for_each(drop));
-    child
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    (child, rx)
 }
 
 /// What the sender reported.
@@ -261,9 +280,65 @@ fn a_policy_change_stops_an_established_connection_as_without_the_fast_path() {
     assert_eq!(on.result, off.result, "the same outcome: {on:?} / {off:?}");
 }
 
+/// `b` reads nothing for [`SLOW_MS`] after it accepts, then reads as the sink does.
+const SLOW_MS: u64 = 1500;
+
+/// A redirected send leaves the sender at once, so without a bound a reader that does not keep up
+/// would have its queue grow with everything the sender has (until the node's TCP memory runs out
+/// and the sender's `write()` fails with ENOMEM). With the bound, the agent's sends to `b` are
+/// redirected until `b`'s queue holds about the node's largest TCP receive buffer, then take TCP,
+/// whose window makes the agent (and through it `a`) wait: `b`'s queue, measured with `FIONREAD`
+/// after the pause, holds the bound and not the whole transfer, and every byte still arrives in
+/// order.
+#[test]
+fn a_slow_reader_bounds_the_redirected_queue_and_its_sender_falls_back_to_tcp() {
+    if !require_root("a_slow_reader_bounds_the_redirected_queue_and_its_sender_falls_back_to_tcp") {
+        return;
+    }
+    let net = 85;
+    // The bound is the node's largest TCP receive buffer: 4 MiB here, so the transfer is six
+    // times it (this machine's default is 32 MiB).
+    let lab = node_with("fpslow", net, &["--fast-path"], &["net.ipv4.tcp_rmem=4096 131072 4194304"]);
+    let text = log(&lab);
+    let limit: u64 = text
+        .lines()
+        .find(|l| l.contains("same-node fast path on"))
+        .and_then(|l| l.split("queue_limit=").nth(1))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("the agent logs the queue limit:\n{text}"));
+    assert!(SIZE > 2 * limit, "the transfer ({SIZE} bytes) must be larger than the bound ({limit}) to test it");
+    let before = counters(&lab);
+
+    let (mut sink, lines) = sink_as(&lab, &format!("slow-sink {SINK_PORT} {SLOW_MS}"));
+    let t = transfer(&lab, ip(net, 3));
+    let queued: u64 = lines
+        .recv_timeout(Duration::from_secs(5))
+        .ok()
+        .and_then(|l| l.strip_prefix("queued ").and_then(|n| n.parse().ok()))
+        .expect("the slow sink reports its queue");
+    let _ = sink.kill();
+    let _ = sink.wait();
+    let after = counters(&lab);
+    eprintln!("transfer: {t:?}; b's queue after {SLOW_MS} ms: {queued} bytes (bound {limit}); {before:?} -> {after:?}");
+
+    assert!(t.error.is_empty(), "no write failed (ENOMEM before the bound): {t:?}\n{}", log(&lab));
+    assert_eq!((t.sent, t.received), (SIZE, SIZE), "every byte both ways: {t:?}");
+    assert!(t.exact, "the bytes came back intact and in order across the fallback: {t:?}");
+    // The agent's last send before the fallback is at most one relay chunk (256 KiB).
+    assert!(
+        queued <= limit && queued + (256 << 10) >= limit,
+        "b's redirected queue held {queued} bytes: filled up to the bound {limit}, not past it"
+    );
+    assert!(after.backlog_fallbacks > before.backlog_fallbacks, "the agent's socket to b fell back: {after:?}");
+    assert!(after.redirected_bytes > before.redirected_bytes, "it was redirected first: {after:?}");
+}
+
 /// The two ends of the transfer, run by the tests above inside workloads (`WARDEN_FASTPATH_HELPER`):
 /// - `sink PORT`: prints `listening`, then per connection reads to end of stream, sends every
 ///   byte back XORed with [`XOR`], and closes;
+/// - `slow-sink PORT MS`: as `sink`, but first waits MS after accepting and prints `queued N`,
+///   the bytes waiting to be read (`FIONREAD`);
 /// - `send IP:PORT BYTES`: sends BYTES pseudo-random bytes, half-closes, reads to end of stream
 ///   and prints a [`Transfer`] as JSON.
 #[test]
@@ -277,11 +352,19 @@ fn helper() {
             println!("listening");
             std::io::stdout().flush().unwrap();
             for conn in l.incoming() {
-                let mut conn = conn.unwrap();
-                let mut all = Vec::new();
-                conn.read_to_end(&mut all).unwrap();
-                all.iter_mut().for_each(|b| *b ^= XOR);
-                conn.write_all(&all).unwrap();
+                echo_xor(conn.unwrap());
+            }
+        }
+        ["slow-sink", port, ms] => {
+            let l = TcpListener::bind(("0.0.0.0", port.parse::<u16>().unwrap())).unwrap();
+            println!("listening");
+            std::io::stdout().flush().unwrap();
+            for conn in l.incoming() {
+                let conn = conn.unwrap();
+                std::thread::sleep(Duration::from_millis(ms.parse().unwrap()));
+                println!("queued {}", queued(&conn));
+                std::io::stdout().flush().unwrap();
+                echo_xor(conn);
             }
         }
         ["send", addr, bytes] => {
@@ -294,6 +377,25 @@ fn helper() {
         }
         _ => panic!("{HELPER_ENV}={role}: unknown role"),
     }
+}
+
+/// Read to end of stream, send every byte back XORed with [`XOR`], close.
+fn echo_xor(mut conn: TcpStream) {
+    let mut all = Vec::new();
+    conn.read_to_end(&mut all).unwrap();
+    all.iter_mut().for_each(|b| *b ^= XOR);
+    conn.write_all(&all).unwrap();
+}
+
+/// The bytes waiting to be read on `conn` (`FIONREAD`; for a socket in a sock map, kernel 6.18
+/// counts its redirected queue).
+fn queued(conn: &TcpStream) -> u64 {
+    use std::os::fd::AsRawFd as _;
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int through the pointer.
+    let rc = unsafe { libc::ioctl(conn.as_raw_fd(), libc::FIONREAD, &mut n) };
+    assert_eq!(rc, 0, "FIONREAD: {}", std::io::Error::last_os_error());
+    n as u64
 }
 
 /// The byte at `i` of the pseudo-random stream (a position hash: no state to share).

@@ -521,7 +521,7 @@ impl Drop for Cluster {
     }
 }
 
-/// Bytes the fast path of `lab`'s agent redirected so far (`warden_fastpath_counters_v1`, all
+/// Bytes the fast path of `lab`'s agent redirected so far (`warden_fastpath_counters_v2`, all
 /// CPUs), read with bpftool.
 fn fast_path_redirected(lab: &Lab) -> anyhow::Result<u64> {
     let pin = lab.pin_dir.join(warden_common::names::FASTPATH_COUNTERS);

@@ -5,8 +5,8 @@ use std::path::Path;
 
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuHashMap};
 use warden_common::{
-    Config, Counter, CounterKey, EndpointInfo, EndpointKey, FastpathCounter, FlowKey, FlowValue, IpcacheAddr,
-    PolicyKey, PolicyValue, RemoteInfo, names,
+    Config, Counter, CounterKey, EndpointInfo, EndpointKey, FastpathCounter, FastpathKernel, FlowKey, FlowValue,
+    IpcacheAddr, PolicyKey, PolicyValue, RemoteInfo, names,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +26,7 @@ pub struct Maps {
     pub policy: HashMap<MapData, PolicyKey, PolicyValue>,
     pub flows: HashMap<MapData, FlowKey, FlowValue>,
     pub counters: PerCpuHashMap<MapData, CounterKey, Counter>,
+    pub fastpath_kernel: Array<MapData, FastpathKernel>,
 }
 
 fn open(pin_dir: &Path, name: &'static str) -> Result<Map, MapsError> {
@@ -53,6 +54,7 @@ impl Maps {
             policy: typed!(pin_dir, names::POLICY),
             flows: typed!(pin_dir, names::FLOWS),
             counters: typed!(pin_dir, names::COUNTERS),
+            fastpath_kernel: typed!(pin_dir, names::FASTPATH_KERNEL),
         })
     }
 
@@ -62,7 +64,7 @@ impl Maps {
     }
 }
 
-/// What the same-node fast path did, summed over CPUs (`warden_fastpath_counters_v1`).
+/// What the same-node fast path did, summed over CPUs (`warden_fastpath_counters_v2`).
 pub fn fast_path_counters(pin_dir: &Path) -> Result<FastpathCounter, MapsError> {
     let name = names::FASTPATH_COUNTERS;
     let array: PerCpuArray<MapData, FastpathCounter> = typed!(pin_dir, name);

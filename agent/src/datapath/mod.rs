@@ -3,6 +3,7 @@
 //! attaching programs to workloads.
 
 pub mod attach;
+pub mod btf;
 pub mod commit;
 pub mod maps;
 
@@ -17,7 +18,7 @@ use aya::{
     maps::SockHash,
     programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, SkMsg, SockOps, sock_ops::SockOpsLink},
 };
-use warden_common::{SockKey, names};
+use warden_common::{FastpathKernel, SockKey, names};
 
 pub use self::{
     commit::{CommitError, NodeState},
@@ -45,6 +46,37 @@ pub enum LoadError {
     Maps(#[from] maps::MapsError),
     #[error("attaching the fast path's sk_msg program to {map}: {source}")]
     FastPath { map: &'static str, source: Box<dyn std::error::Error + Send + Sync> },
+}
+
+/// Why the fast path cannot bound its redirected queues on this kernel.
+#[derive(Debug, thiserror::Error)]
+pub enum FastPathKernelError {
+    #[error("finding where the kernel keeps a socket's redirected queue: {0}")]
+    Btf(#[from] btf::BtfError),
+    #[error("{path}: {reason}")]
+    TcpRmem { path: PathBuf, reason: String },
+    #[error("writing {map}: {source}")]
+    Write { map: &'static str, source: aya::maps::MapError },
+}
+
+/// What the fast path's sk_msg program needs from this kernel ([`FastpathKernel`]): the offsets
+/// of `sock.sk_user_data` and `sk_psock.msg_tot_len` in the BTF at `btf_path`, and the limit of a
+/// redirected queue, the largest TCP receive buffer in `tcp_rmem_path`
+/// (`/proc/sys/net/ipv4/tcp_rmem`: min, default, max).
+pub fn fast_path_kernel(btf_path: &Path, tcp_rmem_path: &Path) -> Result<FastpathKernel, FastPathKernelError> {
+    let kernel = btf::KernelBtf::open(btf_path)?;
+    let sk_user_data = kernel.member_offset("sock", "sk_user_data")?;
+    let psock_queued = kernel.member_offset("sk_psock", "msg_tot_len")?;
+    drop(kernel);
+    let rmem_err = |reason: String| FastPathKernelError::TcpRmem { path: tcp_rmem_path.into(), reason };
+    let text = fs::read_to_string(tcp_rmem_path).map_err(|e| rmem_err(e.to_string()))?;
+    let max = text.split_whitespace().nth(2).ok_or_else(|| rmem_err(format!("expected 3 numbers, found {text:?}")))?;
+    let limit = max
+        .parse::<u32>()
+        .ok()
+        .filter(|&n| n > 0)
+        .ok_or_else(|| rmem_err(format!("the maximum {max:?} is not a positive 32-bit number")))?;
+    Ok(FastpathKernel { sk_user_data, psock_queued, limit, _pad: 0 })
 }
 
 /// Why the fast path cannot file the agent's own sockets.
@@ -156,6 +188,15 @@ impl Datapath {
         Ok(path)
     }
 
+    /// Give the fast path's sk_msg program what it needs to bound the redirected queues
+    /// ([`fast_path_kernel`]). Until this is written, no send is redirected.
+    pub fn set_fast_path_kernel(&mut self, kernel: FastpathKernel) -> Result<(), FastPathKernelError> {
+        self.maps
+            .fastpath_kernel
+            .set(0, kernel, 0)
+            .map_err(|source| FastPathKernelError::Write { map: names::FASTPATH_KERNEL, source })
+    }
+
     pub fn commit(&mut self, state: &NodeState) -> Result<u32, CommitError> {
         commit::commit(&mut self.maps, state, &mut self.inactive_clean)
     }
@@ -233,7 +274,42 @@ pub fn remove_pins(pin_dir: &Path) {
 
 #[cfg(test)]
 mod tests {
-    use super::own_cgroup;
+    use std::path::Path;
+
+    use super::{btf::VMLINUX, fast_path_kernel, own_cgroup};
+
+    /// The bound comes from tcp_rmem's maximum; a file that does not give one is named with why.
+    #[test]
+    fn fast_path_kernel_takes_tcp_rmems_maximum_and_names_a_bad_file() {
+        if !Path::new(VMLINUX).exists() {
+            eprintln!("SKIPPING fast_path_kernel_takes_tcp_rmems_maximum_and_names_a_bad_file: no {VMLINUX}");
+            return;
+        }
+        let path = std::env::temp_dir().join(format!("warden-tcp-rmem-test-{}", std::process::id()));
+        let with = |text: &str| {
+            std::fs::write(&path, text).unwrap();
+            fast_path_kernel(Path::new(VMLINUX), &path)
+        };
+        let k = with("4096\t131072\t6291456\n").unwrap();
+        assert_eq!(k.limit, 6_291_456);
+        assert!(k.sk_user_data > 0 && k.psock_queued > 0, "{k:?}");
+        let shown = path.display();
+        assert_eq!(
+            with("4096 131072\n").unwrap_err().to_string(),
+            format!("{shown}: expected 3 numbers, found \"4096 131072\\n\"")
+        );
+        assert_eq!(
+            with("4096 131072 lots\n").unwrap_err().to_string(),
+            format!("{shown}: the maximum \"lots\" is not a positive 32-bit number")
+        );
+        let _ = std::fs::remove_file(&path);
+        let missing = Path::new("/nonexistent/btf");
+        let err = fast_path_kernel(missing, &path).unwrap_err().to_string();
+        assert!(
+            err.starts_with("finding where the kernel keeps a socket's redirected queue: /nonexistent/btf: "),
+            "{err}"
+        );
+    }
 
     #[test]
     fn own_cgroup_reads_the_unified_line() {
