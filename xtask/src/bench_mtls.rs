@@ -593,7 +593,8 @@ fn verdict(met: bool) -> &'static str {
     if met { "met" } else { "NOT MET" }
 }
 
-pub fn mtls() -> anyhow::Result<()> {
+/// `big_tcp`: BIG TCP on every lab link, all rows (`big_tcp.rs`); None: the kernel's 64 KiB.
+pub fn mtls(big_tcp: Option<u32>) -> anyhow::Result<()> {
     let release = warden_tests::workspace_root().join("target/release");
     // SAFETY: set before any thread is spawned; the lab helpers and the agents read these.
     unsafe {
@@ -608,6 +609,20 @@ pub fn mtls() -> anyhow::Result<()> {
     let load = load.split_whitespace().next().unwrap_or("?").to_string();
     eprintln!("bench mtls: two nodes, mesh agents, one CA, no policies");
     let cluster = Cluster::up()?;
+    let links = match big_tcp {
+        Some(bytes) => {
+            // Before any row's connection exists: TCP takes the sizes when a connection is set up.
+            let mut set = 0;
+            for lab in [&cluster.n1, &cluster.n2, &cluster.n3, &cluster.n4] {
+                for netns in std::iter::once(&lab.node).chain(lab.members.iter().map(|m| &m.netns)) {
+                    set += crate::big_tcp::set(netns, bytes)?.len();
+                }
+            }
+            eprintln!("bench mtls: BIG TCP on {set} lab interfaces: gso_ipv4_max_size and gro_ipv4_max_size {bytes}");
+            format!("BIG TCP on every lab link (gso/gro_ipv4_max_size {bytes})")
+        }
+        None => "lab links at the kernel's default 64 KiB GSO/GRO".to_string(),
+    };
     std::thread::sleep(SETTLE);
     let idle = cluster.rss()?;
     let mut paths = Vec::new();
@@ -670,7 +685,7 @@ pub fn mtls() -> anyhow::Result<()> {
     let _ = writeln!(
         out,
         "(median of {REPEAT}, rows interleaved; {cpus} CPUs, load average {load} at start; all agents up in every row, \
-         access log off, no policies)"
+         access log off, no policies; {links})"
     );
     let _ = writeln!(
         out,

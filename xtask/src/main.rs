@@ -13,6 +13,7 @@
 mod attached;
 mod bench;
 mod bench_mtls;
+mod big_tcp;
 mod lab;
 mod process;
 mod setup;
@@ -64,6 +65,11 @@ enum Task {
         /// half the width).
         #[arg(long)]
         rounds: Option<usize>,
+        /// `mtls` only: BIG TCP on every lab link, all rows (IPv4 GSO/GRO up to this many bytes,
+        /// 65536 to 524280, as Cilium's `enableIPv4BIGTCP` sets a node's), instead of the
+        /// kernel's 64 KiB.
+        #[arg(long)]
+        big_tcp: Option<u32>,
     },
     /// `bench mtls`'s clients, which it runs inside lab workloads (no setup, no build).
     #[command(hide = true)]
@@ -141,12 +147,15 @@ fn main() -> ExitCode {
         Task::Lab { action } if action == "down" => lab::down(),
         Task::Lab { .. } => cargo_build(false).and_then(|()| lab::up()),
         Task::Test { args } => test(&args),
-        Task::Bench { which, only, entries, rounds }
+        Task::Bench { which, only, entries, rounds, .. }
             if which == "mtls" && (only.is_some() || entries.is_some() || rounds.is_some()) =>
         {
             bail!("--only, --entries and --rounds apply to `bench l4`")
         }
-        Task::Bench { which, .. } if which == "mtls" => cargo_build(true).and_then(|()| bench_mtls::mtls()),
+        Task::Bench { which, big_tcp, .. } if which == "mtls" => {
+            cargo_build(true).and_then(|()| bench_mtls::mtls(big_tcp))
+        }
+        Task::Bench { big_tcp: Some(_), .. } => bail!("--big-tcp applies to `bench mtls`"),
         Task::Bench { only, entries, rounds, .. } => {
             cargo_build(true).and_then(|()| bench::l4(only.as_deref(), entries, rounds))
         }
