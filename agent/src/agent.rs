@@ -305,7 +305,8 @@ fn snapshot(source: &mut dyn Source, cfg: &AgentConfig, record: &mut NodeRecord)
 }
 
 fn mesh_view(d: &Desired, cfg: &AgentConfig) -> crate::mesh::View {
-    crate::mesh::View::new(&d.workloads, &d.services, d.policies.clone(), &cfg.trust_domain)
+    let domain = cfg.mesh.as_ref().map(|m| m.cluster_domain.clone()).unwrap_or_default();
+    crate::mesh::View::new(&d.workloads, &d.services, d.policies.clone(), &cfg.trust_domain, &domain)
 }
 
 /// Run the agent until SIGTERM/SIGINT. The first snapshot must succeed (the agent does not start

@@ -51,6 +51,11 @@ enum Command {
         trust_domain: String,
         #[arg(long, default_value = defaults::ROOT_NAMESPACE)]
         root_namespace: String,
+        /// With --mesh: the cluster's DNS domain (kubelet's clusterDomain). Services' hostnames,
+        /// `<name>.<namespace>.svc.<domain>`, label the metrics (`destination_service`) and name
+        /// the Service an HBONE request addressed.
+        #[arg(long, env = "CLUSTER_DOMAIN", default_value = "cluster.local")]
+        cluster_domain: warden_agent::services::ClusterDomain,
         /// Log format.
         #[arg(long, value_enum, default_value = "text")]
         log_format: Output,
@@ -204,6 +209,7 @@ fn main() -> ExitCode {
             state_dir,
             trust_domain,
             root_namespace,
+            cluster_domain,
             log_format,
             metrics_addr,
             ready_addr,
@@ -240,6 +246,7 @@ fn main() -> ExitCode {
                 capture: capture_addr,
                 fast_path,
                 local_congestion: local_congestion_control,
+                cluster_domain,
                 cgroup_root: cgroup_root.clone().unwrap_or_else(warden_agent::source::kube::node::default_cgroup_root),
                 ..Default::default()
             });

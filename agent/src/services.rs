@@ -21,34 +21,76 @@
 //!       - {port: 443, targetPort: https}
 //! ```
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{collections::BTreeMap, fmt, net::Ipv4Addr, str::FromStr, sync::Arc};
 
 use serde::Deserialize;
 
 use crate::workloads::Workload;
 
-/// Kubernetes' default cluster domain: a Service's hostname is `<name>.<namespace>.svc.cluster.local`.
-pub const CLUSTER_DOMAIN: &str = "cluster.local";
+/// The cluster's DNS domain (kubelet's `clusterDomain`, ztunnel's `CLUSTER_DOMAIN`): a Service's
+/// hostname is `<name>.<namespace>.svc.<domain>`. `cluster.local` unless the cluster says
+/// otherwise (`warden agent --cluster-domain`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ClusterDomain(Arc<str>);
+
+impl Default for ClusterDomain {
+    fn default() -> Self {
+        ClusterDomain(Arc::from("cluster.local"))
+    }
+}
+
+impl FromStr for ClusterDomain {
+    type Err = String;
+
+    /// A DNS subdomain as Kubernetes names one (RFC 1123): lowercase labels of letters, digits
+    /// and `-`, each 1-63 characters and neither starting nor ending with `-`, at most 253 in
+    /// all, no trailing dot.
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.is_empty() || s.len() > 253 {
+            return Err(format!("{s:?}: a cluster domain has 1 to 253 characters"));
+        }
+        for label in s.split('.') {
+            let valid = (1..=63).contains(&label.len())
+                && label.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-');
+            if !valid {
+                return Err(format!(
+                    "{s:?}: label {label:?} is not 1-63 lowercase letters, digits or '-' (not first or last)"
+                ));
+            }
+        }
+        Ok(ClusterDomain(Arc::from(s)))
+    }
+}
+
+impl fmt::Display for ClusterDomain {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
 
 /// A Service by name, as Istio's metrics label it (`destination_service*`).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ServiceRef {
     pub name: String,
     pub namespace: String,
+    pub domain: ClusterDomain,
 }
 
 impl ServiceRef {
-    /// `<name>.<namespace>.svc.cluster.local`: Istio's `destination_service`, and the `host` of
-    /// an HBONE request's `forwarded` header.
+    /// `<name>.<namespace>.svc.<domain>`: Istio's `destination_service`, and the `host` of an
+    /// HBONE request's `forwarded` header.
     pub fn hostname(&self) -> String {
-        format!("{}.{}.svc.{CLUSTER_DOMAIN}", self.name, self.namespace)
+        format!("{}.{}.svc.{}", self.name, self.namespace, self.domain)
     }
 
     /// The Service a connection to workload `w` counts against, as ztunnel guesses it for the
     /// destination side: the one whose hostname the client addressed (`host`) if it is one of
     /// `w`'s, else `w`'s only Service; none when `w` has several and the client named none.
-    pub fn for_destination(w: &Workload, host: Option<&str>) -> Option<ServiceRef> {
-        let of = |name: &String| ServiceRef { name: name.clone(), namespace: w.namespace.clone() };
+    pub fn for_destination(w: &Workload, host: Option<&str>, domain: &ClusterDomain) -> Option<ServiceRef> {
+        let of =
+            |name: &String| ServiceRef { name: name.clone(), namespace: w.namespace.clone(), domain: domain.clone() };
         if let Some(named) = host.and_then(|h| w.services.iter().map(of).find(|s| s.hostname() == h)) {
             return Some(named);
         }
@@ -93,8 +135,9 @@ impl Service {
         format!("{}/{}", self.namespace, self.name)
     }
 
-    pub fn reference(&self) -> ServiceRef {
-        ServiceRef { name: self.name.clone(), namespace: self.namespace.clone() }
+    /// This Service by name, in the cluster of `domain`.
+    pub fn reference(&self, domain: &ClusterDomain) -> ServiceRef {
+        ServiceRef { name: self.name.clone(), namespace: self.namespace.clone(), domain: domain.clone() }
     }
 
     /// Whether `w` is one of the Service's pods.
@@ -288,16 +331,42 @@ mod tests {
 
     #[test]
     fn the_destination_service_is_the_one_addressed_or_the_only_one() {
+        let d = ClusterDomain::default();
         let mut w = workload("ns", &[], &[]);
-        assert_eq!(ServiceRef::for_destination(&w, None), None, "no Service");
+        assert_eq!(ServiceRef::for_destination(&w, None, &d), None, "no Service");
         w.services = vec!["a".into()];
-        let a = ServiceRef { name: "a".into(), namespace: "ns".into() };
+        let a = ServiceRef { name: "a".into(), namespace: "ns".into(), domain: d.clone() };
         assert_eq!(a.hostname(), "a.ns.svc.cluster.local");
-        assert_eq!(ServiceRef::for_destination(&w, None), Some(a.clone()), "the only one");
+        assert_eq!(ServiceRef::for_destination(&w, None, &d), Some(a.clone()), "the only one");
         w.services = vec!["a".into(), "b".into()];
-        assert_eq!(ServiceRef::for_destination(&w, None), None, "two, none named");
-        assert_eq!(ServiceRef::for_destination(&w, Some("b.ns.svc.cluster.local")).unwrap().name, "b");
-        assert_eq!(ServiceRef::for_destination(&w, Some("c.ns.svc.cluster.local")), None, "not one of w's");
+        assert_eq!(ServiceRef::for_destination(&w, None, &d), None, "two, none named");
+        assert_eq!(ServiceRef::for_destination(&w, Some("b.ns.svc.cluster.local"), &d).unwrap().name, "b");
+        assert_eq!(ServiceRef::for_destination(&w, Some("c.ns.svc.cluster.local"), &d), None, "not one of w's");
+
+        // Another cluster domain: hostnames end in it, and only its hostnames name a Service.
+        let corp: ClusterDomain = "corp.example".parse().unwrap();
+        let b = ServiceRef::for_destination(&w, Some("b.ns.svc.corp.example"), &corp).unwrap();
+        assert_eq!((b.name.as_str(), b.hostname()), ("b", "b.ns.svc.corp.example".to_string()));
+        assert_eq!(ServiceRef::for_destination(&w, Some("b.ns.svc.cluster.local"), &corp), None);
+    }
+
+    #[test]
+    fn a_cluster_domain_is_a_dns_subdomain() {
+        assert_eq!(ClusterDomain::default().to_string(), "cluster.local");
+        for good in ["cluster.local", "k8s", "prod-1.corp.example", "a.b.c.d"] {
+            assert_eq!(good.parse::<ClusterDomain>().unwrap().to_string(), good);
+        }
+        let err = |s: &str| s.parse::<ClusterDomain>().unwrap_err();
+        assert_eq!(err(""), "\"\": a cluster domain has 1 to 253 characters");
+        assert_eq!(
+            err("Cluster.local"),
+            "\"Cluster.local\": label \"Cluster\" is not 1-63 lowercase letters, digits or '-' (not first or last)"
+        );
+        assert!(err("cluster.local.").contains("label \"\""), "a trailing dot: {}", err("cluster.local."));
+        assert!(err("-a.b").contains("label \"-a\""));
+        assert!(err("a_b.c").contains("label \"a_b\""));
+        assert!(err(&"a".repeat(64)).contains("is not 1-63"));
+        assert!(err(&["a"; 128].join(".")).contains("1 to 253"));
     }
 
     #[test]

@@ -1038,7 +1038,9 @@ fn set_services(c: &mut Cluster, services: &[String]) {
 /// kube-proxy DNATs only after the socket hooks have run). A meshed client's connection to a
 /// Service with meshed pods is captured, and the agent carries it to one of those pods over HBONE
 /// (or delivers it on the node), on the pod's target port, authorized as a direct one. The lab has
-/// no kube-proxy: a connection the mesh did not capture would reach nothing at all.
+/// no kube-proxy: a connection the mesh did not capture would reach nothing at all. The agents run
+/// with a cluster domain of their own, so the Service's hostname (in the metrics, and in the
+/// tunnel's `forwarded: host=`) must follow it.
 #[test]
 fn a_connection_to_a_services_address_reaches_a_meshed_pod_over_the_mesh() {
     if !require_root("a_connection_to_a_services_address_reaches_a_meshed_pod_over_the_mesh") {
@@ -1046,8 +1048,10 @@ fn a_connection_to_a_services_address_reaches_a_meshed_pod_over_the_mesh() {
     }
     let net = 80;
     let s_ip = Ipv4Addr::new(10, net, 1, 6);
-    let mut c = cluster_with("msv", net, POLICIES, &[Spec::new("team", "s", s_ip, &[PORT])], &[], &[]);
-    let (b_vip, s_vip) = (Ipv4Addr::new(10, 96, net, 1), Ipv4Addr::new(10, 96, net, 2));
+    let domain = ["--cluster-domain", "corp.example"];
+    let mut c = cluster_with("msv", net, POLICIES, &[Spec::new("team", "s", s_ip, &[PORT])], &[], &domain);
+    let (b_vip, s_vip, alt_vip) =
+        (Ipv4Addr::new(10, 96, net, 1), Ipv4Addr::new(10, 96, net, 2), Ipv4Addr::new(10, 96, net, 3));
     set_services(
         &mut c,
         &[
@@ -1056,6 +1060,11 @@ fn a_connection_to_a_services_address_reaches_a_meshed_pod_over_the_mesh() {
             ),
             format!(
                 "{{name: s-svc, namespace: team, clusterIP: {s_vip}, selector: {{app: s}}, ports: [{{port: 80, targetPort: {PORT}}}]}}"
+            ),
+            // b's second Service: node 2 can only tell which one a connection addressed from the
+            // tunnel's `host`.
+            format!(
+                "{{name: b-alt, namespace: team, clusterIP: {alt_vip}, selector: {{app: b}}, ports: [{{port: 80, targetPort: {PORT}}}]}}"
             ),
         ],
     );
@@ -1080,14 +1089,15 @@ fn a_connection_to_a_services_address_reaches_a_meshed_pod_over_the_mesh() {
     let wire = fs::read(&pcap).expect("capture file");
     assert!(contains(&wire, &15008u16.to_be_bytes()), "carried over HBONE");
     assert!(!contains(&wire, b"through the service"), "the payload crossed the wire in plaintext");
-    // Both sides count it against the Service (Istio's destination_service labels): node 1 knows
-    // it was addressed, node 2 reads it from the tunnel's `forwarded: host=`.
+    // Both sides count it against the Service (Istio's destination_service labels), in the
+    // agents' cluster domain: node 1 knows it was addressed, node 2 reads it from the tunnel's
+    // `forwarded: host=` (b has two Services, so nothing else could tell it which).
     for (lab, reporter) in [(&c.n1, "reporter=\"source\""), (&c.n2, "reporter=\"destination\"")] {
         let m = metrics(lab);
         let needles = [
             reporter,
             "source_workload=\"a\"",
-            "destination_service=\"b-svc.team.svc.cluster.local\"",
+            "destination_service=\"b-svc.team.svc.corp.example\"",
             "destination_service_name=\"b-svc\"",
             "destination_service_namespace=\"team\"",
         ];

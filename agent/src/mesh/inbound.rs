@@ -96,7 +96,8 @@ impl Inbound for Handler {
         };
         let decision = view.authorize(peer, source_ip, target, dst.port());
         let workload = target.workload.key();
-        let service = ServiceRef::for_destination(&target.workload, req.forwarded.host.as_deref());
+        let service =
+            ServiceRef::for_destination(&target.workload, req.forwarded.host.as_deref(), &view.cluster_domain);
         if decision.decision == Verdict::Deny {
             let (policy, reason) = denial_names(&decision);
             refused(&self.metrics, Reporter::Destination, source, target, service.as_ref(), &policy, reason);

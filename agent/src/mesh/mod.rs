@@ -47,6 +47,9 @@ pub struct MeshConfig {
     pub cgroup_root: std::path::PathBuf,
     /// The congestion control of the agent's sockets to workloads of this node.
     pub local_congestion: local_hop::LocalCongestion,
+    /// The cluster's DNS domain: Services' hostnames (`destination_service`, an HBONE request's
+    /// `forwarded: host=`) end in it.
+    pub cluster_domain: crate::services::ClusterDomain,
 }
 
 impl Default for MeshConfig {
@@ -57,6 +60,7 @@ impl Default for MeshConfig {
             fast_path: false,
             cgroup_root: crate::source::kube::node::default_cgroup_root(),
             local_congestion: local_hop::LocalCongestion::default(),
+            cluster_domain: crate::services::ClusterDomain::default(),
         }
     }
 }

@@ -69,7 +69,7 @@ fn resolve(
         Some((service, pod, port)) => {
             let to = SocketAddrV4::new(pod.workload.ip, port);
             tracing::debug!(service = %service.key(), address = %dst, pod = %pod.workload.key(), %to, "service");
-            Some((to, Some(pod), Some(service.reference())))
+            Some((to, Some(pod), Some(service.reference(&view.cluster_domain))))
         }
         None => match view.services.get(dst.ip()) {
             Some(s) => {
@@ -130,7 +130,8 @@ impl Outbound {
         };
         // What the metrics count it against: the Service addressed, or the destination's guess (as
         // the destination side makes it, from the `host` this side sends).
-        let service = addressed.clone().or_else(|| ServiceRef::for_destination(&target.workload, None));
+        let service =
+            addressed.clone().or_else(|| ServiceRef::for_destination(&target.workload, None, &view.cluster_domain));
         if target.is_local() {
             // Same node: no wire to protect; authorize with the source's identity and deliver.
             let decision = view.authorize(&source.identity, *client.ip(), &target, dst.port());

@@ -14,7 +14,10 @@ use std::{
 use warden_authz::{Decision, Destination, Peer, PolicySet, Request};
 use warden_identity::Identity;
 
-use crate::{services::Service, workloads::Workload};
+use crate::{
+    services::{ClusterDomain, Service},
+    workloads::Workload,
+};
 
 /// A workload as the mesh sees it.
 #[derive(Debug)]
@@ -55,13 +58,21 @@ pub struct View {
     /// Services by virtual address.
     pub services: HashMap<Ipv4Addr, MeshService>,
     pub policies: Arc<PolicySet>,
+    /// Services' hostnames end in it (`ServiceRef::hostname`).
+    pub cluster_domain: ClusterDomain,
 }
 
 impl View {
     /// The snapshot of `workloads` and `policies`. A workload whose identity cannot be formed
     /// (an invalid name) is left out: the mesh does not serve it, so nothing reaches it through
     /// the agent.
-    pub fn new(workloads: &[Workload], services: &[Service], policies: Arc<PolicySet>, trust_domain: &str) -> View {
+    pub fn new(
+        workloads: &[Workload],
+        services: &[Service],
+        policies: Arc<PolicySet>,
+        trust_domain: &str,
+        cluster_domain: &ClusterDomain,
+    ) -> View {
         let mut by_ip = HashMap::with_capacity(workloads.len());
         for w in workloads {
             match Identity::spiffe(trust_domain, &w.namespace, &w.service_account) {
@@ -85,7 +96,7 @@ impl View {
                 (s.cluster_ip, MeshService { service: s.clone(), backends, next: AtomicUsize::new(0) })
             })
             .collect();
-        View { by_ip, services, policies }
+        View { by_ip, services, policies, cluster_domain: cluster_domain.clone() }
     }
 
     pub fn workload(&self, ip: Ipv4Addr) -> Option<&Arc<MeshWorkload>> {
@@ -176,6 +187,7 @@ mod tests {
             &[service],
             Arc::new(PolicySet::from_resources(Vec::new(), &Default::default()).unwrap()),
             "cluster.local",
+            &ClusterDomain::default(),
         );
         let pick = |port| view.service_backend(vip, port).map(|(_, w, p)| (w.workload.name.clone(), p));
         let picks: Vec<_> = (0..4).map(|_| pick(80).unwrap()).collect();
