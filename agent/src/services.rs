@@ -19,6 +19,7 @@
 //!     ports:
 //!       - {port: 80, targetPort: 8080}   # a number, or a container port's name
 //!       - {port: 443, targetPort: https}
+//!     internalTrafficPolicy: Local       # optional: only this node's pods (default Cluster)
 //! ```
 
 use std::{collections::BTreeMap, fmt, net::Ipv4Addr, str::FromStr, sync::Arc};
@@ -113,6 +114,9 @@ pub struct Service {
     /// The labels a pod of the Service's namespace must carry. Never empty: a Service without a
     /// selector has hand-made endpoints, which the mesh does not follow.
     pub selector: BTreeMap<String, String>,
+    /// `internalTrafficPolicy: Local`: a client reaches only the Service's pods on its own node,
+    /// and none when there are none (as kube-proxy drops it). `Cluster` (the default): any.
+    pub node_local: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -167,6 +171,7 @@ pub(crate) struct Entry {
     selector: BTreeMap<String, String>,
     #[serde(default)]
     ports: Vec<PortEntry>,
+    internal_traffic_policy: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -215,6 +220,14 @@ impl Entry {
         if self.ports.is_empty() {
             problems.push(("ports".into(), "needs at least one port".into()));
         }
+        let node_local = match self.internal_traffic_policy.as_deref() {
+            None | Some("Cluster") => false,
+            Some("Local") => true,
+            Some(other) => {
+                problems.push(("internalTrafficPolicy".into(), format!("{other:?} is neither Cluster nor Local")));
+                false
+            }
+        };
         let mut ports = Vec::new();
         for (i, p) in self.ports.into_iter().enumerate() {
             let at = |f: &str| format!("ports[{i}].{f}");
@@ -262,7 +275,7 @@ impl Entry {
         }
         match (name, namespace, cluster_ip) {
             (Some(name), Some(namespace), Some(cluster_ip)) if problems.is_empty() => {
-                Ok(Service { name, namespace, cluster_ip, ports, selector: self.selector })
+                Ok(Service { name, namespace, cluster_ip, ports, selector: self.selector, node_local })
             }
             _ => Err(problems),
         }
@@ -318,6 +331,12 @@ mod tests {
         .unwrap();
         assert_eq!(s.key(), "ns/ledger");
         assert_eq!(s.ports.len(), 3, "UDP is not carried by the mesh: {s:?}");
+        assert!(!s.node_local, "internalTrafficPolicy defaults to Cluster");
+        let local = entry(
+            "{name: l, namespace: ns, clusterIP: 10.96.0.11, selector: {app: l}, ports: [{port: 80}],
+              internalTrafficPolicy: Local}",
+        );
+        assert!(local.validate(|_| true).unwrap().node_local);
         let pod = workload("ns", &[("app", "ledger"), ("v", "1")], &[("https", 8443)]);
         assert!(s.selects(&pod));
         assert!(!s.selects(&workload("other", &[("app", "ledger")], &[])), "another namespace");
@@ -373,7 +392,8 @@ mod tests {
     fn every_problem_names_its_field() {
         let problems = entry(
             "{name: Bad, clusterIP: 10.96.0.300, ports: [{port: 0}, {port: 80, targetPort: 70000},
-              {port: 81, targetPort: Not_a_name}, {port: 82, protocol: QUIC}, {port: 83}, {port: 83}]}",
+              {port: 81, targetPort: Not_a_name}, {port: 82, protocol: QUIC}, {port: 83}, {port: 83}],
+              internalTrafficPolicy: Nearby}",
         )
         .validate(|s| s.bytes().all(|b| b.is_ascii_lowercase()))
         .unwrap_err();
@@ -388,6 +408,7 @@ mod tests {
             "(\"ports[2].targetPort\", \"String(\\\"Not_a_name\\\") is neither a port number nor a port name\")",
             "(\"ports[3].protocol\", \"\\\"QUIC\\\" is not TCP, UDP or SCTP\")",
             "(\"ports[5].port\", \"83 is listed twice\")",
+            "(\"internalTrafficPolicy\", \"\\\"Nearby\\\" is neither Cluster nor Local\")",
         ] {
             assert!(text.contains(needle), "{needle} not in {text}");
         }

@@ -1062,9 +1062,9 @@ fn a_connection_to_a_services_address_reaches_a_meshed_pod_over_the_mesh() {
                 "{{name: s-svc, namespace: team, clusterIP: {s_vip}, selector: {{app: s}}, ports: [{{port: 80, targetPort: {PORT}}}]}}"
             ),
             // b's second Service: node 2 can only tell which one a connection addressed from the
-            // tunnel's `host`.
+            // tunnel's `host`. Node-local: node 1 has no pod of it.
             format!(
-                "{{name: b-alt, namespace: team, clusterIP: {alt_vip}, selector: {{app: b}}, ports: [{{port: 80, targetPort: {PORT}}}]}}"
+                "{{name: b-alt, namespace: team, clusterIP: {alt_vip}, selector: {{app: b}}, ports: [{{port: 80, targetPort: {PORT}}}], internalTrafficPolicy: Local}}"
             ),
         ],
     );
@@ -1122,6 +1122,12 @@ fn a_connection_to_a_services_address_reaches_a_meshed_pod_over_the_mesh() {
     let p = c.n1.echo("a", b_vip, 81, "no such port");
     assert_ne!(p.result, "allowed", "b-svc has no port 81: {p:?}");
     assert!(log(&c.n1).contains("no meshed pod of the service serves this port"), "{}", log(&c.n1));
+
+    // internalTrafficPolicy: Local, and no pod of it on node 1: refused there, as kube-proxy
+    // would drop it, and said why; b itself is still reached directly.
+    let p = c.n1.echo("a", alt_vip, 80, "node-local service");
+    assert_ne!(p.result, "allowed", "b-alt is node-local and b is on node 2: {p:?}");
+    assert!(log(&c.n1).contains("(internalTrafficPolicy: Local)"), "{}", log(&c.n1));
 }
 
 /// A TCP Fast Open client: no `connect()`, the first `sendto(MSG_FASTOPEN)` opens the connection

@@ -72,6 +72,10 @@ fn resolve(
             Some((to, Some(pod), Some(service.reference(&view.cluster_domain))))
         }
         None => match view.services.get(dst.ip()) {
+            Some(s) if s.service.node_local => {
+                tracing::warn!(%client, service = %s.service.key(), destination = %dst, "no meshed pod of the service on this node serves this port (internalTrafficPolicy: Local); refused");
+                None
+            }
             Some(s) => {
                 tracing::warn!(%client, service = %s.service.key(), destination = %dst, "no meshed pod of the service serves this port; refused");
                 None

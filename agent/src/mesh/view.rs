@@ -87,9 +87,11 @@ impl View {
             .iter()
             .map(|s| {
                 // Meshed and serving only: the snapshot is rebuilt when a pod's readiness changes.
+                // `internalTrafficPolicy: Local`: this node's only.
                 let mut backends: Vec<Arc<MeshWorkload>> = by_ip
                     .values()
                     .filter(|w| w.meshed && w.workload.ready && s.selects(&w.workload))
+                    .filter(|w| !s.node_local || w.is_local())
                     .cloned()
                     .collect();
                 backends.sort_by_key(|w| w.workload.ip);
@@ -175,6 +177,7 @@ mod tests {
                 ServicePort { port: 443, target: TargetPort::Name("https".into()) },
             ],
             selector: BTreeMap::from([("app".to_string(), "ledger".to_string())]),
+            node_local: false,
         };
         let workloads = [
             pod("a", 1, true, true, &[("https", 8443)]),
@@ -196,5 +199,37 @@ mod tests {
         assert_eq!((0..3).map(|_| pick(443)).collect::<Vec<_>>(), vec![Some(("a".into(), 8443)); 3]);
         assert_eq!(pick(81), None, "the Service has no port 81");
         assert!(view.service_backend(Ipv4Addr::new(10, 96, 0, 2), 80).is_none(), "no Service there");
+    }
+
+    /// `internalTrafficPolicy: Local`: only this node's pods, and none when it has none.
+    #[test]
+    fn a_node_local_service_sends_to_this_nodes_pods_only() {
+        let (vip, other_vip) = (Ipv4Addr::new(10, 96, 0, 1), Ipv4Addr::new(10, 96, 0, 2));
+        let service = |vip, app: &str| Service {
+            name: app.into(),
+            namespace: "ns".into(),
+            cluster_ip: vip,
+            ports: vec![ServicePort { port: 80, target: TargetPort::Number(8080) }],
+            selector: BTreeMap::from([("app".to_string(), app.to_string())]),
+            node_local: true,
+        };
+        let local = |mut w: Workload| {
+            w.local = Some(crate::workloads::Local { veth: format!("veth-{}", w.name), ifindex: 7, cgroup: None });
+            w
+        };
+        let mut remote_only = pod("far", 3, true, true, &[]);
+        remote_only.labels.insert("app".into(), "other".into());
+        let workloads = [local(pod("near", 1, true, true, &[])), pod("remote", 2, true, true, &[]), remote_only];
+        let view = View::new(
+            &workloads,
+            &[service(vip, "ledger"), service(other_vip, "other")],
+            Arc::new(PolicySet::from_resources(Vec::new(), &Default::default()).unwrap()),
+            "cluster.local",
+            &ClusterDomain::default(),
+        );
+        let picks: Vec<_> =
+            (0..3).map(|_| view.service_backend(vip, 80).map(|(_, w, _)| w.workload.name.clone())).collect();
+        assert_eq!(picks, vec![Some("near".to_string()); 3], "the remote pod is never chosen");
+        assert!(view.service_backend(other_vip, 80).is_none(), "no pod of `other` on this node: none at all");
     }
 }

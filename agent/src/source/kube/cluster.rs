@@ -151,6 +151,7 @@ impl Compact for Service {
                 cluster_ip: spec.cluster_ip.clone(),
                 cluster_ips: spec.cluster_ips.clone(),
                 ports: spec.ports.clone(),
+                internal_traffic_policy: spec.internal_traffic_policy.clone(),
                 ..Default::default()
             });
         }
@@ -236,7 +237,8 @@ pub fn pod_workload(pod: &Pod, services: &[&Service]) -> Result<Workload, Skip> 
 
 /// The Service as the mesh carries it, or `None` for one it does not: headless (no cluster IP),
 /// IPv6-only, without a selector (hand-made endpoints), or without a TCP port. A dual-stack
-/// Service is carried by its IPv4 cluster IP, whichever family is primary.
+/// Service is carried by its IPv4 cluster IP, whichever family is primary. Its
+/// `internalTrafficPolicy` is kept (Local: this node's pods only).
 pub fn mesh_service(svc: &Service) -> Option<crate::services::Service> {
     use crate::services::{ServicePort, TargetPort};
     use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -265,7 +267,16 @@ pub fn mesh_service(svc: &Service) -> Option<crate::services::Service> {
     if ports.is_empty() {
         return None;
     }
-    Some(crate::services::Service { name: svc.name_any(), namespace: svc.namespace()?, cluster_ip, ports, selector })
+    // Kubernetes validates the field (Cluster or Local); anything but Local is the default.
+    let node_local = spec.internal_traffic_policy.as_deref() == Some("Local");
+    Some(crate::services::Service {
+        name: svc.name_any(),
+        namespace: svc.namespace()?,
+        cluster_ip,
+        ports,
+        selector,
+        node_local,
+    })
 }
 
 /// The workloads of the cluster as this node enforces them, and the local pods whose veth or
@@ -372,6 +383,7 @@ mod tests {
         let mut s: Service = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "ledger", "namespace": "ns", "annotations": {"big": "x"}},
             "spec": {"clusterIP": "10.96.0.10", "selector": {"app": "ledger"}, "type": "ClusterIP",
+                     "internalTrafficPolicy": "Local",
                      "ports": [{"port": 80, "targetPort": 8080}, {"port": 443, "targetPort": "https"},
                                {"port": 9000}, {"port": 53, "protocol": "UDP"}]},
         }))
@@ -384,6 +396,10 @@ mod tests {
         dual.compact();
         assert_eq!(mesh_service(&dual).unwrap().cluster_ip, Ipv4Addr::new(10, 96, 0, 20), "IPv6 primary, IPv4 second");
         assert_eq!((m.key(), m.cluster_ip), ("ns/ledger".to_string(), Ipv4Addr::new(10, 96, 0, 10)));
+        assert!(m.node_local, "internalTrafficPolicy: Local survives compaction");
+        let mut cluster = s.clone();
+        cluster.spec.as_mut().unwrap().internal_traffic_policy = Some("Cluster".into());
+        assert!(!mesh_service(&cluster).unwrap().node_local);
         use crate::services::{ServicePort, TargetPort};
         assert_eq!(
             m.ports,
