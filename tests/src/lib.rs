@@ -384,6 +384,13 @@ impl Lab {
         c
     }
 
+    /// The agent's metrics (`:15020/stats/prometheus`, from the node's namespace); empty when it
+    /// does not answer.
+    pub fn metrics(&self) -> String {
+        let out = self.node_command("curl", &["-sf", "http://127.0.0.1:15020/stats/prometheus"]).output();
+        out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default()
+    }
+
     /// `warden-probe echo`: one line to `ip:port` and back.
     pub fn echo(&self, from: &str, ip: Ipv4Addr, port: u16, message: &str) -> Probe {
         probe_result(self.command_in(from, &probe_bin(), &["echo".into(), format!("{ip}:{port}"), message.into()]))

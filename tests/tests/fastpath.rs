@@ -332,6 +332,16 @@ fn a_slow_reader_bounds_the_redirected_queue_and_its_sender_falls_back_to_tcp() 
     );
     assert!(after.backlog_fallbacks > before.backlog_fallbacks, "the agent's socket to b fell back: {after:?}");
     assert!(after.redirected_bytes > before.redirected_bytes, "it was redirected first: {after:?}");
+
+    // Operators see the same on the metrics port.
+    let m = lab.metrics();
+    let value = |series: &str| -> u64 {
+        m.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("no {series} in:\n{m}"))
+    };
+    assert_eq!(value("warden_fastpath_fallbacks_total{reason=\"backlog\"} "), after.backlog_fallbacks, "{m}");
+    assert_eq!(value("warden_fastpath_redirected_bytes_total "), after.redirected_bytes, "{m}");
 }
 
 /// The two ends of the transfer, run by the tests above inside workloads (`WARDEN_FASTPATH_HELPER`):

@@ -228,8 +228,7 @@ fn series(text: &str, name: &str, needles: &[&str]) -> bool {
 }
 
 fn metrics(lab: &Lab) -> String {
-    let out = lab.node_command("curl", &["-sf", "http://127.0.0.1:15020/stats/prometheus"]).output().expect("curl");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    lab.metrics()
 }
 
 #[test]

@@ -4,6 +4,7 @@
 //! |---------------|---------------------------------------------------------------------------|
 //! | `names`       | kernel numbers -> workload, namespace, SPIFFE principal, policy name       |
 //! | `metrics`     | `istio_tcp_*` and `warden_*` traffic metrics from the per-CPU counters     |
+//! | `fastpath`    | `warden_fastpath_*`: what the same-node fast path did                      |
 //! | `access_log`  | one line per ring-buffer event (text or JSON) on stdout                    |
 //! | `ready`       | `/healthz/ready`: 200 once the first state is committed                    |
 //! | `server`      | the small HTTP server both endpoints use                                   |
@@ -14,6 +15,7 @@
 //! counters and the event ring buffer and turns readiness to 200. See `docs/observability.md`.
 
 pub mod access_log;
+pub mod fastpath;
 pub mod metrics;
 pub mod names;
 pub mod ready;
@@ -78,6 +80,9 @@ struct Scrape {
     names: Arc<RecordNames>,
     /// The pinned counter map, once the datapath exists.
     counters: Mutex<Option<CounterMap>>,
+    fast_path: fastpath::FastPathMetrics,
+    /// Where the fast path's counters are pinned, once the datapath exists.
+    fast_path_pins: Mutex<Option<PathBuf>>,
 }
 
 impl Scrape {
@@ -96,6 +101,12 @@ impl Scrape {
             });
             self.traffic.update(snapshot, &self.names.get());
         }
+        if let Some(pins) = self.fast_path_pins.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            match crate::datapath::maps::fast_path_counters(pins) {
+                Ok(now) => self.fast_path.update(now),
+                Err(e) => tracing::debug!("fast path counters: {e}"),
+            }
+        }
         let mut body = String::new();
         match prometheus_client::encoding::text::encode(&mut body, &self.registry) {
             Ok(()) => Reply { status: 200, content_type: OPENMETRICS, body },
@@ -110,6 +121,7 @@ pub struct Telemetry {
     pin_dir: PathBuf,
     registry: Registry,
     traffic: TrafficMetrics,
+    fast_path: fastpath::FastPathMetrics,
     names: Arc<RecordNames>,
 }
 
@@ -117,7 +129,9 @@ impl Telemetry {
     pub fn new(cfg: TelemetryConfig, pin_dir: &Path, state_dir: &Path) -> Telemetry {
         let mut registry = Registry::default();
         let traffic = TrafficMetrics::new(&mut registry, cfg.security_policy);
-        Telemetry { pin_dir: pin_dir.into(), registry, traffic, names: Arc::new(RecordNames::new(state_dir)), cfg }
+        let fast_path = fastpath::FastPathMetrics::new(&mut registry);
+        let names = Arc::new(RecordNames::new(state_dir));
+        Telemetry { pin_dir: pin_dir.into(), registry, traffic, fast_path, names, cfg }
     }
 
     /// The registry served on the metrics port, for other concerns' metrics (each registers
@@ -140,6 +154,8 @@ impl Telemetry {
             traffic: self.traffic,
             names: self.names.clone(),
             counters: Mutex::new(None),
+            fast_path: self.fast_path,
+            fast_path_pins: Mutex::new(None),
         });
         let readiness = Readiness::default();
         let s = scrape.clone();
@@ -183,7 +199,10 @@ impl Running {
             return;
         }
         match crate::datapath::Maps::open(&self.pin_dir) {
-            Ok(maps) => *self.scrape.counters.lock().unwrap_or_else(|e| e.into_inner()) = Some(maps.counters),
+            Ok(maps) => {
+                *self.scrape.counters.lock().unwrap_or_else(|e| e.into_inner()) = Some(maps.counters);
+                *self.scrape.fast_path_pins.lock().unwrap_or_else(|e| e.into_inner()) = Some(self.pin_dir.clone());
+            }
             Err(e) => tracing::error!("traffic metrics unavailable: {e}"),
         }
         if self.cfg.access_log != AccessLogFormat::Off {
