@@ -143,8 +143,10 @@ pub fn build(
     }
     // A Service's virtual address with a meshed pod behind it is captured as a meshed workload's
     // is; the agent picks the pod.
+    let workloads_of = crate::services::by_namespace(workloads.iter(), |w| w.namespace.as_str());
     for s in &services {
-        if workloads.iter().any(|w| meshed(w) && s.selects(w)) {
+        let pods = workloads_of.get(s.namespace.as_str()).map_or(&[][..], Vec::as_slice);
+        if pods.iter().any(|w| meshed(w) && s.selects(w)) {
             let info = RemoteInfo {
                 identity: identity_of(s.cluster_ip),
                 local_ifindex: 0,

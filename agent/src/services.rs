@@ -22,7 +22,13 @@
 //!     internalTrafficPolicy: Local       # optional: only this node's pods (default Cluster)
 //! ```
 
-use std::{collections::BTreeMap, fmt, net::Ipv4Addr, str::FromStr, sync::Arc};
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt,
+    net::Ipv4Addr,
+    str::FromStr,
+    sync::Arc,
+};
 
 use serde::Deserialize;
 
@@ -282,6 +288,20 @@ impl Entry {
     }
 }
 
+/// `items` grouped by namespace. A Service's selector picks pods of its own namespace only, so
+/// Services and pods matched per namespace cost the sum of each namespace's Services times its
+/// pods, not every Service times every pod of the cluster.
+pub fn by_namespace<'a, T>(
+    items: impl IntoIterator<Item = &'a T>,
+    namespace: impl Fn(&'a T) -> &'a str,
+) -> HashMap<&'a str, Vec<&'a T>> {
+    let mut map: HashMap<&str, Vec<&T>> = HashMap::new();
+    for item in items {
+        map.entry(namespace(item)).or_default().push(item);
+    }
+    map
+}
+
 /// Whether a Service's `selector` picks a pod (of its namespace) with `labels`: every pair
 /// matches, and an empty selector picks nothing (such a Service's endpoints are made by hand).
 pub fn selector_matches(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
@@ -367,6 +387,24 @@ mod tests {
         let b = ServiceRef::for_destination(&w, Some("b.ns.svc.corp.example"), &corp).unwrap();
         assert_eq!((b.name.as_str(), b.hostname()), ("b", "b.ns.svc.corp.example".to_string()));
         assert_eq!(ServiceRef::for_destination(&w, Some("b.ns.svc.cluster.local"), &corp), None);
+    }
+
+    #[test]
+    fn by_namespace_groups_in_order_and_a_service_matches_only_its_namespaces_pods() {
+        let pods = [
+            workload("a", &[("app", "x")], &[]),
+            workload("b", &[("app", "x")], &[]),
+            workload("a", &[("app", "y")], &[]),
+        ];
+        let of = by_namespace(pods.iter(), |w| w.namespace.as_str());
+        assert_eq!(of.len(), 2);
+        assert_eq!(of["a"].iter().map(|w| w.labels["app"].as_str()).collect::<Vec<_>>(), ["x", "y"]);
+        let s = entry("{name: s, namespace: b, clusterIP: 10.96.0.1, selector: {app: x}, ports: [{port: 80}]}")
+            .validate(|_| true)
+            .unwrap();
+        let picked: Vec<_> = of.get("b").into_iter().flatten().filter(|w| s.selects(w)).collect();
+        assert_eq!(picked.len(), 1, "the app=x pod of namespace b, not a's");
+        assert!(!of.contains_key("c"));
     }
 
     #[test]

@@ -293,8 +293,10 @@ pub fn load(path: &Path, links: &dyn Links) -> Result<Loaded, WorkloadErrors> {
         return Err(WorkloadErrors(errors));
     }
     // A workload is selected by the Services of the file too (for `targetRefs` and metrics).
+    let services_of = crate::services::by_namespace(svcs.iter(), |s| s.namespace.as_str());
     for w in &mut out {
-        let selecting: Vec<String> = svcs.iter().filter(|s| s.selects(w)).map(|s| s.name.clone()).collect();
+        let in_namespace = services_of.get(w.namespace.as_str()).map_or(&[][..], Vec::as_slice);
+        let selecting: Vec<String> = in_namespace.iter().filter(|s| s.selects(w)).map(|s| s.name.clone()).collect();
         w.services.extend(selecting);
         w.services.sort();
         w.services.dedup();

@@ -83,13 +83,16 @@ impl View {
                 Err(e) => tracing::warn!(workload = %w.key(), "left out of the mesh: no SPIFFE identity: {e}"),
             }
         }
+        let workloads_of = crate::services::by_namespace(by_ip.values(), |w| w.workload.namespace.as_str());
         let services = services
             .iter()
             .map(|s| {
                 // Meshed and serving only: the snapshot is rebuilt when a pod's readiness changes.
                 // `internalTrafficPolicy: Local`: this node's only.
-                let mut backends: Vec<Arc<MeshWorkload>> = by_ip
-                    .values()
+                let pods = workloads_of.get(s.namespace.as_str()).map_or(&[][..], Vec::as_slice);
+                let mut backends: Vec<Arc<MeshWorkload>> = pods
+                    .iter()
+                    .copied()
                     .filter(|w| w.meshed && w.workload.ready && s.selects(&w.workload))
                     .filter(|w| !s.node_local || w.is_local())
                     .cloned()

@@ -305,6 +305,10 @@ pub fn node_view(
         .collect();
     let services: Vec<&Service> =
         services.objects.values().filter(|s| s.namespace().is_some_and(|n| enrolled.contains(&n))).collect();
+    // Each pod is matched against its own namespace's Services only.
+    let services_of = crate::services::by_namespace(services.iter().copied(), |s| {
+        s.metadata.namespace.as_deref().unwrap_or_default()
+    });
     let mut unresolved = Vec::new();
     locator.refresh();
     // Local pods first: when two pods claim one address (a pod being replaced), the local one wins.
@@ -314,7 +318,8 @@ pub fn node_view(
         if !pod.namespace().is_some_and(|n| enrolled.contains(&n)) {
             continue;
         }
-        let Ok(mut w) = pod_workload(pod, &services) else { continue };
+        let ns_services = pod.metadata.namespace.as_deref().and_then(|n| services_of.get(n));
+        let Ok(mut w) = pod_workload(pod, ns_services.map_or(&[][..], Vec::as_slice)) else { continue };
         if let Some(existing) = by_ip.get(&w.ip) {
             tracing::debug!(pod = %w.key(), other = %existing.key(), ip = %w.ip, "address already claimed; skipping");
             continue;
