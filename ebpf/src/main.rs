@@ -35,7 +35,7 @@ use aya_ebpf::{
 };
 use warden_common::{
     Direction, DropReason, EVENT_CLOSED, EVENT_DECIDED, EndpointInfo, HOOK_CONNECT, HOOK_TC, HOOK_TUNNEL, MARK_MASK,
-    MARK_TO_AGENT, MARK_TUNNEL, PROTO_TCP, REMOTE_MESHED, SockAddr,
+    MARK_TO_AGENT, MARK_TUNNEL, PROTO_TCP, PolicyValue, REMOTE_MESHED, RemoteInfo, SockAddr,
 };
 
 use crate::{
@@ -201,7 +201,15 @@ fn tc(ctx: &TcContext, ifindex: u32, dir: Direction) -> Result<Option<(Outcome, 
     if dir == Direction::Egress && t.saddr != ep.ip {
         return Err((ep.endpoint_id, DropReason::SourceSpoof));
     }
-    let dst = remote(cfg.active_slot(), remote_addr(&f, dir));
+    let from = remote_addr(&f, dir);
+    let dst = if tunnel && dir == Direction::Ingress && from == cfg.capture_addr {
+        // The agent's delivery of a workload's connection to itself (through a Service) comes
+        // from the capture address (the workload's own address would be a martian): its remote
+        // is the workload itself. Only the agent can mark a connection.
+        RemoteInfo { identity: ep.identity, local_ifindex: 0, flags: 0 }
+    } else {
+        remote(cfg.active_slot(), from)
+    };
     let o = decide_new(&cfg, &f, ifindex, &ep, dir, is_reply, tunnel, node, Cache::Write, &dst);
     if !is_reply {
         emit(EVENT_DECIDED, HOOK_TC, &t, false, &o);
@@ -263,8 +271,25 @@ fn current_endpoint(slot: u8) -> Result<(u32, EndpointInfo), DropReason> {
     endpoint(slot, ifindex).map(|ep| (ifindex, ep))
 }
 
+/// A workload's connection to its own address: the kernel routes it over the workload's loopback,
+/// where no hook of the datapath sees its packets, so it is neither decided nor captured, as Istio
+/// ambient leaves a pod's loopback alone (and a sidecar's capture does). Deciding it at connect()
+/// by the workload's own ingress policy would refuse a STRICT workload's calls to itself.
+#[inline(always)]
+fn loopback(ep: &EndpointInfo) -> Outcome {
+    Outcome {
+        endpoint_id: ep.endpoint_id,
+        remote_identity: ep.identity,
+        direction: Direction::Egress,
+        reply: false,
+        tunnel: false,
+        value: PolicyValue::allow(0),
+    }
+}
+
 /// A connect() to `to` is allowed when the workload may send to the destination and, if the
-/// destination is a workload on this node, that workload may receive from it.
+/// destination is a workload on this node, that workload may receive from it; a connect() to the
+/// workload's own address is allowed ([`loopback`]).
 #[inline(always)]
 fn connect4(ctx: &SockAddrContext, family: Family, to: SockAddr) -> (Outcome, Tuple) {
     // SAFETY: the context pointer is valid for the program's run.
@@ -281,6 +306,9 @@ fn connect4(ctx: &SockAddrContext, family: Family, to: SockAddr) -> (Outcome, Tu
         Err(r) => return (Outcome::drop(0, Direction::Egress, r), key),
     };
     key.saddr = ep.ip;
+    if key.daddr == ep.ip {
+        return (loopback(&ep), key);
+    }
     let dst = remote(slot, key.daddr);
     let out = policy(slot, &ep, Direction::Egress, dst.identity, proto, key.dport, false);
     let egress = Outcome {
@@ -307,7 +335,7 @@ fn connect4(ctx: &SockAddrContext, family: Family, to: SockAddr) -> (Outcome, Tu
     // Mesh to mesh: the node agent carries the connection over mTLS and authorizes it with the
     // proven identity (and the destination's kernel enforces it again on the last hop).
     let dst_meshed = if local { peer.is_meshed() } else { dst.flags & REMOTE_MESHED != 0 };
-    let captured = proto == PROTO_TCP && cfg.capture_port != 0 && ep.is_meshed() && dst_meshed && key.daddr != ep.ip;
+    let captured = proto == PROTO_TCP && cfg.capture_port != 0 && ep.is_meshed() && dst_meshed;
     // Redirect to the agent; a destination that cannot be filed refuses the connect().
     let redirect = || capture::redirect(ctx, family, &cfg, ep.endpoint_id, to);
     if captured && !local {
@@ -367,6 +395,9 @@ fn sendmsg4(ctx: &SockAddrContext, to: SockAddr) -> (Outcome, Tuple) {
         Err(r) => return (Outcome::drop(0, Direction::Egress, r), t),
     };
     t.saddr = ep.ip;
+    if t.daddr == ep.ip {
+        return (loopback(&ep), t);
+    }
     let f = Flow::new(t);
     // One lookup for both ends: the sender's, then a local destination's. The destination's
     // identity-cache entry is looked up once too, and only when a step needs it (not for a reply

@@ -1117,6 +1117,20 @@ fn a_connection_to_a_services_address_reaches_a_meshed_pod_over_the_mesh() {
     assert_eq!(p.result, "allowed", "a -> s-svc:80: {p:?}\n{}", log(&c.n1));
     assert_eq!(p.peer, Some(format!("{s_vip}:80")), "{p:?}");
 
+    // A workload reaching itself: through its Service (the agent delivers it from the capture
+    // address, as kube-proxy's hairpin masquerade would show the node), and at its own address
+    // (never captured nor decided: it stays on the workload's loopback). s is STRICT, so a
+    // plaintext decision of either would refuse it.
+    let p = c.n1.echo("s", s_vip, 80, "hairpin");
+    assert_eq!(p.result, "allowed", "s -> s-svc:80 (itself): {p:?}\n{}", log(&c.n1));
+    assert_eq!(p.intact, Some(true), "{p:?}");
+    assert_eq!(p.peer, Some(format!("{s_vip}:80")), "s's socket names its Service: {p:?}");
+    let seen = p.seen_as.clone().unwrap_or_default();
+    assert!(seen.starts_with("169.254.1.1:"), "s sees the node's capture address, not a martian: {p:?}");
+    let p = c.n1.echo("s", s_ip, PORT, "itself");
+    assert_eq!(p.result, "allowed", "s -> its own address: {p:?}");
+    assert!(p.seen_as.unwrap_or_default().starts_with(&format!("{s_ip}:")), "over its loopback, from itself");
+
     // A port the Service does not have: refused by the agent, and said why.
     let p = c.n1.echo("a", b_vip, 81, "no such port");
     assert_ne!(p.result, "allowed", "b-svc has no port 81: {p:?}");

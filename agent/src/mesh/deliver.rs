@@ -53,3 +53,25 @@ pub async fn connect(
     let socket = TcpSocket::from_std_stream(socket.into());
     socket.connect(SocketAddr::V4(workload)).await
 }
+
+/// Connect to `workload` on behalf of the workload itself (it reached itself through a Service),
+/// from the capture address `capture` (the workload's gateway on the node). Its own address cannot
+/// be the source: a packet arriving on its interface from its own address is a martian, and
+/// dropped. So the workload sees the node's address as its peer, as kube-proxy's hairpin
+/// masquerade shows it. The socket carries [`MARK_TUNNEL`]: the workload's TC program decides a
+/// marked connection from the capture address as one from the workload itself, in the
+/// authenticated view of its policy (the agent has authorized it with the workload's identity).
+pub async fn connect_hairpin(
+    capture: std::net::Ipv4Addr,
+    workload: SocketAddrV4,
+    congestion: LocalCongestion,
+) -> std::io::Result<TcpStream> {
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    congestion.apply(&socket)?;
+    socket.set_mark(MARK_TUNNEL)?;
+    socket.set_tcp_nodelay(true)?;
+    socket.set_nonblocking(true)?;
+    bind_address_no_port(&socket)?;
+    socket.bind(&SocketAddr::V4(SocketAddrV4::new(capture, 0)).into())?;
+    TcpSocket::from_std_stream(socket.into()).connect(SocketAddr::V4(workload)).await
+}

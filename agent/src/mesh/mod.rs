@@ -122,6 +122,7 @@ impl Mesh {
             pool: Pool::new(tls, PoolOptions::default()),
             hbone_port: cfg.hbone_port,
             local_congestion: cfg.local_congestion,
+            capture: cfg.capture,
         });
         tokio::spawn(outbound.run(capture_listener(cfg.capture, cfg.local_congestion)?));
         tracing::info!(capture = %cfg.capture, hbone = cfg.hbone_port, "mesh: capturing and serving HBONE");

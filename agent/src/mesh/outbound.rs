@@ -97,6 +97,8 @@ pub struct Outbound {
     pub hbone_port: u16,
     /// For same-node deliveries.
     pub local_congestion: LocalCongestion,
+    /// The capture listener: its address is the source of a workload's delivery to itself.
+    pub capture: SocketAddrV4,
 }
 
 impl Outbound {
@@ -148,7 +150,13 @@ impl Outbound {
                 let _ = stream.shutdown().await;
                 return;
             }
-            match Box::pin(deliver::connect(*client.ip(), dst, self.local_congestion)).await {
+            // A workload that reached itself through a Service: delivered from the capture address.
+            let delivered = if target.workload.ip == *client.ip() {
+                Box::pin(deliver::connect_hairpin(*self.capture.ip(), dst, self.local_congestion)).await
+            } else {
+                Box::pin(deliver::connect(*client.ip(), dst, self.local_congestion)).await
+            };
+            match delivered {
                 Ok(upstream) => {
                     self.captures.opened(key, &source, &target, service.as_ref(), &stream);
                     self.deliveries.opened(key, &source, &target, service.as_ref(), &upstream);
