@@ -12,6 +12,7 @@
 
 use std::future::{Future as _, poll_fn};
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::Poll;
 
 use bytes::{Bytes, BytesMut};
@@ -112,6 +113,27 @@ pub struct TransferStats {
     pub sent: u64,
 }
 
+/// A relay's byte counts while it runs, for readers on other tasks (live metrics): added to after
+/// each chunk, with one relaxed atomic add per chunk of up to 256 KiB. The relay's own totals
+/// ([`TransferStats`]) say the same once it is done.
+#[derive(Debug, Default)]
+pub struct Progress {
+    received: AtomicU64,
+    sent: AtomicU64,
+}
+
+impl Progress {
+    /// The bytes moved so far, as [`TransferStats`] counts them.
+    pub fn stats(&self) -> TransferStats {
+        TransferStats { received: self.received.load(Ordering::Relaxed), sent: self.sent.load(Ordering::Relaxed) }
+    }
+
+    fn add(counter: &AtomicU64, total: &mut u64, n: usize) {
+        *total += n as u64;
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
 /// A relay that failed part-way; the counts say how far it got.
 #[derive(Debug, thiserror::Error)]
 #[error("tunnel failed after receiving {} and sending {} bytes: {source}", .stats.received, .stats.sent)]
@@ -122,8 +144,14 @@ pub struct TransferError {
     pub source: io::Error,
 }
 
-/// Relays between `stream` and a local reader/writer pair until both directions are done.
-pub(crate) async fn relay<R, W>(stream: H2Stream, mut reader: R, mut writer: W) -> Result<TransferStats, TransferError>
+/// Relays between `stream` and a local reader/writer pair until both directions are done,
+/// counting into `progress` as it goes.
+pub(crate) async fn relay<R, W>(
+    stream: H2Stream,
+    mut reader: R,
+    mut writer: W,
+    progress: &Progress,
+) -> Result<TransferStats, TransferError>
 where
     R: ReadySource,
     W: AsyncWrite + Unpin,
@@ -131,8 +159,8 @@ where
     let H2Stream { mut recv, mut send } = stream;
     let mut stats = TransferStats::default();
     let result = tokio::try_join!(
-        tunnel_to_local(&mut recv, &mut writer, &mut stats.received),
-        local_to_tunnel(&mut reader, &mut send, &mut stats.sent),
+        tunnel_to_local(&mut recv, &mut writer, (&progress.received, &mut stats.received)),
+        local_to_tunnel(&mut reader, &mut send, (&progress.sent, &mut stats.sent)),
     );
     match result {
         Ok(_) => {
@@ -147,27 +175,32 @@ where
     }
 }
 
+/// A direction's live counter and its own total.
+type Count<'a> = (&'a AtomicU64, &'a mut u64);
+
 async fn tunnel_to_local<W: AsyncWrite + Unpin>(
     recv: &mut RecvHalf,
     writer: &mut W,
-    count: &mut u64,
+    count: Count<'_>,
 ) -> io::Result<()> {
+    let (live, total) = count;
     while let Some(chunk) = poll_fn(|cx| recv.poll_chunk(cx)).await? {
         writer.write_all(&chunk).await?;
         writer.flush().await?;
         recv.release(chunk.len());
-        *count += chunk.len() as u64;
+        Progress::add(live, total, chunk.len());
     }
     // The peer sent END_STREAM: half-close the local side.
     writer.shutdown().await
 }
 
-async fn local_to_tunnel<R: ReadySource>(reader: &mut R, send: &mut SendHalf, count: &mut u64) -> io::Result<()> {
+async fn local_to_tunnel<R: ReadySource>(reader: &mut R, send: &mut SendHalf, count: Count<'_>) -> io::Result<()> {
+    let (live, total) = count;
     let mut chunks = ChunkReader::default();
     while let Some(mut chunk) = chunks.next(reader).await? {
         while !chunk.is_empty() {
             let sent = poll_fn(|cx| send.poll_send(cx, &mut chunk)).await?;
-            *count += sent as u64;
+            Progress::add(live, total, sent);
         }
     }
     // Local EOF: half-close the tunnel.
@@ -176,20 +209,28 @@ async fn local_to_tunnel<R: ReadySource>(reader: &mut R, send: &mut SendHalf, co
 
 /// Relays between two TCP connections (say, a captured connection and its delivery on the same
 /// node) until both directions are done, with TCP's half-close: one side's EOF shuts the other's
-/// write side. Returns the bytes moved `a -> b` and `b -> a`. Buffers as [`ChunkReader`]: none
-/// while the connection is idle.
-pub async fn relay_plain(mut a: TcpStream, mut b: TcpStream) -> io::Result<(u64, u64)> {
+/// write side. Returns the bytes moved `a -> b` and `b -> a`; `progress` counts them as they go,
+/// `a -> b` as sent (as if `a` were a tunnel's local side) and `b -> a` as received. Buffers as
+/// [`ChunkReader`]: none while the connection is idle.
+pub async fn relay_plain(mut a: TcpStream, mut b: TcpStream, progress: &Progress) -> io::Result<(u64, u64)> {
     let (mut a_read, mut a_write) = a.split();
     let (mut b_read, mut b_write) = b.split();
-    tokio::try_join!(pipe(&mut a_read, &mut b_write), pipe(&mut b_read, &mut a_write))
+    tokio::try_join!(
+        pipe(&mut a_read, &mut b_write, &progress.sent),
+        pipe(&mut b_read, &mut a_write, &progress.received)
+    )
 }
 
-async fn pipe<R: ReadySource, W: AsyncWrite + Unpin>(reader: &mut R, writer: &mut W) -> io::Result<u64> {
+async fn pipe<R: ReadySource, W: AsyncWrite + Unpin>(
+    reader: &mut R,
+    writer: &mut W,
+    live: &AtomicU64,
+) -> io::Result<u64> {
     let mut chunks = ChunkReader::default();
     let mut count = 0;
     while let Some(chunk) = chunks.next(reader).await? {
         writer.write_all(&chunk).await?;
-        count += chunk.len() as u64;
+        Progress::add(live, &mut count, chunk.len());
     }
     writer.shutdown().await?;
     Ok(count)
@@ -290,7 +331,9 @@ mod tests {
     async fn relay_plain_carries_both_ways_with_half_close() {
         let (mut client, relay_a) = pair().await;
         let (relay_b, mut server) = pair().await;
-        let relay = tokio::spawn(relay_plain(relay_a, relay_b));
+        let progress = std::sync::Arc::new(Progress::default());
+        let counted = progress.clone();
+        let relay = tokio::spawn(async move { relay_plain(relay_a, relay_b, &counted).await });
         let request = pattern(1 << 20);
         let sent = request.clone();
         let (mut client_r, mut client_w) = client.split();
@@ -312,5 +355,6 @@ mod tests {
         client_r.read_to_end(&mut answer).await.unwrap();
         assert_eq!(answer, b"done");
         assert_eq!(relay.await.unwrap().unwrap(), (1 << 20, 4));
+        assert_eq!(progress.stats(), TransferStats { sent: 1 << 20, received: 4 }, "the live counts agree");
     }
 }

@@ -65,7 +65,7 @@
 //! let tunnel = pool
 //!     .connect(&key, ConnectRequest::new("10.0.2.15:8080".parse()?).forwarded_for(app.peer_addr()?))
 //!     .await?;
-//! let stats = tunnel.relay(app).await?;
+//! let stats = tunnel.relay(app, &warden_hbone::Progress::default()).await?;
 //! tracing::info!(sent = stats.sent, received = stats.received, "tunnel done");
 //! # Ok(())
 //! # }
@@ -82,7 +82,7 @@ mod stream;
 pub mod tls;
 mod wire;
 
-pub use copy::{ChunkReader, TransferError, TransferStats};
+pub use copy::{ChunkReader, Progress, TransferError, TransferStats};
 pub use error::{AcceptError, BoxError, ConnectError, Refusal};
 pub use pool::{ConnectRequest, Key, Pool, PoolOptions, PoolStats, Tunnel};
 pub use protocol::{FlowControl, Forwarded, HBONE_PORT, TraceParent};

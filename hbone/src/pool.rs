@@ -35,7 +35,7 @@ use warden_identity::Identity;
 use tokio::net::TcpStream;
 
 use crate::client::{Conn, Lease, OpenError, Recheck, Registry, dial};
-use crate::copy::{TransferError, TransferStats, relay};
+use crate::copy::{Progress, TransferError, TransferStats, relay};
 use crate::error::ConnectError;
 use crate::protocol::{
     BAGGAGE, DEFAULT_CONNECT_TIMEOUT, DEFAULT_PING_INTERVAL, DEFAULT_PING_TIMEOUT, DEFAULT_POOL_IDLE_TIMEOUT,
@@ -202,11 +202,12 @@ impl Tunnel {
 
     /// Relays between this tunnel and `local` (the application's connection) until both
     /// directions are done, with half-close in both directions. `sent` counts bytes from `local`
-    /// into the tunnel, `received` bytes from the tunnel to `local`.
-    pub async fn relay(self, local: TcpStream) -> Result<TransferStats, TransferError> {
+    /// into the tunnel, `received` bytes from the tunnel to `local`; `progress` has them while
+    /// the relay runs.
+    pub async fn relay(self, local: TcpStream, progress: &Progress) -> Result<TransferStats, TransferError> {
         let Tunnel { stream, lease } = self;
         let (reader, writer) = local.into_split();
-        let result = relay(stream, reader, writer).await;
+        let result = relay(stream, reader, writer, progress).await;
         drop(lease);
         result
     }

@@ -43,7 +43,7 @@ use tracing::{Instrument, debug, debug_span, info, info_span, warn};
 use warden_identity::Identity;
 use warden_identity::tls::VerifyError;
 
-use crate::copy::{TransferError, TransferStats, relay};
+use crate::copy::{Progress, TransferError, TransferStats, relay};
 use crate::error::{AcceptError, Refusal};
 use crate::protocol::{
     DEFAULT_CONNECT_TIMEOUT, DEFAULT_PING_INTERVAL, DEFAULT_PING_TIMEOUT, DEFAULT_RECHECK_INTERVAL,
@@ -137,8 +137,13 @@ impl InboundRequest {
 /// The caller's decision for each tunnel, and its record of how it ended.
 pub trait Inbound: Send + Sync + 'static {
     /// Authorizes the request and opens the upstream, or refuses. The client receives 200 only once
-    /// this returns an upstream.
-    fn open(&self, request: &InboundRequest) -> impl Future<Output = Result<TcpStream, Refusal>> + Send;
+    /// this returns an upstream. `progress` will count the tunnel's bytes while it runs
+    /// (`received`: from the tunnel to the upstream), for live metrics.
+    fn open(
+        &self,
+        request: &InboundRequest,
+        progress: Arc<Progress>,
+    ) -> impl Future<Output = Result<TcpStream, Refusal>> + Send;
 
     /// Called once an accepted tunnel is over (both directions done, or failed), with its byte
     /// counts, e.g. for metrics and access logs.
@@ -148,8 +153,12 @@ pub trait Inbound: Send + Sync + 'static {
 }
 
 impl<T: Inbound> Inbound for Arc<T> {
-    fn open(&self, request: &InboundRequest) -> impl Future<Output = Result<TcpStream, Refusal>> + Send {
-        (**self).open(request)
+    fn open(
+        &self,
+        request: &InboundRequest,
+        progress: Arc<Progress>,
+    ) -> impl Future<Output = Result<TcpStream, Refusal>> + Send {
+        (**self).open(request, progress)
     }
 
     fn closed(&self, request: &InboundRequest, result: &Result<TransferStats, TransferError>) {
@@ -450,7 +459,8 @@ async fn serve_stream<T, I: Inbound>(
     );
     let (dst, src) = (destination, request.forwarded.for_addr());
     async {
-        let upstream = match shared.inbound.open(&request).await {
+        let progress = Arc::new(Progress::default());
+        let upstream = match shared.inbound.open(&request, progress.clone()).await {
             Ok(upstream) => upstream,
             Err(refusal) => {
                 info!(%dst, ?src, %refusal, status = refusal.status().as_u16(), "tunnel refused");
@@ -469,7 +479,7 @@ async fn serve_stream<T, I: Inbound>(
         };
         debug!("tunnel open");
         let (reader, writer) = upstream.into_split();
-        let result = relay(H2Stream::new(send, body), reader, writer).await;
+        let result = relay(H2Stream::new(send, body), reader, writer, &progress).await;
         match &result {
             Ok(stats) => debug!(received = stats.received, sent = stats.sent, "tunnel closed"),
             Err(e) => info!(%dst, ?src, error = %e, "tunnel failed"),

@@ -14,7 +14,7 @@ use std::{
 use tokio::{net::TcpStream, sync::watch};
 use warden_authz::Verdict;
 use warden_hbone::{
-    BoxError, Inbound, InboundRequest, Refusal, SecretManagerTls, ServerTls, TransferError, TransferStats,
+    BoxError, Inbound, InboundRequest, Progress, Refusal, SecretManagerTls, ServerTls, TransferError, TransferStats,
 };
 
 use crate::services::ServiceRef;
@@ -22,7 +22,7 @@ use crate::services::ServiceRef;
 use super::{
     deliver,
     local_hop::LocalCongestion,
-    metrics::{ConnKey, LiveConnections, Reporter, refused},
+    metrics::{ConnKey, LiveConnections, Reporter, Request, refused},
     view::{View, denial_names},
 };
 use crate::telemetry::metrics::TcpRecorder;
@@ -66,7 +66,7 @@ pub struct Handler {
 }
 
 impl Inbound for Handler {
-    async fn open(&self, req: &InboundRequest) -> Result<TcpStream, Refusal> {
+    async fn open(&self, req: &InboundRequest, progress: Arc<Progress>) -> Result<TcpStream, Refusal> {
         // One snapshot for the whole request (an owned `Arc`: nothing is borrowed across awaits).
         let view = self.view.borrow().clone();
         let SocketAddr::V4(dst) = req.destination else {
@@ -107,7 +107,8 @@ impl Inbound for Handler {
         let upstream = deliver::connect(source_ip, dst, self.local_congestion)
             .await
             .map_err(|e| Refusal::unreachable(e.to_string()))?;
-        self.deliveries.opened(delivery_key(req), source, target, service.as_ref(), &upstream);
+        // Through the tunnel to the workload is the request.
+        self.deliveries.opened(delivery_key(req), (source, target), service.as_ref(), progress, Request::Received);
         let policy = decision.policy.as_deref().unwrap_or("default");
         tracing::debug!(%peer, source = %source_ip, destination = %dst, %workload, %policy, "mTLS connection allowed");
         Ok(upstream)

@@ -8,12 +8,11 @@
 use std::{
     collections::{HashMap, HashSet},
     net::SocketAddr,
-    os::fd::{AsRawFd as _, RawFd},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
-use tokio::net::TcpStream;
+use warden_hbone::Progress;
 
 use super::view::MeshWorkload;
 use crate::services::ServiceRef;
@@ -86,8 +85,8 @@ pub fn refused(
     }
 }
 
-/// How long a connection whose socket is gone waits for its close to be reported (the tunnel's
-/// client left before the response, the task was cancelled) before it is closed as it stands.
+/// How long a connection whose relay is gone waits for its close to be reported (the task was
+/// cancelled) before it is closed as it stands.
 const GONE_GRACE: Duration = Duration::from_secs(60);
 /// Connections registered between two sweeps of gone ones (bounds what a node nobody scrapes
 /// holds).
@@ -102,15 +101,12 @@ pub struct ConnKey {
     pub destination: SocketAddr,
 }
 
-/// Which of the agent's two sockets of a carried connection is read: it says which side reports
-/// the connection and which of the socket's counters is the request.
+/// Which side of a carried connection is counted: it says who reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum End {
-    /// The captured socket from the source workload, accepted on the capture port: the source
-    /// side. Payload received from the workload is the request.
+    /// The captured connection from the source workload: the source side.
     Captured,
-    /// The agent's socket to the destination workload (`deliver::connect`): the destination side.
-    /// Payload the workload acknowledged is the request.
+    /// The delivery to the destination workload: the destination side.
     Delivered,
 }
 
@@ -121,33 +117,36 @@ impl End {
             End::Delivered => Reporter::Destination,
         }
     }
+}
 
-    /// `(request, response)` of a socket's payload counters.
-    fn split(self, p: socket::Payload) -> (u64, u64) {
-        match self {
-            End::Captured => (p.received, p.acked),
-            End::Delivered => (p.acked, p.received),
-        }
-    }
+/// Which of a relay's counts ([`Progress`]) is the request, from the source workload towards the
+/// destination: `sent` when the source's side is the relay's local one (a captured connection),
+/// `received` when the tunnel brings it (a delivery of an HBONE stream).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Request {
+    Sent,
+    Received,
+}
 
-    fn opened(self) -> socket::Opened {
+impl Request {
+    /// `(request, response)` of a relay's counts so far.
+    pub fn totals(self, p: &Progress) -> (u64, u64) {
+        let s = p.stats();
         match self {
-            End::Captured => socket::Opened::Passive,
-            End::Delivered => socket::Opened::Active,
+            Request::Sent => (s.sent, s.received),
+            Request::Received => (s.received, s.sent),
         }
     }
 }
 
 /// One side of the connections the agent carries, counted live: Istio reports a connection's
 /// bytes while it lasts. A connection is opened when it is registered; at each scrape the growth
-/// of every open one is read from the agent's socket at that side's workload, from the socket's
-/// own TCP counters (`TCP_INFO`; [`End`] says which is the request), with no cost on the data
-/// path; at its close the relay's exact totals settle the remainder (bytes the same-node fast
-/// path moved bypass TCP's counters, so they arrive then).
+/// of every open one is read from its relay's counts ([`Progress`]: one relaxed atomic add per
+/// chunk on the data path); at its close the relay's totals settle the remainder. Bytes the
+/// same-node fast path moves are counted as any others: the relay reads and writes them.
 ///
-/// The relay owns the socket. A connection holds its descriptor number and the socket's cookie,
-/// and reads it only while the number still names that socket (the cookie, read before and
-/// after, is unique to a socket), so a closed and reused descriptor is never misread.
+/// A connection shares its `Progress` with the relay; once the relay has let go of it without a
+/// close (its task cancelled), the connection is closed as it stands after [`GONE_GRACE`].
 #[derive(Clone)]
 pub struct LiveConnections {
     rec: TcpRecorder,
@@ -193,12 +192,12 @@ impl Open {
 
 struct Live {
     labels: Arc<TcpLabels>,
-    fd: RawFd,
-    cookie: u64,
+    progress: Arc<Progress>,
+    request_is: Request,
     /// Request and response bytes already in the series.
     request: u64,
     response: u64,
-    /// When the socket was first found gone.
+    /// When the relay was first found gone.
     gone: Option<Instant>,
 }
 
@@ -211,29 +210,21 @@ impl LiveConnections {
         c
     }
 
-    /// A connection from `src` to `dst` is open, and `socket` is the agent's socket at this
-    /// side's workload: one connection opened now.
+    /// A connection from `src` to `dst` is open, and its relay counts into `progress` (`request`
+    /// says which count is the request): one connection opened now.
     pub fn opened(
         &self,
         key: ConnKey,
-        src: &MeshWorkload,
-        dst: &MeshWorkload,
+        (src, dst): (&MeshWorkload, &MeshWorkload),
         service: Option<&ServiceRef>,
-        socket: &TcpStream,
+        progress: Arc<Progress>,
+        request: Request,
     ) {
         let labels = labels(self.end.reporter(), src, dst, service, FLAGS_NONE);
         self.rec.connection(&labels, &TcpTotals { opened: 1, ..TcpTotals::default() });
-        let fd = socket.as_raw_fd();
-        let cookie = socket::cookie(fd);
         let mut open = self.lock();
         let labels = open.intern(labels);
-        let Some(cookie) = cookie else {
-            // Not a socket the kernel can name: counted at its close only.
-            tracing::debug!(destination = %key.destination, end = ?self.end, "connection without a socket cookie; counted at close");
-            open.push(key, Live::gone(labels));
-            return;
-        };
-        open.push(key, Live { labels, fd, cookie, request: 0, response: 0, gone: None });
+        open.push(key, Live::new(labels, progress, request));
         open.registered += 1;
         if open.registered.is_multiple_of(SWEEP_EVERY) {
             self.sweep(&mut open);
@@ -265,12 +256,12 @@ impl LiveConnections {
     pub fn poll(&self) {
         let mut open = self.lock();
         for c in open.by_key.values_mut().flatten() {
-            c.poll(&self.rec, self.end);
+            c.poll(&self.rec);
         }
         self.sweep(&mut open);
     }
 
-    /// Close the connections whose socket has been gone for [`GONE_GRACE`] without a close.
+    /// Close the connections whose relay has been gone for [`GONE_GRACE`] without a close.
     fn sweep(&self, open: &mut Open) {
         let now = Instant::now();
         for queue in open.by_key.values_mut() {
@@ -296,27 +287,24 @@ impl LiveConnections {
 }
 
 impl Live {
-    fn gone(labels: Arc<TcpLabels>) -> Live {
-        Live { labels, fd: -1, cookie: 0, request: 0, response: 0, gone: Some(Instant::now()) }
+    fn new(labels: Arc<TcpLabels>, progress: Arc<Progress>, request_is: Request) -> Live {
+        Live { labels, progress, request_is, request: 0, response: 0, gone: None }
     }
 
+    /// The relay still holds its counts.
     fn alive(&self) -> bool {
-        self.gone.is_none() && socket::cookie(self.fd) == Some(self.cookie)
+        self.gone.is_none() && Arc::strong_count(&self.progress) > 1
     }
 
-    /// Read the socket's counters (only while it is established: its SYN and FIN occupy a
-    /// sequence number each, which TCP's byte counters include) and add the growth.
-    fn poll(&mut self, rec: &TcpRecorder, end: End) {
+    /// Add the relay's growth since the last poll.
+    fn poll(&mut self, rec: &TcpRecorder) {
         if self.gone.is_some() {
             return;
         }
-        let Some(live) = socket::payload(self.fd, self.cookie, end.opened()) else {
-            if !self.alive() {
-                self.gone = Some(Instant::now());
-            }
-            return;
-        };
-        let (request, response) = end.split(live);
+        if !self.alive() {
+            self.gone = Some(Instant::now());
+        }
+        let (request, response) = self.request_is.totals(&self.progress);
         let t = TcpTotals {
             opened: 0,
             closed: 0,
@@ -363,7 +351,8 @@ mod tests {
             let mut open = live.lock();
             let shared = open.intern(labels());
             for i in 0..1000 {
-                open.push(key(i), Live::gone(shared.clone()));
+                // Relays already gone: a Progress nobody else holds.
+                open.push(key(i), Live::new(shared.clone(), Arc::default(), Request::Sent));
             }
             assert!(open.by_key.capacity() >= 1000);
         }
@@ -381,133 +370,54 @@ mod tests {
             "each close once; a close of a key no longer open is not counted"
         );
     }
-}
 
-/// A TCP socket's own counters, read by descriptor.
-mod socket {
-    use std::os::fd::RawFd;
-
-    /// `SO_COOKIE` (asm-generic/socket.h; not in the libc crate): a socket's unique 64-bit id.
-    const SO_COOKIE: libc::c_int = 57;
-    /// `TCP_ESTABLISHED` of `tcpi_state` (include/net/tcp_states.h; not in the libc crate).
-    const TCP_ESTABLISHED: u8 = 1;
-
-    /// The cookie of the socket `fd` names, if it names one.
-    pub fn cookie(fd: RawFd) -> Option<u64> {
-        if fd < 0 {
-            return None;
+    /// A connection's bytes reach the series while it is open, from its relay's counts (the
+    /// same-node fast path's bytes included: the relay moves them), and its close adds only what
+    /// the last poll had not.
+    #[tokio::test]
+    async fn an_open_connections_bytes_are_counted_live_and_its_close_settles_the_rest() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        async fn pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let (a, b) = tokio::join!(tokio::net::TcpStream::connect(l.local_addr().unwrap()), l.accept());
+            (a.unwrap(), b.unwrap().0)
         }
-        let mut v: u64 = 0;
-        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-        // SAFETY: a correctly sized output buffer; an invalid descriptor fails with EBADF.
-        let rc = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, SO_COOKIE, (&mut v as *mut u64).cast(), &mut len) };
-        (rc == 0 && len as usize == std::mem::size_of::<u64>()).then_some(v)
-    }
-
-    /// How the socket's connection was opened: an active open's acknowledged bytes include its
-    /// SYN, a passive open's do not (the child socket starts with its SYN-ACK acknowledged).
-    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-    pub enum Opened {
-        Active,
-        Passive,
-    }
-
-    /// Payload bytes of an established connection.
-    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-    pub struct Payload {
-        /// Sent and acknowledged by the peer.
-        pub acked: u64,
-        /// Received in order from the peer.
-        pub received: u64,
-    }
-
-    /// `TCP_INFO` of the socket `fd` names, if it is still the socket of `cookie` and
-    /// established. Linux's `tcpi_bytes_acked` counts every acknowledged sequence number, so an
-    /// active open's counts its SYN once; `tcpi_bytes_received` counts the data only.
-    pub fn payload(fd: RawFd, cookie: u64, opened: Opened) -> Option<Payload> {
-        if self::cookie(fd)? != cookie {
-            return None;
-        }
-        // SAFETY: tcp_info is plain data; zero is a valid value.
-        let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-        // SAFETY: a correctly sized output buffer.
-        let rc = unsafe {
-            libc::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, (&mut info as *mut libc::tcp_info).cast(), &mut len)
+        let rec = TcpRecorder::default();
+        let live = LiveConnections::new(&rec, End::Captured);
+        let key = ConnKey {
+            client: Some(SocketAddr::from(([10, 0, 0, 1], 1024))),
+            destination: SocketAddr::from(([10, 0, 0, 2], 80)),
         };
-        // Read the cookie again: the descriptor named the same socket all along (a socket, once
-        // closed, never comes back under a number).
-        if rc != 0 || self::cookie(fd)? != cookie || info.tcpi_state != TCP_ESTABLISHED {
-            return None;
+        let ((mut client, relay_a), (relay_b, mut server)) = (pair().await, pair().await);
+        let progress = Arc::new(Progress::default());
+        {
+            let mut open = live.lock();
+            let shared = open.intern(labels());
+            open.push(key, Live::new(shared, progress.clone(), Request::Sent));
         }
-        // The fields up to tcpi_bytes_received exist since Linux 4.1.
-        let needed = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_received) + std::mem::size_of::<u64>();
-        if (len as usize) < needed {
-            return None;
-        }
-        let syn = match opened {
-            Opened::Active => 1,
-            Opened::Passive => 0,
-        };
-        Some(Payload { acked: info.tcpi_bytes_acked.saturating_sub(syn), received: info.tcpi_bytes_received })
-    }
+        let counted = progress.clone();
+        let relay = tokio::spawn(async move { warden_hbone::copy::relay_plain(relay_a, relay_b, &counted).await });
 
-    #[cfg(test)]
-    mod tests {
-        use std::{
-            io::{Read as _, Write as _},
-            net::{TcpListener, TcpStream},
-            os::fd::AsRawFd as _,
-            time::{Duration, Instant},
-        };
+        client.write_all(&[7; 1000]).await.unwrap();
+        server.read_exact(&mut [0; 1000]).await.unwrap();
+        server.write_all(b"twelve bytes").await.unwrap();
+        client.read_exact(&mut [0; 12]).await.unwrap();
+        live.poll();
+        assert_eq!(rec.bytes_total(&labels()), (1000, 12), "counted while open");
+        live.poll();
+        assert_eq!(rec.bytes_total(&labels()), (1000, 12), "a second poll adds nothing");
 
-        use super::*;
-
-        /// Poll `f` until it returns `want` (acknowledgements arrive asynchronously).
-        fn settles(want: Payload, f: impl Fn() -> Option<Payload>) {
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while f() != Some(want) {
-                assert!(Instant::now() < deadline, "{:?} never became {want:?}", f());
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        }
-
-        #[test]
-        fn an_established_sockets_counters_are_its_payload_and_a_reused_descriptor_is_never_read() {
-            let l = TcpListener::bind("127.0.0.1:0").unwrap();
-            let mut client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-            let (mut server, _) = l.accept().unwrap();
-            let fd = client.as_raw_fd();
-            let c = cookie(fd).expect("a socket has a cookie");
-            let (sfd, sc) = (server.as_raw_fd(), cookie(server.as_raw_fd()).unwrap());
-            assert_ne!(sc, c, "cookies are per socket");
-            // Established, nothing sent: neither end's SYN is payload.
-            settles(Payload { acked: 0, received: 0 }, || payload(fd, c, Opened::Active));
-            settles(Payload { acked: 0, received: 0 }, || payload(sfd, sc, Opened::Passive));
-            client.write_all(&[7; 1000]).unwrap();
-            let mut buf = [0; 1000];
-            server.read_exact(&mut buf).unwrap();
-            server.write_all(b"twelve bytes").unwrap();
-            let mut back = [0; 12];
-            client.read_exact(&mut back).unwrap();
-            settles(Payload { acked: 1000, received: 12 }, || payload(fd, c, Opened::Active));
-            settles(Payload { acked: 12, received: 1000 }, || payload(sfd, sc, Opened::Passive));
-            // A wrong cookie is another socket: not read.
-            assert_eq!(payload(fd, c ^ 1, Opened::Active), None);
-            // Half-closed (FIN sent): no longer established, not read (the FIN is not payload).
-            client.shutdown(std::net::Shutdown::Write).unwrap();
-            assert_eq!(server.read(&mut buf).unwrap(), 0);
-            assert_eq!(payload(fd, c, Opened::Active), None);
-            assert_eq!(payload(sfd, sc, Opened::Passive), None, "the peer's FIN arrived: CLOSE_WAIT");
-            // Closed, and the number (the lowest free one, unless another test's thread took it
-            // first) reused by another established socket: never read as the old one.
-            drop(client);
-            let other = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-            let _accepted = l.accept().unwrap();
-            if other.as_raw_fd() == fd {
-                assert!(cookie(fd).is_some_and(|o| o != c), "the number names another socket now");
-            }
-            assert_eq!(payload(fd, c, Opened::Active), None);
-        }
+        client.write_all(&[8; 500]).await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        server.read_to_end(&mut rest).await.unwrap();
+        server.shutdown().await.unwrap();
+        let (request, response) = relay.await.unwrap().unwrap();
+        assert_eq!((request, response), (1500, 12));
+        live.closed(&key, request, response);
+        assert_eq!(rec.bytes_total(&labels()), (1500, 12), "the close adds what the polls had not");
+        assert_eq!(rec.closed_total(&labels()), 1);
+        live.poll();
+        assert_eq!(rec.bytes_total(&labels()), (1500, 12), "a closed connection is no longer polled");
     }
 }

@@ -21,14 +21,14 @@ use tokio::{
 };
 use warden_authz::Verdict;
 use warden_common::{OrigDst, SockAddr, names};
-use warden_hbone::{ConnectRequest, Key, Pool, SecretManagerTls, copy::relay_plain};
+use warden_hbone::{ConnectRequest, Key, Pool, Progress, SecretManagerTls, copy::relay_plain};
 
 use crate::services::ServiceRef;
 
 use super::{
     deliver,
     local_hop::LocalCongestion,
-    metrics::{ConnKey, LiveConnections, Reporter, refused},
+    metrics::{ConnKey, LiveConnections, Reporter, Request, refused},
     view::{MeshWorkload, View, denial_names},
 };
 use crate::telemetry::metrics::TcpRecorder;
@@ -158,12 +158,19 @@ impl Outbound {
             };
             match delivered {
                 Ok(upstream) => {
-                    self.captures.opened(key, &source, &target, service.as_ref(), &stream);
-                    self.deliveries.opened(key, &source, &target, service.as_ref(), &upstream);
+                    // Both sides count the one relay: the client's side is its `a` (sent: the
+                    // request).
+                    let progress = Arc::new(Progress::default());
+                    let ends = (&*source, &*target);
+                    self.captures.opened(key, ends, service.as_ref(), progress.clone(), Request::Sent);
+                    self.deliveries.opened(key, ends, service.as_ref(), progress.clone(), Request::Sent);
                     // Chunks of up to 256 KiB as over HBONE (tokio's 8 KiB copy buffers cost a system
                     // call pair per 8 KiB), allocated only while data flows.
-                    // A failed relay reports no totals: it closes with the bytes polled so far.
-                    let (request, response) = relay_plain(stream, upstream).await.unwrap_or_default();
+                    // A failed relay reports no totals: it closes with the bytes counted so far.
+                    let (request, response) = match relay_plain(stream, upstream, &progress).await {
+                        Ok(totals) => totals,
+                        Err(_) => Request::Sent.totals(&progress),
+                    };
                     self.captures.closed(&key, request, response);
                     self.deliveries.closed(&key, request, response);
                 }
@@ -181,8 +188,9 @@ impl Outbound {
         // and inline it would stay part of this task for the connection's whole life.
         match Box::pin(self.pool.connect(&pool_key, request)).await {
             Ok(tunnel) => {
-                self.captures.opened(key, &source, &target, service.as_ref(), &stream);
-                let stats = tunnel.relay(stream).await.unwrap_or_else(|e| {
+                let progress = Arc::new(Progress::default());
+                self.captures.opened(key, (&source, &target), service.as_ref(), progress.clone(), Request::Sent);
+                let stats = tunnel.relay(stream, &progress).await.unwrap_or_else(|e| {
                     tracing::debug!(destination = %dst, "tunnel ended with an error: {e}");
                     e.stats
                 });

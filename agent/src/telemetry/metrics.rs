@@ -317,6 +317,11 @@ impl TcpRecorder {
     pub fn closed_total(&self, labels: &TcpLabels) -> u64 {
         self.closed.get_or_create(labels).get()
     }
+    /// The request and response bytes counted under `labels` so far.
+    #[cfg(test)]
+    pub fn bytes_total(&self, labels: &TcpLabels) -> (u64, u64) {
+        (self.received.get_or_create(labels).get(), self.sent.get_or_create(labels).get())
+    }
     /// Run the live sources.
     pub fn poll_live(&self) {
         let sources = self.live.lock().unwrap_or_else(|e| e.into_inner()).clone();

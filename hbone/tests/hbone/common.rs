@@ -15,8 +15,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use warden_hbone::{
-    AcceptError, BoxError, ClientTls, HboneServer, Inbound, InboundRequest, Key, Peer, Pool, PoolOptions, Refusal,
-    ServerOptions, ServerTls, TransferError, TransferStats,
+    AcceptError, BoxError, ClientTls, HboneServer, Inbound, InboundRequest, Key, Peer, Pool, PoolOptions, Progress,
+    Refusal, ServerOptions, ServerTls, TransferError, TransferStats,
 };
 use warden_identity::ca::{CaConfig, CertificateAuthority};
 use warden_identity::tls::{CertSlot, CompliancePolicy, SpiffeVerifier, TrustBundle, VerifyError, certified_key};
@@ -215,7 +215,7 @@ impl Recorder {
 }
 
 impl Inbound for Recorder {
-    async fn open(&self, request: &InboundRequest) -> Result<TcpStream, Refusal> {
+    async fn open(&self, request: &InboundRequest, _progress: Arc<Progress>) -> Result<TcpStream, Refusal> {
         self.requests.lock().unwrap().push(request.clone());
         let decision = self.decision.lock().unwrap().clone();
         match decision {
