@@ -39,19 +39,8 @@ pub async fn connect(
     workload: SocketAddrV4,
     congestion: LocalCongestion,
 ) -> std::io::Result<TcpStream> {
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
-    congestion.apply(&socket)?;
-    socket.set_ip_transparent_v4(true)?;
-    socket.set_mark(MARK_TUNNEL)?;
-    socket.set_tcp_nodelay(true)?;
-    socket.set_nonblocking(true)?;
-    // The port is chosen at connect(), unique per (client, workload) pair: bind() alone would
-    // search a port free for the client address whatever the destination, past every TIME-WAIT
-    // socket of earlier deliveries (`cargo xtask bench mtls` saw the rate fall tenfold).
-    bind_address_no_port(&socket)?;
-    socket.bind(&SocketAddr::V4(SocketAddrV4::new(client, 0)).into())?;
-    let socket = TcpSocket::from_std_stream(socket.into());
-    socket.connect(SocketAddr::V4(workload)).await
+    // Transparent: the client's address is not the node's.
+    last_hop(client, true, congestion)?.connect(SocketAddr::V4(workload)).await
 }
 
 /// Connect to `workload` on behalf of the workload itself (it reached itself through a Service),
@@ -66,12 +55,23 @@ pub async fn connect_hairpin(
     workload: SocketAddrV4,
     congestion: LocalCongestion,
 ) -> std::io::Result<TcpStream> {
+    last_hop(capture, false, congestion)?.connect(SocketAddr::V4(workload)).await
+}
+
+/// A marked, non-blocking socket bound to `source` (`transparent`: an address not the node's).
+fn last_hop(source: std::net::Ipv4Addr, transparent: bool, congestion: LocalCongestion) -> std::io::Result<TcpSocket> {
     let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
     congestion.apply(&socket)?;
+    if transparent {
+        socket.set_ip_transparent_v4(true)?;
+    }
     socket.set_mark(MARK_TUNNEL)?;
     socket.set_tcp_nodelay(true)?;
     socket.set_nonblocking(true)?;
+    // The port is chosen at connect(), unique per (source, workload) pair: bind() alone would
+    // search a port free for the source address whatever the destination, past every TIME-WAIT
+    // socket of earlier deliveries (`cargo xtask bench mtls` saw the rate fall tenfold).
     bind_address_no_port(&socket)?;
-    socket.bind(&SocketAddr::V4(SocketAddrV4::new(capture, 0)).into())?;
-    TcpSocket::from_std_stream(socket.into()).connect(SocketAddr::V4(workload)).await
+    socket.bind(&SocketAddr::V4(SocketAddrV4::new(source, 0)).into())?;
+    Ok(TcpSocket::from_std_stream(socket.into()))
 }
