@@ -18,6 +18,49 @@ pub struct MapsView {
     pub active_slot: u8,
     pub endpoints: Vec<EndpointView>,
     pub ipcache: Vec<IpcacheView>,
+    pub fast_path: FastPathView,
+}
+
+/// The same-node fast path: whether it is on, its redirected queues' bound, and what it did.
+#[derive(Debug, Serialize)]
+pub struct FastPathView {
+    /// The committed switch (`--fast-path`).
+    pub on: bool,
+    /// The most a redirected queue may hold (0: the agent found no offsets; nothing redirected).
+    pub queue_limit: u32,
+    /// This kernel's `offsetof(struct sock, sk_user_data)` and `offsetof(struct sk_psock,
+    /// msg_tot_len)`, from its BTF.
+    pub sk_user_data_offset: u32,
+    pub msg_tot_len_offset: u32,
+    /// `warden_fastpath_counters_v2`, summed over CPUs.
+    pub counters: FastPathCounters,
+}
+
+/// What the fast path did (the names of its `warden_fastpath_*` metrics).
+#[derive(Debug, Serialize)]
+pub struct FastPathCounters {
+    pub sockets: u64,
+    pub redirected_messages: u64,
+    pub redirected_bytes: u64,
+    pub tcp_messages: u64,
+    /// Sockets that took TCP for good, by reason.
+    pub fallbacks_no_peer: u64,
+    pub fallbacks_changed: u64,
+    pub fallbacks_backlog: u64,
+}
+
+impl From<warden_common::FastpathCounter> for FastPathCounters {
+    fn from(c: warden_common::FastpathCounter) -> Self {
+        FastPathCounters {
+            sockets: c.sockets,
+            redirected_messages: c.redirected_msgs,
+            redirected_bytes: c.redirected_bytes,
+            tcp_messages: c.passed_msgs,
+            fallbacks_no_peer: c.no_peer,
+            fallbacks_changed: c.fallbacks,
+            fallbacks_backlog: c.backlog_fallbacks,
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -107,7 +150,7 @@ const READ_ATTEMPTS: usize = 20;
 pub fn read(pin_dir: &Path, state_dir: &Path) -> anyhow::Result<MapsView> {
     let maps = Maps::open(pin_dir)?;
     for _ in 0..READ_ATTEMPTS {
-        let view = read_once(&maps, state_dir)?;
+        let view = read_once(&maps, pin_dir, state_dir)?;
         if maps.config().generation == view.generation {
             return Ok(view);
         }
@@ -115,7 +158,7 @@ pub fn read(pin_dir: &Path, state_dir: &Path) -> anyhow::Result<MapsView> {
     anyhow::bail!("the agent committed a new generation during each of {READ_ATTEMPTS} reads of the maps; try again")
 }
 
-fn read_once(maps: &Maps, state_dir: &Path) -> anyhow::Result<MapsView> {
+fn read_once(maps: &Maps, pin_dir: &Path, state_dir: &Path) -> anyhow::Result<MapsView> {
     let record = NodeRecord::load(state_dir)?;
     let config = maps.config();
     let slot = config.active_slot();
@@ -244,7 +287,15 @@ fn read_once(maps: &Maps, state_dir: &Path) -> anyhow::Result<MapsView> {
         })
         .collect();
     ipcache.sort_by(|a, b| a.cidr.cmp(&b.cidr));
-    Ok(MapsView { generation: config.generation, active_slot: slot, endpoints, ipcache })
+    let kernel = maps.fastpath_kernel.get(&0, 0).unwrap_or_default();
+    let fast_path = FastPathView {
+        on: config.fast_path(),
+        queue_limit: kernel.limit,
+        sk_user_data_offset: kernel.sk_user_data,
+        msg_tot_len_offset: kernel.psock_queued,
+        counters: crate::datapath::maps::fast_path_counters(pin_dir)?.into(),
+    };
+    Ok(MapsView { generation: config.generation, active_slot: slot, endpoints, ipcache, fast_path })
 }
 
 /// Render as text tables.
@@ -318,5 +369,26 @@ pub fn render(v: &MapsView) -> String {
             i.name
         );
     }
+    let f = &v.fast_path;
+    let c = &f.counters;
+    let _ = writeln!(
+        s,
+        "\nFAST PATH  {}  redirected queues bounded at {} bytes (sock.sk_user_data at {}, sk_psock.msg_tot_len at {})",
+        if f.on { "on" } else { "off" },
+        f.queue_limit,
+        f.sk_user_data_offset,
+        f.msg_tot_len_offset
+    );
+    let _ = writeln!(
+        s,
+        "  sockets {}  redirected {} sends, {} bytes  TCP sends {}  fell back: no peer {}, changed {}, backlog {}",
+        c.sockets,
+        c.redirected_messages,
+        c.redirected_bytes,
+        c.tcp_messages,
+        c.fallbacks_no_peer,
+        c.fallbacks_changed,
+        c.fallbacks_backlog
+    );
     s
 }

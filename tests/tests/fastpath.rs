@@ -342,6 +342,14 @@ fn a_slow_reader_bounds_the_redirected_queue_and_its_sender_falls_back_to_tcp() 
     };
     assert_eq!(value("warden_fastpath_fallbacks_total{reason=\"backlog\"} "), after.backlog_fallbacks, "{m}");
     assert_eq!(value("warden_fastpath_redirected_bytes_total "), after.redirected_bytes, "{m}");
+    // And `warden maps`, from the pins.
+    let maps: serde_json::Value = serde_json::from_str(&lab.warden(&["maps", "--output", "json"]).unwrap()).unwrap();
+    let f = &maps["fast_path"];
+    assert_eq!(f["on"], true, "{f}");
+    assert_eq!(f["queue_limit"], 4_194_304, "{f}");
+    assert_eq!(f["counters"]["fallbacks_backlog"], after.backlog_fallbacks, "{f}");
+    let text = lab.warden(&["maps"]).unwrap();
+    assert!(text.contains("FAST PATH  on  redirected queues bounded at 4194304 bytes"), "{text}");
 }
 
 /// The two ends of the transfer, run by the tests above inside workloads (`WARDEN_FASTPATH_HELPER`):
