@@ -150,7 +150,7 @@ const READ_ATTEMPTS: usize = 20;
 pub fn read(pin_dir: &Path, state_dir: &Path) -> anyhow::Result<MapsView> {
     let maps = Maps::open(pin_dir)?;
     for _ in 0..READ_ATTEMPTS {
-        let view = read_once(&maps, pin_dir, state_dir)?;
+        let view = read_once(&maps, state_dir)?;
         if maps.config().generation == view.generation {
             return Ok(view);
         }
@@ -158,7 +158,7 @@ pub fn read(pin_dir: &Path, state_dir: &Path) -> anyhow::Result<MapsView> {
     anyhow::bail!("the agent committed a new generation during each of {READ_ATTEMPTS} reads of the maps; try again")
 }
 
-fn read_once(maps: &Maps, pin_dir: &Path, state_dir: &Path) -> anyhow::Result<MapsView> {
+fn read_once(maps: &Maps, state_dir: &Path) -> anyhow::Result<MapsView> {
     let record = NodeRecord::load(state_dir)?;
     let config = maps.config();
     let slot = config.active_slot();
@@ -293,7 +293,7 @@ fn read_once(maps: &Maps, pin_dir: &Path, state_dir: &Path) -> anyhow::Result<Ma
         queue_limit: kernel.limit,
         sk_user_data_offset: kernel.sk_user_data,
         msg_tot_len_offset: kernel.psock_queued,
-        counters: crate::datapath::maps::fast_path_counters(pin_dir)?.into(),
+        counters: crate::datapath::maps::fast_path_counters(&maps.fastpath_counters)?.into(),
     };
     Ok(MapsView { generation: config.generation, active_slot: slot, endpoints, ipcache, fast_path })
 }

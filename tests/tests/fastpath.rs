@@ -17,6 +17,7 @@ use std::{
 };
 
 use warden_agent::datapath::{Maps, maps::fast_path_counters};
+
 use warden_common::{FastpathCounter, HOOK_TUNNEL};
 use warden_tests::{Lab, Probe, Spec, probe_bin, require_root, write_policies};
 
@@ -155,7 +156,8 @@ fn tc_tunnel_bytes(lab: &Lab) -> u64 {
 }
 
 fn counters(lab: &Lab) -> FastpathCounter {
-    fast_path_counters(&lab.pin_dir).expect("fast path counters")
+    let maps = Maps::open(&lab.pin_dir).expect("maps");
+    fast_path_counters(&maps.fastpath_counters).expect("fast path counters")
 }
 
 /// The checks both configurations share: the transfer is exact both ways across a half-close, an

@@ -27,7 +27,11 @@ pub struct Maps {
     pub flows: HashMap<MapData, FlowKey, FlowValue>,
     pub counters: PerCpuHashMap<MapData, CounterKey, Counter>,
     pub fastpath_kernel: Array<MapData, FastpathKernel>,
+    pub fastpath_counters: FastPathCounterMap,
 }
+
+/// `warden_fastpath_counters_v2`: what the same-node fast path did, per CPU.
+pub type FastPathCounterMap = PerCpuArray<MapData, FastpathCounter>;
 
 fn open(pin_dir: &Path, name: &'static str) -> Result<Map, MapsError> {
     let path = pin_dir.join(name);
@@ -55,6 +59,7 @@ impl Maps {
             flows: typed!(pin_dir, names::FLOWS),
             counters: typed!(pin_dir, names::COUNTERS),
             fastpath_kernel: typed!(pin_dir, names::FASTPATH_KERNEL),
+            fastpath_counters: typed!(pin_dir, names::FASTPATH_COUNTERS),
         })
     }
 
@@ -64,11 +69,9 @@ impl Maps {
     }
 }
 
-/// What the same-node fast path did, summed over CPUs (`warden_fastpath_counters_v2`).
-pub fn fast_path_counters(pin_dir: &Path) -> Result<FastpathCounter, MapsError> {
-    let name = names::FASTPATH_COUNTERS;
-    let array: PerCpuArray<MapData, FastpathCounter> = typed!(pin_dir, name);
-    let per_cpu = array.get(&0, 0).map_err(|source| MapsError::Layout { name, source })?;
+/// What the same-node fast path did, summed over CPUs.
+pub fn fast_path_counters(array: &FastPathCounterMap) -> Result<FastpathCounter, MapsError> {
+    let per_cpu = array.get(&0, 0).map_err(|source| MapsError::Layout { name: names::FASTPATH_COUNTERS, source })?;
     let mut total = FastpathCounter::default();
     per_cpu.iter().for_each(|c| total.add(c));
     Ok(total)

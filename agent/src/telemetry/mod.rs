@@ -81,8 +81,8 @@ struct Scrape {
     /// The pinned counter map, once the datapath exists.
     counters: Mutex<Option<CounterMap>>,
     fast_path: fastpath::FastPathMetrics,
-    /// Where the fast path's counters are pinned, once the datapath exists.
-    fast_path_pins: Mutex<Option<PathBuf>>,
+    /// The pinned fast-path counters, once the datapath exists.
+    fast_path_counters: Mutex<Option<crate::datapath::maps::FastPathCounterMap>>,
 }
 
 impl Scrape {
@@ -101,8 +101,8 @@ impl Scrape {
             });
             self.traffic.update(snapshot, &self.names.get());
         }
-        if let Some(pins) = self.fast_path_pins.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-            match crate::datapath::maps::fast_path_counters(pins) {
+        if let Some(map) = self.fast_path_counters.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            match crate::datapath::maps::fast_path_counters(map) {
                 Ok(now) => self.fast_path.update(now),
                 Err(e) => tracing::debug!("fast path counters: {e}"),
             }
@@ -155,7 +155,7 @@ impl Telemetry {
             names: self.names.clone(),
             counters: Mutex::new(None),
             fast_path: self.fast_path,
-            fast_path_pins: Mutex::new(None),
+            fast_path_counters: Mutex::new(None),
         });
         let readiness = Readiness::default();
         let s = scrape.clone();
@@ -201,7 +201,8 @@ impl Running {
         match crate::datapath::Maps::open(&self.pin_dir) {
             Ok(maps) => {
                 *self.scrape.counters.lock().unwrap_or_else(|e| e.into_inner()) = Some(maps.counters);
-                *self.scrape.fast_path_pins.lock().unwrap_or_else(|e| e.into_inner()) = Some(self.pin_dir.clone());
+                *self.scrape.fast_path_counters.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some(maps.fastpath_counters);
             }
             Err(e) => tracing::error!("traffic metrics unavailable: {e}"),
         }
