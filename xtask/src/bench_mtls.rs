@@ -173,6 +173,9 @@ struct Figures {
     conn_per_s: Vec<f64>,
     connections: u64,
     errors: u64,
+    /// What the failed connections of the rate runs failed with (`warden-probe rate`'s
+    /// `error_kinds`: the error and when), and how many.
+    error_kinds: std::collections::BTreeMap<String, u64>,
     /// The agents' CPU seconds during the connection-rate runs.
     churn_cpu: f64,
     /// TIME-WAIT sockets in the server's node namespace as each rate run starts.
@@ -492,6 +495,9 @@ impl Cluster {
         f.conn_per_s.push(v["per_second"].as_f64().unwrap_or(0.0));
         f.connections += n;
         f.errors += errors;
+        for (what, n) in v["error_kinds"].as_object().into_iter().flatten() {
+            *f.error_kinds.entry(what.clone()).or_default() += n.as_u64().unwrap_or(0);
+        }
         f.churn_cpu += cpu1 - cpu0;
         Ok(())
     }
@@ -740,7 +746,10 @@ pub fn mtls(big_tcp: Option<u32>) -> anyhow::Result<()> {
         .iter()
         .zip(&figures)
         .filter(|(_, f)| f.errors > 0)
-        .map(|(r, f)| format!("{}: {} of {}", r.name, f.errors, f.errors + f.connections))
+        .map(|(r, f)| {
+            let kinds: Vec<String> = f.error_kinds.iter().map(|(what, n)| format!("{n}x {what}")).collect();
+            format!("{}: {} of {} ({})", r.name, f.errors, f.errors + f.connections, kinds.join(", "))
+        })
         .collect();
     if !errors.is_empty() {
         let _ = writeln!(out, "failed connections in the rate runs: {}", errors.join("; "));

@@ -17,7 +17,7 @@
 //!   prints `{"result": .., "round_trips": n, "seen_as": .., "failed_after_ms": ..}`.
 //! - `rate IP:PORT --seconds S [--threads T]`: opens, greets and closes connections back to back
 //!   (closing with RST so no TIME_WAIT piles up); prints `{"result": "allowed", "connections": n,
-//!   "per_second": r, "errors": e}`.
+//!   "per_second": r, "errors": e, "error_kinds": {"<error> (after <ms> ms)": count, ..}}`.
 
 use std::{
     io::{BufRead, BufReader, ErrorKind, Write},
@@ -228,29 +228,45 @@ fn main() {
             let workers: Vec<_> = (0..threads)
                 .map(|_| {
                     std::thread::spawn(move || {
-                        let (mut ok, mut errors) = (0u64, 0u64);
+                        let mut ok = 0u64;
+                        let mut errors = std::collections::BTreeMap::<String, u64>::new();
                         while Instant::now() < until {
+                            let begun = Instant::now();
                             match connect(addr, Duration::from_millis(1000)) {
                                 Ok(r) => {
                                     // SO_LINGER 0: close with RST, leaving no TIME_WAIT behind.
                                     set_linger_zero(r.get_ref());
                                     ok += 1;
                                 }
-                                Err(_) => errors += 1,
+                                Err(e) => {
+                                    let after = begun.elapsed().as_millis();
+                                    *errors.entry(format!("{e} (after {after} ms)")).or_default() += 1;
+                                }
                             }
                         }
                         (ok, errors)
                     })
                 })
                 .collect();
-            let (ok, errors) =
-                workers.into_iter().map(|w| w.join().expect("worker")).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+            let (mut ok, mut errors) = (0, std::collections::BTreeMap::<String, u64>::new());
+            for worker in workers {
+                let (n, e) = worker.join().expect("worker");
+                ok += n;
+                for (what, count) in e {
+                    *errors.entry(what).or_default() += count;
+                }
+            }
             let secs = start.elapsed().as_secs_f64();
             report(
                 "allowed",
                 start,
                 "",
-                serde_json::json!({"connections": ok, "errors": errors, "per_second": ok as f64 / secs}),
+                serde_json::json!({
+                    "connections": ok,
+                    "errors": errors.values().sum::<u64>(),
+                    "error_kinds": errors,
+                    "per_second": ok as f64 / secs,
+                }),
             );
         }
         _ => {
