@@ -406,7 +406,7 @@ pub async fn run(cfg: AgentConfig, mut source: Box<dyn Source>) -> anyhow::Resul
                             c.sync_workloads(&d.workloads).await;
                         }
                         if let Some(m) = &mesh {
-                            m.update(mesh_view(&d, &cfg));
+                            m.update(mesh_view(&d, &cfg)).await;
                         }
                     }
                     Err(e) => {

@@ -90,7 +90,7 @@ impl Mesh {
         view: View,
         metrics: crate::telemetry::metrics::TcpRecorder,
     ) -> anyhow::Result<Mesh> {
-        routing::install(cfg.hbone_port, *cfg.capture.ip())?;
+        routing::install(cfg.hbone_port, *cfg.capture.ip(), &view.local_meshed())?;
         let (tx, rx) = watch::channel(Arc::new(view));
         let tls = SecretManagerTls::new(certs.secrets().clone(), CompliancePolicy::from_env()?);
 
@@ -129,9 +129,18 @@ impl Mesh {
         Ok(Mesh { view: tx })
     }
 
-    /// Serve the next snapshot.
-    pub fn update(&self, view: View) {
+    /// Serve the next snapshot, and take HBONE for the node's meshed pods as it has them. A
+    /// routing change that fails is logged, and made good by the next snapshot's (the routes are
+    /// read back from the kernel each time).
+    pub async fn update(&self, view: View) {
+        let pods = view.local_meshed();
         self.view.send_replace(Arc::new(view));
+        match tokio::task::spawn_blocking(move || routing::serve(&pods)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(changed)) => tracing::info!(changed, "mesh: HBONE routes follow the node's meshed pods"),
+            Ok(Err(e)) => tracing::error!("mesh: HBONE routes not updated (retried at the next commit): {e}"),
+            Err(e) => tracing::error!("mesh: HBONE routes not updated (retried at the next commit): {e}"),
+        }
     }
 }
 

@@ -1,13 +1,17 @@
-//! The node's policy routing for the mesh (no iptables): two rules and one table.
+//! The node's policy routing for the mesh (no iptables): three rules and two tables.
 //!
-//! - HBONE to any address, arriving from outside the node (`! iif lo`), is delivered locally:
-//!   the agent's listener on `0.0.0.0:15008` accepts connections to the pod addresses it serves
-//!   (ztunnel's clients dial the destination pod's address), and the accepted socket's local
-//!   address says which workload's certificate to present. The agent's own HBONE connections to
-//!   other nodes (`iif lo`) are routed as usual.
+//! - HBONE to a meshed pod of this node, arriving from outside the node (`! iif lo`), is
+//!   delivered locally: the agent's listener on `0.0.0.0:15008` accepts connections to the pod
+//!   addresses it serves (ztunnel's clients dial the destination pod's address), and the accepted
+//!   socket's local address says which workload's certificate to present. [`TABLE`] holds one
+//!   `local` route per such pod, kept to the mesh's pods at every commit ([`serve`]). A packet
+//!   for port 15008 to any other address finds no route there and goes on to the main table, as
+//!   without the mesh: the replies to a client whose source port happens to be 15008, or a
+//!   connection to a pod out of the mesh that listens on 15008. The agent's own HBONE
+//!   connections to other nodes (`iif lo`) are routed as usual.
 //! - Packets the kernel marked [`MARK_TO_AGENT`] (a workload's replies to a connection the agent
 //!   delivered with the client's address preserved) are delivered locally too, to the agent's
-//!   transparent socket.
+//!   transparent socket, by [`TABLE_TO_AGENT`]: every address is local there.
 //!
 //! - The capture address (`--capture-addr`, where `connect4` sends meshed workloads' connections)
 //!   must be an address of the node. In the lab it is every host veth's gateway address; a CNI
@@ -15,15 +19,21 @@
 //!   the agent adds it to `lo` (scope host: never chosen as a source address, labelled
 //!   [`LABEL`]) when it is not local yet.
 //!
-//! Rules are added idempotently (an existing identical rule is kept) and left in place when the
-//! agent stops, like the pinned programs: a restarting agent finds the node still routing to it.
+//! Rules and routes are added idempotently (an existing identical rule is kept) and left in place
+//! when the agent stops, like the pinned programs: a restarting agent finds the node still
+//! routing to it. Agents before 2026-12-06 made every address local in [`TABLE`] and sent the
+//! replies there too; [`install`] takes such a node over (the replies' rule is pointed at its own
+//! table, the catch-all goes once the pods' routes are in).
 
-use std::{net::Ipv4Addr, process::Command};
+use std::{collections::BTreeSet, io::Write as _, net::Ipv4Addr, process::Command};
 
 use warden_common::{MARK_MASK, MARK_TO_AGENT};
 
-/// The routing table holding `local 0.0.0.0/0 dev lo` (the HBONE port's number).
+/// The routing table of HBONE: `local <pod>` for each meshed pod of the node (the HBONE port's
+/// number).
 pub const TABLE: u32 = 15008;
+/// The routing table of the replies to the agent's deliveries: `local 0.0.0.0/0 dev lo`.
+pub const TABLE_TO_AGENT: u32 = 15009;
 /// The label of the capture address when the agent adds it to `lo`.
 pub const LABEL: &str = "lo:warden";
 /// Rule priorities: before the main table (32766).
@@ -47,14 +57,46 @@ fn ip(args: &[&str]) -> Result<String, RoutingError> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Add a rule unless one with the same priority exists.
-fn rule(pref: u32, selector: &[&str]) -> Result<(), RoutingError> {
-    let pref_s = pref.to_string();
-    if ip(&["rule", "show", "pref", &pref_s])?.trim().is_empty() {
-        let mut args = vec!["rule", "add", "pref", &pref_s];
-        args.extend_from_slice(selector);
-        ip(&args)?;
+/// `commands` through one `ip -batch`, every one attempted (`-force`); the first failure is
+/// reported with the command's line.
+fn ip_batch(commands: &[String]) -> Result<(), RoutingError> {
+    use std::process::Stdio;
+    let err = |reason: String| RoutingError { args: format!("-force -batch - ({} commands)", commands.len()), reason };
+    let mut child = Command::new("ip")
+        .args(["-force", "-batch", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| err(e.to_string()))?;
+    let mut stdin = child.stdin.take().expect("piped");
+    let written = stdin.write_all(commands.join("\n").as_bytes());
+    drop(stdin);
+    let out = child.wait_with_output().map_err(|e| err(e.to_string()))?;
+    written.map_err(|e| err(e.to_string()))?;
+    if !out.status.success() {
+        return Err(err(String::from_utf8_lossy(&out.stderr).trim().to_string()));
     }
+    Ok(())
+}
+
+/// Make the rule at `pref` exactly `selector ... lookup table`: added when there is none,
+/// replaced when the one there looks up another table.
+fn rule(pref: u32, selector: &[&str], table: &str) -> Result<(), RoutingError> {
+    let pref_s = pref.to_string();
+    let existing = ip(&["rule", "show", "pref", &pref_s])?;
+    let existing = existing.trim();
+    if existing.split_whitespace().next_back() == Some(table) {
+        return Ok(());
+    }
+    if !existing.is_empty() {
+        tracing::info!(rule = existing, table, "routing: replacing a rule of an earlier agent");
+        ip(&["rule", "del", "pref", &pref_s])?;
+    }
+    let mut args = vec!["rule", "add", "pref", &pref_s];
+    args.extend_from_slice(selector);
+    args.extend_from_slice(&["lookup", table]);
+    ip(&args)?;
     Ok(())
 }
 
@@ -69,27 +111,110 @@ pub fn ensure_local(addr: Ipv4Addr) -> Result<bool, RoutingError> {
     Ok(true)
 }
 
-/// Install the mesh's rules and table for HBONE on `hbone_port`, and make the capture address
-/// local.
-pub fn install(hbone_port: u16, capture: Ipv4Addr) -> Result<(), RoutingError> {
+/// The `local` routes of [`TABLE`]: the addresses HBONE is delivered for, and whether the
+/// catch-all of an earlier agent is there.
+fn served() -> Result<(BTreeSet<Ipv4Addr>, bool), RoutingError> {
+    match ip(&["-4", "route", "show", "table", &TABLE.to_string(), "type", "local"]) {
+        Ok(routes) => Ok(parse_served(&routes)),
+        // No route was ever added to it on this node.
+        Err(e) if e.reason.contains("table does not exist") => Ok((BTreeSet::new(), false)),
+        Err(e) => Err(e),
+    }
+}
+
+/// [`served`] from `ip route show`'s output.
+fn parse_served(routes: &str) -> (BTreeSet<Ipv4Addr>, bool) {
+    let (mut pods, mut catch_all) = (BTreeSet::new(), false);
+    for line in routes.lines() {
+        // `local 10.0.1.2 dev lo scope host`; ip 6.1 omits the type filtered on, later ones print
+        // it.
+        let dst = line.split_whitespace().find(|w| *w != "local").unwrap_or_default();
+        match dst {
+            "default" | "0.0.0.0/0" => catch_all = true,
+            d => {
+                if let Ok(a) = d.trim_end_matches("/32").parse() {
+                    pods.insert(a);
+                }
+            }
+        }
+    }
+    (pods, catch_all)
+}
+
+fn hbone_route(verb: &str, pod: Ipv4Addr) -> String {
+    format!("route {verb} local {pod}/32 dev lo table {TABLE}")
+}
+
+/// Make [`TABLE`] deliver HBONE for exactly `pods` (this node's meshed pods): routes are added
+/// for new pods and removed for pods gone or out of the mesh, read from the kernel each time, so
+/// a failed or interrupted change is made good by the next. Returns how many routes changed.
+pub fn serve(pods: &BTreeSet<Ipv4Addr>) -> Result<usize, RoutingError> {
+    let (have, _) = served()?;
+    let commands: Vec<String> = pods
+        .difference(&have)
+        .map(|p| hbone_route("replace", *p))
+        .chain(have.difference(pods).map(|p| hbone_route("del", *p)))
+        .collect();
+    if !commands.is_empty() {
+        ip_batch(&commands)?;
+    }
+    Ok(commands.len())
+}
+
+/// Install the mesh's rules and tables for HBONE on `hbone_port`, delivering it for `pods`, and
+/// make the capture address local.
+pub fn install(hbone_port: u16, capture: Ipv4Addr, pods: &BTreeSet<Ipv4Addr>) -> Result<(), RoutingError> {
     if ensure_local(capture)? {
         tracing::info!(%capture, "the capture address was not local: added to lo");
     }
-    let table = TABLE.to_string();
+    let to_agent = TABLE_TO_AGENT.to_string();
     let port = hbone_port.to_string();
-    ip(&["route", "replace", "local", "0.0.0.0/0", "dev", "lo", "table", &table])?;
-    rule(PREF_LOCAL_HBONE, &["iif", "lo", "ipproto", "tcp", "dport", &port, "lookup", "main"])?;
-    rule(PREF_HBONE, &["ipproto", "tcp", "dport", &port, "lookup", &table])?;
+    ip(&["route", "replace", "local", "0.0.0.0/0", "dev", "lo", "table", &to_agent])?;
     let mark = format!("{MARK_TO_AGENT:#x}/{MARK_MASK:#x}");
-    rule(PREF_TO_AGENT, &["fwmark", &mark, "lookup", &table])?;
+    rule(PREF_TO_AGENT, &["fwmark", &mark], &to_agent)?;
+    serve(pods)?;
+    rule(PREF_LOCAL_HBONE, &["iif", "lo", "ipproto", "tcp", "dport", &port], "main")?;
+    rule(PREF_HBONE, &["ipproto", "tcp", "dport", &port], &TABLE.to_string())?;
+    // Only now that the pods' routes are in: an earlier agent's catch-all goes.
+    if served()?.1 {
+        ip(&["route", "del", "local", "0.0.0.0/0", "dev", "lo", "table", &TABLE.to_string()])?;
+        tracing::info!(table = TABLE, "routing: removed an earlier agent's catch-all local route");
+    }
     Ok(())
 }
 
-/// Remove the rules and the table (`warden cleanup`).
+/// Remove the rules and the tables (`warden cleanup`).
 pub fn remove() {
     for pref in [PREF_LOCAL_HBONE, PREF_HBONE, PREF_TO_AGENT] {
         let _ = ip(&["rule", "del", "pref", &pref.to_string()]);
     }
-    let _ = ip(&["route", "flush", "table", &TABLE.to_string()]);
+    for table in [TABLE, TABLE_TO_AGENT] {
+        let _ = ip(&["route", "flush", "table", &table.to_string()]);
+    }
     let _ = ip(&["-4", "addr", "flush", "dev", "lo", "label", LABEL]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_served_pods_and_an_earlier_agents_catch_all_are_read_from_ip_route() {
+        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        let (pods, catch_all) = parse_served(
+            "local default dev lo scope host \nlocal 10.0.1.2 dev lo scope host \n10.0.1.3 dev lo scope host\n",
+        );
+        assert_eq!(pods, BTreeSet::from([ip("10.0.1.2"), ip("10.0.1.3")]));
+        assert!(catch_all);
+        assert_eq!(parse_served("local 0.0.0.0/0 dev lo scope host\n"), (BTreeSet::new(), true));
+        assert_eq!(parse_served(""), (BTreeSet::new(), false));
+    }
+
+    #[test]
+    fn a_pod_route_is_one_host_route_in_the_hbone_table() {
+        assert_eq!(
+            hbone_route("replace", "10.0.1.2".parse().unwrap()),
+            "route replace local 10.0.1.2/32 dev lo table 15008"
+        );
+    }
 }

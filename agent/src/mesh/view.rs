@@ -3,7 +3,7 @@
 //! consistent snapshot.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeSet, HashMap},
     net::Ipv4Addr,
     sync::{
         Arc,
@@ -102,6 +102,11 @@ impl View {
             })
             .collect();
         View { by_ip, services, policies, cluster_domain: cluster_domain.clone() }
+    }
+
+    /// The addresses of this node's meshed workloads: what HBONE is delivered for here.
+    pub fn local_meshed(&self) -> BTreeSet<Ipv4Addr> {
+        self.by_ip.values().filter(|w| w.meshed && w.is_local()).map(|w| w.workload.ip).collect()
     }
 
     pub fn workload(&self, ip: Ipv4Addr) -> Option<&Arc<MeshWorkload>> {
@@ -234,5 +239,28 @@ mod tests {
             (0..3).map(|_| view.service_backend(vip, 80).map(|(_, w, _)| w.workload.name.clone())).collect();
         assert_eq!(picks, vec![Some("near".to_string()); 3], "the remote pod is never chosen");
         assert!(view.service_backend(other_vip, 80).is_none(), "no pod of `other` on this node: none at all");
+    }
+
+    /// HBONE is delivered on this node for its own meshed pods, ready or not, and for nothing else.
+    #[test]
+    fn hbone_is_taken_for_this_nodes_meshed_pods_only() {
+        let local = |mut w: Workload| {
+            w.local = Some(crate::workloads::Local { veth: format!("veth-{}", w.name), ifindex: 7, cgroup: None });
+            w
+        };
+        let workloads = [
+            local(pod("here", 1, true, true, &[])),
+            local(pod("starting", 2, true, false, &[])),
+            local(pod("plain", 3, false, true, &[])),
+            pod("elsewhere", 4, true, true, &[]),
+        ];
+        let view = View::new(
+            &workloads,
+            &[],
+            Arc::new(PolicySet::from_resources(Vec::new(), &Default::default()).unwrap()),
+            "cluster.local",
+            &ClusterDomain::default(),
+        );
+        assert_eq!(view.local_meshed(), BTreeSet::from([Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 0, 2)]));
     }
 }
