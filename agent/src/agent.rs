@@ -141,12 +141,13 @@ pub fn build(
         let identity = identity_of(w.ip);
         ipcache.insert(Ipv4Net::from(w.ip), RemoteInfo { identity, local_ifindex: 0, flags: REMOTE_MESHED });
     }
-    // A Service's virtual address with a meshed pod behind it is captured as a meshed workload's
-    // is; the agent picks the pod.
+    // A Service's virtual address is captured as a meshed workload's is while a pod the mesh
+    // can carry it to is there (`Service::mesh_backend`: meshed, ready, on this node for a
+    // node-local Service); the agent picks among those pods.
     let workloads_of = crate::services::by_namespace(workloads.iter(), |w| w.namespace.as_str());
     for s in &services {
         let pods = workloads_of.get(s.namespace.as_str()).map_or(&[][..], Vec::as_slice);
-        if pods.iter().any(|w| meshed(w) && s.selects(w)) {
+        if capture.is_some() && pods.iter().any(|w| s.mesh_backend(w)) {
             let info = RemoteInfo {
                 identity: identity_of(s.cluster_ip),
                 local_ifindex: 0,
@@ -431,3 +432,82 @@ fn start_fast_path(dp: &mut Datapath, cgroup_root: &Path) -> Result<(PathBuf, u3
 
 /// The node's TCP receive buffer sizes (min, default, max).
 const TCP_RMEM: &str = "/proc/sys/net/ipv4/tcp_rmem";
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::services::{Service, ServicePort, TargetPort};
+
+    fn pod(name: &str, ip: u8, meshed: bool, ready: bool, local: bool) -> Workload {
+        let mut labels = BTreeMap::from([("app".to_string(), "ledger".to_string())]);
+        if !meshed {
+            labels.insert(crate::workloads::DATAPLANE_MODE_LABEL.into(), "none".into());
+        }
+        Workload {
+            name: name.into(),
+            namespace: "ns".into(),
+            service_account: name.into(),
+            labels,
+            ip: Ipv4Addr::new(10, 0, 0, ip),
+            services: Vec::new(),
+            ports: BTreeMap::new(),
+            ready,
+            local: local.then(|| crate::workloads::Local {
+                veth: format!("veth-{name}"),
+                ifindex: 10 + ip as u32,
+                cgroup: None,
+            }),
+        }
+    }
+
+    /// The kernel's flags for Service address `vip` once `pods` are built with a `ledger` Service
+    /// there (`node_local`: `internalTrafficPolicy: Local`).
+    fn service_flags(pods: Vec<Workload>, node_local: bool) -> Option<u32> {
+        let vip = Ipv4Addr::new(10, 96, 0, 1);
+        let service = Service {
+            name: "ledger".into(),
+            namespace: "ns".into(),
+            cluster_ip: vip,
+            ports: vec![ServicePort { port: 80, target: TargetPort::Number(8080) }],
+            selector: BTreeMap::from([("app".to_string(), "ledger".to_string())]),
+            node_local,
+        };
+        let inputs = Inputs {
+            workloads: pods,
+            services: vec![service],
+            policies: warden_authz::PolicySet::from_resources(Vec::new(), &Default::default()).unwrap(),
+        };
+        let capture = Some(SocketAddrV4::new(Ipv4Addr::new(169, 254, 1, 1), 15001));
+        let desired = build(inputs, "cluster.local", capture, &mut NodeRecord::default()).unwrap();
+        desired.state.ipcache.iter().find(|(net, _)| *net == Ipv4Net::from(vip)).map(|(_, info)| info.flags)
+    }
+
+    /// The kernel captures a Service's address exactly while the agent has a pod to carry it to:
+    /// otherwise the connection is the Service proxy's, which reaches the ready pods out of the
+    /// mesh instead of the agent refusing it.
+    #[test]
+    fn a_services_address_is_captured_only_while_a_meshed_ready_pod_can_take_it() {
+        let captured = Some(REMOTE_MESHED | REMOTE_SERVICE);
+        assert_eq!(
+            service_flags(vec![pod("m", 2, true, true, false), pod("p", 3, false, true, false)], false),
+            captured
+        );
+        // A rollout into the mesh: the meshed pod is still starting, the plain one serves.
+        assert_eq!(
+            service_flags(vec![pod("starting", 2, true, false, false), pod("p", 3, false, true, false)], false),
+            None,
+            "no ready meshed pod: left to the Service proxy"
+        );
+        assert_eq!(service_flags(vec![pod("p", 3, false, true, true)], false), None, "no meshed pod at all");
+        // internalTrafficPolicy: Local: a meshed pod of this node, or the proxy (which may have a
+        // local pod out of the mesh, or drops the connection as before).
+        assert_eq!(service_flags(vec![pod("here", 2, true, true, true)], true), captured);
+        assert_eq!(
+            service_flags(vec![pod("elsewhere", 2, true, true, false), pod("p", 3, false, true, true)], true),
+            None,
+            "node-local, and the only meshed pod is on another node"
+        );
+    }
+}

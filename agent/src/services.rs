@@ -155,6 +155,17 @@ impl Service {
         w.namespace == self.namespace && selector_matches(&self.selector, &w.labels)
     }
 
+    /// Whether the mesh carries a connection to this Service to `w`: one of its pods, in the mesh,
+    /// ready, and on this node when the Service keeps its traffic on the node
+    /// (`internalTrafficPolicy: Local`). The kernel captures the Service's address only while
+    /// such a pod exists, and the agent picks among exactly those. Otherwise the connection is
+    /// left to the node's Service proxy (kube-proxy), which sends it to the pods that are ready,
+    /// in plaintext: a Service whose only meshed pods are still starting, behind pods out of the
+    /// mesh (a rollout into the mesh), keeps serving.
+    pub fn mesh_backend(&self, w: &Workload) -> bool {
+        w.in_mesh() && w.ready && self.selects(w) && (!self.node_local || w.local.is_some())
+    }
+
     /// The port `backend` serves Service port `port` on: `None` when the Service has no such
     /// port, or the backend no container port of the target's name.
     pub fn target_port(&self, port: u16, backend: &Workload) -> Option<u16> {

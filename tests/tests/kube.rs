@@ -584,16 +584,19 @@ fn the_daemonsets_mesh_gets_its_certificates_from_the_cluster_ca_with_its_capabi
     assert_eq!(p.intact, Some(true));
     assert_eq!(p.peer, Some(format!("{vip}:80")), "c's socket names the Service: {p:?}");
 
-    // b stops being ready (its readiness probe fails): the Service has no serving pod, and the
-    // agent refuses rather than send to it, as kube-proxy would have no endpoint.
+    // b stops being ready (its readiness probe fails): the Service has no serving pod in the
+    // mesh, so the kernel stops capturing its address and leaves it to the Service proxy, which
+    // has no endpoint either (and would reach a ready pod out of the mesh; the lab has no proxy).
     let before = lab.generation();
     let not_ready = r#"{"status":{"conditions":[{"type":"Ready","status":"False"}]}}"#;
     api.kubectl(&["patch", "pod", "b", "-n", "team", "--subresource=status", "--type=merge", "-p", not_ready]).unwrap();
     lab.wait_generation_change(before, Duration::from_secs(10)).unwrap();
     let p = lab.echo("c", vip, 80, "to a pod that is not ready");
     assert_ne!(p.result, "allowed", "no serving pod behind b-svc: {p:?}");
-    let log = fs::read_to_string(lab.agent_log()).unwrap_or_default();
-    assert!(log.contains("no meshed pod of the service serves this port"), "{log}");
+    let captured = |lab: &Lab| {
+        maps(lab)["ipcache"].as_array().unwrap().iter().any(|e| e["cidr"] == format!("{vip}/32") && e["meshed"] == true)
+    };
+    assert!(!captured(&lab), "b-svc is not captured while b is not ready: {}", maps(&lab)["ipcache"]);
     // Ready again: served again.
     let before = lab.generation();
     api.kubectl(&[
@@ -609,5 +612,6 @@ fn the_daemonsets_mesh_gets_its_certificates_from_the_cluster_ca_with_its_capabi
     ])
     .unwrap();
     lab.wait_generation_change(before, Duration::from_secs(10)).unwrap();
+    assert!(captured(&lab), "b-svc is captured again: {}", maps(&lab)["ipcache"]);
     assert_eq!(lab.echo("c", vip, 80, "ready again").result, "allowed");
 }

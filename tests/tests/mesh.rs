@@ -1136,11 +1136,28 @@ fn a_connection_to_a_services_address_reaches_a_meshed_pod_over_the_mesh() {
     assert_ne!(p.result, "allowed", "b-svc has no port 81: {p:?}");
     assert!(log(&c.n1).contains("no meshed pod of the service serves this port"), "{}", log(&c.n1));
 
-    // internalTrafficPolicy: Local, and no pod of it on node 1: refused there, as kube-proxy
-    // would drop it, and said why; b itself is still reached directly.
+    // internalTrafficPolicy: Local, and no pod of it on node 1: node 1 does not capture it (its
+    // Service proxy would send it to a local pod out of the mesh, or drop it as kube-proxy does;
+    // the lab has none, so nothing answers); node 2, where b is, does.
     let p = c.n1.echo("a", alt_vip, 80, "node-local service");
     assert_ne!(p.result, "allowed", "b-alt is node-local and b is on node 2: {p:?}");
-    assert!(log(&c.n1).contains("(internalTrafficPolicy: Local)"), "{}", log(&c.n1));
+    let cidr = |ip: Ipv4Addr| format!("{ip}/32");
+    assert_eq!(captured_services(&c.n1), [cidr(b_vip), cidr(s_vip)], "node 1 captures b-svc and s-svc, not b-alt");
+    assert_eq!(captured_services(&c.n2), [cidr(b_vip), cidr(s_vip), cidr(alt_vip)], "node 2 captures b-alt too");
+}
+
+/// The Service addresses node `lab`'s kernel captures (`warden maps`' identity cache), sorted.
+fn captured_services(lab: &Lab) -> Vec<String> {
+    let v: serde_json::Value = serde_json::from_str(&lab.warden(&["maps", "--output", "json"]).unwrap()).unwrap();
+    let mut vips: Vec<String> = v["ipcache"]
+        .as_array()
+        .expect("ipcache")
+        .iter()
+        .filter(|e| e["service"] == true && e["meshed"] == true)
+        .map(|e| e["cidr"].as_str().unwrap().to_string())
+        .collect();
+    vips.sort();
+    vips
 }
 
 /// A TCP Fast Open client: no `connect()`, the first `sendto(MSG_FASTOPEN)` opens the connection

@@ -87,16 +87,11 @@ impl View {
         let services = services
             .iter()
             .map(|s| {
-                // Meshed and serving only: the snapshot is rebuilt when a pod's readiness changes.
-                // `internalTrafficPolicy: Local`: this node's only.
+                // The pods the kernel captures the Service for (`Service::mesh_backend`): the
+                // snapshot is rebuilt when a pod's readiness changes.
                 let pods = workloads_of.get(s.namespace.as_str()).map_or(&[][..], Vec::as_slice);
-                let mut backends: Vec<Arc<MeshWorkload>> = pods
-                    .iter()
-                    .copied()
-                    .filter(|w| w.meshed && w.workload.ready && s.selects(&w.workload))
-                    .filter(|w| !s.node_local || w.is_local())
-                    .cloned()
-                    .collect();
+                let mut backends: Vec<Arc<MeshWorkload>> =
+                    pods.iter().copied().filter(|w| w.meshed && s.mesh_backend(&w.workload)).cloned().collect();
                 backends.sort_by_key(|w| w.workload.ip);
                 (s.cluster_ip, MeshService { service: s.clone(), backends, next: AtomicUsize::new(0) })
             })
