@@ -240,7 +240,22 @@ fn a_dead_destination_agent_fails_closed_and_a_restart_serves_again() {
     let mut c = cluster("mk", net, POLICIES);
     assert_eq!(c.n1.echo("a", b_ip(net), PORT, "before").result, "allowed", "{}", log(&c.n2));
 
+    // Under traffic: a's connection exchanges a line with b every 50 ms when node 2's agent dies.
+    let (tcpdump, pcap) = capture(&c.n1);
+    let hold = hold_from(&c.n1, "a", b_ip(net), PORT, 8);
+    std::thread::sleep(Duration::from_millis(1500));
     c.n2.kill_agent(libc::SIGKILL);
+    let held: warden_tests::Probe = serde_json::from_slice(&hold.wait_with_output().unwrap().stdout).unwrap();
+    stop(tcpdump);
+    // The connection ends with the agent that carried it (a sees it fail, well before its 8 s),
+    // and not one of its lines crossed the wire in plaintext, before the kill or after it.
+    assert_ne!(held.result, "allowed", "the held connection cannot outlive its tunnel: {held:?}");
+    assert!(held.round_trips.unwrap_or(0) >= 10, "lines went through before the kill: {held:?}");
+    assert!(held.ms < 6_000, "it failed when the agent died, not when it gave up: {held:?}");
+    let wire = fs::read(&pcap).expect("capture file");
+    assert!(!wire.is_empty(), "tcpdump captured nothing");
+    assert!(!contains(&wire, b"ping "), "a held line crossed the wire in plaintext");
+
     // Nothing reaches b: not over the mesh (no agent to accept the tunnel), not in plaintext
     // (STRICT, enforced by the pinned programs that outlive the agent).
     let p = c.n1.echo("a", b_ip(net), PORT, "while dead");
