@@ -438,29 +438,10 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::services::{Service, ServicePort, TargetPort};
-
-    fn pod(name: &str, ip: u8, meshed: bool, ready: bool, local: bool) -> Workload {
-        let mut labels = BTreeMap::from([("app".to_string(), "ledger".to_string())]);
-        if !meshed {
-            labels.insert(crate::workloads::DATAPLANE_MODE_LABEL.into(), "none".into());
-        }
-        Workload {
-            name: name.into(),
-            namespace: "ns".into(),
-            service_account: name.into(),
-            labels,
-            ip: Ipv4Addr::new(10, 0, 0, ip),
-            services: Vec::new(),
-            ports: BTreeMap::new(),
-            ready,
-            local: local.then(|| crate::workloads::Local {
-                veth: format!("veth-{name}"),
-                ifindex: 10 + ip as u32,
-                cgroup: None,
-            }),
-        }
-    }
+    use crate::{
+        services::{Service, ServicePort, TargetPort},
+        workloads::test_pod as pod,
+    };
 
     /// The kernel's flags for Service address `vip` once `pods` are built with a `ledger` Service
     /// there (`node_local`: `internalTrafficPolicy: Local`).

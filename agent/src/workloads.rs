@@ -312,6 +312,27 @@ fn is_dns_label(s: &str) -> bool {
         && !s.ends_with('-')
 }
 
+/// A pod of app `ledger` in namespace `ns` at `10.0.0.<ip>`, for tests: in the mesh or opted out,
+/// ready or not, on this node (a veth) or another.
+#[cfg(test)]
+pub(crate) fn test_pod(name: &str, ip: u8, meshed: bool, ready: bool, local: bool) -> Workload {
+    let mut labels = BTreeMap::from([("app".to_string(), "ledger".to_string())]);
+    if !meshed {
+        labels.insert(DATAPLANE_MODE_LABEL.into(), "none".into());
+    }
+    Workload {
+        name: name.into(),
+        namespace: "ns".into(),
+        service_account: name.into(),
+        labels,
+        ip: Ipv4Addr::new(10, 0, 0, ip),
+        services: Vec::new(),
+        ports: BTreeMap::new(),
+        ready,
+        local: local.then(|| Local { veth: format!("veth-{name}"), ifindex: 10 + u32::from(ip), cgroup: None }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

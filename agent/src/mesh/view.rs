@@ -148,24 +148,16 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::services::{ServicePort, TargetPort};
+    use crate::{
+        services::{ServicePort, TargetPort},
+        workloads::test_pod,
+    };
 
+    /// [`test_pod`] off this node, with named container ports.
     fn pod(name: &str, ip: u8, meshed: bool, ready: bool, ports: &[(&str, u16)]) -> Workload {
-        let mut labels = BTreeMap::from([("app".to_string(), "ledger".to_string())]);
-        if !meshed {
-            labels.insert(crate::workloads::DATAPLANE_MODE_LABEL.into(), "none".into());
-        }
-        Workload {
-            name: name.into(),
-            namespace: "ns".into(),
-            service_account: name.into(),
-            labels,
-            ip: Ipv4Addr::new(10, 0, 0, ip),
-            services: Vec::new(),
-            ports: ports.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
-            ready,
-            local: None,
-        }
+        let mut w = test_pod(name, ip, meshed, ready, false);
+        w.ports = ports.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        w
     }
 
     #[test]
