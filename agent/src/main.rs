@@ -148,7 +148,8 @@ enum Command {
     },
     /// The certificates of a running agent: identity, serial, validity, rotation, chain, trust bundle.
     Certs(warden_identity::cli::CertsArgs),
-    /// Detach every program and remove every pin under the pin directory (the node stops enforcing).
+    /// Detach every program and remove every pin under the pin directory (the node stops
+    /// enforcing), and the mesh's policy-routing rules, tables and capture address.
     Cleanup {
         #[arg(long, default_value = defaults::PIN_DIR)]
         pin_dir: PathBuf,
@@ -297,6 +298,9 @@ fn main() -> ExitCode {
         }),
         Command::Cleanup { pin_dir } => {
             datapath::remove_pins(&pin_dir);
+            for what in warden_agent::mesh::routing::remove() {
+                eprintln!("warden cleanup: removed the mesh's {what}");
+            }
             Ok(())
         }
     };

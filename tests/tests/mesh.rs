@@ -1318,4 +1318,14 @@ fn only_hbone_to_a_meshed_pod_of_the_node_goes_to_its_agent() {
     assert!(v["greeting"].as_str().is_some_and(|g| g.starts_with("hello")), "q greets p again: {v}");
     let mesh = c.n1.echo("a", b_ip(net), PORT, "over the mesh again");
     assert_eq!(mesh.result, "allowed", "{mesh:?}\n{}", log(&c.n2));
+
+    // `warden cleanup` leaves node 2 routing as without the mesh.
+    c.n2.kill_agent(libc::SIGTERM);
+    let (warden, pins) = (warden_tests::warden_bin(), c.n2.pin_dir.display().to_string());
+    let out = c.n2.node_command(warden.to_str().unwrap(), &["cleanup", "--pin-dir", &pins]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rules = String::from_utf8_lossy(&c.n2.node_command("ip", &["rule"]).output().unwrap().stdout).into_owned();
+    assert!(!["1000:", "1001:", "1002:"].iter().any(|p| rules.contains(p)), "the mesh's rules are gone:\n{rules}");
+    assert_eq!(hbone_routes(&c.n2), Vec::<String>::new(), "table 15008 is empty");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("removed the mesh's rule"), "cleanup says what it removed");
 }

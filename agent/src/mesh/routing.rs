@@ -183,15 +183,53 @@ pub fn install(hbone_port: u16, capture: Ipv4Addr, pods: &BTreeSet<Ipv4Addr>) ->
     Ok(())
 }
 
-/// Remove the rules and the tables (`warden cleanup`).
-pub fn remove() {
+/// Whether `rule` (a line of `ip rule show`) at priority `pref` is the one [`install`] adds
+/// there, by its selector and table: `warden cleanup` must not take another program's rule that
+/// happens to sit at the same priority.
+fn is_ours(pref: u32, rule: &str) -> bool {
+    let table = rule.split_whitespace().next_back().unwrap_or_default();
+    let (hbone, to_agent) = (TABLE.to_string(), TABLE_TO_AGENT.to_string());
+    match pref {
+        PREF_LOCAL_HBONE => rule.contains(" iif lo ipproto tcp dport ") && table == "main",
+        PREF_HBONE => rule.contains(" ipproto tcp dport ") && !rule.contains(" iif ") && table == hbone,
+        // An earlier agent's looked up the HBONE table.
+        PREF_TO_AGENT => {
+            rule.contains(&format!(" fwmark {MARK_TO_AGENT:#x}/{MARK_MASK:#x} "))
+                && (table == to_agent || table == hbone)
+        }
+        _ => false,
+    }
+}
+
+/// Remove the mesh's rules, its tables and the capture address it added (`warden cleanup`): the
+/// node routes as without the mesh. Only what [`install`] made is removed (rules by their
+/// selector and table, the address by its label); the tables are flushed only if a rule of the
+/// mesh looked them up. Returns what was removed, for the caller to report.
+pub fn remove() -> Vec<String> {
+    let mut removed = Vec::new();
+    let mut ours = false;
     for pref in [PREF_LOCAL_HBONE, PREF_HBONE, PREF_TO_AGENT] {
-        let _ = ip(&["rule", "del", "pref", &pref.to_string()]);
+        let pref_s = pref.to_string();
+        let Ok(shown) = ip(&["rule", "show", "pref", &pref_s]) else { continue };
+        let rule = shown.trim();
+        if is_ours(pref, rule) && ip(&["rule", "del", "pref", &pref_s]).is_ok() {
+            removed.push(format!("rule {rule}"));
+            ours = true;
+        }
     }
-    for table in [TABLE, TABLE_TO_AGENT] {
-        let _ = ip(&["route", "flush", "table", &table.to_string()]);
+    if ours {
+        for table in [TABLE, TABLE_TO_AGENT] {
+            if ip(&["route", "flush", "table", &table.to_string()]).is_ok() {
+                removed.push(format!("table {table}"));
+            }
+        }
     }
-    let _ = ip(&["-4", "addr", "flush", "dev", "lo", "label", LABEL]);
+    if ip(&["-4", "addr", "show", "dev", "lo", "label", LABEL]).is_ok_and(|a| !a.trim().is_empty())
+        && ip(&["-4", "addr", "flush", "dev", "lo", "label", LABEL]).is_ok()
+    {
+        removed.push(format!("address {LABEL}"));
+    }
+    removed
 }
 
 #[cfg(test)]
@@ -208,6 +246,19 @@ mod tests {
         assert!(catch_all);
         assert_eq!(parse_served("local 0.0.0.0/0 dev lo scope host\n"), (BTreeSet::new(), true));
         assert_eq!(parse_served(""), (BTreeSet::new(), false));
+    }
+
+    #[test]
+    fn cleanup_takes_the_meshs_rules_and_no_others() {
+        assert!(is_ours(1000, "1000:\tfrom all iif lo ipproto tcp dport 15008 lookup main"));
+        assert!(is_ours(1001, "1001:\tfrom all ipproto tcp dport 15008 lookup 15008"));
+        assert!(is_ours(1002, "1002:\tfrom all fwmark 0x200000/0xf00000 lookup 15009"));
+        assert!(is_ours(1002, "1002:\tfrom all fwmark 0x200000/0xf00000 lookup 15008"), "an earlier agent's");
+        assert!(!is_ours(1000, "1000:\tfrom all ipproto tcp dport 443 lookup main"), "not from lo");
+        assert!(!is_ours(1000, "1000:\tfrom 10.0.0.0/8 lookup 100"));
+        assert!(!is_ours(1001, "1001:\tfrom all fwmark 0x200000/0xf00000 lookup 100"));
+        assert!(!is_ours(1002, "1002:\tfrom all ipproto tcp dport 443 lookup 200"));
+        assert!(!is_ours(1003, "1003:\tfrom all ipproto tcp dport 15008 lookup 15008"), "not a priority of ours");
     }
 
     #[test]
