@@ -183,11 +183,15 @@ pub fn build(
         let flags = flags(*endpoint_id) | if meshed(w) { EP_MESHED } else { 0 };
         endpoints.push((l.ifindex, EndpointInfo { endpoint_id: *endpoint_id, identity, ip: w.ip.octets(), flags }));
     }
+    let mut warnings = compiled.warnings;
+    let services_split =
+        if capture.is_some() { crate::services::splits(&services, &workloads_of, &mut warnings) } else { Vec::new() };
     Ok(Desired {
         state: NodeState {
             ipcache: ipcache.into_iter().collect(),
             endpoints,
             policy: compiled.policy,
+            services: services_split,
             capture,
             events: false,
             fast_path: false,
@@ -196,7 +200,7 @@ pub fn build(
         identity_names: compiled.identities,
         policy_names: compiled.policy_names,
         valid_until: compiled.valid_until,
-        warnings: compiled.warnings,
+        warnings,
         workloads,
         services,
         policies: std::sync::Arc::new(policies),

@@ -18,7 +18,20 @@ pub struct MapsView {
     pub active_slot: u8,
     pub endpoints: Vec<EndpointView>,
     pub ipcache: Vec<IpcacheView>,
+    /// Service ports whose meshed clients' connections are shared with pods out of the mesh.
+    pub services: Vec<ServiceSplitView>,
     pub fast_path: FastPathView,
+}
+
+/// One Service port of `warden_services_v1`: of every `meshed + plain.len()` connections of a
+/// meshed client, `meshed` go to the agent and one to each of `plain`.
+#[derive(Debug, Serialize)]
+pub struct ServiceSplitView {
+    /// The Service's address and port.
+    pub service: String,
+    pub meshed: u16,
+    /// The pods out of the mesh: address and target port.
+    pub plain: Vec<String>,
 }
 
 /// The same-node fast path: whether it is on, its redirected queues' bound, and what it did.
@@ -115,7 +128,8 @@ pub struct IpcacheView {
     pub local_ifindex: u32,
     /// In the mesh: a meshed workload, or a Service with meshed pods.
     pub meshed: bool,
-    /// A Service's virtual address: the agent picks one of its meshed pods.
+    /// A Service's virtual address: the agent picks one of its meshed pods (and `services` says
+    /// whether pods out of the mesh take a share).
     pub service: bool,
 }
 
@@ -287,6 +301,21 @@ fn read_once(maps: &Maps, state_dir: &Path) -> anyhow::Result<MapsView> {
         })
         .collect();
     ipcache.sort_by(|a, b| a.cidr.cmp(&b.cidr));
+    let mut services: Vec<ServiceSplitView> = maps
+        .services
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(k, _)| k.slot == slot)
+        .map(|(k, v)| ServiceSplitView {
+            service: format!("{}:{}", Ipv4Addr::from(k.addr), k.port),
+            meshed: v.meshed,
+            plain: v.plain_backends[..(v.plain as usize).min(v.plain_backends.len())]
+                .iter()
+                .map(|b| format!("{}:{}", Ipv4Addr::from(b.addr), b.port))
+                .collect(),
+        })
+        .collect();
+    services.sort_by(|a, b| a.service.cmp(&b.service));
     let kernel = maps.fastpath_kernel.get(&0, 0).unwrap_or_default();
     let fast_path = FastPathView {
         on: config.fast_path(),
@@ -295,7 +324,7 @@ fn read_once(maps: &Maps, state_dir: &Path) -> anyhow::Result<MapsView> {
         msg_tot_len_offset: kernel.psock_queued,
         counters: crate::datapath::maps::fast_path_counters(&maps.fastpath_counters)?.into(),
     };
-    Ok(MapsView { generation: config.generation, active_slot: slot, endpoints, ipcache, fast_path })
+    Ok(MapsView { generation: config.generation, active_slot: slot, endpoints, ipcache, services, fast_path })
 }
 
 /// Render as text tables.
@@ -368,6 +397,13 @@ pub fn render(v: &MapsView) -> String {
             mesh,
             i.name
         );
+    }
+    if !v.services.is_empty() {
+        let _ =
+            writeln!(s, "\nSERVICES SHARED WITH PODS OUT OF THE MESH\n  {:<22} {:>6}  PLAIN PODS", "SERVICE", "MESHED");
+        for sv in &v.services {
+            let _ = writeln!(s, "  {:<22} {:>6}  {}", sv.service, sv.meshed, sv.plain.join(" "));
+        }
     }
     let f = &v.fast_path;
     let c = &f.counters;

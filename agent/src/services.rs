@@ -31,6 +31,7 @@ use std::{
 };
 
 use serde::Deserialize;
+use warden_common::{SERVICE_PLAIN_MAX, ServiceKey, ServiceSplit, SockAddr};
 
 use crate::workloads::Workload;
 
@@ -164,6 +165,12 @@ impl Service {
     /// mesh (a rollout into the mesh), keeps serving.
     pub fn mesh_backend(&self, w: &Workload) -> bool {
         w.in_mesh() && w.ready && self.selects(w) && (!self.node_local || w.local.is_some())
+    }
+
+    /// Whether `w` is one of the Service's pods out of the mesh that serve it: the ones a meshed
+    /// client's connections are shared with ([`splits`]). `node_local` as [`Self::mesh_backend`].
+    pub fn plain_backend(&self, w: &Workload) -> bool {
+        !w.in_mesh() && w.ready && self.selects(w) && (!self.node_local || w.local.is_some())
     }
 
     /// The port `backend` serves Service port `port` on: `None` when the Service has no such
@@ -329,6 +336,56 @@ pub fn is_port_name(s: &str) -> bool {
         && !s.contains("--")
 }
 
+/// How `connect4` shares a meshed client's connections to each port of the captured `services`
+/// (those with a [`Service::mesh_backend`] among `pods_of` their namespace) that also has pods out
+/// of the mesh ([`Service::plain_backend`]) serving that port: as many shares to the agent as
+/// meshed pods serve the port, one to each plain pod, straight to its address and target port
+/// (`warden_services_v1`, `ebpf/src/service.rs`). Keys in slot 0. A port with more than
+/// [`SERVICE_PLAIN_MAX`] such pods keeps the first of them by address, with a warning.
+pub fn splits(
+    services: &[Service],
+    pods_of: &HashMap<&str, Vec<&Workload>>,
+    warnings: &mut Vec<String>,
+) -> Vec<(ServiceKey, ServiceSplit)> {
+    let mut out = Vec::new();
+    for s in services {
+        let pods = pods_of.get(s.namespace.as_str()).map_or(&[][..], Vec::as_slice);
+        if !pods.iter().any(|w| s.mesh_backend(w)) {
+            continue; // not captured: the Service proxy's
+        }
+        for p in &s.ports {
+            let meshed = pods.iter().filter(|w| s.mesh_backend(w) && s.target_port(p.port, w).is_some()).count();
+            let mut plain: Vec<SockAddr> = pods
+                .iter()
+                .filter(|w| s.plain_backend(w))
+                .filter_map(|w| s.target_port(p.port, w).map(|t| SockAddr { addr: w.ip.octets(), port: t, _pad: 0 }))
+                .collect();
+            if plain.is_empty() {
+                continue;
+            }
+            plain.sort_by_key(|b| (b.addr, b.port));
+            if plain.len() > SERVICE_PLAIN_MAX {
+                warnings.push(format!(
+                    "service {}/{} port {}: {} pods out of the mesh; meshed clients reach the first {SERVICE_PLAIN_MAX}",
+                    s.namespace,
+                    s.name,
+                    p.port,
+                    plain.len()
+                ));
+                plain.truncate(SERVICE_PLAIN_MAX);
+            }
+            let mut split = ServiceSplit {
+                meshed: meshed.min(u16::MAX as usize) as u16,
+                plain: plain.len() as u16,
+                ..ServiceSplit::default()
+            };
+            split.plain_backends[..plain.len()].copy_from_slice(&plain);
+            out.push((ServiceKey { addr: s.cluster_ip.octets(), port: p.port, slot: 0, _pad: 0 }, split));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -461,5 +518,90 @@ mod tests {
         ] {
             assert!(text.contains(needle), "{needle} not in {text}");
         }
+    }
+
+    /// Of a Service's ready pods serving a port, the meshed ones are counted (the agent's share)
+    /// and the others listed with their target port; a port no pod out of the mesh serves, and a
+    /// Service the kernel does not capture, have no split.
+    #[test]
+    fn a_services_split_counts_its_meshed_pods_and_lists_the_others() {
+        use crate::workloads::test_pod as pod;
+        let named = |mut w: Workload, port: u16| {
+            w.ports.insert("http".into(), port);
+            w
+        };
+        let service = |name: &str, ip: u8, target: TargetPort, node_local: bool| Service {
+            name: name.into(),
+            namespace: "ns".into(),
+            cluster_ip: Ipv4Addr::new(10, 96, 0, ip),
+            ports: vec![
+                ServicePort { port: 80, target },
+                ServicePort { port: 81, target: TargetPort::Name("admin".into()) },
+            ],
+            selector: BTreeMap::from([("app".to_string(), "ledger".to_string())]),
+            node_local,
+        };
+        let pods = [
+            named(pod("m1", 1, true, true, false), 8080),
+            named(pod("m2", 2, true, true, true), 8080),
+            named(pod("p1", 4, false, true, true), 9090),
+            named(pod("p2", 3, false, true, false), 9091),
+            named(pod("p-starting", 5, false, false, true), 9090),
+        ];
+        let splits_of = |services: &[Service]| {
+            let of = by_namespace(pods.iter(), |w| w.namespace.as_str());
+            let mut warnings = Vec::new();
+            let out = splits(services, &of, &mut warnings);
+            assert!(warnings.is_empty(), "{warnings:?}");
+            out.into_iter()
+                .map(|(k, v)| {
+                    let plain: Vec<(u8, u16)> =
+                        v.plain_backends[..v.plain as usize].iter().map(|b| (b.addr[3], b.port)).collect();
+                    ((Ipv4Addr::from(k.addr), k.port, k.slot), v.meshed, plain)
+                })
+                .collect::<Vec<_>>()
+        };
+        let vip = |ip| Ipv4Addr::new(10, 96, 0, ip);
+        // Port 80 by name: two meshed pods, two plain ready ones (by address); port 81's `admin`
+        // no pod has.
+        assert_eq!(
+            splits_of(&[service("ledger", 1, TargetPort::Name("http".into()), false)]),
+            [((vip(1), 80, 0), 2, vec![(3, 9091), (4, 9090)])]
+        );
+        // A number: every pod serves it.
+        assert_eq!(
+            splits_of(&[service("ledger", 1, TargetPort::Number(7000), false)]),
+            [((vip(1), 80, 0), 2, vec![(3, 7000), (4, 7000)])]
+        );
+        // Node-local: this node's pods only (m2, p1).
+        assert_eq!(
+            splits_of(&[service("ledger", 2, TargetPort::Name("http".into()), true)]),
+            [((vip(2), 80, 0), 1, vec![(4, 9090)])]
+        );
+        // Not captured (no meshed pod serving): the Service proxy's, no split.
+        let mut no_meshed = service("ledger", 3, TargetPort::Number(7000), false);
+        no_meshed.selector = BTreeMap::from([("app".to_string(), "other".to_string())]);
+        assert_eq!(splits_of(&[no_meshed]), []);
+    }
+
+    #[test]
+    fn a_split_names_at_most_its_capacity_of_pods_and_says_so() {
+        use crate::workloads::test_pod as pod;
+        let mut pods = vec![pod("m", 1, true, true, false)];
+        pods.extend((0..40).map(|i| pod(&format!("p{i}"), 100 + i, false, true, false)));
+        let service = Service {
+            name: "ledger".into(),
+            namespace: "ns".into(),
+            cluster_ip: Ipv4Addr::new(10, 96, 0, 1),
+            ports: vec![ServicePort { port: 80, target: TargetPort::Number(8080) }],
+            selector: BTreeMap::from([("app".to_string(), "ledger".to_string())]),
+            node_local: false,
+        };
+        let mut warnings = Vec::new();
+        let out = splits(&[service], &by_namespace(pods.iter(), |w| w.namespace.as_str()), &mut warnings);
+        assert_eq!(out[0].1.plain as usize, SERVICE_PLAIN_MAX);
+        assert_eq!(out[0].1.plain_backends[0].addr, [10, 0, 0, 100], "the first by address");
+        assert_eq!(warnings.len(), 1);
+        assert!(warnings[0].contains("ns/ledger port 80: 40 pods out of the mesh"), "{warnings:?}");
     }
 }

@@ -57,8 +57,13 @@ pub mod names {
     /// Array[1] of [`super::FastpathKernel`]: where this kernel keeps a socket's redirected queue
     /// length, and how long it may grow. Written by the agent before it turns the fast path on.
     pub const FASTPATH_KERNEL: &str = "warden_fastpath_kernel_v1";
+    /// Hash: [`super::ServiceKey`] (slot, a Service's address and port) -> [`super::ServiceSplit`].
+    /// How `connect4` shares a meshed client's connections to a Service between its meshed pods
+    /// (the agent, over the mesh) and its pods out of the mesh (the client's own socket, sent
+    /// straight to one of them), in proportion to their numbers, as ztunnel does.
+    pub const SERVICES: &str = "warden_services_v1";
 
-    pub const ALL: [&str; 17] = [
+    pub const ALL: [&str; 18] = [
         CONFIG,
         IPCACHE,
         IPCACHE_HOSTS,
@@ -76,6 +81,7 @@ pub mod names {
         FASTPATH_ACTIVE,
         FASTPATH_PEERS,
         FASTPATH_KERNEL,
+        SERVICES,
     ];
 
     /// Pins of maps an earlier version used and this one does not, removed when the agent loads.
@@ -99,6 +105,8 @@ pub mod capacity {
     pub const CAPTURED: u32 = 65_536;
     /// Sockets of the same-node fast path (two per hop: the workload's and the agent's).
     pub const FASTPATH_SOCKS: u32 = 65_536;
+    /// Service ports with pods out of the mesh, per slot.
+    pub const SERVICES: u32 = 2 * 8_192;
 }
 
 /// Socket marks (`SO_MARK`, `skb->mark`) warden uses, within [`MARK_MASK`]. Only a process with
@@ -252,8 +260,8 @@ pub struct RemoteInfo {
 /// [`RemoteInfo::flags`]: the address is a workload in the mesh, reached over HBONE.
 pub const REMOTE_MESHED: u32 = 1 << 0;
 /// [`RemoteInfo::flags`]: the address is a Service's virtual address (with [`REMOTE_MESHED`]:
-/// some of its pods are meshed, and the agent picks one). For inspection; the programs read
-/// [`REMOTE_MESHED`] alone.
+/// some of its pods are meshed, and the agent picks one). `connect4` then looks in
+/// [`names::SERVICES`] for pods out of the mesh to share the connections with.
 pub const REMOTE_SERVICE: u32 = 1 << 1;
 
 /// An IPv4 socket address: network-order address, host-order port. 8 bytes, no implicit padding.
@@ -285,6 +293,38 @@ pub struct Captured {
     /// The agent's capture listener. `getpeername()` answers `orig.dst` only while the socket's
     /// peer is this address: never for a socket that was connected elsewhere since.
     pub via: SockAddr,
+}
+
+/// A Service port, in one slot ([`names::SERVICES`]): network-order address, host-order port.
+/// 8 bytes, no implicit padding.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    pub addr: [u8; 4],
+    pub port: u16,
+    pub slot: u8,
+    pub _pad: u8,
+}
+
+/// The most pods out of the mesh one Service port's split names; more are left out (the agent
+/// warns).
+pub const SERVICE_PLAIN_MAX: usize = 32;
+
+/// How a meshed client's connections to one Service port are shared ([`names::SERVICES`]):
+/// `meshed` of every `meshed + plain` go to the agent (which picks a meshed pod), the others
+/// straight to `plain_backends[i]`, pod address and target port. 260 bytes, no implicit padding.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ServiceSplit {
+    pub meshed: u16,
+    pub plain: u16,
+    pub plain_backends: [SockAddr; SERVICE_PLAIN_MAX],
+}
+
+impl Default for ServiceSplit {
+    fn default() -> Self {
+        ServiceSplit { meshed: 0, plain: 0, plain_backends: [SockAddr::default(); SERVICE_PLAIN_MAX] }
+    }
 }
 
 /// A TCP socket's 4-tuple as the socket itself sees it: its own address and port first (network
@@ -722,6 +762,8 @@ mod pod {
     unsafe impl aya::Pod for super::SockKey {}
     unsafe impl aya::Pod for super::FastpathSock {}
     unsafe impl aya::Pod for super::FastpathCounter {}
+    unsafe impl aya::Pod for super::ServiceKey {}
+    unsafe impl aya::Pod for super::ServiceSplit {}
     unsafe impl aya::Pod for super::FastpathKernel {}
 }
 
@@ -738,6 +780,8 @@ mod tests {
         assert_eq!(size_of::<SockAddr>(), 8);
         assert_eq!(size_of::<OrigDst>(), 16);
         assert_eq!(size_of::<Captured>(), 24);
+        assert_eq!(size_of::<ServiceKey>(), 8);
+        assert_eq!(size_of::<ServiceSplit>(), 4 + 8 * SERVICE_PLAIN_MAX);
         assert_eq!(size_of::<EndpointKey>(), 8);
         assert_eq!(size_of::<EndpointInfo>(), 16);
         assert_eq!(size_of::<PolicyKey>(), 12);

@@ -57,6 +57,30 @@ pub fn redirect(ctx: &SockAddrContext, family: Family, cfg: &Config, endpoint_id
     true
 }
 
+/// Send the `connect()` of `ctx` to `backend` (a Service's pod out of the mesh) instead of
+/// Service address `dst`, remembering `dst` for `getpeername()`. Not for the agent: sock_ops files
+/// only sockets sent to the capture listener. False when the record cannot be written: the caller
+/// then refuses the connection (fail closed; the socket would name the pod as its peer).
+#[inline(always)]
+pub fn send_to(
+    ctx: &SockAddrContext,
+    family: Family,
+    cfg: &Config,
+    endpoint_id: u32,
+    dst: SockAddr,
+    backend: SockAddr,
+) -> bool {
+    // SAFETY: as in `redirect`.
+    let rec = unsafe { record((*ctx.sock_addr).__bindgen_anon_1.sk, true) };
+    if rec.is_null() {
+        return false;
+    }
+    // SAFETY: a valid pointer into the socket's storage.
+    unsafe { *rec = Captured { orig: OrigDst { dst, endpoint_id, generation: cfg.generation }, via: backend } };
+    sock_addr::set(ctx, family, backend);
+    true
+}
+
 /// sock_ops: when a captured socket has its source port (`TCP_CONNECT_CB`, just before the SYN),
 /// file its original destination under (address, source port) for the agent. The socket keeps
 /// its record for `getpeername()`.
@@ -76,7 +100,12 @@ pub fn on_sock_op(ctx: &SockOpsContext) {
         return;
     }
     // SAFETY: a valid pointer into the socket's storage.
-    let orig = unsafe { (*rec).orig };
+    let Captured { orig, via } = unsafe { *rec };
+    // A socket `send_to` sent to a Service's pod is not the agent's to accept.
+    match crate::enforce::config() {
+        Ok(cfg) if via.addr == cfg.capture_addr && via.port == cfg.capture_port => {}
+        _ => return,
+    }
     let src = SockAddr { addr: ctx.local_ip4().to_ne_bytes(), port: ctx.local_port() as u16, _pad: 0 };
     // A failed insert leaves the agent without the destination: it refuses the connection.
     let _ = ORIG_DST.insert(&src, &orig, 0);

@@ -7,7 +7,9 @@
 //! | `warden_from_wl`      | TCX ingress of the host-side veth   | packets leaving the workload (egress)   |
 //! | `warden_to_wl`        | TCX egress of the host-side veth    | packets entering the workload (ingress) |
 //! | `warden_connect4`     | cgroup/connect4 on the workload     | `connect()`: EPERM at once when denied; |
-//! |                       |                                     | a meshed destination: to the agent      |
+//! |                       |                                     | a meshed destination: to the agent; a   |
+//! |                       |                                     | Service's pods out of the mesh: their   |
+//! |                       |                                     | share, straight (`service`)             |
 //! | `warden_sendmsg4`     | cgroup/sendmsg4 on the workload     | a UDP send with an address: EPERM at    |
 //! |                       |                                     | once when denied                        |
 //! | `warden_getpeername4` | cgroup/getpeername4 on the workload | a captured socket's peer: the original  |
@@ -25,6 +27,7 @@ mod enforce;
 mod fastpath;
 mod maps;
 mod packet;
+mod service;
 mod sock_addr;
 
 use aya_ebpf::{
@@ -35,7 +38,7 @@ use aya_ebpf::{
 };
 use warden_common::{
     Direction, DropReason, EVENT_CLOSED, EVENT_DECIDED, EndpointInfo, HOOK_CONNECT, HOOK_TC, HOOK_TUNNEL, MARK_MASK,
-    MARK_TO_AGENT, MARK_TUNNEL, PROTO_TCP, PolicyValue, REMOTE_MESHED, RemoteInfo, SockAddr,
+    MARK_TO_AGENT, MARK_TUNNEL, PROTO_TCP, PolicyValue, REMOTE_MESHED, REMOTE_SERVICE, RemoteInfo, SockAddr,
 };
 
 use crate::{
@@ -336,6 +339,17 @@ fn connect4(ctx: &SockAddrContext, family: Family, to: SockAddr) -> (Outcome, Tu
     // proven identity (and the destination's kernel enforces it again on the last hop).
     let dst_meshed = if local { peer.is_meshed() } else { dst.flags & REMOTE_MESHED != 0 };
     let captured = proto == PROTO_TCP && cfg.capture_port != 0 && ep.is_meshed() && dst_meshed;
+    // A Service with pods out of the mesh: this connection may be one of theirs, sent straight to
+    // the pod from the client's own socket (`service`); the rest go to the agent.
+    if captured
+        && dst.flags & REMOTE_SERVICE != 0
+        && let Some(backend) = service::plain_backend(slot, to)
+    {
+        if capture::send_to(ctx, family, &cfg, ep.endpoint_id, to, backend) {
+            return (egress, key);
+        }
+        return (Outcome::drop(ep.endpoint_id, Direction::Egress, DropReason::NoState), key);
+    }
     // Redirect to the agent; a destination that cannot be filed refuses the connect().
     let redirect = || capture::redirect(ctx, family, &cfg, ep.endpoint_id, to);
     if captured && !local {

@@ -11,11 +11,12 @@ use aya_ebpf::{
 };
 use warden_common::{
     Captured, Config, Counter, CounterKey, EndpointInfo, EndpointKey, FastpathCounter, FastpathKernel, FastpathSock,
-    FlowEvent, FlowKey, FlowValue, IpcacheAddr, OrigDst, PolicyKey, PolicyValue, RemoteInfo, SockAddr, SockKey,
+    FlowEvent, FlowKey, FlowValue, IpcacheAddr, OrigDst, PolicyKey, PolicyValue, RemoteInfo, ServiceKey, ServiceSplit,
+    SockAddr, SockKey,
     capacity::{
         CAPTURED as CAPTURED_CAP, CGROUPS as CGROUPS_CAP, COUNTERS as COUNTERS_CAP, ENDPOINTS as ENDPOINTS_CAP,
         EVENTS_BYTES, FASTPATH_SOCKS as FASTPATH_SOCKS_CAP, FLOWS as FLOWS_CAP, IPCACHE as IPCACHE_CAP,
-        POLICY as POLICY_CAP,
+        POLICY as POLICY_CAP, SERVICES as SERVICES_CAP,
     },
 };
 
@@ -97,3 +98,9 @@ pub static FASTPATH_COUNTERS: PerCpuArray<FastpathCounter, 1> = PerCpuArray::new
 pub fn ipcache_key(slot: u8, addr: [u8; 4]) -> Key<IpcacheAddr> {
     Key::new(warden_common::IPCACHE_SLOT_BITS + 32, IpcacheAddr { slot, addr, _pad: [0; 3] })
 }
+
+/// How a meshed client's connections to a Service port are shared between the agent and the
+/// Service's pods out of the mesh (`crate::service`), per slot.
+#[btf_map(name = "warden_services_v1")]
+pub static SERVICES: HashMap<ServiceKey, ServiceSplit, { SERVICES_CAP as usize }, { BPF_F_NO_PREALLOC as usize }> =
+    HashMap::new();

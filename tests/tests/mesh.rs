@@ -1329,3 +1329,62 @@ fn only_hbone_to_a_meshed_pod_of_the_node_goes_to_its_agent() {
     assert_eq!(hbone_routes(&c.n2), Vec::<String>::new(), "table 15008 is empty");
     assert!(String::from_utf8_lossy(&out.stderr).contains("removed the mesh's rule"), "cleanup says what it removed");
 }
+
+/// A Service in front of pods in the mesh and pods out of it (a rollout into the mesh, or pods
+/// opted out): a meshed client's connections are shared among all of them, as ztunnel shares
+/// them among a Service's endpoints. The kernel (`connect4`) sends a share straight to the pods
+/// out of the mesh, in plaintext from the client's own socket, and captures the rest for the
+/// agent, which carries them to the meshed pods over HBONE. Either way the client's socket names
+/// the Service as its peer.
+#[test]
+fn a_services_connections_are_shared_between_its_meshed_pods_and_the_others() {
+    if !require_root("a_services_connections_are_shared_between_its_meshed_pods_and_the_others") {
+        return;
+    }
+    let net = 87;
+    let mut q = plain("q", Ipv4Addr::new(10, net, 2, 3), &[PORT]);
+    q.labels[0].1 = "b".into(); // one of b-svc's pods, out of the mesh
+    let mut c = cluster_with("msp", net, &[], &[], &[q], &[]);
+    let vip = Ipv4Addr::new(10, 96, net, 1);
+    set_services(
+        &mut c,
+        &[format!(
+            "{{name: b-svc, namespace: team, clusterIP: {vip}, selector: {{app: b}}, ports: [{{port: 80, targetPort: {PORT}}}]}}"
+        )],
+    );
+    let maps: serde_json::Value = serde_json::from_str(&c.n1.warden(&["maps", "--output", "json"]).unwrap()).unwrap();
+    let split = &maps["services"];
+    assert_eq!(split[0]["service"], format!("{vip}:80"), "node 1's split: {split}");
+    assert_eq!(
+        (split[0]["meshed"].as_u64(), split[0]["plain"].clone()),
+        (Some(1), serde_json::json!([format!("10.{net}.2.3:{PORT}")]))
+    );
+
+    let (tcpdump, pcap) = capture(&c.n1);
+    const N: usize = 40;
+    for i in 0..N {
+        let p = c.n1.echo("a", vip, 80, &format!("SPLIT-MARKER-{i:03}-end"));
+        assert_eq!(p.result, "allowed", "a -> b-svc #{i}: {p:?}\n{}", log(&c.n1));
+        assert_eq!(p.intact, Some(true), "#{i}: {p:?}");
+        assert_eq!(p.peer, Some(format!("{vip}:80")), "a's socket names the Service either way: {p:?}");
+        assert!(p.seen_as.unwrap_or_default().starts_with(&format!("{}:", a_ip(net))), "the pod sees a's own address");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    stop(tcpdump);
+    let wire = fs::read(&pcap).expect("capture file");
+    let plain = (0..N).filter(|i| contains(&wire, format!("SPLIT-MARKER-{i:03}-end").as_bytes())).count();
+    // Half each way on average; all on one side has odds of 2 in 2^40.
+    assert!(plain > 0, "no connection went to q, the pod out of the mesh");
+    assert!(plain < N, "no connection went over the mesh to b");
+    let tunnels = sample(
+        &metrics(&c.n2),
+        "istio_tcp_connections_opened_total",
+        &["reporter=\"destination\"", "destination_workload=\"b\""],
+    );
+    assert_eq!(
+        tunnels as usize,
+        N - plain,
+        "every connection that did not cross the wire in plaintext reached b over the mesh"
+    );
+    eprintln!("{plain} of {N} connections to q in plaintext, {} to b over HBONE", N - plain);
+}

@@ -14,7 +14,7 @@ use aya::maps::lpm_trie::Key;
 use ipnet::Ipv4Net;
 use warden_common::{
     CONFIG_EVENTS, CONFIG_FAST_PATH, CONFIG_NODE_EXEMPT, Config, EndpointInfo, EndpointKey, IPCACHE_SLOT_BITS,
-    IpcacheAddr, PolicyKey, PolicyValue, RemoteInfo,
+    IpcacheAddr, PolicyKey, PolicyValue, RemoteInfo, ServiceKey, ServiceSplit,
 };
 
 use super::maps::Maps;
@@ -27,6 +27,9 @@ pub struct NodeState {
     pub endpoints: Vec<(u32, EndpointInfo)>,
     /// Keys in slot 0; the commit re-slots them.
     pub policy: Vec<(PolicyKey, PolicyValue)>,
+    /// How meshed clients' connections to Service ports with pods out of the mesh are shared;
+    /// keys in slot 0.
+    pub services: Vec<(ServiceKey, ServiceSplit)>,
     /// The node agent's outbound listener, when the node runs the mesh.
     pub capture: Option<std::net::SocketAddrV4>,
     /// The kernel writes access-log events (someone reads them).
@@ -73,6 +76,10 @@ pub fn clear_slot(maps: &mut Maps, slot: u8) -> Result<(), CommitError> {
     for k in stale {
         maps.ipcache_hosts.remove(&k).map_err(|source| CommitError::Clear { map: "ipcache_hosts", slot, source })?;
     }
+    let stale: Vec<_> = maps.services.keys().filter_map(Result::ok).filter(|k| k.slot == slot).collect();
+    for k in stale {
+        maps.services.remove(&k).map_err(|source| CommitError::Clear { map: "services", slot, source })?;
+    }
     Ok(())
 }
 
@@ -114,6 +121,14 @@ pub fn commit(maps: &mut Maps, state: &NodeState, inactive_clean: &mut bool) -> 
     for (i, (k, v)) in state.policy.iter().enumerate() {
         maps.policy.insert(k.with_slot(slot), *v, 0).map_err(|source| CommitError::Write {
             map: "policy",
+            written: i,
+            source,
+        })?;
+    }
+
+    for (i, (k, v)) in state.services.iter().enumerate() {
+        maps.services.insert(ServiceKey { slot, ..*k }, *v, 0).map_err(|source| CommitError::Write {
+            map: "services",
             written: i,
             source,
         })?;

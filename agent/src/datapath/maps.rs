@@ -6,7 +6,7 @@ use std::path::Path;
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuHashMap};
 use warden_common::{
     Config, Counter, CounterKey, EndpointInfo, EndpointKey, FastpathCounter, FastpathKernel, FlowKey, FlowValue,
-    IpcacheAddr, PolicyKey, PolicyValue, RemoteInfo, names,
+    IpcacheAddr, PolicyKey, PolicyValue, RemoteInfo, ServiceKey, ServiceSplit, names,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +28,7 @@ pub struct Maps {
     pub counters: PerCpuHashMap<MapData, CounterKey, Counter>,
     pub fastpath_kernel: Array<MapData, FastpathKernel>,
     pub fastpath_counters: FastPathCounterMap,
+    pub services: HashMap<MapData, ServiceKey, ServiceSplit>,
 }
 
 /// `warden_fastpath_counters_v2`: what the same-node fast path did, per CPU.
@@ -60,6 +61,7 @@ impl Maps {
             counters: typed!(pin_dir, names::COUNTERS),
             fastpath_kernel: typed!(pin_dir, names::FASTPATH_KERNEL),
             fastpath_counters: typed!(pin_dir, names::FASTPATH_COUNTERS),
+            services: typed!(pin_dir, names::SERVICES),
         })
     }
 
