@@ -167,7 +167,8 @@ pub fn up() -> anyhow::Result<()> {
         }
         println!("    {ns} curl -s localhost:15020/stats/prometheus | grep istio_tcp");
         println!("    {ns} {} certs", warden.display());
-        println!("    {ns} ip rule; agent log: {}", lab.agent_log().display());
+        println!("    {ns} ip rule; {ns} ip route show table 15008   # HBONE to the node's meshed pods");
+        println!("    agent log: {}", lab.agent_log().display());
     }
     println!("  bpftool link show; bpftool prog show name warden_from_wl");
     println!("  edit {} : the agents apply changes live", policies.display());
