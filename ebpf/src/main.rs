@@ -292,7 +292,8 @@ fn loopback(ep: &EndpointInfo) -> Outcome {
 
 /// A connect() to `to` is allowed when the workload may send to the destination and, if the
 /// destination is a workload on this node, that workload may receive from it; a connect() to the
-/// workload's own address is allowed ([`loopback`]).
+/// workload's own address is allowed ([`loopback`]). A meshed workload's connect() to a Service
+/// whose share falls on a pod out of the mesh ([`service`]) is decided as one to that pod.
 #[inline(always)]
 fn connect4(ctx: &SockAddrContext, family: Family, to: SockAddr) -> (Outcome, Tuple) {
     // SAFETY: the context pointer is valid for the program's run.
@@ -312,7 +313,27 @@ fn connect4(ctx: &SockAddrContext, family: Family, to: SockAddr) -> (Outcome, Tu
     if key.daddr == ep.ip {
         return (loopback(&ep), key);
     }
-    let dst = remote(slot, key.daddr);
+    let mut dst = remote(slot, key.daddr);
+    // A Service with pods out of the mesh: this connection may be one of theirs (`service`).
+    // From here on it is decided as a connection to that pod, and sent there once allowed.
+    let mut share = None;
+    if proto == PROTO_TCP
+        && cfg.capture_port != 0
+        && ep.is_meshed()
+        && dst.flags & REMOTE_SERVICE != 0
+        && let Some(pod) = service::plain_backend(slot, to)
+    {
+        share = Some(pod);
+        (key.daddr, key.dport) = (pod.addr, pod.port);
+        dst = remote(slot, pod.addr);
+    }
+    // The share's pod, once its connection is allowed; a record that cannot be written refuses it.
+    let send_share = |o: Outcome, key: Tuple| match share {
+        Some(pod) if o.value.is_allow() && !capture::send_to(ctx, family, &cfg, ep.endpoint_id, to, pod) => {
+            (Outcome::drop(ep.endpoint_id, Direction::Egress, DropReason::NoState), key)
+        }
+        _ => (o, key),
+    };
     let out = policy(slot, &ep, Direction::Egress, dst.identity, proto, key.dport, false);
     let egress = Outcome {
         endpoint_id: ep.endpoint_id,
@@ -338,18 +359,7 @@ fn connect4(ctx: &SockAddrContext, family: Family, to: SockAddr) -> (Outcome, Tu
     // Mesh to mesh: the node agent carries the connection over mTLS and authorizes it with the
     // proven identity (and the destination's kernel enforces it again on the last hop).
     let dst_meshed = if local { peer.is_meshed() } else { dst.flags & REMOTE_MESHED != 0 };
-    let captured = proto == PROTO_TCP && cfg.capture_port != 0 && ep.is_meshed() && dst_meshed;
-    // A Service with pods out of the mesh: this connection may be one of theirs, sent straight to
-    // the pod from the client's own socket (`service`); the rest go to the agent.
-    if captured
-        && dst.flags & REMOTE_SERVICE != 0
-        && let Some(backend) = service::plain_backend(slot, to)
-    {
-        if capture::send_to(ctx, family, &cfg, ep.endpoint_id, to, backend) {
-            return (egress, key);
-        }
-        return (Outcome::drop(ep.endpoint_id, Direction::Egress, DropReason::NoState), key);
-    }
+    let captured = share.is_none() && proto == PROTO_TCP && cfg.capture_port != 0 && ep.is_meshed() && dst_meshed;
     // Redirect to the agent; a destination that cannot be filed refuses the connect().
     let redirect = || capture::redirect(ctx, family, &cfg, ep.endpoint_id, to);
     if captured && !local {
@@ -359,7 +369,7 @@ fn connect4(ctx: &SockAddrContext, family: Family, to: SockAddr) -> (Outcome, Tu
         return (Outcome::drop(ep.endpoint_id, Direction::Egress, DropReason::NoState), key);
     }
     if !local {
-        return (egress, key);
+        return send_share(egress, key);
     }
     // A local peer's verdict is known here: a denied connect() fails at once with EPERM, also
     // in the mesh (whose agent would refuse it anyway). Through the agent, the peer decides in
@@ -370,7 +380,7 @@ fn connect4(ctx: &SockAddrContext, family: Family, to: SockAddr) -> (Outcome, Tu
         if captured && !redirect() {
             return (Outcome::drop(ep.endpoint_id, Direction::Egress, DropReason::NoState), key);
         }
-        (egress, key)
+        send_share(egress, key)
     } else {
         // Counted against the workload whose policy refused it.
         (

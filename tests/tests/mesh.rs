@@ -1344,7 +1344,21 @@ fn a_services_connections_are_shared_between_its_meshed_pods_and_the_others() {
     let net = 87;
     let mut q = plain("q", Ipv4Addr::new(10, net, 2, 3), &[PORT]);
     q.labels[0].1 = "b".into(); // one of b-svc's pods, out of the mesh
-    let mut c = cluster_with("msp", net, &[], &[], &[q], &[]);
+    // Another, on a's node, whose policy refuses everyone: a's connect() fails at once (EPERM),
+    // as a direct one to r would, instead of timing out at TC.
+    let mut r = plain("r", Ipv4Addr::new(10, net, 1, 5), &[PORT]);
+    r.labels[0].1 = "b".into();
+    r.labels.push(("role".into(), "r".into()));
+    let deny_r = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: r-closed, namespace: team}
+spec:
+  selector: {matchLabels: {role: r}}
+  action: DENY
+  rules:
+  - to: [{operation: {ports: [\"8080\"]}}]
+";
+    let mut c = cluster_with("msp", net, &[("deny-r.yaml", deny_r)], &[r], &[q], &[]);
     let vip = Ipv4Addr::new(10, 96, net, 1);
     set_services(
         &mut c,
@@ -1355,15 +1369,18 @@ fn a_services_connections_are_shared_between_its_meshed_pods_and_the_others() {
     let maps: serde_json::Value = serde_json::from_str(&c.n1.warden(&["maps", "--output", "json"]).unwrap()).unwrap();
     let split = &maps["services"];
     assert_eq!(split[0]["service"], format!("{vip}:80"), "node 1's split: {split}");
-    assert_eq!(
-        (split[0]["meshed"].as_u64(), split[0]["plain"].clone()),
-        (Some(1), serde_json::json!([format!("10.{net}.2.3:{PORT}")]))
-    );
+    let pods = serde_json::json!([format!("10.{net}.1.5:{PORT}"), format!("10.{net}.2.3:{PORT}")]);
+    assert_eq!((split[0]["meshed"].as_u64(), split[0]["plain"].clone()), (Some(1), pods), "{split}");
 
     let (tcpdump, pcap) = capture(&c.n1);
-    const N: usize = 40;
+    const N: usize = 45;
+    let mut refused = 0;
     for i in 0..N {
         let p = c.n1.echo("a", vip, 80, &format!("SPLIT-MARKER-{i:03}-end"));
+        if p.result == "eperm" {
+            refused += 1; // r's share
+            continue;
+        }
         assert_eq!(p.result, "allowed", "a -> b-svc #{i}: {p:?}\n{}", log(&c.n1));
         assert_eq!(p.intact, Some(true), "#{i}: {p:?}");
         assert_eq!(p.peer, Some(format!("{vip}:80")), "a's socket names the Service either way: {p:?}");
@@ -1373,18 +1390,21 @@ fn a_services_connections_are_shared_between_its_meshed_pods_and_the_others() {
     stop(tcpdump);
     let wire = fs::read(&pcap).expect("capture file");
     let plain = (0..N).filter(|i| contains(&wire, format!("SPLIT-MARKER-{i:03}-end").as_bytes())).count();
-    // Half each way on average; all on one side has odds of 2 in 2^40.
-    assert!(plain > 0, "no connection went to q, the pod out of the mesh");
-    assert!(plain < N, "no connection went over the mesh to b");
+    // A third each way on average; none on one side has odds of about 3 in 1.5^45.
+    assert!(plain > 0, "no connection went to q, the pod out of the mesh on node 2");
+    assert!(refused > 0, "no connection was r's (refused by its policy at connect())");
     let tunnels = sample(
         &metrics(&c.n2),
         "istio_tcp_connections_opened_total",
         &["reporter=\"destination\"", "destination_workload=\"b\""],
-    );
+    ) as usize;
+    assert!(tunnels > 0, "no connection went over the mesh to b");
     assert_eq!(
-        tunnels as usize,
-        N - plain,
-        "every connection that did not cross the wire in plaintext reached b over the mesh"
+        tunnels,
+        N - plain - refused,
+        "every allowed connection that did not cross the wire in plaintext reached b"
     );
-    eprintln!("{plain} of {N} connections to q in plaintext, {} to b over HBONE", N - plain);
+    eprintln!(
+        "{plain} of {N} connections to q in plaintext, {refused} refused by r's policy, {tunnels} to b over HBONE"
+    );
 }
