@@ -89,7 +89,7 @@ pub fn build(
     capture: Option<SocketAddrV4>,
     record: &mut NodeRecord,
 ) -> Result<Desired, BuildError> {
-    let Inputs { workloads, services, policies } = inputs;
+    let Inputs { workloads, services, policies, outside_mesh } = inputs;
 
     let authz_workloads: Vec<warden_authz::Workload> = workloads
         .iter()
@@ -184,8 +184,10 @@ pub fn build(
         endpoints.push((l.ifindex, EndpointInfo { endpoint_id: *endpoint_id, identity, ip: w.ip.octets(), flags }));
     }
     let mut warnings = compiled.warnings;
+    // The pods a source keeps out of its workloads (opted out) take their share too.
+    let all_pods = crate::services::by_namespace(workloads.iter().chain(&outside_mesh), |w| w.namespace.as_str());
     let services_split =
-        if capture.is_some() { crate::services::splits(&services, &workloads_of, &mut warnings) } else { Vec::new() };
+        if capture.is_some() { crate::services::splits(&services, &all_pods, &mut warnings) } else { Vec::new() };
     Ok(Desired {
         state: NodeState {
             ipcache: ipcache.into_iter().collect(),
@@ -463,6 +465,7 @@ mod tests {
             workloads: pods,
             services: vec![service],
             policies: warden_authz::PolicySet::from_resources(Vec::new(), &Default::default()).unwrap(),
+            outside_mesh: Vec::new(),
         };
         let capture = Some(SocketAddrV4::new(Ipv4Addr::new(169, 254, 1, 1), 15001));
         let desired = build(inputs, "cluster.local", capture, &mut NodeRecord::default()).unwrap();

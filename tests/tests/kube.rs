@@ -614,4 +614,37 @@ fn the_daemonsets_mesh_gets_its_certificates_from_the_cluster_ca_with_its_capabi
     lab.wait_generation_change(before, Duration::from_secs(10)).unwrap();
     assert!(captured(&lab), "b-svc is captured again: {}", maps(&lab)["ipcache"]);
     assert_eq!(lab.echo("c", vip, 80, "ready again").result, "allowed");
+
+    // a opts out of the mesh and joins b-svc (its labels, as the API server has them): it is no
+    // workload any more (the node leaves it alone), but meshed clients' connections to b-svc are
+    // now shared with it, straight to its port 8080.
+    let before = lab.generation();
+    api.kubectl(&["-n", "team", "label", "pod", "a", "app=b", "istio.io/dataplane-mode=none", "--overwrite"]).unwrap();
+    lab.wait_generation_change(before, Duration::from_secs(10)).unwrap();
+    let a = lab.member("a").spec.ip;
+    assert_eq!(
+        maps(&lab)["services"],
+        serde_json::json!([{"service": format!("{vip}:80"), "meshed": 1, "plain": [format!("{a}:8080")]}]),
+        "the split of b-svc"
+    );
+    let endpoints = maps(&lab)["endpoints"].to_string();
+    assert!(!endpoints.contains("team/a"), "a is not enforced: {endpoints}");
+    // c's connections reach both: about half through the agent to b, the rest straight to a.
+    let carried = |lab: &Lab| -> u64 {
+        let out = lab.node_command("curl", &["-sf", "http://127.0.0.1:15020/stats/prometheus"]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.starts_with("istio_tcp_connections_opened_total{"))
+            .filter(|l| l.contains("reporter=\"source\"") && l.contains("destination_workload=\"b\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    let before = carried(&lab);
+    for i in 0..30 {
+        let p = lab.echo("c", vip, 80, &format!("shared {i}"));
+        assert_eq!(p.result, "allowed", "c -> b-svc #{i}: {p:?}");
+        assert_eq!(p.peer, Some(format!("{vip}:80")), "{p:?}");
+    }
+    let through_agent = carried(&lab) - before;
+    assert!(0 < through_agent && through_agent < 30, "{through_agent} of 30 through the agent to b; the rest to a");
 }

@@ -53,7 +53,8 @@ impl Source for FileSource {
         self.seen = self.fingerprint();
         let workloads::Loaded { workloads, services } = workloads::load(&self.workloads, &HostLinks)?;
         let policies = warden_authz::load_paths_with(&[&self.policies], &self.options)?;
-        Ok(Inputs { workloads, services, policies })
+        // Its workloads out of the mesh are workloads (enforced at L4), so they are in `workloads`.
+        Ok(Inputs { workloads, services, policies, outside_mesh: Vec::new() })
     }
 
     fn describe(&self) -> String {

@@ -12,6 +12,10 @@ pub struct Inputs {
     pub workloads: Vec<Workload>,
     pub services: Vec<crate::services::Service>,
     pub policies: warden_authz::PolicySet,
+    /// Pods a Service selects that are not workloads: opted out of the mesh where the source
+    /// leaves such pods alone (the Kubernetes source). Never enforced; a meshed client's
+    /// connections to their Service are shared with them (`services::splits`).
+    pub outside_mesh: Vec<Workload>,
 }
 
 /// Why a snapshot could not be taken. Nothing is applied; the last good state keeps running.

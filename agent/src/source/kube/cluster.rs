@@ -178,10 +178,16 @@ pub enum Skip {
 
 /// The pod as a workload, or why not. `local` says whether it runs on this node.
 pub fn pod_workload(pod: &Pod, services: &[&Service]) -> Result<Workload, Skip> {
-    let labels = pod.labels();
-    if labels.get(DATAPLANE_MODE_LABEL).map(String::as_str) == Some(DATAPLANE_MODE_NONE) {
+    if pod.labels().get(DATAPLANE_MODE_LABEL).map(String::as_str) == Some(DATAPLANE_MODE_NONE) {
         return Err(Skip::OptedOut);
     }
+    pod_record(pod, services)
+}
+
+/// The pod's address, identity, labels, Services, named ports and readiness, whether or not it
+/// is in the mesh.
+fn pod_record(pod: &Pod, services: &[&Service]) -> Result<Workload, Skip> {
+    let labels = pod.labels();
     let spec = pod.spec.as_ref();
     if spec.and_then(|s| s.host_network).unwrap_or(false) {
         return Err(Skip::HostNetwork);
@@ -285,6 +291,9 @@ pub struct NodeView {
     pub workloads: Vec<Workload>,
     /// The enrolled namespaces' Services the mesh carries.
     pub services: Vec<crate::services::Service>,
+    /// Pods of enrolled namespaces opted out of the mesh that one of those Services selects:
+    /// left alone, but given their share of meshed clients' connections to the Service.
+    pub outside_mesh: Vec<Workload>,
     pub unresolved: Vec<String>,
 }
 
@@ -310,6 +319,7 @@ pub fn node_view(
         s.metadata.namespace.as_deref().unwrap_or_default()
     });
     let mut unresolved = Vec::new();
+    let mut outside_mesh = Vec::new();
     locator.refresh();
     // Local pods first: when two pods claim one address (a pod being replaced), the local one wins.
     let mut by_ip: BTreeMap<Ipv4Addr, Workload> = BTreeMap::new();
@@ -319,7 +329,22 @@ pub fn node_view(
             continue;
         }
         let ns_services = pod.metadata.namespace.as_deref().and_then(|n| services_of.get(n));
-        let Ok(mut w) = pod_workload(pod, ns_services.map_or(&[][..], Vec::as_slice)) else { continue };
+        let ns_services = ns_services.map_or(&[][..], Vec::as_slice);
+        let mut w = match pod_workload(pod, ns_services) {
+            Ok(w) => w,
+            Err(Skip::OptedOut) => {
+                // A Service's pod out of the mesh: on this node when its veth is (for a
+                // node-local Service), never enforced.
+                if let Some(mut w) = pod_record(pod, ns_services).ok().filter(|w| !w.services.is_empty()) {
+                    if is_local && let Some((veth, ifindex)) = locator.veth(w.ip) {
+                        w.local = Some(Local { veth, ifindex, cgroup: None });
+                    }
+                    outside_mesh.push(w);
+                }
+                continue;
+            }
+            Err(_) => continue,
+        };
         if let Some(existing) = by_ip.get(&w.ip) {
             tracing::debug!(pod = %w.key(), other = %existing.key(), ip = %w.ip, "address already claimed; skipping");
             continue;
@@ -346,7 +371,8 @@ pub fn node_view(
     workloads.sort_by_key(|w| w.key());
     let mut services: Vec<crate::services::Service> = services.iter().filter_map(|s| mesh_service(s)).collect();
     services.sort_by_key(|s| s.key());
-    NodeView { workloads, services, unresolved }
+    outside_mesh.sort_by_key(|w: &Workload| w.key());
+    NodeView { workloads, services, outside_mesh, unresolved }
 }
 
 #[cfg(test)]
@@ -518,6 +544,36 @@ mod tests {
         assert_eq!(v.workloads[1].local, None, "no route yet: identity only, retried");
         assert_eq!(v.workloads[2].local, None, "remote pods are identities");
         assert_eq!(v.unresolved, ["team/noroute: no /32 route to 10.0.0.200 on this node"]);
+        assert!(v.outside_mesh.is_empty(), "no Service selects the opted-out pod");
+    }
+
+    /// A pod opted out of the mesh stays no workload (never enforced), but when a Service of its
+    /// namespace selects it, it is kept aside: meshed clients' connections to that Service are
+    /// shared with it.
+    #[test]
+    fn an_opted_out_pod_behind_a_service_is_kept_aside_for_its_share() {
+        let nss = store(vec![ns("team", Some("ambient"))]);
+        let local = store(vec![
+            pod("team", "a", Some("10.0.0.2"), &[("app", "a")]),
+            pod("team", "a-plain", Some("10.0.0.3"), &[("app", "a"), (DATAPLANE_MODE_LABEL, "none")]),
+            pod("team", "alone", Some("10.0.0.5"), &[("app", "x"), (DATAPLANE_MODE_LABEL, "none")]),
+        ]);
+        let remote =
+            store(vec![pod("team", "a-far", Some("10.0.1.3"), &[("app", "a"), (DATAPLANE_MODE_LABEL, "none")])]);
+        let services = store(vec![svc("team", "a-svc", &[("app", "a")])]);
+        let v = node_view(&nss, &local, &remote, &services, &mut FakeNode);
+        let keys = |ws: &[Workload]| ws.iter().map(Workload::key).collect::<Vec<_>>();
+        assert_eq!(keys(&v.workloads), ["team/a"]);
+        assert_eq!(keys(&v.outside_mesh), ["team/a-far", "team/a-plain"]);
+        let plain = &v.outside_mesh[1];
+        assert_eq!(plain.services, ["a-svc"]);
+        assert!(!plain.in_mesh());
+        assert_eq!(
+            plain.local,
+            Some(Local { veth: "veth3".into(), ifindex: 13, cgroup: None }),
+            "on this node, not enforced"
+        );
+        assert_eq!(v.outside_mesh[0].local, None);
     }
 
     #[test]

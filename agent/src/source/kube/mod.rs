@@ -473,7 +473,7 @@ impl Source for KubeSource {
         }
         self.report(reports);
         let policies = warden_authz::PolicySet::from_resources(resources, &self.options)?;
-        Ok(Inputs { workloads: view.workloads, services: view.services, policies })
+        Ok(Inputs { workloads: view.workloads, services: view.services, policies, outside_mesh: view.outside_mesh })
     }
 
     fn describe(&self) -> String {
