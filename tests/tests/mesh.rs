@@ -1328,6 +1328,17 @@ fn only_hbone_to_a_meshed_pod_of_the_node_goes_to_its_agent() {
     assert!(!["1000:", "1001:", "1002:"].iter().any(|p| rules.contains(p)), "the mesh's rules are gone:\n{rules}");
     assert_eq!(hbone_routes(&c.n2), Vec::<String>::new(), "table 15008 is empty");
     assert!(String::from_utf8_lossy(&out.stderr).contains("removed the mesh's rule"), "cleanup says what it removed");
+
+    // Another program's rule at one of the mesh's priorities: the agent refuses to start the mesh
+    // and says why, and the rule stays.
+    let foreign = ["rule", "add", "pref", "1002", "from", "10.99.0.0/16", "lookup", "100"];
+    assert!(c.n2.node_command("ip", &foreign).status().unwrap().success());
+    let refused = c.n2.start_mesh_agent_with(&dir, &ca, &[]).expect_err("the mesh cannot route around a foreign rule");
+    assert!(
+        refused.to_string().contains("priority 1002 holds another program's rule"),
+        "the agent names the rule in its way: {refused}"
+    );
+    assert!(replies_rule(&c.n2).contains("from 10.99.0.0/16 lookup 100"), "the foreign rule stays");
 }
 
 /// A Service in front of pods in the mesh and pods out of it (a rollout into the mesh, or pods

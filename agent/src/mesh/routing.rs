@@ -81,11 +81,20 @@ fn ip_batch(commands: &[String]) -> Result<(), RoutingError> {
 }
 
 /// Make the rule at `pref` exactly `selector ... lookup table`: added when there is none,
-/// replaced when the one there looks up another table.
+/// replaced when it is an earlier agent's that looks up another table. Another program's rule at
+/// that priority is an error: the mesh would not get its packets.
 fn rule(pref: u32, selector: &[&str], table: &str) -> Result<(), RoutingError> {
     let pref_s = pref.to_string();
     let existing = ip(&["rule", "show", "pref", &pref_s])?;
     let existing = existing.trim();
+    if !existing.is_empty() && !is_ours(pref, existing) {
+        return Err(RoutingError {
+            args: format!("rule show pref {pref}"),
+            reason: format!(
+                "priority {pref} holds another program's rule ({existing}); the mesh needs priorities {PREF_LOCAL_HBONE}-{PREF_TO_AGENT}"
+            ),
+        });
+    }
     if existing.split_whitespace().next_back() == Some(table) {
         return Ok(());
     }
