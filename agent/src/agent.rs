@@ -387,19 +387,11 @@ pub async fn run(cfg: AgentConfig, mut source: Box<dyn Source>) -> anyhow::Resul
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut tick = tokio::time::interval(POLL_INTERVAL);
-    let mut routes = tokio::time::interval(crate::mesh::ROUTES_RECHECK);
-    routes.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
             _ = tick.tick() => {}
-            _ = routes.tick() => {
-                if let Some(m) = &mesh {
-                    m.recheck_routes().await;
-                }
-                continue;
-            }
         }
         let expired = valid_until.is_some_and(|t| SystemTime::now() >= t);
         if !source.changed() && !expired {

@@ -76,10 +76,6 @@ impl MeshConfig {
 /// plaintext, HBONE, admin, metrics, readiness).
 const AGENT_PORTS: [u16; 3] = [15000, 15020, 15021];
 
-/// How often the agent checks that the node's HBONE routes are still the ones it keeps (one
-/// `ip route show` each time), besides at every commit.
-pub const ROUTES_RECHECK: std::time::Duration = std::time::Duration::from_secs(10);
-
 /// The running mesh. Dropping it does not stop the listeners (they live as long as the agent).
 pub struct Mesh {
     view: watch::Sender<Arc<View>>,
@@ -139,28 +135,11 @@ impl Mesh {
     pub async fn update(&self, view: View) {
         let pods = view.local_meshed();
         self.view.send_replace(Arc::new(view));
-        match Self::serve_routes(pods).await {
-            Ok(0) => {}
-            Ok(changed) => tracing::info!(changed, "mesh: HBONE routes follow the node's meshed pods"),
-            Err(e) => tracing::error!("mesh: HBONE routes not updated (retried in {ROUTES_RECHECK:?}): {e}"),
-        }
-    }
-
-    /// Put the HBONE routes back as the snapshot being served has them, should anything else have
-    /// changed them (the agent calls this every [`ROUTES_RECHECK`]).
-    pub async fn recheck_routes(&self) {
-        let pods = self.view.borrow().local_meshed();
-        match Self::serve_routes(pods).await {
-            Ok(0) => {}
-            Ok(changed) => tracing::warn!(changed, "mesh: HBONE routes had been changed under the agent; restored"),
-            Err(e) => tracing::error!("mesh: HBONE routes not checked (retried in {ROUTES_RECHECK:?}): {e}"),
-        }
-    }
-
-    async fn serve_routes(pods: std::collections::BTreeSet<Ipv4Addr>) -> Result<usize, String> {
         match tokio::task::spawn_blocking(move || routing::serve(&pods)).await {
-            Ok(result) => result.map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
+            Ok(Ok(0)) => {}
+            Ok(Ok(changed)) => tracing::info!(changed, "mesh: HBONE routes follow the node's meshed pods"),
+            Ok(Err(e)) => tracing::error!("mesh: HBONE routes not updated (retried at the next commit): {e}"),
+            Err(e) => tracing::error!("mesh: HBONE routes not updated (retried at the next commit): {e}"),
         }
     }
 }
