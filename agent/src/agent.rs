@@ -144,10 +144,12 @@ pub fn build(
     // A Service's virtual address is captured as a meshed workload's is while a pod the mesh
     // can carry it to is there (`Service::mesh_backend`: meshed, ready, on this node for a
     // node-local Service); the agent picks among those pods.
-    let workloads_of = crate::services::by_namespace(workloads.iter(), |w| w.namespace.as_str());
+    // Pods a source keeps out of its workloads (opted out) are never backends the mesh carries to,
+    // but they take their share of the Service's connections (`services::splits`).
+    let pods_of = crate::services::by_namespace(workloads.iter().chain(&outside_mesh), |w| w.namespace.as_str());
     for s in &services {
-        let pods = workloads_of.get(s.namespace.as_str()).map_or(&[][..], Vec::as_slice);
-        if capture.is_some() && pods.iter().any(|w| s.mesh_backend(w)) {
+        let pods = pods_of.get(s.namespace.as_str()).map_or(&[][..], Vec::as_slice);
+        if capture.is_some() && s.captured(pods) {
             let info = RemoteInfo {
                 identity: identity_of(s.cluster_ip),
                 local_ifindex: 0,
@@ -184,10 +186,8 @@ pub fn build(
         endpoints.push((l.ifindex, EndpointInfo { endpoint_id: *endpoint_id, identity, ip: w.ip.octets(), flags }));
     }
     let mut warnings = compiled.warnings;
-    // The pods a source keeps out of its workloads (opted out) take their share too.
-    let all_pods = crate::services::by_namespace(workloads.iter().chain(&outside_mesh), |w| w.namespace.as_str());
     let services_split =
-        if capture.is_some() { crate::services::splits(&services, &all_pods, &mut warnings) } else { Vec::new() };
+        if capture.is_some() { crate::services::splits(&services, &pods_of, &mut warnings) } else { Vec::new() };
     Ok(Desired {
         state: NodeState {
             ipcache: ipcache.into_iter().collect(),

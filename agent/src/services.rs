@@ -167,6 +167,12 @@ impl Service {
         w.in_mesh() && w.ready && self.selects(w) && (!self.node_local || w.local.is_some())
     }
 
+    /// Whether the kernel captures the Service's address for meshed clients: one of `pods` (its
+    /// namespace's) is a [`Self::mesh_backend`].
+    pub fn captured(&self, pods: &[&Workload]) -> bool {
+        pods.iter().any(|w| self.mesh_backend(w))
+    }
+
     /// Whether `w` is one of the Service's pods out of the mesh that serve it: the ones a meshed
     /// client's connections are shared with ([`splits`]). `node_local` as [`Self::mesh_backend`].
     pub fn plain_backend(&self, w: &Workload) -> bool {
@@ -336,8 +342,8 @@ pub fn is_port_name(s: &str) -> bool {
         && !s.contains("--")
 }
 
-/// How `connect4` shares a meshed client's connections to each port of the captured `services`
-/// (those with a [`Service::mesh_backend`] among `pods_of` their namespace) that also has pods out
+/// How `connect4` shares a meshed client's connections to each port of the [`Service::captured`]
+/// `services` (`pods_of`: the pods of each namespace) that also has pods out
 /// of the mesh ([`Service::plain_backend`]) serving that port: as many shares to the agent as
 /// meshed pods serve the port, one to each plain pod, straight to its address and target port
 /// (`warden_services_v1`, `ebpf/src/service.rs`). Keys in slot 0. A port with more than
@@ -350,8 +356,8 @@ pub fn splits(
     let mut out = Vec::new();
     for s in services {
         let pods = pods_of.get(s.namespace.as_str()).map_or(&[][..], Vec::as_slice);
-        if !pods.iter().any(|w| s.mesh_backend(w)) {
-            continue; // not captured: the Service proxy's
+        if !s.captured(pods) {
+            continue; // the Service proxy's
         }
         for p in &s.ports {
             let meshed = pods.iter().filter(|w| s.mesh_backend(w) && s.target_port(p.port, w).is_some()).count();

@@ -208,13 +208,9 @@ mod tests {
             selector: BTreeMap::from([("app".to_string(), app.to_string())]),
             node_local: true,
         };
-        let local = |mut w: Workload| {
-            w.local = Some(crate::workloads::Local { veth: format!("veth-{}", w.name), ifindex: 7, cgroup: None });
-            w
-        };
         let mut remote_only = pod("far", 3, true, true, &[]);
         remote_only.labels.insert("app".into(), "other".into());
-        let workloads = [local(pod("near", 1, true, true, &[])), pod("remote", 2, true, true, &[]), remote_only];
+        let workloads = [test_pod("near", 1, true, true, true), pod("remote", 2, true, true, &[]), remote_only];
         let view = View::new(
             &workloads,
             &[service(vip, "ledger"), service(other_vip, "other")],
@@ -231,15 +227,11 @@ mod tests {
     /// HBONE is delivered on this node for its own meshed pods, ready or not, and for nothing else.
     #[test]
     fn hbone_is_taken_for_this_nodes_meshed_pods_only() {
-        let local = |mut w: Workload| {
-            w.local = Some(crate::workloads::Local { veth: format!("veth-{}", w.name), ifindex: 7, cgroup: None });
-            w
-        };
         let workloads = [
-            local(pod("here", 1, true, true, &[])),
-            local(pod("starting", 2, true, false, &[])),
-            local(pod("plain", 3, false, true, &[])),
-            pod("elsewhere", 4, true, true, &[]),
+            test_pod("here", 1, true, true, true),
+            test_pod("starting", 2, true, false, true),
+            test_pod("plain", 3, false, true, true),
+            test_pod("elsewhere", 4, true, true, false),
         ];
         let view = View::new(
             &workloads,
