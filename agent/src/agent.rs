@@ -387,11 +387,22 @@ pub async fn run(cfg: AgentConfig, mut source: Box<dyn Source>) -> anyhow::Resul
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut tick = tokio::time::interval(POLL_INTERVAL);
+    let mut routing = tokio::time::interval_at(
+        tokio::time::Instant::now() + crate::mesh::ROUTING_RECHECK,
+        crate::mesh::ROUTING_RECHECK,
+    );
+    routing.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
             _ = tick.tick() => {}
+            _ = routing.tick() => {
+                if let Some(m) = &mesh {
+                    m.recheck_routing().await;
+                }
+                continue;
+            }
         }
         let expired = valid_until.is_some_and(|t| SystemTime::now() >= t);
         if !source.changed() && !expired {

@@ -298,10 +298,11 @@ fn main() -> ExitCode {
         }),
         Command::Cleanup { pin_dir } => {
             datapath::remove_pins(&pin_dir);
-            for what in warden_agent::mesh::routing::remove() {
+            let (removed, failed) = warden_agent::mesh::routing::remove();
+            for what in removed {
                 eprintln!("warden cleanup: removed the mesh's {what}");
             }
-            Ok(())
+            failed.map_or(Ok(()), |e| Err(e.into()))
         }
     };
     match result {

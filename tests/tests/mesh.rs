@@ -1290,6 +1290,35 @@ fn only_hbone_to_a_meshed_pod_of_the_node_goes_to_its_agent() {
     }
     assert_eq!(hbone_routes(&c.n1), [s(a_ip(net))], "c left the mesh:\n{}", log(&c.n1));
 
+    // What is removed under the running agent (a's route, the HBONE rule) is back within its
+    // check of the node's routing (every 10 s), and the agent says so.
+    let route = format!("{}/32", a_ip(net));
+    for args in
+        [&["route", "del", "local", &route, "dev", "lo", "table", "15008"][..], &["rule", "del", "pref", "1001"]]
+    {
+        let out = c.n1.node_command("ip", args).output().unwrap();
+        assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let hbone_rule = |lab: &Lab| {
+        let out = lab.node_command("ip", &["rule", "show", "pref", "1001"]).output().expect("ip rule");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert!(hbone_rule(&c.n1).is_empty());
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while (hbone_routes(&c.n1).is_empty() || hbone_rule(&c.n1).is_empty()) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(hbone_routes(&c.n1), [s(a_ip(net))], "a's route is back:\n{}", log(&c.n1));
+    assert!(
+        hbone_rule(&c.n1).ends_with("ipproto tcp dport 15008 lookup 15008"),
+        "the HBONE rule is back: {}\n{}",
+        hbone_rule(&c.n1),
+        log(&c.n1)
+    );
+    assert!(log(&c.n1).contains("routing had been changed under the agent; restored"), "and the agent says so");
+    let mesh = c.n1.echo("a", b_ip(net), PORT, "after the repair");
+    assert_eq!(mesh.result, "allowed", "{mesh:?}\n{}", log(&c.n2));
+
     // Node 2 as an agent of before this rule left it: every address local in the table, which
     // the replies' rule shared. A new agent takes the node over without either.
     c.n2.kill_agent(libc::SIGTERM);
@@ -1335,7 +1364,7 @@ fn only_hbone_to_a_meshed_pod_of_the_node_goes_to_its_agent() {
     assert!(c.n2.node_command("ip", &foreign).status().unwrap().success());
     let refused = c.n2.start_mesh_agent_with(&dir, &ca, &[]).expect_err("the mesh cannot route around a foreign rule");
     assert!(
-        refused.to_string().contains("priority 1002 holds another program's rule"),
+        refused.to_string().contains("priority 1002 holds another program's rule (1002: from 10.99.0.0/16 lookup 100)"),
         "the agent names the rule in its way: {refused}"
     );
     assert!(replies_rule(&c.n2).contains("from 10.99.0.0/16 lookup 100"), "the foreign rule stays");

@@ -76,9 +76,16 @@ impl MeshConfig {
 /// plaintext, HBONE, admin, metrics, readiness).
 const AGENT_PORTS: [u16; 3] = [15000, 15020, 15021];
 
+/// How often the agent checks the node's routing for the mesh (its rules, tables and capture
+/// address: a few netlink dumps) and puts back what was changed under it, besides the pods' routes
+/// at every commit.
+pub const ROUTING_RECHECK: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The running mesh. Dropping it does not stop the listeners (they live as long as the agent).
 pub struct Mesh {
     view: watch::Sender<Arc<View>>,
+    hbone_port: u16,
+    capture: Ipv4Addr,
 }
 
 impl Mesh {
@@ -126,20 +133,34 @@ impl Mesh {
         });
         tokio::spawn(outbound.run(capture_listener(cfg.capture, cfg.local_congestion)?));
         tracing::info!(capture = %cfg.capture, hbone = cfg.hbone_port, "mesh: capturing and serving HBONE");
-        Ok(Mesh { view: tx })
+        Ok(Mesh { view: tx, hbone_port: cfg.hbone_port, capture: *cfg.capture.ip() })
     }
 
     /// Serve the next snapshot, and take HBONE for the node's meshed pods as it has them. A
-    /// routing change that fails is logged, and made good by the next snapshot's (the routes are
-    /// read back from the kernel each time).
+    /// routing change that fails is logged, and made good by the next check (the routes are read
+    /// back from the kernel each time).
     pub async fn update(&self, view: View) {
         let pods = view.local_meshed();
         self.view.send_replace(Arc::new(view));
         match tokio::task::spawn_blocking(move || routing::serve(&pods)).await {
             Ok(Ok(0)) => {}
             Ok(Ok(changed)) => tracing::info!(changed, "mesh: HBONE routes follow the node's meshed pods"),
-            Ok(Err(e)) => tracing::error!("mesh: HBONE routes not updated (retried at the next commit): {e}"),
-            Err(e) => tracing::error!("mesh: HBONE routes not updated (retried at the next commit): {e}"),
+            Ok(Err(e)) => tracing::error!("mesh: HBONE routes not updated (retried within {ROUTING_RECHECK:?}): {e}"),
+            Err(e) => tracing::error!("mesh: HBONE routes not updated (retried within {ROUTING_RECHECK:?}): {e}"),
+        }
+    }
+
+    /// Put the node's routing for the mesh back as the snapshot being served needs it, should
+    /// anything else have changed it (the agent calls this every [`ROUTING_RECHECK`]).
+    pub async fn recheck_routing(&self) {
+        let (port, capture, pods) = (self.hbone_port, self.capture, self.view.borrow().local_meshed());
+        match tokio::task::spawn_blocking(move || routing::install(port, capture, &pods)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(changed)) => {
+                tracing::warn!(changed, "mesh: the node's routing had been changed under the agent; restored")
+            }
+            Ok(Err(e)) => tracing::error!("mesh: routing not checked (retried in {ROUTING_RECHECK:?}): {e}"),
+            Err(e) => tracing::error!("mesh: routing not checked (retried in {ROUTING_RECHECK:?}): {e}"),
         }
     }
 }
