@@ -2,20 +2,18 @@
 //! network namespace gets `gso_ipv4_max_size` and `gro_ipv4_max_size` (kernel 6.3+), so TCP
 //! builds and receives segments up to BYTES instead of 64 KiB, as on a node where Cilium's
 //! `enableIPv4BIGTCP` is on. Debian 12's `ip` (iproute2 6.1) predates these attributes, so this
-//! sends the `RTM_NEWLINK` itself.
+//! sends the `RTM_NEWLINK` itself (netlink-packet-route, as the agent's routing does).
 
-use std::{
-    ffi::CStr,
-    fs::File,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
-    path::Path,
-};
+use std::{ffi::CStr, fs::File, os::fd::AsRawFd as _, path::Path};
 
 use anyhow::{Context as _, bail};
+use netlink_packet_core::{NLM_F_ACK, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
+use netlink_packet_route::{
+    RouteNetlinkMessage,
+    link::{LinkAttribute, LinkMessage},
+};
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 
-/// `IFLA_GSO_IPV4_MAX_SIZE` and `IFLA_GRO_IPV4_MAX_SIZE` (`include/uapi/linux/if_link.h`).
-const IFLA_GSO_IPV4_MAX_SIZE: u16 = 63;
-const IFLA_GRO_IPV4_MAX_SIZE: u16 = 64;
 /// The most the kernel accepts for either (`GSO_MAX_SIZE`, 512 KiB less 8).
 pub const MAX: u32 = 524_280;
 
@@ -26,6 +24,21 @@ pub fn set(netns: &str, bytes: u32) -> anyhow::Result<Vec<String>> {
     if !(65_536..=MAX).contains(&bytes) {
         bail!("--big-tcp {bytes}: between 65536 and {MAX} bytes");
     }
+    in_netns(netns, || {
+        let mut set = Vec::new();
+        for (index, name) in interfaces()? {
+            if name == "lo" {
+                continue;
+            }
+            set_link(index, bytes).with_context(|| format!("{netns}: {name}: gso/gro_ipv4_max_size {bytes}"))?;
+            set.push(name);
+        }
+        Ok(set)
+    })
+}
+
+/// Run `f` on a thread of its own inside the network namespace `netns` (`/run/netns/<netns>`).
+fn in_netns<T: Send>(netns: &str, f: impl FnOnce() -> anyhow::Result<T> + Send) -> anyhow::Result<T> {
     let ns = File::open(Path::new("/run/netns").join(netns)).with_context(|| format!("network namespace {netns}"))?;
     std::thread::scope(|s| {
         s.spawn(|| {
@@ -33,15 +46,7 @@ pub fn set(netns: &str, bytes: u32) -> anyhow::Result<Vec<String>> {
             if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                 return Err(std::io::Error::last_os_error()).context("setns");
             }
-            let mut set = Vec::new();
-            for (index, name) in interfaces()? {
-                if name == "lo" {
-                    continue;
-                }
-                set_link(index, bytes).with_context(|| format!("{netns}: {name}: gso/gro_ipv4_max_size {bytes}"))?;
-                set.push(name);
-            }
-            Ok(set)
+            f()
         })
         .join()
         .expect("the netlink thread does not panic")
@@ -70,53 +75,81 @@ fn interfaces() -> anyhow::Result<Vec<(u32, String)>> {
 
 /// One `RTM_NEWLINK` for interface `index` with both attributes, and its acknowledgement.
 fn set_link(index: u32, bytes: u32) -> anyhow::Result<()> {
-    // SAFETY: a plain socket call; the descriptor is owned below.
-    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_ROUTE) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error()).context("netlink socket");
+    let mut link = LinkMessage::default();
+    link.header.index = index;
+    link.attributes = vec![LinkAttribute::GsoIpv4MaxSize(bytes), LinkAttribute::GroIpv4MaxSize(bytes)];
+    match request(RouteNetlinkMessage::NewLink(link), NLM_F_ACK)? {
+        NetlinkPayload::Error(e) => match e.code {
+            None => Ok(()),
+            Some(code) => Err(std::io::Error::from_raw_os_error(-code.get())).context("RTM_NEWLINK"),
+        },
+        other => bail!("netlink: unexpected reply {other:?}"),
     }
-    // SAFETY: a descriptor just opened, owned from here on.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+}
 
-    let mut body = Vec::new();
-    // struct ifinfomsg: family, pad, type, index, flags, change.
-    body.extend_from_slice(&[libc::AF_UNSPEC as u8, 0]);
-    body.extend_from_slice(&0u16.to_ne_bytes());
-    body.extend_from_slice(&(index as i32).to_ne_bytes());
-    body.extend_from_slice(&0u32.to_ne_bytes());
-    body.extend_from_slice(&0u32.to_ne_bytes());
-    for kind in [IFLA_GSO_IPV4_MAX_SIZE, IFLA_GRO_IPV4_MAX_SIZE] {
-        // struct nlattr (length includes itself), then the u32 value.
-        body.extend_from_slice(&8u16.to_ne_bytes());
-        body.extend_from_slice(&kind.to_ne_bytes());
-        body.extend_from_slice(&bytes.to_ne_bytes());
+/// Send one request and read the first message of its answer.
+fn request(msg: RouteNetlinkMessage, flags: u16) -> anyhow::Result<NetlinkPayload<RouteNetlinkMessage>> {
+    let mut socket = Socket::new(NETLINK_ROUTE).context("netlink socket")?;
+    socket.bind_auto().context("netlink bind")?;
+    socket.connect(&SocketAddr::new(0, 0)).context("netlink connect")?;
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | flags;
+    let mut msg = NetlinkMessage::new(header, NetlinkPayload::from(msg));
+    msg.finalize();
+    let mut out = vec![0; msg.buffer_len()];
+    msg.serialize(&mut out);
+    socket.send(&out, 0).context("netlink send")?;
+    let mut reply = vec![0; 16 * 1024];
+    let n = socket.recv(&mut &mut reply[..], 0).context("netlink reply")?;
+    Ok(NetlinkMessage::<RouteNetlinkMessage>::deserialize(&reply[..n]).context("netlink reply")?.payload)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `gso_ipv4_max_size` and `gro_ipv4_max_size` of interface `index`, as the kernel reports
+    /// them (`RTM_GETLINK`).
+    fn sizes(index: u32) -> anyhow::Result<(Option<u32>, Option<u32>)> {
+        let mut link = LinkMessage::default();
+        link.header.index = index;
+        let NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) =
+            request(RouteNetlinkMessage::GetLink(link), 0)?
+        else {
+            bail!("no link {index}");
+        };
+        let find = |want: fn(&LinkAttribute) -> Option<u32>| link.attributes.iter().find_map(want);
+        Ok((
+            find(|a| if let LinkAttribute::GsoIpv4MaxSize(v) = a { Some(*v) } else { None }),
+            find(|a| if let LinkAttribute::GroIpv4MaxSize(v) = a { Some(*v) } else { None }),
+        ))
     }
-    let mut msg = Vec::new();
-    // struct nlmsghdr: length, type, flags, sequence, port.
-    msg.extend_from_slice(&(16 + body.len() as u32).to_ne_bytes());
-    msg.extend_from_slice(&libc::RTM_NEWLINK.to_ne_bytes());
-    msg.extend_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16).to_ne_bytes());
-    msg.extend_from_slice(&1u32.to_ne_bytes());
-    msg.extend_from_slice(&0u32.to_ne_bytes());
-    msg.extend_from_slice(&body);
-    // SAFETY: sends `msg.len()` bytes from a live buffer on an open socket.
-    if unsafe { libc::send(sock.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) } < 0 {
-        return Err(std::io::Error::last_os_error()).context("netlink send");
+
+    #[test]
+    fn every_link_of_the_namespace_but_loopback_takes_the_big_tcp_sizes() {
+        if !warden_tests::require_root("every_link_of_the_namespace_but_loopback_takes_the_big_tcp_sizes") {
+            return;
+        }
+        let ns = "xtask-bigtcp";
+        let ip = |args: &[&str]| std::process::Command::new("ip").args(args).status().unwrap().success();
+        ip(&["netns", "del", ns]);
+        assert!(ip(&["netns", "add", ns]));
+        assert!(ip(&["-n", ns, "link", "add", "d0", "type", "veth", "peer", "name", "d1"]));
+        let result = set(ns, 185_000);
+        let read = in_netns(ns, || {
+            interfaces()?.into_iter().map(|(index, name)| Ok((name, sizes(index)?))).collect::<anyhow::Result<Vec<_>>>()
+        });
+        let refused = set(ns, 1 << 20);
+        ip(&["netns", "del", ns]);
+
+        let mut set = result.unwrap();
+        set.sort();
+        assert_eq!(set, ["d0", "d1"]);
+        let read = read.unwrap();
+        let size = |name: &str| read.iter().find(|(n, _)| n == name).map(|(_, s)| *s);
+        assert_eq!(size("d0"), Some((Some(185_000), Some(185_000))), "{read:?}");
+        assert_eq!(size("d1"), Some((Some(185_000), Some(185_000))), "{read:?}");
+        assert_ne!(size("lo"), Some((Some(185_000), Some(185_000))), "loopback is left alone: {read:?}");
+        assert!(refused.unwrap_err().to_string().contains("between 65536 and 524280"));
     }
-    let mut reply = [0u8; 1024];
-    // SAFETY: receives into a live buffer of the length passed.
-    let n = unsafe { libc::recv(sock.as_raw_fd(), reply.as_mut_ptr().cast(), reply.len(), 0) };
-    if n < 20 {
-        return Err(std::io::Error::last_os_error()).context("netlink reply");
-    }
-    // NLMSG_ERROR: the header, then the error code (0: acknowledged).
-    let kind = u16::from_ne_bytes([reply[4], reply[5]]);
-    let code = i32::from_ne_bytes(reply[16..20].try_into().expect("4 bytes"));
-    if kind != libc::NLMSG_ERROR as u16 {
-        bail!("netlink: unexpected reply type {kind}");
-    }
-    if code != 0 {
-        return Err(std::io::Error::from_raw_os_error(-code)).context("RTM_NEWLINK");
-    }
-    Ok(())
 }
