@@ -455,7 +455,9 @@ impl PolicySet {
                 "no ALLOW policy applies to the workload: allowed by default".into(),
             );
         }
-        let note = if layer == Layer::L4 { " (ALLOW rules with L7 attributes never match at L4)" } else { "" };
+        let l7_allow = || self.allow_policies(target, &scopes).any(|pi| self.policy(pi).rules.iter().any(|r| r.has_l7));
+        let note =
+            if layer == Layer::L4 && l7_allow() { " (ALLOW rules with L7 attributes never match at L4)" } else { "" };
         mk(
             Verdict::Deny,
             None,

@@ -102,8 +102,8 @@ pub(crate) struct NsIndex {
     /// others (targetRefs): to answer "does an ALLOW policy apply?" without a scan.
     pub allow_by_label: LabelIndex<u32>,
     pub allow_other: Vec<u32>,
-    /// An enforced ALLOW policy selects every workload of the namespace.
-    pub allow_all: bool,
+    /// Enforced ALLOW policies that select every workload of the namespace.
+    pub allow_all: Vec<u32>,
     /// Dry-run and AUDIT policies (reported, never enforced).
     pub shadow_policies: Vec<u32>,
 }
@@ -209,7 +209,7 @@ impl PolicySet {
             };
             if p.action == Action::Allow {
                 match &p.selection {
-                    Selection::All => ns.allow_all = true,
+                    Selection::All => ns.allow_all.push(pi as u32),
                     Selection::Labels(l) => {
                         let (k, v) = l.iter().next().expect("a label selector is never empty");
                         ns.allow_by_label.entry(k.clone()).or_default().entry(v.clone()).or_default().push(pi as u32);
@@ -334,10 +334,17 @@ impl PolicySet {
 
     /// Does an enforced ALLOW policy apply to `t`?
     pub(crate) fn allow_applies(&self, t: &Target, scopes: &Scopes) -> bool {
-        scopes.iter().any(|ix| {
+        self.allow_policies(t, scopes).next().is_some()
+    }
+
+    /// The enforced ALLOW policies that apply to `t`, each at least once.
+    pub(crate) fn allow_policies<'a>(&'a self, t: &'a Target, scopes: &'a Scopes) -> impl Iterator<Item = u32> + 'a {
+        scopes.iter().flat_map(move |ix| {
             ix.allow_all
-                || ix.allow_other.iter().any(|&pi| self.applies(pi, t))
-                || label_get(&ix.allow_by_label, t.labels).any(|&pi| self.applies(pi, t))
+                .iter()
+                .copied()
+                .chain(ix.allow_other.iter().copied().filter(move |&pi| self.applies(pi, t)))
+                .chain(label_get(&ix.allow_by_label, t.labels).copied().filter(move |&pi| self.applies(pi, t)))
         })
     }
 

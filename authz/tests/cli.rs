@@ -179,3 +179,32 @@ fn check_invalid_input_exits_2() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("missing.yaml: cannot read"), "{err}");
 }
+
+/// An L4 default deny mentions L7 rules only when an ALLOW policy that applies has one.
+#[test]
+fn an_l4_default_deny_blames_l7_rules_only_when_there_are_some() {
+    let t = Tmp::new("l7note");
+    let plaintext = t.write(
+        "plaintext.yaml",
+        "source: {ip: 10.0.2.3}\ndestination: {namespace: shop, labels: {app: payments}, port: 8443}\n",
+    );
+    let l4_only = t.write("l4.yaml", POLICY);
+    let (code, out, _) = check(&["--policies", &l4_only, "--request", &plaintext]);
+    assert_eq!(code, 1);
+    assert_eq!(
+        out.lines().nth(1),
+        Some("reason: ALLOW policies apply to the workload and none matched: denied by default"),
+        "{out}"
+    );
+    let with_l7 = t.write(
+        "l7.yaml",
+        &format!(
+            "{POLICY}---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+             metadata: {{name: allow-reads, namespace: shop}}\n\
+             spec:\n  rules:\n  - to: [{{operation: {{methods: [GET]}}}}]\n"
+        ),
+    );
+    let (code, out, _) = check(&["--policies", &with_l7, "--request", &plaintext]);
+    assert_eq!(code, 1);
+    assert!(out.contains("none matched (ALLOW rules with L7 attributes never match at L4)"), "{out}");
+}
