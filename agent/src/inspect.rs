@@ -21,6 +21,12 @@ pub struct MapsView {
     /// Service ports whose meshed clients' connections are shared with pods out of the mesh.
     pub services: Vec<ServiceSplitView>,
     pub fast_path: FastPathView,
+    /// The node's policy routing for the mesh (rules 1000-1002, tables 15008 and 15009), read
+    /// from the kernel of the namespace `warden maps` runs in.
+    pub routing: Option<crate::mesh::routing::RoutingStatus>,
+    /// Why `routing` could not be read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub routing_error: Option<String>,
 }
 
 /// One Service port of `warden_services_v1`: of every `meshed + plain.len()` connections of a
@@ -324,7 +330,20 @@ fn read_once(maps: &Maps, state_dir: &Path) -> anyhow::Result<MapsView> {
         msg_tot_len_offset: kernel.psock_queued,
         counters: crate::datapath::maps::fast_path_counters(&maps.fastpath_counters)?.into(),
     };
-    Ok(MapsView { generation: config.generation, active_slot: slot, endpoints, ipcache, services, fast_path })
+    let (routing, routing_error) = match crate::mesh::routing::status() {
+        Ok(r) => (Some(r), None),
+        Err(e) => (None, Some(e.to_string())),
+    };
+    Ok(MapsView {
+        generation: config.generation,
+        active_slot: slot,
+        endpoints,
+        ipcache,
+        services,
+        fast_path,
+        routing,
+        routing_error,
+    })
 }
 
 /// Render as text tables.
@@ -426,5 +445,81 @@ pub fn render(v: &MapsView) -> String {
         c.fallbacks_changed,
         c.fallbacks_backlog
     );
+    render_routing(&mut s, v.routing.as_ref().ok_or(v.routing_error.as_deref().unwrap_or("?")));
     s
+}
+
+fn render_routing(s: &mut String, routing: Result<&crate::mesh::routing::RoutingStatus, &str>) {
+    let r = match routing {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = writeln!(s, "\nMESH ROUTING  not read: {e}");
+            return;
+        }
+    };
+    if r.rules.is_empty() && r.hbone_pods.is_empty() && !r.replies_table {
+        let _ = writeln!(s, "\nMESH ROUTING  none (an agent without --mesh, or after `warden cleanup`)");
+        return;
+    }
+    let _ = writeln!(s, "\nMESH ROUTING");
+    for rule in &r.rules {
+        let _ = writeln!(s, "  {}{}", rule.rule, if rule.mesh { "" } else { "   <- another program's rule" });
+    }
+    for pref in &r.missing {
+        let _ = writeln!(s, "  {pref}: missing (a running agent puts it back within 10 s)");
+    }
+    let pods: Vec<String> = r.hbone_pods.iter().map(ToString::to_string).collect();
+    let _ = writeln!(
+        s,
+        "  table {}: HBONE to {}{}",
+        crate::mesh::routing::TABLE,
+        if pods.is_empty() { "no pod".into() } else { pods.join(" ") },
+        if r.earlier_catch_all { ", and an earlier agent's catch-all (every address)" } else { "" }
+    );
+    let _ = writeln!(
+        s,
+        "  table {}: {}",
+        crate::mesh::routing::TABLE_TO_AGENT,
+        if r.replies_table { "the replies of the agent's deliveries" } else { "empty" }
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::mesh::routing::{RoutingStatus, RuleStatus};
+
+    fn render(r: Result<&RoutingStatus, &str>) -> String {
+        let mut s = String::new();
+        super::render_routing(&mut s, r);
+        s
+    }
+
+    #[test]
+    fn the_mesh_routing_section_names_foreign_and_missing_rules() {
+        let r = RoutingStatus {
+            rules: vec![
+                RuleStatus { rule: "1000: from all iif lo ipproto tcp dport 15008 lookup main".into(), mesh: true },
+                RuleStatus { rule: "1002: from 10.99.0.0/16 lookup 100".into(), mesh: false },
+            ],
+            missing: vec![1001, 1002],
+            hbone_pods: vec!["10.0.1.2".parse().unwrap(), "10.0.1.3".parse().unwrap()],
+            replies_table: true,
+            earlier_catch_all: false,
+        };
+        assert_eq!(
+            render(Ok(&r)),
+            "\nMESH ROUTING\n  1000: from all iif lo ipproto tcp dport 15008 lookup main\n  \
+             1002: from 10.99.0.0/16 lookup 100   <- another program's rule\n  \
+             1001: missing (a running agent puts it back within 10 s)\n  \
+             1002: missing (a running agent puts it back within 10 s)\n  \
+             table 15008: HBONE to 10.0.1.2 10.0.1.3\n  table 15009: the replies of the agent's deliveries\n"
+        );
+        let none = RoutingStatus { rules: vec![], missing: vec![1000, 1001, 1002], hbone_pods: vec![], ..r };
+        let none = RoutingStatus { replies_table: false, ..none };
+        assert!(render(Ok(&none)).contains("MESH ROUTING  none"));
+        assert_eq!(
+            render(Err("routing: opening a netlink socket: denied")),
+            "\nMESH ROUTING  not read: routing: opening a netlink socket: denied\n"
+        );
+    }
 }

@@ -705,12 +705,14 @@ impl Lab {
             .collect()
     }
 
-    /// `warden` CLI against this lab's pins and state.
+    /// `warden` CLI against this lab's pins and state, in the node's network namespace (as an
+    /// operator runs it on a node: `warden maps` reads the node's routing too).
     pub fn warden(&self, args: &[&str]) -> anyhow::Result<String> {
         let pin = self.pin_dir.display().to_string();
         let state = self.state_dir.display().to_string();
         let bin = warden_bin();
-        let mut v: Vec<&str> = vec![bin.to_str().unwrap()];
+        let netns = format!("--net=/run/netns/{}", self.node);
+        let mut v: Vec<&str> = vec!["nsenter", &netns, "--", bin.to_str().unwrap()];
         v.extend_from_slice(args);
         v.extend_from_slice(&["--pin-dir", &pin, "--state-dir", &state]);
         run(&v)

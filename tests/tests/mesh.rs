@@ -1264,6 +1264,27 @@ fn only_hbone_to_a_meshed_pod_of_the_node_goes_to_its_agent() {
     let s = |ip: Ipv4Addr| ip.to_string();
     assert_eq!(hbone_routes(&c.n1), [s(a_ip(net)), s(c_ip)], "node 1 serves HBONE for a and c, not p");
     assert_eq!(hbone_routes(&c.n2), [s(b_ip(net))], "node 2 serves HBONE for b, not q");
+    // `warden maps` shows the same, from the node's kernel: the mesh's three rules, nothing missing.
+    let routing = |lab: &Lab| -> serde_json::Value {
+        let maps = lab.warden(&["maps", "--output", "json"]).unwrap();
+        serde_json::from_str::<serde_json::Value>(&maps).unwrap()["routing"].clone()
+    };
+    let r = routing(&c.n1);
+    assert_eq!(r["hbone_pods"], serde_json::json!([s(a_ip(net)), s(c_ip)]), "{r}");
+    assert_eq!(r["missing"], serde_json::json!([]), "{r}");
+    assert_eq!((r["replies_table"].clone(), r["earlier_catch_all"].clone()), (true.into(), false.into()), "{r}");
+    let rules: Vec<String> =
+        r["rules"].as_array().unwrap().iter().map(|x| x["rule"].as_str().unwrap().into()).collect();
+    assert_eq!(
+        rules,
+        [
+            "1000: from all iif lo ipproto tcp dport 15008 lookup main",
+            "1001: from all ipproto tcp dport 15008 lookup 15008",
+            "1002: from all fwmark 0x200000/0xf00000 lookup 15009"
+        ],
+        "{r}"
+    );
+    assert!(r["rules"].as_array().unwrap().iter().all(|x| x["mesh"] == true), "{r}");
 
     // p and q are out of the mesh: p's connection from port 15008 is routed as any other, both
     // ways, across both nodes.
@@ -1335,6 +1356,22 @@ fn only_hbone_to_a_meshed_pod_of_the_node_goes_to_its_agent() {
         Some(true),
         "the old catch-all takes q's reply"
     );
+    // With no agent running, `warden maps` shows the node as the earlier agent left it.
+    let r = routing(&c.n2);
+    assert_eq!(r["earlier_catch_all"], true, "{r}");
+    assert!(
+        r["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x["rule"] == "1002: from all fwmark 0x200000/0xf00000 lookup 15008" && x["mesh"] == true),
+        "an earlier agent's rule is the mesh's: {r}"
+    );
+    let rule_1001 = c.n2.node_command("ip", &["rule", "del", "pref", "1001"]).status().unwrap();
+    assert!(rule_1001.success());
+    let text = c.n2.warden(&["maps"]).unwrap();
+    assert!(text.contains("\n  1001: missing"), "{text}");
+    assert!(text.contains("and an earlier agent's catch-all (every address)"), "{text}");
     let (dir, ca) = (c.n2.dir.join("policies"), c.n1.dir.join("ca"));
     start_mesh_agent(&mut c.n2, &dir, &ca);
     assert_eq!(hbone_routes(&c.n2), [s(b_ip(net))], "the catch-all is gone:\n{}", log(&c.n2));

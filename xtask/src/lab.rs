@@ -161,7 +161,10 @@ pub fn up() -> anyhow::Result<()> {
         let state = lab.state_dir.display().to_string();
         let ns = format!("nsenter --net=/run/netns/{}", lab.node);
         println!("  {}:", lab.node);
-        println!("    {} maps --pin-dir {pin} --state-dir {state}", warden.display());
+        println!(
+            "    {ns} {} maps --pin-dir {pin} --state-dir {state}   # and the node's mesh routing",
+            warden.display()
+        );
         for map in [names::POLICY, names::IPCACHE, names::COUNTERS, names::FLOWS] {
             println!("    bpftool map dump pinned {pin}/{map}");
         }

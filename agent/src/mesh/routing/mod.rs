@@ -176,6 +176,43 @@ pub fn install(hbone_port: u16, capture: Ipv4Addr, pods: &BTreeSet<Ipv4Addr>) ->
     Ok(changed)
 }
 
+/// The node's routing for the mesh as the kernel has it, for `warden maps`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RoutingStatus {
+    /// Every rule at the mesh's priorities, as `ip rule` prints it, and whether it is the mesh's.
+    pub rules: Vec<RuleStatus>,
+    /// The priorities of the mesh's rules that hold none of its rules.
+    pub missing: Vec<u32>,
+    /// The pods HBONE is delivered to the agent for ([`TABLE`]).
+    pub hbone_pods: Vec<Ipv4Addr>,
+    /// [`TABLE_TO_AGENT`] delivers the replies of the agent's deliveries locally.
+    pub replies_table: bool,
+    /// [`TABLE`] still holds an earlier agent's catch-all.
+    pub earlier_catch_all: bool,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RuleStatus {
+    pub rule: String,
+    pub mesh: bool,
+}
+
+/// Read the node's routing for the mesh, changing nothing.
+pub fn status() -> Result<RoutingStatus, RoutingError> {
+    let nl = &mut Netlink::open()?;
+    let (mut rules, mut missing) = (Vec::new(), Vec::new());
+    for pref in [PREF_LOCAL_HBONE, PREF_HBONE, PREF_TO_AGENT] {
+        let found = nl.rules(pref)?;
+        if !found.iter().any(is_ours) {
+            missing.push(pref);
+        }
+        rules.extend(found.into_iter().map(|r| RuleStatus { mesh: is_ours(&r), rule: r.to_string() }));
+    }
+    let (pods, earlier_catch_all) = served(nl)?;
+    let replies_table = nl.local_routes(TABLE_TO_AGENT)?.iter().any(|(_, prefix)| *prefix == 0);
+    Ok(RoutingStatus { rules, missing, hbone_pods: pods.into_iter().collect(), replies_table, earlier_catch_all })
+}
+
 /// Remove the mesh's rules, its tables and the capture address it added (`warden cleanup`): the
 /// node routes as without the mesh. Only what [`install`] made is removed (rules by their
 /// selector and table, the address by its label); the tables are emptied only if a rule of the
