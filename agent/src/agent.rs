@@ -321,6 +321,12 @@ fn mesh_view(d: &Desired, cfg: &AgentConfig) -> crate::mesh::View {
 /// Run the agent until SIGTERM/SIGINT. The first snapshot must succeed (the agent does not start
 /// on bad input); later bad input is reported and ignored.
 pub async fn run(cfg: AgentConfig, mut source: Box<dyn Source>) -> anyhow::Result<()> {
+    // One agent per pin directory, for the agent's life (before anything binds a port or reads
+    // the node's state: a second agent says what is in its way).
+    crate::datapath::prepare_pin_dir(&cfg.pin_dir)?;
+    let _pins = crate::datapath::lock::PinLock::acquire(&cfg.pin_dir).map_err(|e| {
+        anyhow::anyhow!("{e}: one agent per pin directory (stop that one, or give this one another --pin-dir)")
+    })?;
     // Serving before the first commit: readiness answers 503 until the node enforces.
     let mut telemetry = crate::telemetry::Telemetry::new(cfg.telemetry.clone(), &cfg.pin_dir, &cfg.state_dir);
     // Certificate metrics (expiry per identity, rotations, CRL age) on the same endpoint.

@@ -296,14 +296,22 @@ fn main() -> ExitCode {
             Output::Text => print!("{}", inspect::render(&v)),
             Output::Json => println!("{}", serde_json::to_string_pretty(&v).expect("view serializes")),
         }),
-        Command::Cleanup { pin_dir } => {
+        Command::Cleanup { pin_dir } => (|| {
+            // A running agent would put back what this removes: it must be stopped first.
+            let _pins = match datapath::lock::PinLock::acquire(&pin_dir) {
+                Ok(lock) => Some(lock),
+                Err(datapath::lock::LockError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                    None
+                }
+                Err(e) => anyhow::bail!("{e}: stop it first (it would put back what cleanup removes); nothing removed"),
+            };
             datapath::remove_pins(&pin_dir);
             let (removed, failed) = warden_agent::mesh::routing::remove();
             for what in removed {
                 eprintln!("warden cleanup: removed the mesh's {what}");
             }
             failed.map_or(Ok(()), |e| Err(e.into()))
-        }
+        })(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -313,3 +321,4 @@ fn main() -> ExitCode {
         }
     }
 }
+

@@ -1385,9 +1385,42 @@ fn only_hbone_to_a_meshed_pod_of_the_node_goes_to_its_agent() {
     let mesh = c.n1.echo("a", b_ip(net), PORT, "over the mesh again");
     assert_eq!(mesh.result, "allowed", "{mesh:?}\n{}", log(&c.n2));
 
+    // One agent per pin directory: a second one on node 2's pins (with a state directory of its
+    // own) stops before it touches anything, and names the agent in its way; `warden cleanup`
+    // refuses to run under the agent, and removes nothing.
+    let (warden, pins) = (warden_tests::warden_bin(), c.n2.pin_dir.display().to_string());
+    let (workloads, policies, state2) = (c.n2.workloads_path(), dir.display().to_string(), c.n2.dir.join("state2"));
+    let second =
+        c.n2.node_command(
+            "timeout",
+            &[
+                "20",
+                warden.to_str().unwrap(),
+                "agent",
+                "--workloads",
+                workloads.to_str().unwrap(),
+                "--policies",
+                &policies,
+                "--pin-dir",
+                &pins,
+                "--state-dir",
+                state2.to_str().unwrap(),
+            ],
+        )
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "{said}");
+    assert!(said.contains("a warden agent (pid ") && said.contains("one agent per pin directory"), "{said}");
+    let refused = c.n2.node_command(warden.to_str().unwrap(), &["cleanup", "--pin-dir", &pins]).output().unwrap();
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && said.contains("stop it first") && said.contains("nothing removed"), "{said}");
+    assert!(replies_rule(&c.n2).ends_with("lookup 15009"), "the routing stays: {}", replies_rule(&c.n2));
+    let mesh = c.n1.echo("a", b_ip(net), PORT, "still served");
+    assert_eq!(mesh.result, "allowed", "{mesh:?}\n{}", log(&c.n2));
+
     // `warden cleanup` leaves node 2 routing as without the mesh.
     c.n2.kill_agent(libc::SIGTERM);
-    let (warden, pins) = (warden_tests::warden_bin(), c.n2.pin_dir.display().to_string());
     let out = c.n2.node_command(warden.to_str().unwrap(), &["cleanup", "--pin-dir", &pins]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let rules = String::from_utf8_lossy(&c.n2.node_command("ip", &["rule"]).output().unwrap().stdout).into_owned();

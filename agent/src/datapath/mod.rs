@@ -5,6 +5,7 @@
 pub mod attach;
 pub mod btf;
 pub mod commit;
+pub mod lock;
 pub mod maps;
 
 use std::{
@@ -125,14 +126,19 @@ pub fn ensure_bpffs(root: &Path) -> Result<(), LoadError> {
     Ok(())
 }
 
+/// Make the pin directory (and its `links/`) exist on a bpffs mount, mounting one under
+/// `/sys/fs/` when needed.
+pub fn prepare_pin_dir(pin_dir: &Path) -> Result<(), LoadError> {
+    if let Some(root) = pin_dir.ancestors().find(|a| a.parent() == Some(Path::new("/sys/fs"))) {
+        ensure_bpffs(root)?;
+    }
+    fs::create_dir_all(pin_dir.join("links")).map_err(|source| LoadError::PinDir { path: pin_dir.into(), source })
+}
+
 impl Datapath {
     /// Load the programs and open (or create and pin) the maps under `pin_dir`.
     pub fn load(pin_dir: &Path) -> Result<Datapath, LoadError> {
-        if let Some(root) = pin_dir.ancestors().find(|a| a.parent() == Some(Path::new("/sys/fs"))) {
-            ensure_bpffs(root)?;
-        }
-        fs::create_dir_all(pin_dir.join("links"))
-            .map_err(|source| LoadError::PinDir { path: pin_dir.into(), source })?;
+        prepare_pin_dir(pin_dir)?;
 
         let mut loader = EbpfLoader::new();
         let paths: Vec<(&str, PathBuf)> = names::ALL.iter().map(|n| (*n, pin_dir.join(n))).collect();
