@@ -316,9 +316,54 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("warden: {e:#}");
+            eprintln!("warden: {}", describe(&e));
             ExitCode::FAILURE
         }
     }
 }
 
+/// `e` and its causes, each once. Most of warden's errors name their cause in their own message
+/// (`creating /sys/fs/bpf/warden: Permission denied`) and also return it as their `source()`;
+/// anyhow's `{:#}` would print such a cause twice.
+fn describe(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    let mut parent = out.clone();
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if !parent.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        parent = text;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::describe;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("creating {path}: {source}")]
+    struct Named {
+        path: &'static str,
+        source: std::io::Error,
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("starting")]
+    struct Unnamed {
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn a_cause_is_printed_once() {
+        let denied = || std::io::Error::from_raw_os_error(libc::EACCES);
+        let named = anyhow::Error::new(Named { path: "/sys/fs/bpf/warden", source: denied() });
+        assert_eq!(describe(&named), "creating /sys/fs/bpf/warden: Permission denied (os error 13)");
+        let unnamed = anyhow::Error::new(Unnamed { source: denied() });
+        assert_eq!(describe(&unnamed), "starting: Permission denied (os error 13)");
+        let context = anyhow::Error::new(Named { path: "/x", source: denied() }).context("loading");
+        assert_eq!(describe(&context), "loading: creating /x: Permission denied (os error 13)");
+    }
+}

@@ -28,7 +28,6 @@ use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 pub struct NetlinkError {
     /// The request, in `ip`'s words (`adding rule 1001: ...`).
     pub what: String,
-    #[source]
     pub source: io::Error,
 }
 
