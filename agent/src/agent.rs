@@ -321,12 +321,12 @@ fn mesh_view(d: &Desired, cfg: &AgentConfig) -> crate::mesh::View {
 /// Run the agent until SIGTERM/SIGINT. The first snapshot must succeed (the agent does not start
 /// on bad input); later bad input is reported and ignored.
 pub async fn run(cfg: AgentConfig, mut source: Box<dyn Source>) -> anyhow::Result<()> {
-    // One agent per pin directory, for the agent's life (before anything binds a port or reads
-    // the node's state: a second agent says what is in its way).
-    crate::datapath::prepare_pin_dir(&cfg.pin_dir)?;
-    let _pins = crate::datapath::lock::PinLock::acquire(&cfg.pin_dir).map_err(|e| {
-        anyhow::anyhow!("{e}: one agent per pin directory (stop that one, or give this one another --pin-dir)")
-    })?;
+    // One agent per pin directory, for the agent's life: taken before anything binds a port, so
+    // a second agent says what is in its way. On a node without pins yet it is taken once they
+    // exist, after the input and the CA were found good (bad input touches nothing).
+    let held =
+        |e| anyhow::anyhow!("{e}: one agent per pin directory (stop that one, or give this one another --pin-dir)");
+    let pins = crate::datapath::lock::PinLock::acquire_existing(&cfg.pin_dir).map_err(held)?;
     // Serving before the first commit: readiness answers 503 until the node enforces.
     let mut telemetry = crate::telemetry::Telemetry::new(cfg.telemetry.clone(), &cfg.pin_dir, &cfg.state_dir);
     // Certificate metrics (expiry per identity, rotations, CRL age) on the same endpoint.
@@ -346,6 +346,13 @@ pub async fn run(cfg: AgentConfig, mut source: Box<dyn Source>) -> anyhow::Resul
         m.check()?;
         tracing::info!(records = ?warden_identity::tls::RecordCipher::for_this_cpu(), "mesh: TLS record cipher (AES-GCM)");
     }
+    let _pins = match pins {
+        Some(lock) => lock,
+        None => {
+            crate::datapath::prepare_pin_dir(&cfg.pin_dir)?;
+            crate::datapath::lock::PinLock::acquire(&cfg.pin_dir).map_err(held)?
+        }
+    };
     let mut dp = Datapath::load(&cfg.pin_dir)?;
     // The fast path files the agent's own sockets from its own cgroup; without that, it stays off.
     let mut cfg = cfg;

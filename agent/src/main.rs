@@ -298,13 +298,9 @@ fn main() -> ExitCode {
         }),
         Command::Cleanup { pin_dir } => (|| {
             // A running agent would put back what this removes: it must be stopped first.
-            let _pins = match datapath::lock::PinLock::acquire(&pin_dir) {
-                Ok(lock) => Some(lock),
-                Err(datapath::lock::LockError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-                    None
-                }
-                Err(e) => anyhow::bail!("{e}: stop it first (it would put back what cleanup removes); nothing removed"),
-            };
+            let _pins = datapath::lock::PinLock::acquire_existing(&pin_dir).map_err(|e| {
+                anyhow::anyhow!("{e}: stop it first (it would put back what cleanup removes); nothing removed")
+            })?;
             datapath::remove_pins(&pin_dir);
             let (removed, failed) = warden_agent::mesh::routing::remove();
             for what in removed {

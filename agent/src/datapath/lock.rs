@@ -30,6 +30,16 @@ pub enum LockError {
 }
 
 impl PinLock {
+    /// [`PinLock::acquire`] when `pin_dir` exists; `None` when it does not (nothing to protect
+    /// yet).
+    pub fn acquire_existing(pin_dir: &Path) -> Result<Option<PinLock>, LockError> {
+        match PinLock::acquire(pin_dir) {
+            Ok(lock) => Ok(Some(lock)),
+            Err(LockError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Lock `pin_dir`, which must exist. Never waits: a held lock is an error naming its holder.
     pub fn acquire(pin_dir: &Path) -> Result<PinLock, LockError> {
         let io = |source| LockError::Io { path: pin_dir.into(), source };
