@@ -332,6 +332,7 @@ pub async fn run(cfg: AgentConfig, mut source: Box<dyn Source>) -> anyhow::Resul
     // Certificate metrics (expiry per identity, rotations, CRL age) on the same endpoint.
     let cert_metrics = cfg.certs.as_ref().map(|_| warden_identity::metrics::Metrics::new(telemetry.registry_mut()));
     let mesh_metrics = telemetry.tcp_recorder();
+    let routing_metrics = cfg.mesh.as_ref().map(|_| crate::mesh::routing::Metrics::new(telemetry.registry_mut()));
     let mut telemetry = telemetry.serve().await?;
     let mut record = NodeRecord::load(&cfg.state_dir)?;
     let desired = snapshot(source.as_mut(), &cfg, &mut record)
@@ -376,7 +377,8 @@ pub async fn run(cfg: AgentConfig, mut source: Box<dyn Source>) -> anyhow::Resul
     let mesh = match (&cfg.mesh, &certs) {
         (Some(m), Some(c)) => {
             let view = mesh_view(&desired, &cfg);
-            Some(crate::mesh::Mesh::start(m, c, &cfg.pin_dir, view, mesh_metrics).await?)
+            let routing = routing_metrics.expect("registered whenever the mesh is configured");
+            Some(crate::mesh::Mesh::start(m, c, &cfg.pin_dir, view, mesh_metrics, routing).await?)
         }
         (Some(_), None) => anyhow::bail!("the mesh needs workload certificates: give a CA (--ca-dir or --ca-addr)"),
         _ => None,

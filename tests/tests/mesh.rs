@@ -1337,6 +1337,9 @@ fn only_hbone_to_a_meshed_pod_of_the_node_goes_to_its_agent() {
         log(&c.n1)
     );
     assert!(log(&c.n1).contains("routing had been changed under the agent; restored"), "and the agent says so");
+    let restored = c.n1.metrics();
+    let restored = restored.lines().find(|l| l.starts_with("warden_mesh_routing_restored_total "));
+    assert_eq!(restored, Some("warden_mesh_routing_restored_total 2"), "the route and the rule, counted");
     let mesh = c.n1.echo("a", b_ip(net), PORT, "after the repair");
     assert_eq!(mesh.result, "allowed", "{mesh:?}\n{}", log(&c.n2));
 

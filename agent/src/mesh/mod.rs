@@ -86,6 +86,7 @@ pub struct Mesh {
     view: watch::Sender<Arc<View>>,
     hbone_port: u16,
     capture: Ipv4Addr,
+    routing: routing::Metrics,
 }
 
 impl Mesh {
@@ -96,6 +97,7 @@ impl Mesh {
         pin_dir: &Path,
         view: View,
         metrics: crate::telemetry::metrics::TcpRecorder,
+        routing_metrics: routing::Metrics,
     ) -> anyhow::Result<Mesh> {
         routing::install(cfg.hbone_port, *cfg.capture.ip(), &view.local_meshed())?;
         let (tx, rx) = watch::channel(Arc::new(view));
@@ -133,7 +135,7 @@ impl Mesh {
         });
         tokio::spawn(outbound.run(capture_listener(cfg.capture, cfg.local_congestion)?));
         tracing::info!(capture = %cfg.capture, hbone = cfg.hbone_port, "mesh: capturing and serving HBONE");
-        Ok(Mesh { view: tx, hbone_port: cfg.hbone_port, capture: *cfg.capture.ip() })
+        Ok(Mesh { view: tx, hbone_port: cfg.hbone_port, capture: *cfg.capture.ip(), routing: routing_metrics })
     }
 
     /// Serve the next snapshot, and take HBONE for the node's meshed pods as it has them. A
@@ -145,8 +147,14 @@ impl Mesh {
         match tokio::task::spawn_blocking(move || routing::serve(&pods)).await {
             Ok(Ok(0)) => {}
             Ok(Ok(changed)) => tracing::info!(changed, "mesh: HBONE routes follow the node's meshed pods"),
-            Ok(Err(e)) => tracing::error!("mesh: HBONE routes not updated (retried within {ROUTING_RECHECK:?}): {e}"),
-            Err(e) => tracing::error!("mesh: HBONE routes not updated (retried within {ROUTING_RECHECK:?}): {e}"),
+            Ok(Err(e)) => {
+                self.routing.failed();
+                tracing::error!("mesh: HBONE routes not updated (retried within {ROUTING_RECHECK:?}): {e}")
+            }
+            Err(e) => {
+                self.routing.failed();
+                tracing::error!("mesh: HBONE routes not updated (retried within {ROUTING_RECHECK:?}): {e}")
+            }
         }
     }
 
@@ -157,10 +165,17 @@ impl Mesh {
         match tokio::task::spawn_blocking(move || routing::install(port, capture, &pods)).await {
             Ok(Ok(0)) => {}
             Ok(Ok(changed)) => {
+                self.routing.restored(changed);
                 tracing::warn!(changed, "mesh: the node's routing had been changed under the agent; restored")
             }
-            Ok(Err(e)) => tracing::error!("mesh: routing not checked (retried in {ROUTING_RECHECK:?}): {e}"),
-            Err(e) => tracing::error!("mesh: routing not checked (retried in {ROUTING_RECHECK:?}): {e}"),
+            Ok(Err(e)) => {
+                self.routing.failed();
+                tracing::error!("mesh: routing not checked (retried in {ROUTING_RECHECK:?}): {e}")
+            }
+            Err(e) => {
+                self.routing.failed();
+                tracing::error!("mesh: routing not checked (retried in {ROUTING_RECHECK:?}): {e}")
+            }
         }
     }
 }

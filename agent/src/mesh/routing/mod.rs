@@ -176,6 +176,39 @@ pub fn install(hbone_port: u16, capture: Ipv4Addr, pods: &BTreeSet<Ipv4Addr>) ->
     Ok(changed)
 }
 
+/// What the agent's checks of the routing found (`warden_mesh_routing_*`), so an operator can
+/// alert on a node whose routing something else keeps changing, or that the agent cannot fix.
+#[derive(Clone, Debug, Default)]
+pub struct Metrics {
+    restored: prometheus_client::metrics::counter::Counter,
+    failed: prometheus_client::metrics::counter::Counter,
+}
+
+impl Metrics {
+    pub fn new(registry: &mut prometheus_client::registry::Registry) -> Metrics {
+        let m = Metrics::default();
+        registry.register(
+            "warden_mesh_routing_restored",
+            "Rules, routes and addresses of the mesh's policy routing that the agent put back after something else changed them",
+            m.restored.clone(),
+        );
+        registry.register(
+            "warden_mesh_routing_failures",
+            "Checks and updates of the mesh's policy routing that failed (the agent's log says why)",
+            m.failed.clone(),
+        );
+        m
+    }
+
+    pub fn restored(&self, n: usize) {
+        self.restored.inc_by(n as u64);
+    }
+
+    pub fn failed(&self) {
+        self.failed.inc();
+    }
+}
+
 /// The node's routing for the mesh as the kernel has it, for `warden maps`.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RoutingStatus {
