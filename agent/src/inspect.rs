@@ -458,7 +458,10 @@ fn render_routing(s: &mut String, routing: Result<&crate::mesh::routing::Routing
         }
     };
     if r.rules.is_empty() && r.hbone_pods.is_empty() && !r.replies_table {
-        let _ = writeln!(s, "\nMESH ROUTING  none (an agent without --mesh, or after `warden cleanup`)");
+        let _ = writeln!(
+            s,
+            "\nMESH ROUTING  none in this network namespace (the node's, where the agent runs? an agent without --mesh? `warden cleanup`?)"
+        );
         return;
     }
     let _ = writeln!(s, "\nMESH ROUTING");
