@@ -173,6 +173,7 @@ fn is_whole_port_mask(nla: &netlink_packet_core::DefaultNla) -> bool {
 
 /// The loopback device's index. `lo` is created first in every network namespace.
 pub fn loopback() -> Result<u32, NetlinkError> {
+    // SAFETY: a NUL-terminated name; the call only reads it.
     match unsafe { libc::if_nametoindex(c"lo".as_ptr()) } {
         0 => Err(NetlinkError { what: "finding the loopback device".into(), source: io::Error::last_os_error() }),
         i => Ok(i),
@@ -194,7 +195,8 @@ impl Netlink {
         socket.connect(&SocketAddr::new(0, 0)).map_err(err)?;
         // Dumps filtered by the kernel (a table's routes, not every table's).
         socket.set_netlink_get_strict_chk(true).map_err(err)?;
-        // A dump arrives in datagrams of at most 32 KiB.
+        // The kernel sizes a dump's datagrams from the reader's largest receive buffer (at least
+        // one page): 64 KiB holds any of them.
         Ok(Netlink { socket, seq: 0, buf: vec![0; 64 * 1024] })
     }
 
