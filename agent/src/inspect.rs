@@ -29,7 +29,7 @@ pub struct MapsView {
     pub routing_error: Option<String>,
 }
 
-/// One Service port of `warden_services_v1`: of every `meshed + plain.len()` connections of a
+/// One Service port of `warden_services_v2`: of every `meshed + plain.len()` connections of a
 /// meshed client, `meshed` go to the agent and one to each of `plain`.
 #[derive(Debug, Serialize)]
 pub struct ServiceSplitView {

@@ -346,7 +346,7 @@ pub fn is_port_name(s: &str) -> bool {
 /// `services` (`pods_of`: the pods of each namespace) that also has pods out
 /// of the mesh ([`Service::plain_backend`]) serving that port: as many shares to the agent as
 /// meshed pods serve the port, one to each plain pod, straight to its address and target port
-/// (`warden_services_v1`, `ebpf/src/service.rs`). Keys in slot 0. A port with more than
+/// (`warden_services_v2`, `ebpf/src/service.rs`). Keys in slot 0. A port with more than
 /// [`SERVICE_PLAIN_MAX`] such pods keeps the first of them by address, with a warning.
 pub fn splits(
     services: &[Service],
@@ -594,7 +594,13 @@ mod tests {
     fn a_split_names_at_most_its_capacity_of_pods_and_says_so() {
         use crate::workloads::test_pod as pod;
         let mut pods = vec![pod("m", 1, true, true, false)];
-        pods.extend((0..40).map(|i| pod(&format!("p{i}"), 100 + i, false, true, false)));
+        let over = SERVICE_PLAIN_MAX + 8;
+        pods.extend((0..over as u32).map(|i| {
+            let mut p = pod(&format!("p{i}"), 0, false, true, false);
+            // Listed last address first: the split keeps the first by address, not by listing.
+            p.ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 1, 0, 1)) + (over as u32 - 1 - i));
+            p
+        }));
         let service = Service {
             name: "ledger".into(),
             namespace: "ns".into(),
@@ -606,8 +612,9 @@ mod tests {
         let mut warnings = Vec::new();
         let out = splits(&[service], &by_namespace(pods.iter(), |w| w.namespace.as_str()), &mut warnings);
         assert_eq!(out[0].1.plain as usize, SERVICE_PLAIN_MAX);
-        assert_eq!(out[0].1.plain_backends[0].addr, [10, 0, 0, 100], "the first by address");
+        assert_eq!(out[0].1.plain_backends[0].addr, [10, 1, 0, 1], "the first by address");
+        assert_eq!(out[0].1.plain_backends[SERVICE_PLAIN_MAX - 1].addr, [10, 1, 1, 0], "the 256th");
         assert_eq!(warnings.len(), 1);
-        assert!(warnings[0].contains("ns/ledger port 80: 40 pods out of the mesh"), "{warnings:?}");
+        assert!(warnings[0].contains(&format!("ns/ledger port 80: {over} pods out of the mesh")), "{warnings:?}");
     }
 }

@@ -61,7 +61,7 @@ pub mod names {
     /// How `connect4` shares a meshed client's connections to a Service between its meshed pods
     /// (the agent, over the mesh) and its pods out of the mesh (the client's own socket, sent
     /// straight to one of them), in proportion to their numbers, as ztunnel does.
-    pub const SERVICES: &str = "warden_services_v1";
+    pub const SERVICES: &str = "warden_services_v2";
 
     pub const ALL: [&str; 18] = [
         CONFIG,
@@ -307,12 +307,15 @@ pub struct ServiceKey {
 }
 
 /// The most pods out of the mesh one Service port's split names; more are left out (the agent
-/// warns).
-pub const SERVICE_PLAIN_MAX: usize = 32;
+/// warns). A Deployment being moved into the mesh a few pods at a time keeps all its old pods in
+/// the share up to this many (`_v1` held 32). Entries are allocated only for Service ports that
+/// have such pods (`BPF_F_NO_PREALLOC`).
+pub const SERVICE_PLAIN_MAX: usize = 256;
 
 /// How a meshed client's connections to one Service port are shared ([`names::SERVICES`]):
 /// `meshed` of every `meshed + plain` go to the agent (which picks a meshed pod), the others
-/// straight to `plain_backends[i]`, pod address and target port. 260 bytes, no implicit padding.
+/// straight to `plain_backends[i]`, pod address and target port. 2,052 bytes, no implicit padding;
+/// the program reads it in place, never on its stack.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ServiceSplit {

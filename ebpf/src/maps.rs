@@ -101,6 +101,6 @@ pub fn ipcache_key(slot: u8, addr: [u8; 4]) -> Key<IpcacheAddr> {
 
 /// How a meshed client's connections to a Service port are shared between the agent and the
 /// Service's pods out of the mesh (`crate::service`), per slot.
-#[btf_map(name = "warden_services_v1")]
+#[btf_map(name = "warden_services_v2")]
 pub static SERVICES: HashMap<ServiceKey, ServiceSplit, { SERVICES_CAP as usize }, { BPF_F_NO_PREALLOC as usize }> =
     HashMap::new();

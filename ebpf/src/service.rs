@@ -6,7 +6,7 @@
 //! `meshed + plain` connections to a Service port, `meshed` are captured (the agent picks the
 //! meshed pod), and each of the others is sent straight to one of the pods out of the mesh,
 //! from the client's own socket, in plaintext, as the Service proxy would have sent it
-//! (`warden_services_v1`, written by the agent at each commit). The socket keeps the Service as
+//! (`warden_services_v2`, written by the agent at each commit). The socket keeps the Service as
 //! its peer for `getpeername()` ([`crate::capture::send_to`]).
 
 use aya_ebpf::helpers::bpf_get_prandom_u32;
