@@ -144,17 +144,9 @@ impl Mesh {
     pub async fn update(&self, view: View) {
         let pods = view.local_meshed();
         self.view.send_replace(Arc::new(view));
-        match tokio::task::spawn_blocking(move || routing::serve(&pods)).await {
-            Ok(Ok(0)) => {}
-            Ok(Ok(changed)) => tracing::info!(changed, "mesh: HBONE routes follow the node's meshed pods"),
-            Ok(Err(e)) => {
-                self.routing.failed();
-                tracing::error!("mesh: HBONE routes not updated (retried within {ROUTING_RECHECK:?}): {e}")
-            }
-            Err(e) => {
-                self.routing.failed();
-                tracing::error!("mesh: HBONE routes not updated (retried within {ROUTING_RECHECK:?}): {e}")
-            }
+        match self.routing_change(move || routing::serve(&pods)).await {
+            Some(0) | None => {}
+            Some(changed) => tracing::info!(changed, "mesh: HBONE routes follow the node's meshed pods"),
         }
     }
 
@@ -162,21 +154,29 @@ impl Mesh {
     /// anything else have changed it (the agent calls this every [`ROUTING_RECHECK`]).
     pub async fn recheck_routing(&self) {
         let (port, capture, pods) = (self.hbone_port, self.capture, self.view.borrow().local_meshed());
-        match tokio::task::spawn_blocking(move || routing::install(port, capture, &pods)).await {
-            Ok(Ok(0)) => {}
-            Ok(Ok(changed)) => {
+        match self.routing_change(move || routing::install(port, capture, &pods)).await {
+            Some(0) | None => {}
+            Some(changed) => {
                 self.routing.restored(changed);
                 tracing::warn!(changed, "mesh: the node's routing had been changed under the agent; restored")
             }
-            Ok(Err(e)) => {
-                self.routing.failed();
-                tracing::error!("mesh: routing not checked (retried in {ROUTING_RECHECK:?}): {e}")
-            }
-            Err(e) => {
-                self.routing.failed();
-                tracing::error!("mesh: routing not checked (retried in {ROUTING_RECHECK:?}): {e}")
-            }
         }
+    }
+
+    /// Run a routing change off the runtime; a failure is counted and logged (the next check, at
+    /// most [`ROUTING_RECHECK`] away, tries again). How many rules, routes and addresses changed.
+    async fn routing_change(
+        &self,
+        change: impl FnOnce() -> Result<usize, routing::RoutingError> + Send + 'static,
+    ) -> Option<usize> {
+        let failed = match tokio::task::spawn_blocking(change).await {
+            Ok(Ok(changed)) => return Some(changed),
+            Ok(Err(e)) => e.to_string(),
+            Err(e) => e.to_string(),
+        };
+        self.routing.failed();
+        tracing::error!("mesh: the node's routing not made good (retried within {ROUTING_RECHECK:?}): {failed}");
+        None
     }
 }
 
