@@ -45,6 +45,23 @@ unsafe fn record<S>(sk: *mut S, create: bool) -> *mut Captured {
 #[inline(always)]
 pub fn redirect(ctx: &SockAddrContext, family: Family, cfg: &Config, endpoint_id: u32, dst: SockAddr) -> bool {
     let via = SockAddr { addr: cfg.capture_addr, port: cfg.capture_port, _pad: 0 };
+    send_to(ctx, family, cfg, endpoint_id, dst, via)
+}
+
+/// Send the `connect()` of `ctx` to `via` instead of `dst`, remembering `dst` for
+/// `getpeername()`: the agent's capture listener ([`redirect`]), or a Service's pod out of the
+/// mesh. sock_ops files for the agent only sockets sent to the capture listener. False when the
+/// record cannot be written: the caller then refuses the connection (fail closed; the socket
+/// would name `via` as its peer).
+#[inline(always)]
+pub fn send_to(
+    ctx: &SockAddrContext,
+    family: Family,
+    cfg: &Config,
+    endpoint_id: u32,
+    dst: SockAddr,
+    via: SockAddr,
+) -> bool {
     // SAFETY: the context pointer is valid for the program's run; connect4's socket is a full one.
     let rec = unsafe { record((*ctx.sock_addr).__bindgen_anon_1.sk, true) };
     if rec.is_null() {
@@ -54,30 +71,6 @@ pub fn redirect(ctx: &SockAddrContext, family: Family, cfg: &Config, endpoint_id
     // failed attempt) has its record overwritten.
     unsafe { *rec = Captured { orig: OrigDst { dst, endpoint_id, generation: cfg.generation }, via } };
     sock_addr::set(ctx, family, via);
-    true
-}
-
-/// Send the `connect()` of `ctx` to `backend` (a Service's pod out of the mesh) instead of
-/// Service address `dst`, remembering `dst` for `getpeername()`. Not for the agent: sock_ops files
-/// only sockets sent to the capture listener. False when the record cannot be written: the caller
-/// then refuses the connection (fail closed; the socket would name the pod as its peer).
-#[inline(always)]
-pub fn send_to(
-    ctx: &SockAddrContext,
-    family: Family,
-    cfg: &Config,
-    endpoint_id: u32,
-    dst: SockAddr,
-    backend: SockAddr,
-) -> bool {
-    // SAFETY: as in `redirect`.
-    let rec = unsafe { record((*ctx.sock_addr).__bindgen_anon_1.sk, true) };
-    if rec.is_null() {
-        return false;
-    }
-    // SAFETY: a valid pointer into the socket's storage.
-    unsafe { *rec = Captured { orig: OrigDst { dst, endpoint_id, generation: cfg.generation }, via: backend } };
-    sock_addr::set(ctx, family, backend);
     true
 }
 
