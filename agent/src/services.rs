@@ -164,7 +164,13 @@ impl Service {
     /// in plaintext: a Service whose only meshed pods are still starting, behind pods out of the
     /// mesh (a rollout into the mesh), keeps serving.
     pub fn mesh_backend(&self, w: &Workload) -> bool {
-        w.in_mesh() && w.ready && self.selects(w) && (!self.node_local || w.local.is_some())
+        w.in_mesh() && self.serving(w)
+    }
+
+    /// Whether `w` serves the Service from where this node's clients reach it: selected, ready,
+    /// and on this node when the Service is node-local.
+    fn serving(&self, w: &Workload) -> bool {
+        w.ready && self.selects(w) && (!self.node_local || w.local.is_some())
     }
 
     /// Whether the kernel captures the Service's address for meshed clients: one of `pods` (its
@@ -176,7 +182,7 @@ impl Service {
     /// Whether `w` is one of the Service's pods out of the mesh that serve it: the ones a meshed
     /// client's connections are shared with ([`splits`]). `node_local` as [`Self::mesh_backend`].
     pub fn plain_backend(&self, w: &Workload) -> bool {
-        !w.in_mesh() && w.ready && self.selects(w) && (!self.node_local || w.local.is_some())
+        !w.in_mesh() && self.serving(w)
     }
 
     /// The port `backend` serves Service port `port` on: `None` when the Service has no such
