@@ -118,15 +118,21 @@ fn served(nl: &mut Netlink) -> Result<(BTreeSet<Ipv4Addr>, bool), RoutingError> 
     Ok((routes.into_iter().filter(|(_, prefix)| *prefix == 32).map(|(a, _)| a).collect(), catch_all))
 }
 
-/// Make [`TABLE`] deliver HBONE for exactly `pods` (this node's meshed pods): routes are added
-/// for new pods and removed for pods gone or out of the mesh, read from the kernel each time, so
-/// a failed or interrupted change is made good by the next. Every change is attempted; the first
-/// failure is returned. Returns how many routes changed.
-fn serve_with(nl: &mut Netlink, pods: &BTreeSet<Ipv4Addr>) -> Result<usize, RoutingError> {
-    let (have, _) = served(nl)?;
+/// Whether [`TABLE_TO_AGENT`] holds its catch-all: the replies of the agent's deliveries are
+/// delivered locally.
+fn replies_table(nl: &mut Netlink) -> Result<bool, RoutingError> {
+    Ok(nl.local_routes(TABLE_TO_AGENT)?.iter().any(|(_, prefix)| *prefix == 0))
+}
+
+/// Make [`TABLE`] deliver HBONE for exactly `pods` (this node's meshed pods), given the pods it
+/// delivers for now (`have`, read from the kernel each time by the caller, so a failed or
+/// interrupted change is made good by the next): routes are added for new pods and removed for
+/// pods gone or out of the mesh. Every change is attempted; the first failure is returned.
+/// Returns how many routes changed.
+fn serve_with(nl: &mut Netlink, have: &BTreeSet<Ipv4Addr>, pods: &BTreeSet<Ipv4Addr>) -> Result<usize, RoutingError> {
     let lo = loopback()?;
     let (mut changed, mut first_error) = (0, None);
-    let changes = pods.difference(&have).map(|p| (*p, true)).chain(have.difference(pods).map(|p| (*p, false)));
+    let changes = pods.difference(have).map(|p| (*p, true)).chain(have.difference(pods).map(|p| (*p, false)));
     for (pod, add) in changes {
         let done =
             if add { nl.replace_local_route(pod, 32, TABLE, lo) } else { nl.del_local_route(pod, 32, TABLE, lo) };
@@ -145,7 +151,9 @@ fn serve_with(nl: &mut Netlink, pods: &BTreeSet<Ipv4Addr>) -> Result<usize, Rout
 
 /// [`serve_with`] on a socket of its own: what the agent calls at each commit.
 pub fn serve(pods: &BTreeSet<Ipv4Addr>) -> Result<usize, RoutingError> {
-    serve_with(&mut Netlink::open()?, pods)
+    let nl = &mut Netlink::open()?;
+    let (have, _) = served(nl)?;
+    serve_with(nl, &have, pods)
 }
 
 /// Install the mesh's rules and tables for HBONE on `hbone_port`, delivering it for `pods`, and
@@ -158,17 +166,19 @@ pub fn install(hbone_port: u16, capture: Ipv4Addr, pods: &BTreeSet<Ipv4Addr>) ->
         tracing::info!(%capture, "the capture address was not local: added to lo");
         changed += 1;
     }
-    if !nl.local_routes(TABLE_TO_AGENT)?.iter().any(|(_, prefix)| *prefix == 0) {
+    if !replies_table(nl)? {
         nl.replace_local_route(Ipv4Addr::UNSPECIFIED, 0, TABLE_TO_AGENT, loopback()?)?;
         changed += 1;
     }
     let [to_agent, local_hbone, hbone] = mesh_rules(hbone_port);
     changed += usize::from(rule(nl, &to_agent)?);
-    changed += serve_with(nl, pods)?;
+    // Serving the pods touches only their /32 routes: the catch-all read here is still there after.
+    let (have, earlier_catch_all) = served(nl)?;
+    changed += serve_with(nl, &have, pods)?;
     changed += usize::from(rule(nl, &local_hbone)?);
     changed += usize::from(rule(nl, &hbone)?);
     // Only now that the pods' routes are in: an earlier agent's catch-all goes.
-    if served(nl)?.1 {
+    if earlier_catch_all {
         nl.del_local_route(Ipv4Addr::UNSPECIFIED, 0, TABLE, loopback()?)?;
         tracing::info!(table = TABLE, "routing: removed an earlier agent's catch-all local route");
         changed += 1;
@@ -242,7 +252,7 @@ pub fn status() -> Result<RoutingStatus, RoutingError> {
         rules.extend(found.into_iter().map(|r| RuleStatus { mesh: is_ours(&r), rule: r.to_string() }));
     }
     let (pods, earlier_catch_all) = served(nl)?;
-    let replies_table = nl.local_routes(TABLE_TO_AGENT)?.iter().any(|(_, prefix)| *prefix == 0);
+    let replies_table = replies_table(nl)?;
     Ok(RoutingStatus { rules, missing, hbone_pods: pods.into_iter().collect(), replies_table, earlier_catch_all })
 }
 
