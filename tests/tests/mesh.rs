@@ -1240,10 +1240,15 @@ fn hbone_routes(lab: &Lab) -> Vec<String> {
     routes
 }
 
+/// The node's rules at priority `pref`, as `ip rule` prints them.
+fn rule_at(lab: &Lab, pref: u32) -> String {
+    let out = lab.node_command("ip", &["rule", "show", "pref", &pref.to_string()]).output().expect("ip rule");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 /// The node's rule for the replies of the workloads the agent delivers to (priority 1002).
 fn replies_rule(lab: &Lab) -> String {
-    let out = lab.node_command("ip", &["rule", "show", "pref", "1002"]).output().expect("ip rule");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+    rule_at(lab, 1002)
 }
 
 /// Port 15008 is HBONE's only towards a meshed pod of the node. Any other TCP packet for port
@@ -1320,10 +1325,7 @@ fn only_hbone_to_a_meshed_pod_of_the_node_goes_to_its_agent() {
         let out = c.n1.node_command("ip", args).output().unwrap();
         assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     }
-    let hbone_rule = |lab: &Lab| {
-        let out = lab.node_command("ip", &["rule", "show", "pref", "1001"]).output().expect("ip rule");
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    };
+    let hbone_rule = |lab: &Lab| rule_at(lab, 1001);
     assert!(hbone_rule(&c.n1).is_empty());
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     while (hbone_routes(&c.n1).is_empty() || hbone_rule(&c.n1).is_empty()) && std::time::Instant::now() < deadline {
