@@ -215,6 +215,18 @@ impl Config {
     pub const fn node_exempt(&self) -> bool {
         self.flags & CONFIG_NODE_EXEMPT != 0
     }
+
+    /// Whether meshed workloads' connections are captured (a capture port is set).
+    pub const fn captures(&self) -> bool {
+        self.capture_port != 0
+    }
+
+    /// Whether `addr:port` (network-order address, host-order port) is the agent's capture
+    /// listener. Never while capture is off.
+    #[inline(always)]
+    pub fn is_capture_listener(&self, addr: [u8; 4], port: u16) -> bool {
+        self.captures() && addr == self.capture_addr && port == self.capture_port
+    }
 }
 
 /// [`Config::flags`]: the same-node fast path is on. Read by sock_ops (whether to add sockets to

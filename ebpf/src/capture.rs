@@ -96,7 +96,7 @@ pub fn on_sock_op(ctx: &SockOpsContext) {
     let Captured { orig, via } = unsafe { *rec };
     // A socket `send_to` sent to a Service's pod is not the agent's to accept.
     match crate::enforce::config() {
-        Ok(cfg) if via.addr == cfg.capture_addr && via.port == cfg.capture_port => {}
+        Ok(cfg) if cfg.is_capture_listener(via.addr, via.port) => {}
         _ => return,
     }
     let src = SockAddr { addr: ctx.local_ip4().to_ne_bytes(), port: ctx.local_port() as u16, _pad: 0 };

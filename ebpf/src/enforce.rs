@@ -284,12 +284,7 @@ pub fn decide_new(
     };
     // A meshed workload's connection to the agent's capture listener is the mesh's too (for an
     // egress flow, `remote_addr` and `qport` are where it was sent, whichever way this packet goes).
-    let tunnel = tunnel
-        || (qdir == Direction::Egress
-            && cfg.capture_port != 0
-            && ep.is_meshed()
-            && remote_addr == cfg.capture_addr
-            && qport == cfg.capture_port);
+    let tunnel = tunnel || (qdir == Direction::Egress && ep.is_meshed() && cfg.is_capture_listener(remote_addr, qport));
     let o = Outcome {
         endpoint_id: ep.endpoint_id,
         remote_identity: dst.identity,

@@ -126,7 +126,7 @@ pub fn on_sock_op(ctx: &SockOpsContext) {
 /// this node).
 #[inline(always)]
 fn is_active_end(cfg: &Config, key: &SockKey, sk: *mut bpf_sock) -> bool {
-    if cfg.capture_port != 0 && key.remote_addr == cfg.capture_addr && key.remote_port == cfg.capture_port {
+    if cfg.is_capture_listener(key.remote_addr, key.remote_port) {
         return true;
     }
     // SAFETY: a non-null socket pointer from the context, valid for the program's run.

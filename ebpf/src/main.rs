@@ -318,7 +318,7 @@ fn connect4(ctx: &SockAddrContext, family: Family, to: SockAddr) -> (Outcome, Tu
     // From here on it is decided as a connection to that pod, and sent there once allowed.
     let mut share = None;
     if proto == PROTO_TCP
-        && cfg.capture_port != 0
+        && cfg.captures()
         && ep.is_meshed()
         && dst.flags & REMOTE_SERVICE != 0
         && let Some(pod) = service::plain_backend(slot, to)
@@ -359,7 +359,7 @@ fn connect4(ctx: &SockAddrContext, family: Family, to: SockAddr) -> (Outcome, Tu
     // Mesh to mesh: the node agent carries the connection over mTLS and authorizes it with the
     // proven identity (and the destination's kernel enforces it again on the last hop).
     let dst_meshed = if local { peer.is_meshed() } else { dst.flags & REMOTE_MESHED != 0 };
-    let captured = share.is_none() && proto == PROTO_TCP && cfg.capture_port != 0 && ep.is_meshed() && dst_meshed;
+    let captured = share.is_none() && proto == PROTO_TCP && cfg.captures() && ep.is_meshed() && dst_meshed;
     // Redirect to the agent; a destination that cannot be filed refuses the connect().
     let redirect = || capture::redirect(ctx, family, &cfg, ep.endpoint_id, to);
     if captured && !local {
