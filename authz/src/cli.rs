@@ -25,6 +25,9 @@ pub enum PolicyCommand {
         /// Namespace whose policies apply mesh-wide.
         #[arg(long, default_value = "istio-system")]
         root_namespace: String,
+        /// The mesh's trust domain (a policy's `cluster.local/...` principals name it).
+        #[arg(long, default_value = crate::matcher::CLUSTER_LOCAL)]
+        trust_domain: String,
     },
 }
 
@@ -47,6 +50,9 @@ pub struct AuthzCheckArgs {
     /// Namespace whose policies apply mesh-wide.
     #[arg(long, default_value = "istio-system")]
     pub root_namespace: String,
+    /// The mesh's trust domain (a policy's `cluster.local/...` principals name it).
+    #[arg(long, default_value = crate::matcher::CLUSTER_LOCAL)]
+    pub trust_domain: String,
 }
 
 pub fn run_policy(cmd: PolicyCommand) -> ExitCode {
@@ -60,8 +66,8 @@ pub fn run_authz_check(args: AuthzCheckArgs) -> ExitCode {
 /// [`run_policy`] writing to the given streams; returns the exit code.
 pub fn run_policy_to(cmd: PolicyCommand, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
     match cmd {
-        PolicyCommand::Validate { paths, root_namespace } => {
-            let options = Options { root_namespace, ..Options::default() };
+        PolicyCommand::Validate { paths, root_namespace, trust_domain } => {
+            let options = Options { root_namespace, trust_domain, ..Options::default() };
             match load_paths_with(&paths, &options) {
                 Ok(set) => {
                     for w in set.warnings() {
@@ -117,7 +123,8 @@ pub fn decision_text(d: &Decision) -> String {
 
 /// [`run_authz_check`] writing to the given streams; returns the exit code.
 pub fn run_authz_check_to(args: AuthzCheckArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
-    let options = Options { root_namespace: args.root_namespace, ..Options::default() };
+    let options =
+        Options { root_namespace: args.root_namespace, trust_domain: args.trust_domain, ..Options::default() };
     let set = match load_paths_with(&args.policies, &options) {
         Ok(s) => s,
         Err(e) => {

@@ -42,7 +42,8 @@ pub struct Destination {
     pub services: Vec<String>,
 }
 
-/// Claims of a JWT that RequestAuthentication already validated.
+/// Claims of the token a request carries (its signature taken as good). The policies see them only
+/// when a RequestAuthentication applies to the destination.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Jwt {
     pub iss: Option<String>,
@@ -183,6 +184,10 @@ fn pos_neg<T>(pos: &[T], neg: &[T], f: impl Fn(&T) -> bool) -> bool {
 /// L7 context for matching (absent at L4).
 pub(crate) struct L7<'a> {
     pub http: &'a Http,
+    /// The request's token as the policies see it: `request.auth.*` and `requestPrincipals`.
+    /// `None` when no RequestAuthentication applies to the workload, since then nothing
+    /// validated the token (Istio's proxy only reads one its JWT rules accept).
+    pub jwt: Option<&'a Jwt>,
     pub sni: Option<&'a str>,
     pub remote: Option<Ipv4Addr>,
 }
@@ -209,7 +214,7 @@ pub(crate) fn source_matches(s: &Source, peer: &PeerView, l7: Option<&L7>) -> bo
         return false;
     }
     if let Some(l7) = l7 {
-        let rp = l7.http.jwt.as_ref().and_then(|j| match (&j.iss, &j.sub) {
+        let rp = l7.jwt.and_then(|j| match (&j.iss, &j.sub) {
             (Some(i), Some(s)) => Some(format!("{i}/{s}")),
             _ => None,
         });
@@ -306,7 +311,7 @@ pub(crate) fn condition_matches(c: &Condition, env: &Env) -> bool {
     };
     let one = |v: Option<&str>| strs_match(&v.map(|s| vec![s.to_string()]).unwrap_or_default());
     let l7 = env.l7;
-    let jwt = l7.and_then(|l| l.http.jwt.as_ref());
+    let jwt = l7.and_then(|l| l.jwt);
     match &c.key {
         Key::SourceIp => ips_match(env.peer.addr),
         Key::RemoteIp => ips_match(l7.and_then(|l| l.remote).map(Addr::Ip).unwrap_or(env.peer.addr)),
@@ -358,8 +363,14 @@ impl PolicySet {
         let sa = principal.and_then(principal_parts);
         let namespace = req.source.namespace.as_deref().or(sa.map(|(n, _)| n));
         let peer = PeerView { principal, namespace, sa, addr: req.source.ip.map(Addr::Ip).unwrap_or(Addr::Unknown) };
-        let l7 =
-            req.http.as_ref().map(|h| L7 { http: h, sni: req.sni.as_deref(), remote: h.remote_ip.or(req.source.ip) });
+        let d = &req.destination;
+        let target = Target { namespace: &d.namespace, labels: &d.labels, services: &d.services };
+        let l7 = req.http.as_ref().map(|h| L7 {
+            http: h,
+            jwt: h.jwt.as_ref().filter(|_| self.request_authentications_for(&target).next().is_some()),
+            sni: req.sni.as_deref(),
+            remote: h.remote_ip.or(req.source.ip),
+        });
         let proto = if req.protocol == 0 { PROTO_TCP } else { req.protocol };
         let env = Env {
             peer,
@@ -369,8 +380,6 @@ impl PolicySet {
             clock: clock(req.time.unwrap_or_else(SystemTime::now), self.options.utc_offset_minutes),
             l7: l7.as_ref(),
         };
-        let d = &req.destination;
-        let target = Target { namespace: &d.namespace, labels: &d.labels, services: &d.services };
         let mut decision = self.decide(&target, &env, layer);
         decision.shadow = self.shadow_matches(&target, &env, layer);
         decision
@@ -405,7 +414,7 @@ impl PolicySet {
             }
         }
         // RequestAuthentication: a token the workload's JWT rules do not accept is rejected (401).
-        if let Some(jwt) = env.l7.and_then(|l| l.http.jwt.as_ref())
+        if let Some(jwt) = env.l7.and_then(|l| l.jwt)
             && let Some(reason) = self.jwt_rejection(target, jwt)
         {
             return mk(Verdict::Deny, Some(reason.0), Some("REQUEST_AUTHENTICATION"), None, reason.1);
@@ -471,19 +480,14 @@ impl PolicySet {
     /// `jwtRules` and, when the rule lists audiences, one of the token's audiences must be among
     /// them. Returns (policy, reason) for a rejected token.
     fn jwt_rejection(&self, target: &Target, jwt: &Jwt) -> Option<(String, String)> {
-        let root = self.options.root_namespace.as_str();
-        let ras: Vec<&RequestAuth> = self
-            .request_auth
-            .iter()
-            .filter(|r| {
-                (r.namespace == target.namespace || r.namespace == root)
-                    && crate::set::selection_applies(&r.selection, target)
-            })
-            .collect();
+        let ras: Vec<&RequestAuth> = self.request_authentications_for(target).collect();
         let first = ras.first()?;
         let iss = jwt.iss.as_deref().unwrap_or("");
-        let Some((ra, rule)) =
-            ras.iter().find_map(|ra| ra.jwt_rules.iter().find(|r| r.issuer == iss).map(|r| (*ra, r)))
+        // A rule without an issuer (its keys from `jwksUri`) takes a token of any issuer, as
+        // Envoy's JWT filter does when no issuer is configured.
+        let Some((ra, rule)) = ras
+            .iter()
+            .find_map(|ra| ra.jwt_rules.iter().find(|r| r.issuer.is_empty() || r.issuer == iss).map(|r| (*ra, r)))
         else {
             let key = format!("{}/{}", first.namespace, first.name);
             return Some((
@@ -506,6 +510,12 @@ impl PolicySet {
         None
     }
 
+    /// The RequestAuthentications that apply to `target`.
+    fn request_authentications_for<'a>(&'a self, target: &'a Target) -> impl Iterator<Item = &'a RequestAuth> + 'a {
+        let root = self.options.root_namespace.as_str();
+        self.request_auth.iter().filter(move |r| crate::set::scope_applies(&r.namespace, &r.selection, target, root))
+    }
+
     fn shadow_matches(&self, target: &Target, env: &Env, layer: Layer) -> Vec<String> {
         let mut out = Vec::new();
         for ix in self.scopes(target.namespace).iter() {
@@ -515,7 +525,9 @@ impl PolicySet {
                 }
                 let p = self.policy(pi);
                 for (ri, r) in p.rules.iter().enumerate() {
-                    if layer == Layer::L4 && r.has_l7 && p.action != Action::Deny {
+                    // At L4 an ALLOW rule with L7 attributes never matches; DENY and AUDIT
+                    // rules keep their L4 part (Istio widens both: `checkError`).
+                    if layer == Layer::L4 && r.has_l7 && !matches!(p.action, Action::Deny | Action::Audit) {
                         continue;
                     }
                     if rule_matches(r, env) {

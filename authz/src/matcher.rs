@@ -48,6 +48,16 @@ impl StrMatch {
         }
     }
 
+    /// The pattern as written (`abc`, `abc*`, `*abc`, `*`).
+    pub fn pattern(&self) -> String {
+        match self {
+            StrMatch::Exact(e) => e.clone(),
+            StrMatch::Prefix(p) => format!("{p}*"),
+            StrMatch::Suffix(s) => format!("*{s}"),
+            StrMatch::Presence => "*".to_string(),
+        }
+    }
+
     pub fn exact(&self) -> Option<&str> {
         match self {
             StrMatch::Exact(e) => Some(e),
@@ -331,5 +341,53 @@ mod tests {
         assert_eq!(parse_cidr("10.1.2.3/8").unwrap().to_string(), "10.0.0.0/8");
         assert_eq!(parse_cidr("10.0.0.0/33").unwrap_err(), "\"10.0.0.0/33\" is not a CIDR");
         assert!(parse_cidr("::1/128").unwrap_err().contains("IPv6"));
+    }
+}
+
+/// The trust domain a principal written as `cluster.local/ns/NS/sa/SA` stands for.
+pub const CLUSTER_LOCAL: &str = "cluster.local";
+
+/// A principal pattern of a policy, with Istio's reading of `cluster.local`: a pointer to the
+/// local trust domain (`ReplaceTrustDomainAliases`), so a policy written for the default trust
+/// domain keeps working in a mesh with another one. Only a pattern of five `/`-separated parts
+/// whose first is not `*` names a trust domain; any other is kept as written, and so is a
+/// principal of another trust domain.
+pub fn localize_principal(m: &StrMatch, trust_domain: &str) -> StrMatch {
+    if trust_domain == CLUSTER_LOCAL {
+        return m.clone();
+    }
+    let pattern = m.pattern();
+    let parts: Vec<&str> = pattern.split('/').collect();
+    if parts.len() != 5 || parts[0] != CLUSTER_LOCAL {
+        return m.clone();
+    }
+    StrMatch::parse(&format!("{trust_domain}/{}", parts[1..].join("/")))
+}
+
+#[cfg(test)]
+mod trust_domain_tests {
+    use super::*;
+
+    fn local(p: &str, td: &str) -> String {
+        localize_principal(&StrMatch::parse(p), td).pattern()
+    }
+
+    #[test]
+    fn cluster_local_stands_for_the_local_trust_domain() {
+        assert_eq!(local("cluster.local/ns/a/sa/b", "corp.example"), "corp.example/ns/a/sa/b");
+        assert_eq!(local("cluster.local/ns/a/sa/*", "corp.example"), "corp.example/ns/a/sa/*");
+        // Not five parts, a wildcard trust domain, another trust domain: as written (Istio).
+        assert_eq!(local("cluster.local/ns/a/*", "corp.example"), "cluster.local/ns/a/*");
+        assert_eq!(local("*/ns/a/sa/b", "corp.example"), "*/ns/a/sa/b");
+        assert_eq!(local("*", "corp.example"), "*");
+        assert_eq!(local("other.example/ns/a/sa/b", "corp.example"), "other.example/ns/a/sa/b");
+        assert_eq!(local("cluster.local/ns/a/sa/b", "cluster.local"), "cluster.local/ns/a/sa/b");
+    }
+
+    #[test]
+    fn a_pattern_reads_back_as_written() {
+        for p in ["a", "a*", "*a", "*", "a*b"] {
+            assert_eq!(StrMatch::parse(p).pattern(), p);
+        }
     }
 }

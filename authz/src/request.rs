@@ -8,7 +8,8 @@
 //! time: 2026-11-24T10:00:00Z
 //! ```
 //! `source.principal` absent = plaintext peer; `source.namespace` defaults from the principal;
-//! `http` absent = L4; `jwt` = claims of a token RequestAuthentication already validated.
+//! `http` absent = L4; `jwt` = claims of the token the request carries (seen by the policies only
+//! when a RequestAuthentication applies to the destination).
 //! An optional `expect` block (ignored here) lets example files carry their expected decision.
 
 use crate::eval::{Destination, Http, Jwt, Peer, Request, principal_parts};

@@ -19,11 +19,41 @@ pub struct Options {
     pub root_namespace: String,
     /// Offset from UTC, in minutes, for `custom.time_of_day` / `custom.day_of_week`. Default 0.
     pub utc_offset_minutes: i32,
+    /// The mesh's trust domain. A principal a policy writes as `cluster.local/ns/NS/sa/SA` names
+    /// this trust domain, as in Istio. Default `cluster.local`.
+    pub trust_domain: String,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { root_namespace: "istio-system".to_string(), utc_offset_minutes: 0 }
+        Options {
+            root_namespace: "istio-system".to_string(),
+            utc_offset_minutes: 0,
+            trust_domain: crate::matcher::CLUSTER_LOCAL.to_string(),
+        }
+    }
+}
+
+/// Rewrites the principals of `p`'s rules (`principals`, `notPrincipals`, `source.principal`)
+/// with [`crate::matcher::localize_principal`].
+fn localize_principals(p: &mut AuthzPolicy, trust_domain: &str) {
+    let localize = |v: &mut Vec<StrMatch>| {
+        for m in v.iter_mut() {
+            *m = crate::matcher::localize_principal(m, trust_domain);
+        }
+    };
+    for r in &mut p.rules {
+        for s in &mut r.from {
+            localize(&mut s.principals);
+            localize(&mut s.not_principals);
+        }
+        for c in r.when.iter_mut().filter(|c| c.key == Key::SourcePrincipal) {
+            for v in [&mut c.values, &mut c.not_values] {
+                if let Values::Strs(m) = v {
+                    localize(m);
+                }
+            }
+        }
     }
 }
 
@@ -57,7 +87,20 @@ impl<'a> From<&'a Workload> for Target<'a> {
 /// Label of the pods of a Gateway API gateway.
 pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
 
-pub(crate) fn selection_applies(sel: &Selection, t: &Target) -> bool {
+/// Does a policy of namespace `ns` that selects `sel` apply to the workload `t`? A policy applies
+/// in its own namespace and, from the `root` namespace, in every namespace; a selector narrows
+/// that. A policy bound with `targetRefs` applies only to its targets in its own namespace, the
+/// root namespace included: Istio attaches a Service or Gateway by name in the policy's namespace
+/// (`ShouldAttachPolicy`), so the root scope does not widen it.
+pub(crate) fn scope_applies(ns: &str, sel: &Selection, t: &Target, root: &str) -> bool {
+    let in_scope = match sel {
+        Selection::TargetRefs(_) => ns == t.namespace,
+        Selection::All | Selection::Labels(_) => ns == root || ns == t.namespace,
+    };
+    in_scope && selection_applies(sel, t)
+}
+
+fn selection_applies(sel: &Selection, t: &Target) -> bool {
     match sel {
         Selection::All => true,
         Selection::Labels(l) => l.iter().all(|(k, v)| t.labels.get(k) == Some(v)),
@@ -150,7 +193,10 @@ impl PolicySet {
         let mut request_auth = Vec::new();
         for r in resources {
             match r {
-                Resource::AuthorizationPolicy(p) => authz.push(p),
+                Resource::AuthorizationPolicy(mut p) => {
+                    localize_principals(&mut p, &options.trust_domain);
+                    authz.push(p)
+                }
                 Resource::PeerAuthentication(p) => peer.push(p),
                 Resource::RequestAuthentication(p) => request_auth.push(p),
             }
@@ -316,12 +362,7 @@ impl PolicySet {
     /// Does policy `pi` apply to the workload `t`?
     pub(crate) fn applies(&self, pi: u32, t: &Target) -> bool {
         let p = &self.authz[pi as usize];
-        if p.namespace == self.options.root_namespace {
-            // A root-namespace policy with a selector applies to matching workloads of every namespace.
-            selection_applies(&p.selection, t)
-        } else {
-            p.namespace == t.namespace && selection_applies(&p.selection, t)
-        }
+        scope_applies(&p.namespace, &p.selection, t, &self.options.root_namespace)
     }
 
     /// The indexes of the namespaces whose policies can apply to a workload of `ns`: the root
@@ -394,10 +435,7 @@ impl PolicySet {
     /// mesh default is PERMISSIVE. `portLevelMtls` of the workload-level policy overrides per port.
     pub fn mtls_mode(&self, t: &Target, port: Option<u16>) -> (MtlsMode, Option<&PeerAuth>) {
         let root = &self.options.root_namespace;
-        let workload = self.peer.iter().find(|p| {
-            p.namespace == t.namespace
-                && p.selector.as_ref().is_some_and(|s| s.iter().all(|(k, v)| t.labels.get(k) == Some(v)))
-        });
+        let workload = self.workload_peer_auth(t);
         let namespace = self.peer.iter().find(|p| p.namespace == t.namespace && p.selector.is_none());
         let mesh = self.peer.iter().find(|p| &p.namespace == root && p.selector.is_none());
         let mut mode = MtlsMode::Permissive;
@@ -418,14 +456,23 @@ impl PolicySet {
         (mode, by)
     }
 
+    /// The workload-level PeerAuthentication of `t`: one with a selector that matches it, in its
+    /// namespace. One in the root namespace is not: Istio takes a PeerAuthentication with a
+    /// selector as workload-level only outside the root namespace (`ComposePeerAuthentication`),
+    /// and ignores it there.
+    fn workload_peer_auth(&self, t: &Target) -> Option<&PeerAuth> {
+        self.peer.iter().find(|p| {
+            p.namespace == t.namespace
+                && p.namespace != self.options.root_namespace
+                && p.selector.as_ref().is_some_and(|s| s.iter().all(|(k, v)| t.labels.get(k) == Some(v)))
+        })
+    }
+
     /// The PeerAuthentication decisions for a workload: the base mode (with its policy) and the
     /// per-port overrides that differ from it.
     pub(crate) fn mtls_ports(&self, t: &Target) -> MtlsPorts<'_> {
         let (base, by) = self.mtls_mode(t, None);
-        let workload = self.peer.iter().find(|p| {
-            p.namespace == t.namespace
-                && p.selector.as_ref().is_some_and(|s| s.iter().all(|(k, v)| t.labels.get(k) == Some(v)))
-        });
+        let workload = self.workload_peer_auth(t);
         let mut ports = Vec::new();
         if let Some(w) = workload {
             for &port in w.port_level.keys() {

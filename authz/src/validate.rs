@@ -154,6 +154,9 @@ fn selection(
     target_ref: Option<raw::TargetRef>,
     target_refs: Option<Vec<raw::TargetRef>>,
 ) -> Selection {
+    // An empty list is no list, as in Istio (a repeated field): `targetRefs: []` leaves the policy
+    // namespace-wide, it does not make it select nothing.
+    let target_refs = target_refs.filter(|refs| !refs.is_empty());
     let n = selector.is_some() as u8 + target_ref.is_some() as u8 + target_refs.is_some() as u8;
     if n > 1 {
         ctx.err("spec", "only one of selector, targetRef or targetRefs can be set");

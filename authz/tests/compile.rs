@@ -444,3 +444,27 @@ fn meshing_endpoints_only_adds_their_plaintext_view() {
     c.policy.retain(|(k, _)| !k.is_plaintext());
     assert_eq!(render(&c), std::fs::read_to_string(&path).unwrap());
 }
+
+#[test]
+fn cluster_local_principals_compile_for_the_nodes_trust_domain() {
+    // The usual Istio form of a policy, in a mesh whose trust domain is not cluster.local: the
+    // kernel's map must still let orders reach 8443, and nothing else.
+    let options = Options { trust_domain: "corp.example".into(), ..Options::default() };
+    let s = PolicySet::from_resources(parse_str(PAYMENTS, "test.yaml").unwrap(), &options).unwrap();
+    let w = workloads();
+    let mut ids = Ids::default();
+    let input = CompileInput {
+        policies: &s,
+        workloads: &w,
+        local: &[(0, 11)],
+        meshed: &[],
+        trust_domain: "corp.example",
+        now: t0(),
+    };
+    let c = compile(&input, &mut ids).unwrap();
+    let m = Maps::new(&c);
+    let allow = ids.policies[&("shop".into(), "allow-orders".into())];
+    let ip = |s: &str| s.parse().unwrap();
+    assert_eq!(m.decide(11, ip("10.1.0.20"), PROTO_TCP, 8443), PolicyValue::allow(allow));
+    assert_eq!(m.decide(11, ip("10.2.0.5"), PROTO_TCP, 8443), PolicyValue::deny(0, DropReason::PolicyDefaultDeny));
+}

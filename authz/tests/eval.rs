@@ -14,7 +14,7 @@ fn set(yaml: &str) -> PolicySet {
     for d in yaml.split("\n---\n") {
         docs.extend(parse_str(d, "t.yaml").unwrap_or_else(|e| panic!("{e}")));
     }
-    PolicySet::from_resources(docs, &Options { root_namespace: "root".into(), utc_offset_minutes: 0 }).unwrap()
+    PolicySet::from_resources(docs, &Options { root_namespace: "root".into(), ..Options::default() }).unwrap()
 }
 
 #[derive(Clone)]
@@ -174,6 +174,15 @@ fn deny(rules: &str) -> String {
     )
 }
 
+/// `policy` with a RequestAuthentication for every workload of `t` whose one JWT rule has no
+/// issuer (keys from `jwksUri`), so it accepts a token of any issuer: the policies see the
+/// request's token only when a RequestAuthentication applies.
+fn with_jwt_rules(policy: &str) -> String {
+    format!(
+        "{policy}\n---\napiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: any-issuer, namespace: t}}\nspec:\n  jwtRules: [{{jwksUri: https://keys.example/jwks}}]\n"
+    )
+}
+
 // ------------------------------------------------------------------ empty cases
 
 authz_test!(no_policy_allows, "",
@@ -218,7 +227,7 @@ authz_test!(ip_blocks_and_not_ip_blocks,
     conn() => "ALLOW p#0", conn().ip("192.168.1.7") => "ALLOW p#0", conn().ip("192.168.1.8") => "DENY",
     conn().ip("10.0.9.9") => "DENY", conn().ip("10.0.9.9").http("GET", "/") => "DENY", conn().http("GET", "/") => "ALLOW p#0");
 authz_test!(request_principals_are_l7,
-    &allow(r#"[{from: [{source: {requestPrincipals: ["https://issuer/*"], notRequestPrincipals: ["https://issuer/mallory"]}}]}]"#),
+    &with_jwt_rules(&allow(r#"[{from: [{source: {requestPrincipals: ["https://issuer/*"], notRequestPrincipals: ["https://issuer/mallory"]}}]}]"#)),
     conn().jwt("https://issuer", "alice", &[], None, serde_json::json!({})) => "ALLOW p#0",
     conn().jwt("https://issuer", "mallory", &[], None, serde_json::json!({})) => "DENY",
     conn().jwt("https://other", "alice", &[], None, serde_json::json!({})) => "DENY",
@@ -292,18 +301,18 @@ authz_test!(when_header_numeric_extension,
 authz_test!(when_numeric_not_value_absent_header_passes,
     &allow(r#"[{when: [{key: "request.headers[amount]", notValues: [">100"]}]}]"#),
     conn().http("GET", "/") => "ALLOW p#0", conn().header("amount", "abc") => "ALLOW p#0", conn().header("amount", "101") => "DENY");
-authz_test!(when_request_auth_principal, &allow(r#"[{when: [{key: request.auth.principal, values: ["https://iss/alice"]}]}]"#),
+authz_test!(when_request_auth_principal, &with_jwt_rules(&allow(r#"[{when: [{key: request.auth.principal, values: ["https://iss/alice"]}]}]"#)),
     conn().jwt("https://iss", "alice", &[], None, serde_json::json!({})) => "ALLOW p#0",
     conn().jwt("https://iss", "bob", &[], None, serde_json::json!({})) => "DENY", conn().http("GET", "/") => "DENY");
-authz_test!(when_request_auth_audiences, &allow(r#"[{when: [{key: request.auth.audiences, values: ["api"], notValues: ["legacy"]}]}]"#),
+authz_test!(when_request_auth_audiences, &with_jwt_rules(&allow(r#"[{when: [{key: request.auth.audiences, values: ["api"], notValues: ["legacy"]}]}]"#)),
     conn().jwt("i", "s", &["web", "api"], None, serde_json::json!({})) => "ALLOW p#0",
     conn().jwt("i", "s", &["api", "legacy"], None, serde_json::json!({})) => "DENY",
     conn().jwt("i", "s", &["web"], None, serde_json::json!({})) => "DENY");
-authz_test!(when_request_auth_presenter, &allow(r#"[{when: [{key: request.auth.presenter, values: ["mobile-app"]}]}]"#),
+authz_test!(when_request_auth_presenter, &with_jwt_rules(&allow(r#"[{when: [{key: request.auth.presenter, values: ["mobile-app"]}]}]"#)),
     conn().jwt("i", "s", &[], Some("mobile-app"), serde_json::json!({})) => "ALLOW p#0",
     conn().jwt("i", "s", &[], Some("cli"), serde_json::json!({})) => "DENY", conn().jwt("i", "s", &[], None, serde_json::json!({})) => "DENY");
 authz_test!(when_request_auth_claims_nested_and_lists,
-    &allow(r#"[{when: [{key: "request.auth.claims[groups]", values: ["admins"]}, {key: "request.auth.claims[org][unit]", values: ["payments"], notValues: ["payments-test"]}]}]"#),
+    &with_jwt_rules(&allow(r#"[{when: [{key: "request.auth.claims[groups]", values: ["admins"]}, {key: "request.auth.claims[org][unit]", values: ["payments"], notValues: ["payments-test"]}]}]"#)),
     conn().jwt("i", "s", &[], None, serde_json::json!({"groups": ["dev", "admins"], "org": {"unit": "payments"}})) => "ALLOW p#0",
     conn().jwt("i", "s", &[], None, serde_json::json!({"groups": "admins", "org": {"unit": "payments"}})) => "ALLOW p#0",
     conn().jwt("i", "s", &[], None, serde_json::json!({"groups": ["dev"], "org": {"unit": "payments"}})) => "DENY",
@@ -326,8 +335,11 @@ authz_test!(when_day_of_week, &allow(r#"[{when: [{key: custom.day_of_week, value
 fn time_conditions_honour_the_configured_offset() {
     let docs =
         parse_str(&allow(r#"[{when: [{key: custom.time_of_day, values: ["09:00-17:00"]}]}]"#), "t.yaml").unwrap();
-    let s = PolicySet::from_resources(docs, &Options { root_namespace: "root".into(), utc_offset_minutes: -5 * 60 })
-        .unwrap();
+    let s = PolicySet::from_resources(
+        docs,
+        &Options { root_namespace: "root".into(), utc_offset_minutes: -5 * 60, ..Options::default() },
+    )
+    .unwrap();
     // 10:00 UTC is 05:00 at UTC-5: outside; 15:00 UTC is 10:00: inside.
     check(&s, &conn().at("2026-11-24T10:00:00Z"), "DENY", "10:00Z at -05:00");
     check(&s, &conn().at("2026-11-24T15:00:00Z"), "ALLOW p#0", "15:00Z at -05:00");
@@ -466,6 +478,69 @@ authz_test!(root_namespace_namespace_selector_and_target_refs, SCOPE,
     conn().port(81) => "ALLOW", conn().services(&["payments"]).port(81) => "DENY svc#0",
     conn().port(82) => "ALLOW", conn().label("gateway.networking.k8s.io/gateway-name", "edge").port(82) => "DENY gw#0");
 
+// A policy bound with targetRefs applies to its targets in its own namespace only, even from the
+// root namespace (Istio resolves a Service or Gateway by name in the policy's namespace).
+const ROOT_TARGET_REFS: &str = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: root-svc, namespace: root}
+spec:
+  targetRefs: [{kind: Service, group: \"\", name: web-svc}]
+  action: DENY
+  rules: [{}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: root-gw, namespace: root}
+spec:
+  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: edge}]
+  rules: [{from: [{source: {principals: [\"cluster.local/ns/t/sa/admin\"]}}]}]
+";
+
+authz_test!(root_namespace_target_refs_stay_in_the_root_namespace, ROOT_TARGET_REFS,
+    conn() => "ALLOW",
+    conn().label("gateway.networking.k8s.io/gateway-name", "edge") => "ALLOW",
+    conn().dest_ns("root") => "DENY root/root-svc#0",
+    conn().dest_ns("root").services(&["other"]).label("gateway.networking.k8s.io/gateway-name", "edge") => "DENY",
+    conn().dest_ns("root").services(&["other"]).label("gateway.networking.k8s.io/gateway-name", "edge").from("cluster.local/ns/t/sa/admin") => "ALLOW root/root-gw#0");
+
+// `targetRefs: []` is no targetRefs (an empty repeated field): the DENY covers the namespace.
+authz_test!(empty_target_refs_is_namespace_wide,
+    "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: d, namespace: t}\nspec:\n  targetRefs: []\n  action: DENY\n  rules: [{}]\n",
+    conn() => "DENY d#0", conn().services(&[]) => "DENY d#0", conn().dest_ns("u") => "ALLOW");
+
+#[test]
+fn audit_rules_with_l7_attributes_are_reported_at_l4() {
+    // Istio widens AUDIT as it widens DENY: at L4 the rule keeps its L4 part.
+    let s = set(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: audit, namespace: t}\nspec:\n  action: AUDIT\n  rules: [{to: [{operation: {ports: [\"80\"], methods: [GET]}}]}]\n",
+    );
+    let d = s.evaluate(&conn().0);
+    assert!(d.shadow.iter().any(|x| x.contains("AUDIT policy t/audit rule 0 matched")), "{:?}", d.shadow);
+    assert!(s.evaluate(&conn().port(81).0).shadow.is_empty());
+    assert!(s.evaluate(&conn().http("POST", "/").0).shadow.is_empty());
+}
+
+#[test]
+fn cluster_local_principals_name_the_configured_trust_domain() {
+    let policy = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: d, namespace: t}\nspec:\n  action: DENY\n  rules: [{from: [{source: {principals: [\"cluster.local/ns/foo/sa/bar\"]}}]}, {when: [{key: source.principal, values: [\"cluster.local/ns/foo/sa/*\"], notValues: [\"cluster.local/ns/foo/sa/bar\"]}]}]\n";
+    let docs = parse_str(policy, "t.yaml").unwrap();
+    let corp = Options { root_namespace: "root".into(), trust_domain: "corp.example".into(), ..Options::default() };
+    let s = PolicySet::from_resources(docs.clone(), &corp).unwrap();
+    check(&s, &conn().from("corp.example/ns/foo/sa/bar"), "DENY d#0", "cluster.local in `principals`");
+    check(&s, &conn().from("spiffe://corp.example/ns/foo/sa/baz"), "DENY d#1", "cluster.local in `source.principal`");
+    check(
+        &s,
+        &conn().from("cluster.local/ns/foo/sa/baz"),
+        "ALLOW",
+        "the literal cluster.local is another trust domain now",
+    );
+    check(&s, &conn().from("other.example/ns/foo/sa/bar"), "ALLOW", "another trust domain");
+    // With the default trust domain nothing changes.
+    let s = set(policy);
+    check(&s, &conn().from("cluster.local/ns/foo/sa/bar"), "DENY d#0", "default trust domain");
+    check(&s, &conn().from("corp.example/ns/foo/sa/bar"), "ALLOW", "default trust domain, other identity");
+}
+
 // ------------------------------------------------------------------ PeerAuthentication
 
 const PEER: &str = "apiVersion: security.istio.io/v1
@@ -491,6 +566,12 @@ kind: PeerAuthentication
 metadata: {name: inherit, namespace: u}
 spec: {mtls: {mode: UNSET}}
 ";
+
+// A PeerAuthentication with a selector in the root namespace is ignored (Istio takes a selector
+// as workload-level only outside the root namespace), even for the root namespace's own pods.
+authz_test!(root_namespace_peer_authentication_with_a_selector_is_ignored,
+    "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: w, namespace: root}\nspec:\n  selector: {matchLabels: {app: web}}\n  mtls: {mode: STRICT}\n",
+    conn().plaintext() => "ALLOW", conn().plaintext().dest_ns("root") => "ALLOW");
 
 authz_test!(peer_authentication_precedence_and_ports, PEER,
     conn().plaintext() => "ALLOW",
@@ -527,5 +608,7 @@ authz_test!(request_authentication_issuer_and_audiences, JWT,
     conn().jwt("https://issuer", "a", &["web"], None, serde_json::json!({})) => "DENY t/jwt",
     conn().jwt("https://evil", "a", &["api"], None, serde_json::json!({})) => "DENY t/jwt",
     conn().http("GET", "/") => "DENY",
-    // A workload no RequestAuthentication selects: the request file's claims are taken as validated.
-    conn().jwt("https://evil", "a", &[], None, serde_json::json!({})).label("app", "other") => "ALLOW p#0");
+    // A workload no RequestAuthentication selects: nothing validates the token, so the policies
+    // do not see it (`request.auth.*` is empty) and `requestPrincipals: ["*"]` cannot match.
+    conn().jwt("https://evil", "a", &[], None, serde_json::json!({})).label("app", "other") => "DENY",
+    conn().jwt("https://issuer", "a", &["api"], None, serde_json::json!({})).label("app", "other") => "DENY");

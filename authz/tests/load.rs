@@ -91,7 +91,7 @@ fn directories_are_read_recursively_and_all_or_nothing() {
     let e = load_paths(&[dir.join("missing.yaml")]).unwrap_err();
     assert!(e.to_string().contains("missing.yaml: cannot read"), "{e}");
     let set =
-        load_paths_with(&[dir.join("a.yaml")], &Options { root_namespace: "mesh-root".into(), utc_offset_minutes: 0 })
+        load_paths_with(&[dir.join("a.yaml")], &Options { root_namespace: "mesh-root".into(), ..Options::default() })
             .unwrap();
     assert_eq!(set.root_namespace(), "mesh-root");
     std::fs::remove_dir_all(&dir).unwrap();
