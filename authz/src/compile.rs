@@ -150,7 +150,7 @@ pub(crate) fn rule_ports(r: &Rule) -> PortSet {
 }
 
 fn is_remote_key(k: &Key) -> bool {
-    matches!(k, Key::SourceIp | Key::SourceNamespace | Key::SourcePrincipal)
+    matches!(k, Key::SourceIp | Key::SourceNamespace | Key::SourcePrincipal | Key::SourceServiceAccount)
 }
 fn is_const_key(k: &Key) -> bool {
     matches!(k, Key::DestinationIp | Key::TimeOfDay | Key::DayOfWeek)

@@ -318,6 +318,12 @@ pub(crate) fn condition_matches(c: &Condition, env: &Env) -> bool {
         Key::DestinationIp => ips_match(env.dest_ip.map(Addr::Ip).unwrap_or(Addr::Unknown)),
         Key::SourceNamespace => one(env.peer.namespace),
         Key::SourcePrincipal => one(env.peer.principal),
+        Key::SourceServiceAccount => match (&c.values, &c.not_values) {
+            (Values::ServiceAccounts(p), Values::ServiceAccounts(n)) => {
+                pos_neg(p, n, |(ns, sa)| env.peer.sa.is_some_and(|(pn, pa)| pn == ns && pa == sa))
+            }
+            _ => false,
+        },
         Key::DestinationPort => match (&c.values, &c.not_values) {
             (Values::Ports(p), Values::Ports(n)) => {
                 let tcp = env.proto == PROTO_TCP;

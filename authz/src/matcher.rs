@@ -145,7 +145,7 @@ enum Seg {
     Lit(String),
     /// `{*}`: exactly one segment.
     One,
-    /// `{**}`: the rest of the path (last segment only).
+    /// `{**}`: one or more segments; only literal segments may follow it.
     Rest,
 }
 
@@ -174,13 +174,17 @@ impl PathMatch {
         }
         let parts: Vec<&str> = s[1..].split('/').collect();
         let mut segs = Vec::with_capacity(parts.len());
-        for (i, p) in parts.iter().enumerate() {
+        let mut rest_seen = false;
+        for p in &parts {
             let seg = match *p {
+                // `{**}` must be the last operator; literal segments may follow it (Istio's
+                // `CheckValidPathTemplate`).
+                "{*}" | "{**}" if rest_seen => {
+                    return Err(format!("{s:?}: `{{**}}` must be the last operator of a path template"));
+                }
                 "{*}" => Seg::One,
                 "{**}" => {
-                    if i + 1 != parts.len() {
-                        return Err(format!("{s:?}: `{{**}}` must be the last segment of a path template"));
-                    }
+                    rest_seen = true;
                     Seg::Rest
                 }
                 lit if lit.contains('{') || lit.contains('}') => {
@@ -207,9 +211,15 @@ impl PathMatch {
                 for (si, SegT(seg)) in segs.iter().enumerate() {
                     match seg {
                         Seg::Rest => {
-                            debug_assert_eq!(si + 1, segs.len());
-                            // `{**}` matches one or more characters of remaining path.
-                            return i < parts.len() && !parts[i..].join("/").is_empty();
+                            // `{**}` matches one or more characters of path up to the literal
+                            // segments that follow it (only literals can), which end the path.
+                            let tail = &segs[si + 1..];
+                            let Some(end) = parts.len().checked_sub(tail.len()).filter(|&e| e > i) else {
+                                return false;
+                            };
+                            let tail_matches =
+                                tail.iter().zip(&parts[end..]).all(|(SegT(t), p)| matches!(t, Seg::Lit(l) if l == p));
+                            return tail_matches && !parts[i..end].join("/").is_empty();
                         }
                         Seg::One => {
                             if i >= parts.len() || parts[i].is_empty() {
@@ -306,11 +316,15 @@ mod tests {
     table!(path_match, |p: &str, v: &str| PathMatch::parse(p).unwrap().matches(v),
         "/a/{*}/c", "/a/b/c" => true; "/a/{*}/c", "/a//c" => false; "/a/{*}/c", "/a/b/x/c" => false;
         "/a/{**}", "/a/b/c" => true; "/a/{**}", "/a/" => false; "/a/{**}", "/a" => false;
+        "/a/{**}/b", "/a/x/b" => true; "/a/{**}/b", "/a/x/y/b" => true; "/a/{**}/b", "/a/b" => false;
+        "/a/{**}/b", "/a/x/y" => false; "/a/{**}/b/c", "/a/x/b/c" => true; "/a/{**}/b/c", "/a/x/c/c" => false;
+        "/{*}/{**}/v1", "/s/x/y/v1" => true; "/{*}/{**}/v1", "/s/v1" => false;
         "/api/*", "/api/x?y=1" => true; "/a*b", "/a*b" => true; "/a*b", "/axb" => false);
 
     #[test]
     fn template_errors() {
-        assert!(PathMatch::parse("/a/{**}/b").is_err());
+        assert!(PathMatch::parse("/a/{**}/{*}").is_err());
+        assert!(PathMatch::parse("/a/{**}/b/{**}").is_err());
         assert!(PathMatch::parse("/a/x{*}").is_err());
         assert!(PathMatch::parse("*/a/{*}").is_err());
     }

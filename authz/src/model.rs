@@ -158,6 +158,8 @@ pub enum Key {
     SourceIp,
     SourceNamespace,
     SourcePrincipal,
+    /// `source.serviceAccount`: `namespace/name`, or `name` in the policy's namespace.
+    SourceServiceAccount,
     RemoteIp,
     DestinationIp,
     DestinationPort,
@@ -200,6 +202,7 @@ impl fmt::Display for Key {
             Key::SourceIp => f.write_str("source.ip"),
             Key::SourceNamespace => f.write_str("source.namespace"),
             Key::SourcePrincipal => f.write_str("source.principal"),
+            Key::SourceServiceAccount => f.write_str("source.serviceAccount"),
             Key::RemoteIp => f.write_str("remote.ip"),
             Key::DestinationIp => f.write_str("destination.ip"),
             Key::DestinationPort => f.write_str("destination.port"),
@@ -228,6 +231,8 @@ pub enum Values {
     Ips(Vec<Ipv4Net>),
     Ports(Vec<u16>),
     Strs(Vec<StrMatch>),
+    /// (namespace, service account).
+    ServiceAccounts(Vec<(String, String)>),
     Headers(Vec<ValueMatch>),
     Windows(Vec<TimeWindow>),
     Days(Vec<u8>),
@@ -239,6 +244,7 @@ impl Values {
             Values::Ips(v) => v.is_empty(),
             Values::Ports(v) => v.is_empty(),
             Values::Strs(v) => v.is_empty(),
+            Values::ServiceAccounts(v) => v.is_empty(),
             Values::Headers(v) => v.is_empty(),
             Values::Windows(v) => v.is_empty(),
             Values::Days(v) => v.is_empty(),

@@ -475,10 +475,7 @@ pub(crate) fn parse_key(key: &str) -> Result<Key, String> {
         "source.ip" => return Ok(Key::SourceIp),
         "source.namespace" => return Ok(Key::SourceNamespace),
         "source.principal" => return Ok(Key::SourcePrincipal),
-        "source.serviceAccount" => return Err(
-            "source.serviceAccount: use `from.source.serviceAccounts` (warden supports the source field, not the key)"
-                .into(),
-        ),
+        "source.serviceAccount" => return Ok(Key::SourceServiceAccount),
         "remote.ip" => return Ok(Key::RemoteIp),
         "destination.ip" => return Ok(Key::DestinationIp),
         "destination.port" => return Ok(Key::DestinationPort),
@@ -512,15 +509,15 @@ pub(crate) fn parse_key(key: &str) -> Result<Key, String> {
     Err(format!("unknown attribute {key:?}"))
 }
 
-fn cond_values(ctx: &mut Ctx, f: &str, key: &Key, vals: &[Scalar], neg: bool) -> Values {
+fn cond_values(ctx: &mut Ctx, f: &str, key: &Key, vals: &[Scalar], policy_ns: &str) -> Values {
     let strings: Vec<String> = vals.iter().map(|v| v.as_string()).collect();
     for (i, s) in strings.iter().enumerate() {
         if s.is_empty() {
             ctx.err(format!("{f}[{i}]"), "empty value not allowed");
         }
     }
-    let _ = neg;
     match key {
+        Key::SourceServiceAccount => Values::ServiceAccounts(service_accounts(ctx, f, &strings, policy_ns)),
         Key::SourceIp | Key::RemoteIp | Key::DestinationIp => Values::Ips(cidrs(ctx, f, &strings)),
         Key::DestinationPort => Values::Ports(ports(ctx, f, vals)),
         Key::SourcePrincipal => Values::Strs(principals(ctx, f, &strings)),
@@ -563,7 +560,7 @@ fn cond_values(ctx: &mut Ctx, f: &str, key: &Key, vals: &[Scalar], neg: bool) ->
     }
 }
 
-fn condition(ctx: &mut Ctx, f: &str, c: raw::Condition) -> Option<Condition> {
+fn condition(ctx: &mut Ctx, f: &str, c: raw::Condition, policy_ns: &str) -> Option<Condition> {
     let key_s = c.key.unwrap_or_default();
     if key_s.is_empty() {
         ctx.err(format!("{f}.key"), "`key` must not be empty");
@@ -591,8 +588,8 @@ fn condition(ctx: &mut Ctx, f: &str, c: raw::Condition) -> Option<Condition> {
             format!("{key_s} is not evaluated by warden: `values` never match, `notValues` never exclude"),
         );
     }
-    let values = cond_values(ctx, &format!("{f}.values"), &key, &c.values, false);
-    let not_values = cond_values(ctx, &format!("{f}.notValues"), &key, &c.not_values, true);
+    let values = cond_values(ctx, &format!("{f}.values"), &key, &c.values, policy_ns);
+    let not_values = cond_values(ctx, &format!("{f}.notValues"), &key, &c.not_values, policy_ns);
     Some(Condition { key, values, not_values })
 }
 
@@ -619,7 +616,7 @@ fn rule(ctx: &mut Ctx, f: &str, r: raw::Rule, action: Action, policy_ns: &str) -
     }
     let mut when = Vec::new();
     for (i, c) in r.when.unwrap_or_default().into_iter().enumerate() {
-        if let Some(c) = condition(ctx, &format!("{f}.when[{i}]"), c) {
+        if let Some(c) = condition(ctx, &format!("{f}.when[{i}]"), c, policy_ns) {
             when.push(c);
         }
     }
@@ -642,6 +639,7 @@ fn rule(ctx: &mut Ctx, f: &str, r: raw::Rule, action: Action, policy_ns: &str) -
                 c.key,
                 Key::SourceNamespace
                     | Key::SourcePrincipal
+                    | Key::SourceServiceAccount
                     | Key::AuthPrincipal
                     | Key::AuthAudiences
                     | Key::AuthPresenter

@@ -287,6 +287,14 @@ authz_test!(when_remote_ip, &allow(r#"[{when: [{key: remote.ip, values: ["203.0.
 authz_test!(when_connection_sni, &allow(r#"[{when: [{key: connection.sni, values: ["*.svc.cluster.local"]}]}]"#),
     conn().sni("web.t.svc.cluster.local").http("GET", "/") => "ALLOW p#0", conn().sni("evil.com").http("GET", "/") => "DENY",
     conn().http("GET", "/") => "DENY", conn().sni("web.t.svc.cluster.local") => "DENY");
+authz_test!(when_source_service_account,
+    &allow(r#"[{when: [{key: source.serviceAccount, values: ["client", "u/batch"], notValues: ["u/batch-old"]}]}]"#),
+    conn() => "ALLOW p#0", conn().from("spiffe://corp.example/ns/u/sa/batch") => "ALLOW p#0",
+    conn().from("cluster.local/ns/u/sa/client") => "DENY", conn().from("cluster.local/ns/u/sa/batch-old") => "DENY",
+    conn().plaintext() => "DENY");
+authz_test!(when_source_service_account_not_values_only,
+    &deny(r#"[{when: [{key: source.serviceAccount, notValues: ["t/client"]}]}]"#),
+    conn() => "ALLOW", conn().from("cluster.local/ns/t/sa/other") => "DENY d#0", conn().plaintext() => "DENY d#0");
 authz_test!(when_request_headers, &allow(r#"[{when: [{key: "request.headers[X-Env]", values: ["prod*"], notValues: ["prod-legacy"]}]}]"#),
     conn().header("x-env", "prod-eu") => "ALLOW p#0", conn().header("X-ENV", "prod-eu") => "ALLOW p#0",
     conn().header("x-env", "prod-legacy") => "DENY", conn().header("x-other", "prod") => "DENY", conn() => "DENY");
