@@ -5,6 +5,8 @@ use crate::model::Resource;
 use crate::set::{Options, PolicySet};
 use crate::validate::{self, Ctx};
 use serde::Deserialize;
+use std::collections::HashSet;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 /// Resources of one YAML text, with the validator's warnings.
@@ -50,53 +52,77 @@ pub fn parse_str_with_warnings(yaml: &str, origin: &str) -> Result<Parsed, LoadE
     if errors.is_empty() { Ok(out) } else { Err(LoadErrors(errors)) }
 }
 
-fn collect_files(path: &Path, out: &mut Vec<PathBuf>, errors: &mut Vec<LoadError>) {
-    let file_err = |reason: String| LoadError {
-        origin: path.display().to_string(),
-        document: None,
-        resource: None,
-        field: String::new(),
-        reason,
-    };
+/// What a walk of the named paths found: the policy files to read, errors and warnings.
+#[derive(Default)]
+struct Walk {
+    files: Vec<PathBuf>,
+    errors: Vec<LoadError>,
+    warnings: Vec<String>,
+    /// (device, inode) of each directory entered and file taken: symlinks are followed, but a
+    /// directory or file reached again (a loop, a second link) is not read twice.
+    seen: HashSet<(u64, u64)>,
+}
+
+/// Collects `path`, following symlinks: a regular file whatever its name (a path the user names
+/// is read even if hidden), or a directory whose entries go through [`collect_entry`].
+fn collect_files(path: &Path, walk: &mut Walk) {
     let meta = match std::fs::metadata(path) {
         Ok(m) => m,
-        Err(e) => {
-            errors.push(file_err(format!("cannot read: {e}")));
-            return;
-        }
+        Err(e) => return walk.errors.push(file_error(path, format!("cannot read: {e}"))),
     };
-    if meta.is_file() {
-        out.push(path.to_path_buf());
-        return;
+    if !walk.seen.insert((meta.dev(), meta.ino())) {
+        return; // reached before, through another link
     }
+    if meta.is_dir() {
+        collect_dir(path, walk);
+    } else if meta.is_file() {
+        walk.files.push(path.to_path_buf());
+    } else {
+        walk.errors.push(file_error(path, "not a regular file or directory".into()));
+    }
+}
+
+/// Collects the entries of the directory `path`, in name order.
+fn collect_dir(path: &Path, walk: &mut Walk) {
     let entries = match std::fs::read_dir(path) {
         Ok(e) => e,
-        Err(e) => {
-            errors.push(file_err(format!("cannot list directory: {e}")));
-            return;
-        }
+        Err(e) => return walk.errors.push(file_error(path, format!("cannot list directory: {e}"))),
     };
     let mut children: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
     children.sort();
     for c in children {
-        if c.is_dir() {
-            collect_files(&c, out, errors);
-        } else if matches!(c.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")) {
-            out.push(c);
-        }
+        collect_entry(&c, walk);
     }
 }
 
-/// Reads every resource under `paths` (files, or directories searched recursively for
-/// `*.yaml`/`*.yml`) with the given options.
-pub fn load_paths_with(paths: &[impl AsRef<Path>], options: &Options) -> Result<PolicySet, LoadErrors> {
-    let mut files = Vec::new();
-    let mut errors = Vec::new();
-    for p in paths {
-        collect_files(p.as_ref(), &mut files, &mut errors);
+/// An entry of a walked directory. Hidden entries are skipped silently, as kubectl and Istio
+/// do: a ConfigMap volume's `..data` and timestamped directories hold the files its top-level
+/// links point to. Other files than `*.yaml`/`*.yml` are skipped with a warning.
+fn collect_entry(path: &Path, walk: &mut Walk) {
+    let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+    if name.starts_with('.') {
+        return;
     }
+    let ext = path.extension().map(|e| e.to_string_lossy().to_ascii_lowercase());
+    if !matches!(ext.as_deref(), Some("yaml" | "yml")) && !path.is_dir() {
+        return walk.warnings.push(format!("warning: {}: skipped: not a .yaml or .yml file", path.display()));
+    }
+    collect_files(path, walk);
+}
+
+fn file_error(path: &Path, reason: String) -> LoadError {
+    LoadError { origin: path.display().to_string(), document: None, resource: None, field: String::new(), reason }
+}
+
+/// Reads every resource under `paths` (files, or directories searched recursively for
+/// `*.yaml`/`*.yml`, any case, skipping hidden entries) with the given options.
+pub fn load_paths_with(paths: &[impl AsRef<Path>], options: &Options) -> Result<PolicySet, LoadErrors> {
+    let mut walk = Walk::default();
+    for p in paths {
+        collect_files(p.as_ref(), &mut walk);
+    }
+    let Walk { files, mut errors, mut warnings, .. } = walk;
     let mut resources = Vec::new();
-    let mut warnings = Vec::new();
     for f in &files {
         let origin = f.display().to_string();
         let text = match std::fs::read_to_string(f) {
@@ -131,4 +157,117 @@ pub fn load_paths_with(paths: &[impl AsRef<Path>], options: &Options) -> Result<
 /// [`load_paths_with`] with default [`Options`] (root namespace `istio-system`, UTC).
 pub fn load_paths(paths: &[impl AsRef<Path>]) -> Result<PolicySet, LoadErrors> {
     load_paths_with(paths, &Options::default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+    use std::time::Duration;
+
+    const POLICY: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: NAME, namespace: ns}\nspec: {}\n";
+
+    /// A fresh directory holding `NAME.yaml` files, each an AuthorizationPolicy named NAME.
+    fn dir_with(tag: &str, names: &[&str]) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("warden-load-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for n in names {
+            std::fs::write(dir.join(format!("{n}.yaml")), POLICY.replace("NAME", n)).unwrap();
+        }
+        dir
+    }
+
+    /// Loads `paths` on a thread, failing the test instead of hanging if the walk never ends.
+    fn load(paths: &[PathBuf]) -> Result<PolicySet, LoadErrors> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let paths = paths.to_vec();
+        std::thread::spawn(move || {
+            let _ = tx.send(load_paths(&paths));
+        });
+        rx.recv_timeout(Duration::from_secs(20)).expect("the walk did not finish")
+    }
+
+    fn names(set: &PolicySet) -> Vec<&str> {
+        set.authorization_policies().iter().map(|p| p.name.as_str()).collect()
+    }
+
+    #[test]
+    fn symlink_loops_end_and_each_file_is_read_once() {
+        let dir = dir_with("loop", &["a"]);
+        symlink(".", dir.join("self")).unwrap();
+        symlink(".", dir.join("s1")).unwrap();
+        symlink(".", dir.join("s2")).unwrap();
+        symlink("a.yaml", dir.join("again.yaml")).unwrap();
+        std::fs::create_dir(dir.join("sub")).unwrap();
+        symlink("..", dir.join("sub/up")).unwrap();
+        let set = load(&[dir.clone(), dir.join("a.yaml")]).unwrap();
+        assert_eq!(names(&set), ["a"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_configmap_volume_loads_each_policy_once_across_an_update() {
+        // The kubelet's layout: DIR/..TIMESTAMP/a.yaml, DIR/..data -> ..TIMESTAMP, DIR/a.yaml -> ..data/a.yaml.
+        let dir = dir_with("configmap", &[]);
+        let publish = |stamp: &str, name: &str| {
+            std::fs::create_dir(dir.join(stamp)).unwrap();
+            std::fs::write(dir.join(stamp).join("a.yaml"), POLICY.replace("NAME", name)).unwrap();
+            symlink(stamp, dir.join("..data_tmp")).unwrap();
+            std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+        };
+        publish("..2026_01_01_00_00_00.1", "first");
+        symlink("..data/a.yaml", dir.join("a.yaml")).unwrap();
+        assert_eq!(names(&load(std::slice::from_ref(&dir)).unwrap()), ["first"]);
+        publish("..2026_01_01_00_01_00.2", "second");
+        std::fs::remove_dir_all(dir.join("..2026_01_01_00_00_00.1")).unwrap();
+        assert_eq!(names(&load(std::slice::from_ref(&dir)).unwrap()), ["second"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn hidden_entries_are_skipped_unless_named() {
+        let dir = dir_with("hidden", &["a"]);
+        std::fs::write(dir.join(".a.yaml.swp"), "not yaml: [").unwrap();
+        std::fs::create_dir(dir.join(".git")).unwrap();
+        std::fs::write(dir.join(".git/b.yaml"), POLICY.replace("NAME", "b")).unwrap();
+        let set = load(std::slice::from_ref(&dir)).unwrap();
+        assert_eq!(names(&set), ["a"]);
+        assert!(set.warnings().is_empty(), "{:?}", set.warnings());
+        assert_eq!(names(&load(&[dir.join(".git")]).unwrap()), ["b"]);
+        let e = load(&[dir.join(".a.yaml.swp")]).unwrap_err();
+        assert!(e.to_string().starts_with(&format!("{}: document 1: invalid YAML", dir.join(".a.yaml.swp").display())));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_fifo_is_an_error_naming_it_not_a_hang() {
+        let dir = dir_with("fifo", &["a"]);
+        let fifo = dir.join("p.yaml");
+        assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+        let e = load(std::slice::from_ref(&dir)).unwrap_err();
+        assert_eq!(e.to_string(), format!("{}: not a regular file or directory", fifo.display()));
+        let e = load(&[fifo]).unwrap_err();
+        assert!(e.to_string().ends_with("p.yaml: not a regular file or directory"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_named_path_neither_file_nor_directory_says_so() {
+        let e = load(&["/dev/null".into()]).unwrap_err();
+        assert_eq!(e.to_string(), "/dev/null: not a regular file or directory");
+    }
+
+    #[test]
+    fn extensions_are_matched_in_any_case_and_other_files_warned_about() {
+        let dir = dir_with("ext", &["a"]);
+        std::fs::write(dir.join("d.YAML"), POLICY.replace("NAME", "d")).unwrap();
+        std::fs::write(dir.join("e.Yml"), POLICY.replace("NAME", "e")).unwrap();
+        std::fs::write(dir.join("c.json"), "{}").unwrap();
+        let set = load(std::slice::from_ref(&dir)).unwrap();
+        assert_eq!(names(&set), ["a", "d", "e"]);
+        let skipped = format!("warning: {}: skipped: not a .yaml or .yml file", dir.join("c.json").display());
+        assert_eq!(set.warnings(), [skipped]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -1,7 +1,10 @@
 //! The directory source: a workload file and a directory (or file) of Istio resources. Changes
-//! are noticed by a fingerprint of paths, sizes and modification times.
+//! are noticed by a fingerprint of paths and the identity, size and modification time of the
+//! files they resolve to.
 
 use std::{
+    collections::HashSet,
+    os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     time::SystemTime,
 };
@@ -13,7 +16,16 @@ pub struct FileSource {
     pub workloads: PathBuf,
     pub policies: PathBuf,
     pub options: warden_authz::Options,
-    seen: Vec<(PathBuf, u64, Option<SystemTime>)>,
+    seen: Vec<Stamp>,
+}
+
+/// A file as the change check sees it: its path and, symlinks followed, the (device, inode,
+/// size, modification time) of what it resolves to, `None` when unreadable. The inode tells a
+/// ConfigMap update: the kubelet swaps `..data`, so a top-level link resolves to a new file.
+#[derive(Debug, PartialEq)]
+struct Stamp {
+    path: PathBuf,
+    target: Option<(u64, u64, u64, Option<SystemTime>)>,
 }
 
 impl FileSource {
@@ -21,26 +33,45 @@ impl FileSource {
         FileSource { workloads, policies, options, seen: Vec::new() }
     }
 
-    fn fingerprint(&self) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
-        fn walk(p: &Path, out: &mut Vec<(PathBuf, u64, Option<SystemTime>)>) {
-            match std::fs::metadata(p) {
-                Ok(m) if m.is_dir() => {
-                    let mut entries: Vec<_> =
-                        std::fs::read_dir(p).into_iter().flatten().flatten().map(|e| e.path()).collect();
-                    entries.sort();
-                    for e in entries {
-                        walk(&e, out);
-                    }
-                }
-                Ok(m) => out.push((p.to_path_buf(), m.len(), m.modified().ok())),
-                Err(_) => out.push((p.to_path_buf(), u64::MAX, None)),
-            }
-        }
+    fn fingerprint(&self) -> Vec<Stamp> {
         let mut out = Vec::new();
-        walk(&self.workloads, &mut out);
-        walk(&self.policies, &mut out);
+        let mut dirs = HashSet::new();
+        stamp(&self.workloads, &mut dirs, &mut out);
+        stamp(&self.policies, &mut dirs, &mut out);
         out
     }
+}
+
+/// Stamps the file at `path`, or each entry of a directory as the policy loader walks it:
+/// symlinks followed, a directory entered once (`dirs`: its device and inode), hidden entries
+/// skipped.
+fn stamp(path: &Path, dirs: &mut HashSet<(u64, u64)>, out: &mut Vec<Stamp>) {
+    let target = match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => {
+            if dirs.insert((m.dev(), m.ino())) {
+                for entry in visible_entries(path) {
+                    stamp(&entry, dirs, out);
+                }
+            }
+            return;
+        }
+        Ok(m) => Some((m.dev(), m.ino(), m.len(), m.modified().ok())),
+        Err(_) => None,
+    };
+    out.push(Stamp { path: path.to_path_buf(), target });
+}
+
+/// The entries of `dir` whose names do not start with `.`, sorted.
+fn visible_entries(dir: &Path) -> Vec<PathBuf> {
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        .map(|e| e.path())
+        .collect();
+    entries.sort();
+    entries
 }
 
 impl Source for FileSource {
@@ -59,5 +90,66 @@ impl Source for FileSource {
 
     fn describe(&self) -> String {
         format!("workloads {} and policies {}", self.workloads.display(), self.policies.display())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    /// A fresh directory with `workloads.yaml` and `policies/`; the source reading them.
+    fn source(tag: &str) -> (PathBuf, FileSource) {
+        let dir = std::env::temp_dir().join(format!("warden-fingerprint-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("policies")).unwrap();
+        std::fs::write(dir.join("workloads.yaml"), "workloads: []\n").unwrap();
+        let source = FileSource::new(dir.join("workloads.yaml"), dir.join("policies"), Default::default());
+        (dir, source)
+    }
+
+    fn paths(stamps: &[Stamp]) -> Vec<&Path> {
+        stamps.iter().map(|s| s.path.as_path()).collect()
+    }
+
+    #[test]
+    fn symlink_loops_are_entered_once() {
+        let (dir, source) = source("loop");
+        let policies = dir.join("policies");
+        std::fs::write(policies.join("a.yaml"), "a").unwrap();
+        for name in ["self", "s1", "s2"] {
+            symlink(".", policies.join(name)).unwrap();
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(source.fingerprint()));
+        let stamps = rx.recv_timeout(std::time::Duration::from_secs(20)).expect("the walk did not finish");
+        assert_eq!(paths(&stamps), [dir.join("workloads.yaml"), policies.join("a.yaml")]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_configmap_update_is_seen_through_the_top_level_links() {
+        let (dir, source) = source("configmap");
+        let policies = dir.join("policies");
+        // The kubelet's update: a new timestamped directory, then `..data` swapped to it atomically.
+        let publish = |stamp: &str, text: &str| {
+            std::fs::create_dir(policies.join(stamp)).unwrap();
+            std::fs::write(policies.join(stamp).join("a.yaml"), text).unwrap();
+            symlink(stamp, policies.join("..data_tmp")).unwrap();
+            std::fs::rename(policies.join("..data_tmp"), policies.join("..data")).unwrap();
+        };
+        publish("..2026_01_01_00_00_00.1", "first");
+        symlink("..data/a.yaml", policies.join("a.yaml")).unwrap();
+        let before = source.fingerprint();
+        assert_eq!(paths(&before), [dir.join("workloads.yaml"), policies.join("a.yaml")]);
+
+        // Same size and modification time: only the file the link resolves to differs.
+        let old = std::fs::metadata(policies.join("a.yaml")).unwrap().modified().unwrap();
+        publish("..2026_01_01_00_01_00.2", "secnd");
+        std::fs::File::options().write(true).open(policies.join("a.yaml")).unwrap().set_modified(old).unwrap();
+        let after = source.fingerprint();
+        assert_eq!(paths(&after), paths(&before));
+        assert_ne!(after, before);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
