@@ -47,7 +47,8 @@ enum Command {
         pin_dir: PathBuf,
         #[arg(long, default_value = defaults::STATE_DIR)]
         state_dir: PathBuf,
-        #[arg(long, default_value = defaults::TRUST_DOMAIN)]
+        /// Trust domain of the mesh's SPIFFE identities (checked as `warden ca init` checks it).
+        #[arg(long, default_value = defaults::TRUST_DOMAIN, value_parser = trust_domain)]
         trust_domain: String,
         #[arg(long, default_value = defaults::ROOT_NAMESPACE)]
         root_namespace: String,
@@ -162,6 +163,11 @@ enum AuthzCommand {
     Check(warden_authz::cli::AuthzCheckArgs),
 }
 
+/// `--trust-domain`: refused at start, before anything is created, when the CA would refuse it.
+fn trust_domain(text: &str) -> Result<String, String> {
+    warden_identity::identity::validate_trust_domain(text).map(|()| text.to_owned()).map_err(|e| e.to_string())
+}
+
 fn init_logging(format: Output) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     // Colours only on a terminal: a DaemonSet's log (kubectl logs) or a file gets plain text.
@@ -231,7 +237,8 @@ fn main() -> ExitCode {
         } => {
             warden_agent::memory::single_arena();
             init_logging(log_format);
-            let options = warden_authz::Options { root_namespace, ..Default::default() };
+            let options =
+                warden_authz::Options { root_namespace, trust_domain: trust_domain.clone(), ..Default::default() };
             let telemetry = telemetry::TelemetryConfig { metrics_addr, ready_addr, access_log, ..Default::default() };
             let ca = match (ca_dir, ca_addr, ca_root_cert) {
                 (Some(dir), _, _) => Some(warden_agent::certs::CaSource::Local { dir }),
@@ -338,6 +345,21 @@ fn describe(e: &anyhow::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::describe;
+
+    #[test]
+    fn an_invalid_trust_domain_is_refused_naming_the_flag() {
+        use clap::Parser as _;
+        let agent = |td: &'static str| {
+            super::Cli::try_parse_from(["warden", "agent", "--workloads", "w", "--policies", "p", "--trust-domain", td])
+        };
+        let err = agent("Bad TD").err().expect("an invalid trust domain must be refused");
+        let text = err.to_string();
+        assert!(text.contains("--trust-domain") && text.contains("Bad TD") && text.contains("lower-case"), "{text}");
+        for bad in ["", "example.org:8080", "user@example.org"] {
+            assert!(agent(bad).is_err(), "{bad:?} must be refused");
+        }
+        assert!(agent("example.org").is_ok());
+    }
 
     #[derive(Debug, thiserror::Error)]
     #[error("creating {path}: {source}")]

@@ -90,17 +90,19 @@ pub enum CaCommand {
         /// CA directory.
         #[arg(long, env = "WARDEN_CA_DIR", default_value = DEFAULT_CA_DIR)]
         dir: PathBuf,
-        /// Trust domain of the CA; identities of other trust domains are refused.
-        #[arg(long, default_value = DEFAULT_TRUST_DOMAIN)]
-        trust_domain: String,
+        /// Trust domain of the CA; identities of other trust domains are refused. Default: the
+        /// one the CA's root records (`ca init --trust-domain`), else cluster.local; a value that
+        /// differs from the recorded one is an error.
+        #[arg(long)]
+        trust_domain: Option<String>,
         /// Identity, e.g. spiffe://cluster.local/ns/default/sa/web.
         #[arg(long)]
         spiffe: Identity,
-        /// Output directory (cert-chain.pem, key.pem, root-cert.pem).
+        /// Output directory (cert-chain.pem, key.pem, root-cert.pem), replaced all together.
         #[arg(long)]
         out: PathBuf,
-        /// Lifetime in hours (clamped to the CA maximum).
-        #[arg(long, default_value_t = 24)]
+        /// Lifetime in hours, at least 1 (clamped to the CA maximum).
+        #[arg(long, default_value_t = 24, value_parser = parse_hours)]
         ttl_hours: u64,
     },
     /// Revoke a certificate by serial (hex); rewrites ca-crl.pem, which agents pick up.
@@ -131,8 +133,8 @@ pub enum CaCommand {
         /// Node workloads file: one `<node-name> <spiffe-id>` per line.
         #[arg(long, required_unless_present = "kubernetes", conflicts_with = "kubernetes")]
         node_workloads: Option<PathBuf>,
-        /// Longest certificate lifetime the CA signs, in hours.
-        #[arg(long, default_value_t = ca::DEFAULT_MAX_WORKLOAD_CERT_TTL.as_secs() / 3600)]
+        /// Longest certificate lifetime the CA signs, in hours (at least 1).
+        #[arg(long, default_value_t = ca::DEFAULT_MAX_WORKLOAD_CERT_TTL.as_secs() / 3600, value_parser = parse_hours)]
         max_ttl_hours: u64,
         /// Serve plaintext h2c instead of TLS (loopback labs only: tokens travel in the clear).
         #[arg(long)]
@@ -162,6 +164,18 @@ pub enum CaCommand {
         #[arg(long, default_value = DEFAULT_ROOT_CONFIGMAP)]
         root_configmap: String,
     },
+}
+
+const ZERO_HOURS: &str = "a certificate's lifetime must be at least 1 hour";
+
+/// `--ttl-hours`, `--max-ttl-hours`: a whole number of hours, at least 1 (0 would be a
+/// certificate that is never valid, not a default).
+fn parse_hours(text: &str) -> Result<u64, String> {
+    match text.parse::<u64>() {
+        Ok(0) => Err(ZERO_HOURS.into()),
+        Ok(hours) => Ok(hours),
+        Err(_) => Err(format!("{text:?} is not a whole number of hours")),
+    }
 }
 
 /// `warden ca serve --kubernetes`: the CA's namespace by default.
@@ -222,15 +236,24 @@ pub fn run_ca_offline(cmd: CaCommand, clock: Arc<dyn Clock>) -> Result<String, C
             ))
         }
         CaCommand::Issue { dir, trust_domain, spiffe, out, ttl_hours } => {
-            let config = CaConfig { trust_domain, ..CaConfig::default() };
-            let ca = CertificateAuthority::load(&dir, config, clock_arc())?;
+            if ttl_hours == 0 {
+                return Err(CliError::Usage(format!("--ttl-hours 0: {ZERO_HOURS}")));
+            }
+            let ca = load_ca(&dir, trust_domain, clock_arc())?;
             let (key, csr) = generate_key_and_csr(&spiffe)?;
             let issued = ca.sign_csr(&csr, Some(Duration::from_secs(ttl_hours.saturating_mul(3600))))?;
             std::fs::create_dir_all(&out).map_err(|source| CliError::Write { path: out.clone(), source })?;
-            write(&out.join(ISSUED_KEY_FILE), key.serialize_pem().as_bytes(), ca::KEY_FILE_MODE)?;
-            write(&out.join(ISSUED_CERT_CHAIN_FILE), issued.chain_pem.concat().as_bytes(), 0o644)?;
             let roots: String = ca.roots().iter().map(crate::ca::pem_cert).collect();
-            write(&out.join(ISSUED_ROOT_FILE), roots.as_bytes(), 0o644)?;
+            // All three files or none: never a new key next to the previous certificate.
+            ca::write_files(
+                &out,
+                &[
+                    (ISSUED_KEY_FILE, key.serialize_pem().as_bytes(), ca::KEY_FILE_MODE),
+                    (ISSUED_CERT_CHAIN_FILE, issued.chain_pem.concat().as_bytes(), 0o644),
+                    (ISSUED_ROOT_FILE, roots.as_bytes(), 0o644),
+                ],
+            )
+            .map_err(|(path, source)| CliError::Write { path, source })?;
             Ok(format!(
                 "issued {}\nserial {}\nnot after {}\nwritten to {}\n",
                 issued.identity,
@@ -240,10 +263,24 @@ pub fn run_ca_offline(cmd: CaCommand, clock: Arc<dyn Clock>) -> Result<String, C
             ))
         }
         CaCommand::Revoke { serial, dir } => {
-            let ca = CertificateAuthority::load(&dir, CaConfig::default(), clock_arc())?;
+            let ca = load_ca(&dir, None, clock_arc())?;
             let o = ca.revoke(&serial)?;
+            // Without an issuance record the CA cannot tell whether it issued the serial; it can
+            // tell that it is not the length of the serials it issues (e.g. copied truncated).
+            let octets = o.serial.len() / 2;
+            let note = if octets == ca::SERIAL_LEN {
+                String::new()
+            } else {
+                format!(
+                    "warning: serial {} is {octets} octets; warden issues {}-octet serials ({} hex digits): \
+                     check that it is complete\n",
+                    o.serial,
+                    ca::SERIAL_LEN,
+                    2 * ca::SERIAL_LEN
+                )
+            };
             Ok(format!(
-                "{} serial {}; CRL #{} lists {} certificate(s): {}\n",
+                "{note}{} serial {}; CRL #{} lists {} certificate(s): {}\n",
                 if o.already_revoked { "already revoked:" } else { "revoked" },
                 o.serial,
                 o.crl_number,
@@ -255,14 +292,14 @@ pub fn run_ca_offline(cmd: CaCommand, clock: Arc<dyn Clock>) -> Result<String, C
     }
 }
 
-fn write(path: &Path, contents: &[u8], mode: u32) -> Result<(), CliError> {
-    use std::io::Write;
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let err = |source| CliError::Write { path: path.to_owned(), source };
-    let mut f =
-        std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(path).map_err(err)?;
-    f.set_permissions(std::fs::Permissions::from_mode(mode)).map_err(err)?;
-    f.write_all(contents).map_err(err)
+/// Loads the CA in `dir` for the trust domain given, by default the one the CA records (else
+/// cluster.local); a given one that differs from the recorded one is an error naming both.
+fn load_ca(dir: &Path, trust_domain: Option<String>, clock: Arc<dyn Clock>) -> Result<CertificateAuthority, CliError> {
+    let trust_domain = match trust_domain {
+        Some(td) => td,
+        None => CertificateAuthority::recorded_trust_domain(dir)?.unwrap_or_else(|| DEFAULT_TRUST_DOMAIN.to_owned()),
+    };
+    Ok(CertificateAuthority::load(dir, CaConfig { trust_domain, ..CaConfig::default() }, clock)?)
 }
 
 /// `warden ca serve` until `shutdown`; `on_listen` receives the bound address. `plugins` (needed

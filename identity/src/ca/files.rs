@@ -1,7 +1,7 @@
 //! The `cacerts` directory: writing a self-signed root, loading and validating a plug-in CA.
 
 use std::fs;
-use std::io::Write;
+use std::io::{self, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -35,6 +35,8 @@ pub(super) struct Loaded {
     pub chain_pem: Vec<String>,
     pub roots: Vec<CertificateDer<'static>>,
     pub crl: Option<CertificateRevocationListDer<'static>>,
+    /// The trust domain the CA records ([`recorded_trust_domain`]).
+    pub trust_domain: Option<String>,
 }
 
 pub(super) fn init_self_signed(dir: &Path, trust_domain: &str, now: SystemTime, ttl: Duration) -> Result<(), CaError> {
@@ -49,25 +51,78 @@ pub(super) fn init_self_signed(dir: &Path, trust_domain: &str, now: SystemTime, 
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
     let cert = super::root_params(trust_domain, now, ttl).self_signed(&key)?;
     let pem = cert.pem();
-    // Key first, so a crash never leaves a certificate without its key.
-    write_file(&dir.join(CA_KEY_FILE), key.serialize_pem().as_bytes(), KEY_FILE_MODE)?;
-    write_file(&dir.join(ROOT_CERT_FILE), pem.as_bytes(), 0o644)?;
-    write_file(&dir.join(CERT_CHAIN_FILE), pem.as_bytes(), 0o644)?;
-    write_file(&dir.join(CA_CERT_FILE), pem.as_bytes(), 0o644)?;
+    // All or nothing; the key is renamed into place first, so a crash between the renames never
+    // leaves a certificate without its key.
+    write_files(
+        dir,
+        &[
+            (CA_KEY_FILE, key.serialize_pem().as_bytes(), KEY_FILE_MODE),
+            (ROOT_CERT_FILE, pem.as_bytes(), 0o644),
+            (CERT_CHAIN_FILE, pem.as_bytes(), 0o644),
+            (CA_CERT_FILE, pem.as_bytes(), 0o644),
+        ],
+    )
+    .map_err(|(path, source)| CaError::Write { path, source })?;
     tracing::info!(dir = %dir.display(), trust_domain, "generated self-signed root CA");
     Ok(())
 }
 
-/// Writes `contents` to `path` atomically (temporary file + rename) with `mode`.
+/// Writes `contents` to `path` atomically with `mode` (see [`write_files`]).
 pub(super) fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), CaError> {
-    let err = |source| CaError::Write { path: path.to_owned(), source };
-    let tmp = path.with_extension("tmp");
-    let mut f = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp).map_err(err)?;
-    // `mode` only applies on creation; a left-over temporary file keeps its old mode.
-    f.set_permissions(fs::Permissions::from_mode(mode)).map_err(err)?;
-    f.write_all(contents).map_err(err)?;
-    f.sync_all().map_err(err)?;
-    fs::rename(&tmp, path).map_err(err)
+    let (dir, name) = match (path.parent(), path.file_name().and_then(|n| n.to_str())) {
+        (Some(dir), Some(name)) => (dir, name),
+        _ => return Err(CaError::Write { path: path.to_owned(), source: io::ErrorKind::InvalidInput.into() }),
+    };
+    write_files(dir, &[(name, contents, mode)]).map_err(|(path, source)| CaError::Write { path, source })
+}
+
+/// Writes each `(file name, contents, mode)` into `dir`, all or nothing as far as the file system
+/// allows: every file first goes to a new temporary file in `dir` (created exclusively, so never
+/// through a symlink or into an existing file, with `mode`, synced); only once all are written
+/// are they renamed over their names, in order. A name that is a directory is refused before
+/// anything is written. On an error before the renames the temporary files are removed and `dir`
+/// keeps its previous files. A rename replaces a symlink at the name, never its target. The error
+/// names the file.
+pub(crate) fn write_files(dir: &Path, files: &[(&str, &[u8], u32)]) -> Result<(), (PathBuf, io::Error)> {
+    for (name, _, _) in files {
+        let path = dir.join(name);
+        if fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir()) {
+            return Err((path, io::Error::new(io::ErrorKind::IsADirectory, "it is a directory")));
+        }
+    }
+    let mut written: Vec<(PathBuf, PathBuf)> = Vec::with_capacity(files.len());
+    let result = files.iter().try_for_each(|(name, contents, mode)| {
+        let path = dir.join(name);
+        let tmp = dir.join(format!(".{name}.{:016x}.tmp", rand::random::<u64>()));
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(*mode)
+            .open(&tmp)
+            .map_err(|e| (path.clone(), e))?;
+        written.push((tmp, path.clone()));
+        // The umask may have narrowed `mode`: set it exactly, on the file just created.
+        f.set_permissions(fs::Permissions::from_mode(*mode))
+            .and_then(|()| f.write_all(contents))
+            .and_then(|()| f.sync_all())
+            .map_err(|e| (path, e))
+    });
+    let mut renamed = 0;
+    let result = result.and_then(|()| {
+        written.iter().try_for_each(|(tmp, path)| {
+            fs::rename(tmp, path).map_err(|e| (path.clone(), e))?;
+            renamed += 1;
+            Ok(())
+        })
+    });
+    for (tmp, _) in &written[renamed..] {
+        let _ = fs::remove_file(tmp);
+    }
+    if result.is_ok() {
+        // Make the renames durable (best effort: not every file system syncs a directory).
+        let _ = fs::File::open(dir).and_then(|d| d.sync_all());
+    }
+    result
 }
 
 fn read(path: &Path) -> Result<String, CaError> {
@@ -135,6 +190,7 @@ pub(super) fn load(dir: &Path, now: SystemTime) -> Result<Loaded, CaError> {
     let ca = x509(&cert_path, &ca_cert)?;
     check_is_ca(&cert_path, &ca)?;
     let ca_not_after = check_validity(&cert_path, &ca, now)?;
+    let trust_domain = recorded_trust_domain(&ca);
 
     // ca-key.pem: must be the key of ca-cert.pem.
     let key_pem = read(&key_path)?;
@@ -196,7 +252,32 @@ pub(super) fn load(dir: &Path, now: SystemTime) -> Result<Loaded, CaError> {
 
     let issuer = Issuer::from_ca_cert_der(&ca_cert, key).map_err(|e| parse_err(&cert_path, e.to_string()))?;
     tracing::info!(dir = %dir.display(), subject = %ca.subject(), roots = roots.len(), "loaded CA");
-    Ok(Loaded { issuer, ca_cert, ca_not_after, chain_pem, roots, crl })
+    Ok(Loaded { issuer, ca_cert, ca_not_after, chain_pem, roots, crl, trust_domain })
+}
+
+/// The trust domain `ca init` records in the root it generates: the `O=` of a self-signed
+/// `CN=warden root CA` certificate. `None` for any other CA certificate (a plug-in CA's subject
+/// is the enterprise's, not a trust domain).
+pub(super) fn recorded_trust_domain(cert: &X509Certificate<'_>) -> Option<String> {
+    let subject = cert.subject();
+    fn one<'a>(mut it: impl Iterator<Item = &'a x509_parser::x509::AttributeTypeAndValue<'a>>) -> Option<String> {
+        match (it.next(), it.next()) {
+            (Some(a), None) => a.as_str().ok().map(str::to_owned),
+            _ => None,
+        }
+    }
+    let self_signed = subject.as_raw() == cert.issuer().as_raw();
+    if !self_signed || one(subject.iter_common_name()).as_deref() != Some(super::ROOT_COMMON_NAME) {
+        return None;
+    }
+    one(subject.iter_organization()).filter(|td| crate::identity::validate_trust_domain(td).is_ok())
+}
+
+/// [`recorded_trust_domain`] of `dir`'s `ca-cert.pem`.
+pub(super) fn read_recorded_trust_domain(dir: &Path) -> Result<Option<String>, CaError> {
+    let path = dir.join(CA_CERT_FILE);
+    let certs = read_certs(&path)?;
+    Ok(recorded_trust_domain(&x509(&path, &certs[0])?))
 }
 
 fn warn_if_key_readable(path: &PathBuf) {

@@ -247,6 +247,74 @@ fn serial_parsing_normalises() {
     assert_eq!(serial_hex(&[0, 0, 0x1f]), "1f");
 }
 
+#[test]
+fn serials_rfc_5280_forbids_are_refused() {
+    let reason = |s: &str| match parse_serial(s) {
+        Err(CaError::InvalidSerial { reason, .. }) => reason,
+        other => panic!("{s}: {other:?}"),
+    };
+    for zero in ["0", "00", "0x0000", "00:00:00"] {
+        assert!(reason(zero).contains("zero"), "{zero}");
+    }
+    // 20 octets at most, counting the zero octet DER prepends when the first bit is set.
+    assert_eq!(parse_serial(&"7f".repeat(20)).unwrap().len(), 20);
+    assert_eq!(parse_serial(&format!("0000{}", "7f".repeat(20))).unwrap().len(), 20, "leading zeros are dropped");
+    assert_eq!(parse_serial(&"ff".repeat(19)).unwrap().len(), 19);
+    for long in ["ff".repeat(20), "7f".repeat(21), "ff".repeat(25)] {
+        assert!(reason(&long).contains("20 octets"), "{long}");
+    }
+    assert!(reason("xyz").contains("hexadecimal"));
+    let clock = Arc::new(ManualClock::starting_now());
+    let (dir, ca) = self_signed(&clock);
+    assert!(matches!(ca.revoke("00"), Err(CaError::InvalidSerial { .. })));
+    assert!(!dir.path().join(CRL_FILE).exists());
+}
+
+#[test]
+fn the_trust_domain_comes_from_the_root_ca_init_generated() {
+    let clock = Arc::new(ManualClock::starting_now());
+    let dir = tempfile::tempdir().unwrap();
+    CertificateAuthority::init_self_signed(dir.path(), "example.org", clock.as_ref()).unwrap();
+    assert_eq!(CertificateAuthority::recorded_trust_domain(dir.path()).unwrap().as_deref(), Some("example.org"));
+    let err = CertificateAuthority::load(dir.path(), CaConfig::default(), clock.clone()).unwrap_err();
+    assert!(matches!(err, CaError::TrustDomainMismatch { .. }), "{err}");
+    let text = err.to_string();
+    assert!(text.contains("\"example.org\"") && text.contains("\"cluster.local\"") && text.contains(CA_CERT_FILE));
+    let config = CaConfig { trust_domain: "example.org".into(), ..CaConfig::default() };
+    let ca = CertificateAuthority::load_or_init(dir.path(), config, clock.clone()).unwrap();
+    let (_key, csr) = generate_key_and_csr(&id("a", "b")).unwrap();
+    assert!(matches!(ca.sign_csr(&csr, None), Err(CaError::ForeignTrustDomain { .. })));
+
+    // A plug-in CA records none: its subject is the enterprise's.
+    let (plugin, _k, _r) = plugin_dir(&clock);
+    assert_eq!(CertificateAuthority::recorded_trust_domain(plugin.path()).unwrap(), None);
+    let config = CaConfig { trust_domain: "example.org".into(), ..CaConfig::default() };
+    CertificateAuthority::load(plugin.path(), config, clock).unwrap();
+}
+
+#[test]
+fn ca_files_are_never_written_through_a_symlink() {
+    let clock = Arc::new(ManualClock::starting_now());
+    let dir = tempfile::tempdir().unwrap();
+    let victim = dir.path().join("victim.txt");
+    fs::write(&victim, "victim\n").unwrap();
+    // The names the previous writer used for its temporary files.
+    for tmp in ["ca-key.tmp", "root-cert.tmp", "cert-chain.tmp", "ca-cert.tmp", "ca-crl.tmp"] {
+        std::os::unix::fs::symlink(&victim, dir.path().join(tmp)).unwrap();
+    }
+    let ca = CertificateAuthority::load_or_init(dir.path(), CaConfig::default(), clock.clone()).unwrap();
+    ca.revoke("1234").unwrap();
+    assert_eq!(fs::read_to_string(&victim).unwrap(), "victim\n");
+    for f in [CA_KEY_FILE, ROOT_CERT_FILE, CERT_CHAIN_FILE, CA_CERT_FILE, CRL_FILE] {
+        assert!(fs::symlink_metadata(dir.path().join(f)).unwrap().file_type().is_file(), "{f}");
+    }
+    CertificateAuthority::load(dir.path(), CaConfig::default(), clock).unwrap();
+    let stray = fs::read_dir(dir.path())
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with('.'));
+    assert_eq!(stray.count(), 0, "no temporary file is left");
+}
+
 use rustls_pki_types::pem::PemObject;
 use std::os::unix::fs::PermissionsExt;
 use x509_parser::revocation_list::CertificateRevocationList;

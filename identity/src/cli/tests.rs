@@ -72,7 +72,7 @@ fn ca_init_issue_revoke_round_trip() {
     let out = run_ca_offline(
         CaCommand::Issue {
             dir: dir.clone(),
-            trust_domain: "cluster.local".into(),
+            trust_domain: Some("cluster.local".into()),
             spiffe: spiffe.clone(),
             out: wdir.clone(),
             ttl_hours: 2,
@@ -84,7 +84,7 @@ fn ca_init_issue_revoke_round_trip() {
     let foreign = run_ca_offline(
         CaCommand::Issue {
             dir: dir.clone(),
-            trust_domain: "cluster.local".into(),
+            trust_domain: Some("cluster.local".into()),
             spiffe: "spiffe://other.example/ns/default/sa/web".parse().unwrap(),
             out: tmp.path().join("foreign"),
             ttl_hours: 2,
@@ -123,7 +123,7 @@ fn ca_commands_with_a_broken_ca_fail_naming_the_file() {
     let spiffe: Identity = "spiffe://cluster.local/ns/default/sa/web".parse().unwrap();
     let cmd = CaCommand::Issue {
         dir: dir.clone(),
-        trust_domain: "cluster.local".into(),
+        trust_domain: Some("cluster.local".into()),
         spiffe,
         out: tmp.path().join("o"),
         ttl_hours: 1,
@@ -132,6 +132,150 @@ fn ca_commands_with_a_broken_ca_fail_naming_the_file() {
     assert!(err.to_string().contains(ca::CA_KEY_FILE), "{err}");
     assert_eq!(run_ca(cmd), ExitCode::FAILURE);
     assert!(!tmp.path().join("o").exists(), "nothing written with a broken CA");
+}
+
+fn init(dir: &Path, trust_domain: &str, clock: &Arc<dyn Clock>) {
+    run_ca_offline(CaCommand::Init { dir: dir.to_owned(), trust_domain: trust_domain.into() }, clock.clone()).unwrap();
+}
+
+fn issue(dir: &Path, trust_domain: Option<&str>, spiffe: &str, out: &Path, ttl_hours: u64) -> CaCommand {
+    CaCommand::Issue {
+        dir: dir.to_owned(),
+        trust_domain: trust_domain.map(str::to_owned),
+        spiffe: spiffe.parse().unwrap(),
+        out: out.to_owned(),
+        ttl_hours,
+    }
+}
+
+const WEB: &str = "spiffe://cluster.local/ns/default/sa/web";
+
+/// Every entry of `dir` but the three issued files (left-over temporary files).
+fn strays(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> =
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.retain(|n| ![ISSUED_KEY_FILE, ISSUED_CERT_CHAIN_FILE, ISSUED_ROOT_FILE].contains(&n.as_str()));
+    names
+}
+
+#[test]
+fn issue_replaces_a_symlinked_key_file_instead_of_writing_through_it() {
+    let clock: Arc<dyn Clock> = Arc::new(ManualClock::starting_now());
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ca");
+    init(&dir, "cluster.local", &clock);
+    let out = tmp.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let victim = tmp.path().join("victim.txt");
+    std::fs::write(&victim, "not a key\n").unwrap();
+    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::os::unix::fs::symlink(&victim, out.join(ISSUED_KEY_FILE)).unwrap();
+
+    run_ca_offline(issue(&dir, None, WEB, &out, 1), clock).unwrap();
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "not a key\n", "the link's target is untouched");
+    assert_eq!(mode(&victim), 0o644);
+    let key = out.join(ISSUED_KEY_FILE);
+    assert!(std::fs::symlink_metadata(&key).unwrap().file_type().is_file(), "the link is replaced by the key");
+    assert_eq!(mode(&key), ca::KEY_FILE_MODE);
+    assert!(std::fs::read_to_string(&key).unwrap().contains("PRIVATE KEY"));
+    assert!(strays(&out).is_empty(), "{:?}", strays(&out));
+}
+
+#[test]
+fn issue_that_cannot_write_every_file_leaves_the_previous_ones() {
+    let clock: Arc<dyn Clock> = Arc::new(ManualClock::starting_now());
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ca");
+    init(&dir, "cluster.local", &clock);
+    let out = tmp.path().join("out");
+    run_ca_offline(issue(&dir, None, WEB, &out, 1), clock.clone()).unwrap();
+    let before: Vec<String> =
+        [ISSUED_KEY_FILE, ISSUED_ROOT_FILE].iter().map(|f| std::fs::read_to_string(out.join(f)).unwrap()).collect();
+
+    // cert-chain.pem cannot be replaced (a directory in its place).
+    std::fs::remove_file(out.join(ISSUED_CERT_CHAIN_FILE)).unwrap();
+    std::fs::create_dir(out.join(ISSUED_CERT_CHAIN_FILE)).unwrap();
+    let err = run_ca_offline(issue(&dir, None, WEB, &out, 1), clock.clone()).unwrap_err();
+    assert!(err.to_string().contains(ISSUED_CERT_CHAIN_FILE), "{err}");
+    let after: Vec<String> =
+        [ISSUED_KEY_FILE, ISSUED_ROOT_FILE].iter().map(|f| std::fs::read_to_string(out.join(f)).unwrap()).collect();
+    assert_eq!(after, before, "no new key next to the old certificate");
+    assert!(strays(&out).is_empty(), "{:?}", strays(&out));
+
+    // A directory that refuses new files: nothing is changed either.
+    std::fs::remove_dir(out.join(ISSUED_CERT_CHAIN_FILE)).unwrap();
+    std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o500)).unwrap();
+    let probe = out.join("probe");
+    if std::fs::write(&probe, "").is_err() {
+        // (Skipped as root, who may write anyway.)
+        let err = run_ca_offline(issue(&dir, None, WEB, &out, 1), clock).unwrap_err();
+        assert!(err.to_string().contains(ISSUED_KEY_FILE), "{err}");
+        assert_eq!(std::fs::read_to_string(out.join(ISSUED_KEY_FILE)).unwrap(), before[0]);
+    }
+    std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+#[test]
+fn issue_takes_the_trust_domain_from_the_ca() {
+    let clock: Arc<dyn Clock> = Arc::new(ManualClock::starting_now());
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("caE");
+    init(&dir, "example.org", &clock);
+    let out = tmp.path().join("out");
+    let text = run_ca_offline(issue(&dir, None, "spiffe://example.org/ns/a/sa/b", &out, 1), clock.clone()).unwrap();
+    assert!(text.contains("issued spiffe://example.org/ns/a/sa/b"), "{text}");
+
+    // The CA does not sign another trust domain's identities, whatever the flag says.
+    let err = run_ca_offline(issue(&dir, None, WEB, &tmp.path().join("o2"), 1), clock.clone()).unwrap_err();
+    assert!(err.to_string().contains("outside this CA's trust domain \"example.org\""), "{err}");
+    let err =
+        run_ca_offline(issue(&dir, Some("cluster.local"), WEB, &tmp.path().join("o3"), 1), clock.clone()).unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("\"example.org\"") && text.contains("\"cluster.local\"") && text.contains("--trust-domain"));
+    assert!(!tmp.path().join("o2").exists() && !tmp.path().join("o3").exists());
+    // The flag that agrees is accepted; revoke needs none.
+    run_ca_offline(issue(&dir, Some("example.org"), "spiffe://example.org/ns/a/sa/c", &out, 1), clock.clone()).unwrap();
+    run_ca_offline(CaCommand::Revoke { serial: "1234".into(), dir }, clock).unwrap();
+}
+
+#[test]
+fn issue_refuses_a_zero_ttl() {
+    let err = Warden::try_parse_from(["ca", "issue", "--spiffe", WEB, "--out", "/o", "--ttl-hours", "0"]).unwrap_err();
+    assert!(err.to_string().contains("--ttl-hours") && err.to_string().contains("at least 1 hour"), "{err}");
+    let err =
+        Warden::try_parse_from(["ca", "serve", "--node-workloads", "w", "--token-file", "t", "--max-ttl-hours", "0"])
+            .unwrap_err();
+    assert!(err.to_string().contains("--max-ttl-hours") && err.to_string().contains("at least 1 hour"), "{err}");
+    let w = Warden::try_parse_from(["ca", "issue", "--spiffe", WEB, "--out", "/o", "--ttl-hours", "1"]).unwrap();
+    assert!(matches!(w.ca, CaCommand::Issue { ttl_hours: 1, trust_domain: None, .. }));
+
+    let clock: Arc<dyn Clock> = Arc::new(ManualClock::starting_now());
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ca");
+    init(&dir, "cluster.local", &clock);
+    let err = run_ca_offline(issue(&dir, None, WEB, &tmp.path().join("o"), 0), clock).unwrap_err();
+    assert!(err.to_string().contains("--ttl-hours 0"), "{err}");
+    assert!(!tmp.path().join("o").exists());
+}
+
+#[test]
+fn revoke_refuses_serials_no_certificate_can_have_and_warns_about_odd_lengths() {
+    let clock: Arc<dyn Clock> = Arc::new(ManualClock::starting_now());
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ca");
+    init(&dir, "cluster.local", &clock);
+    let revoke =
+        |serial: &str| run_ca_offline(CaCommand::Revoke { serial: serial.into(), dir: dir.clone() }, clock.clone());
+    for (serial, reason) in [("00", "zero"), ("0x00:00", "zero"), (&"ff".repeat(25)[..], "20 octets")] {
+        let err = revoke(serial).unwrap_err();
+        assert!(err.to_string().contains(reason), "{serial}: {err}");
+    }
+    assert!(!dir.join(ca::CRL_FILE).exists(), "nothing revoked");
+    let out = revoke("1234").unwrap();
+    assert!(out.starts_with("warning: serial 1234 is 2 octets; warden issues 16-octet serials"), "{out}");
+    assert!(out.contains("revoked serial 1234"), "{out}");
+    let full = format!("01{}", "ab".repeat(ca::SERIAL_LEN - 1));
+    assert!(revoke(&full).unwrap().starts_with("revoked serial"));
 }
 
 fn serve_cmd(tmp: &Path, dir: PathBuf) -> CaCommand {
