@@ -86,7 +86,7 @@ struct RawHttp {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, expecting = "expected a string or a list of strings")]
 enum OneOrMany {
     One(String),
     Many(Vec<String>),
@@ -110,8 +110,13 @@ struct RawJwt {
 /// Parses a request file. Errors are `field: reason`.
 pub fn parse_request(yaml: &str) -> Result<Request, String> {
     let raw: RawRequest = serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(yaml)).map_err(|e| {
-        let p = e.path().to_string();
-        if p == "." { e.inner().to_string() } else { format!("{p}: {}", e.inner()) }
+        // serde_yaml starts some errors with (part of) the path itself: name the field once.
+        let (p, inner) = (e.path().to_string(), e.inner().to_string());
+        let reason = match inner.split_once(": ") {
+            Some((q, rest)) if !q.contains(' ') && p.starts_with(q) => rest.to_string(),
+            _ => inner,
+        };
+        if p == "." { reason } else { format!("{p}: {reason}") }
     })?;
     let ip = |field: &str, s: &Option<String>| -> Result<Option<Ipv4Addr>, String> {
         s.as_deref()
@@ -208,4 +213,21 @@ pub fn parse_request(yaml: &str) -> Result<Request, String> {
         http,
         time,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_request;
+
+    #[test]
+    fn a_type_error_names_its_field_once() {
+        let e =
+            parse_request("source: {principal: cluster.local/ns/a/sa/b}\ndestination: {namespace: t, port: \"80\"}\n")
+                .unwrap_err();
+        assert!(e.starts_with("destination.port: invalid type: string \"80\", expected u32"), "{e}");
+        let e =
+            parse_request("destination: {namespace: t, port: 80}\nhttp: {method: GET, path: /, headers: {x: [[1]]}}\n")
+                .unwrap_err();
+        assert!(e.starts_with("http.headers.x: expected a string or a number"), "{e}");
+    }
 }

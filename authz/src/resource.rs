@@ -51,7 +51,7 @@ pub struct Metadata {
 
 /// A scalar written as a string or a number (`ports: [8443]` and `ports: ["8443"]` both occur).
 #[derive(Clone, Debug, Deserialize, PartialEq)]
-#[serde(untagged)]
+#[serde(untagged, expecting = "expected a string or a number")]
 pub enum Scalar {
     Str(String),
     Int(i64),

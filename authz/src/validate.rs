@@ -64,13 +64,7 @@ pub(crate) fn document(ctx: &mut Ctx, doc: serde_yaml::Value) -> Option<Resource
     let kind_s = get("kind").and_then(|v| v.as_str()).unwrap_or("");
     let metadata: raw::Metadata = match get("metadata") {
         None => raw::Metadata::default(),
-        Some(v) => match serde_yaml::from_value(v.clone()) {
-            Ok(m) => m,
-            Err(e) => {
-                ctx.err("metadata", e.to_string());
-                return None;
-            }
-        },
+        Some(v) => deserialize_at(ctx, "metadata", v.clone())?,
     };
     let namespace = metadata.namespace.clone().unwrap_or_else(|| "default".to_string());
     if let Some(name) = &metadata.name {
@@ -137,12 +131,23 @@ fn dry_run_not_supported(ctx: &mut Ctx, md: &raw::Metadata, kind: Kind) {
 }
 
 fn deserialize<T: serde::de::DeserializeOwned>(ctx: &mut Ctx, spec: serde_yaml::Value) -> Option<T> {
-    match serde_path_to_error::deserialize::<_, T>(spec) {
+    deserialize_at(ctx, "spec", spec)
+}
+
+/// Deserializes `value`, found at `at`; an error names the field inside it. A boolean or number
+/// where a label or annotation (a string) is expected gets a hint: YAML reads `true` and `1` as
+/// such, Kubernetes wants them quoted.
+fn deserialize_at<T: serde::de::DeserializeOwned>(ctx: &mut Ctx, at: &str, value: serde_yaml::Value) -> Option<T> {
+    match serde_path_to_error::deserialize::<_, T>(value) {
         Ok(v) => Some(v),
         Err(e) => {
             let path = e.path().to_string();
-            let field = if path == "." || path.is_empty() { "spec".to_string() } else { format!("spec.{path}") };
-            ctx.err(field, e.inner().to_string());
+            let field = if path == "." || path.is_empty() { at.to_string() } else { format!("{at}.{path}") };
+            let mut reason = e.inner().to_string();
+            if at == "metadata" && (path.starts_with("labels.") || path.starts_with("annotations.")) {
+                reason.push_str(" (quote the value: \"true\", not true)");
+            }
+            ctx.err(field, reason);
             None
         }
     }
