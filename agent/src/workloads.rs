@@ -188,13 +188,23 @@ pub fn load(path: &Path, links: &dyn Links) -> Result<Loaded, WorkloadErrors> {
     let mut veths: HashMap<String, usize> = HashMap::new();
     for (i, e) in file.workloads.into_iter().enumerate() {
         let entry = format!("workloads[{i}]");
+        // Kubernetes' rules: a namespace is a DNS-1123 label, a pod or service account name a
+        // DNS-1123 subdomain (labels joined by '.').
         let mut required = |v: Option<String>, field: &str| match v {
-            Some(s) if is_dns_label(&s) => Some(s),
-            Some(s) => {
+            Some(s) if if field == "namespace" { is_dns_label(&s) } else { is_dns_subdomain(&s) } => Some(s),
+            Some(s) if field == "namespace" => {
                 errors.push(err(
                     entry.clone(),
                     field,
                     format!("{s:?} is not a DNS-1123 label (lower-case alphanumerics and '-', at most 63)"),
+                ));
+                None
+            }
+            Some(s) => {
+                errors.push(err(
+                    entry.clone(),
+                    field,
+                    format!("{s:?} is not a DNS-1123 subdomain (lower-case alphanumerics, '-' and '.', at most 253)"),
                 ));
                 None
             }
@@ -304,6 +314,11 @@ pub fn load(path: &Path, links: &dyn Links) -> Result<Loaded, WorkloadErrors> {
     Ok(Loaded { workloads: out, services: svcs })
 }
 
+/// A DNS-1123 subdomain: DNS labels joined by '.', at most 253 characters.
+fn is_dns_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(is_dns_label)
+}
+
 fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
@@ -374,6 +389,19 @@ mod tests {
     }
 
     #[test]
+    fn pod_and_service_account_names_are_subdomains_and_namespaces_labels() {
+        let w = load_str("workloads:\n- {name: web.v2, namespace: ns, serviceAccount: my.sa, ip: 10.0.0.1}\n").unwrap();
+        assert_eq!(w[0].key(), "ns/web.v2");
+        assert_eq!(w[0].service_account, "my.sa");
+        let e =
+            load_str("workloads:\n- {name: a., namespace: my.ns, serviceAccount: .sa, ip: 10.0.0.1}\n").unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains("workloads[0].name: \"a.\" is not a DNS-1123 subdomain"), "{text}");
+        assert!(text.contains("workloads[0].namespace: \"my.ns\" is not a DNS-1123 label"), "{text}");
+        assert!(text.contains("workloads[0].serviceAccount: \".sa\" is not a DNS-1123 subdomain"), "{text}");
+    }
+
+    #[test]
     fn every_error_names_entry_and_field() {
         let e = load_str(
             "workloads:\n- {name: a, namespace: ns, serviceAccount: sa, ip: 10.0.0.300, veth: wd-a}\n- {name: b, namespace: ns, serviceAccount: sa, ip: 10.0.0.2, veth: wd-missing}\n- {name: B, namespace: ns, ip: 10.0.0.3}\n",
@@ -382,7 +410,7 @@ mod tests {
         let text = e.to_string();
         assert!(text.contains("workloads[0].ip: \"10.0.0.300\" is not an IPv4 address"), "{text}");
         assert!(text.contains("workloads[1].veth: no interface \"wd-missing\" on this node"), "{text}");
-        assert!(text.contains("workloads[2].name: \"B\" is not a DNS-1123 label"), "{text}");
+        assert!(text.contains("workloads[2].name: \"B\" is not a DNS-1123 subdomain"), "{text}");
         assert!(text.contains("workloads[2].serviceAccount: is required"), "{text}");
         assert!(text.contains("workloads.yaml"), "{text}");
     }

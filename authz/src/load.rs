@@ -27,7 +27,8 @@ pub fn parse_str_with_warnings(yaml: &str, origin: &str) -> Result<Parsed, LoadE
     let mut errors = Vec::new();
     for (i, de) in serde_yaml::Deserializer::from_str(yaml).enumerate() {
         let document = i + 1;
-        let value = match serde_yaml::Value::deserialize(de) {
+        // Merge keys (`<<: *defaults`) are resolved as kubectl resolves them.
+        let value = match serde_yaml::Value::deserialize(de).and_then(|mut v| v.apply_merge().map(|()| v)) {
             Ok(v) => v,
             Err(e) => {
                 errors.push(LoadError {
@@ -250,6 +251,18 @@ mod tests {
         let e = load(&[fifo]).unwrap_err();
         assert!(e.to_string().ends_with("p.yaml: not a regular file or directory"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn yaml_merge_keys_are_resolved() {
+        let yaml = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: a, namespace: ns}\nspec:\n  rules:\n  - &base {to: [{operation: {ports: [\"80\"]}}]}\n  - <<: *base\n    from: [{source: {namespaces: [x]}}]\n";
+        let r = parse_str(yaml, "m.yaml").unwrap_or_else(|e| panic!("{e}"));
+        let crate::model::Resource::AuthorizationPolicy(p) = &r[0] else { panic!("{r:?}") };
+        assert_eq!(p.rules.len(), 2);
+        assert_eq!(p.rules[1].to, p.rules[0].to);
+        assert_eq!(p.rules[1].from.len(), 1);
+        let e = parse_str("a: &x 1\nb: {<<: *x}\n", "m.yaml").unwrap_err();
+        assert!(e.to_string().starts_with("m.yaml: document 1: invalid YAML: "), "{e}");
     }
 
     #[test]
