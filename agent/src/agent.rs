@@ -296,10 +296,18 @@ pub fn apply(
     Ok(generation)
 }
 
-fn log_desired(d: &Desired) {
+/// Logs a state's warnings: the compiler's at every commit; the policies' own (what `warden
+/// policy validate` warns about: a rule narrowed or widened at L4, a warden extension, a skipped
+/// file) when they first appear, so an unchanged policy set does not repeat them at each commit.
+fn log_desired(d: &Desired, policy_warnings: &mut Vec<String>) {
     for w in &d.warnings {
         tracing::warn!("{w}");
     }
+    let now = d.policies.warnings();
+    for w in now.iter().filter(|w| !policy_warnings.contains(w)) {
+        tracing::warn!("{}", w.strip_prefix("warning: ").unwrap_or(w));
+    }
+    *policy_warnings = now.to_vec();
 }
 
 /// Read and compile the source's current inputs.
@@ -383,7 +391,8 @@ pub async fn run(cfg: AgentConfig, mut source: Box<dyn Source>) -> anyhow::Resul
         (Some(_), None) => anyhow::bail!("the mesh needs workload certificates: give a CA (--ca-dir or --ca-addr)"),
         _ => None,
     };
-    log_desired(&desired);
+    let mut policy_warnings = Vec::new();
+    log_desired(&desired, &mut policy_warnings);
     let generation = apply(&mut dp, &mut record, &cfg.state_dir, &desired, true)?;
     telemetry.committed();
     // Loading and compiling freed far more than the steady state holds.
@@ -425,7 +434,7 @@ pub async fn run(cfg: AgentConfig, mut source: Box<dyn Source>) -> anyhow::Resul
         }
         match snapshot(source.as_mut(), &cfg, &mut record) {
             Ok(d) => {
-                log_desired(&d);
+                log_desired(&d, &mut policy_warnings);
                 match apply(&mut dp, &mut record, &cfg.state_dir, &d, false) {
                     Ok(generation) => {
                         valid_until = d.valid_until;

@@ -561,7 +561,7 @@ spec:
   action: DENY
   rules: [{from: [{source: {ipBlocks: [10.0.0.0/8, 10.0.0.0/33]}}]}]
 ";
-    fs::write(good.join("c.yaml"), allow_c).unwrap();
+    fs::write(good.join("c.yaml"), &allow_c).unwrap();
     fs::write(good.join("bad.yaml"), bad_cidr).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -586,6 +586,18 @@ spec:
     fs::remove_file(good.join("bad.yaml")).unwrap();
     lab.wait_generation_change(generation, Duration::from_secs(10)).unwrap();
     assert_result(&lab.probe("c", "b", 8080), "allowed", "the fixed change applies");
+
+    // The policies' own warnings (here, a file the walk skips) are logged when they first
+    // appear, and not again at the next commit of an unchanged policy set.
+    let skipped = format!("{}: skipped: not a .yaml or .yml file", good.join("README.txt").display());
+    let generation = lab.generation();
+    fs::write(good.join("README.txt"), "notes\n").unwrap();
+    lab.wait_generation_change(generation, Duration::from_secs(10)).unwrap();
+    let generation = lab.generation();
+    fs::write(good.join("c.yaml"), format!("{}\n", allow_c.trim_end())).unwrap();
+    lab.wait_generation_change(generation, Duration::from_secs(10)).unwrap();
+    let log = fs::read_to_string(lab.agent_log()).unwrap();
+    assert_eq!(log.matches(&skipped).count(), 1, "logged once:\n{log}");
     let generation = lab.generation();
     fs::write(lab.workloads_path(), "workloads:\n  - {name: a, namespace: team, serviceAccount: a, ip: 10.66.0.999}\n")
         .unwrap();
