@@ -97,8 +97,26 @@ pub(crate) fn document(ctx: &mut Ctx, doc: serde_yaml::Value) -> Option<Resource
             String::new()
         }
     };
-    if metadata.namespace.is_none() {
-        ctx.warn("metadata.namespace", "missing; assuming namespace \"default\"");
+    // The API server's rules for a namespaced object: a name is a DNS-1123 subdomain, a
+    // namespace a DNS-1123 label.
+    if !name.is_empty() && !is_dns_subdomain(&name) {
+        ctx.err(
+            "metadata.name",
+            format!("{name:?} is not a DNS-1123 subdomain (lower-case alphanumerics, '-' and '.', at most 253)"),
+        );
+    }
+    match metadata.namespace.as_deref() {
+        None => ctx.warn("metadata.namespace", "missing; assuming namespace \"default\""),
+        Some(ns) if !is_dns_label(ns) => ctx.err(
+            "metadata.namespace",
+            format!("{ns:?} is not a DNS-1123 label (lower-case alphanumerics and '-', at most 63)"),
+        ),
+        Some(_) => {}
+    }
+    for (k, _) in &metadata.labels {
+        if let Err(why) = label_key(k) {
+            ctx.err(format!("metadata.labels[{k}]"), why);
+        }
     }
     let spec = get("spec").cloned().unwrap_or(serde_yaml::Value::Mapping(Default::default()));
     let spec = if spec.is_null() { serde_yaml::Value::Mapping(Default::default()) } else { spec };
@@ -118,6 +136,42 @@ pub(crate) fn document(ctx: &mut Ctx, doc: serde_yaml::Value) -> Option<Resource
             dry_run_not_supported(ctx, &metadata, kind);
             request_authentication(ctx, namespace, name, spec, origin).map(Resource::RequestAuthentication)
         }
+    }
+}
+
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+fn is_dns_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(is_dns_label)
+}
+
+/// A Kubernetes label key: an optional DNS-subdomain prefix and `/`, then a name of at most 63
+/// alphanumerics, `-`, `_` and `.`, starting and ending alphanumeric.
+fn label_key(k: &str) -> Result<(), String> {
+    let (prefix, name) = match k.split_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, k),
+    };
+    if prefix.is_some_and(|p| !is_dns_subdomain(p)) {
+        return Err(format!("{k:?}: the prefix before '/' is not a DNS-1123 subdomain"));
+    }
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.ends_with(|c: char| c.is_ascii_alphanumeric());
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{k:?} is not a label key (at most 63 alphanumerics, '-', '_' and '.', starting and ending alphanumeric, after an optional DNS prefix and '/')"
+        ))
     }
 }
 
@@ -331,9 +385,14 @@ fn cidrs(ctx: &mut Ctx, field: &str, values: &[String]) -> Vec<ipnet::Ipv4Net> {
 fn ports(ctx: &mut Ctx, field: &str, values: &[Scalar]) -> Vec<u16> {
     let mut out = Vec::new();
     for (i, v) in values.iter().enumerate() {
-        let s = v.as_string();
+        let s = match v {
+            Scalar::Float(f) => format!("{f:?}"),
+            _ => v.as_string(),
+        };
+        // Digits only, as Istio's `strconv.ParseUint` reads them: no sign, no fraction.
+        let digits = matches!(v, Scalar::Str(_) | Scalar::Int(_)) && s.bytes().all(|b| b.is_ascii_digit());
         match s.parse::<u32>() {
-            Ok(p) if (1..=65535).contains(&p) => out.push(p as u16),
+            Ok(p) if digits && (1..=65535).contains(&p) => out.push(p as u16),
             _ => ctx.err(format!("{field}[{i}]"), format!("{s:?} is not a port number in range 1..65535")),
         }
     }
