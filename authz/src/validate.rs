@@ -113,7 +113,7 @@ pub(crate) fn document(ctx: &mut Ctx, doc: serde_yaml::Value) -> Option<Resource
         ),
         Some(_) => {}
     }
-    for (k, _) in &metadata.labels {
+    for k in metadata.labels.keys() {
         if let Err(why) = label_key(k) {
             ctx.err(format!("metadata.labels[{k}]"), why);
         }
