@@ -21,7 +21,7 @@ pub mod validate;
 pub use compile::{CompileInput, Compiled, IdAllocator, compile};
 pub use error::{CompileError, LoadError, LoadErrors};
 pub use eval::{Decision, Destination, Http, Jwt, Layer, Peer, Request, Verdict};
-pub use load::{Parsed, load_paths, load_paths_with, parse_str, parse_str_with_warnings};
+pub use load::{Parsed, load_paths, load_paths_with, parse_str, parse_str_with_warnings, policy_inputs};
 pub use model::Resource;
 pub use request::parse_request;
 pub use set::{Options, PolicySet, Workload};

@@ -57,6 +57,8 @@ pub fn parse_str_with_warnings(yaml: &str, origin: &str) -> Result<Parsed, LoadE
 #[derive(Default)]
 struct Walk {
     files: Vec<PathBuf>,
+    /// Entries skipped with a warning (not `*.yaml`/`*.yml`).
+    skipped: Vec<PathBuf>,
     errors: Vec<LoadError>,
     warnings: Vec<String>,
     /// (device, inode) of each directory entered and file taken: symlinks are followed, but a
@@ -106,6 +108,7 @@ fn collect_entry(path: &Path, walk: &mut Walk) {
     }
     let ext = path.extension().map(|e| e.to_string_lossy().to_ascii_lowercase());
     if !matches!(ext.as_deref(), Some("yaml" | "yml")) && !path.is_dir() {
+        walk.skipped.push(path.to_path_buf());
         return walk.warnings.push(format!("warning: {}: skipped: not a .yaml or .yml file", path.display()));
     }
     collect_files(path, walk);
@@ -113,6 +116,19 @@ fn collect_entry(path: &Path, walk: &mut Walk) {
 
 fn file_error(path: &Path, reason: String) -> LoadError {
     LoadError { origin: path.display().to_string(), document: None, resource: None, field: String::new(), reason }
+}
+
+/// Every path the loader looks at under `paths`, by the same walk as [`load_paths_with`]: the
+/// files it reads and those it skips with a warning, in walk order. A change to any of them (or
+/// to this list) is a change to what loading gives; the agent's change check stamps them.
+pub fn policy_inputs(paths: &[impl AsRef<Path>]) -> Vec<PathBuf> {
+    let mut walk = Walk::default();
+    for p in paths {
+        collect_files(p.as_ref(), &mut walk);
+    }
+    let mut inputs = walk.files;
+    inputs.extend(walk.skipped);
+    inputs
 }
 
 /// Reads every resource under `paths` (files, or directories searched recursively for

@@ -1,9 +1,9 @@
 //! The directory source: a workload file and a directory (or file) of Istio resources. Changes
-//! are noticed by a fingerprint of paths and the identity, size and modification time of the
-//! files they resolve to.
+//! are noticed by a fingerprint of the files the policy loader looks at (its own walk,
+//! [`warden_authz::policy_inputs`]) and the identity, size and modification time of what they
+//! resolve to.
 
 use std::{
-    collections::HashSet,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     time::SystemTime,
@@ -28,50 +28,24 @@ struct Stamp {
     target: Option<(u64, u64, u64, Option<SystemTime>)>,
 }
 
+impl Stamp {
+    fn of(path: &Path) -> Stamp {
+        let target = std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino(), m.len(), m.modified().ok()));
+        Stamp { path: path.to_path_buf(), target }
+    }
+}
+
 impl FileSource {
     pub fn new(workloads: PathBuf, policies: PathBuf, options: warden_authz::Options) -> FileSource {
         FileSource { workloads, policies, options, seen: Vec::new() }
     }
 
+    /// The workload file and every file the policy loader reads or skips, as the loader walks
+    /// the directory (symlinks followed, each directory once, hidden entries skipped).
     fn fingerprint(&self) -> Vec<Stamp> {
-        let mut out = Vec::new();
-        let mut dirs = HashSet::new();
-        stamp(&self.workloads, &mut dirs, &mut out);
-        stamp(&self.policies, &mut dirs, &mut out);
-        out
+        let policies = warden_authz::policy_inputs(std::slice::from_ref(&self.policies));
+        std::iter::once(&self.workloads).chain(&policies).map(|p| Stamp::of(p)).collect()
     }
-}
-
-/// Stamps the file at `path`, or each entry of a directory as the policy loader walks it:
-/// symlinks followed, a directory entered once (`dirs`: its device and inode), hidden entries
-/// skipped.
-fn stamp(path: &Path, dirs: &mut HashSet<(u64, u64)>, out: &mut Vec<Stamp>) {
-    let target = match std::fs::metadata(path) {
-        Ok(m) if m.is_dir() => {
-            if dirs.insert((m.dev(), m.ino())) {
-                for entry in visible_entries(path) {
-                    stamp(&entry, dirs, out);
-                }
-            }
-            return;
-        }
-        Ok(m) => Some((m.dev(), m.ino(), m.len(), m.modified().ok())),
-        Err(_) => None,
-    };
-    out.push(Stamp { path: path.to_path_buf(), target });
-}
-
-/// The entries of `dir` whose names do not start with `.`, sorted.
-fn visible_entries(dir: &Path) -> Vec<PathBuf> {
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
-        .map(|e| e.path())
-        .collect();
-    entries.sort();
-    entries
 }
 
 impl Source for FileSource {
