@@ -27,6 +27,7 @@ use std::{
 use serde::Deserialize;
 
 use crate::services::{self, Service};
+use warden_authz::names::{is_dns_label, is_dns_subdomain};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -312,19 +313,6 @@ pub fn load(path: &Path, links: &dyn Links) -> Result<Loaded, WorkloadErrors> {
         w.services.dedup();
     }
     Ok(Loaded { workloads: out, services: svcs })
-}
-
-/// A DNS-1123 subdomain: DNS labels joined by '.', at most 253 characters.
-fn is_dns_subdomain(s: &str) -> bool {
-    s.len() <= 253 && s.split('.').all(is_dns_label)
-}
-
-fn is_dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
 }
 
 /// A pod of app `ledger` in namespace `ns` at `10.0.0.<ip>`, for tests: in the mesh or opted out,

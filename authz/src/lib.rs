@@ -13,6 +13,7 @@ pub mod eval;
 pub mod load;
 pub mod matcher;
 pub mod model;
+pub mod names;
 pub mod request;
 pub mod resource;
 pub mod set;

@@ -7,6 +7,7 @@
 use crate::error::LoadError;
 use crate::matcher::{PathMatch, StrMatch, TimeWindow, ValueMatch, parse_cidr, parse_weekday};
 use crate::model::*;
+use crate::names::{is_dns_label, is_dns_subdomain, label_key};
 use crate::resource::{self as raw, API_VERSIONS, Kind, Scalar};
 use std::collections::BTreeMap;
 
@@ -136,42 +137,6 @@ pub(crate) fn document(ctx: &mut Ctx, doc: serde_yaml::Value) -> Option<Resource
             dry_run_not_supported(ctx, &metadata, kind);
             request_authentication(ctx, namespace, name, spec, origin).map(Resource::RequestAuthentication)
         }
-    }
-}
-
-fn is_dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-}
-
-fn is_dns_subdomain(s: &str) -> bool {
-    s.len() <= 253 && s.split('.').all(is_dns_label)
-}
-
-/// A Kubernetes label key: an optional DNS-subdomain prefix and `/`, then a name of at most 63
-/// alphanumerics, `-`, `_` and `.`, starting and ending alphanumeric.
-fn label_key(k: &str) -> Result<(), String> {
-    let (prefix, name) = match k.split_once('/') {
-        Some((p, n)) => (Some(p), n),
-        None => (None, k),
-    };
-    if prefix.is_some_and(|p| !is_dns_subdomain(p)) {
-        return Err(format!("{k:?}: the prefix before '/' is not a DNS-1123 subdomain"));
-    }
-    let ok = !name.is_empty()
-        && name.len() <= 63
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && name.ends_with(|c: char| c.is_ascii_alphanumeric());
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "{k:?} is not a label key (at most 63 alphanumerics, '-', '_' and '.', starting and ending alphanumeric, after an optional DNS prefix and '/')"
-        ))
     }
 }
 
