@@ -169,7 +169,7 @@ fn trust_domain(text: &str) -> Result<String, String> {
 }
 
 fn init_logging(format: Output) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let filter = warden_agent::telemetry::log_filter();
     // Colours only on a terminal: a DaemonSet's log (kubectl logs) or a file gets plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);

@@ -164,6 +164,60 @@ impl Drop for CappedAgent {
     }
 }
 
+/// GET `path` from the agent's port `port` in the lab's node namespace: (status, body).
+fn agent_get(lab: &Lab, port: u16, path: &str) -> (u16, String) {
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", lab.node))
+        .args(["--", "curl", "-s", "-m", "5", "-w", "\n%{http_code}"])
+        .arg(format!("http://127.0.0.1:{port}{path}"))
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, status) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (status.trim().parse().unwrap_or(0), body.to_string())
+}
+
+/// The agent's readiness: (status, body).
+fn readiness(lab: &Lab) -> (u16, String) {
+    agent_get(lab, 15021, "/healthz/ready")
+}
+
+/// The value of the series `series` (name and labels, exactly as exposed) on the agent's metrics.
+fn metric(lab: &Lab, series: &str) -> Option<f64> {
+    let (status, body) = agent_get(lab, 15020, "/stats/prometheus");
+    assert_eq!(status, 200, "{body}");
+    body.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// The `resource` labels of the agent's watches.
+const WATCHES: [&str; 7] = [
+    "namespaces",
+    "pods_local",
+    "pods_remote",
+    "services",
+    "authorizationpolicies",
+    "peerauthentications",
+    "requestauthentications",
+];
+
+fn in_sync(lab: &Lab, resource: &str) -> Option<f64> {
+    metric(lab, &format!("warden_kube_watch_in_sync{{resource=\"{resource}\"}}"))
+}
+
+/// Poll until every watch reports in sync.
+fn wait_in_sync(lab: &Lab, what: &str, timeout: Duration) {
+    let start = Instant::now();
+    while !WATCHES.iter().all(|r| in_sync(lab, r) == Some(1.0)) {
+        assert!(
+            start.elapsed() < timeout,
+            "{what}: not every watch in sync within {timeout:?}: {:?}\nagent log:\n{}",
+            WATCHES.map(|r| (r, in_sync(lab, r))),
+            fs::read_to_string(lab.agent_log()).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 fn agent_args(api: &ApiServer, node: &str) -> Vec<String> {
     vec![
         "--kubeconfig".into(),
@@ -414,9 +468,141 @@ fn an_api_server_restart_never_lapses_enforcement() {
     assert_probe(&lab, "c", "b", 8080, "allowed");
     let log = fs::read_to_string(lab.agent_log()).unwrap();
     assert!(log.contains("failed, retrying") && log.contains("recovered"), "{log}");
+    // A restart far shorter than the readiness limit: every watch is back in sync, still ready.
+    wait_in_sync(&lab, "after the restart", Duration::from_secs(20));
+    assert_eq!(readiness(&lab), (200, "ready\n".to_string()));
+    assert!(metric(&lab, "warden_kube_watch_failures_total{resource=\"pods_local\"}").is_some_and(|n| n >= 1.0));
+    assert_eq!(metric(&lab, "warden_commit_generation"), Some(f64::from(lab.generation())));
+    if std::env::var_os("RUST_LOG").is_none() {
+        assert!(!log.contains("failed with error"), "kube's client logs every failed request itself:\n{log}");
+    }
     let relisted = log.matches("re-listed").count();
     eprintln!(
         "API server restart: {n} probe rounds without a lapse; {relisted} watches re-listed; a deletion after the restart reached the maps in {took:?}"
+    );
+}
+
+/// deploy/rbac.yaml's ClusterRole, or (`broken`) with `list` taken from pods and `watch` from
+/// services.
+fn agent_cluster_role(broken: bool) -> String {
+    let rbac = fs::read_to_string(warden_tests::workspace_root().join("deploy/rbac.yaml")).unwrap();
+    let role = rbac.split("\n---\n").find(|d| d.contains("kind: ClusterRole\n")).expect("the ClusterRole").to_string();
+    if !broken {
+        return role;
+    }
+    let core = "  - apiGroups: [\"\"]\n    resources: [namespaces, pods, services]\n    verbs: [get, list, watch]\n";
+    assert!(role.contains(core), "deploy/rbac.yaml changed shape:\n{role}");
+    role.replace(
+        core,
+        &[("namespaces", "get, list, watch"), ("pods", "get, watch"), ("services", "get, list")]
+            .map(|(r, verbs)| format!("  - apiGroups: [\"\"]\n    resources: [{r}]\n    verbs: [{verbs}]\n"))
+            .concat(),
+    )
+}
+
+/// A watch that cannot follow the cluster any more (pods lost `list` and services `watch`, then
+/// the API server restarts, so the pods must be listed again and the services watched again)
+/// freezes updates: the agent says so. The pinned state keeps enforcing; readiness stays 200
+/// for the first minute (an API-server restart is not an outage) and then answers 503 naming
+/// the watches; the metrics show them out of sync and failing; the log says it once per
+/// backoff step, not per attempt. With the RBAC back, everything recovers.
+#[test]
+fn a_watch_out_of_sync_for_a_minute_makes_the_agent_not_ready_and_enforcement_stays() {
+    if !require_root("a_watch_out_of_sync_for_a_minute_makes_the_agent_not_ready_and_enforcement_stays") {
+        return;
+    }
+    let node = "node-ksync";
+    let (mut lab, api) = cluster_lab("ksync", 16593, node, 71);
+    api.apply(ALLOW_A_TO_B_8080).unwrap();
+    lab.start_agent_with(&agent_args(&api, node)).unwrap();
+    wait_maps(&lab, "b-access", Duration::from_secs(5), |v| policies_of(v, "team/b") == ["team/b-access"]);
+    wait_in_sync(&lab, "at start", Duration::from_secs(5));
+    assert_eq!(readiness(&lab), (200, "ready\n".to_string()));
+    assert_eq!(metric(&lab, "warden_commit_generation"), Some(f64::from(lab.generation())));
+    assert!(metric(&lab, "warden_commit_last_success_timestamp_seconds").is_some_and(|t| t > 1.7e9));
+    assert_eq!(metric(&lab, "warden_commit_failures_total"), Some(0.0));
+
+    api.apply(&agent_cluster_role(true)).unwrap();
+    let log_before = fs::read_to_string(lab.agent_log()).unwrap().len();
+    let stopped = Instant::now();
+    api.stop();
+    std::thread::sleep(Duration::from_secs(1));
+    api.launch();
+
+    // Readiness holds for the first minute, then names the watches out of sync.
+    let mut checked_metrics = false;
+    let mut namespaces_in_sync = false;
+    let not_ready = loop {
+        let (status, body) = readiness(&lab);
+        let since = stopped.elapsed();
+        if status == 503 {
+            break (since, body);
+        }
+        assert_eq!(status, 200, "{body}");
+        assert!(since < Duration::from_secs(100), "still ready after {since:?}");
+        // Past the API server's start (its RBAC refuses everything for a while after it).
+        if !checked_metrics && since > Duration::from_secs(40) {
+            for r in ["pods_local", "pods_remote", "services"] {
+                assert_eq!(in_sync(&lab, r), Some(0.0), "{r}");
+                let failures = format!("warden_kube_watch_failures_total{{resource=\"{r}\"}}");
+                assert!(metric(&lab, &failures).is_some_and(|n| n >= 2.0), "{r}");
+            }
+            checked_metrics = true;
+        }
+        namespaces_in_sync |= checked_metrics && in_sync(&lab, "namespaces") == Some(1.0);
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let (after, body) = not_ready;
+    assert!(after >= Duration::from_secs(60), "not ready after {after:?}, before the limit: {body}");
+    assert!(checked_metrics && namespaces_in_sync, "the namespaces' watch, which may list and watch, is in sync");
+    assert!(body.starts_with("not ready: out of sync with the API server for more than 60s"), "{body}");
+    for w in ["pods on this node: since", "pods on other nodes: since", "cannot list resource \"pods\""] {
+        assert!(body.contains(w), "{w} missing: {body}");
+    }
+    // The services' list may have completed after the restart (a recovery), their watch failing
+    // only then: they join the body a little later.
+    let body = loop {
+        let (status, body) = readiness(&lab);
+        assert_eq!(status, 503, "{body}");
+        if body.contains("services: since") {
+            break body;
+        }
+        assert!(stopped.elapsed() < after + Duration::from_secs(40), "services never reported: {body}");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(body.contains("cannot watch resource \"services\""), "{body}");
+    assert!(!body.contains("namespaces"), "{body}");
+    // Enforcement is the pinned state's, whatever readiness says.
+    assert_probe(&lab, "a", "b", 8080, "allowed");
+    assert_probe(&lab, "c", "b", 8080, "eperm");
+    // Once per backoff step and a reminder a minute, not per attempt; kube's own per-request
+    // lines are quieted.
+    let log = fs::read_to_string(lab.agent_log()).unwrap()[log_before..].to_string();
+    let lines = log.lines().filter(|l| l.contains(" WARN ") && l.contains("watch of pods on this node")).count();
+    assert!((2..=12).contains(&lines), "{lines} lines about one watch in {after:?}:\n{log}");
+    if std::env::var_os("RUST_LOG").is_none() {
+        assert!(!log.contains("failed with error") && !log.contains("error with 403"), "{log}");
+    }
+
+    // The RBAC back: the lists complete, the watches resume (a quiet one is listed again to
+    // know), and the agent is ready and follows changes again.
+    api.apply(&agent_cluster_role(false)).unwrap();
+    let back = Instant::now();
+    while readiness(&lab).0 != 200 {
+        assert!(back.elapsed() < Duration::from_secs(30), "not ready again: {:?}", readiness(&lab));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    wait_in_sync(&lab, "with the RBAC back", Duration::from_secs(20));
+    api.kubectl(&["delete", "authorizationpolicies.security.istio.io", "b-access", "-n", "team"]).unwrap();
+    wait_maps(&lab, "b-access deleted", Duration::from_secs(10), |v| policies_of(v, "team/b").is_empty());
+    let log = fs::read_to_string(lab.agent_log()).unwrap();
+    assert!(
+        log.contains("watch of services recovered") && log.contains("watch of pods on this node recovered"),
+        "{log}"
+    );
+    eprintln!(
+        "out of sync: not ready after {after:?}, {lines} log lines about the pods watch; ready again in {:?}",
+        back.elapsed()
     );
 }
 
@@ -647,4 +833,69 @@ fn the_daemonsets_mesh_gets_its_certificates_from_the_cluster_ca_with_its_capabi
     }
     let through_agent = carried(&lab) - before;
     assert!(0 < through_agent && through_agent < 30, "{through_agent} of 30 through the agent to b; the rest to a");
+}
+
+/// An audit's reproducer: the agent restarts while an ALLOW policy is invalid. The new agent has
+/// no previous version of it, and its workloads must not become allow-all: a placeholder that
+/// matches nothing stands in for it, as Istio skips the rules it cannot translate and still
+/// applies the policy, so b denies by default; the status says so.
+#[test]
+fn an_invalid_allow_policy_fails_closed_across_an_agent_restart() {
+    if !require_root("an_invalid_allow_policy_fails_closed_across_an_agent_restart") {
+        return;
+    }
+    let node = "node-kinv";
+    let (mut lab, api) = cluster_lab("kinv", 16603, node, 72);
+    api.apply(ALLOW_A_TO_B_8080).unwrap();
+    lab.start_agent_with(&agent_args(&api, node)).unwrap();
+    wait_maps(&lab, "b-access", Duration::from_secs(5), |v| policies_of(v, "team/b") == ["team/b-access"]);
+    api.apply(B_ACCESS_INVALID).unwrap();
+    let condition = || {
+        api.kubectl(&[
+            "get",
+            "authorizationpolicies.security.istio.io",
+            "b-access",
+            "-n",
+            "team",
+            "-o",
+            "jsonpath={.status.conditions[0].message}",
+        ])
+        .unwrap()
+    };
+    let wait_condition = |prefix: &str| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let c = condition();
+            if c.starts_with(prefix) && c.contains("spec.rules[0].from[0].source.ipBlocks[0]") {
+                return;
+            }
+            assert!(Instant::now() < deadline, "b-access's condition: {c:?}, want {prefix:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait_condition("ignored, the previous version stays in force: ");
+    assert_probe(&lab, "a", "b", 8080, "allowed");
+
+    // Restarted: no previous version. b denies by default, its default entry says why.
+    lab.kill_agent(libc::SIGKILL);
+    let before = lab.generation();
+    lab.start_agent_with(&agent_args(&api, node)).unwrap();
+    lab.wait_generation_change(before, Duration::from_secs(60)).unwrap();
+    wait_maps(&lab, "b-access's placeholder", Duration::from_secs(5), |v| {
+        let b: Vec<_> = v["endpoints"].as_array().unwrap().iter().filter(|e| e["workload"] == "team/b").collect();
+        policies_of(v, "team/b").is_empty()
+            && serde_json::to_string(&b).unwrap().contains("(default: no ALLOW policy matched)")
+    });
+    assert_probe(&lab, "a", "b", 8080, "eperm");
+    assert_probe(&lab, "c", "b", 8080, "eperm");
+    assert_probe(&lab, "a", "c", 8080, "allowed");
+    wait_condition("ignored, in force: matches nothing, its workloads deny by default until it is fixed: ");
+    let log = fs::read_to_string(lab.agent_log()).unwrap();
+    assert!(log.contains("in_force=\"in force: matches nothing"), "{log}");
+
+    // Fixed: the policy itself again.
+    api.apply(ALLOW_A_TO_B_8080).unwrap();
+    wait_maps(&lab, "b-access fixed", Duration::from_secs(5), |v| policies_of(v, "team/b") == ["team/b-access"]);
+    assert_probe(&lab, "a", "b", 8080, "allowed");
+    assert_probe(&lab, "c", "b", 8080, "eperm");
 }

@@ -1,25 +1,31 @@
 //! The node agent's observability, Istio-compatible so existing dashboards and alerts work.
 //!
-//! | file          | concern                                                                   |
-//! |---------------|---------------------------------------------------------------------------|
+//! | file          | concern                                                                    |
+//! |---------------|----------------------------------------------------------------------------|
 //! | `names`       | kernel numbers -> workload, namespace, SPIFFE principal, policy name       |
 //! | `metrics`     | `istio_tcp_*` and `warden_*` traffic metrics from the per-CPU counters     |
 //! | `fastpath`    | `warden_fastpath_*`: what the same-node fast path did                      |
 //! | `access_log`  | one line per ring-buffer event (text or JSON) on stdout                    |
-//! | `ready`       | `/healthz/ready`: 200 once the first state is committed                    |
+//! | `watches`     | `warden_kube_watch_*`: whether each watch of the cluster is in sync        |
+//! | `commits`     | `warden_commit_*`: the committed generation and when, failed applies       |
+//! | `ready`       | `/healthz/ready`: 200 once committed, unless a watch is out of sync (60 s) |
 //! | `server`      | the small HTTP server both endpoints use                                   |
 //!
 //! Lifecycle: [`Telemetry::new`] builds the registry (other concerns may register their metrics
 //! through [`Telemetry::registry_mut`]); [`Telemetry::serve`] binds both ports before the first
 //! commit (readiness answers 503); [`Running::committed`] after the first commit opens the pinned
-//! counters and the event ring buffer and turns readiness to 200. See `docs/observability.md`.
+//! counters and the event ring buffer and turns readiness to 200; the agent's loop reports each
+//! commit ([`Running::commit_succeeded`], [`Running::commit_failed`]). The cluster source reports
+//! its watches to [`watches::Watches::global`]. See `docs/observability.md`.
 
 pub mod access_log;
+pub mod commits;
 pub mod fastpath;
 pub mod metrics;
 pub mod names;
 pub mod ready;
 pub mod server;
+pub mod watches;
 
 use std::{
     net::SocketAddr,
@@ -28,6 +34,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
+    time::SystemTime,
 };
 
 use aya::maps::{MapData, PerCpuHashMap};
@@ -36,10 +43,12 @@ use warden_common::{Counter, CounterKey};
 
 pub use self::{access_log::AccessLogFormat, metrics::SecurityPolicy};
 use self::{
+    commits::CommitMetrics,
     metrics::TrafficMetrics,
     names::RecordNames,
     ready::Readiness,
     server::{Handler, Reply},
+    watches::Watches,
 };
 
 /// Istio's metrics path on the agent's stats port.
@@ -69,6 +78,30 @@ impl Default for TelemetryConfig {
             security_policy: SecurityPolicy::default(),
         }
     }
+}
+
+/// Log directives added to `RUST_LOG` unless it names one of kube's targets itself: kube's
+/// client logs every failed request (`ERROR ... failed with error client error (Connect)`, naming
+/// no resource) and its watcher every refused one, at every retry; the agent's own line per watch
+/// (`watch of pods on this node failed, retrying ...`, then once per backoff step) says it once,
+/// with the resource.
+pub const QUIET_KUBE_LOGS: &str = "kube_client::client::builder=off,kube_runtime::watcher=error";
+
+/// The agent's log directives for `RUST_LOG`'s value: it (default `info`) with
+/// [`QUIET_KUBE_LOGS`], unless one of its directives is for a target of kube's crates (`kube`,
+/// `kube_client::...`, `kube_runtime::...`): then it alone, as given.
+pub fn log_directives(rust_log: Option<&str>) -> String {
+    let env = rust_log.map(str::trim).filter(|e| !e.is_empty()).unwrap_or("info");
+    let names_kube = env.split(',').any(|d| d.trim().split(['[', '=']).next().is_some_and(|t| t.starts_with("kube")));
+    if names_kube { env.to_string() } else { format!("{env},{QUIET_KUBE_LOGS}") }
+}
+
+/// The agent's log filter: [`log_directives`] of `RUST_LOG`; `info` with [`QUIET_KUBE_LOGS`] when
+/// `RUST_LOG` does not parse.
+pub fn log_filter() -> tracing_subscriber::EnvFilter {
+    let env = std::env::var("RUST_LOG").ok();
+    tracing_subscriber::EnvFilter::try_new(log_directives(env.as_deref()))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(log_directives(None)))
 }
 
 type CounterMap = PerCpuHashMap<MapData, CounterKey, Counter>;
@@ -123,15 +156,25 @@ pub struct Telemetry {
     traffic: TrafficMetrics,
     fast_path: fastpath::FastPathMetrics,
     names: Arc<RecordNames>,
+    commits: CommitMetrics,
+    watches: Watches,
 }
 
 impl Telemetry {
+    /// The agent's telemetry, reporting the process' watches ([`Watches::global`]).
     pub fn new(cfg: TelemetryConfig, pin_dir: &Path, state_dir: &Path) -> Telemetry {
+        Telemetry::with_watches(cfg, pin_dir, state_dir, Watches::global().clone())
+    }
+
+    /// As [`Telemetry::new`], reporting on `watches`.
+    pub fn with_watches(cfg: TelemetryConfig, pin_dir: &Path, state_dir: &Path, watches: Watches) -> Telemetry {
         let mut registry = Registry::default();
         let traffic = TrafficMetrics::new(&mut registry, cfg.security_policy);
         let fast_path = fastpath::FastPathMetrics::new(&mut registry);
+        let commits = CommitMetrics::new(&mut registry);
+        watches.register_metrics(&mut registry);
         let names = Arc::new(RecordNames::new(state_dir));
-        Telemetry { pin_dir: pin_dir.into(), registry, traffic, fast_path, names, cfg }
+        Telemetry { pin_dir: pin_dir.into(), registry, traffic, fast_path, names, commits, watches, cfg }
     }
 
     /// The registry served on the metrics port, for other concerns' metrics (each registers
@@ -157,7 +200,7 @@ impl Telemetry {
             fast_path: self.fast_path,
             fast_path_counters: Mutex::new(None),
         });
-        let readiness = Readiness::default();
+        let readiness = Readiness::new(self.watches, ready::OUT_OF_SYNC_LIMIT);
         let s = scrape.clone();
         let metrics_handler: Handler = Arc::new(move |path| s.reply(path));
         let r = readiness.clone();
@@ -173,6 +216,7 @@ impl Telemetry {
             scrape,
             readiness,
             names: self.names,
+            commits: self.commits,
             tasks,
             stop: Arc::default(),
         })
@@ -186,6 +230,7 @@ pub struct Running {
     scrape: Arc<Scrape>,
     readiness: Readiness,
     names: Arc<RecordNames>,
+    commits: CommitMetrics,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     /// Stops the access-log thread.
     stop: Arc<AtomicBool>,
@@ -219,6 +264,17 @@ impl Running {
         }
         self.readiness.set_ready();
     }
+
+    /// The agent committed `generation` (`warden_commit_generation`, `_last_success_timestamp_seconds`).
+    pub fn commit_succeeded(&mut self, generation: u32) {
+        self.commits.succeeded(generation, SystemTime::now());
+    }
+
+    /// Applying a new state failed; the last committed state keeps enforcing
+    /// (`warden_commit_failures_total`).
+    pub fn commit_failed(&mut self) {
+        self.commits.failed();
+    }
 }
 
 impl Drop for Running {
@@ -245,6 +301,27 @@ mod tests {
         (status, buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
     }
 
+    #[test]
+    fn kubes_per_request_lines_are_quieted_unless_rust_log_names_kube() {
+        assert_eq!(log_directives(None), format!("info,{QUIET_KUBE_LOGS}"));
+        assert_eq!(log_directives(Some(" ")), format!("info,{QUIET_KUBE_LOGS}"));
+        assert_eq!(log_directives(Some("info")), format!("info,{QUIET_KUBE_LOGS}"), "deploy/daemonset.yaml's");
+        assert_eq!(
+            log_directives(Some("debug,warden_agent=trace")),
+            format!("debug,warden_agent=trace,{QUIET_KUBE_LOGS}")
+        );
+        assert_eq!(log_directives(Some("info,kube_client=debug")), "info,kube_client=debug");
+        assert_eq!(log_directives(Some("kube_runtime::watcher")), "kube_runtime::watcher");
+        assert_eq!(
+            log_directives(Some("info,warden_agent::source::kube=debug")),
+            format!("info,warden_agent::source::kube=debug,{QUIET_KUBE_LOGS}"),
+            "the agent's own module is not kube's"
+        );
+        for d in [log_directives(None), log_directives(Some("warn"))] {
+            assert!(tracing_subscriber::EnvFilter::try_new(&d).is_ok(), "{d}");
+        }
+    }
+
     #[tokio::test]
     async fn readiness_is_503_until_the_first_commit_and_metrics_are_served() {
         let dir = std::env::temp_dir().join(format!("warden-telemetry-{}", std::process::id()));
@@ -261,7 +338,8 @@ mod tests {
         drop((m, r));
         let cfg = TelemetryConfig { metrics_addr: maddr, ready_addr: raddr, ..cfg };
         // No pins in this directory: committed() reports the missing maps and still turns ready.
-        let mut running = Telemetry::new(cfg, &dir.join("pins"), &dir).serve().await.unwrap();
+        let mut running =
+            Telemetry::with_watches(cfg, &dir.join("pins"), &dir, Watches::default()).serve().await.unwrap();
         assert_eq!(get(raddr, ready::READY_PATH).await.0, 503);
         assert_eq!(get(raddr, "/other").await.0, 404);
         let (status, body) = get(maddr, METRICS_PATH).await;

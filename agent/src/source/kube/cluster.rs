@@ -12,10 +12,14 @@ use kube::ResourceExt as _;
 use super::node::Locator;
 use crate::workloads::{Local, Workload};
 
-/// The label that enrolls a namespace (`ambient`) and opts a pod out (`none`), as in Istio ambient.
+/// The label that enrolls a namespace or a single pod (`ambient`) and opts a pod out (`none`), as
+/// in Istio ambient (istio-cni's `PodRedirectionEnabled`).
 pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
 pub const DATAPLANE_MODE_AMBIENT: &str = "ambient";
 pub const DATAPLANE_MODE_NONE: &str = "none";
+/// The annotation Istio's injector puts on a pod it gave a sidecar. Such a pod does its own
+/// mTLS: ambient leaves it alone even in an enrolled namespace, and so does warden.
+pub const SIDECAR_STATUS_ANNOTATION: &str = "sidecar.istio.io/status";
 
 /// The objects of one watched kind. During a (re)list the new objects are buffered and replace
 /// the old ones only when the list is complete, so a snapshot never sees half a list.
@@ -96,7 +100,10 @@ fn compact_meta(m: &mut kube::api::ObjectMeta) {
 impl Compact for Pod {
     fn compact(&mut self) {
         compact_meta(&mut self.metadata);
-        self.metadata.annotations = None;
+        // Of the annotations, only whether the pod has a sidecar (its value, a JSON summary of
+        // the injection, is not read).
+        let sidecar = self.metadata.annotations.as_ref().is_some_and(|a| a.contains_key(SIDECAR_STATUS_ANNOTATION));
+        self.metadata.annotations = sidecar.then(|| [(SIDECAR_STATUS_ANNOTATION.to_string(), String::new())].into());
         if let Some(spec) = &self.spec {
             // Of the containers, only their named ports (Services' named target ports); a
             // container without one is not kept at all.
@@ -166,21 +173,40 @@ impl Compact for kube::api::DynamicObject {
     }
 }
 
-/// Why a pod of an enrolled namespace is not a workload (for debug logs and tests).
+/// Why a pod is not a workload (for debug logs and tests).
 #[derive(Debug, PartialEq, Eq)]
 pub enum Skip {
+    /// Neither its namespace nor the pod is labelled `istio.io/dataplane-mode: ambient`.
+    NotEnrolled,
+    /// Labelled `istio.io/dataplane-mode: none`.
     OptedOut,
+    /// It has an Istio sidecar ([`SIDECAR_STATUS_ANNOTATION`]).
+    Sidecar,
     HostNetwork,
     NoAddress,
     Finished,
     NotIpv4(String),
 }
 
-/// The pod as a workload, or why not. `local` says whether it runs on this node.
-pub fn pod_workload(pod: &Pod, services: &[&Service]) -> Result<Workload, Skip> {
-    if pod.labels().get(DATAPLANE_MODE_LABEL).map(String::as_str) == Some(DATAPLANE_MODE_NONE) {
-        return Err(Skip::OptedOut);
+/// Whether the pod is in the mesh by its labels, as istio-cni decides it for ambient: its
+/// namespace (`namespace_enrolled`) or the pod itself labelled `ambient`, the pod not labelled
+/// `none`, and no sidecar.
+pub fn enrollment(pod: &Pod, namespace_enrolled: bool) -> Result<(), Skip> {
+    match pod.labels().get(DATAPLANE_MODE_LABEL).map(String::as_str) {
+        Some(DATAPLANE_MODE_NONE) => return Err(Skip::OptedOut),
+        Some(DATAPLANE_MODE_AMBIENT) => {}
+        _ if namespace_enrolled => {}
+        _ => return Err(Skip::NotEnrolled),
     }
+    if pod.annotations().contains_key(SIDECAR_STATUS_ANNOTATION) {
+        return Err(Skip::Sidecar);
+    }
+    Ok(())
+}
+
+/// The pod as a workload, or why not.
+pub fn pod_workload(pod: &Pod, namespace_enrolled: bool, services: &[&Service]) -> Result<Workload, Skip> {
+    enrollment(pod, namespace_enrolled)?;
     pod_record(pod, services)
 }
 
@@ -289,15 +315,18 @@ pub fn mesh_service(svc: &Service) -> Option<crate::services::Service> {
 /// cgroup could not be found yet (retried while any remain).
 pub struct NodeView {
     pub workloads: Vec<Workload>,
-    /// The enrolled namespaces' Services the mesh carries.
+    /// The Services the mesh carries: those of namespaces with workloads (enrolled, or with a
+    /// pod enrolled on its own).
     pub services: Vec<crate::services::Service>,
-    /// Pods of enrolled namespaces opted out of the mesh that one of those Services selects:
-    /// left alone, but given their share of meshed clients' connections to the Service.
+    /// Pods of those namespaces out of the mesh (opted out, with a sidecar, or not enrolled)
+    /// that one of those Services selects: left alone, but given their share of meshed
+    /// clients' connections to the Service. Each is labelled `istio.io/dataplane-mode: none`
+    /// here (`Workload::in_mesh` reads the label).
     pub outside_mesh: Vec<Workload>,
     pub unresolved: Vec<String>,
 }
 
-/// Build this node's view: every pod of an enrolled namespace is a workload (identity); pods in
+/// Build this node's view: every enrolled pod ([`enrollment`]) is a workload (identity); pods in
 /// `local` are also enforced here when their veth is found.
 pub fn node_view(
     namespaces: &Store<Namespace>,
@@ -312,8 +341,16 @@ pub fn node_view(
         .filter(|n| n.labels().get(DATAPLANE_MODE_LABEL).map(String::as_str) == Some(DATAPLANE_MODE_AMBIENT))
         .map(|n| n.name_any())
         .collect();
+    let namespace_enrolled = |pod: &Pod| pod.namespace().is_some_and(|n| enrolled.contains(&n));
+    let all_pods = || local.objects.values().chain(remote.objects.values());
+    // Namespaces with workloads: the enrolled ones, and those of pods enrolled on their own.
+    let meshed: BTreeSet<String> = enrolled
+        .iter()
+        .cloned()
+        .chain(all_pods().filter(|p| enrollment(p, namespace_enrolled(p)).is_ok()).filter_map(|p| p.namespace()))
+        .collect();
     let services: Vec<&Service> =
-        services.objects.values().filter(|s| s.namespace().is_some_and(|n| enrolled.contains(&n))).collect();
+        services.objects.values().filter(|s| s.namespace().is_some_and(|n| meshed.contains(&n))).collect();
     // Each pod is matched against its own namespace's Services only.
     let services_of = crate::services::by_namespace(services.iter().copied(), |s| {
         s.metadata.namespace.as_deref().unwrap_or_default()
@@ -325,20 +362,23 @@ pub fn node_view(
     let mut by_ip: BTreeMap<Ipv4Addr, Workload> = BTreeMap::new();
     let pods = local.objects.values().map(|p| (p, true)).chain(remote.objects.values().map(|p| (p, false)));
     for (pod, is_local) in pods {
-        if !pod.namespace().is_some_and(|n| enrolled.contains(&n)) {
+        if !pod.namespace().is_some_and(|n| meshed.contains(&n)) {
             continue;
         }
         let ns_services = pod.metadata.namespace.as_deref().and_then(|n| services_of.get(n));
         let ns_services = ns_services.map_or(&[][..], Vec::as_slice);
-        let mut w = match pod_workload(pod, ns_services) {
+        let mut w = match pod_workload(pod, namespace_enrolled(pod), ns_services) {
             Ok(w) => w,
-            Err(Skip::OptedOut) => {
+            Err(why @ (Skip::OptedOut | Skip::Sidecar | Skip::NotEnrolled)) => {
                 // A Service's pod out of the mesh: on this node when its veth is (for a
                 // node-local Service), never enforced.
                 if let Some(mut w) = pod_record(pod, ns_services).ok().filter(|w| !w.services.is_empty()) {
                     if is_local && let Some((veth, ifindex)) = locator.veth(w.ip) {
                         w.local = Some(Local { veth, ifindex, cgroup: None });
                     }
+                    // Out of the mesh as `Workload::in_mesh` sees it, whatever kept it out.
+                    w.labels.insert(DATAPLANE_MODE_LABEL.to_string(), DATAPLANE_MODE_NONE.to_string());
+                    tracing::trace!(pod = %w.key(), reason = ?why, "out of the mesh, behind a Service");
                     outside_mesh.push(w);
                 }
                 continue;
@@ -471,7 +511,7 @@ mod tests {
         }))
         .unwrap();
         p.compact();
-        let w = pod_workload(&p, &[&s]).unwrap();
+        let w = pod_workload(&p, true, &[&s]).unwrap();
         assert_eq!(w.ports, [("https".to_string(), 8443)].into(), "named TCP container ports");
         assert_eq!(m.target_port(443, &w), Some(8443));
         assert_eq!(w.services, ["ledger"]);
@@ -492,7 +532,7 @@ mod tests {
             }
             p.compact();
             assert_eq!(p.status.as_ref().unwrap().conditions.as_ref().map(Vec::len), Some(1), "only Ready is kept");
-            pod_workload(&p, &[]).unwrap().ready
+            pod_workload(&p, true, &[]).unwrap().ready
         };
         assert!(with("True", false));
         assert!(!with("False", false));
@@ -576,19 +616,107 @@ mod tests {
         assert_eq!(v.outside_mesh[0].local, None);
     }
 
+    fn with_sidecar(mut p: Pod) -> Pod {
+        p.metadata.annotations = Some(
+            [(
+                SIDECAR_STATUS_ANNOTATION.to_string(),
+                r#"{"containers":["istio-proxy"],"revision":"default"}"#.to_string(),
+            )]
+            .into(),
+        );
+        p
+    }
+
+    /// As in Istio ambient (istio-cni's `PodRedirectionEnabled`): the label `ambient` enrolls a
+    /// namespace or a single pod; `none` on a pod opts it out, whatever its namespace says.
+    #[test]
+    fn a_pod_label_enrolls_the_pod_on_its_own() {
+        let nss = store(vec![ns("team", Some("ambient")), ns("plain", None), ns("off", Some("none"))]);
+        let local = store(vec![
+            pod("plain", "solo", Some("10.0.0.2"), &[("app", "web"), (DATAPLANE_MODE_LABEL, "ambient")]),
+            pod("plain", "web-plain", Some("10.0.0.3"), &[("app", "web")]),
+            pod("plain", "other", Some("10.0.0.4"), &[("app", "other")]),
+            pod("off", "o", Some("10.0.0.5"), &[(DATAPLANE_MODE_LABEL, "ambient")]),
+            pod("team", "t", Some("10.0.0.6"), &[(DATAPLANE_MODE_LABEL, "ambient")]),
+        ]);
+        let remote = store(vec![
+            pod("plain", "far", Some("10.0.1.2"), &[(DATAPLANE_MODE_LABEL, "ambient")]),
+            pod("quiet", "q", Some("10.0.1.3"), &[("app", "web")]),
+        ]);
+        let carried = |ns: &str, name: &str, selector: &[(&str, &str)]| {
+            let mut s = svc(ns, name, selector);
+            let spec = s.spec.as_mut().unwrap();
+            spec.cluster_ip = Some("10.96.0.10".into());
+            spec.ports = Some(vec![serde_json::from_value(serde_json::json!({"port": 80})).unwrap()]);
+            s
+        };
+        let services = store(vec![
+            carried("plain", "web", &[("app", "web")]),
+            carried("quiet", "web", &[("app", "web")]),
+            carried("off", "o", &[("app", "o")]),
+        ]);
+        let v = node_view(&nss, &local, &remote, &services, &mut FakeNode);
+        let keys = |ws: &[Workload]| ws.iter().map(Workload::key).collect::<Vec<_>>();
+        assert_eq!(keys(&v.workloads), ["off/o", "plain/far", "plain/solo", "team/t"]);
+        let solo = &v.workloads[2];
+        assert!(solo.in_mesh());
+        assert_eq!(
+            solo.local,
+            Some(Local { veth: "veth2".into(), ifindex: 12, cgroup: Some("/cg/poduid-solo".into()) })
+        );
+        assert_eq!(solo.services, ["web"], "its namespace's Services select it");
+        assert_eq!(v.workloads[1].local, None, "an identity elsewhere");
+        // The Services of namespaces with a workload are carried; the unenrolled pods behind
+        // them take their share, out of the mesh.
+        let svc_keys: Vec<String> = v.services.iter().map(|s| s.key()).collect();
+        assert_eq!(svc_keys, ["off/o", "plain/web"], "not those of namespaces without a workload");
+        assert_eq!(keys(&v.outside_mesh), ["plain/web-plain"]);
+        assert!(!v.outside_mesh[0].in_mesh());
+        assert_eq!(v.outside_mesh[0].services, ["web"]);
+        assert_eq!(pod_workload(&local.objects["plain/web-plain"], false, &[]), Err(Skip::NotEnrolled));
+    }
+
+    /// ztunnel leaves pods with a sidecar alone (they do their own mTLS), even in an enrolled
+    /// namespace or labelled `ambient` themselves: no workload, never enforced. Behind a
+    /// Service, they take their share of meshed clients' connections, as opted-out pods.
+    #[test]
+    fn a_pod_with_a_sidecar_is_left_alone() {
+        let nss = store(vec![ns("team", Some("ambient")), ns("plain", None)]);
+        let mut sidecar = with_sidecar(pod("team", "s", Some("10.0.0.2"), &[("app", "a")]));
+        sidecar.compact();
+        assert!(sidecar.annotations().contains_key(SIDECAR_STATUS_ANNOTATION), "compaction keeps the marker");
+        assert_eq!(sidecar.annotations()[SIDECAR_STATUS_ANNOTATION], "", "not its value");
+        let local = store(vec![
+            sidecar,
+            pod("team", "a", Some("10.0.0.3"), &[("app", "a")]),
+            with_sidecar(pod("team", "alone", Some("10.0.0.4"), &[("app", "x")])),
+            with_sidecar(pod("plain", "p", Some("10.0.0.5"), &[(DATAPLANE_MODE_LABEL, "ambient")])),
+        ]);
+        let remote = store(vec![with_sidecar(pod("team", "far", Some("10.0.1.2"), &[("app", "a")]))]);
+        let services = store(vec![svc("team", "a-svc", &[("app", "a")])]);
+        let v = node_view(&nss, &local, &remote, &services, &mut FakeNode);
+        let keys = |ws: &[Workload]| ws.iter().map(Workload::key).collect::<Vec<_>>();
+        assert_eq!(keys(&v.workloads), ["team/a"]);
+        assert_eq!(keys(&v.outside_mesh), ["team/far", "team/s"]);
+        assert!(v.outside_mesh.iter().all(|w| !w.in_mesh()));
+        assert_eq!(v.outside_mesh[1].local, Some(Local { veth: "veth2".into(), ifindex: 12, cgroup: None }));
+        assert_eq!(pod_workload(&local.objects["team/alone"], true, &[]), Err(Skip::Sidecar));
+        assert_eq!(pod_workload(&local.objects["plain/p"], false, &[]), Err(Skip::Sidecar));
+    }
+
     #[test]
     fn skips_finished_host_network_and_ipv6_pods() {
         let mut p = pod("team", "done", Some("10.0.0.2"), &[]);
         p.status.as_mut().unwrap().phase = Some("Succeeded".into());
-        assert_eq!(pod_workload(&p, &[]), Err(Skip::Finished));
+        assert_eq!(pod_workload(&p, true, &[]), Err(Skip::Finished));
         let mut p = pod("team", "host", Some("10.0.0.2"), &[]);
         p.spec.as_mut().unwrap().host_network = Some(true);
-        assert_eq!(pod_workload(&p, &[]), Err(Skip::HostNetwork));
+        assert_eq!(pod_workload(&p, true, &[]), Err(Skip::HostNetwork));
         let p = pod("team", "v6", Some("fd00::1"), &[]);
-        assert_eq!(pod_workload(&p, &[]), Err(Skip::NotIpv4("fd00::1".into())));
+        assert_eq!(pod_workload(&p, true, &[]), Err(Skip::NotIpv4("fd00::1".into())));
         let mut p = pod("team", "nosa", Some("10.0.0.2"), &[]);
         p.spec.as_mut().unwrap().service_account_name = None;
-        assert_eq!(pod_workload(&p, &[]).unwrap().service_account, "default");
+        assert_eq!(pod_workload(&p, true, &[]).unwrap().service_account, "default");
     }
 
     #[test]
@@ -596,9 +724,9 @@ mod tests {
         let mut p = pod("team", "a", Some("10.0.0.2"), &[("app", "a")]);
         p.spec.as_mut().unwrap().containers = vec![Default::default()];
         p.metadata.annotations = Some([("big".to_string(), "x".repeat(4096))].into());
-        let before = pod_workload(&p, &[]).unwrap();
+        let before = pod_workload(&p, true, &[]).unwrap();
         p.compact();
-        assert_eq!(pod_workload(&p, &[]).unwrap(), before);
+        assert_eq!(pod_workload(&p, true, &[]).unwrap(), before);
         assert!(p.spec.as_ref().unwrap().containers.is_empty() && p.metadata.annotations.is_none());
     }
 

@@ -11,6 +11,10 @@
 //! (re)started, so a resync after a watch error or an API-server restart never commits an empty
 //! or partial state: the last committed state keeps enforcing until the lists are complete.
 //!
+//! A failing watch is retried with a growing delay ([`WATCH_BACKOFF`]); it counts as recovered
+//! only once a list completed, or an event arrived after its completed list. Each watch reports
+//! whether it is in sync to [`crate::telemetry::watches::Watches::global`] (metrics, readiness).
+//!
 //! ServiceAccounts are not watched: a pod's identity is its `spec.serviceAccountName`, which is
 //! immutable and admitted only when the account exists (as in Istio's ztunnel).
 
@@ -46,11 +50,21 @@ use self::{
     policies::{KINDS, PolicyBook, Report},
 };
 use super::{Inputs, Source, SourceError};
+use crate::telemetry::{ready::OUT_OF_SYNC_LIMIT, watches::Watches};
 
 /// How long `connect` waits for the first complete lists.
 pub const SYNC_TIMEOUT: Duration = Duration::from_secs(120);
-/// Retry delays of a failing watch (doubling from the first to the second).
+/// Retry delays of a failing watch: the first after a failure, doubling at each further failure
+/// up to the second; back to the first once the watch has recovered (a list completed, or an
+/// event arrived after a completed list: a list that starts and fails is no recovery).
 pub const WATCH_BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(2));
+/// A watch that failed after its list completed and whose retry then neither fails nor delivers
+/// within this is listed again: a resumed watch says nothing when it works (and a quiet resource
+/// sends nothing), so only a completed list proves it is in sync again.
+pub const QUIET_RESUME: Duration = Duration::from_secs(5);
+/// How often a watch that keeps failing at the longest delay is logged again (each step of the
+/// delay up to it is logged once).
+pub const FAILURE_REMINDER: Duration = Duration::from_secs(60);
 /// How often local pods whose veth or cgroup is not there yet are looked up again.
 pub const RETRY_UNRESOLVED: Duration = Duration::from_secs(1);
 /// The name events are reported under.
@@ -202,7 +216,7 @@ impl KubeSource {
             spawn_watch(
                 Api::<Namespace>::all(client.clone()),
                 watcher::Config::default(),
-                "namespaces",
+                Watch { resource: "namespaces", what: "namespaces" },
                 &shared,
                 |s| &mut s.namespaces,
                 never_same,
@@ -210,7 +224,7 @@ impl KubeSource {
             spawn_watch(
                 Api::<Pod>::all(client.clone()),
                 watcher::Config::default().fields(&format!("spec.nodeName={node}")),
-                "pods on this node",
+                Watch { resource: "pods_local", what: "pods on this node" },
                 &shared,
                 |s| &mut s.local_pods,
                 never_same,
@@ -218,7 +232,7 @@ impl KubeSource {
             spawn_watch(
                 Api::<Pod>::all(client.clone()),
                 watcher::Config::default().fields(&format!("spec.nodeName!={node}")),
-                "pods on other nodes",
+                Watch { resource: "pods_remote", what: "pods on other nodes" },
                 &shared,
                 |s| &mut s.remote_pods,
                 never_same,
@@ -226,7 +240,7 @@ impl KubeSource {
             spawn_watch(
                 Api::<Service>::all(client.clone()),
                 watcher::Config::default(),
-                "services",
+                Watch { resource: "services", what: "services" },
                 &shared,
                 |s| &mut s.services,
                 never_same,
@@ -238,7 +252,7 @@ impl KubeSource {
             tasks.push(spawn_watch(
                 Api::<DynamicObject>::all_with(client.clone(), ar),
                 watcher::Config::default(),
-                KINDS[i].1,
+                Watch { resource: KINDS[i].1, what: KINDS[i].1 },
                 &shared,
                 picks[i],
                 same_policy,
@@ -300,14 +314,10 @@ impl KubeSource {
                 let name = policies::display_name(r.kind, &r.object);
                 let ns = r.object.metadata.namespace.clone().unwrap_or_default();
                 let obj_name = r.object.metadata.name.clone().unwrap_or_default();
-                if let Some(problems) = &r.problems {
-                    let mut note = problems.join("; ");
-                    if r.kept_previous {
-                        note = format!("ignored, the previous version stays in force: {note}");
-                    } else {
-                        note = format!("ignored: {note}");
-                    }
-                    note.truncate(1000);
+                if let Some(mut note) = r.message() {
+                    // An Event's note holds at most 1 KiB; cut at a character boundary (the
+                    // problems quote the user's text, which may be any UTF-8).
+                    truncate_at_char(&mut note, 1000);
                     let reference = ObjectReference {
                         api_version: Some(ar.api_version.clone()),
                         kind: Some(r.kind.to_string()),
@@ -342,13 +352,139 @@ impl KubeSource {
     }
 }
 
+/// One watch: its `resource` label in the metrics, and what logs and readiness call it.
+#[derive(Clone, Copy, Debug)]
+struct Watch {
+    resource: &'static str,
+    what: &'static str,
+}
+
+/// A watch's retry policy: the delay before its next attempt, whether its events are live updates
+/// of a completed list, and which of its failures deserve a log line.
+#[derive(Debug)]
+struct Retry {
+    backoff: Duration,
+    /// A list completed and no new one started since.
+    listed: bool,
+    /// The failures since the watch was last in sync.
+    failing: Option<Failing>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Failing {
+    since: Instant,
+    attempts: u32,
+    /// The delay last logged, and when.
+    logged: (Duration, Instant),
+}
+
+/// What an event means for a watch's sync.
+#[derive(Debug, PartialEq, Eq)]
+enum Progress {
+    /// Part of a list under way.
+    Listing,
+    /// A live update; the watch was in sync.
+    Live,
+    /// A list completed; the watch was not failing.
+    Synced,
+    /// The watch is in sync again after these failures.
+    Recovered(Failing),
+}
+
+/// What a failure calls for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Failure {
+    /// Wait this long before the next attempt.
+    delay: Duration,
+    note: Note,
+    /// Failed attempts since the watch was last in sync, this one included.
+    attempts: u32,
+    /// Out of sync for this long (since the first of them).
+    out: Duration,
+}
+
+/// What to log about a failure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Note {
+    /// The first of a run of failures.
+    First,
+    /// The first at a longer delay.
+    Step,
+    /// Still failing at the longest delay, [`FAILURE_REMINDER`] after the last line.
+    Reminder,
+    /// Nothing new (debug only).
+    Quiet,
+}
+
+impl Default for Retry {
+    fn default() -> Retry {
+        Retry { backoff: WATCH_BACKOFF.0, listed: false, failing: None }
+    }
+}
+
+impl Retry {
+    /// A list starts (the watcher's `Init`, which it reports before sending the request).
+    fn list_started(&mut self) {
+        self.listed = false;
+    }
+
+    /// A list completed (`list_done`), or a watch event arrived.
+    fn progress(&mut self, list_done: bool) -> Progress {
+        if list_done {
+            self.listed = true;
+        } else if !self.listed {
+            return Progress::Listing;
+        }
+        self.backoff = WATCH_BACKOFF.0;
+        match self.failing.take() {
+            Some(f) => Progress::Recovered(f),
+            None if list_done => Progress::Synced,
+            None => Progress::Live,
+        }
+    }
+
+    /// A request failed at `now`: how long to wait before the next attempt, and what to log.
+    fn failed(&mut self, now: Instant) -> Failure {
+        let delay = self.backoff;
+        self.backoff = (self.backoff * 2).min(WATCH_BACKOFF.1);
+        let Some(f) = &mut self.failing else {
+            self.failing = Some(Failing { since: now, attempts: 1, logged: (delay, now) });
+            return Failure { delay, note: Note::First, attempts: 1, out: Duration::ZERO };
+        };
+        f.attempts += 1;
+        let note = if delay != f.logged.0 {
+            Note::Step
+        } else if now.saturating_duration_since(f.logged.1) >= FAILURE_REMINDER {
+            Note::Reminder
+        } else {
+            Note::Quiet
+        };
+        if note != Note::Quiet {
+            f.logged = (delay, now);
+        }
+        Failure { delay, note, attempts: f.attempts, out: now.saturating_duration_since(f.since) }
+    }
+
+    /// Whether the watch failed after its list completed and may since have resumed without a
+    /// word (a resumed watch reports nothing until an object changes): then [`QUIET_RESUME`]
+    /// without news calls for a new list.
+    fn resuming(&self) -> bool {
+        self.listed && self.failing.is_some()
+    }
+}
+
+fn seconds(d: Duration) -> String {
+    format!("{:.1}s", d.as_secs_f64())
+}
+
 /// Run one watch forever, applying its changes to its store; an update for which `same` holds
-/// (e.g. only the status warden wrote) does not mark the inputs dirty. Errors are retried with backoff;
-/// the watcher itself resumes from the last resource version or re-lists when that is gone.
+/// (e.g. only the status warden wrote) does not mark the inputs dirty. Errors are retried with
+/// backoff ([`Retry`]); the watcher itself resumes from the last resource version or re-lists
+/// when that is gone. Whether the watch is in sync goes to [`Watches::global`].
 fn spawn_watch<K>(
     api: Api<K>,
     config: watcher::Config,
-    what: &'static str,
+    watch: Watch,
     shared: &Arc<Shared>,
     pick: fn(&mut State) -> &mut Store<K>,
     same: fn(&K, &K) -> bool,
@@ -357,17 +493,43 @@ where
     K: kube::Resource + cluster::Compact + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
 {
     let shared = shared.clone();
+    let watches = Watches::global().clone();
+    let Watch { resource, what } = watch;
+    watches.register(resource, what);
     tokio::spawn(async move {
-        let mut stream = watcher(api, config).boxed();
-        let mut backoff = WATCH_BACKOFF.0;
-        let mut listed = false;
-        while let Some(event) = stream.next().await {
+        let mut stream = watcher(api.clone(), config.clone()).boxed();
+        let mut retry = Retry::default();
+        let mut ever_listed = false;
+        loop {
+            let next = if retry.resuming() {
+                match tokio::time::timeout(QUIET_RESUME, stream.next()).await {
+                    Ok(next) => next,
+                    Err(_) => {
+                        tracing::debug!(
+                            "watch of {what}: no failure and no event for {QUIET_RESUME:?} since it failed; listing again to know it is in sync"
+                        );
+                        stream = watcher(api.clone(), config.clone()).boxed();
+                        retry.list_started();
+                        continue;
+                    }
+                }
+            } else {
+                stream.next().await
+            };
+            let Some(event) = next else { break };
             match event {
                 Ok(event) => {
-                    backoff = WATCH_BACKOFF.0;
-                    if shared.errors.lock().expect("errors lock").remove(what).is_some() {
-                        tracing::info!("watch of {what} recovered");
-                    }
+                    // Some(true): a list completed; Some(false): a live event.
+                    let progress = match &event {
+                        watcher::Event::Init => {
+                            retry.list_started();
+                            watches.resyncing(resource);
+                            None
+                        }
+                        watcher::Event::InitApply(_) => None,
+                        watcher::Event::InitDone => Some(true),
+                        watcher::Event::Apply(_) | watcher::Event::Delete(_) => Some(false),
+                    };
                     let compact = |mut o: K| {
                         o.compact();
                         o
@@ -380,34 +542,67 @@ where
                         watcher::Event::Delete(o) => Change::Delete(compact(o)),
                     };
                     let list_done = matches!(change, Change::InitDone);
-                    let mut state = shared.state.lock().expect("state lock");
-                    let store = pick(&mut state);
-                    let significant = match &change {
-                        Change::Apply(o) => store.get(o).is_none_or(|old| !same(old, o)),
-                        _ => true,
-                    };
-                    if store.apply(change) && significant {
-                        shared.dirty.store(true, Ordering::SeqCst);
-                    }
-                    if list_done {
-                        if listed {
-                            tracing::info!(objects = store.objects.len(), "watch of {what} re-listed");
+                    {
+                        let mut state = shared.state.lock().expect("state lock");
+                        let store = pick(&mut state);
+                        let significant = match &change {
+                            Change::Apply(o) => store.get(o).is_none_or(|old| !same(old, o)),
+                            _ => true,
+                        };
+                        if store.apply(change) && significant {
+                            shared.dirty.store(true, Ordering::SeqCst);
                         }
-                        listed = true;
+                        if list_done {
+                            if ever_listed {
+                                tracing::info!(objects = store.objects.len(), "watch of {what} re-listed");
+                            }
+                            ever_listed = true;
+                        }
                     }
+                    match progress.map(|list_done| retry.progress(list_done)) {
+                        Some(Progress::Recovered(f)) => {
+                            shared.errors.lock().expect("errors lock").remove(what);
+                            watches.synced(resource);
+                            tracing::info!(
+                                "watch of {what} recovered after {} failed attempts in {}",
+                                f.attempts,
+                                seconds(f.since.elapsed())
+                            );
+                        }
+                        Some(Progress::Synced) => watches.synced(resource),
+                        Some(Progress::Live | Progress::Listing) | None => {}
+                    }
+                }
+                Err(watcher::Error::WatchError(status)) if status.code == 410 => {
+                    // The server no longer has the watch's version: the watcher lists again.
+                    // Routine (compaction), so no failure; out of sync until the list completes.
+                    tracing::debug!("watch of {what} expired ({}), listing again", status.message);
+                    watches.resyncing(resource);
+                    tokio::time::sleep(retry.backoff).await;
                 }
                 Err(e) => {
                     let text = e.to_string();
-                    let first = shared.errors.lock().expect("errors lock").insert(what, text.clone()).is_none();
-                    if first {
-                        tracing::warn!(
-                            "watch of {what} failed, retrying (the last committed state keeps enforcing): {text}"
-                        );
-                    } else {
-                        tracing::debug!("watch of {what} failed again: {text}");
+                    let Failure { delay, note, attempts, out } = retry.failed(Instant::now());
+                    watches.failed(resource, &text);
+                    shared.errors.lock().expect("errors lock").insert(what, text.clone());
+                    match note {
+                        Note::First => tracing::warn!(
+                            "watch of {what} failed, retrying in {delay:?} (the last committed state keeps enforcing): {text}"
+                        ),
+                        Note::Step => tracing::warn!(
+                            "watch of {what} failed again ({attempts} attempts in {}), retrying in {delay:?}: {text}",
+                            seconds(out)
+                        ),
+                        Note::Reminder => {
+                            let ready = if out > OUT_OF_SYNC_LIMIT { "; /healthz/ready reports not ready" } else { "" };
+                            tracing::warn!(
+                                "watch of {what} out of sync for {} ({attempts} failed attempts, retrying every {delay:?}{ready}; the last committed state keeps enforcing): {text}",
+                                seconds(out)
+                            );
+                        }
+                        Note::Quiet => tracing::debug!("watch of {what} failed again ({attempts} attempts): {text}"),
                     }
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(WATCH_BACKOFF.1);
+                    tokio::time::sleep(delay).await;
                 }
             }
         }
@@ -478,5 +673,126 @@ impl Source for KubeSource {
 
     fn describe(&self) -> String {
         self.describe.clone()
+    }
+}
+
+/// Cuts `s` to at most `max` bytes, at a character boundary.
+fn truncate_at_char(s: &mut String, max: usize) {
+    if s.len() > max {
+        let cut = (0..=max).rev().find(|&i| s.is_char_boundary(i)).unwrap_or(0);
+        s.truncate(cut);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_event_note_is_cut_at_a_character_boundary() {
+        let mut s = format!("{}é tail", "a".repeat(999));
+        truncate_at_char(&mut s, 1000);
+        assert_eq!(s, "a".repeat(999));
+        let mut short = "ok".to_string();
+        truncate_at_char(&mut short, 1000);
+        assert_eq!(short, "ok");
+    }
+
+    /// Drive `retry` through `n` failed lists (each announced by `Init`), `request` apart plus the
+    /// delay asked for; the delays and the notes.
+    fn failing_lists(retry: &mut Retry, now: &mut Instant, n: usize, request: Duration) -> Vec<Failure> {
+        (0..n)
+            .map(|_| {
+                retry.list_started();
+                *now += request;
+                let f = retry.failed(*now);
+                *now += f.delay;
+                f
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_list_that_starts_and_fails_is_no_recovery_and_the_delay_doubles_to_its_maximum() {
+        let mut retry = Retry::default();
+        let mut now = Instant::now();
+        // The first list completes; later the watch fails and every new list is refused.
+        assert_eq!(retry.progress(true), Progress::Synced);
+        let fails = failing_lists(&mut retry, &mut now, 8, Duration::from_millis(5));
+        let delays: Vec<u64> = fails.iter().map(|f| f.delay.as_millis() as u64).collect();
+        assert_eq!(delays, [100, 200, 400, 800, 1600, 2000, 2000, 2000]);
+        assert_eq!(fails.iter().map(|f| f.attempts).collect::<Vec<_>>(), [1, 2, 3, 4, 5, 6, 7, 8]);
+        assert!(!retry.resuming(), "a list is under way: the watcher itself lists again");
+        // Watch events cannot come before a list completes; were one seen, it is no recovery.
+        assert_eq!(retry.progress(false), Progress::Listing);
+        assert_eq!(retry.failed(now).delay, WATCH_BACKOFF.1, "still at the maximum");
+    }
+
+    #[test]
+    fn a_repeated_failure_is_logged_once_per_delay_step_then_once_a_minute() {
+        let mut retry = Retry::default();
+        let mut now = Instant::now();
+        // The audit's case: `list` removed from the RBAC, 120 s of refused lists.
+        let fails = failing_lists(&mut retry, &mut now, 200, Duration::from_millis(5));
+        let fails: Vec<Failure> = fails.into_iter().take_while(|f| f.out <= Duration::from_secs(120)).collect();
+        assert!((55..70).contains(&fails.len()), "{} attempts in 120 s, at most one per 2 s", fails.len());
+        let logged: Vec<(Note, u64)> =
+            fails.iter().filter(|f| f.note != Note::Quiet).map(|f| (f.note, f.out.as_secs())).collect();
+        assert_eq!(
+            logged.iter().map(|l| l.0).collect::<Vec<_>>(),
+            [Note::First, Note::Step, Note::Step, Note::Step, Note::Step, Note::Step, Note::Reminder],
+            "seven lines in 120 s (the audit counted 14k): {logged:?}"
+        );
+        // The steps (100 ms to 2 s) within the first seconds, then one reminder a minute.
+        assert!(logged[5].1 <= 4 && (60..=65).contains(&logged[6].1), "{logged:?}");
+    }
+
+    #[test]
+    fn a_watch_recovers_when_a_list_completes_and_the_delay_starts_again() {
+        let mut retry = Retry::default();
+        let mut now = Instant::now();
+        retry.list_started();
+        assert_eq!(retry.progress(true), Progress::Synced, "the first list");
+        assert_eq!(retry.progress(false), Progress::Live);
+        // The API server goes away: the watch fails after its list, and may resume quietly.
+        let first = now;
+        let fails = failing_lists(&mut retry, &mut now, 3, Duration::ZERO);
+        assert_eq!(fails[2].delay, Duration::from_millis(400));
+        // failing_lists announced lists; a resumed watch has none under way.
+        retry.listed = true;
+        assert!(retry.resuming(), "failed after its list: quiet means re-list to know");
+        retry.list_started();
+        assert!(!retry.resuming(), "listing");
+        let f = match retry.progress(true) {
+            Progress::Recovered(f) => f,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!((f.since, f.attempts), (first, 3));
+        assert_eq!(retry.backoff, WATCH_BACKOFF.0);
+        assert_eq!(
+            retry.failed(now),
+            Failure { delay: WATCH_BACKOFF.0, note: Note::First, attempts: 1, out: Duration::ZERO }
+        );
+    }
+
+    #[test]
+    fn a_live_event_after_the_completed_list_is_a_recovery() {
+        let mut retry = Retry::default();
+        let now = Instant::now();
+        retry.list_started();
+        retry.progress(true);
+        // The watch request itself fails (no `watch` verb, or the server restarts): the watcher
+        // retries the watch from its version without listing again.
+        for _ in 0..6 {
+            retry.failed(now);
+        }
+        assert_eq!(retry.backoff, WATCH_BACKOFF.1);
+        assert!(retry.resuming());
+        match retry.progress(false) {
+            Progress::Recovered(f) => assert_eq!(f.attempts, 6),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!((retry.backoff, retry.resuming()), (WATCH_BACKOFF.0, false));
+        assert_eq!(retry.progress(false), Progress::Live);
     }
 }
