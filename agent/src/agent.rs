@@ -186,8 +186,12 @@ pub fn build(
         endpoints.push((l.ifindex, EndpointInfo { endpoint_id: *endpoint_id, identity, ip: w.ip.octets(), flags }));
     }
     let mut warnings = compiled.warnings;
-    let services_split =
+    let mut services_split =
         if capture.is_some() { crate::services::splits(&services, &pods_of, &mut warnings) } else { Vec::new() };
+    // In a fixed order, whatever order the source lists workloads and Services in, so that the
+    // same state compares equal (`same_commit`).
+    endpoints.sort_unstable_by_key(|(ifindex, _)| *ifindex);
+    services_split.sort_unstable_by_key(|(k, _)| (k.addr, k.port));
     Ok(Desired {
         state: NodeState {
             ipcache: ipcache.into_iter().collect(),
@@ -222,9 +226,11 @@ pub enum ApplyError {
     Record(#[from] crate::record::RecordError),
 }
 
-/// Apply a desired state: release departed workloads, commit the new state, attach new or moved
-/// workloads, and save the record. `adopt` re-attaches every workload (after a restart), which
-/// swaps the programs inside the pinned links without a gap.
+/// Apply a desired state: check that it fits the maps, release departed workloads, commit the new
+/// state, attach new or moved workloads, and save the record. A state that does not fit is
+/// refused before anything is touched (the error names the map and what fills it). `adopt`
+/// re-attaches every workload (after a restart), which swaps the programs inside the pinned links
+/// without a gap.
 pub fn apply(
     dp: &mut Datapath,
     record: &mut NodeRecord,
@@ -234,6 +240,9 @@ pub fn apply(
 ) -> Result<u32, ApplyError> {
     let wanted: BTreeMap<String, &Workload> =
         d.workloads.iter().filter(|w| w.local.is_some()).map(|w| (w.key(), w)).collect();
+
+    // 0. Everything must fit before anything is touched: the running state stays whole otherwise.
+    dp.check(&d.state, &d.policy_names).map_err(crate::datapath::CommitError::from)?;
 
     // 1. Workloads that left (or whose pins outlived them): detach before their state goes.
     let mut gone: BTreeSet<String> = record.endpoints.keys().filter(|k| !wanted.contains_key(*k)).cloned().collect();
@@ -248,7 +257,7 @@ pub fn apply(
     }
 
     // 2. The new state, atomically.
-    let generation = dp.commit(&d.state)?;
+    let generation = dp.commit(&d.state, &d.policy_names)?;
 
     // 3. Attach what is new, moved, or (after a restart) adopted.
     for (key, w) in &wanted {
@@ -290,24 +299,54 @@ pub fn apply(
     }
 
     record.generation = generation;
-    record.identity_names = d.identity_names.clone();
-    record.policy_names = d.policy_names.clone();
+    record.committed(d.identity_names.clone(), d.policy_names.clone());
     record.save(state_dir)?;
     Ok(generation)
 }
 
-/// Logs a state's warnings: the compiler's at every commit; the policies' own (what `warden
-/// policy validate` warns about: a rule narrowed or widened at L4, a warden extension, a skipped
-/// file) when they first appear, so an unchanged policy set does not repeat them at each commit.
-fn log_desired(d: &Desired, policy_warnings: &mut Vec<String>) {
-    for w in &d.warnings {
+/// The warnings of the last state built, so that each is logged when it first appears.
+#[derive(Default)]
+struct LoggedWarnings {
+    /// The compiler's (an ALLOW rule with L7 attributes that never matches in the kernel, two
+    /// workloads sharing an address, a Service with too many pods out of the mesh).
+    compiler: Vec<String>,
+    /// The policies' own (what `warden policy validate` warns about: a rule narrowed or widened
+    /// at L4, a warden extension, a skipped file).
+    policies: Vec<String>,
+}
+
+/// The warnings of `now` that `before` did not have.
+fn new_warnings<'a>(now: &'a [String], before: &'a [String]) -> impl Iterator<Item = &'a String> {
+    now.iter().filter(|w| !before.contains(w))
+}
+
+/// Logs a state's warnings, the compiler's and the policies' own, when they first appear, so an
+/// unchanged policy set does not repeat them at each build.
+fn log_desired(d: &Desired, logged: &mut LoggedWarnings) {
+    for w in new_warnings(&d.warnings, &logged.compiler) {
         tracing::warn!("{w}");
     }
+    logged.compiler.clone_from(&d.warnings);
     let now = d.policies.warnings();
-    for w in now.iter().filter(|w| !policy_warnings.contains(w)) {
+    for w in new_warnings(now, &logged.policies) {
         tracing::warn!("{}", w.strip_prefix("warning: ").unwrap_or(w));
     }
-    *policy_warnings = now.to_vec();
+    logged.policies = now.to_vec();
+}
+
+/// Whether applying `d` would write exactly what applying `committed` wrote: the kernel's state
+/// (maps and configuration), the local workloads' attachments and cgroups, and the names the node
+/// record keeps. The rest of the inputs (labels and annotations no policy reads, L7 details, the
+/// Services the mesh alone uses) is not the kernel's: a change there needs no commit, and a
+/// commit would cost the kernel's flow cache (a new generation re-decides every cached flow).
+fn same_commit(committed: &Desired, d: &Desired) -> bool {
+    fn locals(d: &Desired) -> BTreeMap<String, &crate::workloads::Local> {
+        d.workloads.iter().filter_map(|w| w.local.as_ref().map(|l| (w.key(), l))).collect()
+    }
+    committed.state == d.state
+        && committed.identity_names == d.identity_names
+        && committed.policy_names == d.policy_names
+        && locals(committed) == locals(d)
 }
 
 /// Read and compile the source's current inputs.
@@ -391,10 +430,11 @@ pub async fn run(cfg: AgentConfig, mut source: Box<dyn Source>) -> anyhow::Resul
         (Some(_), None) => anyhow::bail!("the mesh needs workload certificates: give a CA (--ca-dir or --ca-addr)"),
         _ => None,
     };
-    let mut policy_warnings = Vec::new();
-    log_desired(&desired, &mut policy_warnings);
+    let mut logged = LoggedWarnings::default();
+    log_desired(&desired, &mut logged);
     let generation = apply(&mut dp, &mut record, &cfg.state_dir, &desired, true)?;
     telemetry.committed();
+    telemetry.commit_succeeded(generation);
     // Loading and compiling freed far more than the steady state holds.
     crate::memory::trim();
     crate::memory::spawn_trimmer();
@@ -408,6 +448,9 @@ pub async fn run(cfg: AgentConfig, mut source: Box<dyn Source>) -> anyhow::Resul
         Err(e) => tracing::debug!("start-up code stays resident: {e}"),
     }
     let mut valid_until = desired.valid_until;
+    // What the kernel holds, to tell a change of the inputs from a change of the node's state;
+    // none when a failed apply may have left the kernel between two states.
+    let mut committed = Some(desired);
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut tick = tokio::time::interval(POLL_INTERVAL);
@@ -434,27 +477,49 @@ pub async fn run(cfg: AgentConfig, mut source: Box<dyn Source>) -> anyhow::Resul
         }
         match snapshot(source.as_mut(), &cfg, &mut record) {
             Ok(d) => {
-                log_desired(&d, &mut policy_warnings);
-                match apply(&mut dp, &mut record, &cfg.state_dir, &d, false) {
-                    Ok(generation) => {
-                        valid_until = d.valid_until;
-                        tracing::info!(
-                            generation,
-                            workloads = d.workloads.len(),
-                            entries = d.state.policy.len(),
-                            "committed"
-                        );
-                        if let Some(c) = &certs {
-                            c.sync_workloads(&d.workloads).await;
+                log_desired(&d, &mut logged);
+                if committed.as_ref().is_some_and(|c| same_commit(c, &d)) {
+                    tracing::debug!(
+                        generation = record.generation,
+                        "the inputs changed but not the node's state: nothing to commit"
+                    );
+                } else {
+                    match apply(&mut dp, &mut record, &cfg.state_dir, &d, false) {
+                        Ok(generation) => {
+                            telemetry.commit_succeeded(generation);
+                            tracing::info!(
+                                generation,
+                                workloads = d.workloads.len(),
+                                entries = d.state.policy.len(),
+                                "committed"
+                            );
                         }
-                        if let Some(m) = &mesh {
-                            m.update(mesh_view(&d, &cfg)).await;
+                        Err(e) => {
+                            tracing::error!(
+                                "applying the new state failed; the last committed state keeps running: {e}"
+                            );
+                            telemetry.commit_failed();
+                            // A state refused for its size touched nothing; any other failure may
+                            // have left part of the new state (detached workloads, a commit
+                            // without its attachments): the next state is applied whole.
+                            if !matches!(e, ApplyError::Commit(datapath::CommitError::Capacity(_))) {
+                                committed = None;
+                            }
+                            continue;
                         }
-                    }
-                    Err(e) => {
-                        tracing::error!("applying the new state failed; the last committed state keeps running: {e}")
                     }
                 }
+                // What is not the kernel's follows every valid build: the next recompile time,
+                // the workloads' certificates, the mesh's view (its workloads, Services and the
+                // whole policies, L7 included).
+                valid_until = d.valid_until;
+                if let Some(c) = &certs {
+                    c.sync_workloads(&d.workloads).await;
+                }
+                if let Some(m) = &mesh {
+                    m.update(mesh_view(&d, &cfg)).await;
+                }
+                committed = Some(d);
             }
             Err(e) => tracing::error!("ignoring invalid input; the last good state keeps running:\n{e}"),
         }
@@ -532,5 +597,108 @@ mod tests {
             None,
             "node-local, and the only meshed pod is on another node"
         );
+    }
+
+    /// Inputs of `local` pods of this node in namespace `ns` and `remote` pods elsewhere, each
+    /// with its own service account, in namespace `bulk`, under `policies` (YAML).
+    fn inputs_with(local: u8, remote: u8, policies: &str) -> Inputs {
+        let mut workloads: Vec<Workload> = (0..local).map(|i| pod(&format!("w{i}"), 1 + i, true, true, true)).collect();
+        for i in 0..remote {
+            let mut p = pod(&format!("bulk-{i}"), 100 + i, true, true, false);
+            p.namespace = "bulk".into();
+            workloads.push(p);
+        }
+        let resources = warden_authz::parse_str(policies, "test.yaml").unwrap();
+        Inputs {
+            workloads,
+            services: Vec::new(),
+            policies: warden_authz::PolicySet::from_resources(resources, &Default::default()).unwrap(),
+            outside_mesh: Vec::new(),
+        }
+    }
+
+    fn inputs(remote: u8, policies: &str) -> Inputs {
+        inputs_with(1, remote, policies)
+    }
+
+    fn allow_from_bulk(name: &str, ports: std::ops::RangeInclusive<u16>) -> String {
+        let ports: Vec<String> = ports.map(|p| format!("\"{p}\"")).collect();
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: ns}}\n\
+             spec:\n  action: ALLOW\n  rules:\n  - from: [{{source: {{namespaces: [bulk]}}}}]\n\
+             \x20   to: [{{operation: {{ports: [{}]}}}}]\n",
+            ports.join(", ")
+        )
+    }
+
+    /// The audit's reproducer: 150 remote pods, each its own identity, and one policy allowing
+    /// them 900 ports on the node's two pods. The state is valid but takes more than one slot's
+    /// share of the policy map; the check refuses it before anything is written, naming the map,
+    /// the numbers and the policy, so the operator knows what to shrink.
+    #[test]
+    fn an_oversized_policy_set_is_refused_naming_the_map_the_numbers_and_the_policy() {
+        let mut record = NodeRecord::default();
+        let policies = allow_from_bulk("bulk-ports", 1..=900);
+        let d = build(inputs_with(2, 150, &policies), "cluster.local", None, &mut record).unwrap();
+        assert_eq!(d.state.policy.len(), 270_004, "the audit's count");
+        let e = datapath::Entries::default();
+        let err =
+            datapath::commit::fits(&d.state.entries(), &e, &datapath::Entries::BUILT, &d.state.policy, &d.policy_names)
+                .unwrap_err();
+        let text = datapath::CommitError::from(err).to_string();
+        let count = d.state.policy.len().to_string();
+        for part in ["warden_policy_v1", &count, "524288", "262144", "ns/bulk-ports ("] {
+            assert!(text.contains(part), "{part:?} in {text}");
+        }
+        // A third of the ports fits.
+        let third = allow_from_bulk("bulk-ports", 1..=300);
+        let d = build(inputs_with(2, 150, &third), "cluster.local", None, &mut record).unwrap();
+        let fits =
+            datapath::commit::fits(&d.state.entries(), &e, &datapath::Entries::BUILT, &d.state.policy, &d.policy_names);
+        assert_eq!(fits, Ok(()));
+    }
+
+    /// A change of the inputs that changes nothing the node enforces needs no commit (which would
+    /// bump the generation and make the kernel decide every cached flow again); one that does,
+    /// does.
+    #[test]
+    fn only_a_change_of_what_the_kernel_holds_needs_a_commit() {
+        let mut record = NodeRecord::default();
+        let policies = allow_from_bulk("bulk-ports", 8080..=8081);
+        let mut build = |inputs: Inputs| build(inputs, "cluster.local", None, &mut record).unwrap();
+        let committed = build(inputs(3, &policies));
+        assert!(same_commit(&committed, &build(inputs(3, &policies))), "the same inputs again");
+
+        // A label no policy reads on a remote pod, an annotation-like change.
+        let mut relabelled = inputs(3, &policies);
+        relabelled.workloads[2].labels.insert("team".into(), "payments".into());
+        assert!(same_commit(&committed, &build(relabelled)));
+        // A policy of a namespace with no workload of this node.
+        let elsewhere = format!(
+            "{policies}---\n{}",
+            allow_from_bulk("other", 9090..=9090).replace("namespace: ns", "namespace: far")
+        );
+        assert!(same_commit(&committed, &build(inputs(3, &elsewhere))));
+
+        // What the kernel enforces: a port, a new remote identity, the local pod's cgroup.
+        assert!(!same_commit(&committed, &build(inputs(3, &allow_from_bulk("bulk-ports", 8080..=8082)))));
+        assert!(!same_commit(&committed, &build(inputs(4, &policies))));
+        let mut moved = inputs(3, &policies);
+        moved.workloads[0].local.as_mut().unwrap().cgroup = Some("/sys/fs/cgroup/w".into());
+        assert!(!same_commit(&committed, &build(moved)));
+        // A policy renamed with the same rules: the entries name the new policy.
+        assert!(!same_commit(&committed, &build(inputs(3, &allow_from_bulk("renamed", 8080..=8081)))));
+        // The workloads listed in another order are the same state.
+        let mut reordered = inputs(3, &policies);
+        reordered.workloads.reverse();
+        assert!(same_commit(&committed, &build(reordered)));
+    }
+
+    #[test]
+    fn only_new_warnings_are_logged_again() {
+        let before = vec!["a".to_string(), "b".to_string()];
+        let now = vec!["b".to_string(), "c".to_string()];
+        assert_eq!(new_warnings(&now, &before).collect::<Vec<_>>(), ["c"]);
+        assert_eq!(new_warnings(&now, &now).count(), 0);
     }
 }

@@ -39,8 +39,21 @@ pub struct NodeRecord {
     pub policy_names: BTreeMap<u32, String>,
     /// Workload key (`namespace/name`) -> endpoint, for local workloads.
     pub endpoints: BTreeMap<String, EndpointRecord>,
-    /// Workload key -> endpoint id, kept for workloads that come and go.
+    /// Workload key -> endpoint id, for the workloads attached.
     pub endpoint_ids: BTreeMap<String, u32>,
+    /// The highest id ever given, per kind. Ids are never reused: one pruned when its policy,
+    /// identity or workload went away cannot come to name something else while a counter or a
+    /// cached flow of the old one is still about. (Absent in records of earlier agents: the
+    /// highest id in use then.)
+    #[serde(default)]
+    pub last_ids: LastIds,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LastIds {
+    pub policy: u32,
+    pub identity: u32,
+    pub endpoint: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -53,8 +66,11 @@ pub enum RecordError {
     Write { path: PathBuf, source: std::io::Error },
 }
 
-fn next_free<'a>(used: impl Iterator<Item = &'a u32>) -> u32 {
-    used.max().copied().unwrap_or(0).checked_add(1).expect("id space exhausted")
+/// The next id of a kind: above every id in use and every id given before (`last`).
+fn next_id<'a>(last: &mut u32, used: impl Iterator<Item = &'a u32>) -> u32 {
+    let id = used.max().copied().unwrap_or(0).max(*last).checked_add(1).expect("id space exhausted");
+    *last = id;
+    id
 }
 
 impl NodeRecord {
@@ -79,11 +95,27 @@ impl NodeRecord {
         write().map_err(|source| RecordError::Write { path, source })
     }
 
+    /// Records a commit's names and forgets the ids nothing in the kernel can hold any more:
+    /// policies and identities in neither this commit nor the previous one (whose entries the
+    /// other slot still holds), and endpoints no longer attached. Without it the record grew with
+    /// every policy and pod the node ever saw, and was rewritten whole at every commit.
+    pub fn committed(&mut self, identity_names: BTreeMap<u32, String>, policy_names: BTreeMap<u32, String>) {
+        let keep = |old: &BTreeMap<u32, String>, new: &BTreeMap<u32, String>, id: &u32| {
+            old.contains_key(id) || new.contains_key(id)
+        };
+        self.policy_ids.retain(|_, id| keep(&self.policy_names, &policy_names, id));
+        self.identity_ids.retain(|_, id| keep(&self.identity_names, &identity_names, id));
+        let attached = &self.endpoints;
+        self.endpoint_ids.retain(|key, _| attached.contains_key(key));
+        self.identity_names = identity_names;
+        self.policy_names = policy_names;
+    }
+
     pub fn endpoint_id(&mut self, key: &str) -> u32 {
         if let Some(id) = self.endpoint_ids.get(key) {
             return *id;
         }
-        let id = next_free(self.endpoint_ids.values());
+        let id = next_id(&mut self.last_ids.endpoint, self.endpoint_ids.values());
         self.endpoint_ids.insert(key.to_string(), id);
         id
     }
@@ -95,7 +127,7 @@ impl warden_authz::IdAllocator for NodeRecord {
         if let Some(id) = self.policy_ids.get(&key) {
             return *id;
         }
-        let id = next_free(self.policy_ids.values());
+        let id = next_id(&mut self.last_ids.policy, self.policy_ids.values());
         self.policy_ids.insert(key, id);
         id
     }
@@ -104,7 +136,7 @@ impl warden_authz::IdAllocator for NodeRecord {
         if let Some(id) = self.identity_ids.get(canonical) {
             return *id;
         }
-        let id = next_free(self.identity_ids.values());
+        let id = next_id(&mut self.last_ids.identity, self.identity_ids.values());
         assert!(id != u32::MAX, "identity space exhausted");
         self.identity_ids.insert(canonical.to_string(), id);
         id
@@ -133,6 +165,37 @@ mod tests {
         assert_eq!(r2.endpoint_id("ns/w"), e);
         assert!(r2.policy_id("ns", "c") > q);
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn ids_of_what_went_away_are_pruned_and_never_reused() {
+        let mut r = NodeRecord::default();
+        let names = |ids: &[(u32, &str)]| ids.iter().map(|(i, n)| (*i, n.to_string())).collect::<BTreeMap<_, _>>();
+        let a = r.policy_id("ns", "a");
+        let b = r.policy_id("ns", "b");
+        let x = r.identity_id("spiffe://cluster.local/ns/ns/sa/x");
+        let w = r.endpoint_id("ns/w");
+        r.endpoints.insert("ns/w".into(), EndpointRecord { id: w, ..Default::default() });
+        r.committed(names(&[(x, "ns/x")]), names(&[(a, "ns/a"), (b, "ns/b")]));
+        // b leaves: its id stays one more commit (the other slot still holds its entries).
+        r.committed(names(&[(x, "ns/x")]), names(&[(a, "ns/a")]));
+        assert!(r.policy_ids.contains_key("ns/b"));
+        r.endpoints.clear();
+        r.committed(BTreeMap::new(), names(&[(a, "ns/a")]));
+        assert_eq!(r.policy_ids.keys().collect::<Vec<_>>(), ["ns/a"]);
+        assert!(r.identity_ids.values().any(|i| *i == x), "x was in the previous commit");
+        r.committed(BTreeMap::new(), names(&[(a, "ns/a")]));
+        assert!(r.identity_ids.is_empty() && r.endpoint_ids.is_empty());
+        // New ones never take an old number, even the highest one given.
+        assert!(r.policy_id("ns", "c") > b);
+        assert!(r.identity_id("spiffe://cluster.local/ns/ns/sa/y") > x);
+        assert!(r.endpoint_id("ns/v") > w);
+    }
+
+    #[test]
+    fn a_record_of_an_earlier_agent_continues_above_its_ids() {
+        let mut r: NodeRecord = serde_json::from_str(r#"{"generation": 3, "policy_ids": {"ns/a": 7}, "identity_ids": {}, "identity_names": {}, "policy_names": {}, "endpoints": {}, "endpoint_ids": {}}"#).unwrap();
+        assert_eq!(r.policy_id("ns", "b"), 8);
     }
 
     #[test]

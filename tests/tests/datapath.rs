@@ -587,17 +587,32 @@ spec:
     lab.wait_generation_change(generation, Duration::from_secs(10)).unwrap();
     assert_result(&lab.probe("c", "b", 8080), "allowed", "the fixed change applies");
 
-    // The policies' own warnings (here, a file the walk skips) are logged when they first
-    // appear, and not again at the next commit of an unchanged policy set.
+    // A change of the inputs that leaves the node's state as it was (a file the walk skips, a
+    // policy rewritten with the same rules) commits nothing: the generation stays, and with it
+    // every flow the kernel has cached. The policies' own warnings (the skipped file) and the
+    // compiler's (an ALLOW rule with L7 attributes) are logged when they first appear, and not
+    // again at later builds and commits.
     let skipped = format!("{}: skipped: not a .yaml or .yml file", good.join("README.txt").display());
     let generation = lab.generation();
     fs::write(good.join("README.txt"), "notes\n").unwrap();
-    lab.wait_generation_change(generation, Duration::from_secs(10)).unwrap();
+    wait_log(&lab, &skipped);
+    fs::write(good.join("c.yaml"), format!("# the same rules\n{allow_c}")).unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(lab.generation(), generation, "nothing the node enforces changed: no commit");
+    assert_result(&lab.probe("c", "b", 8080), "allowed", "the same state keeps running");
+    let l7 = ALLOW_A_TO_B_8080.replace("b-access", "b-l7").replace("ports: [\"8080\"]", "paths: [/admin]");
+    let l7_warning = "team/b-l7 rule 0: ALLOW rule with L7 attributes never matches in the kernel (L4)";
+    fs::write(good.join("l7.yaml"), l7).unwrap();
+    wait_log(&lab, l7_warning);
+    std::thread::sleep(Duration::from_millis(500)); // its commit (a new policy's name) is done
+    // A change that does change the state commits.
     let generation = lab.generation();
-    fs::write(good.join("c.yaml"), format!("{}\n", allow_c.trim_end())).unwrap();
+    fs::remove_file(good.join("c.yaml")).unwrap();
     lab.wait_generation_change(generation, Duration::from_secs(10)).unwrap();
+    assert_result(&lab.probe("c", "b", 8080), "eperm", "c's access went with c.yaml");
     let log = fs::read_to_string(lab.agent_log()).unwrap();
     assert_eq!(log.matches(&skipped).count(), 1, "logged once:\n{log}");
+    assert_eq!(log.matches(l7_warning).count(), 1, "logged once:\n{log}");
     let generation = lab.generation();
     fs::write(lab.workloads_path(), "workloads:\n  - {name: a, namespace: team, serviceAccount: a, ip: 10.66.0.999}\n")
         .unwrap();
@@ -609,6 +624,19 @@ spec:
             .contains("workloads[0].ip: \"10.66.0.999\" is not an IPv4 address")
     );
     assert_result(&lab.probe("a", "b", 8080), "allowed", "still the last good state");
+}
+
+/// Wait until the agent's log has `text`.
+fn wait_log(lab: &Lab, text: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = fs::read_to_string(lab.agent_log()).unwrap();
+        if log.contains(text) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the agent did not log {text:?}:\n{log}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]

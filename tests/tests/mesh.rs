@@ -274,13 +274,26 @@ fn a_dead_destination_agent_fails_closed_and_a_restart_serves_again() {
 
 /// Replace node 2's policies and wait until its agent commits them.
 fn set_policies(lab: &mut Lab, files: &[(&str, &str)]) {
-    let dir = lab.dir.join("policies");
     let before = lab.generation();
+    replace_policies(lab, files);
+    lab.wait_generation_change(before, Duration::from_secs(10)).expect("the agent commits the change");
+}
+
+/// Replace node 2's policies with ones the kernel enforces alike: the agent builds them and
+/// commits nothing (the generation, and every flow the kernel has cached, stays).
+fn set_policies_alike(lab: &mut Lab, files: &[(&str, &str)]) {
+    let before = lab.generation();
+    replace_policies(lab, files);
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(lab.generation(), before, "nothing the node enforces changed: no commit\n{}", log(lab));
+}
+
+fn replace_policies(lab: &Lab, files: &[(&str, &str)]) {
+    let dir = lab.dir.join("policies");
     for e in fs::read_dir(&dir).unwrap().flatten() {
         fs::remove_file(e.path()).unwrap();
     }
     write_policies(&dir, files).unwrap();
-    lab.wait_generation_change(before, Duration::from_secs(10)).expect("the agent commits the change");
 }
 
 const PA: &str = "apiVersion: security.istio.io/v1
@@ -327,8 +340,9 @@ fn peer_authentication_strict_permissive_disable_and_port_level() {
     assert_eq!(p.result, "allowed", "PERMISSIVE accepts plaintext: {p:?}");
     assert_eq!(mtls(&c, PORT).result, "allowed", "PERMISSIVE accepts mTLS");
 
-    // DISABLE behaves as PERMISSIVE (Istio ambient ignores it: HBONE is always mTLS).
-    set_policies(&mut c.n2, &[("pa.yaml", &PA.replace("MODE", "DISABLE"))]);
+    // DISABLE behaves as PERMISSIVE (Istio ambient ignores it: HBONE is always mTLS): the same
+    // state, so nothing is committed.
+    set_policies_alike(&mut c.n2, &[("pa.yaml", &PA.replace("MODE", "DISABLE"))]);
     assert_eq!(plain(&c, PORT).result, "allowed", "DISABLE accepts plaintext");
     assert_eq!(mtls(&c, PORT).result, "allowed", "DISABLE still accepts mTLS");
 
@@ -480,14 +494,17 @@ spec:
 ";
 
 /// A policy that selects no workload: committing it re-decides every cached flow, changes nothing.
+/// A change of b's policy that the node's probes do not meet (a's port 1), so a commit without
+/// consequence for them. (A policy selecting no workload of the node would commit nothing.)
 const UNRELATED: &str = "apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata: {name: unrelated, namespace: team}
 spec:
-  selector: {matchLabels: {app: nobody}}
+  selector: {matchLabels: {app: b}}
   action: DENY
   rules:
-  - from: [{source: {principals: [cluster.local/ns/team/sa/nobody]}}]
+  - from: [{source: {principals: [cluster.local/ns/team/sa/a]}}]
+    to: [{operation: {ports: [\"1\"]}}]
 ";
 
 /// What the agent's last hop does (`agent/src/mesh/deliver.rs`), by hand in `lab`'s node

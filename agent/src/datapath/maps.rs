@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuHashMap};
+use aya::maps::{Array, HashMap, IterableMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuHashMap};
 use warden_common::{
     Config, Counter, CounterKey, EndpointInfo, EndpointKey, FastpathCounter, FastpathKernel, FlowKey, FlowValue,
     IpcacheAddr, PolicyKey, PolicyValue, RemoteInfo, ServiceKey, ServiceSplit, names,
@@ -63,6 +63,21 @@ impl Maps {
             fastpath_counters: typed!(pin_dir, names::FASTPATH_COUNTERS),
             services: typed!(pin_dir, names::SERVICES),
         })
+    }
+
+    /// The slotted maps' capacities (both slots together), as the kernel has them: pins adopted
+    /// from an earlier agent keep the size they were made with. A map the kernel does not
+    /// describe counts as built.
+    pub fn capacity(&self) -> super::Entries {
+        let built = super::Entries::BUILT;
+        let max = |m: &MapData, built: usize| m.info().map_or(built, |i| i.max_entries() as usize);
+        super::Entries {
+            ipcache: max(self.ipcache.map(), built.ipcache),
+            ipcache_hosts: max(self.ipcache_hosts.map(), built.ipcache_hosts),
+            endpoints: max(self.endpoints.map(), built.endpoints),
+            policy: max(self.policy.map(), built.policy),
+            services: max(self.services.map(), built.services),
+        }
     }
 
     /// The committed configuration (generation 0: nothing committed yet).

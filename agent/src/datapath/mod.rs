@@ -9,6 +9,7 @@ pub mod lock;
 pub mod maps;
 
 use std::{
+    collections::BTreeMap,
     ffi::CString,
     fs,
     path::{Path, PathBuf},
@@ -22,7 +23,7 @@ use aya::{
 use warden_common::{FastpathKernel, SockKey, names};
 
 pub use self::{
-    commit::{CommitError, NodeState},
+    commit::{CapacityError, CommitError, Entries, NodeState},
     maps::Maps,
 };
 
@@ -99,9 +100,9 @@ pub struct Datapath {
     pub pin_dir: PathBuf,
     ebpf: Ebpf,
     pub maps: Maps,
-    /// The inactive slot is known to be empty (see `commit::commit`). False after loading: an
-    /// earlier agent may have died mid-commit.
-    inactive_clean: bool,
+    /// What the committer knows about the slots: whether the inactive one is known to be empty,
+    /// what the active one holds, the maps' capacities (see `commit::commit`).
+    slots: commit::Slots,
     /// sock_ops on the agent's own cgroup (the fast path), for the process's life: the agent's
     /// sockets die with it, so the link is not pinned.
     agent_sock_ops: Option<SockOpsLink>,
@@ -171,7 +172,8 @@ impl Datapath {
         }
 
         let maps = Maps::open(pin_dir)?;
-        Ok(Datapath { pin_dir: pin_dir.to_path_buf(), ebpf, maps, inactive_clean: false, agent_sock_ops: None })
+        let slots = commit::Slots::new(maps.capacity());
+        Ok(Datapath { pin_dir: pin_dir.to_path_buf(), ebpf, maps, slots, agent_sock_ops: None })
     }
 
     /// Attach sock_ops to the agent's own cgroup (from `/proc/self/cgroup`, under `cgroup_root`),
@@ -203,8 +205,15 @@ impl Datapath {
             .map_err(|source| FastPathKernelError::Write { map: names::FASTPATH_KERNEL, source })
     }
 
-    pub fn commit(&mut self, state: &NodeState) -> Result<u32, CommitError> {
-        commit::commit(&mut self.maps, state, &mut self.inactive_clean)
+    /// Whether `state` fits the maps beside the running state (`commit::check`), before
+    /// anything is touched; `policy_names` name the policies with the most entries if it does not.
+    pub fn check(&mut self, state: &NodeState, policy_names: &BTreeMap<u32, String>) -> Result<(), CapacityError> {
+        commit::check(&self.maps, state, policy_names, &mut self.slots)
+    }
+
+    /// Commit `state` atomically (checked first, see [`Datapath::check`]); the new generation.
+    pub fn commit(&mut self, state: &NodeState, policy_names: &BTreeMap<u32, String>) -> Result<u32, CommitError> {
+        commit::commit(&mut self.maps, state, policy_names, &mut self.slots)
     }
 
     pub fn attach(
