@@ -290,6 +290,7 @@ fn main() -> ExitCode {
                                         node_name,
                                         cgroup_root,
                                         options,
+                                        watches: cfg.telemetry.watches.clone(),
                                     })
                                     .await?,
                                 )

@@ -66,16 +66,12 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::telemetry::render;
 
     #[test]
     fn commits_set_the_generation_and_time_and_failures_are_counted() {
         let mut registry = Registry::default();
         let m = CommitMetrics::new(&mut registry);
-        let render = |r: &Registry| {
-            let mut s = String::new();
-            prometheus_client::encoding::text::encode(&mut s, r).unwrap();
-            s
-        };
         let text = render(&registry);
         assert!(text.contains("warden_commit_generation 0\n"), "{text}");
         assert!(text.contains("warden_commit_failures_total 0\n"), "{text}");

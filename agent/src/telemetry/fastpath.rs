@@ -88,12 +88,7 @@ impl FastPathMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn text(registry: &Registry) -> String {
-        let mut body = String::new();
-        prometheus_client::encoding::text::encode(&mut body, registry).unwrap();
-        body
-    }
+    use crate::telemetry::render;
 
     #[test]
     fn growth_is_added_once_and_a_recreated_map_starts_again() {
@@ -108,7 +103,7 @@ mod tests {
         };
         m.update(c(4, 1000, 1));
         m.update(c(4, 1000, 1));
-        let body = text(&registry);
+        let body = render(&registry);
         assert!(body.contains("warden_fastpath_sockets_total 4\n"), "{body}");
         assert!(body.contains("warden_fastpath_redirected_bytes_total 1000\n"), "{body}");
         assert!(body.contains("warden_fastpath_redirected_messages_total 40\n"), "{body}");
@@ -116,13 +111,13 @@ mod tests {
         assert!(body.contains("warden_fastpath_fallbacks_total{reason=\"no_peer\"} 0\n"), "{body}");
 
         m.update(c(6, 1500, 1));
-        let body = text(&registry);
+        let body = render(&registry);
         assert!(body.contains("warden_fastpath_sockets_total 6\n"), "{body}");
         assert!(body.contains("warden_fastpath_redirected_bytes_total 1500\n"), "{body}");
 
         // The map recreated (an upgrade): its new totals are all growth.
         m.update(c(2, 100, 0));
-        let body = text(&registry);
+        let body = render(&registry);
         assert!(body.contains("warden_fastpath_sockets_total 8\n"), "{body}");
         assert!(body.contains("warden_fastpath_redirected_bytes_total 1600\n"), "{body}");
         assert!(body.contains("warden_fastpath_fallbacks_total{reason=\"backlog\"} 1\n"), "{body}");

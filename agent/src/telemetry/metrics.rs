@@ -422,6 +422,7 @@ mod tests {
 
     use super::*;
     use crate::telemetry::names::{DEFAULT_DENY, UNKNOWN, tests::record};
+    use crate::telemetry::render;
 
     fn names() -> Names {
         Names::from_record(&record())
@@ -608,12 +609,6 @@ mod tests {
                 4
             )
         );
-    }
-
-    fn render(r: &Registry) -> String {
-        let mut s = String::new();
-        prometheus_client::encoding::text::encode(&mut s, r).unwrap();
-        s
     }
 
     fn value(text: &str, metric: &str, needle: &str) -> u64 {

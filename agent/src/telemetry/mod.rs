@@ -16,7 +16,7 @@
 //! commit (readiness answers 503); [`Running::committed`] after the first commit opens the pinned
 //! counters and the event ring buffer and turns readiness to 200; the agent's loop reports each
 //! commit ([`Running::commit_succeeded`], [`Running::commit_failed`]). The cluster source reports
-//! its watches to [`watches::Watches::global`]. See `docs/observability.md`.
+//! its watches to [`TelemetryConfig::watches`]. See `docs/observability.md`.
 
 pub mod access_log;
 pub mod commits;
@@ -26,6 +26,14 @@ pub mod names;
 pub mod ready;
 pub mod server;
 pub mod watches;
+
+/// The text exposition of `registry`, for tests of the metrics.
+#[cfg(test)]
+pub(crate) fn render(registry: &prometheus_client::registry::Registry) -> String {
+    let mut s = String::new();
+    prometheus_client::encoding::text::encode(&mut s, registry).unwrap();
+    s
+}
 
 use std::{
     net::SocketAddr,
@@ -67,6 +75,9 @@ pub struct TelemetryConfig {
     pub access_log: AccessLogFormat,
     /// `connection_security_policy` of the traffic the kernel counts.
     pub security_policy: SecurityPolicy,
+    /// The cluster source's watches, reported in the metrics and by readiness (a clone shares
+    /// them: give the same to the source, `KubeConfig::watches`).
+    pub watches: Watches,
 }
 
 impl Default for TelemetryConfig {
@@ -76,6 +87,7 @@ impl Default for TelemetryConfig {
             ready_addr: DEFAULT_READY_ADDR.parse().expect("valid default"),
             access_log: AccessLogFormat::default(),
             security_policy: SecurityPolicy::default(),
+            watches: Watches::default(),
         }
     }
 }
@@ -157,24 +169,17 @@ pub struct Telemetry {
     fast_path: fastpath::FastPathMetrics,
     names: Arc<RecordNames>,
     commits: CommitMetrics,
-    watches: Watches,
 }
 
 impl Telemetry {
-    /// The agent's telemetry, reporting the process' watches ([`Watches::global`]).
     pub fn new(cfg: TelemetryConfig, pin_dir: &Path, state_dir: &Path) -> Telemetry {
-        Telemetry::with_watches(cfg, pin_dir, state_dir, Watches::global().clone())
-    }
-
-    /// As [`Telemetry::new`], reporting on `watches`.
-    pub fn with_watches(cfg: TelemetryConfig, pin_dir: &Path, state_dir: &Path, watches: Watches) -> Telemetry {
         let mut registry = Registry::default();
         let traffic = TrafficMetrics::new(&mut registry, cfg.security_policy);
         let fast_path = fastpath::FastPathMetrics::new(&mut registry);
         let commits = CommitMetrics::new(&mut registry);
-        watches.register_metrics(&mut registry);
+        cfg.watches.register_metrics(&mut registry);
         let names = Arc::new(RecordNames::new(state_dir));
-        Telemetry { pin_dir: pin_dir.into(), registry, traffic, fast_path, names, commits, watches, cfg }
+        Telemetry { pin_dir: pin_dir.into(), registry, traffic, fast_path, names, commits, cfg }
     }
 
     /// The registry served on the metrics port, for other concerns' metrics (each registers
@@ -200,7 +205,7 @@ impl Telemetry {
             fast_path: self.fast_path,
             fast_path_counters: Mutex::new(None),
         });
-        let readiness = Readiness::new(self.watches, ready::OUT_OF_SYNC_LIMIT);
+        let readiness = Readiness::new(self.cfg.watches.clone(), ready::OUT_OF_SYNC_LIMIT);
         let s = scrape.clone();
         let metrics_handler: Handler = Arc::new(move |path| s.reply(path));
         let r = readiness.clone();
@@ -330,6 +335,7 @@ mod tests {
             ready_addr: "127.0.0.1:0".parse().unwrap(),
             access_log: AccessLogFormat::Off,
             security_policy: SecurityPolicy::None,
+            watches: Watches::default(),
         };
         // Bind ephemeral ports ourselves to learn them: serve() binds what the config says.
         let m = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -338,8 +344,7 @@ mod tests {
         drop((m, r));
         let cfg = TelemetryConfig { metrics_addr: maddr, ready_addr: raddr, ..cfg };
         // No pins in this directory: committed() reports the missing maps and still turns ready.
-        let mut running =
-            Telemetry::with_watches(cfg, &dir.join("pins"), &dir, Watches::default()).serve().await.unwrap();
+        let mut running = Telemetry::new(cfg, &dir.join("pins"), &dir).serve().await.unwrap();
         assert_eq!(get(raddr, ready::READY_PATH).await.0, 503);
         assert_eq!(get(raddr, "/other").await.0, 404);
         let (status, body) = get(maddr, METRICS_PATH).await;

@@ -1,6 +1,7 @@
 //! Whether the agent's watches of the cluster are in sync: per watched resource, whether its last
-//! list completed and no failure came since. The cluster source reports to the process-wide
-//! [`Watches::global`]; the metrics and `/healthz/ready` read it.
+//! list completed and no failure came since. The cluster source reports to the agent's
+//! [`Watches`] (`TelemetryConfig::watches`, shared with it); the metrics and `/healthz/ready` read
+//! it.
 //!
 //! | metric | type | labels |
 //! | --- | --- | --- |
@@ -15,7 +16,7 @@
 
 use std::{
     collections::BTreeMap,
-    sync::{Arc, LazyLock, Mutex},
+    sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -45,7 +46,7 @@ struct WatchState {
     error: Option<String>,
 }
 
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct Inner {
     watches: Mutex<BTreeMap<&'static str, WatchState>>,
     in_sync: Family<WatchLabels, Gauge>,
@@ -53,7 +54,7 @@ struct Inner {
 }
 
 /// The watches' sync state. Cheap to clone (shared).
-#[derive(Clone, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Watches {
     inner: Arc<Inner>,
 }
@@ -69,18 +70,11 @@ pub struct OutOfSync {
     pub error: Option<String>,
 }
 
-static GLOBAL: LazyLock<Watches> = LazyLock::new(Watches::default);
-
 fn labels(resource: &str) -> WatchLabels {
     WatchLabels { resource: resource.to_string() }
 }
 
 impl Watches {
-    /// The process' watches: the cluster source reports here, telemetry reads here.
-    pub fn global() -> &'static Watches {
-        &GLOBAL
-    }
-
     /// Register the metrics in `registry` (under [`WARDEN_PREFIX`]).
     pub fn register_metrics(&self, registry: &mut Registry) {
         let warden = registry.sub_registry_with_prefix(WARDEN_PREFIX);
@@ -170,12 +164,7 @@ impl Watches {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn render(r: &Registry) -> String {
-        let mut s = String::new();
-        prometheus_client::encoding::text::encode(&mut s, r).unwrap();
-        s
-    }
+    use crate::telemetry::render;
 
     #[test]
     fn a_watch_is_in_sync_from_its_completed_list_until_a_failure_and_again_once_it_recovers() {

@@ -13,7 +13,7 @@
 //!
 //! A failing watch is retried with a growing delay ([`WATCH_BACKOFF`]); it counts as recovered
 //! only once a list completed, or an event arrived after its completed list. Each watch reports
-//! whether it is in sync to [`crate::telemetry::watches::Watches::global`] (metrics, readiness).
+//! whether it is in sync to its [`Watches`] (the telemetry's: metrics, readiness).
 //!
 //! ServiceAccounts are not watched: a pod's identity is its `spec.serviceAccountName`, which is
 //! immutable and admitted only when the account exists (as in Istio's ztunnel).
@@ -87,6 +87,8 @@ pub struct KubeConfig {
     /// The cgroup v2 hierarchy holding the pods' cgroups.
     pub cgroup_root: PathBuf,
     pub options: warden_authz::Options,
+    /// Where each watch reports whether it is in sync (the telemetry's, `TelemetryConfig::watches`).
+    pub watches: Watches,
 }
 
 #[derive(Default)]
@@ -126,6 +128,8 @@ struct Shared {
     dirty: AtomicBool,
     /// The last error of each failing watch, for the operator.
     errors: Mutex<BTreeMap<&'static str, String>>,
+    /// Whether each watch is in sync (metrics, readiness).
+    watches: Watches,
 }
 
 /// The cluster source. Dropping it stops the watchers.
@@ -209,8 +213,12 @@ impl KubeSource {
             policy_apis.push(ar);
         }
 
-        let shared =
-            Arc::new(Shared { state: Mutex::default(), dirty: AtomicBool::new(false), errors: Mutex::default() });
+        let shared = Arc::new(Shared {
+            state: Mutex::default(),
+            dirty: AtomicBool::new(false),
+            errors: Mutex::default(),
+            watches: cfg.watches.clone(),
+        });
         let node = cfg.node_name.clone();
         let mut tasks = vec![
             spawn_watch(
@@ -480,7 +488,7 @@ fn seconds(d: Duration) -> String {
 /// Run one watch forever, applying its changes to its store; an update for which `same` holds
 /// (e.g. only the status warden wrote) does not mark the inputs dirty. Errors are retried with
 /// backoff ([`Retry`]); the watcher itself resumes from the last resource version or re-lists
-/// when that is gone. Whether the watch is in sync goes to [`Watches::global`].
+/// when that is gone. Whether the watch is in sync goes to the source's [`Watches`].
 fn spawn_watch<K>(
     api: Api<K>,
     config: watcher::Config,
@@ -493,7 +501,7 @@ where
     K: kube::Resource + cluster::Compact + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
 {
     let shared = shared.clone();
-    let watches = Watches::global().clone();
+    let watches = shared.watches.clone();
     let Watch { resource, what } = watch;
     watches.register(resource, what);
     tokio::spawn(async move {
