@@ -129,6 +129,15 @@ fn cluster_lab(tag: &str, port: u16, node: &str, net: u8) -> (Lab, ApiServer) {
     (lab, api)
 }
 
+/// [`cluster_lab`] with `team/b-access` applied and the agent enforcing it.
+fn enforcing_b_access(tag: &str, port: u16, node: &str, net: u8) -> (Lab, ApiServer) {
+    let (mut lab, api) = cluster_lab(tag, port, node, net);
+    api.apply(ALLOW_A_TO_B_8080).unwrap();
+    lab.start_agent_with(&agent_args(&api, node)).unwrap();
+    wait_maps(&lab, "b-access", Duration::from_secs(5), |v| policies_of(v, "team/b") == ["team/b-access"]);
+    (lab, api)
+}
+
 /// The capabilities deploy/daemonset.yaml grants the agent (setpriv's names).
 const DAEMONSET_CAPABILITIES: [&str; 3] = ["bpf", "net_admin", "perfmon"];
 
@@ -422,10 +431,7 @@ fn an_api_server_restart_never_lapses_enforcement() {
         return;
     }
     let node = "node-krst";
-    let (mut lab, api) = cluster_lab("krst", 16553, node, 68);
-    api.apply(ALLOW_A_TO_B_8080).unwrap();
-    lab.start_agent_with(&agent_args(&api, node)).unwrap();
-    wait_maps(&lab, "b-access", Duration::from_secs(5), |v| policies_of(v, "team/b") == ["team/b-access"]);
+    let (lab, api) = enforcing_b_access("krst", 16553, node, 68);
 
     // Probe both ways continuously, across the restart.
     let lab = Arc::new(lab);
@@ -512,10 +518,7 @@ fn a_watch_out_of_sync_for_a_minute_makes_the_agent_not_ready_and_enforcement_st
         return;
     }
     let node = "node-ksync";
-    let (mut lab, api) = cluster_lab("ksync", 16593, node, 71);
-    api.apply(ALLOW_A_TO_B_8080).unwrap();
-    lab.start_agent_with(&agent_args(&api, node)).unwrap();
-    wait_maps(&lab, "b-access", Duration::from_secs(5), |v| policies_of(v, "team/b") == ["team/b-access"]);
+    let (lab, api) = enforcing_b_access("ksync", 16593, node, 71);
     wait_in_sync(&lab, "at start", Duration::from_secs(5));
     assert_eq!(readiness(&lab), (200, "ready\n".to_string()));
     assert_eq!(metric(&lab, "warden_commit_generation"), Some(f64::from(lab.generation())));
@@ -845,10 +848,7 @@ fn an_invalid_allow_policy_fails_closed_across_an_agent_restart() {
         return;
     }
     let node = "node-kinv";
-    let (mut lab, api) = cluster_lab("kinv", 16603, node, 72);
-    api.apply(ALLOW_A_TO_B_8080).unwrap();
-    lab.start_agent_with(&agent_args(&api, node)).unwrap();
-    wait_maps(&lab, "b-access", Duration::from_secs(5), |v| policies_of(v, "team/b") == ["team/b-access"]);
+    let (mut lab, api) = enforcing_b_access("kinv", 16603, node, 72);
     api.apply(B_ACCESS_INVALID).unwrap();
     let condition = || {
         api.kubectl(&[
