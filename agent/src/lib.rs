@@ -25,6 +25,26 @@ pub mod source;
 pub mod telemetry;
 pub mod workloads;
 
+/// `e` and its causes, each once. Most of warden's errors name their cause in their own message
+/// (`creating /sys/fs/bpf/warden: Permission denied`) and also return it as their `source()`;
+/// printing every link of the chain would show such a cause twice. Others (aya's system-call
+/// errors: "`bpf_map_update_elem` failed") keep what matters, the errno, in their `source()` only.
+pub fn describe(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut parent = out.clone();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !parent.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        parent = text;
+        cause = c.source();
+    }
+    out
+}
+
 /// Default directories, overridable on every command.
 pub mod defaults {
     pub const PIN_DIR: &str = warden_common::PIN_DIR;

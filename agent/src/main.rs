@@ -326,21 +326,9 @@ fn main() -> ExitCode {
     }
 }
 
-/// `e` and its causes, each once. Most of warden's errors name their cause in their own message
-/// (`creating /sys/fs/bpf/warden: Permission denied`) and also return it as their `source()`;
-/// anyhow's `{:#}` would print such a cause twice.
+/// `e` and its causes, each once ([`warden_agent::describe`]).
 fn describe(e: &anyhow::Error) -> String {
-    let mut out = e.to_string();
-    let mut parent = out.clone();
-    for cause in e.chain().skip(1) {
-        let text = cause.to_string();
-        if !parent.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        parent = text;
-    }
-    out
+    warden_agent::describe(e.as_ref())
 }
 
 #[cfg(test)]

@@ -48,39 +48,20 @@ pub struct NodeState {
     pub node_exempt: bool,
 }
 
+/// aya's map errors say only which call failed ("`bpf_map_update_elem` failed") and keep the
+/// errno in their `source()`; the errno tells a full map (E2BIG, ENOSPC) from a missing one or a
+/// permission, so each message shows the whole chain ([`crate::describe`]), and the map errors are
+/// kept out of `source()` so that a chain printer does not repeat them.
 #[derive(Debug, thiserror::Error)]
 pub enum CommitError {
     #[error(transparent)]
     Capacity(#[from] CapacityError),
-    #[error("writing {map} failed after {written} entries (the active state is unchanged): {}", Cause(.error))]
+    #[error("writing {map} failed after {written} entries (the active state is unchanged): {}", crate::describe(.error))]
     Write { map: &'static str, written: usize, error: aya::maps::MapError },
-    #[error("clearing slot {slot} of {map} failed: {}", Cause(.error))]
+    #[error("clearing slot {slot} of {map} failed: {}", crate::describe(.error))]
     Clear { map: &'static str, slot: u8, error: aya::maps::MapError },
-    #[error("flipping the committed generation failed (the active state is unchanged): {}", Cause(.0))]
+    #[error("flipping the committed generation failed (the active state is unchanged): {}", crate::describe(.0))]
     Flip(aya::maps::MapError),
-}
-
-/// An error with every cause it holds. aya's system call errors say only which call failed
-/// ("`bpf_map_update_elem` failed") and keep the errno in their `source()`; the errno is what
-/// tells a full map (E2BIG, ENOSPC) from a missing one or a permission, so it is shown.
-/// (The map errors are kept out of `source()` so a chain printer does not repeat them.)
-struct Cause<'a>(&'a dyn std::error::Error);
-
-impl fmt::Display for Cause<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut shown = self.0.to_string();
-        f.write_str(&shown)?;
-        let mut cause = self.0.source();
-        while let Some(e) = cause {
-            let text = e.to_string();
-            if !shown.contains(&text) {
-                write!(f, ": {text}")?;
-            }
-            shown = text;
-            cause = e.source();
-        }
-        Ok(())
-    }
 }
 
 /// Entries per slotted map: what one state takes in its slot, what a slot holds, or (as
