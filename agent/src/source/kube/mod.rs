@@ -23,7 +23,6 @@ pub mod node;
 pub mod policies;
 
 use std::{
-    collections::BTreeMap,
     path::PathBuf,
     sync::{
         Arc, Mutex,
@@ -126,9 +125,8 @@ impl State {
 struct Shared {
     state: Mutex<State>,
     dirty: AtomicBool,
-    /// The last error of each failing watch, for the operator.
-    errors: Mutex<BTreeMap<&'static str, String>>,
-    /// Whether each watch is in sync (metrics, readiness).
+    /// Whether each watch is in sync, and the last error of each failing one (metrics,
+    /// readiness, and the start-up wait's messages).
     watches: Watches,
 }
 
@@ -213,12 +211,8 @@ impl KubeSource {
             policy_apis.push(ar);
         }
 
-        let shared = Arc::new(Shared {
-            state: Mutex::default(),
-            dirty: AtomicBool::new(false),
-            errors: Mutex::default(),
-            watches: cfg.watches.clone(),
-        });
+        let shared =
+            Arc::new(Shared { state: Mutex::default(), dirty: AtomicBool::new(false), watches: cfg.watches.clone() });
         let node = cfg.node_name.clone();
         let mut tasks = vec![
             spawn_watch(
@@ -276,8 +270,12 @@ impl KubeSource {
             if waiting.is_empty() {
                 break;
             }
-            let errors: String =
-                shared.errors.lock().expect("errors lock").iter().map(|(w, e)| format!("\n  {w}: {e}")).collect();
+            let errors: String = shared
+                .watches
+                .out_of_sync_longer_than(Duration::ZERO)
+                .iter()
+                .filter_map(|w| w.error.as_ref().map(|e| format!("\n  {}: {e}", w.what)))
+                .collect();
             if started.elapsed() > SYNC_TIMEOUT {
                 for t in &tasks {
                     t.abort();
@@ -569,7 +567,6 @@ where
                     }
                     match progress.map(|list_done| retry.progress(list_done)) {
                         Some(Progress::Recovered(f)) => {
-                            shared.errors.lock().expect("errors lock").remove(what);
                             watches.synced(resource);
                             tracing::info!(
                                 "watch of {what} recovered after {} failed attempts in {}",
@@ -592,7 +589,6 @@ where
                     let text = e.to_string();
                     let Failure { delay, note, attempts, out } = retry.failed(Instant::now());
                     watches.failed(resource, &text);
-                    shared.errors.lock().expect("errors lock").insert(what, text.clone());
                     match note {
                         Note::First => tracing::warn!(
                             "watch of {what} failed, retrying in {delay:?} (the last committed state keeps enforcing): {text}"
